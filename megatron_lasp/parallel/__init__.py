@@ -1,0 +1,25 @@
+"""Parallel state (TP / SP / DP / PP on megatron-core) and the sequence-parallel modes."""
+
+from megatron_lasp.parallel.layout import gather_sequence, sequence_slice_bounds, split_sequence
+from megatron_lasp.parallel.state import (
+    SEQUENCE_PARALLEL_MODES,
+    ParallelGroups,
+    current_groups,
+    destroy_parallel,
+    init_distributed,
+    initialize_parallel,
+    validate_parallel_sizes,
+)
+
+__all__ = [
+    "SEQUENCE_PARALLEL_MODES",
+    "ParallelGroups",
+    "current_groups",
+    "destroy_parallel",
+    "gather_sequence",
+    "init_distributed",
+    "initialize_parallel",
+    "sequence_slice_bounds",
+    "split_sequence",
+    "validate_parallel_sizes",
+]

@@ -1,0 +1,265 @@
+"""One call that brings up torch.distributed and megatron-core's parallel state.
+
+The LASP (sequence-parallel) group *is* megatron-core's context-parallel group; its rank order is
+megatron-core's default ``tp-cp-ep-dp-pp``, so with TP > 1 the SP ranks are strided in global rank
+(peers must always be taken from the group, never global rank +- 1).
+
+Usage (under ``torchrun``, or a plain ``python`` for a single process)::
+
+    groups = initialize_parallel(tensor_model_parallel_size=2, sequence_parallel_size=2)
+    o = lightning_attn_sp(q, k, v, slopes, groups.sp)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp import platform
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_PARALLEL_MODES = ("lasp", "lasp2", "ulysses", "allgather")
+
+_TP_FLAG = "--tensor-model-parallel-size"
+_SP_FLAG = "--sequence-parallel-size (alias --context-parallel-size)"
+_PP_FLAG = "--pipeline-model-parallel-size"
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of this rank, passed explicitly to the model and the SP modes.
+
+    Every group is a ``torch.distributed.ProcessGroup`` that contains this rank.
+    """
+
+    world: dist.ProcessGroup
+    """All ranks."""
+    tp: dist.ProcessGroup
+    """Tensor-parallel group (heads and MLP columns are split over it)."""
+    sp: dist.ProcessGroup
+    """Sequence-parallel (LASP) group = megatron-core's context-parallel group."""
+    dp: dist.ProcessGroup
+    """Data-parallel group, without the SP ranks."""
+    dp_sp: dist.ProcessGroup
+    """Data x sequence-parallel group: parameter gradients are reduced over it."""
+    pp: dist.ProcessGroup
+    """Pipeline-parallel group."""
+    mp: dist.ProcessGroup
+    """Model-parallel group (TP x PP)."""
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size()
+
+    @property
+    def sp_size(self) -> int:
+        return self.sp.size()
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.size()
+
+    @property
+    def pp_size(self) -> int:
+        return self.pp.size()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank()
+
+    @property
+    def sp_rank(self) -> int:
+        return self.sp.rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp.rank()
+
+    def pg_collection(self):
+        """megatron-core's ``ProcessGroupCollection`` for modules that take one."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def validate_parallel_sizes(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    sequence_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    *,
+    num_attention_heads: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    sequence_parallel_mode: str = "lasp",
+) -> int:
+    """Check that the parallel sizes fit the world and the model; return the data-parallel size.
+
+    Raises:
+        ValueError: naming the flag to change, when a size is not positive, the sizes do not
+            divide the world size, or (when given) the heads / sequence length do not divide.
+    """
+    sizes = {
+        _TP_FLAG: tensor_model_parallel_size,
+        _SP_FLAG: sequence_parallel_size,
+        _PP_FLAG: pipeline_model_parallel_size,
+    }
+    for flag, size in sizes.items():
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {size!r}")
+    model_parallel = tensor_model_parallel_size * sequence_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by {_TP_FLAG} ({tensor_model_parallel_size}) x "
+            f"{_SP_FLAG} ({sequence_parallel_size}) x {_PP_FLAG} ({pipeline_model_parallel_size}) "
+            f"= {model_parallel}; change these sizes or the number of processes (--nproc-per-node)"
+        )
+    if sequence_parallel_mode not in SEQUENCE_PARALLEL_MODES:
+        raise ValueError(
+            f"--sequence-parallel-mode must be one of {', '.join(SEQUENCE_PARALLEL_MODES)}, "
+            f"got {sequence_parallel_mode!r}"
+        )
+    if num_attention_heads is not None:
+        if num_attention_heads % tensor_model_parallel_size != 0:
+            raise ValueError(
+                f"--num-attention-heads ({num_attention_heads}) must be divisible by {_TP_FLAG} "
+                f"({tensor_model_parallel_size})"
+            )
+        local_heads = num_attention_heads // tensor_model_parallel_size
+        if sequence_parallel_mode == "ulysses" and local_heads % sequence_parallel_size != 0:
+            raise ValueError(
+                f"--sequence-parallel-mode ulysses needs the heads per tensor-parallel rank "
+                f"({local_heads}) to be divisible by {_SP_FLAG} ({sequence_parallel_size}); "
+                f"change the sizes or use --sequence-parallel-mode lasp"
+            )
+    if seq_length is not None and seq_length % sequence_parallel_size != 0:
+        raise ValueError(
+            f"--seq-length ({seq_length}) must be divisible by {_SP_FLAG} ({sequence_parallel_size}): "
+            f"each sequence-parallel rank holds one contiguous slice of equal length"
+        )
+    return world_size // model_parallel
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+    """Initialise the default process group if it is not initialised yet.
+
+    Reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
+    ``LOCAL_RANK``). Without it (plain ``python``), starts a one-process group.
+
+    Args:
+        backend: "nccl" or "gloo"; default NCCL when CUDA is available, gloo otherwise; the
+            environment variable ``MEGATRON_LASP_DIST_BACKEND`` overrides the default.
+        timeout_minutes: collective timeout.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or os.environ.get("MEGATRON_LASP_DIST_BACKEND")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("the nccl backend needs CUDA devices; use --distributed-backend gloo on CPU")
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    sequence_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    *,
+    backend: Optional[str] = None,
+    seed: Optional[int] = None,
+    timeout_minutes: int = 30,
+) -> ParallelGroups:
+    """Initialise torch.distributed and megatron-core's parallel state; return the groups.
+
+    Args:
+        tensor_model_parallel_size: TP size.
+        sequence_parallel_size: LASP group size (megatron-core's ``context_parallel_size``).
+        pipeline_model_parallel_size: PP size. The data-parallel size is what is left.
+        backend: see :func:`init_distributed`.
+        seed: if given, seed torch and megatron-core's model-parallel RNG tracker.
+        timeout_minutes: collective timeout.
+
+    Returns:
+        The :class:`ParallelGroups` of this rank.
+
+    Raises:
+        ValueError: when the sizes do not divide the world size (the message names the flag).
+    """
+    init_distributed(backend, timeout_minutes)
+    validate_parallel_sizes(
+        dist.get_world_size(),
+        tensor_model_parallel_size,
+        sequence_parallel_size,
+        pipeline_model_parallel_size,
+    )
+    platform.setup_cpu_platform()
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=sequence_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    if seed is not None:
+        platform.seed_model_parallel_rng(seed)
+    groups = current_groups()
+    logger.info(
+        "parallel state: world %d = TP %d x SP %d x DP %d x PP %d (backend %s)",
+        dist.get_world_size(),
+        groups.tp_size,
+        groups.sp_size,
+        groups.dp_size,
+        groups.pp_size,
+        dist.get_backend(),
+    )
+    return groups
+
+
+def current_groups() -> ParallelGroups:
+    """The groups of an already initialised megatron-core parallel state."""
+    from megatron.core import parallel_state as mpu
+
+    return ParallelGroups(
+        world=dist.group.WORLD,
+        tp=mpu.get_tensor_model_parallel_group(),
+        sp=mpu.get_context_parallel_group(),
+        dp=mpu.get_data_parallel_group(),
+        dp_sp=mpu.get_data_parallel_group(with_context_parallel=True),
+        pp=mpu.get_pipeline_model_parallel_group(),
+        mp=mpu.get_model_parallel_group(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's parallel state and the default process group."""
+    from megatron.core import parallel_state as mpu
+
+    mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

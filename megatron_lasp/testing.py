@@ -1,0 +1,143 @@
+"""Run a function on N spawned gloo ranks inside a test.
+
+    from megatron_lasp.testing import spawn
+
+    def _check(rank, world_size, n):      # module-level, so spawned processes can import it
+        ...                               # torch.distributed is initialised (gloo) here
+        return some_picklable_value
+
+    def test_something():
+        results = spawn(_check, world_size=2, args=(3,))   # one return value per rank
+
+Each rank gets torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT`` on a free port). If any rank raises, dies or the whole run exceeds ``timeout``,
+the other ranks are killed and an ``AssertionError`` carries the failing ranks' tracebacks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, args, results, env, init_process_group, timeout):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        import torch.distributed as dist
+
+        if init_process_group:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including assertion failures, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+    init_process_group: bool = True,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
+
+    Args:
+        fn: a module-level function (it is pickled by name).
+        world_size: number of ranks.
+        args: extra picklable arguments.
+        timeout: seconds for the whole run (process start and imports included).
+        env: extra environment variables for the ranks.
+        init_process_group: initialise the default gloo group before calling ``fn``.
+
+    Returns:
+        The return values of ``fn``, indexed by rank.
+
+    Raises:
+        AssertionError: with each failing rank's traceback, when a rank raises, exits without
+            reporting, or the run times out.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, port, tuple(args), results, dict(env or {}), init_process_group, timeout),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    values: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=0.5)
+            except queue.Empty:
+                for rank, p in enumerate(procs):
+                    if rank not in values and rank not in failures and p.exitcode not in (None, 0):
+                        # give a dying rank's message a moment to arrive before calling it silent
+                        time.sleep(0.5)
+                        if results.empty():
+                            failures[rank] = f"process exited with code {p.exitcode} without reporting"
+                if failures or time.monotonic() > deadline:
+                    break
+                continue
+            (values if ok else failures)[rank] = value
+            if failures:
+                break
+    finally:
+        if failures or len(values) < world_size:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        raise AssertionError(f"{fn.__name__} failed on {len(failures)} of {world_size} ranks:\n{report}")
+    if len(values) < world_size:
+        missing = sorted(set(range(world_size)) - set(values))
+        raise AssertionError(f"{fn.__name__} timed out after {timeout:.0f}s; ranks {missing} did not finish")
+    return [values[r] for r in range(world_size)]

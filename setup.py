@@ -1,0 +1,38 @@
+"""megatron-lasp: Linear Attention Sequence Parallelism on megatron-core.
+
+CPU machines: install the CPU torch wheel first (``pip install torch==2.13.0``) so that the
+``torch`` requirement below is already satisfied; GPU machines: install next to your CUDA torch
+with ``pip install -e .``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-lasp",
+    version="0.1.0",
+    description="Linear Attention Sequence Parallelism (LASP) for linear-attention LMs on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_lasp", "megatron_lasp.*"]),
+    package_data={"megatron_lasp": ["**/*.md"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "regex",
+        # megatron-core's dist_checkpointing writer needs psutil but does not declare it.
+        "psutil",
+        "transformers>=4.45",
+        "tokenizers",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "te": ["transformer-engine[pytorch]"],
+        "fla": ["flash-linear-attention"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={},
+)

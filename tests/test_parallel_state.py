@@ -1,0 +1,143 @@
+"""Parallel state on megatron-core (gloo ranks): group layouts, contiguous split/gather, bad sizes."""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.parallel import (
+    gather_sequence,
+    initialize_parallel,
+    sequence_slice_bounds,
+    split_sequence,
+    validate_parallel_sizes,
+)
+from megatron_lasp.testing import spawn
+
+
+def _expected_groups(world, tp, sp, pp):
+    """Group members from megatron-core's documented order ``tp-cp-ep-dp-pp`` (tp fastest)."""
+    dp = world // (tp * sp * pp)
+    coords = {}
+    for rank in range(world):
+        r = rank
+        t, r = r % tp, r // tp
+        s, r = r % sp, r // sp
+        d, p = r % dp, r // dp
+        coords[rank] = (t, s, d, p)
+
+    def members(rank, vary):
+        own = coords[rank]
+        return sorted(
+            other
+            for other, c in coords.items()
+            if all(c[i] == own[i] for i in range(4) if i not in vary)
+        )
+
+    return {
+        rank: dict(
+            tp=members(rank, {0}),
+            sp=members(rank, {1}),
+            dp=members(rank, {2}),
+            dp_sp=members(rank, {1, 2}),
+            pp=members(rank, {3}),
+        )
+        for rank in range(world)
+    }
+
+
+def _layouts(world):
+    out = []
+    for tp, sp, pp in itertools.product([1, 2, 4], repeat=3):
+        if tp * sp * pp <= world and world % (tp * sp * pp) == 0:
+            out.append((tp, sp, pp))
+    return out
+
+
+def _check_layouts(rank, world_size):
+    for tp, sp, pp in _layouts(world_size):
+        groups = initialize_parallel(tp, sp, pp, seed=1234)
+        expected = _expected_groups(world_size, tp, sp, pp)[rank]
+        for name, want in expected.items():
+            got = sorted(dist.get_process_group_ranks(getattr(groups, name)))
+            assert got == want, f"TP{tp} SP{sp} PP{pp}: {name} group of rank {rank} is {got}, expected {want}"
+        assert (groups.tp_size, groups.sp_size, groups.pp_size) == (tp, sp, pp)
+        assert groups.dp_size == world_size // (tp * sp * pp)
+        # the SP group really communicates among its members
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=groups.sp)
+        assert t.item() == sum(expected["sp"])
+    return len(_layouts(world_size))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4], ids=lambda w: f"world{w}")
+def test_group_layouts(world_size):
+    counts = spawn(_check_layouts, world_size)
+    assert counts == [len(_layouts(world_size))] * world_size
+
+
+def _check_split_gather(rank, world_size):
+    groups = initialize_parallel(1, world_size, 1)
+    torch.manual_seed(0)  # the same full tensors on every rank
+    x = torch.randn(3, 8 * world_size, 5, requires_grad=True)
+    mine = split_sequence(x, groups.sp, dim=1)
+    start, end = sequence_slice_bounds(x.size(1), rank, world_size)
+    assert torch.equal(mine, x[:, start:end]), "split is not this rank's contiguous slice"
+    back = gather_sequence(mine, groups.sp, dim=1)
+    assert torch.equal(back, x), "gather(split(x)) != x"
+    # gradient of the identity round trip is the identity
+    w = torch.randn_like(x)
+    (back * w).sum().backward()
+    assert torch.equal(x.grad, w * 1.0)
+    # megatron layout [S, B, H]
+    y = torch.randn(4 * world_size, 2, 3)
+    assert torch.equal(gather_sequence(split_sequence(y, groups.sp, dim=0), groups.sp, dim=0), y)
+    with pytest.raises(ValueError, match="not divisible by the sequence-parallel size"):
+        split_sequence(torch.randn(1, 4 * world_size + 1, 2), groups.sp)
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda w: f"sp{w}")
+def test_contiguous_split_gather(world_size):
+    assert all(spawn(_check_split_gather, world_size))
+
+
+def test_slice_bounds():
+    assert [sequence_slice_bounds(12, r, 3) for r in range(3)] == [(0, 4), (4, 8), (8, 12)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(world_size=4, tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size"),
+        (dict(world_size=2, sequence_parallel_size=4), "--sequence-parallel-size"),
+        (dict(world_size=4, pipeline_model_parallel_size=0), "--pipeline-model-parallel-size must be a positive"),
+        (dict(world_size=4, tensor_model_parallel_size=2, num_attention_heads=3), "--num-attention-heads"),
+        (
+            dict(world_size=4, sequence_parallel_size=4, num_attention_heads=6, sequence_parallel_mode="ulysses"),
+            "ulysses needs the heads",
+        ),
+        (dict(world_size=2, sequence_parallel_size=2, seq_length=7), "--seq-length"),
+        (dict(world_size=1, sequence_parallel_mode="ring"), "--sequence-parallel-mode must be one of"),
+    ],
+    ids=["tp-not-dividing", "sp-too-large", "pp-zero", "heads-tp", "heads-ulysses", "seq-sp", "unknown-mode"],
+)
+def test_bad_sizes_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        validate_parallel_sizes(**kwargs)
+
+
+def test_good_sizes_give_data_parallel_size():
+    assert validate_parallel_sizes(8, 2, 2, 1, num_attention_heads=4, seq_length=64) == 2
+    assert validate_parallel_sizes(4, 1, 4, 1, num_attention_heads=8, sequence_parallel_mode="ulysses") == 1
+
+
+def _bad_world(rank, world_size):
+    with pytest.raises(ValueError, match="world size 2 is not divisible"):
+        initialize_parallel(tensor_model_parallel_size=4)
+    return True
+
+
+def test_initialize_rejects_bad_world():
+    assert all(spawn(_bad_world, 2))
