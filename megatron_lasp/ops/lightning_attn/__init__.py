@@ -1,0 +1,41 @@
+"""Lightning attention: causal linear attention with a per-head constant decay.
+
+Layout: q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, slopes ``[H]`` (``lam = exp(-slopes)``),
+states ``[B, H, Dk, Dv]`` fp32. Math and derivations: README.md in this folder.
+
+Autograd API:
+    ``chunk_lightning_attn(q, k, v, slopes, initial_state=None, output_final_state=False,
+    backend=None) -> (o, final_state)`` and the reference ``naive_lightning_attn`` (same, no
+    ``backend``; recurrent, fp32).
+
+Functional API (no autograd; what the sequence-parallel layers build on):
+    ``lightning_attn_fwd(q, k, v, slopes, initial_state, output_final_state, backend)
+    -> (o, final_state, saved)`` and
+    ``lightning_attn_bwd(q, k, v, slopes, do, d_final_state, initial_state, saved, backend)
+    -> (dq, dk, dv, d_initial_state)``.
+    ``saved`` holds the cached states of the forward (KV-state caching); ``d_final_state`` and
+    ``initial_state`` may be None (zero). ``d_initial_state`` is always computed (fp32).
+    By linearity, a layer that adds ``decay_powers(slopes, T)[:, t] * (q_t @ S_in)`` itself can
+    run fwd with ``initial_state=None`` and bwd with ``d_final_state=None``.
+
+Backends: "triton" (CUDA; CPU only under ``TRITON_INTERPRET=1``) and "torch" (chunked pure
+PyTorch, the CPU training path). Default: triton for CUDA tensors, torch otherwise;
+``$MEGATRON_LASP_KERNEL_BACKEND`` overrides the default.
+"""
+
+from .chunk import LightningAttnSaved, chunk_lightning_attn, lightning_attn_bwd, lightning_attn_fwd
+from .naive import naive_chunk_lightning_attn, naive_lightning_attn, naive_recurrent_lightning_attn
+from .utils import MAX_HEAD_DIM, decay_powers, state_decay
+
+__all__ = [
+    "chunk_lightning_attn",
+    "naive_lightning_attn",
+    "naive_recurrent_lightning_attn",
+    "naive_chunk_lightning_attn",
+    "lightning_attn_fwd",
+    "lightning_attn_bwd",
+    "LightningAttnSaved",
+    "decay_powers",
+    "state_decay",
+    "MAX_HEAD_DIM",
+]

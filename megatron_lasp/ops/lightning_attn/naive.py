@@ -1,0 +1,105 @@
+"""Plain PyTorch references for lightning attention (the ground truth of every test).
+
+Both functions compute, per batch row and head, with ``lam = exp(-slopes[h])``::
+
+    o_t = sum_{s <= t} lam^(t-s) (q_t . k_s) v_s + lam^(t+1) q_t S_0
+    S_T = lam^T S_0 + sum_s lam^(T-1-s) k_s^T v_s
+
+They run in fp32 (fp64 when the inputs are fp64), are differentiable through plain autograd and
+are written for clarity, not speed: the recurrent form loops over tokens, the chunked form over
+blocks without any state caching.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["naive_recurrent_lightning_attn", "naive_chunk_lightning_attn", "naive_lightning_attn"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def naive_recurrent_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token-by-token recurrence ``S_t = lam S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
+
+    Args:
+        q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+        slopes: ``[H]``, decay ``lam_h = exp(-slopes[h])``.
+        initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
+        output_final_state: also return ``S_T``.
+
+    Returns:
+        ``(o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32/fp64 or None)``.
+    """
+    cdt = _compute_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    lam = torch.exp(-slopes.to(cdt)).view(1, H, 1, 1)
+    if initial_state is None:
+        state = q.new_zeros(B, H, Dk, Dv, dtype=cdt)
+    else:
+        state = initial_state.to(cdt)
+    outs = []
+    for t in range(T):
+        state = lam * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
+    o = torch.stack(outs, dim=1).to(q.dtype)
+    return o, (state if output_final_state else None)
+
+
+def naive_chunk_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    chunk_size: int = 16,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block form: masked intra-block attention plus the inter-block term from the running state.
+
+    Same arguments and returns as :func:`naive_recurrent_lightning_attn`; ``chunk_size`` is the
+    block length (the last block may be shorter).
+    """
+    cdt = _compute_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qf, kf, vf = (x.to(cdt).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    s = slopes.to(cdt).view(1, H, 1, 1)
+    state = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    outs = []
+    for start in range(0, T, chunk_size):
+        L = min(chunk_size, T - start)
+        qc, kc, vc = (x[:, :, start:start + L] for x in (qf, kf, vf))
+        idx = torch.arange(L, device=q.device, dtype=cdt)
+        diff = idx[:, None] - idx[None, :]
+        mask = torch.exp(-s * diff.clamp(min=0)) * (diff >= 0)  # [1, H, L, L]
+        a = torch.exp(-s * (idx + 1).view(1, 1, L, 1))  # decay of the incoming state at token i
+        b = torch.exp(-s * (L - 1 - idx).view(1, 1, L, 1))  # decay of token j to the block end
+        intra = ((qc @ kc.transpose(-1, -2)) * mask) @ vc
+        outs.append(intra + a * (qc @ state))
+        state = torch.exp(-s * L) * state + (b * kc).transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
+    return o, (state if output_final_state else None)
+
+
+def naive_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The reference of the public API: the recurrent form (see :func:`naive_recurrent_lightning_attn`)."""
+    return naive_recurrent_lightning_attn(q, k, v, slopes, initial_state, output_final_state)

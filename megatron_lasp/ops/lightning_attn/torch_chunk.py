@@ -1,0 +1,137 @@
+"""Chunked lightning attention in pure PyTorch: the CPU training path (``backend="torch"``).
+
+Forward and backward are explicit (no autograd graph is built): all blocks are processed at once
+with batched matmuls, and only the cheap ``[Dk, Dv]`` state recurrences loop over blocks. The
+forward keeps the state entering every block (KV-state caching); the backward reuses them for
+``dq`` and runs the mirror recurrence of the state gradient for ``dk``, ``dv`` and ``d_initial_state``.
+Formulas: README.md beside this file. Computation runs in fp32 (fp64 for fp64 inputs).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["torch_lightning_attn_fwd", "torch_lightning_attn_bwd", "TORCH_BLOCK_SIZE"]
+
+TORCH_BLOCK_SIZE = 64
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(x: torch.Tensor, n_blocks: int, block: int, cdt: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, BT, D] in ``cdt``, zero-padded at the end."""
+    B, T, H, D = x.shape
+    xt = x.to(cdt).transpose(1, 2)
+    pad = n_blocks * block - T
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, 0, 0, pad))
+    return xt.reshape(B, H, n_blocks, block, D)
+
+
+def _unblocks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, N, BT, D] -> [B, T, H, D] in ``dtype``."""
+    B, H, N, BT, D = x.shape
+    return x.reshape(B, H, N * BT, D)[:, :, :T].transpose(1, 2).to(dtype).contiguous()
+
+
+def _decays(slopes: torch.Tensor, T: int, block: int, cdt: torch.dtype):
+    """Decay factors of the block form (README.md, "Chunked form").
+
+    Returns ``mask [H, BT, BT]`` (lam^(i-j) for i >= j), ``a [H, BT, 1]`` (lam^(i+1)),
+    ``b [H, N, BT, 1]`` (lam^(L_n-1-j), 0 past the block's length L_n) and
+    ``block_decay [H, N]`` (lam^(L_n)).
+    """
+    n_blocks = (T + block - 1) // block
+    s = slopes.to(cdt).view(-1, 1, 1)
+    dev = slopes.device
+    idx = torch.arange(block, device=dev, dtype=cdt)
+    diff = idx[:, None] - idx[None, :]
+    mask = torch.exp(-s * diff.clamp(min=0)) * (diff >= 0)
+    a = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)
+    lengths = torch.full((n_blocks,), block, device=dev, dtype=cdt)
+    lengths[-1] = T - (n_blocks - 1) * block
+    expo = lengths[:, None] - 1 - idx[None, :]  # [N, BT]
+    b = torch.where(expo >= 0, torch.exp(-s * expo.clamp(min=0)), torch.zeros((), device=dev, dtype=cdt))
+    block_decay = torch.exp(-slopes.to(cdt)[:, None] * lengths[None, :])
+    return mask, a, b.unsqueeze(-1), block_decay
+
+
+def torch_lightning_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    block_size: int = TORCH_BLOCK_SIZE,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Forward of the torch backend (inputs already validated).
+
+    Returns ``(o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] or None,
+    block_states [B, H, N, Dk, Dv])`` where ``block_states[:, :, n]`` is the state entering
+    block ``n`` (fp32, fp64 for fp64 inputs).
+    """
+    cdt = _compute_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = (T + block_size - 1) // block_size
+    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
+    qb, kb, vb = (_blocks(x, N, block_size, cdt) for x in (q, k, v))
+
+    # Local state of every block, then the sequential scan turns them into entry states in place.
+    states = (b * kb).transpose(-1, -2) @ vb  # [B, H, N, Dk, Dv]
+    carry = (torch.zeros(B, H, Dk, Dv, device=q.device, dtype=cdt) if initial_state is None
+             else initial_state.to(cdt).clone())
+    for n in range(N):
+        local = states[:, :, n].clone()
+        states[:, :, n] = carry
+        carry = block_decay[None, :, n, None, None] * carry + local
+
+    o = ((qb @ kb.transpose(-1, -2)) * mask[:, None]) @ vb + (a[:, None] * qb) @ states
+    return _unblocks(o, T, q.dtype), (carry if output_final_state else None), states
+
+
+def torch_lightning_attn_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    do: torch.Tensor,
+    d_final_state: Optional[torch.Tensor],
+    block_states: torch.Tensor,
+    block_size: int = TORCH_BLOCK_SIZE,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the torch backend, reusing the forward's ``block_states``.
+
+    Returns ``(dq, dk, dv, d_initial_state)``; the first three in their input's dtype,
+    ``d_initial_state [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 inputs).
+    """
+    cdt = _compute_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = (T + block_size - 1) // block_size
+    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
+    qb, kb, vb, dob = (_blocks(x, N, block_size, cdt) for x in (q, k, v, do))
+    mask = mask[:, None]
+
+    scores = (qb @ kb.transpose(-1, -2)) * mask  # [B, H, N, BT, BT]
+    dscores = (dob @ vb.transpose(-1, -2)) * mask
+    dq = dscores @ kb + (a[:, None] * dob) @ block_states.transpose(-1, -2)
+    dk = dscores.transpose(-1, -2) @ qb
+    dv = scores.transpose(-1, -2) @ dob
+    del scores, dscores
+
+    # Gradient of the state leaving every block, by the mirror scan from the last block.
+    dstates = (a[:, None] * qb).transpose(-1, -2) @ dob  # local terms, then replaced in place
+    carry = (torch.zeros(B, H, Dk, Dv, device=q.device, dtype=cdt) if d_final_state is None
+             else d_final_state.to(cdt).clone())
+    for n in range(N - 1, -1, -1):
+        local = dstates[:, :, n].clone()
+        dstates[:, :, n] = carry
+        carry = block_decay[None, :, n, None, None] * carry + local
+
+    dk = dk + b * (vb @ dstates.transpose(-1, -2))
+    dv = dv + b * (kb @ dstates)
+    return (_unblocks(dq, T, q.dtype), _unblocks(dk, T, k.dtype), _unblocks(dv, T, v.dtype), carry)
