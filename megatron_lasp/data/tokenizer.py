@@ -1,0 +1,742 @@
+"""Tokenizers shared by preprocessing, training and the HF converter.
+
+One small interface (:class:`Tokenizer`) over four kinds, named as in Megatron-LM:
+
+============================  ==========================================  ====================
+``--tokenizer-type``          files                                       needs
+============================  ==========================================  ====================
+``HuggingFaceTokenizer``      ``--tokenizer-model`` (dir or tokenizer.json)  ``tokenizers``
+``GPT2BPETokenizer``          ``--vocab-file`` vocab.json, ``--merge-file``   ``regex``
+                              merges.txt
+``ByteLevelTokenizer``        none: ids 0-255 are bytes, 256 is EOD       nothing
+``NullTokenizer``             none: text is space-separated ids,          nothing
+                              ``--vocab-size`` V, EOD = V
+============================  ==========================================  ====================
+
+Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``, ``vocab_size``
+(one past the largest id), ``eod`` (the end-of-document id appended by ``--append-eod``),
+``save_pretrained(directory)`` (writes files that ``transformers.AutoTokenizer`` loads, for the
+HF converter) and ``as_megatron_tokenizer()`` (what megatron-core's ``GPTDatasetConfig.tokenizer``
+wants). Special tokens are never added by ``tokenize``: documents are separated by EOD only.
+
+Typical use::
+
+    parser = argparse.ArgumentParser()
+    add_tokenizer_args(parser)
+    args = parser.parse_args()
+    tokenizer = build_tokenizer_from_args(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "ByteLevelTokenizer", "NullTokenizer")
+"""Values accepted by ``--tokenizer-type``."""
+
+ENDOFTEXT = "<|endoftext|>"
+"""The EOD token text used by GPT-2, the bundled tokenizer and the byte-level tokenizer."""
+
+# Tokens tried, in order, as EOD of a HuggingFace tokenizer whose tokenizer_config.json names no
+# eos_token (or that was given as a bare tokenizer.json).
+_EOD_CANDIDATES = (ENDOFTEXT, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
+
+
+def _sha256_of_files(paths: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+class Tokenizer(ABC):
+    """Common interface of the project's tokenizers.
+
+    Subclasses set ``tokenizer_type`` and implement ``tokenize``, ``detokenize``, ``vocab_size``,
+    ``eod``, ``save_pretrained`` and ``_identity`` (what makes two tokenizers equal).
+    """
+
+    tokenizer_type: str = ""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> List[int]:
+        """Encode ``text`` to token ids, without adding any special token."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Decode token ids to text; special tokens are rendered as their text (``<|endoftext|>``)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """One past the largest token id (the embedding table needs at least this many rows)."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """End-of-document token id."""
+
+    @abstractmethod
+    def save_pretrained(self, directory: str) -> List[str]:
+        """Write files that reproduce this tokenizer into ``directory`` (created if missing).
+
+        Returns:
+            The paths written. ``transformers.AutoTokenizer.from_pretrained(directory)`` loads
+            them (tokenizer_config.json names the EOS token = ``eod``).
+        """
+
+    @abstractmethod
+    def _identity(self) -> Dict[str, Any]:
+        """JSON-serializable fields that identify the tokenizer (content, not location)."""
+
+    @property
+    def unique_identifiers(self) -> "OrderedDict[str, Any]":
+        """Identity used by megatron-core to name its dataset index caches."""
+        ids: "OrderedDict[str, Any]" = OrderedDict()
+        ids["class"] = type(self).__name__
+        ids["tokenizer_type"] = self.tokenizer_type
+        ids["vocab_size"] = self.vocab_size
+        ids["eod"] = self.eod
+        ids.update(self._identity())
+        return ids
+
+    def as_megatron_tokenizer(self) -> "MegatronTokenizerAdapter":
+        """Wrap for megatron-core: pass the result as ``GPTDatasetConfig(tokenizer=...)``."""
+        return MegatronTokenizerAdapter(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+# ----------------------------------------------------------------------------------------------
+# HuggingFace tokenizer.json
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A local ``tokenizer.json`` loaded with the ``tokenizers`` library (never from a hub).
+
+    Args:
+        tokenizer_model: a directory holding ``tokenizer.json`` (and optionally
+            ``tokenizer_config.json`` / ``special_tokens_map.json``), or the ``tokenizer.json``
+            file itself.
+        eod_token: text of the EOD token. Default: the ``eos_token`` of tokenizer_config.json if
+            present, else the first of ``<|endoftext|>``, ``</s>``, ``<|end_of_text|>``, ``<eos>``,
+            ``<|eot_id|>``, ``<|im_end|>`` found in the vocabulary.
+    """
+
+    tokenizer_type = "HuggingFaceTokenizer"
+
+    def __init__(self, tokenizer_model: str, eod_token: Optional[str] = None) -> None:
+        if os.path.isdir(tokenizer_model):
+            directory = tokenizer_model
+            json_path = os.path.join(tokenizer_model, "tokenizer.json")
+            if not os.path.isfile(json_path):
+                raise FileNotFoundError(
+                    f"--tokenizer-model {tokenizer_model}: directory has no tokenizer.json "
+                    "(HuggingFaceTokenizer loads a local tokenizer.json only)"
+                )
+        elif os.path.isfile(tokenizer_model):
+            directory = os.path.dirname(os.path.abspath(tokenizer_model))
+            json_path = tokenizer_model
+        else:
+            raise FileNotFoundError(
+                f"--tokenizer-model {tokenizer_model}: no such file or directory "
+                "(HuggingFaceTokenizer loads a local directory with tokenizer.json, or the "
+                "tokenizer.json file; hub names are not downloaded)"
+            )
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as e:  # pragma: no cover - tokenizers is a declared dependency
+            raise ImportError("HuggingFaceTokenizer needs the `tokenizers` package") from e
+        try:
+            self._tok = _HFTokenizer.from_file(json_path)
+        except Exception as e:
+            raise ValueError(f"--tokenizer-model {json_path}: not a valid tokenizer.json ({e})") from e
+        self.path = os.path.abspath(json_path)
+        self._json_path = json_path
+        # Side files are only used when tokenizer.json sits in its own directory, so that a bare
+        # tokenizer.json never picks up an unrelated tokenizer_config.json next to it.
+        self._side_files = [
+            os.path.join(directory, name)
+            for name in ("tokenizer_config.json", "special_tokens_map.json")
+            if os.path.isfile(os.path.join(directory, name))
+        ]
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1
+        self._eod_token = eod_token or self._config_eos_token() or next(
+            (t for t in _EOD_CANDIDATES if t in vocab), None
+        )
+        if self._eod_token is None:
+            raise ValueError(
+                f"--tokenizer-model {tokenizer_model}: cannot tell the end-of-document token: "
+                "tokenizer_config.json has no eos_token and none of "
+                f"{', '.join(_EOD_CANDIDATES)} is in the vocabulary"
+            )
+        if self._eod_token not in vocab:
+            raise ValueError(
+                f"--tokenizer-model {tokenizer_model}: EOD token {self._eod_token!r} is not in the "
+                "vocabulary"
+            )
+        self._eod = vocab[self._eod_token]
+        self._fingerprint = _sha256_of_files([json_path])
+
+    def _config_eos_token(self) -> Optional[str]:
+        for path in self._side_files:
+            with open(path, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str) and eos:
+                return eos
+        return None
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        """Token text -> id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def save_pretrained(self, directory: str) -> List[str]:
+        """Copy tokenizer.json (+ the config files that came with it, else a minimal config)."""
+        os.makedirs(directory, exist_ok=True)
+        written = [os.path.join(directory, "tokenizer.json")]
+        shutil.copyfile(self._json_path, written[0])
+        names = [os.path.basename(p) for p in self._side_files]
+        for src in self._side_files:
+            written.append(os.path.join(directory, os.path.basename(src)))
+            shutil.copyfile(src, written[-1])
+        if "tokenizer_config.json" not in names:
+            written.append(os.path.join(directory, "tokenizer_config.json"))
+            _write_json(
+                written[-1],
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": self._eod_token,
+                    "eos_token": self._eod_token,
+                    "clean_up_tokenization_spaces": False,
+                },
+            )
+        return written
+
+    def _identity(self) -> Dict[str, Any]:
+        return {"eod_token": self._eod_token, "tokenizer_json_sha256": self._fingerprint}
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2 byte-level BPE from vocab.json + merges.txt
+
+# The GPT-2 pre-tokenization pattern: English contractions, letter runs, digit runs, other
+# symbol runs (each with at most one leading space), and whitespace runs, where a whitespace run
+# followed by a non-space leaves its last space to the next piece.
+_GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte -> printable character table.
+
+    Bytes that are printable Latin-1 characters map to themselves; the other 68 bytes map, in
+    increasing byte order, to the characters U+0100, U+0101, ... so that no byte becomes
+    whitespace or a control character.
+
+    Returns:
+        dict of 256 entries, byte value -> one-character string.
+    """
+    printable = set(range(ord("!"), ord("~") + 1))
+    printable |= set(range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1))
+    printable |= set(range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1))
+    table: Dict[int, str] = {}
+    shifted = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _read_merges(merge_file: str) -> List[Tuple[str, str]]:
+    merges: List[Tuple[str, str]] = []
+    with open(merge_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line or (lineno == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise ValueError(f"--merge-file {merge_file}:{lineno}: expected 'left right', got {line!r}")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` and ``merges.txt``.
+
+    Text is split with the GPT-2 pattern, each piece's UTF-8 bytes are mapped through
+    :func:`bytes_to_unicode`, and adjacent symbols are merged greedily, lowest merge rank first
+    (every occurrence of the best pair per step), until no ranked pair remains. The EOD id is
+    ``vocab["<|endoftext|>"]``.
+
+    Args:
+        vocab_file: path of vocab.json (token text -> id).
+        merge_file: path of merges.txt (one ``left right`` pair per line, rank = line order).
+        cache_size: words kept in the merge cache before it is cleared.
+    """
+
+    tokenizer_type = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str, cache_size: int = 1 << 16) -> None:
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path}: no such file")
+        import regex
+
+        with open(vocab_file, encoding="utf-8") as f:
+            self._encoder: Dict[str, int] = json.load(f)
+        if not isinstance(self._encoder, dict) or not self._encoder:
+            raise ValueError(f"--vocab-file {vocab_file}: expected a JSON object token -> id")
+        if ENDOFTEXT not in self._encoder:
+            raise ValueError(f"--vocab-file {vocab_file}: has no {ENDOFTEXT} token (the EOD)")
+        self._decoder = {i: t for t, i in self._encoder.items()}
+        self._ranks = {pair: rank for rank, pair in enumerate(_read_merges(merge_file))}
+        self._byte_to_char = bytes_to_unicode()
+        self._char_to_byte = {c: b for b, c in self._byte_to_char.items()}
+        self._pattern = regex.compile(_GPT2_SPLIT_PATTERN)
+        self._cache: Dict[str, Tuple[str, ...]] = {}
+        self._cache_size = cache_size
+        self._vocab_file, self._merge_file = vocab_file, merge_file
+        self.path = os.path.abspath(vocab_file)
+        self._eod = self._encoder[ENDOFTEXT]
+        self._vocab_size = max(self._encoder.values()) + 1
+        self._fingerprint = _sha256_of_files([vocab_file, merge_file])
+
+    def _bpe(self, word: str) -> Tuple[str, ...]:
+        """Merge the byte characters of one pre-tokenized piece into BPE symbols."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        symbols = list(word)
+        ranks = self._ranks
+        while len(symbols) > 1:
+            best = None
+            best_rank = None
+            for pair in zip(symbols, symbols[1:]):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best, best_rank = pair, rank
+            if best is None:
+                break
+            left, right = best
+            merged: List[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == left and symbols[i + 1] == right:
+                    merged.append(left + right)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        result = tuple(symbols)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[word] = result
+        return result
+
+    def tokenize(self, text: str) -> List[int]:
+        ids: List[int] = []
+        to_char = self._byte_to_char
+        for piece in self._pattern.findall(text):
+            word = "".join(to_char[b] for b in piece.encode("utf-8"))
+            for symbol in self._bpe(word):
+                try:
+                    ids.append(self._encoder[symbol])
+                except KeyError:
+                    raise ValueError(
+                        f"--vocab-file {self._vocab_file}: BPE symbol {symbol!r} is not in the "
+                        "vocabulary (vocab.json must hold all 256 byte symbols and every merge result)"
+                    ) from None
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        chars = "".join(self._decoder[int(i)] for i in ids)
+        out = bytearray()
+        # Symbols outside the byte table (added special tokens) are written as their UTF-8 text.
+        for c in chars:
+            b = self._char_to_byte.get(c)
+            if b is None:
+                out.extend(c.encode("utf-8"))
+            else:
+                out.append(b)
+        return out.decode("utf-8", errors="replace")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        """Token text (byte-mapped) -> id."""
+        return dict(self._encoder)
+
+    def save_pretrained(self, directory: str) -> List[str]:
+        """Copy vocab.json and merges.txt and write a GPT2Tokenizer tokenizer_config.json."""
+        os.makedirs(directory, exist_ok=True)
+        written = [os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")]
+        shutil.copyfile(self._vocab_file, written[0])
+        shutil.copyfile(self._merge_file, written[1])
+        written.append(os.path.join(directory, "tokenizer_config.json"))
+        _write_json(
+            written[-1],
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "add_prefix_space": False,
+                "bos_token": ENDOFTEXT,
+                "eos_token": ENDOFTEXT,
+                "unk_token": ENDOFTEXT,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        return written
+
+    def _identity(self) -> Dict[str, Any]:
+        return {"vocab_merges_sha256": self._fingerprint}
+
+
+# ----------------------------------------------------------------------------------------------
+# File-free tokenizers
+
+
+class ByteLevelTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0-255, plus ``<|endoftext|>`` = 256 as EOD (vocab_size 257).
+
+    ``save_pretrained`` writes a ``tokenizer.json`` (a merge-free byte-level BPE over GPT-2's byte
+    characters, with ``<|endoftext|>`` as added token 256) and a ``tokenizer_config.json``, so that
+    ``transformers.AutoTokenizer`` gives the same ids. One difference: the HF files turn a literal
+    ``<|endoftext|>`` inside text into id 256, ``tokenize`` here keeps it as 13 bytes.
+    """
+
+    tokenizer_type = "ByteLevelTokenizer"
+    NUM_BYTES = 256
+
+    def __init__(self) -> None:
+        self.path = None
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < self.NUM_BYTES:
+                out.append(i)
+            elif i == self.eod:
+                out.extend(ENDOFTEXT.encode("utf-8"))
+            else:
+                raise ValueError(f"token id {i} is outside the byte-level vocabulary [0, {self.vocab_size})")
+        return out.decode("utf-8", errors="replace")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.NUM_BYTES + 1
+
+    @property
+    def eod(self) -> int:
+        return self.NUM_BYTES
+
+    def save_pretrained(self, directory: str) -> List[str]:
+        from tokenizers import Tokenizer as _HFTokenizer
+        from tokenizers import decoders, pre_tokenizers
+        from tokenizers.models import BPE
+
+        os.makedirs(directory, exist_ok=True)
+        byte_chars = bytes_to_unicode()
+        hf = _HFTokenizer(BPE(vocab={byte_chars[b]: b for b in range(self.NUM_BYTES)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([ENDOFTEXT])
+        assert hf.token_to_id(ENDOFTEXT) == self.eod
+        written = [os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer_config.json")]
+        hf.save(written[0])
+        _write_json(
+            written[1],
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": ENDOFTEXT,
+                "eos_token": ENDOFTEXT,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        return written
+
+    def _identity(self) -> Dict[str, Any]:
+        return {}
+
+
+class NullTokenizer(Tokenizer):
+    """Text is space-separated integer ids below ``vocab_size_without_eod``; EOD is that number.
+
+    Megatron-LM's NullTokenizer, for synthetic data and benchmarks: ``--vocab-size V`` gives
+    ``vocab_size = V + 1`` and ``eod = V``. ``save_pretrained`` writes only ``null_tokenizer.json``
+    (``{"tokenizer_type": "NullTokenizer", "vocab_size": V}``): there is no HF equivalent.
+
+    Args:
+        vocab_size_without_eod: number of ordinary ids (V).
+    """
+
+    tokenizer_type = "NullTokenizer"
+
+    def __init__(self, vocab_size_without_eod: int) -> None:
+        if vocab_size_without_eod is None or int(vocab_size_without_eod) < 1:
+            raise ValueError("--vocab-size must be a positive integer for --tokenizer-type NullTokenizer")
+        self._n = int(vocab_size_without_eod)
+        self.path = None
+
+    def tokenize(self, text: str) -> List[int]:
+        ids = [int(x) for x in text.split()]
+        for i in ids:
+            if not 0 <= i < self._n:
+                raise ValueError(f"NullTokenizer: id {i} outside [0, {self._n}) (--vocab-size {self._n})")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n + 1
+
+    @property
+    def eod(self) -> int:
+        return self._n
+
+    def save_pretrained(self, directory: str) -> List[str]:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "null_tokenizer.json")
+        _write_json(path, {"tokenizer_type": self.tokenizer_type, "vocab_size": self._n})
+        return [path]
+
+    def _identity(self) -> Dict[str, Any]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron-core adapter
+
+def _register_with_megatron() -> None:
+    if getattr(_register_with_megatron, "done", False):
+        return
+    try:
+        from megatron.core.tokenizers import MegatronTokenizerBase
+    except ImportError:  # pragma: no cover - older megatron-core without the tokenizers package
+        pass
+    else:
+        MegatronTokenizerBase.register(MegatronTokenizerAdapter)
+    _register_with_megatron.done = True  # type: ignore[attr-defined]
+
+
+class MegatronTokenizerAdapter:
+    """A :class:`Tokenizer` seen as megatron-core's ``MegatronTokenizerBase``.
+
+    It is registered as a virtual subclass of ``MegatronTokenizerBase`` when first built (so
+    ``isinstance`` checks pass) without importing megatron-core at module import.
+
+    megatron-core's ``GPTDatasetConfig``/``GPTDataset`` read ``tokenizer.vocab_size`` (token dtype
+    code), ``tokenizer.eod`` (masks / position ids) and ``tokenizer.unique_identifiers`` (cache
+    names); ``pad`` is absent so GPTDataset uses its own pad id (-1), which never collides with a
+    real token.
+
+    Args:
+        tokenizer: the project tokenizer to wrap.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        _register_with_megatron()
+        self.path = getattr(tokenizer, "path", None) or ""
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str) -> List[int]:
+        """Encode text to ids (see :meth:`Tokenizer.tokenize`)."""
+        return self.tokenizer.tokenize(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Decode ids to text (see :meth:`Tokenizer.detokenize`)."""
+        return self.tokenizer.detokenize(ids)
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        """Token text -> id, where the tokenizer has a vocabulary file."""
+        vocab = getattr(self.tokenizer, "vocab", None)
+        if vocab is None:
+            raise NotImplementedError(f"{self.tokenizer.tokenizer_type} has no vocabulary mapping")
+        return vocab
+
+    @property
+    def vocab_size(self) -> int:
+        """One past the largest id."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def eod(self) -> int:
+        """End-of-document id."""
+        return self.tokenizer.eod
+
+    @property
+    def unique_identifiers(self) -> "OrderedDict[str, Any]":
+        """Identity for megatron-core's dataset cache names."""
+        return self.tokenizer.unique_identifiers
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: pretraining tokenizers have no chat template."""
+        raise NotImplementedError("megatron-lasp tokenizers have no chat template")
+
+    def __repr__(self) -> str:
+        return f"MegatronTokenizerAdapter({self.tokenizer!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction and flags
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+    eod_token: Optional[str] = None,
+) -> Tokenizer:
+    """Build a tokenizer from Megatron-LM style settings.
+
+    Args:
+        tokenizer_type: one of :data:`TOKENIZER_TYPES`.
+        tokenizer_model: HuggingFaceTokenizer: directory with tokenizer.json, or the file.
+        vocab_file: GPT2BPETokenizer: vocab.json.
+        merge_file: GPT2BPETokenizer: merges.txt.
+        vocab_size: NullTokenizer: number of ordinary ids (EOD is this value).
+        eod_token: HuggingFaceTokenizer: EOD token text overriding tokenizer_config.json.
+
+    Returns:
+        a :class:`Tokenizer`.
+
+    Raises:
+        ValueError: unknown type, a missing setting, or an unusable file (messages name the flag).
+        FileNotFoundError: a given file does not exist.
+    """
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise ValueError("--tokenizer-model is required for --tokenizer-type HuggingFaceTokenizer")
+        return HuggingFaceTokenizer(tokenizer_model, eod_token=eod_token)
+    if tokenizer_type == "GPT2BPETokenizer":
+        missing = [f for f, v in (("--vocab-file", vocab_file), ("--merge-file", merge_file)) if not v]
+        if missing:
+            verb = "are" if len(missing) > 1 else "is"
+            raise ValueError(f"{' and '.join(missing)} {verb} required for --tokenizer-type GPT2BPETokenizer")
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "ByteLevelTokenizer":
+        return ByteLevelTokenizer()
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise ValueError("--vocab-size is required for --tokenizer-type NullTokenizer")
+        return NullTokenizer(vocab_size)
+    raise ValueError(
+        f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}"
+    )
+
+
+def add_tokenizer_args(
+    parser: argparse.ArgumentParser,
+    default_type: Optional[str] = None,
+    add_vocab_size: bool = True,
+) -> argparse._ArgumentGroup:
+    """Add Megatron-LM's tokenizer flags to ``parser`` (in a "tokenizer" group).
+
+    Flags: ``--tokenizer-type`` (required unless ``default_type`` is given), ``--tokenizer-model``,
+    ``--vocab-file``, ``--merge-file`` and, if ``add_vocab_size``, ``--vocab-size`` (NullTokenizer
+    only; pass ``add_vocab_size=False`` when the parser already has its own ``--vocab-size``,
+    :func:`build_tokenizer_from_args` reads ``args.vocab_size`` either way).
+
+    Returns:
+        the argument group.
+    """
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument(
+        "--tokenizer-type",
+        choices=TOKENIZER_TYPES,
+        default=default_type,
+        required=default_type is None,
+        help="HuggingFaceTokenizer (--tokenizer-model), GPT2BPETokenizer (--vocab-file, "
+        "--merge-file), ByteLevelTokenizer (no files: 256 bytes + EOD), NullTokenizer (--vocab-size)",
+    )
+    group.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="HuggingFaceTokenizer: local directory with tokenizer.json, or the tokenizer.json file",
+    )
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    if add_vocab_size:
+        group.add_argument(
+            "--vocab-size", type=int, default=None, help="NullTokenizer: number of ids; EOD = this value"
+        )
+    return group
+
+
+def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
+    """:func:`build_tokenizer` from the flags added by :func:`add_tokenizer_args`."""
+    return build_tokenizer(
+        args.tokenizer_type,
+        tokenizer_model=getattr(args, "tokenizer_model", None),
+        vocab_file=getattr(args, "vocab_file", None),
+        merge_file=getattr(args, "merge_file", None),
+        vocab_size=getattr(args, "vocab_size", None),
+    )
+
+
+def tokenizer_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers)."""
+    return {
+        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_model": getattr(args, "tokenizer_model", None),
+        "vocab_file": getattr(args, "vocab_file", None),
+        "merge_file": getattr(args, "merge_file", None),
+        "vocab_size": getattr(args, "vocab_size", None),
+    }
