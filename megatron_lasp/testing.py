@@ -27,6 +27,9 @@ from typing import Any, Callable, Sequence
 import torch.multiprocessing as mp
 
 
+_CHILD_WARNING_FILTERS = "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +97,10 @@ def spawn(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
+    # Children inherit the environment at start; their imports (megatron-core's "TE/Apex not
+    # installed" notices) happen before any code of ours runs, so filter through PYTHONWARNINGS.
+    saved_warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = _CHILD_WARNING_FILTERS
     procs = [
         ctx.Process(
             target=_worker,
@@ -102,8 +109,14 @@ def spawn(
         )
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved_warnings is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = saved_warnings
     values: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
