@@ -7,9 +7,9 @@ and ``.idx`` (Megatron-LM's names and flags), readable by megatron-core's ``Inde
 The bundled corpus with the bundled tokenizer (what the quickstart runs)::
 
     python tools/preprocess_data.py --input examples/data/corpus.jsonl \
-        --output-prefix data/corpus --tokenizer-type HuggingFaceTokenizer \
+        --output-prefix runs/data/corpus --tokenizer-type HuggingFaceTokenizer \
         --tokenizer-model examples/data/tokenizer --append-eod --workers 2
-    # -> data/corpus_text_document.bin, data/corpus_text_document.idx
+    # -> runs/data/corpus_text_document.bin, runs/data/corpus_text_document.idx
 
 GPT-2 BPE files, two keys, abort on the first bad line::
 

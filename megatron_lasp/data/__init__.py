@@ -1,5 +1,15 @@
 """Data: tokenizers and the jsonl -> megatron-core indexed dataset preprocessing."""
 
+from megatron_lasp.data.preprocess import (
+    BUNDLED_CORPUS,
+    BUNDLED_TOKENIZER,
+    PreprocessConfig,
+    PreprocessError,
+    PreprocessResult,
+    bundled_tokenizer_settings,
+    preprocess,
+    preprocess_bundled_corpus,
+)
 from megatron_lasp.data.tokenizer import (
     TOKENIZER_TYPES,
     ByteLevelTokenizer,
@@ -14,6 +24,14 @@ from megatron_lasp.data.tokenizer import (
 )
 
 __all__ = [
+    "BUNDLED_CORPUS",
+    "BUNDLED_TOKENIZER",
+    "PreprocessConfig",
+    "PreprocessError",
+    "PreprocessResult",
+    "bundled_tokenizer_settings",
+    "preprocess",
+    "preprocess_bundled_corpus",
     "TOKENIZER_TYPES",
     "ByteLevelTokenizer",
     "GPT2BPETokenizer",
