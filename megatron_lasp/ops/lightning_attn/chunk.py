@@ -8,9 +8,13 @@ Entry points (same signatures for both backends, see the package docstring):
 """
 
 import dataclasses
-from typing import Optional, Tuple
+import functools
+import types
+from typing import Any, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from .torch_chunk import TORCH_BLOCK_SIZE, torch_lightning_attn_bwd, torch_lightning_attn_fwd
 from .utils import check_inputs, resolve_backend
@@ -27,19 +31,321 @@ class LightningAttnSaved:
         states: fp32 ``[B, H, N, Dk, Dv]``, the state entering each of the ``N`` spans of
             ``span`` tokens (initial state included).
         span: tokens per cached state (the torch backend's block; the triton backend's segment).
+        config: the triton launch configuration (the backward must use the forward's).
     """
 
     backend: str
     states: torch.Tensor
     span: int
+    config: Any = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. They are plain functions here and wrapped by `_kernels()` at first use: with
+# `triton.jit` for CUDA tensors, with Triton's interpreter for CPU tensors (TRITON_INTERPRET=1).
+# Building them at launch time, not at import, keeps the choice independent of the order in which
+# modules were imported and of whether TRITON_INTERPRET was set before the import. For the same
+# reason the kernels call no @triton.jit helpers (tl.cdiv, tl.zeros, tl.sum... included): those are compiled-mode
+# functions when triton was imported without TRITON_INTERPRET, and the interpreter refuses them.
+#
+# All three kernels work in a "frame" of positions p = 0..T-1 that is the time axis itself
+# (REVERSE=False) or the reversed one, t = T-1-p (REVERSE=True, the backward's dk/dv pass). The
+# sequence is cut into segments of SEG tokens (one program each, in parallel) and each segment into
+# blocks of BT tokens (looped inside the program). Names follow the generic form of README.md:
+#     out_p = sum_{p' <= p in frame} lam^(p-p') (x_p . y_p') z_p' + decayed x_p . (entry state)
+#     state update with y^T z.
+# ----------------------------------------------------------------------------------------------
+
+
+def _local_state_kernel(
+    Y, Z, LOC, SLOPES, T, H, NS, DX, DZ,
+    sy_b, sy_t, sy_h, sz_b, sz_t, sz_h,
+    SEG: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """LOC[bh, g] = sum_{r in segment g} lam^(len_g-1-r) y_r^T z_r, one [BX, BZ] tile."""
+    i_xz, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_z = (DZ + BZ - 1) // BZ
+    i_x, i_z = i_xz // n_z, i_xz % n_z
+    i_b, i_h = i_bh // H, i_bh % H
+    s = tl.load(SLOPES + i_h).to(tl.float32)
+    seg_start = i_g * SEG
+    seg_len = tl.minimum(SEG, T - seg_start)
+    offs_x = i_x * BX + tl.arange(0, BX)
+    offs_z = i_z * BZ + tl.arange(0, BZ)
+    y_base = Y + i_b.to(tl.int64) * sy_b + i_h.to(tl.int64) * sy_h
+    z_base = Z + i_b.to(tl.int64) * sz_b + i_h.to(tl.int64) * sz_h
+    acc = tl.full([BX, BZ], 0.0, dtype=tl.float32)
+    for r0 in range(0, seg_len, BT):
+        r = r0 + tl.arange(0, BT)
+        valid = r < seg_len
+        p = seg_start + r
+        if REVERSE:
+            rows = (T - 1 - p).to(tl.int64)
+        else:
+            rows = p.to(tl.int64)
+        y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
+                    mask=valid[:, None] & (offs_x < DX)[None, :], other=0.0)  # [BT, BX]
+        z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
+                    mask=valid[:, None] & (offs_z < DZ)[None, :], other=0.0)  # [BT, BZ]
+        w = tl.where(valid, tl.exp(-s * (seg_len - 1 - r).to(tl.float32)), 0.0)  # [BT]
+        yw = y.to(tl.float32) * w[:, None]
+        if DOT_F32:
+            acc += tl.dot(tl.trans(yw), z.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(yw.to(z.dtype)), z)
+    loc = LOC + (i_bh.to(tl.int64) * NS + i_g) * DX * DZ
+    tl.store(loc + offs_x[:, None] * DZ + offs_z[None, :], acc,
+             mask=(offs_x < DX)[:, None] & (offs_z < DZ)[None, :])
+
+
+def _scan_kernel(
+    LOC, INIT, ENTRY, FINAL, SLOPES, T, H, NS, NXZ,
+    SEG: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """ENTRY[bh, g] = state entering segment g; FINAL = state after the last segment.
+
+    carry_{g+1} = lam^(len_g - shift_g) carry_g + LOC[g]; shift_0 = 1 in the reverse frame, where the
+    incoming gradient dS_T weighs lam^p at frame position p, not lam^(p+1) (README.md). There FINAL
+    is lam * carry, the gradient of the initial state.
+    """
+    i_e, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    s = tl.load(SLOPES + i_h).to(tl.float32)
+    offs = i_e * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NXZ
+    if HAS_INIT:
+        carry = tl.load(INIT + i_bh.to(tl.int64) * NXZ + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.full([BLOCK], 0.0, dtype=tl.float32)
+    for g in range(0, NS):
+        base = (i_bh.to(tl.int64) * NS + g) * NXZ
+        tl.store(ENTRY + base + offs, carry, mask=mask)
+        expo = tl.minimum(SEG, T - g * SEG).to(tl.float32)
+        if REVERSE:
+            expo = expo - tl.where(g == 0, 1.0, 0.0)
+        carry = tl.exp(-s * expo) * carry + tl.load(LOC + base + offs, mask=mask, other=0.0)
+    if STORE_FINAL:
+        if REVERSE:
+            carry = carry * tl.exp(-s)
+        tl.store(FINAL + i_bh.to(tl.int64) * NXZ + offs, carry, mask=mask)
+
+
+def _chunk_kernel(
+    X, Y, Z, OUT, ENTRY, SLOPES, T, H, DX, DZ,
+    sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, sz_b, sz_t, sz_h, so_b, so_t, so_h,
+    se_bh, se_g, se_x, se_z,
+    SEG: tl.constexpr, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One segment, one BZ-wide tile of out: intra-block term + inter term + state update, fused.
+
+    The running state [DXP, BZ] (fp32) lives in registers across the segment's blocks.
+    """
+    i_z, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    s = tl.load(SLOPES + i_h).to(tl.float32)
+    seg_start = i_g * SEG
+    seg_len = tl.minimum(SEG, T - seg_start)
+    offs_x = tl.arange(0, DXP)
+    offs_z = i_z * BZ + tl.arange(0, BZ)
+    mask_x = offs_x < DX
+    mask_z = offs_z < DZ
+    x_base = X + i_b.to(tl.int64) * sx_b + i_h.to(tl.int64) * sx_h
+    y_base = Y + i_b.to(tl.int64) * sy_b + i_h.to(tl.int64) * sy_h
+    z_base = Z + i_b.to(tl.int64) * sz_b + i_h.to(tl.int64) * sz_h
+    o_base = OUT + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
+    e_base = ENTRY + i_bh.to(tl.int64) * se_bh + i_g.to(tl.int64) * se_g
+    state = tl.load(e_base + offs_x[:, None] * se_x + offs_z[None, :] * se_z,
+                    mask=mask_x[:, None] & mask_z[None, :], other=0.0)  # [DXP, BZ] fp32
+
+    i_loc = tl.arange(0, BT)
+    diff = (i_loc[:, None] - i_loc[None, :]).to(tl.float32)
+    decay_mask = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)  # [BT, BT]
+    n_blk = (seg_len + BT - 1) // BT
+    for blk in range(0, n_blk):
+        r = blk * BT + i_loc
+        valid = r < seg_len
+        p = seg_start + r
+        if REVERSE:
+            rows = (T - 1 - p).to(tl.int64)
+            shift = tl.where((i_g == 0) & (blk == 0), 1.0, 0.0)
+        else:
+            rows = p.to(tl.int64)
+            shift = 0.0
+        blk_len = tl.minimum(BT, seg_len - blk * BT)
+        x = tl.load(x_base + rows[:, None] * sx_t + offs_x[None, :],
+                    mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, DXP]
+        y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
+                    mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, DXP]
+        z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
+                    mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
+        a = tl.exp(-s * (i_loc.to(tl.float32) + 1.0 - shift))  # [BT]
+        b = tl.where(valid, tl.exp(-s * (blk_len - 1 - i_loc).to(tl.float32)), 0.0)  # [BT]
+        if DOT_F32:
+            xf, yf, zf = x.to(tl.float32), y.to(tl.float32), z.to(tl.float32)
+            scores = tl.dot(xf, tl.trans(yf), input_precision="ieee") * decay_mask  # [BT, BT]
+            out = tl.dot(scores, zf, input_precision="ieee")
+            out += a[:, None] * tl.dot(xf, state, input_precision="ieee")
+            upd = tl.dot(tl.trans(yf * b[:, None]), zf, input_precision="ieee")  # [DXP, BZ]
+        else:
+            scores = tl.dot(x, tl.trans(y)) * decay_mask
+            out = tl.dot(scores.to(z.dtype), z)
+            out += a[:, None] * tl.dot(x, state.to(x.dtype))
+            upd = tl.dot(tl.trans((y.to(tl.float32) * b[:, None]).to(z.dtype)), z)
+        tl.store(o_base + rows[:, None] * so_t + offs_z[None, :], out.to(OUT.dtype.element_ty),
+                 mask=valid[:, None] & mask_z[None, :])
+        state = tl.exp(-s * (blk_len.to(tl.float32) - shift)) * state + upd
+
+
+_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool) -> types.SimpleNamespace:
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        wrap = InterpretedFunction
+    else:
+        wrap = triton.jit
+    return types.SimpleNamespace(**{fn.__name__.lstrip("_"): wrap(fn) for fn in _KERNEL_FNS})
+
+
+@dataclasses.dataclass
+class TritonConfig:
+    """Launch parameters of the triton backend (see README.md "Kernels" and NOTES_kernels.md)."""
+
+    block: int  # BT, tokens per block inside a segment (>= 16, power of two)
+    segment: int  # SEG, tokens per program; a multiple of `block`
+    tile: int  # BZ, width of the output tile (columns of v for the forward)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Tests set this to fill every buffer a kernel writes with NaN first, so that an unwritten element fails.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, device, dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
+    return torch.empty(tuple(shape), device=device, dtype=dtype)
+
+
+# Overrides for benchmarks/bench_kernels.py sweeps; None keeps the heuristic.
+CONFIG_OVERRIDE: Optional[TritonConfig] = None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _triton_config(B: int, T: int, H: int, dx: int, dz: int, interpret: bool) -> TritonConfig:
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
+    if interpret:
+        # Small blocks and segments so that short test sequences cross several of both.
+        return TritonConfig(block=16, segment=32, tile=max(16, min(32, _pow2(dz))))
+    dxp = max(16, _pow2(dx))
+    block = 64 if dxp <= 128 else 32
+    tile = max(16, min(64 if dxp <= 128 else 32, _pow2(dz)))
+    n_tiles = -(-dz // tile)
+    # Aim at ~1024 programs (several waves over 132 SMs); longer segments amortise the scan.
+    target = B * H * n_tiles * T // 1024
+    segment = max(block, min(4096, _pow2(max(1, target)) if target > 0 else block))
+    if segment > target and segment > block:
+        segment //= 2
+    return TritonConfig(block=block, segment=segment, tile=tile, num_warps=4 if dxp <= 128 else 8)
+
+
+def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final):
+    """Local segment states of y^T z, then the scan: (entry [B, H, NS, DY, DZ], final or None)."""
+    B, T, H, dy = y.shape
+    dz = z.shape[-1]
+    ns = -(-T // cfg.segment)
+    bx = max(16, min(64, _pow2(dy)))
+    bz = max(16, min(64, _pow2(dz)))
+    loc = _empty((B, H, ns, dy, dz), y.device, torch.float32)
+    grid = (-(-dy // bx) * -(-dz // bz), ns, B * H)
+    kern.local_state_kernel[grid](
+        y, z, loc, slopes, T, H, ns, dy, dz, *_strides(y), *_strides(z),
+        SEG=cfg.segment, BT=cfg.block, BX=bx, BZ=bz, REVERSE=reverse, DOT_F32=dot_f32,
+        num_warps=4, num_stages=cfg.num_stages)
+    entry = _empty(loc.shape, y.device, torch.float32)
+    final = _empty((B, H, dy, dz), y.device, torch.float32) if store_final else entry
+    nxz = dy * dz
+    block = 1024
+    has_init = init is not None
+    kern.scan_kernel[(-(-nxz // block), B * H)](
+        loc, init if has_init else loc, entry, final, slopes, T, H, ns, nxz,
+        SEG=cfg.segment, BLOCK=block, HAS_INIT=has_init, STORE_FINAL=store_final, REVERSE=reverse,
+        num_warps=4)
+    return entry, (final if store_final else None)
+
+
+def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry):
+    """out = generic chunk pass (README.md) of x, y, z with the given segment entry states."""
+    B, T, H, dx = x.shape
+    dz = z.shape[-1]
+    ns = entry.shape[2]
+    out = _empty((B, T, H, dz), x.device, x.dtype)
+    tile = max(16, min(cfg.tile, _pow2(dz)))
+    se = entry.stride()
+    se_x, se_z = (se[4], se[3]) if transpose_entry else (se[3], se[4])
+    grid = (-(-dz // tile), ns, B * H)
+    kern.chunk_kernel[grid](
+        x, y, z, out, entry, slopes, T, H, dx, dz,
+        *_strides(x), *_strides(y), *_strides(z), *_strides(out),
+        se[1], se[2], se_x, se_z,
+        SEG=cfg.segment, BT=cfg.block, DXP=max(16, _pow2(dx)), BZ=tile,
+        REVERSE=reverse, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _triton_setup(q, v):
+    interpret = q.device.type == "cpu"
+    kern = _kernels(interpret)
+    # Interpreter: bf16 tl.dot is wrong there, so every dot runs in fp32 (as for fp32 inputs).
+    dot_f32 = interpret or q.dtype == torch.float32
+    return kern, dot_f32
 
 
 def _triton_fwd(q, k, v, slopes, initial_state, output_final_state):
-    raise NotImplementedError("the triton backend is not written yet; use backend='torch'")
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    kern, dot_f32 = _triton_setup(q, v)
+    cfg = _triton_config(B, T, H, dk, dv, q.device.type == "cpu")
+    slopes = slopes.float().contiguous()
+    init = None if initial_state is None else initial_state.float().contiguous()
+    entry, final = _segment_states(kern, k, v, slopes, init, cfg, False, dot_f32, output_final_state)
+    o = _chunk(kern, q, k, v, entry, slopes, cfg, False, dot_f32, False)
+    return o, final, LightningAttnSaved("triton", entry, cfg.segment, cfg)
 
 
 def _triton_bwd(q, k, v, slopes, do, d_final_state, saved):
-    raise NotImplementedError("the triton backend is not written yet; use backend='torch'")
+    q, k, v, do = _contig(q), _contig(k), _contig(v), _contig(do)
+    kern, dot_f32 = _triton_setup(q, v)
+    cfg = saved.config
+    slopes = slopes.float().contiguous()
+    dht = None if d_final_state is None else d_final_state.float().contiguous()
+    # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
+    dq = _chunk(kern, do, v, k, saved.states, slopes, cfg, False, dot_f32, True)
+    # State gradients at segment boundaries, in the reversed frame, from q^T do.
+    dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True)
+    dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False)
+    dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True)
+    return dq, dk, dv, dh0
 
 
 def lightning_attn_fwd(
@@ -121,15 +427,15 @@ class _LightningAttnFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, slopes, initial_state, output_final_state, backend):
         o, final, saved = lightning_attn_fwd(q, k, v, slopes, initial_state, output_final_state, backend)
         ctx.save_for_backward(q, k, v, slopes, saved.states)
-        ctx.saved_meta = (saved.backend, saved.span)
+        ctx.saved_meta = (saved.backend, saved.span, saved.config)
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
         q, k, v, slopes, states = ctx.saved_tensors
-        backend, span = ctx.saved_meta
-        saved = LightningAttnSaved(backend, states, span)
+        backend, span, config = ctx.saved_meta
+        saved = LightningAttnSaved(backend, states, span, config)
         dq, dk, dv, dh0 = lightning_attn_bwd(q, k, v, slopes, do, d_final, None, saved, backend)
         if ctx.state_dtype is None:
             dh0 = None
