@@ -36,7 +36,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lasp.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from megatron_lasp.data.preprocess import PreprocessConfig, PreprocessError, preprocess_data  # noqa: E402
 from megatron_lasp.data.tokenizer import add_tokenizer_args, tokenizer_settings  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             log_interval=args.log_interval,
             strict=args.strict,
         )
-        result = preprocess(config)
+        result = preprocess_data(config)
     except (FileNotFoundError, ValueError, PreprocessError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ from megatron_lasp.data.preprocess import (
     PreprocessError,
     PreprocessResult,
     bundled_tokenizer_settings,
-    preprocess,
+    preprocess_data,
     preprocess_bundled_corpus,
 )
 from megatron_lasp.data.tokenizer import (
@@ -30,7 +30,7 @@ __all__ = [
     "PreprocessError",
     "PreprocessResult",
     "bundled_tokenizer_settings",
-    "preprocess",
+    "preprocess_data",
     "preprocess_bundled_corpus",
     "TOKENIZER_TYPES",
     "ByteLevelTokenizer",

@@ -244,7 +244,7 @@ class _AtomicOutputs:
         self.tmp_paths = []
 
 
-def preprocess(config: PreprocessConfig) -> PreprocessResult:
+def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
     """Tokenize ``config.input`` into one megatron-core indexed dataset per JSON key.
 
     Args:
@@ -431,4 +431,4 @@ def preprocess_bundled_corpus(output_prefix: str, workers: int = 1) -> str:
         append_eod=True,
         workers=workers,
     )
-    return preprocess(config).output_prefixes["text"]
+    return preprocess_data(config).output_prefixes["text"]
