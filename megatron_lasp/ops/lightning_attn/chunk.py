@@ -48,12 +48,14 @@ class LightningAttnSaved:
 # reason the kernels call no @triton.jit helpers (tl.cdiv, tl.zeros, tl.sum... included): those are compiled-mode
 # functions when triton was imported without TRITON_INTERPRET, and the interpreter refuses them.
 #
-# All three kernels work in a "frame" of positions p = 0..T-1 that is the time axis itself
-# (REVERSE=False) or the reversed one, t = T-1-p (REVERSE=True, the backward's dk/dv pass). The
-# sequence is cut into segments of SEG tokens (one program each, in parallel) and each segment into
-# blocks of BT tokens (looped inside the program). Names follow the generic form of README.md:
-#     out_p = sum_{p' <= p in frame} lam^(p-p') (x_p . y_p') z_p' + decayed x_p . (entry state)
-#     state update with y^T z.
+# The sequence is cut into segments of SEG tokens (one program each, in parallel) and each segment
+# into blocks of BT tokens (looped inside the program). The generic pass of README.md:
+#     causal (forward):       out_i = sum_{j <= i} lam^(i-j) (x_i . y_j) z_j + lam^(i+1) x_i S
+#                             S <- lam^L S + sum_j lam^(L-1-j) y_j^T z_j
+#     anti-causal (REVERSE):  out_j = sum_{i >= j} lam^(i-j) (x_j . y_i) z_i + lam^(L-1-j) x_j G
+#                             G <- lam^L G + sum_i lam^(i+1) y_i^T z_i   (blocks from last to first)
+# forward = causal(q, k, v; S); dq = causal(do, v, k; S^T); dv = reverse(k, q, do; G);
+# dk = reverse(v, do, q; G^T), with G the gradient of the state.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -63,7 +65,11 @@ def _local_state_kernel(
     SEG: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """LOC[bh, g] = sum_{r in segment g} lam^(len_g-1-r) y_r^T z_r, one [BX, BZ] tile."""
+    """LOC[bh, g] = sum_{r in segment g} w_r y_r^T z_r, one [BX, BZ] tile.
+
+    w_r = lam^(len_g-1-r) (the segment's own final state), or lam^(r+1) with REVERSE (its
+    contribution to the state gradient entering the segment from the left).
+    """
     i_xz, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_z = (DZ + BZ - 1) // BZ
     i_x, i_z = i_xz // n_z, i_xz % n_z
@@ -79,16 +85,15 @@ def _local_state_kernel(
     for r0 in range(0, seg_len, BT):
         r = r0 + tl.arange(0, BT)
         valid = r < seg_len
-        p = seg_start + r
-        if REVERSE:
-            rows = (T - 1 - p).to(tl.int64)
-        else:
-            rows = p.to(tl.int64)
+        rows = (seg_start + r).to(tl.int64)
         y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
                     mask=valid[:, None] & (offs_x < DX)[None, :], other=0.0)  # [BT, BX]
         z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
                     mask=valid[:, None] & (offs_z < DZ)[None, :], other=0.0)  # [BT, BZ]
-        w = tl.where(valid, tl.exp(-s * (seg_len - 1 - r).to(tl.float32)), 0.0)  # [BT]
+        if REVERSE:
+            w = tl.where(valid, tl.exp(-s * (r + 1).to(tl.float32)), 0.0)  # [BT]
+        else:
+            w = tl.where(valid, tl.exp(-s * (seg_len - 1 - r).to(tl.float32)), 0.0)  # [BT]
         yw = y.to(tl.float32) * w[:, None]
         if DOT_F32:
             acc += tl.dot(tl.trans(yw), z.to(tl.float32), input_precision="ieee")
@@ -106,9 +111,9 @@ def _scan_kernel(
 ):
     """ENTRY[bh, g] = state entering segment g; FINAL = state after the last segment.
 
-    carry_{g+1} = lam^(len_g - shift_g) carry_g + LOC[g]; shift_0 = 1 in the reverse frame, where the
-    incoming gradient dS_T weighs lam^p at frame position p, not lam^(p+1) (README.md). There FINAL
-    is lam * carry, the gradient of the initial state.
+    carry <- lam^(len_g) carry + LOC[g], over g = 0..NS-1 (forward: the KV state), or over
+    g = NS-1..0 with REVERSE (the state gradient, entering each segment from its right end; FINAL
+    is then the gradient of the initial state).
     """
     i_e, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
@@ -119,16 +124,16 @@ def _scan_kernel(
         carry = tl.load(INIT + i_bh.to(tl.int64) * NXZ + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         carry = tl.full([BLOCK], 0.0, dtype=tl.float32)
-    for g in range(0, NS):
+    for it in range(0, NS):
+        if REVERSE:
+            g = NS - 1 - it
+        else:
+            g = it
         base = (i_bh.to(tl.int64) * NS + g) * NXZ
         tl.store(ENTRY + base + offs, carry, mask=mask)
         expo = tl.minimum(SEG, T - g * SEG).to(tl.float32)
-        if REVERSE:
-            expo = expo - tl.where(g == 0, 1.0, 0.0)
         carry = tl.exp(-s * expo) * carry + tl.load(LOC + base + offs, mask=mask, other=0.0)
     if STORE_FINAL:
-        if REVERSE:
-            carry = carry * tl.exp(-s)
         tl.store(FINAL + i_bh.to(tl.int64) * NXZ + offs, carry, mask=mask)
 
 
@@ -158,22 +163,23 @@ def _chunk_kernel(
     o_base = OUT + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
     e_base = ENTRY + i_bh.to(tl.int64) * se_bh + i_g.to(tl.int64) * se_g
     state = tl.load(e_base + offs_x[:, None] * se_x + offs_z[None, :] * se_z,
-                    mask=mask_x[:, None] & mask_z[None, :], other=0.0)  # [DXP, BZ] fp32
+                    mask=mask_x[:, None] & mask_z[None, :], other=0.0).to(tl.float32)  # [DXP, BZ]
 
     i_loc = tl.arange(0, BT)
-    diff = (i_loc[:, None] - i_loc[None, :]).to(tl.float32)
-    decay_mask = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)  # [BT, BT]
+    if REVERSE:
+        # anti-causal: out_j sums over i >= j; the mask's exponent is i - j
+        diff = (i_loc[None, :] - i_loc[:, None]).to(tl.float32)
+    else:
+        diff = (i_loc[:, None] - i_loc[None, :]).to(tl.float32)
     n_blk = (seg_len + BT - 1) // BT
-    for blk in range(0, n_blk):
+    for it in range(0, n_blk):
+        if REVERSE:
+            blk = n_blk - 1 - it
+        else:
+            blk = it
         r = blk * BT + i_loc
         valid = r < seg_len
-        p = seg_start + r
-        if REVERSE:
-            rows = (T - 1 - p).to(tl.int64)
-            shift = tl.where((i_g == 0) & (blk == 0), 1.0, 0.0)
-        else:
-            rows = p.to(tl.int64)
-            shift = 0.0
+        rows = (seg_start + r).to(tl.int64)
         blk_len = tl.minimum(BT, seg_len - blk * BT)
         x = tl.load(x_base + rows[:, None] * sx_t + offs_x[None, :],
                     mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, DXP]
@@ -181,22 +187,34 @@ def _chunk_kernel(
                     mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, DXP]
         z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
                     mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
-        a = tl.exp(-s * (i_loc.to(tl.float32) + 1.0 - shift))  # [BT]
-        b = tl.where(valid, tl.exp(-s * (blk_len - 1 - i_loc).to(tl.float32)), 0.0)  # [BT]
-        if DOT_F32:
-            xf, yf, zf = x.to(tl.float32), y.to(tl.float32), z.to(tl.float32)
-            scores = tl.dot(xf, tl.trans(yf), input_precision="ieee") * decay_mask  # [BT, BT]
-            out = tl.dot(scores, zf, input_precision="ieee")
-            out += a[:, None] * tl.dot(xf, state, input_precision="ieee")
-            upd = tl.dot(tl.trans(yf * b[:, None]), zf, input_precision="ieee")  # [DXP, BZ]
+        # a: lam^(i+1), weight of the state entering the block at its token i;
+        # b: lam^(L-1-i), weight of token i in the state leaving the block (0 past the block end).
+        a = tl.exp(-s * (i_loc.to(tl.float32) + 1.0))
+        b = tl.where(valid, tl.exp(-s * (blk_len - 1 - i_loc).to(tl.float32)), 0.0)
+        if REVERSE:
+            w_out, w_upd = b, tl.where(valid, a, 0.0)
         else:
-            scores = tl.dot(x, tl.trans(y)) * decay_mask
-            out = tl.dot(scores.to(z.dtype), z)
-            out += a[:, None] * tl.dot(x, state.to(x.dtype))
-            upd = tl.dot(tl.trans((y.to(tl.float32) * b[:, None]).to(z.dtype)), z)
+            w_out, w_upd = a, b
+        state_decay = tl.exp(-s * blk_len.to(tl.float32))
+        # Decay mask recomputed per block and the weights applied to the narrow operands: registers
+        # are what limits this kernel.
+        if DOT_F32:
+            zf = z.to(tl.float32)
+            scores = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision="ieee")  # [BT, BT]
+            scores = tl.where(diff >= 0, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+            out = tl.dot(x.to(tl.float32), state, input_precision="ieee") * w_out[:, None]  # [BT, BZ]
+            out = tl.dot(scores, zf, acc=out, input_precision="ieee")
+            state = tl.dot(tl.trans(y.to(tl.float32)), zf * w_upd[:, None], acc=state * state_decay,
+                           input_precision="ieee")  # [DXP, BZ]
+        else:
+            scores = tl.dot(x, tl.trans(y))
+            scores = tl.where(diff >= 0, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+            out = tl.dot(x, state.to(z.dtype)) * w_out[:, None]
+            out = tl.dot(scores.to(z.dtype), z, acc=out)
+            zw = (z.to(tl.float32) * w_upd[:, None]).to(z.dtype)
+            state = tl.dot(tl.trans(y), zw, acc=state * state_decay)
         tl.store(o_base + rows[:, None] * so_t + offs_z[None, :], out.to(OUT.dtype.element_ty),
                  mask=valid[:, None] & mask_z[None, :])
-        state = tl.exp(-s * (blk_len.to(tl.float32) - shift)) * state + upd
 
 
 _KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel)
@@ -222,6 +240,8 @@ class TritonConfig:
     tile: int  # BZ, width of the output tile (columns of v for the forward)
     num_warps: int = 4
     num_stages: int = 2
+    state_tile: int = 64  # BX = BZ of the local-state kernel
+    state_warps: int = 4
 
 
 # Tests set this to fill every buffer a kernel writes with NaN first, so that an unwritten element fails.
@@ -273,14 +293,14 @@ def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final
     B, T, H, dy = y.shape
     dz = z.shape[-1]
     ns = -(-T // cfg.segment)
-    bx = max(16, min(64, _pow2(dy)))
-    bz = max(16, min(64, _pow2(dz)))
+    bx = max(16, min(cfg.state_tile, _pow2(dy)))
+    bz = max(16, min(cfg.state_tile, _pow2(dz)))
     loc = _empty((B, H, ns, dy, dz), y.device, torch.float32)
     grid = (-(-dy // bx) * -(-dz // bz), ns, B * H)
     kern.local_state_kernel[grid](
         y, z, loc, slopes, T, H, ns, dy, dz, *_strides(y), *_strides(z),
         SEG=cfg.segment, BT=cfg.block, BX=bx, BZ=bz, REVERSE=reverse, DOT_F32=dot_f32,
-        num_warps=4, num_stages=cfg.num_stages)
+        num_warps=cfg.state_warps, num_stages=cfg.num_stages)
     entry = _empty(loc.shape, y.device, torch.float32)
     final = _empty((B, H, dy, dz), y.device, torch.float32) if store_final else entry
     nxz = dy * dz
