@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -330,14 +331,32 @@ def test_cli_errors(tmp_path, args, rc, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_run_and_strict(tmp_path, bundled_prefix):
-    # Both runs import megatron-core (seconds): start them together.
+def test_cli_run_strict_and_sigterm(tmp_path, bundled_prefix):
+    # The runs import megatron-core (seconds each): start them together.
+    with open(pp.BUNDLED_CORPUS, "rb") as f:
+        corpus = f.read()
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(corpus * 4)
+    killed = run_tool("--input", str(big), "--output-prefix", str(tmp_path / "killed" / "d"),
+                      "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER,
+                      "--workers", "2", "--log-interval", "500", wait=False)
     ok = run_tool("--input", pp.BUNDLED_CORPUS, "--output-prefix", str(tmp_path / "cli" / "corpus"),
                   "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER,
                   "--append-eod", "--workers", "2", "--log-interval", "1000", wait=False)
     src, _ = bad_lines_input(tmp_path)
     strict = run_tool("--input", src, "--output-prefix", str(tmp_path / "strict" / "d"),
                       "--tokenizer-type", "ByteLevelTokenizer", "--strict", wait=False)
+    # SIGTERM in the middle of a run: exit 143, nothing left behind (not even temporary files).
+    for line in killed.stderr:
+        if "processed 500 lines" in line:
+            break
+    else:
+        pytest.fail("the run ended before its first progress line")
+    killed.send_signal(signal.SIGTERM)
+    killed.communicate(timeout=60)
+    assert killed.returncode == 143
+    assert os.listdir(tmp_path / "killed") == []
+
     stdout, stderr = ok.communicate(timeout=300)
     assert ok.returncode == 0, stderr
     assert "processed 1000 lines" in stderr and "docs/s" in stderr and "MB/s" in stderr
@@ -349,6 +368,7 @@ def test_cli_run_and_strict(tmp_path, bundled_prefix):
     assert strict.returncode == 1
     assert "in.jsonl:2: invalid JSON" in stderr and "--strict" in stderr
     assert os.listdir(tmp_path / "strict") == []
+
 
 
 def test_indexed_and_gpt_dataset(bundled_prefix):
@@ -403,3 +423,36 @@ def test_bundled_data_is_reproducible(tmp_path):
         assert filecmp.cmp(str(tmp_path / "tok" / name), os.path.join(pp.BUNDLED_TOKENIZER, name), shallow=False)
     size = os.path.getsize(pp.BUNDLED_CORPUS) + os.path.getsize(os.path.join(pp.BUNDLED_TOKENIZER, "tokenizer.json"))
     assert size < 2_000_000
+
+
+def test_gpt_dataset_cache_and_blend(bundled_prefix, tmp_path):
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    tok = build_tokenizer(**BUNDLED_TOKENIZER)
+
+    def build(blend, cache):
+        config = GPTDatasetConfig(
+            random_seed=7, sequence_length=64, blend=blend, split="98,1,1", tokenizer=tok.as_megatron_tokenizer(),
+            path_to_cache=str(cache), reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        )
+        return BlendedMegatronDatasetBuilder(GPTDataset, [20, 2, 2], lambda: True, config).build()[0]
+
+    # One dataset with a cache works without a process group; the cache names the tokenizer.
+    first = build(([bundled_prefix], None), tmp_path / "cache1")
+    descriptions = [n for n in os.listdir(tmp_path / "cache1") if n.endswith("train-description.txt")]
+    assert len(descriptions) == 1
+    with open(tmp_path / "cache1" / descriptions[0]) as f:
+        assert json.load(f)["tokenizer"] == json.loads(json.dumps(tok.unique_identifiers))
+    again = build(([bundled_prefix], None), tmp_path / "cache1")  # loads the cached indices
+    assert again[3]["tokens"].tolist() == first[3]["tokens"].tolist()
+
+    # A weighted blend with a cache needs a process group in megatron-core 0.16.1: a 1-rank one.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        blended = build(([bundled_prefix, bundled_prefix], [0.25, 0.75]), tmp_path / "cache2")
+        assert len(blended) >= 20
+        assert all(len(blended[i]["tokens"]) == 64 for i in range(5))
+    finally:
+        dist.destroy_process_group()
