@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import random
+import sys
 import unicodedata
 
 import pytest
@@ -327,3 +328,37 @@ def test_megatron_adapter(gpt2_files):
         assert not hasattr(m, "pad")  # GPTDataset then uses its own pad id (-1)
         descriptions.add(json.dumps(m.unique_identifiers))
     assert len(descriptions) == len(toks)
+
+
+def test_hf_vocab_from_json_and_without_tokenizers_package(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+    from tokenizers.models import Unigram
+
+    unigram_dir = tmp_path / "unigram"
+    unigram_dir.mkdir()
+    uni = Tokenizer(Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0), ("ab", -1.5)], unk_id=0))
+    uni.add_special_tokens(["</s>"])
+    uni.save(str(unigram_dir / "tokenizer.json"))
+    for path in (BUNDLED, str(unigram_dir)):
+        ours = HuggingFaceTokenizer(path)
+        reference = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        assert ours.vocab == reference.get_vocab(with_added_tokens=True)
+        assert ours.vocab_size == max(reference.get_vocab(with_added_tokens=True).values()) + 1
+    assert HuggingFaceTokenizer(str(unigram_dir)).eod == 4
+
+    # Training only needs vocab_size and eod: they work without the `tokenizers` package.
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    tok = HuggingFaceTokenizer(BUNDLED)
+    assert (tok.eod, tok.vocab_size) == (0, 2031)
+    with pytest.raises(ImportError, match="needs the `tokenizers` package"):
+        tok.tokenize("hello")
+
+
+def test_hf_invalid_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {}}')
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        HuggingFaceTokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense", "vocab": {"a": 0, "</s>": 1}}}')
+    tok = HuggingFaceTokenizer(str(tmp_path))  # the JSON has a vocabulary ...
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        tok.tokenize("a")  # ... but the `tokenizers` library cannot load it

@@ -130,6 +130,25 @@ class Tokenizer(ABC):
 # HuggingFace tokenizer.json
 
 
+def _read_tokenizer_json_vocab(json_path: str) -> Dict[str, int]:
+    """Token text -> id of a tokenizer.json: the model's vocabulary plus the added tokens."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            spec = json.load(f)
+        model_vocab = spec["model"]["vocab"]
+        if isinstance(model_vocab, dict):  # BPE, WordLevel, WordPiece
+            vocab = {str(t): int(i) for t, i in model_vocab.items()}
+        else:  # Unigram: [[piece, score], ...], id = position
+            vocab = {str(entry[0]): i for i, entry in enumerate(model_vocab)}
+        for added in spec.get("added_tokens", []):
+            vocab[str(added["content"])] = int(added["id"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"--tokenizer-model {json_path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from e
+    if not vocab:
+        raise ValueError(f"--tokenizer-model {json_path}: empty vocabulary")
+    return vocab
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A local ``tokenizer.json`` loaded with the ``tokenizers`` library (never from a hub).
 
@@ -162,24 +181,21 @@ class HuggingFaceTokenizer(Tokenizer):
                 "(HuggingFaceTokenizer loads a local directory with tokenizer.json, or the "
                 "tokenizer.json file; hub names are not downloaded)"
             )
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer
-        except ImportError as e:  # pragma: no cover - tokenizers is a declared dependency
-            raise ImportError("HuggingFaceTokenizer needs the `tokenizers` package") from e
-        try:
-            self._tok = _HFTokenizer.from_file(json_path)
-        except Exception as e:
-            raise ValueError(f"--tokenizer-model {json_path}: not a valid tokenizer.json ({e})") from e
+        # The vocabulary, EOD and size come from the JSON itself, so that training (which only
+        # needs vocab_size and eod) works where the `tokenizers` package is not installed; the
+        # `tokenizers` model is loaded on the first tokenize/detokenize.
+        vocab = _read_tokenizer_json_vocab(json_path)
+        self._tok_cache = None
         self.path = os.path.abspath(json_path)
         self._json_path = json_path
-        # Side files are only used when tokenizer.json sits in its own directory, so that a bare
-        # tokenizer.json never picks up an unrelated tokenizer_config.json next to it.
+        # tokenizer_config.json / special_tokens_map.json next to tokenizer.json (as transformers
+        # reads them) name the EOS token and are copied by save_pretrained.
         self._side_files = [
             os.path.join(directory, name)
             for name in ("tokenizer_config.json", "special_tokens_map.json")
             if os.path.isfile(os.path.join(directory, name))
         ]
-        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._vocab = vocab
         self._vocab_size = max(vocab.values()) + 1
         self._eod_token = eod_token or self._config_eos_token() or next(
             (t for t in _EOD_CANDIDATES if t in vocab), None
@@ -208,6 +224,22 @@ class HuggingFaceTokenizer(Tokenizer):
                 return eos
         return None
 
+    @property
+    def _tok(self):
+        if self._tok_cache is None:
+            try:
+                from tokenizers import Tokenizer as _HFTokenizer
+            except ImportError as e:
+                raise ImportError(
+                    "HuggingFaceTokenizer needs the `tokenizers` package to tokenize or detokenize "
+                    "(vocab_size and eod work without it)"
+                ) from e
+            try:
+                self._tok_cache = _HFTokenizer.from_file(self._json_path)
+            except Exception as e:
+                raise ValueError(f"--tokenizer-model {self._json_path}: not a valid tokenizer.json ({e})") from e
+        return self._tok_cache
+
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -225,7 +257,7 @@ class HuggingFaceTokenizer(Tokenizer):
     @property
     def vocab(self) -> Dict[str, int]:
         """Token text -> id, added tokens included."""
-        return self._tok.get_vocab(with_added_tokens=True)
+        return dict(self._vocab)
 
     def save_pretrained(self, directory: str) -> List[str]:
         """Copy tokenizer.json (+ the config files that came with it, else a minimal config)."""
