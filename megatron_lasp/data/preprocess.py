@@ -261,7 +261,7 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"--input {config.input}: no such file")
     tokenizer = build_tokenizer(**config.tokenizer)
-    tokenizer.tokenize("check")  # surfaces a missing package or an unloadable file before any work
+    tokenizer.load()  # a missing package or an unloadable file fails here, not on every line
     # Imported after the checks above: importing megatron.core takes seconds.
     from megatron.core.datasets.indexed_dataset import DType
 

@@ -103,6 +103,9 @@ class Tokenizer(ABC):
             them (tokenizer_config.json names the EOS token = ``eod``).
         """
 
+    def load(self) -> None:
+        """Load what is loaded lazily now (raises ImportError/ValueError if it cannot be)."""
+
     @abstractmethod
     def _identity(self) -> Dict[str, Any]:
         """JSON-serializable fields that identify the tokenizer (content, not location)."""
@@ -224,8 +227,8 @@ class HuggingFaceTokenizer(Tokenizer):
                 return eos
         return None
 
-    @property
-    def _tok(self):
+    def _model(self) -> Any:
+        """The `tokenizers.Tokenizer`, loaded on first use."""
         if self._tok_cache is None:
             try:
                 from tokenizers import Tokenizer as _HFTokenizer
@@ -240,11 +243,14 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise ValueError(f"--tokenizer-model {self._json_path}: not a valid tokenizer.json ({e})") from e
         return self._tok_cache
 
+    def load(self) -> None:
+        self._model()
+
     def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._model().encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
