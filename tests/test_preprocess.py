@@ -187,7 +187,8 @@ def bad_lines_input(tmp_path):
 
 def test_bad_lines_counted_and_skipped(tmp_path):
     src, good = bad_lines_input(tmp_path)
-    result = preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"}, append_eod=True))
+    cfg = PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"}, append_eod=True)
+    result = preprocess_data(cfg)
     assert result.bad_lines == {
         "invalid JSON": 2,
         "not a JSON object": 1,
@@ -317,7 +318,8 @@ def run_tool(*args, wait=True):
          "error: --tokenizer-model /no/tok: no such file or directory"),
         (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "/no/vocab.json", "--merge-file", "/no/m.txt"], 1,
          "error: --vocab-file /no/vocab.json: no such file"),
-        (["--tokenizer-type", "NullTokenizer"], 1, "error: --vocab-size is required for --tokenizer-type NullTokenizer"),
+        (["--tokenizer-type", "NullTokenizer"], 1,
+         "error: --vocab-size is required for --tokenizer-type NullTokenizer"),
     ],
     ids=["missing-input", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size"],
 )
@@ -412,7 +414,8 @@ def test_indexed_and_gpt_dataset(bundled_prefix):
 
 
 def test_bundled_data_is_reproducible(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_default_data", os.path.join(REPO, "tools", "make_default_data.py"))
+    path = os.path.join(REPO, "tools", "make_default_data.py")
+    spec = importlib.util.spec_from_file_location("make_default_data", path)
     mdd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mdd)
     corpus = str(tmp_path / "corpus.jsonl")

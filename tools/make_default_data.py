@@ -130,7 +130,8 @@ def _sentence_story(rng: random.Random, hero: str, friend: str) -> str:
         f"{friend} felt {rng.choice(FEELINGS)} when {hero} came back from {place}.",
         f"Nobody knew why the {obj} had been left at {place}.",
         f"{hero} counted {number_to_words(rng.randint(2, 19))} birds on the roof of {place}.",
-        f"It was {rng.choice(WEATHER)}, and the road to {place} was {rng.choice(['long', 'short', 'muddy', 'busy', 'empty'])}.",
+        f"It was {rng.choice(WEATHER)}, and the road to {place} was "
+        f"{rng.choice(['long', 'short', 'muddy', 'busy', 'empty'])}.",
         f"{hero} wrote in a notebook: \u201c{rng.choice(FEELINGS).capitalize()} today \u2014 the {obj} is safe.\u201d",
         f"At last {hero} and {friend} went home, tired but {rng.choice(['happy', 'proud', 'calm', 'glad'])}.",
     ]
@@ -159,7 +160,8 @@ def gen_dialogue(rng: random.Random) -> str:
             f"{speaker}: {other}, the weather looks {rng.choice(WEATHER)} today.",
             f"{speaker}: Yes, that sounds good.",
             f"{speaker}: No, not yet. Maybe tomorrow.",
-            f"{speaker}: How many {rng.choice(['apples', 'books', 'chairs', 'boats'])} are there? I count {rng.randint(2, 40)}.",
+            f"{speaker}: How many {rng.choice(['apples', 'books', 'chairs', 'boats'])} are there? "
+            f"I count {rng.randint(2, 40)}.",
             f"{speaker}: Thank you, {other}!",
         ]))
     return "\n".join(lines)
@@ -256,7 +258,8 @@ def gen_letter(rng: random.Random) -> str:
         ])
         for _ in range(rng.randint(3, 8))
     )
-    return f"Dear {reader},\n\n{body}\n\nWith love,\n{writer}\n{town}, {rng.randint(1, 28)}/{rng.randint(1, 12)}/{rng.randint(1990, 2030)}"
+    date = f"{rng.randint(1, 28)}/{rng.randint(1, 12)}/{rng.randint(1990, 2030)}"
+    return f"Dear {reader},\n\n{body}\n\nWith love,\n{writer}\n{town}, {date}"
 
 
 GENERATORS = [

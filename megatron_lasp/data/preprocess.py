@@ -30,7 +30,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 

@@ -1,17 +1,15 @@
 """Tokenizers shared by preprocessing, training and the HF converter.
 
-One small interface (:class:`Tokenizer`) over four kinds, named as in Megatron-LM:
+One small interface (:class:`Tokenizer`) over four kinds, named as in Megatron-LM
+(``--tokenizer-type``):
 
-============================  ==========================================  ====================
-``--tokenizer-type``          files                                       needs
-============================  ==========================================  ====================
-``HuggingFaceTokenizer``      ``--tokenizer-model`` (dir or tokenizer.json)  ``tokenizers``
-``GPT2BPETokenizer``          ``--vocab-file`` vocab.json, ``--merge-file``   ``regex``
-                              merges.txt
-``ByteLevelTokenizer``        none: ids 0-255 are bytes, 256 is EOD       nothing
-``NullTokenizer``             none: text is space-separated ids,          nothing
-                              ``--vocab-size`` V, EOD = V
-============================  ==========================================  ====================
+- ``HuggingFaceTokenizer``: ``--tokenizer-model``, a local directory with ``tokenizer.json`` (or
+  the file); EOD = ``eos_token`` of tokenizer_config.json, else ``<|endoftext|>``, ``</s>``, ...
+  Tokenizing needs the ``tokenizers`` package; ``vocab_size``/``eod`` are read from the JSON.
+- ``GPT2BPETokenizer``: ``--vocab-file`` vocab.json + ``--merge-file`` merges.txt, GPT-2
+  byte-level BPE implemented here (needs ``regex``); EOD = ``<|endoftext|>``.
+- ``ByteLevelTokenizer``: no files; ids 0-255 are UTF-8 bytes, 256 is EOD (vocab_size 257).
+- ``NullTokenizer``: no files; text is space-separated ids below ``--vocab-size`` V, EOD = V.
 
 Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``, ``vocab_size``
 (one past the largest id), ``eod`` (the end-of-document id appended by ``--append-eod``),
@@ -216,6 +214,7 @@ class HuggingFaceTokenizer(Tokenizer):
             )
         self._eod = vocab[self._eod_token]
         self._fingerprint = _sha256_of_files([json_path])
+        logger.debug("%s: vocab_size %d, EOD %r = %d", json_path, self._vocab_size, self._eod_token, self._eod)
 
     def _config_eos_token(self) -> Optional[str]:
         for path in self._side_files:
