@@ -452,10 +452,13 @@ def test_gpt_dataset_cache_and_blend(bundled_prefix, tmp_path):
     assert again[3]["tokens"].tolist() == first[3]["tokens"].tolist()
 
     # A weighted blend with a cache needs a process group in megatron-core 0.16.1: a 1-rank one.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         blended = build(([bundled_prefix, bundled_prefix], [0.25, 0.75]), tmp_path / "cache2")
         assert len(blended) >= 20
         assert all(len(blended[i]["tokens"]) == 64 for i in range(5))
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()

@@ -227,6 +227,16 @@ def test_bundled_tokenizer(tmp_path):
     assert sorted(os.path.basename(p) for p in written) == ["tokenizer.json", "tokenizer_config.json"]
     again = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "copy"))
     assert again.unique_identifiers == tok.unique_identifiers
+    # What the HF converter writes next to the model loads in transformers with the same ids.
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "copy"))
+    assert auto.eos_token_id == tok.eod
+    with open(os.path.join(REPO, "examples", "data", "corpus.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f][:50]
+    for text in texts + FIXED_TEXTS[:9]:
+        ids = tok.tokenize(text)
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids
+        assert auto.decode(ids) == text
 
 
 def test_hf_eod_resolution(tmp_path):
