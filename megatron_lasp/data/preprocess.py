@@ -14,6 +14,9 @@ Guarantees:
   N workers is byte-identical to the output with one.
 * Atomic: everything is written to temporary files next to the outputs and renamed at the end;
   on any error or interrupt the temporary files are removed and earlier outputs stay untouched.
+  (The final renames, two per key, are separate steps: only a crash between them, e.g. SIGKILL,
+  could pair a new ``.bin`` with an old ``.idx``; SIGKILL anywhere else can leave hidden
+  ``.<name>.bin.*.tmp`` files behind.)
 * Bad lines (invalid JSON or UTF-8, not an object, a key missing or not a string, empty text, a
   tokenizer failure) are skipped in every dataset (so datasets of several keys stay aligned),
   counted and reported; with ``strict`` the first one aborts the run. Blank lines are ignored.
