@@ -1,60 +1,83 @@
 """Benchmark of the lightning-attention Triton kernels against flash-linear-attention and the HBM floor.
 
-For bf16 B1 H16 D128 at T = 8K, 32K, 128K and one batch > 1 shape, times (median, CUDA events via
-triton.testing.do_bench) the forward and forward+backward of ``chunk_lightning_attn`` (initial
-state in, final state out, gradient on both) and of fla's ``chunk_simple_gla`` with
-``g_gamma = -slopes`` and ``scale = 1.0`` (if importable). The HBM floor is the bytes of q, k, v, o
-(forward) plus do, dq, dk, dv (backward) moved once, over the device-to-device copy bandwidth this
-script measures. Writes JSON and a PNG plot.
+For bf16 B1 H16 D128 at T = 8K, 32K, 128K and one batch > 1 shape, times (median of
+triton.testing.do_bench, CUDA events) the forward and forward+backward of ``chunk_lightning_attn``
+(initial state in, final state out, gradients on both) and of fla's ``chunk_simple_gla`` with
+``g_gamma = -slopes`` and ``scale = 1.0``. The HBM floor is the bytes of q, k, v, o (forward) plus
+do, dq, dk, dv (backward) moved once, over the device-to-device copy bandwidth measured here.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py --out docs/benchmarks/kernels_bench
-    PYTHONPATH=. python benchmarks/bench_kernels.py --sweep   # launch-config sweep at T=32K
+    # on the GPU (the run that made docs/benchmarks/kernels_bench*.json):
+    PYTHONPATH=. python benchmarks/bench_kernels.py --sweep --out $OUT/kernels
+    PYTHONPATH=. python benchmarks/bench_kernels.py --impl ours --config-json $OUT/kernels_sweep.json --out $OUT/kernels_bench
+    PYTHONPATH=. python benchmarks/bench_kernels.py --impl fla --fla-autotune pruned --out $OUT/kernels_bench_fla
+    # anywhere, the plot from the JSON files:
+    python benchmarks/bench_kernels.py --plot docs/benchmarks/kernels_bench.json docs/benchmarks/kernels_bench_fla.json
+
+fla autotunes about 48 launch configs per kernel; ``--fla-autotune pruned`` keeps those with 4 or 8
+warps and 2 or 3 stages (a quarter), to fit the device-time budget; the fla 0.6.0 numbers with its
+full autotuning measured on an H200 the day before (shared/docs/GPU.md) are drawn as reference.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 
-import torch
-import triton
-from triton.testing import do_bench
-
-from megatron_lasp.ops.lightning_attn import chunk as la_chunk
-from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
-
 SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 8192, 16, 128)]
+# fla 0.6.0 chunk_simple_gla, bf16 B1 H16 D128, one H200, full autotuning (shared/docs/GPU.md).
+FLA_GPU_MD = {8192: (0.41, 1.83), 32768: (0.46, 2.21), 131072: (1.79, 8.69)}
+# Sweep candidates: overrides of the launch heuristic (chunk.TUNING).
+SWEEP = [
+    {},
+    {"num_stages": 3},
+    {"num_warps": 8},
+    {"programs": 2048},
+    {"tile": 128, "num_warps": 8},
+]
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    import torch
+    from triton.testing import do_bench
+
+    x = torch.empty(1024**3, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
 
 
-def make_inputs(B, T, H, D, dtype=torch.bfloat16):
-    q = (torch.randn(B, T, H, D, device="cuda") * D ** -0.25).to(dtype)
-    k = (torch.randn(B, T, H, D, device="cuda") * D ** -0.25).to(dtype)
-    v = torch.randn(B, T, H, D, device="cuda").to(dtype)
+def make_inputs(B, T, H, D):
+    import torch
+
+    q = (torch.randn(B, T, H, D, device="cuda") * D ** -0.25).to(torch.bfloat16)
+    k = (torch.randn(B, T, H, D, device="cuda") * D ** -0.25).to(torch.bfloat16)
+    v = torch.randn(B, T, H, D, device="cuda").to(torch.bfloat16)
     h0 = torch.randn(B, H, D, D, device="cuda")
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device="cuda")
-    do = torch.randn_like(v)
-    dht = torch.randn_like(h0)
-    return q, k, v, h0, slopes, do, dht
+    return q, k, v, h0, slopes, torch.randn_like(v), torch.randn_like(h0)
 
 
-def ours(q, k, v, h0, slopes):
-    return chunk_lightning_attn(q, k, v, slopes, h0, True, backend="triton")
+def ours_fn():
+    from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+    def run(q, k, v, h0, slopes):
+        return chunk_lightning_attn(q, k, v, slopes, h0, True, backend="triton")
+
+    return run
 
 
-def fla_fn():
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception as e:  # optional baseline
-        print(f"fla not available: {e!r}", flush=True)
-        return None
+def fla_fn(autotune: str):
+    import triton
+
+    if autotune == "pruned":
+        real = triton.autotune
+
+        def pruned(configs, *args, **kwargs):
+            keep = [c for c in configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)]
+            return real(keep or configs, *args, **kwargs)
+
+        triton.autotune = pruned
+    from fla.ops.simple_gla import chunk_simple_gla
 
     def run(q, k, v, h0, slopes):
         return chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=1.0, initial_state=h0, output_final_state=True)
@@ -63,6 +86,9 @@ def fla_fn():
 
 
 def time_fn(fn, inputs, warmup=25, rep=100):
+    import torch
+    from triton.testing import do_bench
+
     q, k, v, h0, slopes, do, dht = inputs
 
     def fwd():
@@ -80,113 +106,127 @@ def time_fn(fn, inputs, warmup=25, rep=100):
     return fwd_ms, fb_ms
 
 
-def errors_vs(fn_a, fn_b, inputs):
-    """Relative difference of o and dq between two implementations (sanity for the baseline)."""
-    q, k, v, h0, slopes, do, dht = inputs
-    outs = []
-    for fn in (fn_a, fn_b):
-        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, h0)]
-        o, ht = fn(*leaves[:3], leaves[3], slopes)
-        torch.autograd.backward((o, ht), (do, dht))
-        outs.append((o.float(), leaves[0].grad.float()))
-    return [((a - b).norm() / b.norm()).item() for a, b in zip(outs[0], outs[1])]
+def apply_config_json(path):
+    from megatron_lasp.ops.lightning_attn import chunk as la_chunk
+
+    if path:
+        with open(path) as f:
+            la_chunk.TUNING.update(json.load(f)["best_tuning"])
+    return dict(la_chunk.TUNING)
 
 
 def sweep(args):
+    import torch
+    from megatron_lasp.ops.lightning_attn import chunk as la_chunk
+
     B, T, H, D = 1, 32768, 16, 128
     inputs = make_inputs(B, T, H, D)
+    fn = ours_fn()
     rows = []
-    # (block, segment, tile, warps, stages, state_tile, state_warps)
-    grid = [
-        (64, 1024, 64, 4, 2, 64, 4),
-        (64, 1024, 64, 8, 2, 64, 4),
-        (64, 1024, 128, 8, 2, 64, 4),
-        (64, 512, 64, 8, 2, 64, 4),
-        (64, 2048, 64, 8, 2, 64, 4),
-        (32, 1024, 64, 4, 2, 64, 4),
-        (128, 1024, 64, 8, 2, 64, 4),
-        (64, 1024, 64, 8, 3, 64, 4),
-        (64, 1024, 64, 8, 2, 128, 8),
-        (64, 1024, 32, 4, 2, 64, 4),
-    ]
-    for block, segment, tile, warps, stages, state_tile, state_warps in grid:
-        cfg = la_chunk.TritonConfig(block=block, segment=segment, tile=tile, num_warps=warps, num_stages=stages,
-                                    state_tile=state_tile, state_warps=state_warps)
-        la_chunk.CONFIG_OVERRIDE = cfg
+    for tuning in SWEEP:
+        la_chunk.TUNING.clear()
+        la_chunk.TUNING.update(tuning)
+        cfg = la_chunk._triton_config(B, T, H, D, D, False)
         try:
-            fwd_ms, fb_ms = time_fn(ours, inputs, warmup=10, rep=40)
+            fwd_ms, fb_ms = time_fn(fn, inputs, warmup=10, rep=50)
         except Exception as e:  # out of resources and the like
-            print(f"{cfg}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+            print(f"{tuning}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
             continue
-        rows.append(dict(config=dataclasses.asdict(cfg), fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms))
-        print(f"{cfg}: fwd {fwd_ms:.3f} ms fwd+bwd {fb_ms:.3f} ms", flush=True)
-    la_chunk.CONFIG_OVERRIDE = None
-    rows.sort(key=lambda r: r["fwd_bwd_ms"])
-    print("best:", rows[:3])
-    if args.out:
-        with open(args.out + "_sweep.json", "w") as f:
-            json.dump(dict(command=" ".join(["python"] + sys.argv), shape=[B, T, H, D], rows=rows), f, indent=1)
+        rows.append(dict(tuning=tuning, config=cfg.__dict__, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms))
+        print(f"{tuning} {cfg}: fwd {fwd_ms:.3f} ms fwd+bwd {fb_ms:.3f} ms", flush=True)
+        torch.cuda.synchronize()
+    la_chunk.TUNING.clear()
+    best = min(rows, key=lambda r: r["fwd_bwd_ms"])
+    print("best:", best, flush=True)
+    with open(args.out + "_sweep.json", "w") as f:
+        json.dump(dict(command=" ".join(["python"] + sys.argv), shape=[B, T, H, D], rows=rows,
+                       best_tuning=best["tuning"]), f, indent=1)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="output path prefix (writes PREFIX.json and PREFIX.png)")
-    parser.add_argument("--sweep", action="store_true", help="sweep launch configs at B1 T32K H16 D128")
-    parser.add_argument("--no-fla", action="store_true")
-    args = parser.parse_args()
+def bench(args):
+    import torch
+    import triton
+
     torch.manual_seed(0)
-    if args.sweep:
-        return sweep(args)
+    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__, impl=args.impl)
+    if args.impl == "ours":
+        meta["tuning"] = apply_config_json(args.config_json)
+        fn = ours_fn()
+    else:
+        fn = fla_fn(args.fla_autotune)
+        meta["fla_autotune"] = args.fla_autotune
+        meta["fla"] = getattr(sys.modules.get("fla"), "__version__", "?")
     bw = copy_bandwidth()
+    meta["copy_bandwidth_TBps"] = bw / 1e12
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    fla = None if args.no_fla else fla_fn()
     rows = []
     for B, T, H, D in SHAPES:
         inputs = make_inputs(B, T, H, D)
-        tensor_bytes = B * T * H * D * 2
-        floor_fwd = 4 * tensor_bytes / bw * 1e3
-        floor_fb = 11 * tensor_bytes / bw * 1e3
-        row = dict(B=B, T=T, H=H, D=D, dtype="bf16", floor_fwd_ms=floor_fwd, floor_fwd_bwd_ms=floor_fb)
-        row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_fn(ours, inputs)
-        if fla is not None:
-            row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = time_fn(fla, inputs)
-            row["rel_diff_vs_fla_o"], row["rel_diff_vs_fla_dq"] = errors_vs(ours, fla, inputs)
+        nbytes = B * T * H * D * 2
+        row = dict(B=B, T=T, H=H, D=D, dtype="bf16", floor_fwd_ms=4 * nbytes / bw * 1e3,
+                   floor_fwd_bwd_ms=11 * nbytes / bw * 1e3)
+        row["fwd_ms"], row["fwd_bwd_ms"] = time_fn(fn, inputs)
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        del inputs
-        torch.cuda.empty_cache()
-    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
-                torch=torch.__version__, triton=triton.__version__, copy_bandwidth_TBps=bw / 1e12,
-                fla=getattr(__import__("fla"), "__version__", "?") if fla is not None else None,
-                config_rule="megatron_lasp.ops.lightning_attn.chunk._triton_config")
-    if args.out:
+        # written after every shape, so that a run cut short keeps what it measured
         with open(args.out + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        plot(rows, args.out + ".png")
+        del inputs
+        torch.cuda.empty_cache()
 
 
-def plot(rows, path):
+def plot(paths, out_png):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"B{r['B']} T{r['T'] // 1024}K" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward + backward")):
-        series = [("ours", f"ours_{key}_ms"), ("fla chunk_simple_gla", f"fla_{key}_ms"),
-                  ("HBM floor", f"floor_{key}_ms")]
-        width = 0.8 / len(series)
-        for i, (name, col) in enumerate(series):
-            vals = [r.get(col, float("nan")) for r in rows]
-            ax.bar([x + i * width for x in range(len(rows))], vals, width, label=name)
-        ax.set_xticks([x + width for x in range(len(rows))], labels)
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        runs[data["meta"]["impl"]] = data
+    ours = runs["ours"]["rows"]
+    keys = [(r["B"], r["T"]) for r in ours]
+    labels = [f"B{b} T{t // 1024}K" for b, t in keys]
+    series = [("ours (triton)", {(r["B"], r["T"]): r for r in ours}, "")]
+    if "fla" in runs:
+        name = f"fla chunk_simple_gla ({runs['fla']['meta'].get('fla_autotune')} autotune)"
+        series.append((name, {(r["B"], r["T"]): r for r in runs["fla"]["rows"]}, ""))
+    series.append(("fla 0.6.0, GPU.md (full autotune)",
+                   {(1, t): dict(fwd_ms=a, fwd_bwd_ms=b) for t, (a, b) in FLA_GPU_MD.items()}, ""))
+    series.append(("HBM floor", {(r["B"], r["T"]): dict(fwd_ms=r["floor_fwd_ms"], fwd_bwd_ms=r["floor_fwd_bwd_ms"])
+                                 for r in ours}, ""))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(series)
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+        for i, (name, table, _) in enumerate(series):
+            vals = [table.get(kk, {}).get(key, float("nan")) for kk in keys]
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=name)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(keys))], labels)
         ax.set_ylabel("ms (median)")
         ax.set_yscale("log")
-        ax.set_title(f"lightning attention {title}, bf16 H16 D128")
-        ax.legend()
+        ax.set_title(f"lightning attention {title}, bf16, H16 D128, H200")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out_png, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="kernels_bench", help="output path prefix (PREFIX.json)")
+    parser.add_argument("--impl", choices=["ours", "fla"], default="ours")
+    parser.add_argument("--sweep", action="store_true", help="sweep launch overrides at B1 T32K H16 D128")
+    parser.add_argument("--config-json", default=None, help="a --sweep output: use its best overrides")
+    parser.add_argument("--fla-autotune", choices=["full", "pruned"], default="pruned")
+    parser.add_argument("--plot", nargs="+", default=None, help="JSON files to plot (writes the first's .png)")
+    args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot, args.plot[0].rsplit(".", 1)[0] + ".png")
+    if args.sweep:
+        return sweep(args)
+    return bench(args)
 
 
 if __name__ == "__main__":

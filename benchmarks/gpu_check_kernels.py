@@ -28,10 +28,10 @@ from megatron_lasp.ops.lightning_attn import (
 # (B, T, H, Dk, Dv): the target shape, batch > 1, ragged T, D = 256, Dk != Dv, tiny T.
 SHAPES = [
     (1, 32768, 16, 128, 128),
-    (2, 8192, 16, 128, 128),
     (2, 5000 + 37, 8, 64, 64),
-    (1, 4099, 4, 256, 256),
     (3, 1000, 5, 64, 32),
+    (1, 4099, 4, 256, 256),
+    (2, 8192, 16, 128, 128),
     (2, 1, 3, 128, 128),
 ]
 NAMES = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
@@ -90,14 +90,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="only the first two shapes")
+    parser.add_argument("--config-json", default=None, help="a bench_kernels.py --sweep output: use its best overrides")
+    parser.add_argument("--fp32-shapes", type=int, default=len(SHAPES), help="fp32 only for the first N shapes")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     device = torch.device("cuda")
     la_chunk.POISON_OUTPUTS = True
+    if args.config_json:
+        with open(args.config_json) as f:
+            la_chunk.TUNING.update(json.load(f)["best_tuning"])
+    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=__import__("triton").__version__,
+                reference="torch chunked backend in fp64 on the GPU", tuning=dict(la_chunk.TUNING))
     results = []
     shapes = SHAPES[:2] if args.quick else SHAPES
     for dtype in (torch.bfloat16, torch.float32):
-        for shape in shapes:
+        for shape in (shapes if dtype == torch.bfloat16 else shapes[:args.fp32_shapes]):
             t0 = time.time()
             errs, det = run_case(shape, dtype, device)
             torch.cuda.synchronize()
@@ -108,13 +116,10 @@ def main():
                                 seconds=round(time.time() - t0, 2)))
             print(f"{str(dtype):15s} B{shape[0]}-T{shape[1]}-H{shape[2]}-Dk{shape[3]}-Dv{shape[4]:<4d} "
                   + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
-                  + f" det={det} {'OK' if ok else 'FAIL'}", flush=True)
-    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
-                torch=torch.__version__, triton=__import__("triton").__version__,
-                reference="torch chunked backend in fp64 on the GPU")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
+                  + f" det={det} {'OK' if ok else 'FAIL'} {time.time() - t0:.0f}s", flush=True)
+            if args.out:  # after every case, so that a run cut short keeps what it checked
+                with open(args.out, "w") as f:
+                    json.dump(dict(meta=meta, results=results), f, indent=1)
     print("ALL OK" if all(r["ok"] for r in results) else "SOME FAILED")
 
 

@@ -62,8 +62,8 @@ class LightningAttnSaved:
 def _local_state_kernel(
     Y, Z, LOC, SLOPES, T, H, NS, DX, DZ,
     sy_b, sy_t, sy_h, sz_b, sz_t, sz_h,
-    SEG: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    SEG, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr, EVEN: tl.constexpr,
 ):
     """LOC[bh, g] = sum_{r in segment g} w_r y_r^T z_r, one [BX, BZ] tile.
 
@@ -79,6 +79,12 @@ def _local_state_kernel(
     seg_len = tl.minimum(SEG, T - seg_start)
     offs_x = i_x * BX + tl.arange(0, BX)
     offs_z = i_z * BZ + tl.arange(0, BZ)
+    if EVEN:  # see _chunk_kernel
+        mask_x = tl.full([BX], 1, tl.int1)
+        mask_z = tl.full([BZ], 1, tl.int1)
+    else:
+        mask_x = offs_x < DX
+        mask_z = offs_z < DZ
     y_base = Y + i_b.to(tl.int64) * sy_b + i_h.to(tl.int64) * sy_h
     z_base = Z + i_b.to(tl.int64) * sz_b + i_h.to(tl.int64) * sz_h
     acc = tl.full([BX, BZ], 0.0, dtype=tl.float32)
@@ -87,9 +93,9 @@ def _local_state_kernel(
         valid = r < seg_len
         rows = (seg_start + r).to(tl.int64)
         y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
-                    mask=valid[:, None] & (offs_x < DX)[None, :], other=0.0)  # [BT, BX]
+                    mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, BX]
         z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
-                    mask=valid[:, None] & (offs_z < DZ)[None, :], other=0.0)  # [BT, BZ]
+                    mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
         if REVERSE:
             w = tl.where(valid, tl.exp(-s * (r + 1).to(tl.float32)), 0.0)  # [BT]
         else:
@@ -106,7 +112,7 @@ def _local_state_kernel(
 
 def _scan_kernel(
     LOC, INIT, ENTRY, FINAL, SLOPES, T, H, NS, NXZ,
-    SEG: tl.constexpr, BLOCK: tl.constexpr,
+    SEG, BLOCK: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """ENTRY[bh, g] = state entering segment g; FINAL = state after the last segment.
@@ -141,8 +147,8 @@ def _chunk_kernel(
     X, Y, Z, OUT, ENTRY, SLOPES, T, H, DX, DZ,
     sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, sz_b, sz_t, sz_h, so_b, so_t, so_h,
     se_bh, se_g, se_x, se_z,
-    SEG: tl.constexpr, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    SEG, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr, EVEN: tl.constexpr,
 ):
     """One segment, one BZ-wide tile of out: intra-block term + inter term + state update, fused.
 
@@ -155,8 +161,14 @@ def _chunk_kernel(
     seg_len = tl.minimum(SEG, T - seg_start)
     offs_x = tl.arange(0, DXP)
     offs_z = i_z * BZ + tl.arange(0, BZ)
-    mask_x = offs_x < DX
-    mask_z = offs_z < DZ
+    if EVEN:
+        # Row-only masks when no column can overrun: a column mask stops Triton from pipelining
+        # the loads (cp.async), which costs a large share of the kernel's time.
+        mask_x = tl.full([DXP], 1, tl.int1)
+        mask_z = tl.full([BZ], 1, tl.int1)
+    else:
+        mask_x = offs_x < DX
+        mask_z = offs_z < DZ
     x_base = X + i_b.to(tl.int64) * sx_b + i_h.to(tl.int64) * sx_h
     y_base = Y + i_b.to(tl.int64) * sy_b + i_h.to(tl.int64) * sy_h
     z_base = Z + i_b.to(tl.int64) * sz_b + i_h.to(tl.int64) * sz_h
@@ -225,10 +237,15 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        wrap = InterpretedFunction
-    else:
-        wrap = triton.jit
-    return types.SimpleNamespace(**{fn.__name__.lstrip("_"): wrap(fn) for fn in _KERNEL_FNS})
+        return types.SimpleNamespace(**{fn.__name__.lstrip("_"): InterpretedFunction(fn) for fn in _KERNEL_FNS})
+    # Sizes stay unspecialised (one compile serves every T, H, D and segment length); strides keep
+    # Triton's divisibility specialisation, which the vectorised loads need.
+    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG"]
+    jitted = {}
+    for fn in _KERNEL_FNS:
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        jitted[fn.__name__.lstrip("_")] = triton.jit(fn, do_not_specialize=[n for n in sizes if n in names])
+    return types.SimpleNamespace(**jitted)
 
 
 @dataclasses.dataclass
@@ -254,8 +271,9 @@ def _empty(shape, device, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), device=device, dtype=dtype)
 
 
-# Overrides for benchmarks/bench_kernels.py sweeps; None keeps the heuristic.
-CONFIG_OVERRIDE: Optional[TritonConfig] = None
+# Overrides of the launch heuristic, for benchmarks/bench_kernels.py sweeps: any TritonConfig field
+# plus "programs" (the number of programs the segment length aims at).
+TUNING: dict = {}
 
 
 def _pow2(n: int) -> int:
@@ -263,21 +281,22 @@ def _pow2(n: int) -> int:
 
 
 def _triton_config(B: int, T: int, H: int, dx: int, dz: int, interpret: bool) -> TritonConfig:
-    if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
     if interpret:
         # Small blocks and segments so that short test sequences cross several of both.
         return TritonConfig(block=16, segment=32, tile=max(16, min(32, _pow2(dz))))
     dxp = max(16, _pow2(dx))
-    block = 64 if dxp <= 128 else 32
-    tile = max(16, min(64 if dxp <= 128 else 32, _pow2(dz)))
+    block = TUNING.get("block", 64 if dxp <= 128 else 32)
+    tile = max(16, min(TUNING.get("tile", 64 if dxp <= 128 else 32), _pow2(dz)))
     n_tiles = -(-dz // tile)
-    # Aim at ~1024 programs (several waves over 132 SMs); longer segments amortise the scan.
-    target = B * H * n_tiles * T // 1024
-    segment = max(block, min(4096, _pow2(max(1, target)) if target > 0 else block))
-    if segment > target and segment > block:
-        segment //= 2
-    return TritonConfig(block=block, segment=segment, tile=tile, num_warps=4 if dxp <= 128 else 8)
+    # Segment length: the largest power of two (block <= SEG <= 4096) that still gives about
+    # `programs` programs: enough waves over 132 SMs, while long segments keep the scan short.
+    programs = TUNING.get("programs", 1024)
+    segment = block
+    while segment < 4096 and B * H * n_tiles * -(-T // (2 * segment)) >= programs:
+        segment *= 2
+    fields = dict(block=block, segment=segment, tile=tile, num_warps=4 if dxp <= 128 else 8)
+    fields.update({k: v for k, v in TUNING.items() if k in TritonConfig.__dataclass_fields__ and k not in ("block", "tile")})
+    return TritonConfig(**fields)
 
 
 def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
@@ -300,6 +319,7 @@ def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final
     kern.local_state_kernel[grid](
         y, z, loc, slopes, T, H, ns, dy, dz, *_strides(y), *_strides(z),
         SEG=cfg.segment, BT=cfg.block, BX=bx, BZ=bz, REVERSE=reverse, DOT_F32=dot_f32,
+        EVEN=(dy % bx == 0 and dz % bz == 0),
         num_warps=cfg.state_warps, num_stages=cfg.num_stages)
     entry = _empty(loc.shape, y.device, torch.float32)
     final = _empty((B, H, dy, dz), y.device, torch.float32) if store_final else entry
@@ -320,6 +340,7 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry)
     ns = entry.shape[2]
     out = _empty((B, T, H, dz), x.device, x.dtype)
     tile = max(16, min(cfg.tile, _pow2(dz)))
+    dxp = max(16, _pow2(dx))
     se = entry.stride()
     se_x, se_z = (se[4], se[3]) if transpose_entry else (se[3], se[4])
     grid = (-(-dz // tile), ns, B * H)
@@ -327,8 +348,9 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry)
         x, y, z, out, entry, slopes, T, H, dx, dz,
         *_strides(x), *_strides(y), *_strides(z), *_strides(out),
         se[1], se[2], se_x, se_z,
-        SEG=cfg.segment, BT=cfg.block, DXP=max(16, _pow2(dx)), BZ=tile,
-        REVERSE=reverse, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SEG=cfg.segment, BT=cfg.block, DXP=dxp, BZ=tile,
+        REVERSE=reverse, DOT_F32=dot_f32, EVEN=(dx == dxp and dz % tile == 0),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
