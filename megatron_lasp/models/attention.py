@@ -1,0 +1,221 @@
+"""The linear-attention token mixer (TransNormerLLM style) as a megatron-core ``self_attention``.
+
+Per layer, on activations ``[s, b, hidden]`` (``s``: this rank's tokens)::
+
+    q, k, v, u = split(linear_qkv(x))              # ColumnParallelLinear, heads split over TP
+    o = lightning_attn_sp(phi(q), phi(k), psi(v), slopes, sp_group, mode)   # causal, decayed
+    o = GroupRMSNorm(o) * sigmoid(u)               # norm per head (group), optional gate
+    out = linear_proj(o)                           # RowParallelLinear
+
+Fused projection layout (one master weight ``[H * P * D, hidden]``, ``P`` = 4 with the gate, 3
+without): rows are ordered head-major ``[head 0: q, k, v, u | head 1: q, k, v, u | ...]``, each
+part ``D`` rows. A TP split of the rows therefore gives each rank whole heads and the layout is the
+same for any TP size (see ``README.md`` in this folder).
+
+Copies on the way to the kernel (``[s, b, h, d]`` -> the op's ``[b, s, h, d]``): q, k, v are
+strided views of the projection output and ``transpose(0, 1)`` is a view; the feature maps
+(SiLU) write one new tensor each (none for 'identity'). The Triton kernels take any strides with a
+unit last stride, so nothing else is copied; for micro-batch 1 (the long-sequence case) every
+layout change is free. The output ``[b, s, h, d]`` goes back to ``[s, b, h, d]`` as a view; the
+norm writes the only new tensor there, and the row-parallel input reshape is free for b = 1
+(one copy otherwise). The torch backend blocks its inputs itself (one copy, inherent to it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.norms import GroupRMSNorm
+
+__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "alibi_slopes", "layer_slopes", "sp_attention"]
+
+
+def alibi_slopes(num_heads: int) -> List[float]:
+    """ALiBi slopes for ``num_heads`` heads: ``2^(-8 i / n)``, i = 1..n, for a power of two n.
+
+    For other ``n``, the slopes of the nearest lower power of two ``m`` followed by every other
+    slope of ``2 m`` heads (as ALiBi and TransNormerLLM define them).
+    """
+
+    def power_of_two(n: int) -> List[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if num_heads & (num_heads - 1) == 0:
+        return power_of_two(num_heads)
+    m = 2 ** int(math.floor(math.log2(num_heads)))
+    return power_of_two(m) + power_of_two(2 * m)[0::2][: num_heads - m]
+
+
+def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
+    """All heads' decay slopes of one layer, fp32 ``[num_attention_heads]`` (decay = exp(-slope)).
+
+    Args:
+        config: ``decay_type`` ('tnl', 'alibi', 'none'), ``decay_layer_eps``, ``num_layers``.
+        layer_number: the GLOBAL 1-based layer number (megatron-core's ``layer_number``).
+
+    'tnl' scales layer ``l = layer_number - 1`` of ``L`` by ``1 - l / (L - 1) + eps``
+    (for ``L = 1`` the factor is ``1 + eps``).
+    """
+    heads = config.num_attention_heads
+    if config.decay_type == "none":
+        return torch.zeros(heads, dtype=torch.float32)
+    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64)
+    if config.decay_type == "tnl":
+        L, l = config.num_layers, layer_number - 1
+        depth = 0.0 if L == 1 else l / (L - 1)
+        slopes = slopes * (1.0 - depth + config.decay_layer_eps)
+    return slopes.float()
+
+
+def sp_attention(q, k, v, slopes, group, mode: str, backend: Optional[str]) -> torch.Tensor:
+    """Causal decayed linear attention of this rank's contiguous slice, ``[b, s, h, d]`` in/out.
+
+    Uses ``megatron_lasp.parallel.lightning_attn_sp`` over ``group`` (the SP group); a group of
+    size 1 (or None) runs the plain kernel.
+    """
+    if group is None or group.size() == 1:
+        from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend)[0]
+    from megatron_lasp.parallel import lightning_attn_sp
+
+    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend)
+
+
+_FEATURE_MAPS = {"silu": F.silu, "identity": None}
+
+
+@dataclass
+class LinearAttentionSubmodules:
+    """Submodules of :class:`LinearSelfAttention` (classes or ``ModuleSpec``)."""
+
+    linear_qkv: Union[ModuleSpec, type] = None
+    """Fused q, k, v (+ gate) projection: a column-parallel linear (or TE layernorm-linear)."""
+    linear_proj: Union[ModuleSpec, type] = None
+    """Output projection: a row-parallel linear."""
+
+
+class LinearSelfAttention(MegatronModule):
+    """TNL token mixer; plugs into ``TransformerLayerSubmodules.self_attention``.
+
+    Built by megatron-core's ``TransformerLayer`` as
+    ``(config, submodules, layer_number, pg_collection, [cp_comm_type], [name])`` and called as
+    ``forward(hidden_states [s, b, hidden], attention_mask=..., **unused) -> (out [s, b, hidden],
+    bias or None)``. The attention mask and rotary arguments are ignored: the attention is causal
+    and position is carried by the decay.
+
+    Buffers: ``slopes`` fp32 ``[heads on this TP rank]`` (non-persistent, recomputed from the
+    config; kept fp32 when the module is cast to bf16/fp16).
+    """
+
+    def __init__(
+        self,
+        config: LinearLMConfig,
+        submodules: LinearAttentionSubmodules,
+        layer_number: int,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **unused,  # cp_comm_type, name, attn_mask_type: meaningless for linear attention
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.config: LinearLMConfig = config
+        self.layer_number = layer_number
+        self.tp_group = pg_collection.tp
+        self.sp_group = pg_collection.cp
+        tp_size = self.tp_group.size()
+        tp_rank = self.tp_group.rank()
+        self.head_dim = config.kv_channels
+        self.local_heads = config.num_attention_heads // tp_size
+        self.parts = config.qkv_parts
+        self.recompute_core = (
+            config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or [])
+        )
+
+        self.linear_qkv = build_module(
+            submodules.linear_qkv,
+            config.hidden_size,
+            config.attention_projection_size * self.parts,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.add_bias_linear,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.tp_group,
+        )
+        self.out_norm = GroupRMSNorm(
+            config, self.local_heads, self.head_dim, config.attention_norm_group_size, config.layernorm_epsilon
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            config.attention_projection_size,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=config.add_bias_linear,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
+        )
+        self._head_slice = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.register_buffer("slopes", self._local_slopes(device), persistent=False)
+
+    def _local_slopes(self, device=None) -> torch.Tensor:
+        return layer_slopes(self.config, self.layer_number)[self._head_slice].to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Casting the module (e.g. to bf16) must not round the decay slopes: keep them fp32.
+        super()._apply(fn, *args, **kwargs)
+        if self.slopes.dtype != torch.float32:
+            self.slopes = self._local_slopes(self.slopes.device)
+        return self
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
+        phi = _FEATURE_MAPS[self.config.qk_feature_map]
+        psi = _FEATURE_MAPS[self.config.v_feature_map]
+        if phi is not None:
+            q, k = phi(q), phi(k)
+        if psi is not None:
+            v = psi(v)
+        o = sp_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            self.slopes,
+            self.sp_group,
+            self.config.sequence_parallel_mode,
+            self.config.kernel_backend,
+        )
+        return o.transpose(0, 1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **unused):
+        """``[s, b, hidden]`` -> ``(out [s, b, hidden], bias [hidden] or None)``."""
+        mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        mixed = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
+        q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
+        if self.recompute_core:
+            o = tensor_parallel.checkpoint(self._core, False, q, k, v)
+        else:
+            o = self._core(q, k, v)
+        o = self.out_norm(o)
+        if self.parts == 4:
+            o = o * torch.sigmoid(mixed[:, :, :, 3])
+        return self.linear_proj(o.reshape(s, b, self.local_heads * self.head_dim))

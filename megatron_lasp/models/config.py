@@ -1,0 +1,238 @@
+"""``LinearLMConfig``: megatron-core's ``TransformerConfig`` plus the linear-attention fields.
+
+The new fields are validated in ``__post_init__`` with ``ValueError`` messages that name the
+command-line flag to change. Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
+TransNormerLLM table of ``docs/LASP.md`` section 8; :func:`linear_lm_config` builds a config from a
+preset plus overrides, and :func:`preset_vocab_size` gives the preset's vocabulary.
+
+Fields of ``TransformerConfig`` whose defaults differ here (TNL-style model): ``normalization``
+(RMSNorm), ``gated_linear_unit`` (True; ``activation_func`` is set from ``glu_type``),
+``add_bias_linear`` (False), ``hidden_dropout`` / ``attention_dropout`` (0), ``transformer_impl``
+(``local``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
+
+__all__ = [
+    "LinearLMConfig",
+    "PRESETS",
+    "DECAY_TYPES",
+    "FEATURE_MAPS",
+    "GLU_TYPES",
+    "KERNEL_BACKENDS",
+    "linear_lm_config",
+    "preset_vocab_size",
+    "te_available",
+    "TE_MISSING_MESSAGE",
+    "sglu_identity",
+]
+
+DECAY_TYPES = ("tnl", "alibi", "none")
+FEATURE_MAPS = ("silu", "identity")
+GLU_TYPES = ("sglu", "swiglu")
+KERNEL_BACKENDS = (None, "torch", "triton")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+MAX_HEAD_DIM = 256  # the lightning-attention kernels' limit (ops/lightning_attn MAX_HEAD_DIM)
+
+TE_MISSING_MESSAGE = (
+    "--transformer-impl transformer_engine needs Transformer Engine: pip install -e .[te] on a GPU "
+    "machine, or use --transformer-impl local"
+)
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine can be imported (checked without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def sglu_identity(x: torch.Tensor) -> torch.Tensor:
+    """The "activation" of SGLU: none, so that the MLP computes ``(W1 x) * (W2 x)``."""
+    return x
+
+
+@dataclass
+class LinearLMConfig(TransformerConfig):
+    """Configuration of the TransNormerLLM-style linear-attention LM (see the module docstring)."""
+
+    # ---- TransformerConfig fields with TNL defaults -------------------------------------------
+    normalization: str = "RMSNorm"
+    """Pre-norm type; only RMSNorm is supported (--normalization)."""
+    gated_linear_unit: bool = True
+    """GLU MLP; always True here (set from glu_type)."""
+    add_bias_linear: bool = False
+    """Biases on the linear layers (--add-bias-linear / --disable-bias-linear)."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP (--hidden-dropout)."""
+    attention_dropout: float = 0.0
+    """Unused by linear attention (kept for megatron-core)."""
+    transformer_impl: str = "local"
+    """'local' (megatron-core's torch modules) or 'transformer_engine' (--transformer-impl)."""
+
+    # ---- linear attention ---------------------------------------------------------------------
+    sequence_parallel_mode: str = "lasp"
+    """How attention runs over the sequence-parallel (context-parallel) group: lasp, lasp2,
+    ulysses or allgather (--sequence-parallel-mode)."""
+    kernel_backend: Optional[str] = None
+    """Lightning-attention kernel backend: None (triton on CUDA, torch on CPU), 'torch' or
+    'triton' (--kernel-backend)."""
+    decay_type: str = "tnl"
+    """Per-head decay slopes: 'tnl' (ALiBi slopes x (1 - l/(L-1) + decay_layer_eps)), 'alibi'
+    (ALiBi slopes, same in every layer) or 'none' (no decay) (--decay-type)."""
+    decay_layer_eps: float = 1e-5
+    """The epsilon of the 'tnl' depth scaling, keeping the last layer's decay non-zero
+    (--decay-layer-eps)."""
+    qk_feature_map: str = "silu"
+    """Feature map on q and k: 'silu' (TNL) or 'identity' (--qk-feature-map)."""
+    v_feature_map: str = "silu"
+    """Feature map on v: 'silu' (TNL) or 'identity' (--v-feature-map)."""
+    output_gate: bool = True
+    """Sigmoid output gate, fused into the QKV projection as a fourth part (--no-output-gate)."""
+    attention_norm_group_size: int = 1
+    """Heads per RMSNorm group on the attention output (1: per head). Groups never straddle TP
+    ranks, so TP gives the TP=1 result (--attention-norm-group-size)."""
+    glu_type: str = "sglu"
+    """MLP: 'sglu' ((W1 x) * (W2 x), no activation, TNL) or 'swiglu' (silu(W1 x) * (W2 x))
+    (--glu-type)."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the output layer to the input embedding (--share-embeddings-and-output-weights;
+    megatron's --untie-embeddings-and-output-weights is the opposite)."""
+
+    def __post_init__(self) -> None:
+        self._check_linear_lm_fields()
+        self.gated_linear_unit = True
+        self.activation_func = sglu_identity if self.glu_type == "sglu" else F.silu
+        super().__post_init__()
+        if self.num_query_groups not in (None, self.num_attention_heads):
+            raise ValueError(
+                f"--num-query-groups ({self.num_query_groups}) must equal --num-attention-heads "
+                f"({self.num_attention_heads}): linear attention has one key/value head per head"
+            )
+        if self.kv_channels > MAX_HEAD_DIM:
+            raise ValueError(
+                f"head dim --kv-channels ({self.kv_channels}) exceeds the kernels' limit "
+                f"{MAX_HEAD_DIM}; use more --num-attention-heads"
+            )
+
+    def _check_linear_lm_fields(self) -> None:
+        choices = {
+            "--sequence-parallel-mode": (self.sequence_parallel_mode, SEQUENCE_PARALLEL_MODES),
+            "--kernel-backend": (self.kernel_backend, KERNEL_BACKENDS),
+            "--decay-type": (self.decay_type, DECAY_TYPES),
+            "--qk-feature-map": (self.qk_feature_map, FEATURE_MAPS),
+            "--v-feature-map": (self.v_feature_map, FEATURE_MAPS),
+            "--glu-type": (self.glu_type, GLU_TYPES),
+            "--transformer-impl": (self.transformer_impl, TRANSFORMER_IMPLS),
+            "--normalization": (self.normalization, ("RMSNorm",)),
+        }
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                shown = ", ".join(str(a) for a in allowed)
+                raise ValueError(f"{flag} must be one of {shown}, got {value!r}")
+        if self.transformer_impl == "transformer_engine" and not te_available():
+            raise ValueError(TE_MISSING_MESSAGE)
+        if not (self.decay_layer_eps >= 0.0 and math.isfinite(self.decay_layer_eps)):
+            raise ValueError(f"--decay-layer-eps must be a finite number >= 0, got {self.decay_layer_eps}")
+        if self.num_layers < 1:
+            raise ValueError(f"--num-layers must be positive, got {self.num_layers}")
+        heads, tp, sp = self.num_attention_heads, self.tensor_model_parallel_size, self.context_parallel_size
+        if heads < 1 or self.hidden_size < 1:
+            raise ValueError(
+                f"--num-attention-heads ({heads}) and --hidden-size ({self.hidden_size}) must be positive"
+            )
+        if heads % tp != 0:
+            raise ValueError(
+                f"--num-attention-heads ({heads}) must be divisible by --tensor-model-parallel-size ({tp})"
+            )
+        local_heads = heads // tp
+        if self.sequence_parallel_mode == "ulysses" and local_heads % sp != 0:
+            raise ValueError(
+                f"--sequence-parallel-mode ulysses needs the heads per tensor-parallel rank ({local_heads}) "
+                f"to be divisible by --sequence-parallel-size ({sp}); change the sizes or use "
+                f"--sequence-parallel-mode lasp"
+            )
+        group = self.attention_norm_group_size
+        if group < 1 or local_heads % group != 0:
+            raise ValueError(
+                f"--attention-norm-group-size ({group}) must be positive and divide the heads per "
+                f"tensor-parallel rank ({heads} / {tp} = {local_heads}), so no norm group straddles ranks"
+            )
+        if self.kv_channels is None and self.hidden_size % heads != 0:
+            raise ValueError(
+                f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads ({heads}), "
+                f"or set --kv-channels"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head (``kv_channels``)."""
+        return self.kv_channels
+
+    @property
+    def attention_projection_size(self) -> int:
+        """Heads x head dim: the width of each of q, k, v (and the gate)."""
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def qkv_parts(self) -> int:
+        """Parts of the fused input projection per head: q, k, v (+ the gate)."""
+        return 4 if self.output_gate else 3
+
+
+@dataclass(frozen=True)
+class _Preset:
+    vocab_size: int
+    fields: Dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: Dict[str, _Preset] = {
+    # CPU tests: 2 layers, 4 heads x 16, GLU 96, vocab 128.
+    "tiny": _Preset(128, dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96)),
+    "tnl-385m": _Preset(
+        64000, dict(num_layers=24, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=2816)
+    ),
+    "tnl-1b": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632)
+    ),
+    "tnl-7b": _Preset(
+        64000, dict(num_layers=30, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)
+    ),
+}
+"""Model presets: vocabulary size and the config fields (head dim = hidden / heads)."""
+
+
+def _check_preset(preset: str) -> _Preset:
+    if preset not in PRESETS:
+        raise ValueError(f"--model-preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return PRESETS[preset]
+
+
+def preset_vocab_size(preset: str) -> int:
+    """The vocabulary size of a preset (64000 for the TNL models)."""
+    return _check_preset(preset).vocab_size
+
+
+def linear_lm_config(preset: str = "tiny", **overrides: Any) -> LinearLMConfig:
+    """Build a :class:`LinearLMConfig` from a preset and field overrides.
+
+    Args:
+        preset: one of :data:`PRESETS`.
+        **overrides: any ``LinearLMConfig`` / ``TransformerConfig`` field (parallel sizes,
+            ``sequence_parallel``, ``params_dtype``, ``recompute_granularity`` ...).
+
+    Raises:
+        ValueError: unknown preset, or a field value that fails validation.
+    """
+    fields = dict(_check_preset(preset).fields)
+    fields.update(overrides)
+    return LinearLMConfig(**fields)

@@ -1,0 +1,106 @@
+"""The linear LM: megatron-core's ``GPTModel`` with the linear-attention block spec.
+
+``build_linear_lm`` is the entry point (documented in ``megatron_lasp/models/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from megatron_lasp import platform
+from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.specs import get_linear_lm_block_spec
+
+__all__ = ["LinearLM", "build_linear_lm"]
+
+logger = logging.getLogger(__name__)
+
+
+class LinearLM(GPTModel):
+    """``GPTModel`` (vocab-parallel embedding, decoder block, output layer, vocab-parallel cross
+    entropy) with no position embedding and the linear-attention layers.
+
+    ``forward`` takes this rank's contiguous sequence slice; see :func:`build_linear_lm`.
+    """
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run this pipeline stage on this rank's slice.
+
+        Args:
+            input_ids: ``[b, s_local]`` token ids (first stage; ignored on later stages, whose
+                input comes from ``set_input_tensor``).
+            position_ids: ignored (no position embedding; the decay carries position).
+            attention_mask: ignored (the attention is causal by construction).
+            labels: ``[b, s_local]`` next-token ids, or None.
+            **kwargs: passed to ``GPTModel.forward`` (e.g. ``decoder_input``, ``loss_mask``).
+
+        Returns:
+            Last stage: per-token loss ``[b, s_local]`` fp32 when ``labels`` are given, else logits
+            ``[b, s_local, vocab / tp]`` (vocab-parallel: this TP rank's slice of the vocabulary). Other stages: the
+            hidden states ``[s_local / tp_sp, b, hidden]`` for the next stage.
+        """
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+
+def build_linear_lm(
+    config: LinearLMConfig,
+    vocab_size: int,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    pg_collection=None,
+    vp_stage: Optional[int] = None,
+) -> LinearLM:
+    """Build the linear LM (or this pipeline stage of it) on megatron-core.
+
+    Args:
+        config: the model config (parallel sizes must match megatron-core's parallel state).
+        vocab_size: vocabulary size (padded to a multiple of the TP size by the caller).
+        pre_process: build the embedding (first pipeline stage).
+        post_process: build the final norm and output layer and compute the loss (last stage).
+        pg_collection: megatron-core ``ProcessGroupCollection`` (default: its global groups).
+        vp_stage: virtual pipeline stage, or None.
+
+    Returns:
+        The :class:`LinearLM`, parameters on the current device (CPU without CUDA).
+
+    Raises:
+        ValueError: a vocabulary size not divisible by the TP size, or TE requested but missing.
+    """
+    tp = config.tensor_model_parallel_size
+    if vocab_size < 1 or vocab_size % tp != 0:
+        raise ValueError(
+            f"vocab size {vocab_size} must be positive and divisible by --tensor-model-parallel-size ({tp}); "
+            f"pad it (--make-vocab-size-divisible-by)"
+        )
+    platform.setup_cpu_platform()
+    pp_rank = None
+    if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
+        pp_rank = pg_collection.pp.rank()
+    spec = get_linear_lm_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    model = LinearLM(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=0,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type="none",
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    logger.debug("built LinearLM stage with %d layers", len(model.decoder.layers))
+    return model

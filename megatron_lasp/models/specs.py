@@ -1,0 +1,100 @@
+"""megatron-core layer / block specs of the linear LM.
+
+``transformer_impl='local'`` (default, CPU and GPU):
+    input_layernorm / pre_mlp_layernorm / final norm: :class:`~megatron_lasp.models.norms.RMSNorm`
+    (TP-sequence-parallel aware); self_attention: :class:`LinearSelfAttention` with
+    ``ColumnParallelLinear`` / ``RowParallelLinear``; mlp: megatron-core's ``MLP`` (GLU) with the
+    local backend's linears.
+
+``transformer_impl='transformer_engine'`` (GPU, Transformer Engine importable):
+    the pre-norms are fused into the next linear, as in megatron-core's TE GPT spec:
+    ``linear_qkv`` = ``TELayerNormColumnParallelLinear`` (input_layernorm = ``IdentityOp``), MLP
+    ``linear_fc1`` = ``TELayerNormColumnParallelLinear`` (pre_mlp_layernorm = ``IdentityOp``),
+    ``linear_proj`` / ``linear_fc2`` = ``TERowParallelLinear``, final norm = ``TENorm``. The
+    attention-output ``GroupRMSNorm`` stays local (a per-head norm has no TE module).
+
+The MLP spec comes from megatron-core's ``get_mlp_module_spec_for_backend``, which returns what
+the installed version's ``TransformerLayer`` expects (a ``ModuleSpec`` in 0.16, a builder in 0.19).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
+from megatron_lasp.models.config import TE_MISSING_MESSAGE, LinearLMConfig, te_available
+from megatron_lasp.models.norms import RMSNorm
+
+__all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
+
+
+def get_backend_provider(config: LinearLMConfig):
+    """megatron-core's ``BackendSpecProvider`` for ``config.transformer_impl``.
+
+    Raises:
+        ValueError: 'transformer_engine' without Transformer Engine (the message says what to do).
+    """
+    if config.transformer_impl == "transformer_engine":
+        if not te_available():
+            raise ValueError(TE_MISSING_MESSAGE)
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
+    """The ``TransformerLayer`` spec of one linear-attention layer (same for every layer)."""
+    backend = get_backend_provider(config)
+    te = config.transformer_impl == "transformer_engine"
+    attention = ModuleSpec(
+        module=LinearSelfAttention,
+        submodules=LinearAttentionSubmodules(
+            linear_qkv=backend.column_parallel_layer_norm_linear() if te else backend.column_parallel_linear(),
+            linear_proj=backend.row_parallel_linear(),
+        ),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if te else RMSNorm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if te else RMSNorm,
+            mlp=get_mlp_module_spec_for_backend(backend),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def final_norm_class(config: LinearLMConfig) -> type:
+    """The final norm: ``TENorm`` with Transformer Engine, the SP-aware ``RMSNorm`` otherwise."""
+    if config.transformer_impl == "transformer_engine":
+        return get_backend_provider(config).layer_norm(rms_norm=True, for_qk=False)
+    return RMSNorm
+
+
+def get_linear_lm_block_spec(
+    config: LinearLMConfig, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+) -> TransformerBlockSubmodules:
+    """The decoder block spec of THIS pipeline stage: its layers and the final norm.
+
+    Args:
+        config: the model config.
+        vp_stage: virtual pipeline stage (interleaved schedule), or None.
+        pp_rank: pipeline rank (default: megatron-core's current one).
+
+    Layers get their global ``layer_number`` from megatron-core (stage offset included), so the
+    decay slopes of a layer do not depend on the pipeline split.
+    """
+    layer = get_linear_lm_layer_spec(config)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_class(config))
