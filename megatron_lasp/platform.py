@@ -17,6 +17,12 @@ are in one place and none of them is active when CUDA is available. Each piece, 
   (see :func:`seed_model_parallel_rng`).
 - The default causal mask: ``megatron.core.transformer.utils.get_default_causal_mask`` builds its
   mask with ``device="cuda"``; we rebuild it on CPU (patched where it is imported, too).
+- The CUDA RNG state of activation checkpointing: megatron-core's ``tensor_parallel.checkpoint``
+  (full recompute, selective recompute of the attention core / MLP) and ``CheckpointWithoutOutput``
+  save and restore ``torch.cuda`` RNG states through ``random._get_cuda_rng_state`` /
+  ``_set_cuda_rng_state``, which raise without CUDA. On CPU they return an empty state / do
+  nothing: the CPU generator state and the (CPU) tracker states are saved and restored by the same
+  code already, so recomputation replays the same random numbers.
 """
 
 from __future__ import annotations
@@ -47,6 +53,14 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(*args, **kwargs) -> None:
+    return None
+
+
 def setup_cpu_platform() -> bool:
     """Install the CPU accommodations described in the module docstring. Idempotent.
 
@@ -66,6 +80,11 @@ def setup_cpu_platform() -> bool:
 
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    import megatron.core.tensor_parallel.random as mpu_random
+
+    mpu_random._get_cuda_rng_state = _no_cuda_rng_state
+    mpu_random._set_cuda_rng_state = _set_no_cuda_rng_state
     _INSTALLED = True
     logger.info("CPU platform layer installed for megatron-core (no CUDA device)")
     return True
