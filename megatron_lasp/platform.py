@@ -23,6 +23,10 @@ are in one place and none of them is active when CUDA is available. Each piece, 
   ``_set_cuda_rng_state``, which raise without CUDA. On CPU they return an empty state / do
   nothing: the CPU generator state and the (CPU) tracker states are saved and restored by the same
   code already, so recomputation replays the same random numbers.
+- :func:`cuda_factory_redirect` (a context, entered only around megatron-core's pipeline
+  schedules by the training loop): the schedules create their token counter with
+  ``torch.zeros(..., device="cuda")``; inside the context, factory calls that name a CUDA device
+  get the CPU instead.
 """
 
 from __future__ import annotations
@@ -147,3 +151,40 @@ def seed_model_parallel_rng(seed: int) -> None:
     tracker.add(mpu_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mpu_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+@contextlib.contextmanager
+def cuda_factory_redirect():
+    """On CPU: inside this context, tensor factories called with a CUDA ``device`` use the CPU.
+
+    A no-op context on GPU. Used around megatron-core's forward/backward schedules, which allocate
+    small bookkeeping tensors with ``device="cuda"``.
+    """
+    if not is_cpu_platform():
+        yield
+        return
+    from torch.overrides import TorchFunctionMode
+
+    names = {getattr(torch, n) for n in _FACTORIES}
+
+    class _Redirect(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in names and _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = torch.device("cpu")
+            return func(*args, **kwargs)
+
+    with _Redirect():
+        yield

@@ -1,0 +1,327 @@
+"""Command-line flags of ``pretrain_linear_lm.py`` (Megatron-LM names where the concept exists).
+
+:func:`build_parser` returns the parser, :func:`parse_args` parses and validates: every user
+mistake ends in argparse's one-line ``error: ...`` and exit status 2, naming the flag to change.
+Checks that need the world size (parallel sizes, batch divisibility) are in :func:`validate_args`,
+called once the process group exists (``world_size`` given) or from :func:`parse_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES, validate_parallel_sizes
+
+DDP_IMPLS = ("megatron", "torch", "fsdp")
+KERNEL_BACKENDS = ("triton", "torch")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+MODEL_PRESETS = ("tiny", "tnl-385m", "tnl-1b", "tnl-7b")
+
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size")
+"""Fields that must match between a checkpoint and the run that resumes it."""
+
+
+class ArgumentError(ValueError):
+    """A user mistake in the flags; the message names the flag to change."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pretrain_linear_lm.py`` (every flag documented in ``--help``)."""
+    from megatron_lasp.data.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(
+        prog="pretrain_linear_lm.py",
+        description="Pretrain a linear-attention LM (TransNormerLLM style) with LASP sequence "
+        "parallelism on megatron-core. Flags follow Megatron-LM where the concept exists.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=MODEL_PRESETS, default=None,
+                   help="start from a preset architecture; the flags below override its fields")
+    g.add_argument("--num-layers", type=int, default=None, help="number of transformer layers")
+    g.add_argument("--hidden-size", type=int, default=None, help="model width d_model")
+    g.add_argument("--num-attention-heads", type=int, default=None, help="linear-attention heads")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="channel-mixer (GLU) width")
+    g.add_argument("--seq-length", type=int, default=None, required=False,
+                   help="tokens per training sample (required)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x tensor-model-parallel size")
+    g.add_argument("--init-method-std", type=float, default=None, help="std of the normal weight init")
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                   help="megatron-core module implementation; transformer_engine needs TE installed (GPU)")
+    g.add_argument("--kernel-backend", choices=KERNEL_BACKENDS, default=None,
+                   help="linear-attention kernels: triton (GPU default) or torch (CPU default)")
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                   help="activation recomputation (megatron-core's TransformerConfig)")
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
+                   help="with --recompute-granularity full: uniform or block")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with --recompute-granularity full: layers per recompute unit / block")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="PP size (megatron-core 1F1B schedule)")
+    g.add_argument("--context-parallel-size", "--sequence-parallel-size", dest="context_parallel_size",
+                   type=int, default=1,
+                   help="sequence-parallel (LASP) group size = megatron-core's context-parallel size")
+    g.add_argument("--sequence-parallel-mode", choices=SEQUENCE_PARALLEL_MODES, default="lasp",
+                   help="how linear attention is parallelised over the sequence-parallel group")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's TP sequence parallelism (activation sharding inside the TP group); "
+                   "unrelated to --sequence-parallel-mode")
+    g.add_argument("--ddp-impl", choices=DDP_IMPLS, default=None,
+                   help="data parallelism over the data x sequence-parallel group: megatron "
+                   "(megatron-core DDP, GPU only; default on GPU), torch (DistributedDataParallel; "
+                   "default on CPU) or fsdp (FSDP2 fully_shard, ZeRO-3 style)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO-1: shard the optimizer state over the data x sequence-parallel group "
+                   "(with --ddp-impl megatron; GPU only)")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30, help="collective timeout")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per DP rank")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step (default micro batch x DP: no accumulation)")
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps to run (required)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, data order, mock data)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 mixed precision with dynamic loss scaling (--ddp-impl megatron only)")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global grad norm (0: off)")
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine", help="decay after warmup")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from 0")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="decay steps (default --train-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="dataset prefix(es) of .bin/.idx files, or a weighted blend '0.3 a 0.7 b'")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core caches sample indices (default next to the data)")
+    g.add_argument("--mock-data", action="store_true",
+                   help="deterministic random tokens (megatron-core's MockGPTDataset) instead of --data-path")
+    g.add_argument("--eod-mask-loss", action="store_true", help="do not train on predicting EOD tokens")
+    add_tokenizer_args(p, default_type="", add_vocab_size=False)
+    # argparse keeps the tokenizer group's choices; an empty default means "not given"
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer / --mock-data without a tokenizer: number of ordinary ids (EOD = this value)")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory for checkpoints (iter_XXXXXXX/ + tracker file)")
+    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load only the weights (needed when TP/PP/SP/DP sizes or --ddp-impl changed)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0 (implies --no-load-optim --no-load-rng)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, if --save) when the iteration is a multiple of this")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (0: never)")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--log-interval", type=int, default=10, help="print a log line every N iterations")
+    g.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here (needs tensorboard)")
+    g.add_argument("--peak-flops", type=float, default=989e12,
+                   help="peak bf16 FLOP/s per GPU for MFU (H100/H200 dense: 989e12)")
+    return p
+
+
+def _error(parser: argparse.ArgumentParser, message: str):
+    parser.error(message)
+
+
+def default_on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Fill defaults that depend on others and check the flags; raise :class:`ArgumentError`.
+
+    Args:
+        args: parsed flags (modified in place: defaults filled, ``data_blend`` parsed).
+        world_size: number of processes; when given, the parallel sizes and batch sizes are checked
+            against it and ``args.data_parallel_size`` is set.
+
+    Returns:
+        ``args``.
+    """
+    on_gpu = default_on_gpu()
+    if args.train_iters is None or args.train_iters < 1:
+        raise ArgumentError("--train-iters is required and must be positive")
+    if args.seq_length is None or args.seq_length < 1:
+        raise ArgumentError("--seq-length is required and must be positive")
+    if args.model_preset is None:
+        missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads")
+                   if getattr(args, n) is None]
+        if missing:
+            raise ArgumentError(f"{', '.join(missing)} required without --model-preset")
+    for name in ("micro_batch_size", "log_interval", "eval_iters", "make_vocab_size_divisible_by"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("save_interval", "exit_interval"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    # data
+    if args.mock_data and args.data_path:
+        raise ArgumentError("give either --data-path or --mock-data, not both")
+    if not args.mock_data and not args.data_path:
+        raise ArgumentError("no training data: give --data-path PREFIX [...] or --mock-data")
+    args.data_blend = None
+    if args.data_path:
+        args.data_blend = parse_data_path(args.data_path)
+        for prefix in args.data_blend[0]:
+            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise ArgumentError(f"--data-path: dataset file {missing[0]} not found "
+                                    "(give the prefix without .bin/.idx; see tools/preprocess_data.py)")
+    if not args.tokenizer_type:
+        if not args.mock_data:
+            raise ArgumentError("--tokenizer-type is required with --data-path")
+        args.tokenizer_type = "NullTokenizer"
+        if args.vocab_size is None:
+            args.vocab_size = 1023
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer")
+    for flag, path in (("--tokenizer-model", args.tokenizer_model), ("--vocab-file", args.vocab_file),
+                       ("--merge-file", args.merge_file)):
+        if path and not os.path.exists(path):
+            raise ArgumentError(f"{flag}: {path} not found")
+
+    # precision and implementations
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are exclusive")
+    if args.ddp_impl is None:
+        args.ddp_impl = "megatron" if on_gpu else "torch"
+    if args.ddp_impl == "megatron" and not on_gpu:
+        raise ArgumentError("--ddp-impl megatron (megatron-core DDP and optimizer) needs CUDA; "
+                            "on CPU use --ddp-impl torch or --ddp-impl fsdp")
+    if args.use_distributed_optimizer and args.ddp_impl != "megatron":
+        raise ArgumentError("--use-distributed-optimizer needs --ddp-impl megatron "
+                            "(--ddp-impl fsdp already shards the optimizer state)")
+    if args.fp16 and args.ddp_impl != "megatron":
+        raise ArgumentError("--fp16 (loss scaling) is supported with --ddp-impl megatron only; use --bf16")
+    if (args.bf16 or args.fp16) and not on_gpu:
+        raise ArgumentError("--bf16/--fp16 mixed precision needs a GPU; CPU runs train in fp32")
+    if args.kernel_backend is None:
+        args.kernel_backend = "triton" if on_gpu else "torch"
+    if args.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception:
+            raise ArgumentError("--transformer-impl transformer_engine: Transformer Engine is not "
+                                "importable here; use --transformer-impl local")
+    if args.distributed_backend == "nccl" and not on_gpu:
+        raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        args.recompute_method = "uniform"
+        if args.recompute_num_layers is None:
+            args.recompute_num_layers = 1
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False  # as megatron-core: TP sequence parallelism needs TP > 1
+
+    # schedule
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= max(args.lr_decay_iters, 1):
+        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be in [0, --lr-decay-iters "
+                            f"({args.lr_decay_iters}))")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if args.save_interval is not None and not args.save:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.load and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load: directory {args.load} not found")
+    if args.finetune:
+        args.no_load_optim = args.no_load_rng = True
+
+    if world_size is not None:
+        try:
+            dp = validate_parallel_sizes(
+                world_size,
+                args.tensor_model_parallel_size,
+                args.context_parallel_size,
+                args.pipeline_model_parallel_size,
+                num_attention_heads=args.num_attention_heads,
+                seq_length=args.seq_length,
+                sequence_parallel_mode=args.sequence_parallel_mode,
+            )
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
+        args.data_parallel_size = dp
+        if args.global_batch_size is None:
+            args.global_batch_size = args.micro_batch_size * dp
+        if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+            raise ArgumentError(
+                f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
+                f"({args.micro_batch_size}) x data-parallel size ({dp}) = {args.micro_batch_size * dp}"
+            )
+        args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+        args.world_size = world_size
+        if args.sequence_parallel and args.seq_length // args.context_parallel_size % args.tensor_model_parallel_size:
+            raise ArgumentError(
+                f"--sequence-parallel needs the tokens per sequence-parallel rank "
+                f"({args.seq_length // args.context_parallel_size}) to be divisible by "
+                f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})"
+            )
+    return args
+
+
+def parse_data_path(tokens: Sequence[str]):
+    """``--data-path`` -> megatron-core blend ``([prefix, ...], [weight, ...] or None)``.
+
+    Accepts ``a`` / ``a b`` (equal weights) or ``0.3 a 0.7 b`` (weights, normalised later by
+    megatron-core).
+    """
+    tokens = list(tokens)
+
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if any(is_number(t) for t in tokens):
+        if len(tokens) % 2 or not all(is_number(t) for t in tokens[0::2]) or any(is_number(t) for t in tokens[1::2]):
+            raise ArgumentError("--data-path: a weighted blend is 'WEIGHT PREFIX [WEIGHT PREFIX ...]'")
+        weights = [float(w) for w in tokens[0::2]]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ArgumentError("--data-path: blend weights must be non-negative and not all zero")
+        return list(tokens[1::2]), weights
+    return tokens, None
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; on a user mistake print ``usage`` + a one-line error and exit(2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, world_size)
+    except ArgumentError as err:
+        _error(parser, str(err))
+    return args

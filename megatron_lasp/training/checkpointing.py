@@ -1,0 +1,487 @@
+"""Checkpoints through megatron-core ``dist_checkpointing``, in Megatron's directory layout.
+
+Layout of ``--save DIR``::
+
+    DIR/latest_checkpointed_iteration.txt   # the iteration number; written LAST
+    DIR/iter_0000010/                       # one dist_checkpointing directory per save
+        common.pt, metadata.json, *.distcp  # megatron-core's files (sharded tensors + common state)
+        config.json                         # model architecture: rebuild the model without the flags
+        args.json                           # every flag of the run that saved it
+
+What is saved: the model's ``sharded_state_dict`` (TP/PP shards as global tensors, so a load may
+use other TP/PP/SP/DP sizes), the optimizer state (torch AdamW moments as sharded tensors laid out
+like their parameters; megatron-core's optimizer through its own ``sharded_state_dict``), the LR
+scheduler, the iteration, the consumed train/valid samples (the data position) and every rank's
+RNG states.
+
+A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
+file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest.
+
+Changing the parallel layout: the weights load at any TP/PP/SP/DP sizes. The optimizer state of
+``--ddp-impl torch``/``fsdp`` is laid out like the parameters and also loads, but across
+``--ddp-impl`` kinds (megatron vs torch/fsdp) or with megatron's distributed optimizer at another
+DP size, pass ``--no-load-optim``. RNG states are restored only at the same world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.training.optim import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CONFIG_FILENAME = "config.json"
+ARGS_FILENAME = "args.json"
+FORMAT_VERSION = 1
+
+RUNTIME_CONFIG_FIELDS = (
+    "sequence_parallel_mode",
+    "kernel_backend",
+    "transformer_impl",
+)
+"""LinearLMConfig fields that say how to run, not what the model is (not part of config.json's model)."""
+
+ARCHITECTURE_CHECKS = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("kv_channels", "--kv-channels"),
+    ("padded_vocab_size", "vocabulary size (tokenizer / --vocab-size / --make-vocab-size-divisible-by)"),
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used by this run; the message names the problem."""
+
+
+def checkpoint_name(root: str, iteration: int) -> str:
+    """``root/iter_0000010``."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The latest complete iteration saved under ``root``, or None when there is none."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _model_fields(config) -> Dict[str, Any]:
+    """The architecture fields of a LinearLMConfig (JSON types only)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = {f.name for f in dataclasses.fields(TransformerConfig)}
+    keep = {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
+            "normalization", "layernorm_epsilon", "add_bias_linear", "init_method_std",
+            "hidden_dropout", "attention_dropout", "num_query_groups"}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in RUNTIME_CONFIG_FIELDS or (f.name in base and f.name not in keep):
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[f.name] = value
+    return out
+
+
+def config_dict(config, args: argparse.Namespace) -> Dict[str, Any]:
+    """What ``config.json`` holds: the model fields, vocabulary, tokenizer and the saved layout."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": "megatron-lasp-linear-lm",
+        "model": _model_fields(config),
+        "vocab_size": args.vocab_size_tokenizer,
+        "padded_vocab_size": args.padded_vocab_size,
+        "seq_length": args.seq_length,
+        "tokenizer": {
+            "tokenizer_type": args.tokenizer_type,
+            "tokenizer_model": args.tokenizer_model,
+            "vocab_file": args.vocab_file,
+            "merge_file": args.merge_file,
+            "vocab_size": args.vocab_size,
+        },
+        "parallel": {
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "context_parallel_size": args.context_parallel_size,
+            "data_parallel_size": args.data_parallel_size,
+            "sequence_parallel_mode": args.sequence_parallel_mode,
+            "ddp_impl": args.ddp_impl,
+            "use_distributed_optimizer": args.use_distributed_optimizer,
+            "world_size": args.world_size,
+        },
+    }
+
+
+def _json_args(args: argparse.Namespace) -> Dict[str, Any]:
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
+    """(iteration, config.json) of the latest (or the given) checkpoint under ``root``."""
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise CheckpointError(f"no checkpoint in {root} ({TRACKER_FILENAME} missing)")
+    path = os.path.join(checkpoint_name(root, iteration), CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: not a megatron-lasp checkpoint, or an incomplete one")
+    with open(path, encoding="utf-8") as f:
+        return iteration, json.load(f)
+
+
+def check_architecture(root: str, args: argparse.Namespace, config) -> None:
+    """Raise :class:`CheckpointError` naming the first architecture field that differs.
+
+    Does nothing when ``root`` holds no checkpoint yet (the run starts from scratch).
+    """
+    if read_tracker(root) is None:
+        return
+    _, saved = read_config(root)
+    current = dict(_model_fields(config), padded_vocab_size=args.padded_vocab_size)
+    saved_fields = dict(saved["model"], padded_vocab_size=saved["padded_vocab_size"])
+    for name, flag in ARCHITECTURE_CHECKS:
+        if name in saved_fields and saved_fields[name] != current.get(name):
+            raise CheckpointError(
+                f"--load {root}: checkpoint has {name}={saved_fields[name]} but this run has "
+                f"{name}={current.get(name)}; change {flag} to match"
+            )
+    for name, value in saved["model"].items():
+        if name in current and current[name] != value and name not in ("init_method_std", "hidden_dropout",
+                                                                          "attention_dropout"):
+            raise CheckpointError(
+                f"--load {root}: checkpoint has {name}={value} but this run has {name}={current[name]}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2: checkpoints hold full (un-FSDP-sharded) tensors, TP/PP-sharded as without FSDP
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+@contextlib.contextmanager
+def _full_parameters(module: torch.nn.Module):
+    """Temporarily replace FSDP2's sharded parameters by full copies; yields ``{id(sharded): full}``.
+
+    Collective over the FSDP mesh (all ranks of dp_sp must enter together).
+    """
+    swapped = []
+    mapping = {}
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and _is_dtensor(p):
+                full = torch.nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+                mapping[id(p)] = full
+                swapped.append((sub, name, p))
+                sub._parameters[name] = full
+    try:
+        yield mapping
+    finally:
+        for sub, name, p in swapped:
+            sub._parameters[name] = p
+
+
+def _local_chunk(full: torch.Tensor, like) -> torch.Tensor:
+    """This rank's FSDP2 shard (dim-0 chunk) of ``full``, as laid out in the DTensor ``like``."""
+    mesh = like.device_mesh
+    n, r = mesh.size(), mesh.get_local_rank()
+    chunks = list(torch.chunk(full, n, dim=0))
+    local = like.to_local()
+    piece = chunks[r] if r < len(chunks) else full.new_empty((0,) + tuple(full.shape[1:]))
+    if tuple(piece.shape) != tuple(local.shape):
+        raise CheckpointError(f"FSDP shard shape {tuple(local.shape)} != checkpoint chunk {tuple(piece.shape)}")
+    return piece
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        if _is_dtensor(target):
+            target.to_local().copy_(_local_chunk(value.to(target.device), target))
+        else:
+            target.copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# state dicts
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": mpu_random.get_cuda_rng_tracker().get_states(),
+    }
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mpu_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _torch_optimizer_sharded(opt, model_sd, full_map, for_loading: bool):
+    """torch AdamW state as ShardedTensors laid out like the model's parameters."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    torch_opt = opt.optimizer
+    params = [p for g in torch_opt.param_groups for p in g["params"]]
+    if for_loading:
+        for p in params:  # the load needs a template for every state tensor
+            st = torch_opt.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] = torch.zeros((), dtype=torch.float32)
+    sd = torch_opt.state_dict()
+    steps = {float(s["step"]) for s in sd["state"].values() if "step" in s}
+    for s in sd["state"].values():
+        s.pop("step", None)
+        for key, value in list(s.items()):
+            if _is_dtensor(value):
+                s[key] = value.full_tensor() if not for_loading else torch.empty(value.shape, dtype=value.dtype,
+                                                                                  device=value.to_local().device)
+    id_map = get_param_id_to_sharded_param_map(model_sd, [full_map.get(id(p), p) for p in params])
+    optim_state_to_sharding_state(sd, id_map)
+    sd["adam_step"] = max(steps) if steps else 0.0
+    return sd
+
+
+def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool, with_rng: bool):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    args = state.args
+    inner = unwrap_model(state.model)
+    model_sd = inner.sharded_state_dict()
+    sd: Dict[str, Any] = {"model": model_sd}
+    if with_optimizer:
+        if args.ddp_impl == "megatron":
+            sd["optimizer"] = state.optimizer.optimizer.sharded_state_dict(model_sd, is_loading=for_loading)
+        else:
+            sd["optimizer"] = _torch_optimizer_sharded(state.optimizer, model_sd, full_map, for_loading)
+        sd["opt_param_scheduler"] = state.scheduler.state_dict()
+    if with_rng:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    sd["iteration"] = state.iteration
+    sd["consumed_train_samples"] = state.consumed_train_samples
+    sd["consumed_valid_samples"] = state.consumed_valid_samples
+    sd["checkpoint_version"] = FORMAT_VERSION
+    return sd
+
+
+def _fsdp_context(state):
+    if state.args.ddp_impl == "fsdp":
+        return _full_parameters(unwrap_model(state.model))
+    return contextlib.nullcontext({})
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state) -> str:
+    """Save ``state`` atomically to ``--save``/iter_XXXXXXX; returns that directory. Collective."""
+    from megatron.core import dist_checkpointing
+
+    args = state.args
+    root = args.save
+    final = checkpoint_name(root, state.iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    with _fsdp_context(state) as full_map:
+        sd = _sharded_state_dict(state, full_map, for_loading=False, with_optimizer=True, with_rng=True)
+        dist_checkpointing.save(sd, tmp)
+    dist.barrier()
+    if rank == 0:
+        _write_json(os.path.join(tmp, CONFIG_FILENAME), config_dict(state.model_config, args))
+        _write_json(os.path.join(tmp, ARGS_FILENAME), _json_args(args))
+        if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
+            old = final + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{state.iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
+        _fsync_dir(root)
+    dist.barrier()
+    logger.info("saved checkpoint at iteration %d to %s", state.iteration, final)
+    return final
+
+
+def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
+    """Load ``--load``'s latest (or the given) checkpoint into ``state``; returns its iteration.
+
+    Nothing is loaded (None) when the directory holds no checkpoint. Collective.
+    """
+    from megatron.core import dist_checkpointing
+
+    args = state.args
+    root = args.load
+    if iteration is None:
+        iteration = read_tracker(root)
+    if iteration is None:
+        logger.warning("--load %s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILENAME)
+        return None
+    path = checkpoint_name(root, iteration)
+    _, saved = read_config(root, iteration)
+    same_world = saved["parallel"]["world_size"] == args.world_size
+    with_optim = not args.no_load_optim
+    if with_optim and saved["parallel"]["ddp_impl"] != args.ddp_impl and "megatron" in (
+            saved["parallel"]["ddp_impl"], args.ddp_impl):
+        raise CheckpointError(f"--load {root}: optimizer state saved with --ddp-impl {saved['parallel']['ddp_impl']} "
+                              f"cannot be loaded with --ddp-impl {args.ddp_impl}; add --no-load-optim")
+    with_rng = not args.no_load_rng and same_world
+    if not args.no_load_rng and not same_world:
+        logger.warning("world size changed (%d -> %d): RNG states not restored",
+                       saved["parallel"]["world_size"], args.world_size)
+    inner = unwrap_model(state.model)
+    with _fsdp_context(state) as full_map:
+        sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng)
+        loaded = dist_checkpointing.load(sd, path)
+        inner.load_state_dict(loaded["model"], strict=True)
+        if full_map:  # FSDP: copy the loaded full parameters into the local shards
+            originals = {id(full): p for p in state.model.parameters() for full in [full_map.get(id(p))] if full is not None}
+            for full in full_map.values():
+                _copy_into(originals[id(full)], full.data)
+    if with_optim:
+        if args.ddp_impl == "megatron":
+            state.optimizer.optimizer.load_state_dict(loaded["optimizer"])
+        else:
+            _load_torch_optimizer(state.optimizer, loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        _set_rng_state(loaded["rng_state"])
+    if not args.finetune:
+        state.iteration = int(loaded["iteration"])
+        state.consumed_train_samples = int(loaded["consumed_train_samples"])
+        state.consumed_valid_samples = int(loaded["consumed_valid_samples"])
+    dist.barrier()
+    logger.info("loaded checkpoint %s (iteration %d)%s", path, iteration,
+                "" if with_optim else " (weights only)")
+    return iteration
+
+
+def _load_torch_optimizer(opt, loaded: Dict[str, Any]) -> None:
+    torch_opt = opt.optimizer
+    params = [p for g in torch_opt.param_groups for p in g["params"]]
+    step = torch.tensor(float(loaded["adam_step"]), dtype=torch.float32)
+    for index, p in enumerate(params):
+        st = torch_opt.state[p]
+        for key, value in loaded["state"].get(index, {}).items():
+            _copy_into(st[key], value)
+        st["step"] = step.clone()
+    for group, saved in zip(torch_opt.param_groups, loaded["param_groups"]):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# inference / conversion
+
+
+def load_model_for_inference(load_dir: str, iteration: Optional[int] = None, device: Optional[str] = None):
+    """Build the model from a checkpoint's ``config.json`` and load its weights, on one process.
+
+    Whatever TP/PP/SP sizes saved it, the weights are resharded to TP=1, PP=1, SP=1. A process
+    group is created if there is none (a single-process gloo group); an existing group must have
+    world size 1.
+
+    Args:
+        load_dir: the ``--save`` directory (with ``latest_checkpointed_iteration.txt``).
+        iteration: which ``iter_XXXXXXX`` to load (default: the latest).
+        device: where to put the model (default: CUDA if available, else CPU).
+
+    Returns:
+        ``(model, config, saved)``: the :class:`~megatron_lasp.models.LinearLM` in eval mode, its
+        ``LinearLMConfig``, and the checkpoint's ``config.json`` dict (with ``"args"``: the
+        saved ``args.json``).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_lasp.models import LinearLMConfig, build_linear_lm
+    from megatron_lasp.parallel.state import initialize_parallel
+
+    iteration, saved = read_config(load_dir, iteration)
+    path = checkpoint_name(load_dir, iteration)
+    with open(os.path.join(path, ARGS_FILENAME), encoding="utf-8") as f:
+        saved["args"] = json.load(f)
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise CheckpointError("load_model_for_inference runs on a single process (world size 1)")
+    initialize_parallel(1, 1, 1, backend="gloo" if not torch.cuda.is_available() else None)
+    config = LinearLMConfig(**saved["model"], use_cpu_initialization=True, perform_initialization=False)
+    model = build_linear_lm(config, saved["padded_vocab_size"])
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    model.load_state_dict(loaded["model"], strict=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    return model, config, saved

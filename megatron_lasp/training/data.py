@@ -1,0 +1,185 @@
+"""Training data: megatron-core GPT datasets (or mock tokens), cut into micro-batches and slices.
+
+Sample order. The training set is a sequence of samples (megatron-core's ``GPTDataset`` over
+``.bin/.idx`` files, a weighted ``BlendedDataset`` of several, or ``MockGPTDataset``). Iteration
+``i`` consumes the global batch ``[c, c + G)`` with ``c`` the samples consumed before it and ``G``
+the global batch size; micro-batch ``m`` of data-parallel rank ``r`` holds samples
+``c + (m * DP + r) * b + [0, b)`` (``b`` = micro-batch size). The set of samples in a step does not
+depend on DP or SP, so runs with different parallel sizes see the same global batches, and a
+resumed run continues from ``consumed_samples`` exactly.
+
+Within the model-parallel group: every TP rank reads the same samples; every SP rank reads the
+whole sequence and keeps its contiguous slice (:func:`megatron_lasp.parallel.split_sequence`);
+pipeline stages other than the first and the last read nothing (the first needs tokens and
+positions, the last labels and the loss mask; both read all of them, as a stage can be both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.parallel.layout import sequence_slice_bounds
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Round the vocabulary up to a multiple of ``divisible_by x TP`` (Megatron's padding)."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_tokenizer(args: argparse.Namespace):
+    """The project tokenizer selected by the tokenizer flags (see ``megatron_lasp.data``)."""
+    from megatron_lasp.data.tokenizer import build_tokenizer as _build
+
+    return _build(
+        args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
+    )
+
+
+def dataset_sizes(args: argparse.Namespace) -> List[int]:
+    """Samples needed from the train / valid / test splits for the whole run."""
+    train = args.train_iters * args.global_batch_size
+    evals = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
+    valid = evals * args.eval_iters * args.global_batch_size
+    test = args.eval_iters * args.global_batch_size
+    return [train, valid, test]
+
+
+def build_datasets(args: argparse.Namespace, tokenizer) -> list:
+    """Build the (train, valid, test) datasets with megatron-core's BlendedMegatronDatasetBuilder.
+
+    Every rank builds (megatron-core builds on rank 0 first, then the others read its index cache).
+
+    Returns:
+        three datasets (or None for a split with no samples), each indexable by sample number and
+        returning megatron-core's sample dict (``tokens, labels, loss_mask, position_ids`` of
+        ``[seq_length]``).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=args.data_blend,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer.as_megatron_tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    sizes = dataset_sizes(args)
+    datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    logger.info("datasets built: train %s, valid %s, test %s samples requested", *sizes)
+    return list(datasets)
+
+
+@dataclass
+class BatchLayout:
+    """Where this rank's micro-batches come from and which part of them it keeps."""
+
+    micro_batch_size: int
+    """Samples per micro-batch."""
+    num_micro_batches: int
+    """Micro-batches per step on each data-parallel rank."""
+    dp_rank: int
+    """Data-parallel rank (without SP)."""
+    dp_size: int
+    """Data-parallel size (without SP)."""
+    sp_rank: int
+    """Rank in the sequence-parallel group."""
+    sp_size: int
+    """Sequence-parallel group size."""
+    needs_data: bool
+    """False on middle pipeline stages."""
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_micro_batches * self.dp_size
+
+    def sample_indices(self, consumed: int, micro: int) -> range:
+        """Sample numbers of micro-batch ``micro`` of the step that starts at ``consumed``."""
+        start = consumed + (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+
+def collate(samples: Sequence[Dict[str, object]]) -> Dict[str, torch.Tensor]:
+    """Stack megatron-core sample dicts into ``[b, s]`` tensors (tokens/labels/position ids int64)."""
+    out = {}
+    for key in BATCH_KEYS:
+        values = [torch.as_tensor(s[key]) for s in samples]
+        out[key] = torch.stack(values)
+    out["tokens"] = out["tokens"].long()
+    out["labels"] = out["labels"].long()
+    out["position_ids"] = out["position_ids"].long()
+    out["loss_mask"] = out["loss_mask"].float()
+    return out
+
+
+def slice_batch(batch: Dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> Dict[str, torch.Tensor]:
+    """This SP rank's contiguous slice of every ``[b, s]`` tensor of ``batch``."""
+    seq = batch["tokens"].size(1)
+    start, end = sequence_slice_bounds(seq, sp_rank, sp_size)
+    return {k: v[:, start:end].contiguous() for k, v in batch.items()}
+
+
+def read_step(dataset, layout: BatchLayout, consumed: int, device: torch.device) -> List[Optional[dict]]:
+    """Read the micro-batches of one step for this rank.
+
+    Returns:
+        ``num_micro_batches`` dicts with ``tokens, labels, loss_mask, position_ids`` of
+        ``[b, s / SP]`` on ``device`` and ``full_tokens`` (the count of loss tokens of the
+        micro-batch's full sequences, a float), or ``None`` entries on middle pipeline stages.
+    """
+    if not layout.needs_data:
+        return [None] * layout.num_micro_batches
+    batches = []
+    for m in range(layout.num_micro_batches):
+        full = collate([dataset[i] for i in layout.sample_indices(consumed, m)])
+        local = slice_batch(full, layout.sp_rank, layout.sp_size)
+        local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
+        local["full_tokens"] = float(full["loss_mask"].sum())
+        batches.append(local)
+    return batches
+
+
+def global_loss_tokens(batches: List[Optional[dict]], dp_group: Optional[dist.ProcessGroup], device) -> float:
+    """Loss tokens (loss-mask sum) of the whole global batch: this rank's samples summed over DP.
+
+    Call on the ranks that read data (all ranks of one pipeline stage call it together).
+    """
+    local = sum(b["full_tokens"] for b in batches)
+    total = torch.tensor([local], dtype=torch.float64, device=device)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(total, group=dp_group)
+    return float(total.item())
+
+
+class StepIterator:
+    """The iterator megatron-core's schedule pulls micro-batches from (one per forward step)."""
+
+    def __init__(self, batches: List[Optional[dict]]) -> None:
+        self._it: Iterator = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)

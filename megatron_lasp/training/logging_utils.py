@@ -1,0 +1,150 @@
+"""Training log lines (Megatron's format), throughput / FLOPs / MFU, tensorboard scalars.
+
+FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per trained token:
+
+    training FLOPs / token = 6 * P_matmul + 3 * L * H * (4 * B * d + 4 * d^2)
+
+- ``6 * P_matmul``: every weight matrix is used in one multiply-add (2 FLOPs) per token forward
+  and twice as much backward (input and weight gradients). ``P_matmul`` counts the weights that
+  multiply activations: per layer the fused q/k/v(/gate) projection ``h x parts * H * d``, the
+  output projection ``H * d x h`` and the GLU channel mixer ``3 * h * f``; plus the output layer
+  ``h x V``. Embedding lookups and norms are not matmuls and are not counted.
+- ``3 * L * H * (...)``: the chunked linear attention, forward cost per token and head with chunk
+  size ``B`` and head dim ``d``: intra-chunk ``Q K^T`` and ``(Q K^T) V`` over a full ``B`` block
+  (``2 * 2 * B * d``; the causal half is computed and masked), inter-chunk ``Q S`` and the state
+  update ``K^T V`` (``2 * 2 * d^2``); backward is counted as twice the forward.
+
+So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On CPU MFU is n/a.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 64
+"""Chunk (block) size assumed for the attention FLOPs when the config does not name one."""
+
+
+def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -> float:
+    """Training FLOPs per token of the whole model (formula in the module docstring).
+
+    Args:
+        config: the model config (``num_layers, hidden_size, num_attention_heads, kv_channels,
+            ffn_hidden_size``, optional ``output_gate``).
+        vocab_size: padded vocabulary size (output layer width).
+        chunk_size: the attention kernel's block size (default :data:`DEFAULT_CHUNK_SIZE`).
+    """
+    h, L, H = config.hidden_size, config.num_layers, config.num_attention_heads
+    d = config.kv_channels or h // H
+    f = config.ffn_hidden_size
+    parts = 4 if getattr(config, "output_gate", False) else 3
+    glu = 3 if getattr(config, "gated_linear_unit", True) else 2
+    per_layer = h * parts * H * d + H * d * h + glu * h * f
+    matmul_params = L * per_layer + h * vocab_size
+    B = chunk_size or getattr(config, "chunk_size", None) or DEFAULT_CHUNK_SIZE
+    attention = 3 * L * H * (4 * B * d + 4 * d * d)
+    return 6.0 * matmul_params + attention
+
+
+def memory_gib() -> float:
+    """Peak GPU memory allocated on this device (GiB), or this process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def format_log_line(
+    *,
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    ms_per_iter: float,
+    lr: float,
+    loss: float,
+    grad_norm: float,
+    tokens_per_s: float,
+    tflops_per_gpu: float,
+    mfu: Optional[float],
+    mem_gib: float,
+    skipped: int = 0,
+) -> str:
+    """One Megatron-style log line with a progress indication (percent + ETA)."""
+    eta = (train_iters - iteration) * ms_per_iter / 1000.0
+    fields = [
+        f" iteration {iteration:8d}/{train_iters:8d}",
+        f"consumed samples: {consumed_samples:12d}",
+        f"elapsed time per iteration (ms): {ms_per_iter:.1f}",
+        f"learning rate: {lr:.6E}",
+        f"lm loss: {loss:.6E}",
+        f"grad norm: {grad_norm:.3f}",
+        f"tokens/s: {tokens_per_s:.0f}",
+        f"TFLOP/s/GPU: {tflops_per_gpu:.2f}",
+        f"MFU: {'n/a' if mfu is None else f'{100.0 * mfu:.1f}%'}",
+        f"mem GiB: {mem_gib:.2f}",
+    ]
+    if skipped:
+        fields.append(f"skipped iterations: {skipped}")
+    fields.append(f"progress: {100.0 * iteration / train_iters:.1f}% ETA {_duration(eta)}")
+    return " | ".join(fields) + " |"
+
+
+class TensorboardWriter:
+    """Scalars to ``--tensorboard-dir`` (one writer, on the logging rank)."""
+
+    def __init__(self, log_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # tensorboard is an optional extra
+            raise RuntimeError(
+                "--tensorboard-dir needs the tensorboard package: pip install tensorboard "
+                "(or pip install -e .[tensorboard]); drop the flag to train without it"
+            ) from err
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def add_scalars(self, values: Dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` can be imported."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Stopwatch:
+    """Wall time between log lines (synchronizes the GPU so the time covers the work)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed

@@ -1,0 +1,438 @@
+"""The training loop: one code path for every parallel layout.
+
+``main(argv)`` parses the flags, brings up the process groups, builds the model stage of this
+rank, wraps it for data parallelism, builds the optimizer, LR schedule and data, loads a
+checkpoint if asked and runs :func:`train`. Every step goes through megatron-core's pipeline
+schedule (``get_forward_backward_func``: ``forward_backward_no_pipelining`` at PP=1, 1F1B
+otherwise), so TP, SP, PP and DP all share it.
+
+Loss and gradients. The logged ``lm loss`` is the mean over all loss tokens of the global batch
+(``loss_mask`` respected). Each micro-batch's backward loss on a rank is
+``sum(loss_mask * token_loss over its slice) * f / N`` with ``N`` the loss tokens of the global
+batch and ``f`` undoing the data-parallel wrapper's averaging (``f`` = the dp_sp size for torch
+DDP / FSDP, which average; 1 for megatron DDP run with ``calculate_per_token_loss``, which sums),
+so after the reduction over the data x sequence-parallel group every rank holds the gradient of
+the global token mean, whatever the DP, SP and accumulation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp import platform
+from megatron_lasp.training import arguments as arguments_mod
+from megatron_lasp.training import data as data_mod
+from megatron_lasp.training import logging_utils
+from megatron_lasp.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    no_sync_func,
+    param_facts,
+    unwrap_model,
+    wrap_data_parallel,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or gradient norm); the message names the iteration."""
+
+
+@dataclass
+class TrainState:
+    """Everything a step reads and writes, and what a checkpoint must restore."""
+
+    args: argparse.Namespace
+    groups: object
+    model: torch.nn.Module
+    model_config: object
+    optimizer: object
+    scheduler: object
+    train_ds: object
+    valid_ds: object
+    layout: data_mod.BatchLayout
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    losses: List[float] = field(default_factory=list)
+    """The ``lm loss`` of every iteration run by this process (on the logging rank; NaN elsewhere)."""
+    tokenizer: object = None
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def _logging_setup() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if rank == 0 else logging.WARNING,
+            format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+            stream=sys.stdout,
+        )
+
+
+def model_config_from_args(args: argparse.Namespace):
+    """The model's ``LinearLMConfig`` from the flags (preset + overrides + parallel layout)."""
+    from megatron_lasp.models.config import LinearLMConfig, linear_lm_config
+
+    on_gpu = torch.cuda.is_available()
+    half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    megatron_half = half is not None and args.ddp_impl == "megatron"
+    fields = {name: getattr(args, name) for name in arguments_mod.ARCHITECTURE_FIELDS[:4]
+              if getattr(args, name) is not None}
+    fields.update(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        sequence_parallel_mode=args.sequence_parallel_mode,
+        kernel_backend=args.kernel_backend,
+        transformer_impl=args.transformer_impl,
+        params_dtype=half if megatron_half else torch.float32,
+        bf16=bool(args.bf16 and megatron_half),
+        fp16=bool(args.fp16 and megatron_half),
+        pipeline_dtype=half if (megatron_half or (half is not None and args.ddp_impl == "fsdp")) else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        variable_seq_lengths=False,
+        calculate_per_token_loss=True,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+    )
+    if args.init_method_std is not None:
+        fields["init_method_std"] = args.init_method_std
+    if args.bf16 and args.ddp_impl == "torch":
+        fields.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
+    try:
+        if args.model_preset:
+            return linear_lm_config(args.model_preset, **fields)
+        return LinearLMConfig(**fields)
+    except (ValueError, TypeError, AssertionError) as err:
+        raise arguments_mod.ArgumentError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
+def build_model_stage(config, args: argparse.Namespace, groups) -> torch.nn.Module:
+    """This rank's pipeline stage of the model, on its device, before data-parallel wrapping."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_lasp.models import build_linear_lm
+
+    model = build_linear_lm(
+        config,
+        args.padded_vocab_size,
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        pg_collection=groups.pg_collection(),
+    )
+    device = platform.default_device()
+    return model.to(device)
+
+
+def _shared_embedding_for_pp(model: torch.nn.Module, args) -> Optional[torch.nn.Parameter]:
+    """The tied embedding/output weight that needs a first/last stage all-reduce, or None."""
+    from megatron.core import parallel_state as mpu
+
+    inner = unwrap_model(model)
+    if args.pipeline_model_parallel_size == 1 or not getattr(inner, "share_embeddings_and_output_weights", False):
+        return None
+    if not (mpu.is_pipeline_first_stage() or mpu.is_pipeline_last_stage()):
+        return None
+    return inner.shared_embedding_or_output_weight()
+
+
+# ----------------------------------------------------------------------------------------------
+# one step
+
+
+def _loss_func(loss_mask: torch.Tensor, scale: float, output_tensor: torch.Tensor):
+    """Reduce the model's ``[b, s_local]`` token losses (see the module docstring)."""
+    losses = output_tensor.float()
+    local_sum = (losses * loss_mask).sum()
+    return local_sum * scale, loss_mask.sum().to(torch.int), {"lm loss sum": local_sum.detach()}
+
+
+def _forward_step(scale: float, is_first: bool, is_last: bool, data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"] if (batch is not None and is_first) else None
+    positions = batch["position_ids"] if (batch is not None and is_first) else None
+    labels = batch["labels"] if (batch is not None and is_last) else None
+    output = model(tokens, position_ids=positions, attention_mask=None, labels=labels)
+    if not is_last:
+        return output, None
+    return output, partial(_loss_func, batch["loss_mask"], scale)
+
+
+def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only: bool) -> float:
+    """One global batch through the schedule; returns the global token-mean loss (NaN off the last stage)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args, groups, layout = state.args, state.groups, state.layout
+    device = platform.default_device()
+    is_first, is_last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
+    batches = data_mod.read_step(dataset, layout, consumed, device)
+    scale, total_tokens = 0.0, float("nan")
+    if is_last:
+        total_tokens = data_mod.global_loss_tokens(batches, groups.dp, device)
+        factor = 1.0 if args.ddp_impl == "megatron" else float(groups.dp_sp.size())
+        scale = factor / max(total_tokens, 1.0)
+    forward_backward = get_forward_backward_func()
+    with platform.cuda_factory_redirect():
+        outputs = forward_backward(
+            forward_step_func=partial(_forward_step, scale, is_first, is_last),
+            data_iterator=data_mod.StepIterator(batches),
+            model=[state.model],
+            num_microbatches=layout.num_micro_batches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=forward_only,
+        )
+    if not is_last:
+        return float("nan")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for out in outputs:
+        loss_sum += out["lm loss sum"].double()
+    if groups.dp_sp.size() > 1:
+        dist.all_reduce(loss_sum, group=groups.dp_sp)
+    return float(loss_sum.item()) / max(total_tokens, 1.0)
+
+
+def _broadcast_from_last_stage(value: float, groups) -> float:
+    """Share a last-stage scalar with every stage of the pipeline group."""
+    if groups.pp.size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=platform.default_device())
+    dist.broadcast(t, group_src=groups.pp.size() - 1, group=groups.pp)
+    return float(t.item())
+
+
+def train_step(state: TrainState) -> tuple:
+    """Forward/backward over the global batch, finalize, clip, step; returns (loss, grad_norm)."""
+    state.model.train()
+    state.optimizer.zero_grad()
+    loss = run_forward_backward(state, state.train_ds, state.consumed_train_samples, forward_only=False)
+    loss = _broadcast_from_last_stage(loss, state.groups)
+    next_iteration = state.iteration + 1
+    if not math.isfinite(loss):
+        raise TrainingError(f"iteration {next_iteration}: lm loss is {loss}; stopping without saving "
+                            f"(last good checkpoint untouched)")
+    applied, grad_norm = state.optimizer.step()
+    if not applied or not math.isfinite(grad_norm):
+        raise TrainingError(f"iteration {next_iteration}: grad norm is {grad_norm}; stopping without saving")
+    state.scheduler.step(1)
+    state.iteration = next_iteration
+    state.consumed_train_samples += state.args.global_batch_size
+    return loss, grad_norm
+
+
+def evaluate(state: TrainState) -> Optional[float]:
+    """Mean token loss over ``--eval-iters`` validation batches (continuing through the valid set)."""
+    if state.valid_ds is None:
+        return None
+    state.model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(state.args.eval_iters):
+            total += run_forward_backward(state, state.valid_ds, state.consumed_valid_samples, forward_only=True)
+            state.consumed_valid_samples += state.args.global_batch_size
+    state.model.train()
+    return _broadcast_from_last_stage(total / state.args.eval_iters, state.groups)
+
+
+def _is_logging_rank(groups) -> bool:
+    """The first rank (TP, SP and DP rank 0) of the last pipeline stage."""
+    from megatron.core import parallel_state as mpu
+
+    return (mpu.is_pipeline_last_stage() and groups.tp_rank == 0 and groups.sp_rank == 0
+            and groups.dp_rank == 0)
+
+
+def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None) -> TrainState:
+    """Run iterations until ``--train-iters`` (or ``--exit-interval``); log, evaluate and save."""
+    args, groups = state.args, state.groups
+    logging_rank = _is_logging_rank(groups)
+    writer = None
+    if args.tensorboard_dir and logging_rank:
+        writer = logging_utils.TensorboardWriter(args.tensorboard_dir)
+    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    on_gpu = torch.cuda.is_available()
+    world = dist.get_world_size()
+    watch = logging_utils.Stopwatch()
+    window_iters, window_loss, window_norm = 0, 0.0, 0.0
+    try:
+        while state.iteration < args.train_iters:
+            loss, grad_norm = train_step(state)
+            state.losses.append(loss)
+            window_iters += 1
+            window_loss += loss
+            window_norm += grad_norm
+            it = state.iteration
+            if it % args.log_interval == 0 or it == args.train_iters:
+                elapsed = watch.lap()
+                ms = 1000.0 * elapsed / window_iters
+                tokens_s = tokens_per_iter * window_iters / max(elapsed, 1e-9)
+                tflops = flops_token * tokens_s / world / 1e12
+                mfu = tflops * 1e12 / args.peak_flops if on_gpu else None
+                lr = state.optimizer.param_groups[0]["lr"]
+                if logging_rank:
+                    line = logging_utils.format_log_line(
+                        iteration=it, train_iters=args.train_iters,
+                        consumed_samples=state.consumed_train_samples, ms_per_iter=ms, lr=lr,
+                        loss=window_loss / window_iters, grad_norm=window_norm / window_iters,
+                        tokens_per_s=tokens_s, tflops_per_gpu=tflops, mfu=mfu,
+                        mem_gib=logging_utils.memory_gib(),
+                    )
+                    print(line, flush=True)
+                    if writer:
+                        writer.add_scalars({"lm loss": window_loss / window_iters, "learning-rate": lr,
+                                            "grad-norm": window_norm / window_iters, "tokens-per-s": tokens_s,
+                                            "tflops-per-gpu": tflops}, it)
+                window_iters, window_loss, window_norm = 0, 0.0, 0.0
+            if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
+                _run_eval(state, logging_rank, writer, "iteration", it)
+                watch.lap()
+            exiting = args.exit_interval is not None and it % args.exit_interval == 0
+            if save_fn and args.save and (
+                (args.save_interval and it % args.save_interval == 0) or it == args.train_iters or exiting
+            ):
+                save_fn(state)
+                watch.lap()
+            if exiting:
+                logger.info("exiting at iteration %d (--exit-interval %d)", it, args.exit_interval)
+                break
+        if args.eval_interval and state.iteration == args.train_iters:
+            _run_eval(state, logging_rank, writer, "end of training, iteration", state.iteration)
+    finally:
+        if writer:
+            writer.close()
+    return state
+
+
+def _run_eval(state, logging_rank, writer, what, it) -> None:
+    loss = evaluate(state)
+    if loss is None:
+        return
+    if logging_rank:
+        ppl = math.exp(min(loss, 20.0))
+        print(f" validation loss at {what} {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |",
+              flush=True)
+        if writer:
+            writer.add_scalars({"validation lm loss": loss, "validation ppl": ppl}, it)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def setup(argv: Optional[List[str]] = None) -> TrainState:
+    """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
+
+    Raises:
+        SystemExit(2): a bad flag (argparse's one-line ``error:`` message).
+    """
+    from megatron.core import parallel_state as mpu
+
+    from megatron_lasp.parallel.state import init_distributed, initialize_parallel
+    from megatron_lasp.training import checkpointing
+
+    parser = arguments_mod.build_parser()
+    args = parser.parse_args(argv)
+    try:
+        arguments_mod.validate_args(args)
+        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+        arguments_mod.validate_args(args, dist.get_world_size())
+        tokenizer = data_mod.build_tokenizer(args)
+        args.vocab_size_tokenizer = tokenizer.vocab_size
+        args.padded_vocab_size = data_mod.padded_vocab_size(
+            tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        model_config = model_config_from_args(args)
+        if args.load:
+            checkpointing.check_architecture(args.load, args, model_config)
+    except (arguments_mod.ArgumentError, checkpointing.CheckpointError, FileNotFoundError) as err:
+        parser.error(str(err))
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        setattr(args, name, getattr(model_config, name))
+
+    groups = initialize_parallel(
+        args.tensor_model_parallel_size,
+        args.context_parallel_size,
+        args.pipeline_model_parallel_size,
+        backend=args.distributed_backend,
+        seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
+    model = build_model_stage(model_config, args, groups)
+    facts = param_facts(model)
+    shared = _shared_embedding_for_pp(model, args)
+    model = wrap_data_parallel(model, args, groups, model_config)
+    model_config.no_sync_func = no_sync_func(model, args)
+    model_config.finalize_model_grads_func = None
+    optimizer = build_optimizer(model, args, groups, facts, model_config, shared)
+    scheduler = build_scheduler(optimizer, args)
+
+    first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
+    train_ds = valid_ds = None
+    if first or last:
+        train_ds, valid_ds, _ = data_mod.build_datasets(args, tokenizer)
+    elif args.pipeline_model_parallel_size > 1:
+        # megatron-core's builder synchronizes all ranks with barriers; middle stages join them
+        train_ds, valid_ds, _ = data_mod.build_datasets(args, tokenizer)
+    layout = data_mod.BatchLayout(
+        micro_batch_size=args.micro_batch_size,
+        num_micro_batches=args.num_micro_batches,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        sp_rank=groups.sp_rank,
+        sp_size=groups.sp_size,
+        needs_data=first or last,
+    )
+    state = TrainState(args=args, groups=groups, model=model, model_config=model_config,
+                       optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
+                       layout=layout, tokenizer=tokenizer)
+    if args.load:
+        checkpointing.load_checkpoint(state)
+    logger.info(
+        "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
+        "TP %d SP %d (%s) PP %d, ddp %s, vocab %d (padded %d)",
+        args.train_iters, args.global_batch_size, args.micro_batch_size, args.num_micro_batches,
+        groups.dp_size, args.seq_length, groups.tp_size, groups.sp_size, args.sequence_parallel_mode,
+        groups.pp_size, args.ddp_impl, tokenizer.vocab_size, args.padded_vocab_size,
+    )
+    return state
+
+
+def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainState:
+    """Train as ``pretrain_linear_lm.py`` does; returns the final :class:`TrainState`.
+
+    Args:
+        argv: the flags (default ``sys.argv[1:]``).
+        destroy: tear down the process groups at the end (tests that spawn ranks keep them).
+
+    Raises:
+        SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
+    """
+    from megatron_lasp.parallel.state import destroy_parallel
+    from megatron_lasp.training import checkpointing
+
+    _logging_setup()
+    state = setup(argv)
+    try:
+        train(state, save_fn=checkpointing.save_checkpoint)
+    finally:
+        if destroy:
+            destroy_parallel()
+    return state

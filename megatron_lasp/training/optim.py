@@ -1,0 +1,325 @@
+"""Data-parallel wrappers, optimizers, gradient finalization and clipping, LR schedule.
+
+Three data-parallel implementations, all reducing gradients over the data x sequence-parallel
+group (``groups.dp_sp``: every SP rank saw different tokens of the same samples):
+
+- ``megatron``: megatron-core ``DistributedDataParallel`` + ``get_megatron_optimizer`` (fp32 main
+  params for bf16/fp16, ``--use-distributed-optimizer`` = ZeRO-1). GPU only (its buffers and
+  type checks assume CUDA).
+- ``torch``: ``torch.nn.parallel.DistributedDataParallel`` + ``torch.optim.AdamW``.
+- ``fsdp``: FSDP2 ``fully_shard`` per transformer layer and at the root (ZeRO-3 style: parameters,
+  gradients and optimizer state sharded over dp_sp) + ``torch.optim.AdamW``.
+
+All three *average* gradients over dp_sp; the loop scales each rank's loss by the dp_sp size so
+the result is the gradient of the global-batch token mean (see ``loop.py``).
+
+For ``torch``/``fsdp`` this module also does what megatron-core's ``finalize_model_grads`` does
+for its DDP: all-reduce over TP the gradients of parameters replicated under TP sequence
+parallelism (norms), all-reduce tied embedding gradients between the first and last pipeline
+stages, and clip by the global norm, counting each element of the full model once (TP shards
+summed over TP, TP-replicated parameters once, stages summed over PP, FSDP shards summed over
+dp_sp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.parallel.state import ParallelGroups
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch DDP / megatron DDP / Float16Module wrappers (FSDP2 wraps in place)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ----------------------------------------------------------------------------------------------
+# wrapping
+
+
+def _layer_modules(module: torch.nn.Module) -> List[torch.nn.Module]:
+    """Transformer layers to shard one by one under FSDP (megatron-core ``decoder.layers``)."""
+    decoder = getattr(module, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups: ParallelGroups,
+                       model_config) -> torch.nn.Module:
+    """Wrap ``model`` for data parallelism over ``groups.dp_sp`` according to ``--ddp-impl``.
+
+    Args:
+        model: one pipeline stage of the model (unwrapped, on its device).
+        args: flags (``ddp_impl``, ``bf16``, ``fp16``, ``use_distributed_optimizer``).
+        groups: the parallel groups.
+        model_config: the model's TransformerConfig (megatron DDP needs it).
+
+    Returns:
+        the wrapped model (the same object for ``fsdp``).
+    """
+    impl = args.ddp_impl
+    if impl == "megatron":
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        if args.bf16 or args.fp16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(model_config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        return DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=model)
+    if impl == "torch":
+        if groups.dp_sp.size() == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=groups.dp_sp,
+                                       broadcast_buffers=False)
+    if impl == "fsdp":
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = DeviceMesh.from_group(groups.dp_sp, device_type)
+        kwargs = {"mesh": mesh}
+        if args.bf16:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in _layer_modules(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    raise ValueError(f"unknown --ddp-impl {impl!r}")
+
+
+def no_sync_func(model: torch.nn.Module, args: argparse.Namespace):
+    """A context-manager factory that suspends gradient reduction (for accumulation), or None."""
+    if args.ddp_impl == "fsdp":
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync
+    if hasattr(model, "no_sync"):
+        return model.no_sync
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter facts recorded before wrapping (FSDP2 replaces the parameters and drops attributes)
+
+
+def param_facts(model: torch.nn.Module) -> Dict[str, Tuple[bool, bool]]:
+    """``name -> (counted_in_norm, tp_replicated_under_sp)`` for every parameter of ``model``.
+
+    ``counted_in_norm``: the parameter is TP-sharded, or this is TP rank 0 (a TP-replicated
+    parameter is counted once). ``tp_replicated_under_sp``: megatron-core marks it
+    ``sequence_parallel`` (its gradient is partial per TP rank and needs a TP all-reduce).
+    """
+    from megatron.core import parallel_state as mpu
+
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    facts = {}
+    for name, p in unwrap_model(model).named_parameters():
+        sharded = bool(getattr(p, "tensor_model_parallel", False))
+        facts[name] = (sharded or tp_rank == 0, bool(getattr(p, "sequence_parallel", False)))
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizers
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """AdamW groups: weight decay on matrices; none on biases, norms and 1-D decay parameters."""
+    decay, no_decay = [], []
+    for name, p in unwrap_model(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0})
+    return groups
+
+
+class TorchOptimizer:
+    """torch AdamW with megatron-style gradient finalization and global-norm clipping.
+
+    Args:
+        model: the wrapped model (torch DDP, FSDP2 or bare).
+        args: flags (lr, betas, eps, weight decay, clip_grad, pipeline sizes).
+        groups: the parallel groups.
+        facts: :func:`param_facts` of the unwrapped model, recorded before wrapping.
+        shared_embedding: the tied word-embedding/output weight on the first/last stage when
+            pipeline-parallel with tied embeddings, else None.
+    """
+
+    def __init__(self, model, args, groups: ParallelGroups, facts, shared_embedding=None) -> None:
+        self.model = model
+        self.args = args
+        self.groups = groups
+        self.sharded = args.ddp_impl == "fsdp"
+        self.named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+        self.facts = facts
+        self.shared_embedding = shared_embedding
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, args.weight_decay),
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            weight_decay=args.weight_decay,
+            foreach=False,
+        )
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finalize_grads(self) -> None:
+        """TP all-reduce of TP-SP replicated grads; tied-embedding all-reduce across stages."""
+        tp = self.groups.tp
+        if self.args.sequence_parallel and tp.size() > 1:
+            grads = [_local(p.grad) for n, p in self.named if self.facts[n][1] and p.grad is not None]
+            for g in grads:
+                dist.all_reduce(g, group=tp)
+        if self.shared_embedding is not None:
+            from megatron.core import parallel_state as mpu
+
+            g = self.shared_embedding.grad
+            if g is None:
+                g = self.shared_embedding.grad = torch.zeros_like(self.shared_embedding)
+            dist.all_reduce(_local(g), group=mpu.get_embedding_group())
+
+    def grad_norm(self) -> float:
+        """L2 norm of the full model's gradient (every element counted once)."""
+        device = next((p.device for _, p in self.named), torch.device("cpu"))
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for n, p in self.named:
+            if p.grad is None or not self.facts[n][0]:
+                continue
+            sq += _local(p.grad).detach().double().pow(2).sum()
+        if self.sharded and self.groups.dp_sp.size() > 1:
+            dist.all_reduce(sq, group=self.groups.dp_sp)
+        if self.groups.mp.size() > 1:
+            dist.all_reduce(sq, group=self.groups.mp)
+        return math.sqrt(sq.item())
+
+    def step(self) -> Tuple[bool, float]:
+        """Finalize, clip and apply; return (applied, grad_norm). Not applied if the norm is not finite."""
+        self.finalize_grads()
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            return False, norm
+        if self.args.clip_grad > 0 and norm > self.args.clip_grad:
+            coeff = self.args.clip_grad / (norm + 1e-6)
+            for _, p in self.named:
+                if p.grad is not None:
+                    _local(p.grad).mul_(coeff)
+        self.optimizer.step()
+        return True, norm
+
+
+class MegatronOptimizer:
+    """megatron-core's optimizer (with its DDP); GPU only. Same interface as :class:`TorchOptimizer`."""
+
+    def __init__(self, model, args, model_config) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.model = model
+        self.args = args
+        cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            fp16=args.fp16,
+            params_dtype=model_config.params_dtype,
+            loss_scale=None,
+            initial_loss_scale=2.0 ** 16 if args.fp16 else None,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(cfg, [model])
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def finalize_grads(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.model])
+
+    def step(self) -> Tuple[bool, float]:
+        self.finalize_grads()
+        ok, norm, _ = self.optimizer.step()
+        return bool(ok), float(norm) if norm is not None else float("nan")
+
+
+def build_optimizer(model, args, groups: ParallelGroups, facts, model_config, shared_embedding=None):
+    """The optimizer for ``--ddp-impl`` (see :class:`TorchOptimizer`, :class:`MegatronOptimizer`)."""
+    if args.ddp_impl == "megatron":
+        return MegatronOptimizer(model, args, model_config)
+    return TorchOptimizer(model, args, groups, facts, shared_embedding)
+
+
+def build_scheduler(optimizer, args):
+    """megatron-core's ``OptimizerParamScheduler``: linear warmup from 0, then ``--lr-decay-style``.
+
+    Steps are optimizer iterations (not samples).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters > 0 else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
