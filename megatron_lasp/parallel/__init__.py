@@ -1,6 +1,7 @@
 """Parallel state (TP / SP / DP / PP on megatron-core) and the sequence-parallel modes."""
 
 from megatron_lasp.parallel.layout import gather_sequence, sequence_slice_bounds, split_sequence
+from megatron_lasp.parallel.sp import lightning_attn_sp
 from megatron_lasp.parallel.state import (
     SEQUENCE_PARALLEL_MODES,
     ParallelGroups,
@@ -19,6 +20,7 @@ __all__ = [
     "gather_sequence",
     "init_distributed",
     "initialize_parallel",
+    "lightning_attn_sp",
     "sequence_slice_bounds",
     "split_sequence",
     "validate_parallel_sizes",

@@ -1,0 +1,104 @@
+"""LASP-1: the fp32 state is passed along the sequence-parallel group, one hop per rank.
+
+Forward on rank r (LASP.md section 3): post the receive of ``S_in`` from rank r-1, run the kernel on
+the local slice with no initial state (intra term and local state ``S_loc``; this is the work the
+receive overlaps), wait, add ``diag(a) Q S_in`` to the output and send
+``S_out = lam^C S_in + S_loc`` to rank r+1.
+
+Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, run the
+kernel backward with no final-state gradient, wait, add ``diag(b) V dS^T`` to dK and
+``diag(b) K dS`` to dV, send ``dS_in = lam^C dS + (diag(a) Q)^T dO`` to rank r-1. ``S_in`` is kept
+from the forward (KV-state caching): it is folded into the kernel's cached segment states, so the
+kernel's dQ already contains ``diag(a) dO S_in^T`` and nothing is communicated twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import (
+    GroupInfo,
+    SliceDecays,
+    add_state_term,
+    group_info,
+    state_dtype,
+    with_entry_state,
+)
+
+__all__ = ["lasp_attention"]
+
+
+def _post_recv(shape, dtype, device, src: Optional[int], group) -> tuple[Optional[torch.Tensor], Optional[dist.Work]]:
+    if src is None:
+        return None, None
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return buf, dist.irecv(buf, src=src, group=group)
+
+
+def _send(x: Optional[torch.Tensor], dst: Optional[int], group) -> None:
+    if dst is None:
+        return
+    # Waiting only orders the current stream after the send on NCCL; with gloo it returns once the
+    # receiver, which posted its receive before its own kernel, has the data.
+    dist.isend(x.contiguous(), dst=dst, group=group).wait()
+
+
+class _LaspFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend):
+        B, C, H, Dk = q.shape
+        Dv = v.shape[-1]
+        sdt = state_dtype(q.dtype)
+        s_in, recv = _post_recv((B, H, Dk, Dv), sdt, q.device, info.prev, info.group)
+        o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, info.next is not None, backend)
+        dec = SliceDecays.of(slopes, C)
+        if recv is not None:
+            recv.wait()
+            add_state_term(o, q, s_in, dec.a)
+        if info.next is not None:
+            s_out = s_loc if s_in is None else s_loc.add_(dec.across.view(1, H, 1, 1).to(sdt) * s_in)
+            _send(s_out, info.next, info.group)
+        ctx.save_for_backward(q, k, v, slopes, saved.states, s_in)
+        ctx.meta = (info, saved.backend, saved.span, saved.config)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, slopes, states, s_in = ctx.saved_tensors
+        info, backend, span, config = ctx.meta
+        B, C, H, Dk = q.shape
+        Dv = v.shape[-1]
+        sdt = state_dtype(q.dtype)
+        ds, recv = _post_recv((B, H, Dk, Dv), sdt, q.device, info.next, info.group)
+        saved = LightningAttnSaved(backend, states, span, config)
+        if s_in is not None:
+            saved = with_entry_state(saved, s_in, slopes)
+        dq, dk, dv, ds_loc = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, backend)
+        dec = SliceDecays.of(slopes, C)
+        if recv is not None:
+            recv.wait()
+            add_state_term(dk, v, ds.transpose(-1, -2), dec.b)
+            add_state_term(dv, k, ds, dec.b)
+        if info.prev is not None:
+            ds_out = ds_loc if ds is None else ds_loc.add_(dec.across.view(1, H, 1, 1).to(sdt) * ds)
+            _send(ds_out, info.prev, info.group)
+        return dq, dk, dv, None, None, None
+
+
+def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None) -> torch.Tensor:
+    """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
+
+    Args:
+        q, k: ``[B, C, H, Dk]``; v: ``[B, C, H, Dv]``: this rank's slice of the sequence.
+        slopes: ``[H]`` fp32.
+        group: the sequence-parallel group.
+        backend: kernel backend.
+
+    Returns:
+        ``o [B, C, H, Dv]``, this rank's slice of the output.
+    """
+    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend)

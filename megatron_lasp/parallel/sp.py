@@ -1,0 +1,133 @@
+"""``lightning_attn_sp``: lightning attention over a sequence split across a process group.
+
+One entry point for the four sequence-parallel modes (one module each, same interface
+``<mode>_attention(q, k, v, slopes, group, backend) -> o``):
+
+- ``lasp`` (:mod:`.lasp`): LASP-1, the state passed rank to rank, communication overlapped with
+  the intra-slice work;
+- ``lasp2`` (:mod:`.lasp2`): one all-gather of the local states per pass;
+- ``ulysses`` (:mod:`.ulysses`): all-to-all to head shards and back;
+- ``allgather`` (:mod:`.allgather`): all-gather of K and V, reduce-scatter of their gradients.
+
+All four give the single-process result on the whole sequence (up to round-off).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
+from megatron_lasp.parallel.allgather import allgather_attention
+from megatron_lasp.parallel.lasp import lasp_attention
+from megatron_lasp.parallel.lasp2 import lasp2_attention
+from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
+from megatron_lasp.parallel.ulysses import check_ulysses_heads, ulysses_attention
+
+__all__ = ["lightning_attn_sp", "SP_MODES", "VALIDATE_ENV"]
+
+logger = logging.getLogger(__name__)
+
+SP_MODES: Dict[str, Callable[..., torch.Tensor]] = {
+    "lasp": lasp_attention,
+    "lasp2": lasp2_attention,
+    "ulysses": ulysses_attention,
+    "allgather": allgather_attention,
+}
+assert tuple(SP_MODES) == SEQUENCE_PARALLEL_MODES
+
+VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode")
+
+
+def _validate_default() -> bool:
+    return os.environ.get(VALIDATE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _check_across_group(q, v, mode: str, group: dist.ProcessGroup) -> None:
+    """One small all-gather: every rank must hold the same shapes, dtype and mode."""
+    B, T, H, Dk = q.shape
+    dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode)]
+    device = q.device if q.device.type == "cuda" else torch.device("cpu")
+    sig = torch.tensor(mine, dtype=torch.int64, device=device)
+    out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(out, sig, group=group)
+    rows = out.view(-1, len(mine)).tolist()
+    if any(row != rows[0] for row in rows):
+
+        def describe(row):
+            named = dict(zip(_SIGNATURE, row))
+            named["dtype"] = str(_DTYPES[row[5]]) if 0 <= row[5] < len(_DTYPES) else "?"
+            named["mode"] = tuple(SP_MODES)[row[6]]
+            return ", ".join(f"{k}={val}" for k, val in named.items())
+
+        table = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
+        raise ValueError(
+            "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
+            f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
+            f"dtype, with one --sequence-parallel-mode): {table}"
+        )
+
+
+def lightning_attn_sp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    group: Optional[dist.ProcessGroup],
+    mode: str = "lasp",
+    backend: Optional[str] = None,
+    *,
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """Causal lightning attention of a sequence split contiguously over ``group``.
+
+    Rank ``i`` of ``group`` holds tokens ``[i C, (i+1) C)`` (see :mod:`megatron_lasp.parallel.layout`).
+    The result equals ``chunk_lightning_attn`` on the whole sequence, sliced; gradients flow to
+    q, k and v.
+
+    Args:
+        q, k: ``[B, C, H, Dk]``; v: ``[B, C, H, Dv]``: this rank's slice (fp32, fp16, bf16; fp64
+            with the torch backend).
+        slopes: ``[H]`` float, decay ``lam_h = exp(-slopes[h])``, the same on every rank; treated
+            as a constant (must not require grad).
+        group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
+        mode: "lasp", "lasp2", "ulysses" or "allgather".
+        backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
+        validate: check with one small all-gather that every rank passes the same shapes, dtype
+            and mode (a mismatch would otherwise hang or give wrong results). Default: on, unless
+            ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
+
+    Returns:
+        ``o [B, C, H, Dv]`` in q's dtype: this rank's slice of the output.
+
+    Raises:
+        ValueError: unknown mode or backend, bad shapes/dtypes/devices, slopes that require grad,
+            ranks that disagree (when validating), heads not divisible by the group size (ulysses).
+    """
+    if mode not in SP_MODES:
+        raise ValueError(f"lightning_attn_sp: unknown mode {mode!r}; --sequence-parallel-mode must be one of "
+                         f"{', '.join(SP_MODES)}")
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"lightning_attn_sp: q must be a tensor, got {type(q).__name__}")
+    backend = resolve_backend(backend, q.device)
+    check_inputs(q, k, v, slopes, None, backend)
+    if slopes.requires_grad:
+        raise ValueError("lightning_attn_sp: slopes must not require grad (the decay is a fixed per-layer "
+                         "constant here: register it as a buffer or pass slopes.detach())")
+    if group is None or dist.get_world_size(group) == 1:
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend)[0]
+    if validate is None:
+        validate = _validate_default()
+    if validate:
+        _check_across_group(q, v, mode, group)
+    if mode == "ulysses":
+        check_ulysses_heads(q.shape[2], dist.get_world_size(group))
+    return SP_MODES[mode](q, k, v, slopes, group, backend)

@@ -1,0 +1,102 @@
+"""Ulysses (DeepSpeed-Ulysses) baseline: all-to-all from sequence-sharded to head-sharded and back.
+
+Forward: one all-to-all turns every rank's ``[B, C, H, D]`` slices of q, k, v into the whole
+sequence for ``H / W`` heads (``[B, W C, H / W, D]``, rank r gets heads ``[r H/W, (r+1) H/W)``),
+the kernel runs on the whole sequence, a second all-to-all returns the output to sequence shards.
+Backward mirrors it: dO to head shards, the kernel backward, dQ, dK, dV back to sequence shards.
+q, k and v (and dq, dk, dv) travel packed in one all-to-all.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import GroupInfo, group_info
+
+__all__ = ["ulysses_attention", "check_ulysses_heads"]
+
+
+def check_ulysses_heads(num_heads: int, group_size: int) -> None:
+    """Raise ``ValueError`` unless the heads divide evenly over the group."""
+    if num_heads % group_size != 0:
+        raise ValueError(
+            f"--sequence-parallel-mode ulysses needs the number of heads per tensor-parallel rank "
+            f"({num_heads}) to be divisible by --sequence-parallel-size ({group_size}); change the "
+            f"sizes or use --sequence-parallel-mode lasp"
+        )
+
+
+def _seq_to_heads(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Tensor]:
+    """``[B, C, H, D_i]`` slices -> ``[B, W C, H / W, D_i]`` head shards, one all-to-all for all ``xs``."""
+    W = info.size
+    B, C, H = xs[0].shape[:3]
+    hl = H // W
+    # send[j] = this rank's tokens for the heads of rank j
+    send = torch.cat([x.reshape(B, C, W, hl, x.shape[-1]).permute(2, 0, 1, 3, 4).reshape(W, -1) for x in xs], dim=1)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=info.group)
+    # recv[j] = rank j's tokens (slice j) for this rank's heads
+    out, col = [], 0
+    for x in xs:
+        n = B * C * hl * x.shape[-1]
+        part = recv[:, col:col + n].reshape(W, B, C, hl, x.shape[-1])
+        out.append(part.transpose(0, 1).reshape(B, W * C, hl, x.shape[-1]))
+        col += n
+    return out
+
+
+def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Tensor]:
+    """Inverse of :func:`_seq_to_heads`: ``[B, W C, H / W, D_i]`` -> ``[B, C, H, D_i]``."""
+    W = info.size
+    B, N, hl = xs[0].shape[:3]
+    C = N // W
+    # send[j] = slice j of the sequence for this rank's heads
+    send = torch.cat([x.reshape(B, W, C, hl, x.shape[-1]).transpose(0, 1).reshape(W, -1) for x in xs], dim=1)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=info.group)
+    # recv[j] = this rank's slice for the heads of rank j
+    out, col = [], 0
+    for x in xs:
+        n = B * C * hl * x.shape[-1]
+        part = recv[:, col:col + n].reshape(W, B, C, hl, x.shape[-1])
+        out.append(part.permute(1, 2, 0, 3, 4).reshape(B, C, W * hl, x.shape[-1]))
+        col += n
+    return out
+
+
+class _UlyssesFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend):
+        hl = q.shape[2] // info.size
+        qh, kh, vh = _seq_to_heads((q, k, v), info)
+        slopes_h = slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
+        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend)
+        (o,) = _heads_to_seq((oh,), info)
+        ctx.save_for_backward(qh, kh, vh, slopes_h, saved.states)
+        ctx.meta = (info, saved.backend, saved.span, saved.config)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qh, kh, vh, slopes_h, states = ctx.saved_tensors
+        info, backend, span, config = ctx.meta
+        (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
+        saved = LightningAttnSaved(backend, states, span, config)
+        dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, None, None, saved, backend)
+        dq, dk, dv = _heads_to_seq((dqh, dkh, dvh), info)
+        return dq, dk, dv, None, None, None
+
+
+def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None) -> torch.Tensor:
+    """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
+
+    Raises:
+        ValueError: if the number of heads is not divisible by the group size.
+    """
+    info = group_info(group)
+    check_ulysses_heads(q.shape[2], info.size)
+    return _UlyssesFunction.apply(q, k, v, slopes, info, backend)

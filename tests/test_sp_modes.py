@@ -1,0 +1,266 @@
+"""The sequence-parallel modes (lasp, lasp2, ulysses, allgather) against the single-process kernel.
+
+Every check shards one random sequence over the group, runs ``lightning_attn_sp`` forward and
+backward on gloo ranks, gathers the output and dq, dk, dv and compares them with the torch
+kernel run on the whole sequence in fp64 (relative error of the fp32 run < 1e-5). Checks are
+grouped per spawn because starting ranks dominates the cost.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+from megatron_lasp.parallel import gather_sequence, initialize_parallel, lightning_attn_sp, split_sequence
+from megatron_lasp.parallel import lasp as lasp_module
+from megatron_lasp.testing import spawn
+
+MODES = ("lasp", "lasp2", "ulysses", "allgather")
+TOL = 1e-5
+
+
+def _slopes(H: int, decay: bool) -> torch.Tensor:
+    if not decay:
+        return torch.zeros(H)
+    # ALiBi-like spread plus one strong head whose lam^C underflows to 0 in fp32
+    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    s[-1] = 5.0
+    return s
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _full_inputs(seed, B, T, H, Dk, Dv):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
+    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
+    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+def _reference(q, k, v, do, slopes):
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, _ = chunk_lightning_attn(*leaves, slopes.double(), backend="torch")
+    o.backward(do)
+    return o.detach(), [x.grad for x in leaves]
+
+
+def _compare(seed, shape, decay, mode, group, backend="torch"):
+    """Run one case on this rank; return {name: relative error} of the gathered results."""
+    B, T, H, Dk, Dv = shape
+    slopes = _slopes(H, decay)
+    q, k, v, do = _full_inputs(seed, B, T, H, Dk, Dv)
+    o_ref, grads_ref = _reference(q, k, v, do, slopes)
+    local = [split_sequence(x.float(), group).requires_grad_(True) for x in (q, k, v)]
+    o = lightning_attn_sp(*local, slopes, group, mode=mode, backend=backend)
+    assert o.shape == local[2].shape and o.dtype == torch.float32
+    o.backward(split_sequence(do.float(), group))
+    got = [gather_sequence(o.detach(), group)] + [gather_sequence(x.grad, group) for x in local]
+    return {name: _rel(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, [o_ref] + grads_ref)}
+
+
+def _assert_all_close(results, what):
+    bad = {case: errs for case, errs in results.items() if not all(e < TOL for e in errs.values())}
+    assert not bad, f"{what}: relative errors >= {TOL}: {bad}"
+
+
+def _cases(world):
+    # local lengths: not a multiple of the torch kernel's 64-token block, shorter and longer than it
+    shapes = [(2, 37 * world, 4, 16, 8), (1, 100 * world, 4, 8, 16)]
+    return [(shape, decay, mode) for shape in shapes for decay in (True, False) for mode in MODES]
+
+
+def _case_id(shape, decay, mode, world):
+    B, T, H, Dk, Dv = shape
+    return f"{mode}-B{B}-T{T}-H{H}-Dk{Dk}-Dv{Dv}-sp{world}-{'decay' if decay else 'nodecay'}"
+
+
+def _check_world(rank, world_size, seed):
+    """Every mode over the world group, plus a group of one rank."""
+    group = dist.group.WORLD
+    results = {_case_id(*case, world_size): _compare(seed + i, *case, group) for i, case in enumerate(_cases(world_size))}
+    singles = [dist.new_group([r]) for r in range(world_size)]
+    for mode in MODES:
+        case = ((2, 45, 4, 8, 8), True, mode)
+        results[_case_id(*case, 1)] = _compare(seed + 100, *case, singles[rank])
+        results[_case_id(*case, 0) + "-groupNone"] = _compare(seed + 100, *case, None)
+    return results
+
+
+def _check_strided(rank, world_size, seed):
+    """TP=2 x SP=2 on 4 ranks: the SP groups are {0, 2} and {1, 3} (strided in global rank)."""
+    groups = initialize_parallel(2, 2, 1)
+    members = dist.get_process_group_ranks(groups.sp)
+    assert members == [rank % 2, rank % 2 + 2], members
+    # the two SP groups run different sequences: a peer from the wrong group would mix them
+    return {
+        _case_id(shape, decay, mode, 2) + "-tp2": _compare(seed + 7 * (rank % 2) + i, shape, decay, mode, groups.sp)
+        for i, (shape, decay, mode) in enumerate(_cases(2)[:8])
+    }
+
+
+def _check_layers_and_order(rank, world_size, seed):
+    """Several LASP layers in a row (state traffic in both directions between the same pair), and
+    the overlap order: the receive is posted before the local kernel runs, waited on after it."""
+    group = dist.group.WORLD
+    B, T, H, D = 2, 30 * world_size, 2, 8
+    slopes = _slopes(H, True)
+    q, k, v, do = _full_inputs(seed, B, T, H, D, D)
+    weights = [torch.randn(D, D, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64) for i in range(3)]
+
+    def model(x, attn):
+        for w in weights:
+            xw = x @ w.to(x.dtype) * D ** -0.5
+            x = x + attn(xw, xw, x)
+        return x
+
+    def ref_attn(a, b, c):
+        return chunk_lightning_attn(a, b, c, slopes.double(), backend="torch")[0]
+
+    x_ref = q.clone().requires_grad_(True)
+    model(x_ref, ref_attn).backward(do)
+
+    events = []
+    real_post, real_fwd = lasp_module._post_recv, lasp_module.lightning_attn_fwd
+
+    class _Work:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
+    def post(*args):
+        buf, work = real_post(*args)
+        if work is not None:
+            events.append("post")
+            work = _Work(work)
+        return buf, work
+
+    def fwd(*args):
+        events.append("kernel")
+        return real_fwd(*args)
+
+    lasp_module._post_recv, lasp_module.lightning_attn_fwd = post, fwd
+    try:
+        x = split_sequence(q.float(), group).requires_grad_(True)
+        y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
+        y.backward(split_sequence(do.float(), group))
+    finally:
+        lasp_module._post_recv, lasp_module.lightning_attn_fwd = real_post, real_fwd
+    err = _rel(gather_sequence(x.grad, group), x_ref.grad)
+    return err, events
+
+
+def _expect_error(fn, *needles):
+    try:
+        fn()
+    except ValueError as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        assert not missing, f"error message {msg!r} lacks {missing}"
+        return msg
+    raise AssertionError(f"no ValueError (expected one mentioning {needles})")
+
+
+def _check_bad_inputs(rank, world_size):
+    group = dist.group.WORLD
+    slopes = _slopes(4, True)
+
+    def x(T=8, H=4, D=8, dtype=torch.float32):
+        return torch.randn(2, T, H, D, dtype=dtype)
+
+    # a rank with another local length, dtype or mode: every rank raises, none hangs
+    T = 8 if rank == 0 else 9
+    _expect_error(lambda: lightning_attn_sp(x(T), x(T), x(T), slopes, group), "disagree", "T_local=9")
+    dt = torch.float32 if rank == 0 else torch.float64
+    _expect_error(lambda: lightning_attn_sp(x(dtype=dt), x(dtype=dt), x(dtype=dt), slopes, group), "disagree", "dtype")
+    mode = "lasp" if rank == 0 else "lasp2"
+    _expect_error(lambda: lightning_attn_sp(x(), x(), x(), slopes, group, mode=mode), "disagree", "mode=lasp2")
+    # heads not divisible by the group size under ulysses
+    _expect_error(
+        lambda: lightning_attn_sp(x(H=3), x(H=3), x(H=3), _slopes(3, True), group, mode="ulysses"),
+        "--sequence-parallel-mode ulysses", "--sequence-parallel-size",
+    )
+    # the group still works after the errors
+    o = lightning_attn_sp(x(), x(), x(), slopes, group, mode="lasp2")
+    return bool(torch.isfinite(o).all())
+
+
+def test_all_modes_two_ranks():
+    seed = random.randrange(1 << 30)
+    results = spawn(_check_world, 2, args=(seed,))
+    for rank_results in results:
+        _assert_all_close(rank_results, f"2 ranks, seed {seed}")
+    assert len(results[0]) == len(_cases(2)) + 2 * len(MODES)
+
+
+def test_all_modes_four_ranks_and_strided_tp2_sp2():
+    seed = random.randrange(1 << 30)
+    for rank_results in spawn(_check_world, 4, args=(seed,)):
+        _assert_all_close(rank_results, f"4 ranks, seed {seed}")
+    for rank_results in spawn(_check_strided, 4, args=(seed,), init_process_group=False):
+        _assert_all_close(rank_results, f"TP2 x SP2, seed {seed}")
+
+
+def test_lasp_layers_and_overlap_order():
+    seed = random.randrange(1 << 30)
+    for rank, (err, events) in enumerate(spawn(_check_layers_and_order, 2, args=(seed,))):
+        assert err < TOL, f"rank {rank}: 3-layer LASP gradient error {err} (seed {seed})"
+        if rank == 1:  # receives in the forward: post, then the local kernel, then wait; per layer
+            assert events == ["post", "kernel", "wait"] * 3, events
+        else:  # rank 0 only sends in the forward; its backward receives (not recorded: kernel_bwd)
+            assert events.count("kernel") == 3 and events.count("post") == 3, events
+            assert events[:3] == ["kernel"] * 3, events
+
+
+def test_bad_inputs_across_ranks():
+    assert spawn(_check_bad_inputs, 2) == [True, True]
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        (dict(mode="ring"), ("unknown mode", "--sequence-parallel-mode")),
+        (dict(q=torch.zeros(2, 8, 4, 8, dtype=torch.int32)), ("dtype",)),
+        (dict(v=torch.zeros(2, 8, 4, 8, dtype=torch.float64)), ("share one dtype",)),
+        (dict(slopes=torch.zeros(5)), ("slopes",)),
+        (dict(slopes=torch.zeros(4, requires_grad=True)), ("require grad",)),
+        (dict(k=torch.zeros(2, 9, 4, 8)), ("k must have q's shape",)),
+        (dict(q=torch.zeros(8, 4, 8)), ("4-d",)),
+        (dict(backend="cuda"), ("unknown backend",)),
+    ],
+    ids=["mode", "int-dtype", "mixed-dtype", "slopes-shape", "slopes-grad", "k-shape", "q-3d", "backend"],
+)
+def test_bad_inputs_local(case, needles):
+    args = dict(q=torch.zeros(2, 8, 4, 8), k=torch.zeros(2, 8, 4, 8), v=torch.zeros(2, 8, 4, 8),
+                slopes=torch.zeros(4), group=None, mode="lasp", backend=None)
+    args.update(case)
+    _expect_error(lambda: lightning_attn_sp(**args), *needles)
+
+
+def _check_triton(rank, world_size, seed):
+    from megatron_lasp.ops.lightning_attn import chunk as la_chunk
+
+    la_chunk.POISON_OUTPUTS = True
+    group = dist.group.WORLD
+    # 40 tokens per rank: several of the interpreter's 16-token blocks and 32-token segments
+    return {
+        _case_id((1, 80, 2, 16, 16), True, mode, 2) + "-triton": _compare(seed, (1, 80, 2, 16, 16), True, mode, group, "triton")
+        for mode in ("lasp", "lasp2")
+    }
+
+
+def test_triton_interpreter_lasp_two_ranks():
+    seed = random.randrange(1 << 30)
+    for rank_results in spawn(_check_triton, 2, args=(seed,), env={"TRITON_INTERPRET": "1"}):
+        _assert_all_close(rank_results, f"triton interpreter, seed {seed}")
