@@ -176,6 +176,50 @@ def bench(args):
         torch.cuda.empty_cache()
 
 
+def graph_and_profile(args):
+    """CPU-overhead-free timing (CUDA graph replay) and a per-kernel GPU-time breakdown."""
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    fn = ours_fn()
+    rows = []
+    for B, T, H, D in [(1, 8192, 16, 128), (1, 32768, 16, 128)]:
+        q, k, v, h0, slopes, do, dht = make_inputs(B, T, H, D)
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, h0)]
+
+        def fwd_bwd():
+            o, ht = fn(*leaves[:3], leaves[3], slopes)
+            torch.autograd.backward((o, ht), (do, dht))
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v, h0, slopes)
+
+        for _ in range(3):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        row = dict(B=B, T=T, H=H, D=D)
+        for name, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            try:
+                row[f"{name}_graph_ms"] = do_bench_cudagraph(f, rep=50, return_mode="median")
+            except Exception as e:  # capture refused
+                row[f"{name}_graph_error"] = repr(e)[:200]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        kernels = {}
+        for evt in prof.key_averages():
+            if evt.device_time_total > 0:
+                kernels[evt.key[:60]] = evt.device_time_total / 5 / 1e3
+        row["kernel_ms_per_fwd_bwd"] = kernels
+        row["kernel_ms_sum"] = sum(kernels.values())
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        with open(args.out + "_graph.json", "w") as f:
+            json.dump(dict(command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
+
+
 def plot(paths, out_png):
     import matplotlib
 
@@ -220,12 +264,15 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="sweep launch overrides at B1 T32K H16 D128")
     parser.add_argument("--config-json", default=None, help="a --sweep output: use its best overrides")
     parser.add_argument("--fla-autotune", choices=["full", "pruned"], default="pruned")
+    parser.add_argument("--graph", action="store_true", help="CUDA-graph timing and per-kernel GPU times")
     parser.add_argument("--plot", nargs="+", default=None, help="JSON files to plot (writes the first's .png)")
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot, args.plot[0].rsplit(".", 1)[0] + ".png")
     if args.sweep:
         return sweep(args)
+    if args.graph:
+        return graph_and_profile(args)
     return bench(args)
 
 
