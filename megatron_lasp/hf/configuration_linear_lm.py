@@ -1,0 +1,125 @@
+"""Hugging Face configuration of the megatron-lasp linear LM (TransNormerLLM style).
+
+This file is copied, unchanged, into every exported model directory next to
+``modeling_linear_lm.py``; it imports only ``transformers`` (no megatron, no megatron_lasp).
+
+The fields mirror the megatron-lasp ``LinearLMConfig`` (``megatron_lasp/models/config.py``):
+``decay_type`` / ``decay_layer_eps`` choose the per-head decay slopes (``lambda_h =
+exp(-slope_h)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
+sigmoid gate, ``attention_norm_group_size`` the heads per RMSNorm group on the attention output,
+``glu_type`` the MLP (``sglu``: ``(W1 x) * (W2 x)``; ``swiglu``: ``silu(W1 x) * (W2 x)``).
+"""
+
+from transformers import PretrainedConfig
+
+__all__ = ["LaspLinearLMConfig"]
+
+_CHOICES = {
+    "decay_type": ("tnl", "alibi", "none"),
+    "qk_feature_map": ("silu", "identity"),
+    "v_feature_map": ("silu", "identity"),
+    "glu_type": ("sglu", "swiglu"),
+}
+
+
+class LaspLinearLMConfig(PretrainedConfig):
+    """Configuration of :class:`LaspLinearLMForCausalLM`.
+
+    Args:
+        vocab_size: rows of the embedding and of the output layer (padded vocabulary).
+        hidden_size: model width.
+        num_hidden_layers: number of blocks.
+        num_attention_heads: heads of the token mixer.
+        head_dim: channels per head (default ``hidden_size // num_attention_heads``).
+        intermediate_size: GLU width.
+        rms_norm_eps: epsilon of every RMSNorm.
+        decay_type: 'tnl' (ALiBi slopes x ``(1 - l / (L - 1) + decay_layer_eps)``), 'alibi' or 'none'.
+        decay_layer_eps: epsilon of the 'tnl' depth scaling.
+        qk_feature_map: 'silu' or 'identity', applied to q and k.
+        v_feature_map: 'silu' or 'identity', applied to v.
+        output_gate: multiply the normalised attention output by ``sigmoid(g_proj x)``.
+        attention_norm_group_size: heads per RMSNorm group on the attention output.
+        glu_type: 'sglu' or 'swiglu'.
+        add_bias_linear: biases on every linear layer (not on the embedding or the output layer).
+        tie_word_embeddings: the output layer shares the input embedding's weight.
+        chunk_size: block length of the chunked (parallel) form used for prompts.
+        initializer_range: std of the normal init of fresh weights.
+        use_cache: return the recurrent-state cache by default.
+    """
+
+    model_type = "lasp_linear_lm"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        hidden_size: int = 64,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        head_dim: int = None,
+        intermediate_size: int = 96,
+        rms_norm_eps: float = 1e-5,
+        decay_type: str = "tnl",
+        decay_layer_eps: float = 1e-5,
+        qk_feature_map: str = "silu",
+        v_feature_map: str = "silu",
+        output_gate: bool = True,
+        attention_norm_group_size: int = 1,
+        glu_type: str = "sglu",
+        add_bias_linear: bool = False,
+        tie_word_embeddings: bool = False,
+        chunk_size: int = 64,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        bos_token_id: int = None,
+        eos_token_id: int = None,
+        pad_token_id: int = None,
+        **kwargs,
+    ):
+        for name, allowed in _CHOICES.items():
+            value = locals()[name]
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if head_dim is None:
+            if hidden_size % num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                    f"({num_attention_heads}), or set head_dim"
+                )
+            head_dim = hidden_size // num_attention_heads
+        if attention_norm_group_size < 1 or num_attention_heads % attention_norm_group_size != 0:
+            raise ValueError(
+                f"attention_norm_group_size ({attention_norm_group_size}) must divide num_attention_heads "
+                f"({num_attention_heads})"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.rms_norm_eps = rms_norm_eps
+        self.decay_type = decay_type
+        self.decay_layer_eps = decay_layer_eps
+        self.qk_feature_map = qk_feature_map
+        self.v_feature_map = v_feature_map
+        self.output_gate = output_gate
+        self.attention_norm_group_size = attention_norm_group_size
+        self.glu_type = glu_type
+        self.add_bias_linear = add_bias_linear
+        self.tie_word_embeddings = tie_word_embeddings
+        self.chunk_size = chunk_size
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )

@@ -1,0 +1,593 @@
+"""Hugging Face model of the megatron-lasp linear LM: pure PyTorch, CPU capable.
+
+This file is copied, unchanged, into every exported model directory next to
+``configuration_linear_lm.py``; it imports only ``torch`` and ``transformers`` (no megatron, no
+Triton), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works anywhere.
+
+Per block (pre-norm)::
+
+    h = x + o_proj(g * RMSNorm_group(LinAttn(phi(q_proj x'), phi(k_proj x'), psi(v_proj x'))))
+    y = h + down_proj(act(gate_proj h') * up_proj h')           # x', h': RMSNorm of x, h
+
+with ``g = sigmoid(g_proj x')`` when ``output_gate``, ``phi`` / ``psi`` the feature maps, ``act``
+the identity (SGLU) or SiLU (SwiGLU). ``LinAttn`` is causal linear attention with a fixed decay
+``lambda_h = exp(-slope_h)`` per head, no softmax and no denominator::
+
+    o_t = sum_{s <= t} lambda^(t - s) (q_t . k_s) v_s
+        = q_t S_t  with  S_t = lambda S_{t-1} + k_t^T v_t   (state [Dk, Dv], fp32)
+
+Prompts run the chunked form (:func:`chunk_linear_attention`, quadratic only inside blocks of
+``config.chunk_size`` tokens), which also returns the final state; generation then advances the
+state one token at a time (:func:`recurrent_linear_attention`): O(1) memory and work per token.
+The states live in :class:`LaspLinearLMCache` (one ``[B, H, Dk, Dv]`` fp32 tensor per layer),
+passed as ``cache`` (``past_key_values`` is accepted too) and returned in the output.
+
+Padding: positions where ``attention_mask`` is 0 contribute nothing to the state (their value
+vectors are zeroed), so left-padded batches give the same tokens as unpadded single prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # a package import (megatron_lasp.hf) or a flat one (the exported directory)
+    from .configuration_linear_lm import LaspLinearLMConfig
+except ImportError:  # pragma: no cover - loaded as a top-level module
+    from configuration_linear_lm import LaspLinearLMConfig
+
+__all__ = [
+    "LaspLinearLMCache",
+    "LaspLinearLMForCausalLM",
+    "LaspLinearLMModel",
+    "LaspLinearLMPreTrainedModel",
+    "alibi_slopes",
+    "chunk_linear_attention",
+    "layer_slopes",
+    "recurrent_linear_attention",
+]
+
+# transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+assert _CACHE_FIELD in BaseModelOutputWithPast.__dataclass_fields__
+
+
+# ---------------------------------------------------------------------------------------------
+# decay slopes
+# ---------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int) -> List[float]:
+    """ALiBi slopes: ``2^(-8 i / n)`` for i = 1..n when n is a power of two; otherwise the slopes
+    of the largest power of two ``m < n`` followed by every other slope of ``2 m`` heads."""
+
+    def power_of_two(n: int) -> List[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if num_heads & (num_heads - 1) == 0:
+        return power_of_two(num_heads)
+    m = 2 ** int(math.floor(math.log2(num_heads)))
+    return power_of_two(m) + power_of_two(2 * m)[0::2][: num_heads - m]
+
+
+def layer_slopes(config: LaspLinearLMConfig, layer_idx: int) -> torch.Tensor:
+    """Decay slopes of layer ``layer_idx`` (0-based), fp32 ``[num_attention_heads]``.
+
+    'tnl' scales the ALiBi slopes of layer ``l`` of ``L`` by ``1 - l / (L - 1) + decay_layer_eps``
+    (``1 + eps`` for ``L = 1``), computed in fp64 and rounded once to fp32.
+    """
+    heads = config.num_attention_heads
+    if config.decay_type == "none":
+        return torch.zeros(heads, dtype=torch.float32)
+    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64)
+    if config.decay_type == "tnl":
+        num_layers = config.num_hidden_layers
+        depth = 0.0 if num_layers == 1 else layer_idx / (num_layers - 1)
+        slopes = slopes * (1.0 - depth + config.decay_layer_eps)
+    return slopes.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# linear attention: recurrent and chunked forms
+# ---------------------------------------------------------------------------------------------
+
+
+def recurrent_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (fp32).
+
+    Args:
+        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``.
+        slopes: ``[H]``, ``lambda_h = exp(-slopes[h])``.
+        initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
+
+    Returns:
+        ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32)``.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
+    state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    qf, kf, vf = q.float(), k.float(), v.float()
+    outs = []
+    for t in range(T):
+        state = lam * state + kf[:, :, t, :, None] * vf[:, :, t, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], state))
+    return torch.stack(outs, dim=2).to(q.dtype), state
+
+
+def chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked (block-parallel) form of :func:`recurrent_linear_attention`, same arguments/returns.
+
+    Inside a block of ``C`` tokens (local index i; the last block may be shorter), with the
+    incoming state ``S``::
+
+        O = [(Q K^T) * M] V + diag(lambda^(i+1)) Q S,      M_ij = lambda^(i-j) for i >= j else 0
+        S <- lambda^C S + (diag(lambda^(C-1-i)) K)^T V
+
+    All arithmetic is fp32; the work is quadratic only inside a block.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
+    state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    C = max(1, min(chunk_size, T))
+    idx = torch.arange(C, device=q.device, dtype=torch.float32)
+    diff = idx[:, None] - idx[None, :]
+    decay_full = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
+    decay_in_full = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)  # [H, C, 1]: lambda^(i+1)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    outs = []
+    for start in range(0, T, C):
+        n = min(C, T - start)
+        qc, kc, vc = qf[:, :, start : start + n], kf[:, :, start : start + n], vf[:, :, start : start + n]
+        scores = (qc @ kc.transpose(-1, -2)) * decay_full[:, :n, :n]  # [B, H, n, n]
+        o = scores @ vc + decay_in_full[:, :n] * (qc @ state)
+        decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
+        state = torch.exp(-s * n) * state + (kc * decay_out).transpose(-1, -2) @ vc
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
+    return o.to(q.dtype), state
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
+
+
+class _RecurrentStateLayer:
+    """One layer's recurrent state ``[B, H, Dk, Dv]`` fp32 (None before the first forward)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+    is_initialized = False
+
+    def __init__(self):
+        self.state: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        if self.state is not None:
+            self.state.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state[indices, ...]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be cropped (it does not keep past tokens)")
+
+    def offload(self) -> None:
+        if self.state is not None:
+            self.state = self.state.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        pass
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def __repr__(self) -> str:
+        shape = None if self.state is None else tuple(self.state.shape)
+        return f"RecurrentStateLayer(state={shape})"
+
+
+class LaspLinearLMCache(Cache):
+    """Per-layer recurrent states of the linear LM: O(1) memory in the sequence length.
+
+    ``cache.get_state(i)`` / ``cache.set_state(i, S)`` read and write layer ``i``'s ``[B, H, Dk,
+    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far.
+    """
+
+    def __init__(self, num_layers: int):
+        layers = [_RecurrentStateLayer() for _ in range(num_layers)]
+        try:
+            super().__init__(layers=layers)
+        except TypeError:  # transformers versions whose Cache() takes no layers
+            super().__init__()
+            self.layers = layers
+        self.seen_tokens = 0
+
+    def get_state(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """Layer ``layer_idx``'s state ``[B, H, Dk, Dv]`` (None before the first token)."""
+        return self.layers[layer_idx].state
+
+    def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        """Replace layer ``layer_idx``'s state."""
+        self.layers[layer_idx].state = state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens consumed so far."""
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        """-1: no limit on the sequence length."""
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> Tuple[int, int]:
+        return query_length + self.seen_tokens, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be cropped (it does not keep past tokens)")
+
+    @property
+    def is_linear(self) -> List[bool]:
+        return [True] * len(self.layers)
+
+    @property
+    def is_sliding(self) -> List[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_dummy(self) -> List[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(layer.state is not None for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        sizes = {layer.state.shape[0] for layer in self.layers if layer.state is not None}
+        return sizes.pop() if len(sizes) == 1 else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class LaspRMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32: ``[..., n] -> [..., n]``."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class LaspGroupRMSNorm(nn.Module):
+    """RMSNorm over groups of ``group_size`` heads: ``[..., H, D] -> [..., H, D]``."""
+
+    def __init__(self, num_heads: int, head_dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.num_heads, self.head_dim, self.group_size = num_heads, head_dim, group_size
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-2]
+        groups = self.num_heads // self.group_size
+        xg = x.reshape(*lead, groups, self.group_size * self.head_dim)
+        w = self.weight.view(groups, self.group_size * self.head_dim)
+        return _rms_norm(xg, w, self.eps).view(*lead, self.num_heads, self.head_dim)
+
+
+_FEATURE_MAPS = {"silu": F.silu, "identity": None}
+
+
+class LaspLinearAttention(nn.Module):
+    """The token mixer: ``[B, T, hidden] -> [B, T, hidden]``, advancing ``cache`` if given."""
+
+    def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.chunk_size = config.chunk_size
+        width = self.num_heads * self.head_dim
+        bias = config.add_bias_linear
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.g_proj = nn.Linear(config.hidden_size, width, bias=bias) if config.output_gate else None
+        self.o_norm = LaspGroupRMSNorm(self.num_heads, self.head_dim, config.attention_norm_group_size, config.rms_norm_eps)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=bias)
+        self.qk_map = _FEATURE_MAPS[config.qk_feature_map]
+        self.v_map = _FEATURE_MAPS[config.v_feature_map]
+        # A plain attribute, not a buffer: recomputed from the config, never loaded or cast.
+        self.slopes = layer_slopes(config, layer_idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: Optional[LaspLinearLMCache] = None,
+        token_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        heads = (B, T, self.num_heads, self.head_dim)
+        q, k, v = self.q_proj(x).view(heads), self.k_proj(x).view(heads), self.v_proj(x).view(heads)
+        if self.qk_map is not None:
+            q, k = self.qk_map(q), self.qk_map(k)
+        if self.v_map is not None:
+            v = self.v_map(v)
+        if token_mask is not None:  # padded positions add nothing to the state
+            v = v * token_mask[:, :, None, None].to(v.dtype)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        initial_state = cache.get_state(self.layer_idx) if cache is not None else None
+        if initial_state is not None and T == 1:
+            o, state = recurrent_linear_attention(q, k, v, self.slopes, initial_state)
+        else:
+            o, state = chunk_linear_attention(q, k, v, self.slopes, initial_state, self.chunk_size)
+        if cache is not None:
+            cache.set_state(self.layer_idx, state)
+        o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x).view(heads))
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class LaspMLP(nn.Module):
+    """GLU MLP: ``down_proj(act(gate_proj x) * up_proj x)``, act = identity (SGLU) or SiLU."""
+
+    def __init__(self, config: LaspLinearLMConfig):
+        super().__init__()
+        bias = config.add_bias_linear
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.swiglu = config.glu_type == "swiglu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        if self.swiglu:
+            gate = F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class LaspDecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = LaspLinearAttention(config, layer_idx)
+        self.mlp_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LaspMLP(config)
+
+    def forward(self, x, cache=None, token_mask=None):
+        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LaspLinearLMPreTrainedModel(PreTrainedModel):
+    """Common base: config class, weight init (transformers' default: normal linears and
+    embeddings, ones for the RMSNorms), no default KV cache."""
+
+    config_class = LaspLinearLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LaspDecoderLayer"]
+    supports_gradient_checkpointing = False
+    _is_stateful = True  # a recurrent state cannot be rolled back (no assisted generation)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not create a key/value cache; forward() creates LaspLinearLMCache.
+        return False
+
+
+def _cache_from_kwargs(cache, kwargs) -> Optional[Cache]:
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
+    """Embedding, blocks and final norm: ``input_ids [B, T] -> hidden states [B, T, hidden]``."""
+
+    def __init__(self, config: LaspLinearLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LaspDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Run the blocks.
+
+        Args:
+            input_ids: ``[B, T]`` (or ``inputs_embeds [B, T, hidden]``).
+            attention_mask: ``[B, T_past + T]`` with 0 at padded positions, or None.
+            position_ids: ignored (the decay carries position).
+            cache: a :class:`LaspLinearLMCache` holding the state after earlier tokens, or None.
+            use_cache: return the (created or advanced) cache.
+            output_hidden_states: also return every block's input and the final output.
+
+        Returns:
+            ``BaseModelOutputWithPast``: ``last_hidden_state [B, T, hidden]``, ``hidden_states``,
+            the cache (``cache`` / ``past_key_values`` depending on the transformers version).
+        """
+        cache = _cache_from_kwargs(cache, kwargs)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        if cache is not None and not isinstance(cache, LaspLinearLMCache):
+            if cache.get_seq_length() != 0:
+                raise TypeError(
+                    f"this model keeps recurrent states in a LaspLinearLMCache, got a filled {type(cache).__name__}"
+                )
+            cache = None  # an empty key/value cache made by generic code: replace it
+        if cache is None and use_cache:
+            cache = LaspLinearLMCache(self.config.num_hidden_layers)
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -T:]
+            if bool(token_mask.all()):
+                token_mask = None
+        hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if hidden is not None:
+                hidden.append(x)
+            x = layer(x, cache=cache, token_mask=token_mask)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        if cache is not None:
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+
+
+class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
+    """The linear LM with its output layer; ``generate()`` uses the recurrent-state cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LaspLinearLMConfig):
+        super().__init__(config)
+        self.model = LaspLinearLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        """Logits (and the mean next-token loss when ``labels [B, T]`` are given; -100 ignored).
+
+        Args: as :meth:`LaspLinearLMModel.forward`, plus ``labels`` and ``logits_to_keep`` (0: all
+        positions, n: the last n).
+
+        Returns:
+            ``CausalLMOutputWithPast``: ``logits [B, T or n, vocab]``, ``loss``, the cache.
+        """
+        cache = _cache_from_kwargs(cache, kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            shifted = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: out[_CACHE_FIELD] if _CACHE_FIELD in out else None}
+        )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
