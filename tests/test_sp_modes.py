@@ -84,7 +84,7 @@ def _case_id(shape, decay, mode, world):
 
 
 def _check_world(rank, world_size, seed):
-    """Every mode over the world group, plus a group of one rank."""
+    """Every mode over the world group, plus groups of one rank and None."""
     group = dist.group.WORLD
     results = {_case_id(*case, world_size): _compare(seed + i, *case, group) for i, case in enumerate(_cases(world_size))}
     singles = [dist.new_group([r]) for r in range(world_size)]
@@ -95,7 +95,7 @@ def _check_world(rank, world_size, seed):
     return results
 
 
-def _check_strided(rank, world_size, seed):
+def _check_strided(rank, seed):
     """TP=2 x SP=2 on 4 ranks: the SP groups are {0, 2} and {1, 3} (strided in global rank)."""
     groups = initialize_parallel(2, 2, 1)
     members = dist.get_process_group_ranks(groups.sp)
@@ -107,7 +107,7 @@ def _check_strided(rank, world_size, seed):
     }
 
 
-def _check_layers_and_order(rank, world_size, seed):
+def _check_layers_and_order(world_size, seed):
     """Several LASP layers in a row (state traffic in both directions between the same pair), and
     the overlap order: the receive is posted before the local kernel runs, waited on after it."""
     group = dist.group.WORLD
@@ -129,7 +129,7 @@ def _check_layers_and_order(rank, world_size, seed):
     model(x_ref, ref_attn).backward(do)
 
     events = []
-    real_post, real_fwd = lasp_module._post_recv, lasp_module.lightning_attn_fwd
+    real = lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd
 
     class _Work:
         def __init__(self, work):
@@ -140,7 +140,7 @@ def _check_layers_and_order(rank, world_size, seed):
             return self.work.wait()
 
     def post(*args):
-        buf, work = real_post(*args)
+        buf, work = real[0](*args)
         if work is not None:
             events.append("post")
             work = _Work(work)
@@ -148,15 +148,19 @@ def _check_layers_and_order(rank, world_size, seed):
 
     def fwd(*args):
         events.append("kernel")
-        return real_fwd(*args)
+        return real[1](*args)
 
-    lasp_module._post_recv, lasp_module.lightning_attn_fwd = post, fwd
+    def bwd(*args):
+        events.append("kernel_bwd")
+        return real[2](*args)
+
+    lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd = post, fwd, bwd
     try:
         x = split_sequence(q.float(), group).requires_grad_(True)
         y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
         y.backward(split_sequence(do.float(), group))
     finally:
-        lasp_module._post_recv, lasp_module.lightning_attn_fwd = real_post, real_fwd
+        lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd = real
     err = _rel(gather_sequence(x.grad, group), x_ref.grad)
     return err, events
 
@@ -172,7 +176,7 @@ def _expect_error(fn, *needles):
     raise AssertionError(f"no ValueError (expected one mentioning {needles})")
 
 
-def _check_bad_inputs(rank, world_size):
+def _check_bad_inputs(rank):
     group = dist.group.WORLD
     slopes = _slopes(4, True)
 
@@ -196,37 +200,6 @@ def _check_bad_inputs(rank, world_size):
     return bool(torch.isfinite(o).all())
 
 
-def test_all_modes_two_ranks():
-    seed = random.randrange(1 << 30)
-    results = spawn(_check_world, 2, args=(seed,))
-    for rank_results in results:
-        _assert_all_close(rank_results, f"2 ranks, seed {seed}")
-    assert len(results[0]) == len(_cases(2)) + 2 * len(MODES)
-
-
-def test_all_modes_four_ranks_and_strided_tp2_sp2():
-    seed = random.randrange(1 << 30)
-    for rank_results in spawn(_check_world, 4, args=(seed,)):
-        _assert_all_close(rank_results, f"4 ranks, seed {seed}")
-    for rank_results in spawn(_check_strided, 4, args=(seed,), init_process_group=False):
-        _assert_all_close(rank_results, f"TP2 x SP2, seed {seed}")
-
-
-def test_lasp_layers_and_overlap_order():
-    seed = random.randrange(1 << 30)
-    for rank, (err, events) in enumerate(spawn(_check_layers_and_order, 2, args=(seed,))):
-        assert err < TOL, f"rank {rank}: 3-layer LASP gradient error {err} (seed {seed})"
-        if rank == 1:  # receives in the forward: post, then the local kernel, then wait; per layer
-            assert events == ["post", "kernel", "wait"] * 3, events
-        else:  # rank 0 only sends in the forward; its backward receives (not recorded: kernel_bwd)
-            assert events.count("kernel") == 3 and events.count("post") == 3, events
-            assert events[:3] == ["kernel"] * 3, events
-
-
-def test_bad_inputs_across_ranks():
-    assert spawn(_check_bad_inputs, 2) == [True, True]
-
-
 @pytest.mark.parametrize(
     "case, needles",
     [
@@ -248,19 +221,81 @@ def test_bad_inputs_local(case, needles):
     _expect_error(lambda: lightning_attn_sp(**args), *needles)
 
 
-def _check_triton(rank, world_size, seed):
+def _check_triton(seed):
+    """The triton backend in Triton's interpreter through lasp (NaN-poisoned kernel buffers)."""
     from megatron_lasp.ops.lightning_attn import chunk as la_chunk
 
     la_chunk.POISON_OUTPUTS = True
-    group = dist.group.WORLD
-    # 40 tokens per rank: several of the interpreter's 16-token blocks and 32-token segments
-    return {
-        _case_id((1, 80, 2, 16, 16), True, mode, 2) + "-triton": _compare(seed, (1, 80, 2, 16, 16), True, mode, group, "triton")
-        for mode in ("lasp", "lasp2")
-    }
+    shape = (1, 80, 2, 16, 16)  # 40 tokens per rank: several 16-token blocks and 32-token segments
+    return {_case_id(shape, True, "lasp", 2) + "-triton": _compare(seed, shape, True, "lasp", dist.group.WORLD, "triton")}
 
 
-def test_triton_interpreter_lasp_two_ranks():
+def _two_ranks(rank, world_size, seed):
+    torch.set_num_threads(1)
+    return dict(
+        world=_check_world(rank, world_size, seed),
+        layers=_check_layers_and_order(world_size, seed + 1000),
+        bad_inputs=_check_bad_inputs(rank),
+        triton=_check_triton(seed + 2000),
+    )
+
+
+def _four_ranks(rank, world_size, seed):
+    torch.set_num_threads(1)
+    return dict(world=_check_world(rank, world_size, seed), strided=_check_strided(rank, seed + 1000))
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
     seed = random.randrange(1 << 30)
-    for rank_results in spawn(_check_triton, 2, args=(seed,), env={"TRITON_INTERPRET": "1"}):
-        _assert_all_close(rank_results, f"triton interpreter, seed {seed}")
+    return seed, spawn(_two_ranks, 2, args=(seed,), env={"TRITON_INTERPRET": "1"}, init_process_group=True)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    seed = random.randrange(1 << 30)
+    return seed, spawn(_four_ranks, 4, args=(seed,))
+
+
+def test_all_modes_two_ranks(two_ranks):
+    seed, results = two_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["world"], f"2 ranks, seed {seed}")
+    assert len(results[0]["world"]) == len(_cases(2)) + 2 * len(MODES)
+
+
+def test_all_modes_four_ranks(four_ranks):
+    seed, results = four_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["world"], f"4 ranks, seed {seed}")
+
+
+def test_strided_tp2_sp2(four_ranks):
+    seed, results = four_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["strided"], f"TP2 x SP2, seed {seed}")
+        assert len(rank_results["strided"]) == 8
+
+
+def test_lasp_layers_and_overlap_order(two_ranks):
+    seed, results = two_ranks
+    for rank, rank_results in enumerate(results):
+        err, events = rank_results["layers"]
+        assert err < TOL, f"rank {rank}: 3-layer LASP gradient error {err} (seed {seed})"
+        # the receive is posted before the local kernel and waited on after it, in both passes;
+        # rank 1 receives in the forward only, rank 0 in the backward only
+        if rank == 1:
+            assert events == ["post", "kernel", "wait"] * 3 + ["kernel_bwd"] * 3, events
+        else:
+            assert events == ["kernel"] * 3 + ["post", "kernel_bwd", "wait"] * 3, events
+
+
+def test_bad_inputs_across_ranks(two_ranks):
+    _, results = two_ranks
+    assert [r["bad_inputs"] for r in results] == [True, True]
+
+
+def test_triton_interpreter_lasp_two_ranks(two_ranks):
+    seed, results = two_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["triton"], f"triton interpreter, seed {seed}")
