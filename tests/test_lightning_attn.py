@@ -26,7 +26,7 @@ SHAPES = [
     (1, 1, 2, 8, 8),
     (2, 37, 3, 8, 12),
     (1, 64, 2, 16, 16),
-    (2, 100, 4, 16, 8),
+    (2, 75, 4, 16, 8),
 ]
 DECAYS = ["nodecay", "hetero"]
 
@@ -177,3 +177,21 @@ def test_triton_on_cpu_without_interpreter_errors(monkeypatch):
     q = torch.ones(1, 4, 2, 8)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         chunk_lightning_attn(q, q, q, torch.zeros(2), backend="triton")
+
+
+def test_broadcast_output_gradient(backend):
+    """``o.sum()`` hands the backward an expanded (stride-0) gradient; only the final state may be unused."""
+    torch.manual_seed(4)
+    q, k, v, slopes, h0, _, _ = _inputs(1, 21, 2, 16, 16, "hetero", True)
+    grads = []
+    for impl in ("naive", backend):
+        leaves = [x.clone().double().requires_grad_(True) if impl == "naive" else x.clone().requires_grad_(True)
+                  for x in (q, k, v, h0)]
+        if impl == "naive":
+            o, _ = naive_lightning_attn(*leaves[:3], slopes.double(), leaves[3], False)
+        else:
+            o, _ = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], False, backend=impl)
+        o.sum().backward()
+        grads.append([x.grad for x in leaves])
+    for name, a, b in zip(["dq", "dk", "dv", "d_initial_state"], grads[1], grads[0]):
+        assert _rel(a, b) < TOL[backend], name

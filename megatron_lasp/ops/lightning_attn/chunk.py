@@ -300,7 +300,7 @@ def _triton_config(B: int, T: int, H: int, dx: int, dz: int, interpret: bool) ->
 
 
 def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 def _contig(x: torch.Tensor) -> torch.Tensor:
@@ -458,8 +458,12 @@ def lightning_attn_bwd(
     if saved.backend != backend:
         raise ValueError(f"lightning attention: `saved` comes from the {saved.backend} backend, "
                          f"backward asked for {backend}")
-    do = do.to(q.dtype)
-    if backend == "torch":
+    return _bwd_dispatch(q, k, v, slopes, do.to(q.dtype), d_final_state, saved)
+
+
+def _bwd_dispatch(q, k, v, slopes, do, d_final_state, saved: LightningAttnSaved):
+    """Backward on already validated inputs (the autograd Function skips the checks)."""
+    if saved.backend == "torch":
         return torch_lightning_attn_bwd(q, k, v, slopes, do, d_final_state, saved.states, saved.span)
     return _triton_bwd(q, k, v, slopes, do, d_final_state, saved)
 
@@ -478,7 +482,9 @@ class _LightningAttnFunction(torch.autograd.Function):
         q, k, v, slopes, states = ctx.saved_tensors
         backend, span, config = ctx.saved_meta
         saved = LightningAttnSaved(backend, states, span, config)
-        dq, dk, dv, dh0 = lightning_attn_bwd(q, k, v, slopes, do, d_final, None, saved, backend)
+        if do is None:  # only the final state was used
+            do = torch.zeros_like(v)
+        dq, dk, dv, dh0 = _bwd_dispatch(q, k, v, slopes, do.to(q.dtype), d_final, saved)
         if ctx.state_dtype is None:
             dh0 = None
         else:
