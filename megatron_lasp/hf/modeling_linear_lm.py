@@ -50,6 +50,7 @@ __all__ = [
     "LaspLinearLMPreTrainedModel",
     "alibi_slopes",
     "chunk_linear_attention",
+    "layer_slope_values",
     "layer_slopes",
     "recurrent_linear_attention",
 ]
@@ -78,21 +79,28 @@ def alibi_slopes(num_heads: int) -> List[float]:
     return power_of_two(m) + power_of_two(2 * m)[0::2][: num_heads - m]
 
 
-def layer_slopes(config: LaspLinearLMConfig, layer_idx: int) -> torch.Tensor:
-    """Decay slopes of layer ``layer_idx`` (0-based), fp32 ``[num_attention_heads]``.
+def layer_slope_values(config: LaspLinearLMConfig, layer_idx: int) -> List[float]:
+    """Decay slopes of layer ``layer_idx`` (0-based) as Python (fp64) floats, one per head.
 
     'tnl' scales the ALiBi slopes of layer ``l`` of ``L`` by ``1 - l / (L - 1) + decay_layer_eps``
-    (``1 + eps`` for ``L = 1``), computed in fp64 and rounded once to fp32.
+    (``1 + eps`` for ``L = 1``); 'alibi' uses them unscaled; 'none' gives zeros (no decay).
     """
     heads = config.num_attention_heads
     if config.decay_type == "none":
-        return torch.zeros(heads, dtype=torch.float32)
-    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64)
+        return [0.0] * heads
+    slopes = alibi_slopes(heads)
     if config.decay_type == "tnl":
         num_layers = config.num_hidden_layers
         depth = 0.0 if num_layers == 1 else layer_idx / (num_layers - 1)
-        slopes = slopes * (1.0 - depth + config.decay_layer_eps)
-    return slopes.float()
+        factor = 1.0 - depth + config.decay_layer_eps
+        slopes = [x * factor for x in slopes]
+    return slopes
+
+
+def layer_slopes(config: LaspLinearLMConfig, layer_idx: int, device=None) -> torch.Tensor:
+    """:func:`layer_slope_values` rounded once to fp32: ``[num_attention_heads]``."""
+    values = layer_slope_values(config, layer_idx)
+    return torch.tensor(values, dtype=torch.float64, device=device).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +362,8 @@ class LaspLinearAttention(nn.Module):
         self.o_proj = nn.Linear(width, config.hidden_size, bias=bias)
         self.qk_map = _FEATURE_MAPS[config.qk_feature_map]
         self.v_map = _FEATURE_MAPS[config.v_feature_map]
-        # A plain attribute, not a buffer: recomputed from the config, never loaded or cast.
-        self.slopes = layer_slopes(config, layer_idx)
+        # Python floats, not a buffer: never loaded, cast, or created on the meta device.
+        self.slope_values = layer_slope_values(config, layer_idx)
 
     def forward(
         self,
@@ -373,11 +381,12 @@ class LaspLinearAttention(nn.Module):
         if token_mask is not None:  # padded positions add nothing to the state
             v = v * token_mask[:, :, None, None].to(v.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        slopes = torch.tensor(self.slope_values, dtype=torch.float64, device=x.device).float()
         initial_state = cache.get_state(self.layer_idx) if cache is not None else None
         if initial_state is not None and T == 1:
-            o, state = recurrent_linear_attention(q, k, v, self.slopes, initial_state)
+            o, state = recurrent_linear_attention(q, k, v, slopes, initial_state)
         else:
-            o, state = chunk_linear_attention(q, k, v, self.slopes, initial_state, self.chunk_size)
+            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size)
         if cache is not None:
             cache.set_state(self.layer_idx, state)
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
