@@ -112,6 +112,8 @@ class LinearLMConfig(TransformerConfig):
         self._check_linear_lm_fields()
         self.gated_linear_unit = True
         self.activation_func = sglu_identity if self.glu_type == "sglu" else F.silu
+        if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype
         super().__post_init__()
         if self.num_query_groups not in (None, self.num_attention_heads):
             raise ValueError(
@@ -141,6 +143,16 @@ class LinearLMConfig(TransformerConfig):
                 raise ValueError(f"{flag} must be one of {shown}, got {value!r}")
         if self.transformer_impl == "transformer_engine" and not te_available():
             raise ValueError(TE_MISSING_MESSAGE)
+        if (
+            self.recompute_granularity == "selective"
+            and "layernorm" in (self.recompute_modules or [])
+            and self.transformer_impl == "local"
+        ):
+            # megatron-core's output-discarding checkpoint reads Transformer Engine's FP8 state
+            raise ValueError(
+                "--recompute-modules layernorm needs --transformer-impl transformer_engine; with the "
+                "local implementation use core_attn and/or mlp (or --recompute-granularity full)"
+            )
         if not (self.decay_layer_eps >= 0.0 and math.isfinite(self.decay_layer_eps)):
             raise ValueError(f"--decay-layer-eps must be a finite number >= 0, got {self.decay_layer_eps}")
         if self.num_layers < 1:

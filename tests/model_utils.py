@@ -1,0 +1,101 @@
+"""Helpers for comparing a sharded (TP / SP / DP / PP) model with its single-process reference.
+
+Conventions (megatron-core's, set on every parameter it builds):
+- ``param.tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``: a TP shard. With
+  ``use_cpu_initialization=True`` every shard is a slice of one master weight: stride 1 is a
+  contiguous slice, stride ``k`` interleaves ``k`` pieces per rank (the GLU ``linear_fc1``:
+  rank r holds ``[W1_r; W2_r]``).
+- ``param.sequence_parallel``: replicated over TP, but with TP sequence parallelism each TP rank
+  sees a slice of the tokens, so its gradient is partial and must be summed over TP.
+- SP (and DP) ranks see different tokens: parameter gradients are summed over ``dp_sp``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lasp.parallel import split_sequence
+
+
+def gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: dist.ProcessGroup) -> torch.Tensor:
+    """The full tensor of a TP shard ``t`` of ``param`` (unchanged if ``param`` is not TP-sharded)."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_group.size() == 1:
+        return t
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    parts = [torch.empty_like(t) for _ in range(tp_group.size())]
+    dist.all_gather(parts, t.contiguous(), group=tp_group)
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def full_grads(model: torch.nn.Module, groups, *, with_pp: bool = False) -> Dict[str, torch.Tensor]:
+    """Every parameter's full gradient, identical on all ranks, keyed by parameter name.
+
+    Sums over ``dp_sp`` (different tokens), over TP for ``sequence_parallel`` params when TP
+    sequence parallelism is on (the attribute is set only then), then gathers TP shards. With
+    ``with_pp``, each stage's gradients are broadcast to all stages (names kept per stage: the
+    caller maps stage-local layer indices).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+        g = p.grad.detach().clone()
+        dist.all_reduce(g, group=groups.dp_sp)
+        if getattr(p, "sequence_parallel", False) and groups.tp.size() > 1:
+            dist.all_reduce(g, group=groups.tp)
+        out[name] = gather_tp(g, p, groups.tp)
+    return out
+
+
+def full_params(model: torch.nn.Module, groups) -> Dict[str, torch.Tensor]:
+    """Every parameter's full value (TP shards gathered), keyed by name."""
+    return {name: gather_tp(p.detach(), p, groups.tp) for name, p in model.named_parameters()}
+
+
+def sharded_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    groups,
+    decoder_input: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward + backward of this rank's slice; returns the global mean loss (on every rank).
+
+    ``input_ids`` / ``labels``: the FULL ``[b, T]`` batch, the same on every rank (data replicated
+    over DP, so the DP mean equals the single-process loss). Each rank runs its contiguous SP
+    slice; its loss is ``sum(token losses) / (b * T * dp)`` so that the sum over ``dp_sp`` is the
+    mean over all tokens.
+    """
+    ids = split_sequence(input_ids, groups.sp, dim=1)
+    lab = split_sequence(labels, groups.sp, dim=1)
+    per_token = model(ids, labels=lab)
+    assert per_token.shape == lab.shape, f"loss shape {tuple(per_token.shape)} != labels {tuple(lab.shape)}"
+    local = per_token.float().sum() / (labels.numel() * groups.dp_size)
+    local.backward()
+    total = local.detach().clone()
+    dist.all_reduce(total, group=groups.dp_sp)
+    return total
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in fp64 (0 when both are 0)."""
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def compare_grads(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], name_map=None) -> Dict[str, float]:
+    """Relative error of each gradient against the reference (after an optional name mapping)."""
+    errs = {}
+    for name, g in got.items():
+        ref_name = name_map(name) if name_map else name
+        r = ref[ref_name]
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} vs reference {tuple(r.shape)}"
+        errs[name] = rel_err(g, r)
+    return errs
