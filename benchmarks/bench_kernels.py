@@ -26,6 +26,11 @@ SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 819
 # fla 0.6.0 chunk_simple_gla, bf16 B1 H16 D128, one H200, full autotuning (shared/docs/GPU.md).
 FLA_GPU_MD = {8192: (0.41, 1.83), 32768: (0.46, 2.21), 131072: (1.79, 8.69)}
 # Sweep candidates: overrides of the launch heuristic (chunk.TUNING).
+SWEEP_LOCAL = [
+    {},
+    {"state_tile": 128, "state_warps": 8},
+    {"state_tile": 128, "state_warps": 4},
+]
 SWEEP = [
     {},
     {"num_stages": 3},
@@ -123,7 +128,7 @@ def sweep(args):
     inputs = make_inputs(B, T, H, D)
     fn = ours_fn()
     rows = []
-    for tuning in SWEEP:
+    for tuning in (SWEEP_LOCAL if args.sweep_set == "local" else SWEEP):
         la_chunk.TUNING.clear()
         la_chunk.TUNING.update(tuning)
         cfg = la_chunk._triton_config(B, T, H, D, D, False)
@@ -138,7 +143,7 @@ def sweep(args):
     la_chunk.TUNING.clear()
     best = min(rows, key=lambda r: r["fwd_bwd_ms"])
     print("best:", best, flush=True)
-    with open(args.out + "_sweep.json", "w") as f:
+    with open(args.out + ("_sweep_local.json" if args.sweep_set == "local" else "_sweep.json"), "w") as f:
         json.dump(dict(command=" ".join(["python"] + sys.argv), shape=[B, T, H, D], rows=rows,
                        best_tuning=best["tuning"]), f, indent=1)
 
@@ -262,6 +267,8 @@ def main():
     parser.add_argument("--out", default="kernels_bench", help="output path prefix (PREFIX.json)")
     parser.add_argument("--impl", choices=["ours", "fla"], default="ours")
     parser.add_argument("--sweep", action="store_true", help="sweep launch overrides at B1 T32K H16 D128")
+    parser.add_argument("--sweep-set", choices=["launch", "local"], default="launch",
+                        help="launch: chunk-kernel overrides; local: local-state kernel tiles")
     parser.add_argument("--config-json", default=None, help="a --sweep output: use its best overrides")
     parser.add_argument("--fla-autotune", choices=["full", "pruned"], default="pruned")
     parser.add_argument("--graph", action="store_true", help="CUDA-graph timing and per-kernel GPU times")

@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="only the first two shapes")
     parser.add_argument("--config-json", default=None, help="a bench_kernels.py --sweep output: use its best overrides")
+    parser.add_argument("--bf16-shapes", type=int, default=len(SHAPES), help="bf16 only for the first N shapes")
     parser.add_argument("--fp32-shapes", type=int, default=len(SHAPES), help="fp32 only for the first N shapes")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -105,7 +106,7 @@ def main():
     results = []
     shapes = SHAPES[:2] if args.quick else SHAPES
     for dtype in (torch.bfloat16, torch.float32):
-        for shape in (shapes if dtype == torch.bfloat16 else shapes[:args.fp32_shapes]):
+        for shape in shapes[:args.bf16_shapes if dtype == torch.bfloat16 else args.fp32_shapes]:
             t0 = time.time()
             errs, det = run_case(shape, dtype, device)
             torch.cuda.synchronize()
