@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory for checkpoints (iter_XXXXXXX/ + tracker file)")
-    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint")
+    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint (the same directory as --save "
+                   "may not exist yet: the run then starts from scratch)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--no-load-optim", action="store_true",
                    help="load only the weights (needed when TP/PP/SP/DP sizes or --ddp-impl changed)")
@@ -202,7 +203,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ArgumentError("--tokenizer-type is required with --data-path")
         args.tokenizer_type = "NullTokenizer"
         if args.vocab_size is None:
-            args.vocab_size = 1023
+            # the preset's vocabulary (EOD included) for realistic mock runs, else 1024 ids
+            args.vocab_size = _preset_vocab(args.model_preset) - 1
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer")
     for flag, path in (("--tokenizer-model", args.tokenizer_model), ("--vocab-file", args.vocab_file),
@@ -254,10 +256,18 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
-    if args.load and not os.path.isdir(args.load):
+    same_dir = args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
+    if args.load and not os.path.isdir(args.load) and not same_dir:
+        # --load DIR --save DIR (auto-resume) may start before DIR exists
         raise ArgumentError(f"--load: directory {args.load} not found")
     if args.finetune:
         args.no_load_optim = args.no_load_rng = True
+    if args.tensorboard_dir:
+        from megatron_lasp.training.logging_utils import tensorboard_available
+
+        if not tensorboard_available():
+            raise ArgumentError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
+                                "(or pip install -e .[tensorboard]); or drop the flag")
 
     if world_size is not None:
         try:
@@ -289,6 +299,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})"
             )
     return args
+
+
+def _preset_vocab(preset: Optional[str]) -> int:
+    if preset is None:
+        return 1024
+    from megatron_lasp.models.config import preset_vocab_size
+
+    return preset_vocab_size(preset)
 
 
 def parse_data_path(tokens: Sequence[str]):

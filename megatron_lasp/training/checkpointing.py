@@ -170,7 +170,7 @@ def check_architecture(root: str, args: argparse.Namespace, config) -> None:
 
     Does nothing when ``root`` holds no checkpoint yet (the run starts from scratch).
     """
-    if read_tracker(root) is None:
+    if not os.path.isdir(root) or read_tracker(root) is None:
         return
     _, saved = read_config(root)
     current = dict(_model_fields(config), padded_vocab_size=args.padded_vocab_size)
@@ -387,7 +387,7 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
     args = state.args
     root = args.load
     if iteration is None:
-        iteration = read_tracker(root)
+        iteration = read_tracker(root) if os.path.isdir(root) else None
     if iteration is None:
         logger.warning("--load %s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILENAME)
         return None
