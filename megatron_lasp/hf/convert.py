@@ -79,6 +79,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_TYPE = "lasp_linear_lm"
+"""``LaspLinearLMConfig.model_type`` (a test pins that they agree)."""
 
 
 class ConversionError(RuntimeError):
@@ -579,12 +581,8 @@ def read_hf_config(load_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"{load_dir} has no config.json: not a Hugging Face model directory")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
-
-    if config.get("model_type") != LaspLinearLMConfig.model_type:
-        raise ConversionError(
-            f"{path}: model_type {config.get('model_type')!r} is not {LaspLinearLMConfig.model_type!r}"
-        )
+    if config.get("model_type") != MODEL_TYPE:
+        raise ConversionError(f"{path}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
     return config
 
 

@@ -1,0 +1,469 @@
+"""Hugging Face conversion: checkpoint -> HF -> checkpoint, the HF model's math and generation.
+
+One 2-rank spawn trains one step with the training entry point and saves a checkpoint twice, at
+TP=2 and at SP=2 (``--save``, megatron-core dist_checkpointing), returning each layout's logits on
+fixed tokens. One 1-rank spawn converts both checkpoints to HF directories (one through the CLI's
+``main``, one with a tiny ``--max-shard-size`` so that the weights are sharded with an index),
+converts one back to a checkpoint, reloads it through the training package (``load_model_for_
+inference`` and ``--load --finetune``) and writes HF directories of directly built model variants.
+The assertions then run here, on the HF models loaded with ``AutoModelForCausalLM`` (pure
+PyTorch, ``trust_remote_code``). Pure-HF tests (recurrent vs chunked form, cached vs uncached
+generation, padding) need no spawn. CLI error paths run as subprocesses (no torch import).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_lasp.testing import spawn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(REPO, "examples", "data", "tokenizer")
+TOL = 1e-5  # relative (norm-wise) logits error: fp32 round-off is ~1e-7, a wrong weight is >> 1e-3
+SEQ = 48
+VARIANTS = {
+    "tied-options": dict(
+        share_embeddings_and_output_weights=True,
+        output_gate=False,
+        qk_feature_map="identity",
+        glu_type="swiglu",
+        attention_norm_group_size=2,
+        decay_type="alibi",
+        add_bias_linear=True,
+    ),
+    "nodecay-identity-v": dict(decay_type="none", v_feature_map="identity", num_layers=3),
+}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# spawned work
+
+
+def _train_and_save(rank, world_size, roots, seed):
+    """Train 1 step and save at TP=2, then at SP=2; return each layout's logits on fixed ids."""
+    from megatron_lasp.training import main
+    from megatron_lasp.training.optim import unwrap_model
+
+    common = [
+        "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "1", "--train-iters", "1",
+        "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", TOKENIZER,
+        "--make-vocab-size-divisible-by", "8", "--eval-interval", "0", "--seed", str(seed),
+    ]
+    layouts = {"tp2": ["--tensor-model-parallel-size", "2"], "sp2": ["--sequence-parallel-size", "2"]}
+    out = {}
+    for name, flags in layouts.items():
+        state = main(common + flags + ["--save", roots[name]], destroy=False)
+        model = unwrap_model(state.model).eval()
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, state.args.vocab_size_tokenizer, (2, SEQ), generator=gen)
+        sp, sp_rank = state.groups.sp_size, state.groups.sp_rank
+        chunk = SEQ // sp
+        with torch.no_grad():
+            logits = model(ids[:, sp_rank * chunk : (sp_rank + 1) * chunk])  # [b, s / sp, vocab / tp]
+        out[name] = dict(ids=ids, logits=logits, tp_rank=state.groups.tp_rank, sp_rank=sp_rank)
+    return out
+
+
+def _convert_all(rank, world_size, paths, seed):
+    """Single process: every conversion, the reloads, and the directly built variants."""
+    import importlib.util
+
+    from megatron_lasp.hf import convert
+    from megatron_lasp.training.checkpointing import load_model_for_inference
+
+    result = {}
+    # checkpoint -> HF through the CLI's main (tokenizer from the checkpoint), and through the API
+    spec = importlib.util.spec_from_file_location("cli_to_hf", os.path.join(REPO, "tools", "convert_checkpoint_to_hf.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    result["cli_rc"] = cli.main(["--load", paths["tp2"], "--save", paths["hf_tp2"], "--max-shard-size", "40KB"])
+    convert.convert_checkpoint_to_hf(
+        paths["sp2"], paths["hf_sp2"],
+        tokenizer_settings={"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER},
+    )
+    # HF -> checkpoint, and both checkpoints back at TP=1 through the training package
+    convert.convert_hf_to_checkpoint(paths["hf_tp2"], paths["back"])
+    original, _, _ = load_model_for_inference(paths["tp2"], device="cpu")
+    back, _, saved_back = load_model_for_inference(paths["back"], device="cpu")
+    result["original"] = {k: v.clone() for k, v in original.state_dict().items() if not k.endswith("_extra_state")}
+    result["back"] = {k: v.clone() for k, v in back.state_dict().items() if not k.endswith("_extra_state")}
+    result["back_config"] = {k: saved_back[k] for k in ("model", "padded_vocab_size", "tokenizer", "parallel")}
+
+    # continue training from the converted checkpoint: the entry point's --load (weights only)
+    from megatron_lasp.training.loop import setup
+    from megatron_lasp.training.optim import unwrap_model
+
+    state = setup([
+        "--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--mock-data",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", paths["hf_tp2"],
+        "--make-vocab-size-divisible-by", "8", "--load", paths["back"], "--finetune",
+    ])
+    result["resumed"] = {
+        k: v.detach().clone() for k, v in unwrap_model(state.model).state_dict().items() if not k.endswith("_extra_state")
+    }
+
+    # model variants built directly (TP=1): logits of the megatron model + an HF directory
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+
+    result["variants"] = {}
+    for name, fields in VARIANTS.items():
+        torch.manual_seed(seed)
+        config = linear_lm_config("tiny", use_cpu_initialization=True, **fields)
+        model = build_linear_lm(config, 128).eval()
+        with torch.no_grad():  # move norm weights and biases off their init values
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ids = torch.randint(0, 128, (2, SEQ))
+        with torch.no_grad():
+            logits = model(ids)
+        hf_kwargs = convert.hf_config_kwargs(config, 128)
+        tensors = convert.megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
+        directory = os.path.join(paths["variants"], name)
+        os.makedirs(directory)
+        convert.write_hf_directory(directory, tensors, hf_kwargs)
+        inverse = convert.hf_to_megatron_state_dict(tensors, hf_kwargs)
+        expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        if config.share_embeddings_and_output_weights:
+            expected.pop("output_layer.weight", None)
+        exact = set(inverse) == set(expected) and all(torch.equal(inverse[k], expected[k]) for k in expected)
+        result["variants"][name] = dict(ids=ids, logits=logits, dir=directory, inverse_exact=exact)
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_conversion")
+    seed = int(torch.randint(0, 2**30, ()).item())  # fresh weights and tokens every run
+    paths = {name: str(root / name) for name in ("tp2", "sp2", "hf_tp2", "hf_sp2", "back", "variants")}
+    os.makedirs(paths["variants"])
+    saved = spawn(_train_and_save, 2, args=({"tp2": paths["tp2"], "sp2": paths["sp2"]}, seed), timeout=400)
+    logits = {}
+    for name in ("tp2", "sp2"):
+        ranks = sorted((r[name] for r in saved), key=lambda r: (r["sp_rank"], r["tp_rank"]))
+        dim = -1 if name == "tp2" else 1  # vocab-parallel TP shards / contiguous SP slices
+        logits[name] = (ranks[0]["ids"], torch.cat([r["logits"] for r in ranks], dim=dim))
+    result = spawn(_convert_all, 1, args=(paths, seed), init_process_group=False, timeout=400)[0]
+    return dict(paths=paths, logits=logits, result=result)
+
+
+def _load_hf(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint -> HF
+
+
+@pytest.mark.parametrize("layout", ["tp2", "sp2"])
+def test_hf_logits_equal_megatron_logits(converted, layout):
+    ids, reference = converted["logits"][layout]
+    model = _load_hf(converted["paths"][f"hf_{layout}"])
+    assert type(model).__name__ == "LaspLinearLMForCausalLM"
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == reference.shape
+    assert _rel_err(logits, reference) < TOL
+    with torch.no_grad():  # a wrong weight is far outside the tolerance
+        model.model.layers[1].attn.o_norm.weight.mul_(1.01)
+        assert _rel_err(model(ids).logits, reference) > 100 * TOL
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_hf_logits_equal_megatron_logits_variants(converted, name):
+    variant = converted["result"]["variants"][name]
+    assert variant["inverse_exact"]
+    model = _load_hf(variant["dir"])
+    with torch.no_grad():
+        logits = model(variant["ids"]).logits
+    assert _rel_err(logits, variant["logits"]) < TOL
+    if VARIANTS[name].get("share_embeddings_and_output_weights"):
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_cli_wrote_sharded_directory(converted):
+    assert converted["result"]["cli_rc"] == 0
+    directory = converted["paths"]["hf_tp2"]
+    files = set(os.listdir(directory))
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and set(shards) <= files and "model.safetensors" not in files
+    from safetensors import safe_open
+
+    total, names = 0, set()
+    for shard in shards:
+        with safe_open(os.path.join(directory, shard), "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                total += t.numel() * t.element_size()
+                names.add(key)
+                assert index["weight_map"][key] == shard
+    assert names == set(index["weight_map"]) and total == index["metadata"]["total_size"]
+    model = _load_hf(directory)
+    assert names == set(model.state_dict())
+    assert not any(n.startswith(".") for n in os.listdir(os.path.dirname(directory)))  # no temp dirs left
+
+
+def test_directory_contents(converted):
+    directory = converted["paths"]["hf_sp2"]
+    files = set(os.listdir(directory))
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "configuration_linear_lm.py", "modeling_linear_lm.py"} <= files
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_linear_lm.LaspLinearLMConfig",
+        "AutoModelForCausalLM": "modeling_linear_lm.LaspLinearLMForCausalLM",
+    }
+    assert config["vocab_size"] % 8 == 0 and config["megatron_lasp"]["parallel"]["context_parallel_size"] == 2
+    from megatron_lasp.data.tokenizer import build_tokenizer
+
+    ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=TOKENIZER)
+    with open(os.path.join(directory, "generation_config.json")) as f:
+        generation = json.load(f)
+    assert generation["eos_token_id"] == generation["bos_token_id"] == generation["pad_token_id"] == ours.eod
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    text = "Linear attention keeps a state of fixed size."
+    assert hf_tokenizer(text)["input_ids"] == ours.tokenize(text)
+    # the modeling code needs only torch and transformers
+    for name in ("configuration_linear_lm.py", "modeling_linear_lm.py"):
+        with open(os.path.join(directory, name)) as f:
+            tree = ast.parse(f.read())
+        roots = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots.add(node.module.split(".")[0])
+        assert roots <= {"__future__", "math", "typing", "torch", "transformers", "configuration_linear_lm"}, roots
+
+
+# ----------------------------------------------------------------------------------------------
+# HF -> checkpoint
+
+
+def test_round_trip_preserves_every_tensor(converted):
+    original, back = converted["result"]["original"], converted["result"]["back"]
+    assert set(original) == set(back) and len(original) > 10
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    saved = converted["result"]["back_config"]
+    assert saved["parallel"]["tensor_model_parallel_size"] == 1
+    assert saved["tokenizer"]["tokenizer_type"] == "HuggingFaceTokenizer"
+
+
+def test_converted_checkpoint_loads_in_training(converted):
+    original, resumed = converted["result"]["original"], converted["result"]["resumed"]
+    assert set(original) == set(resumed)
+    for name, tensor in original.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def test_generate_cached_equals_uncached(converted):
+    model = _load_hf(converted["paths"]["hf_sp2"])
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ()).item()))
+    prompt = torch.randint(0, 2000, (2, 37), generator=gen)
+    lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        steps_cached = list(lengths)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12, use_cache=False)
+    hook.remove()
+    assert cached.shape == (2, 37 + 12)
+    assert torch.equal(cached, uncached)
+    assert steps_cached == [37] + [1] * 11  # prefill once, then one token per step from the state
+    assert lengths[len(steps_cached):] == list(range(37, 37 + 12))
+
+
+def _random_hf_model(**overrides):
+    from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
+    from megatron_lasp.hf.modeling_linear_lm import LaspLinearLMForCausalLM
+
+    config = LaspLinearLMConfig(chunk_size=8, initializer_range=0.2, **overrides)
+    model = LaspLinearLMForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_cache_holds_fp32_states_and_continues_prefill():
+    model = _random_hf_model()
+    ids = torch.randint(0, 128, (3, 29))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        first = model(ids[:, :13], use_cache=True)
+        cache = first.cache
+        second = model(ids[:, 13:20], cache=cache, use_cache=True)  # a multi-token chunk after a cache
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(20, 29)]
+    pieces = torch.cat([first.logits, second.logits] + steps, dim=1)
+    assert _rel_err(pieces, full) < TOL
+    assert cache.get_seq_length() == 29
+    config = model.config
+    for layer in range(config.num_hidden_layers):
+        state = cache.get_state(layer)
+        assert state.dtype == torch.float32
+        assert state.shape == (3, config.num_attention_heads, config.head_dim, config.head_dim)
+
+
+def test_left_padded_batch_generates_like_single_prompts():
+    model = _random_hf_model(pad_token_id=0, eos_token_id=None)
+    prompts = [torch.randint(1, 128, (n,)) for n in (9, 14)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for i, p in enumerate(prompts):
+            single = model.generate(p[None], max_new_tokens=6, do_sample=False)
+            assert torch.equal(batch[i, width:], single[0, len(p):])
+
+
+def test_beam_search_and_sampled_sequences_run():
+    model = _random_hf_model(eos_token_id=None)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        beams = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False)
+        beams_uncached = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False)
+        sampled = model.generate(ids, max_new_tokens=5, do_sample=True, num_return_sequences=2)
+    assert torch.equal(beams, beams_uncached)
+    assert sampled.shape == (4, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the linear attention forms
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (37, 8), (64, 16), (50, 64)], ids=lambda v: str(v))
+def test_chunked_equals_recurrent_equals_quadratic(T, chunk):
+    from megatron_lasp.hf.modeling_linear_lm import chunk_linear_attention, recurrent_linear_attention
+
+    B, H, Dk, Dv = 2, 4, 8, 12
+    q, k = torch.randn(B, H, T, Dk), torch.randn(B, H, T, Dk)
+    v = torch.randn(B, H, T, Dv)
+    slopes = torch.tensor([0.0, 0.05, 0.5, 2.0])
+    s0 = torch.randn(B, H, Dk, Dv)
+    o_rec, s_rec = recurrent_linear_attention(q, k, v, slopes, s0)
+    o_chk, s_chk = chunk_linear_attention(q, k, v, slopes, s0, chunk_size=chunk)
+    # quadratic form in fp64: o_t = sum_{s<=t} lam^(t-s) (q_t.k_s) v_s + lam^(t+1) q_t S0
+    lam = torch.exp(-slopes.double()).view(1, H, 1, 1)
+    t = torch.arange(T, dtype=torch.float64)
+    diff = t[:, None] - t[None, :]
+    decay = torch.where(diff >= 0, lam ** diff.clamp(min=0), torch.zeros((), dtype=torch.float64))
+    o_ref = ((q.double() @ k.double().transpose(-1, -2)) * decay) @ v.double()
+    o_ref += lam ** (t + 1).view(1, 1, T, 1) * (q.double() @ s0.double())
+    w = lam ** (T - 1 - t).view(1, 1, T, 1)
+    s_ref = lam ** T * s0.double() + (k.double() * w).transpose(-1, -2) @ v.double()
+    for o in (o_rec, o_chk):
+        assert _rel_err(o, o_ref) < 1e-5
+    for s in (s_rec, s_chk):
+        assert s.dtype == torch.float32 and _rel_err(s, s_ref) < 1e-5
+
+
+def test_slopes_match_megatron_definition():
+    from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
+    from megatron_lasp.hf.modeling_linear_lm import layer_slopes
+    from megatron_lasp.models import layer_slopes as megatron_layer_slopes
+    from megatron_lasp.models import linear_lm_config
+
+    for heads, layers, decay in ((8, 5, "tnl"), (6, 1, "tnl"), (12, 3, "alibi"), (4, 2, "none")):
+        hf = LaspLinearLMConfig(num_attention_heads=heads, hidden_size=16 * heads, num_hidden_layers=layers, decay_type=decay)
+        mg = linear_lm_config("tiny", num_attention_heads=heads, hidden_size=16 * heads, num_layers=layers,
+                              decay_type=decay, use_cpu_initialization=True)
+        for layer in range(layers):
+            assert torch.equal(layer_slopes(hf, layer), megatron_layer_slopes(mg, layer + 1))
+
+
+def test_layout_constants_match_training_package():
+    from megatron_lasp.hf import convert
+    from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
+    from megatron_lasp.training import checkpointing
+
+    assert convert.TRACKER_FILENAME == checkpointing.TRACKER_FILENAME
+    assert convert.CHECKPOINT_CONFIG == checkpointing.CONFIG_FILENAME
+    assert convert.checkpoint_dir("r", 12) == checkpointing.checkpoint_name("r", 12)
+    assert convert.MODEL_TYPE == LaspLinearLMConfig.model_type
+
+
+def test_parse_size():
+    from megatron_lasp.hf.convert import ConversionError, parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("40KB") == 40000 and parse_size("123") == 123 and parse_size("1.5MB") == 1500000
+    for bad in ("", "five", "0", "5XB"):
+        with pytest.raises(ConversionError):
+            parse_size(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# command-line errors: one line, non-zero exit, before torch is imported
+
+
+def _cli(script, *args):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", script), *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_cli_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "iter_0000003" / "config.json").write_text("{}")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3\n")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--load", str(tmp_path / "missing"), "--save", out], "does not exist"),
+        (["--load", str(empty), "--save", out], "no checkpoint found"),
+        (["--load", str(ckpt), "--iteration", "7", "--save", out], "iteration 7 not found in"),
+        (["--load", str(ckpt), "--save", str(busy)], "not empty (use --force"),
+        (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-model is required"),
+        (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer",
+          "--tokenizer-model", str(tmp_path / "nope")], "tokenizer:"),
+        (["--load", str(ckpt), "--save", out, "--max-shard-size", "lots"], "--max-shard-size"),
+    ]
+    for args, expected in cases:
+        rc, lines = _cli("convert_checkpoint_to_hf.py", *args)
+        assert rc == 1 and len(lines) == 1 and expected in lines[0], (args, lines)
+        assert lines[0].startswith("convert_checkpoint_to_hf.py: error:")
+    assert sorted(os.listdir(busy)) == ["keep.txt"] and not os.path.exists(out)
+    for args, expected in [
+        (["--load", str(tmp_path / "missing"), "--save", out], "does not exist"),
+        (["--load", str(empty), "--save", out], "no config.json"),
+    ]:
+        rc, lines = _cli("convert_hf_to_checkpoint.py", *args)
+        assert rc == 1 and len(lines) == 1 and expected in lines[0], (args, lines)

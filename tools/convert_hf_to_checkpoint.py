@@ -1,0 +1,74 @@
+"""Convert a Hugging Face model directory (made by convert_checkpoint_to_hf.py) back into a
+megatron-lasp training checkpoint, to continue training it.
+
+    python tools/convert_hf_to_checkpoint.py --load runs/tiny/hf --save runs/tiny/from_hf
+
+One process writes the weights through megatron-core dist_checkpointing (``iter_0000000/`` +
+``config.json`` + ``args.json`` + ``latest_checkpointed_iteration.txt``); dist_checkpointing
+reshards on load, so train it at any TP/PP/SP sizes, weights only::
+
+    torchrun --nproc-per-node 4 pretrain_linear_lm.py --load runs/tiny/from_hf --finetune \
+        --tensor-model-parallel-size 2 --sequence-parallel-size 2 ...   # same architecture flags
+
+``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size`` only check that the model
+can be split that way (heads, vocabulary and layers divisible); the checkpoint is the same.
+
+Exit status: 0 on success, 1 on a user error (one line on stderr), 2 on bad flags.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lasp.data.tokenizer import add_tokenizer_args, tokenizer_settings  # noqa: E402
+from megatron_lasp.hf.convert import ConversionError, convert_hf_to_checkpoint, read_hf_config  # noqa: E402
+
+PROG = "convert_hf_to_checkpoint.py"
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="Hugging Face model directory")
+    parser.add_argument("--save", required=True, help="checkpoint directory to create")
+    parser.add_argument("--iteration", type=int, default=0, help="iteration number to record (default 0)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                        help="check that the model splits over this many TP ranks (the checkpoint loads at any size)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                        help="check that the layers split over this many pipeline stages")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    add_tokenizer_args(parser, default_type="")  # default: the tokenizer files in --load
+    return parser.parse_args(argv)
+
+
+def check_layout(config: dict, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1:
+        raise ConversionError("parallel sizes must be positive")
+    for what, n in (("num_attention_heads", config["num_attention_heads"]), ("vocab_size", config["vocab_size"])):
+        if n % tp:
+            raise ConversionError(f"{what} ({n}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if config["num_hidden_layers"] % pp:
+        raise ConversionError(
+            f"num_hidden_layers ({config['num_hidden_layers']}) is not divisible by --pipeline-model-parallel-size ({pp})"
+        )
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = tokenizer_settings(args) if args.tokenizer_type else None
+    try:
+        check_layout(read_hf_config(args.load), args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        convert_hf_to_checkpoint(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
+                                 force=args.force)
+    except ConversionError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
