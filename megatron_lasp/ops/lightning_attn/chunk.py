@@ -374,6 +374,9 @@ def _triton_fwd(q, k, v, slopes, initial_state, output_final_state):
     dv = v.shape[-1]
     kern, dot_f32 = _triton_setup(q, v)
     cfg = _triton_config(B, T, H, dk, dv, q.device.type == "cpu", q.dtype)
+    if B * H > 65535 or -(-T // cfg.segment) > 65535:
+        raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
+                         "(CUDA grid limit); split the batch or use backend='torch'")
     slopes = slopes.float().contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
     entry, final = _segment_states(kern, k, v, slopes, init, cfg, False, dot_f32, output_final_state)
