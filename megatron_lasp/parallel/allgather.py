@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, SliceDecays, add_state_term, group_info, local_state
+from megatron_lasp.parallel.comm import (
+    GroupInfo,
+    SliceDecays,
+    add_state_term,
+    all_gather_flat,
+    group_info,
+    local_state,
+    reduce_scatter_flat,
+)
 
 __all__ = ["allgather_attention"]
 
@@ -34,7 +42,7 @@ class _AllGatherFunction(torch.autograd.Function):
         C, H = q.shape[1], q.shape[2]
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
-        dist.all_gather_into_tensor(kv, packed, group=info.group)
+        all_gather_flat(kv, packed, info.group)
         kv = kv.view(info.size, packed.numel())
         dec = SliceDecays.of(slopes, C)
         s_in = None
@@ -65,7 +73,7 @@ class _AllGatherFunction(torch.autograd.Function):
             if j > 0:
                 g = g * dec.across.view(1, H, 1, 1).to(g.dtype)
         mine = torch.empty_like(kv[0])
-        dist.reduce_scatter_tensor(mine, grads.view(-1), group=info.group)
+        reduce_scatter_flat(mine, grads.view(-1), info.group)
         dk, dv = _views(mine, k.shape, v.shape)
         return dq, dk, dv, None, None, None
 

@@ -25,6 +25,8 @@ __all__ = [
     "decayed_prefix",
     "decayed_suffix",
     "with_entry_state",
+    "all_gather_flat",
+    "reduce_scatter_flat",
 ]
 
 
@@ -140,3 +142,18 @@ def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torc
     w = torch.exp(-slopes.to(sdt)[:, None] * starts[None, :])  # [H, N]
     states = saved.states + w[None, :, :, None, None] * s_in.to(sdt)[:, :, None]
     return LightningAttnSaved(saved.backend, states, saved.span, saved.config)
+
+
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """All-gather of 1-d ``inp`` into 1-d ``out`` (``W`` times longer), in group order.
+
+    Uses ``all_gather_single`` where torch has it (``all_gather_into_tensor`` is deprecated there).
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Sum-reduce-scatter of 1-d ``inp`` (``W`` equal parts, in group order) into 1-d ``out``."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, group=group)

@@ -2,12 +2,12 @@
 
 Forward on rank r (LASP.md section 3): post the receive of ``S_in`` from rank r-1, run the kernel on
 the local slice with no initial state (intra term and local state ``S_loc``; this is the work the
-receive overlaps), wait, add ``diag(a) Q S_in`` to the output and send
-``S_out = lam^C S_in + S_loc`` to rank r+1.
+receive overlaps), wait, send ``S_out = lam^C S_in + S_loc`` to rank r+1, and add
+``diag(a) Q S_in`` to the output while the send is in flight.
 
 Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, run the
-kernel backward with no final-state gradient, wait, add ``diag(b) V dS^T`` to dK and
-``diag(b) K dS`` to dV, send ``dS_in = lam^C dS + (diag(a) Q)^T dO`` to rank r-1. ``S_in`` is kept
+kernel backward with no final-state gradient, wait, send ``dS_in = lam^C dS + (diag(a) Q)^T dO``
+to rank r-1, then add ``diag(b) V dS^T`` to dK and ``diag(b) K dS`` to dV. ``S_in`` is kept
 from the forward (KV-state caching): it is folded into the kernel's cached segment states, so the
 kernel's dQ already contains ``diag(a) dO S_in^T`` and nothing is communicated twice.
 """
@@ -39,12 +39,10 @@ def _post_recv(shape, dtype, device, src: Optional[int], group) -> tuple[Optiona
     return buf, dist.irecv(buf, src=src, group=group)
 
 
-def _send(x: Optional[torch.Tensor], dst: Optional[int], group) -> None:
-    if dst is None:
-        return
-    # Waiting only orders the current stream after the send on NCCL; with gloo it returns once the
-    # receiver, which posted its receive before its own kernel, has the data.
-    dist.isend(x.contiguous(), dst=dst, group=group).wait()
+def _post_send(x: torch.Tensor, dst: Optional[int], group) -> Optional[dist.Work]:
+    # The caller waits after its remaining local work. On NCCL the wait only orders the current
+    # stream after the send; the receiver posted its receive before its own kernel.
+    return None if dst is None else dist.isend(x.contiguous(), dst=dst, group=group)
 
 
 class _LaspFunction(torch.autograd.Function):
@@ -58,10 +56,15 @@ class _LaspFunction(torch.autograd.Function):
         dec = SliceDecays.of(slopes, C)
         if recv is not None:
             recv.wait()
-            add_state_term(o, q, s_in, dec.a)
+        send = None
         if info.next is not None:
+            # the next rank waits for this state: send it before the inter term
             s_out = s_loc if s_in is None else s_loc.add_(dec.across.view(1, H, 1, 1).to(sdt) * s_in)
-            _send(s_out, info.next, info.group)
+            send = _post_send(s_out, info.next, info.group)
+        if s_in is not None:
+            add_state_term(o, q, s_in, dec.a)
+        if send is not None:
+            send.wait()
         ctx.save_for_backward(q, k, v, slopes, saved.states, s_in)
         ctx.meta = (info, saved.backend, saved.span, saved.config)
         return o
@@ -81,11 +84,15 @@ class _LaspFunction(torch.autograd.Function):
         dec = SliceDecays.of(slopes, C)
         if recv is not None:
             recv.wait()
-            add_state_term(dk, v, ds.transpose(-1, -2), dec.b)
-            add_state_term(dv, k, ds, dec.b)
+        send = None
         if info.prev is not None:
             ds_out = ds_loc if ds is None else ds_loc.add_(dec.across.view(1, H, 1, 1).to(sdt) * ds)
-            _send(ds_out, info.prev, info.group)
+            send = _post_send(ds_out, info.prev, info.group)
+        if ds is not None:
+            add_state_term(dk, v, ds.transpose(-1, -2), dec.b)
+            add_state_term(dv, k, ds, dec.b)
+        if send is not None:
+            send.wait()
         return dq, dk, dv, None, None, None
 
 

@@ -25,6 +25,7 @@ from megatron_lasp.parallel.comm import (
     GroupInfo,
     SliceDecays,
     add_state_term,
+    all_gather_flat,
     decayed_prefix,
     decayed_suffix,
     group_info,
@@ -37,7 +38,7 @@ __all__ = ["lasp2_attention"]
 def _all_gather_states(x: torch.Tensor, info: GroupInfo) -> list[torch.Tensor]:
     """All ranks' ``[B, H, Dk, Dv]`` states in group order, with one all-gather."""
     out = torch.empty(info.size * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=info.group)
+    all_gather_flat(out, x.contiguous().view(-1), info.group)
     return list(out.view((info.size,) + tuple(x.shape)).unbind(0))
 
 

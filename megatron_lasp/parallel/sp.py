@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
+from megatron_lasp.parallel.comm import all_gather_flat
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
 from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
@@ -58,7 +59,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup) -> None:
     device = q.device if q.device.type == "cuda" else torch.device("cpu")
     sig = torch.tensor(mine, dtype=torch.int64, device=device)
     out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, sig, group=group)
+    all_gather_flat(out, sig, group)
     rows = out.view(-1, len(mine)).tolist()
     if any(row != rows[0] for row in rows):
 
