@@ -143,11 +143,12 @@ def _global_name(name: str, offset: int) -> str:
 
 
 def _reference(variant: str):
-    """TP=1 / SP=1 / PP=1 run of the full batch: (loss, full params, grads, slopes per layer)."""
-    from megatron_lasp.models import build_linear_lm
-    from megatron_lasp.parallel import initialize_parallel
+    """TP=1 / SP=1 / PP=1 run of the full batch: (loss, full params, grads, slopes per layer).
 
-    initialize_parallel(1, 1, 1, seed=SEED)
+    Call with megatron-core's parallel state at TP = SP = PP = 1.
+    """
+    from megatron_lasp.models import build_linear_lm
+
     torch.manual_seed(SEED)
     model = build_linear_lm(_config(Layout(variant=variant)), VOCAB)
     ids, labels = _batch()
@@ -199,15 +200,15 @@ def _pp_loss(model, groups, ids, labels):
     return total / groups.tp_size
 
 
-def _run_layout(layout: Layout, ref, saved_grads) -> Dict:
+def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
+    """Build ``layout`` (parallel state already initialised to its sizes), load the reference
+    weights, run the full batch and compare loss and gradients with the reference."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from megatron_lasp.models import build_linear_lm
-    from megatron_lasp.parallel import initialize_parallel
     from model_utils import compare_grads, full_grads, full_params, rel_err, sharded_loss
 
     ref_loss, ref_params, ref_grads, ref_slopes = ref
-    groups = initialize_parallel(layout.tp, layout.sp, layout.pp, seed=SEED)
     config = _config(layout)
     pre, post = groups.pp_rank == 0, groups.pp_rank == groups.pp_size - 1
     torch.manual_seed(SEED)
@@ -227,6 +228,13 @@ def _run_layout(layout: Layout, ref, saved_grads) -> Dict:
         heads = layer.self_attention.local_heads
         want = ref_slopes[i + offset][groups.tp_rank * heads : (groups.tp_rank + 1) * heads]
         assert torch.equal(layer.self_attention.slopes, want), f"slopes of layer {i + offset}"
+    # checkpoint metadata: out_norm is sharded with the heads, layers stacked at global indices
+    sharded = model.sharded_state_dict()
+    local = layer.self_attention.local_heads * config.kv_channels
+    for i in range(len(model.decoder.layers)):
+        sh = sharded[f"decoder.layers.{i}.self_attention.out_norm.weight"]
+        assert tuple(sh.global_shape) == (config.num_layers, local * groups.tp_size), sh
+        assert tuple(sh.global_offset) == (i + offset, groups.tp_rank * local), sh
     ids, labels = _batch()
     if layout.pp > 1:
         loss = _pp_loss(model, groups, ids, labels)
@@ -249,20 +257,78 @@ def _run_layout(layout: Layout, ref, saved_grads) -> Dict:
     return result
 
 
+def _extras() -> Dict:
+    """Single-rank checks that need megatron-core's parallel state (run inside the spawn)."""
+    from megatron_lasp.models import PRESETS, build_linear_lm, linear_lm_config, preset_vocab_size
+
+    out: Dict = {"param_counts": {}}
+    # parameter counts of every preset, built on the meta device (nothing is materialised)
+    for name in PRESETS:
+        for tied in (False, True):
+            config = linear_lm_config(
+                name, use_cpu_initialization=True, perform_initialization=False,
+                share_embeddings_and_output_weights=tied,
+            )
+            with torch.device("meta"):
+                model = build_linear_lm(config, preset_vocab_size(name))
+            out["param_counts"][(name, tied)] = sum(p.numel() for p in model.parameters())
+    # logits without labels: [b, s, V] whose cross entropy is the per-token loss
+    torch.manual_seed(SEED)
+    model = build_linear_lm(_config(Layout()), VOCAB)
+    ids, labels = _batch()
+    with torch.no_grad():
+        logits = model(ids)
+        loss = model(ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), reduction="none")
+    out["logits_shape"] = tuple(logits.shape)
+    out["logits_ce_err"] = (ce.view_as(loss) - loss).abs().max().item()
+    # casting to bf16 keeps the decay slopes fp32 and exact; the bf16 model runs
+    slopes = [layer.self_attention.slopes.clone() for layer in model.decoder.layers]
+    model = model.to(torch.bfloat16)
+    out["bf16_slopes_fp32"] = all(
+        layer.self_attention.slopes.dtype == torch.float32 and torch.equal(layer.self_attention.slopes, s)
+        for layer, s in zip(model.decoder.layers, slopes)
+    )
+    with torch.no_grad():
+        bf16_loss = model(ids, labels=labels).float().mean()
+    out["bf16_loss_err"] = abs(bf16_loss.item() - loss.mean().item()) / loss.mean().item()
+    return out
+
+
 def _run_all(rank, world_size, layouts):
     import logging
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)  # 4 ranks on a 2-core machine
-    refs, saved, results = {}, {}, {}
-    for layout in layouts:
+    from megatron_lasp.parallel import initialize_parallel
+
+    saved, results = {}, {}
+    initialize_parallel(1, 1, 1, seed=SEED)
+    try:
+        results["extras"] = _extras()
+    except Exception:
+        results["extras"] = {"error": traceback.format_exc()}
+    refs = {}
+    for variant in dict.fromkeys(layout.variant for layout in layouts):
         try:
-            if layout.variant not in refs:
-                refs[layout.variant] = _reference(layout.variant)
-            results[layout.id] = _run_layout(layout, refs[layout.variant], saved)
+            refs[variant] = _reference(variant)
         except Exception:
-            results[layout.id] = {"error": traceback.format_exc()}
-        dist.barrier()
+            refs[variant] = traceback.format_exc()
+    # one parallel-state initialisation per (TP, SP, PP): megatron-core creates many groups
+    by_sizes: Dict[Tuple[int, int, int], list] = {}
+    for layout in layouts:
+        by_sizes.setdefault((layout.tp, layout.sp, layout.pp), []).append(layout)
+    for (tp, sp, pp), members in by_sizes.items():
+        groups = initialize_parallel(tp, sp, pp, seed=SEED)
+        for layout in members:
+            ref = refs[layout.variant]
+            try:
+                if isinstance(ref, str):
+                    raise RuntimeError(f"the reference run failed:\n{ref}")
+                results[layout.id] = _run_layout(layout, groups, ref, saved)
+            except Exception:
+                results[layout.id] = {"error": traceback.format_exc()}
+            dist.barrier()
     return results
 
 
@@ -287,3 +353,157 @@ def test_sharded_equals_single_process(layout_results, layout):
         assert r["init_err"] == 0.0, f"TP shards are not slices of the TP=1 init ({r['init_err']:.2e})"
     if "twin_err" in r:
         assert r["twin_err"] < 1e-6, f"recompute changed the gradients ({r['twin_err']:.2e})"
+
+
+def _param_count(name: str, tied: bool) -> int:
+    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU) + final norm."""
+    from megatron_lasp.models import PRESETS
+
+    preset = PRESETS[name]
+    f = preset.fields
+    V, h, L, H, F = preset.vocab_size, f["hidden_size"], f["num_layers"], f["num_attention_heads"], f["ffn_hidden_size"]
+    D = h // H
+    per_layer = 2 * h + 4 * H * D * h + H * D + H * D * h + 3 * h * F
+    return V * h * (1 if tied else 2) + L * per_layer + h
+
+
+def test_extras(layout_results):
+    results, _ = layout_results
+    extras = results["extras"]
+    assert "error" not in extras, extras.get("error")
+    for (name, tied), count in extras["param_counts"].items():
+        assert count == _param_count(name, tied), f"{name} tied={tied}: {count} != {_param_count(name, tied)}"
+    assert extras["param_counts"][("tnl-1b", False)] == 1_151_436_800
+    assert extras["logits_shape"] == (BATCH, SEQ, VOCAB)
+    assert extras["logits_ce_err"] < 1e-5
+    assert extras["bf16_slopes_fp32"], "casting the model to bf16 changed the decay slopes"
+    assert extras["bf16_loss_err"] < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process: config, presets, slopes, Transformer Engine path
+
+_BAD_CONFIGS = [
+    (dict(sequence_parallel_mode="ring"), "--sequence-parallel-mode"),
+    (dict(kernel_backend="cuda"), "--kernel-backend"),
+    (dict(decay_type="learned"), "--decay-type"),
+    (dict(qk_feature_map="relu"), "--qk-feature-map"),
+    (dict(v_feature_map="elu"), "--v-feature-map"),
+    (dict(glu_type="geglu"), "--glu-type"),
+    (dict(normalization="LayerNorm"), "--normalization"),
+    (dict(transformer_impl="inference_optimized"), "--transformer-impl"),
+    (dict(num_attention_heads=6, tensor_model_parallel_size=4), "--num-attention-heads"),
+    (dict(tensor_model_parallel_size=2, context_parallel_size=4, sequence_parallel_mode="ulysses"),
+     "--sequence-parallel-mode ulysses"),
+    (dict(attention_norm_group_size=3), "--attention-norm-group-size"),
+    (dict(attention_norm_group_size=4, tensor_model_parallel_size=2), "--attention-norm-group-size"),
+    (dict(num_query_groups=2), "--num-query-groups"),
+    (dict(num_attention_heads=1, hidden_size=512), "--kv-channels"),
+    (dict(decay_layer_eps=-1.0), "--decay-layer-eps"),
+    (dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"]), "--recompute-modules"),
+]
+
+
+@pytest.mark.parametrize("overrides,flag", _BAD_CONFIGS, ids=[f for _, f in _BAD_CONFIGS])
+def test_config_errors_name_the_flag(overrides, flag):
+    from megatron_lasp.models import linear_lm_config
+
+    with pytest.raises(ValueError, match=flag.replace(" ", ".")):
+        linear_lm_config("tiny", **overrides)
+
+
+def test_config_defaults_and_presets():
+    from megatron_lasp.models import PRESETS, linear_lm_config, preset_vocab_size
+    from megatron_lasp.models.config import sglu_identity
+
+    c = linear_lm_config("tiny")
+    assert (c.normalization, c.gated_linear_unit, c.add_bias_linear, c.transformer_impl) == ("RMSNorm", True, False, "local")
+    assert c.activation_func is sglu_identity and c.hidden_dropout == 0.0
+    assert c.qkv_parts == 4 and linear_lm_config("tiny", output_gate=False).qkv_parts == 3
+    assert linear_lm_config("tiny", glu_type="swiglu").activation_func is torch.nn.functional.silu
+    table = {  # docs/LASP.md section 8: d_model, layers, heads, head dim, GLU dim, vocab
+        "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
+        "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
+    }
+    for name, row in table.items():
+        c = linear_lm_config(name)
+        assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.kv_channels, c.ffn_hidden_size,
+                preset_vocab_size(name)) == row
+    assert set(PRESETS) == {"tiny", *table}
+    with pytest.raises(ValueError, match="--model-preset"):
+        linear_lm_config("tnl-13b")
+    c = linear_lm_config("tiny", pipeline_model_parallel_size=2)
+    assert c.pipeline_dtype == c.params_dtype
+
+
+def test_alibi_and_layer_slopes():
+    from megatron_lasp.models import alibi_slopes, layer_slopes, linear_lm_config
+
+    assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+    assert alibi_slopes(4) == [2.0 ** -(2 * (i + 1)) for i in range(4)]
+    twelve = alibi_slopes(12)  # 8 of the 8-head set, then the odd-position ones of 16 heads
+    assert twelve[:8] == alibi_slopes(8)
+    assert twelve[8:] == pytest.approx([2.0 ** -(0.5 * (2 * i + 1)) for i in range(4)], rel=1e-12)
+    base = torch.tensor(alibi_slopes(4), dtype=torch.float64)
+    c = linear_lm_config("tiny", num_layers=5)
+    for layer in range(1, 6):
+        factor = 1 - (layer - 1) / 4 + 1e-5
+        got = layer_slopes(c, layer)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), base * factor, rtol=1e-7, atol=0)
+    last = layer_slopes(c, 5)
+    assert torch.all(last > 0) and torch.all(last < 1e-5)
+    one = linear_lm_config("tiny", num_layers=1)
+    torch.testing.assert_close(layer_slopes(one, 1).double(), base * (1 + 1e-5), rtol=1e-7, atol=0)
+    alibi = linear_lm_config("tiny", num_layers=5, decay_type="alibi")
+    assert torch.equal(layer_slopes(alibi, 1), layer_slopes(alibi, 5))
+    none = linear_lm_config("tiny", decay_type="none")
+    assert torch.equal(layer_slopes(none, 1), torch.zeros(4))
+
+
+def test_transformer_engine_missing_is_a_clear_error():
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.models.config import TE_MISSING_MESSAGE, te_available
+
+    if te_available():
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ValueError) as err:
+        linear_lm_config("tiny", transformer_impl="transformer_engine")
+    assert str(err.value) == TE_MISSING_MESSAGE
+    assert "pip install -e .[te]" in TE_MISSING_MESSAGE and "--transformer-impl local" in TE_MISSING_MESSAGE
+
+
+def test_transformer_engine_spec_picks_te_modules(monkeypatch):
+    """With TE reported present (nothing imported), the spec uses megatron-core's TE classes."""
+    import megatron.core.extensions.transformer_engine as mte
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from megatron_lasp.models import config as config_module
+    from megatron_lasp.models import linear_lm_config, specs
+    from megatron_lasp.models.attention import LinearSelfAttention
+    from megatron_lasp.models.norms import RMSNorm
+
+    monkeypatch.setattr(config_module, "te_available", lambda: True)
+    monkeypatch.setattr(specs, "te_available", lambda: True)
+
+    def mlp_submodules(mlp_spec):  # a ModuleSpec (megatron-core 0.16) or a partial (0.19)
+        return mlp_spec.submodules if hasattr(mlp_spec, "submodules") else mlp_spec.keywords["submodules"]
+
+    te = linear_lm_config("tiny", transformer_impl="transformer_engine")
+    layer = specs.get_linear_lm_layer_spec(te).submodules
+    assert layer.self_attention.module is LinearSelfAttention
+    assert layer.self_attention.submodules.linear_qkv is mte.TELayerNormColumnParallelLinear
+    assert layer.self_attention.submodules.linear_proj is mte.TERowParallelLinear
+    assert layer.input_layernorm is IdentityOp and layer.pre_mlp_layernorm is IdentityOp
+    assert mlp_submodules(layer.mlp).linear_fc1 is mte.TELayerNormColumnParallelLinear
+    assert mlp_submodules(layer.mlp).linear_fc2 is mte.TERowParallelLinear
+    assert specs.get_linear_lm_block_spec(te, pp_rank=0).layer_norm is mte.TENorm
+
+    local = specs.get_linear_lm_layer_spec(linear_lm_config("tiny")).submodules
+    assert local.self_attention.submodules.linear_qkv is ColumnParallelLinear
+    assert local.input_layernorm is RMSNorm and local.pre_mlp_layernorm is RMSNorm
+    assert mlp_submodules(local.mlp).linear_fc1 is ColumnParallelLinear
+    block = specs.get_linear_lm_block_spec(linear_lm_config("tiny", num_layers=3), pp_rank=0)
+    assert len(block.layer_specs) == 3 and block.layer_norm is RMSNorm
