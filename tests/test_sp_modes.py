@@ -248,13 +248,13 @@ def _four_ranks(rank, world_size, seed):
 @pytest.fixture(scope="module")
 def two_ranks():
     seed = random.randrange(1 << 30)
-    return seed, spawn(_two_ranks, 2, args=(seed,), env={"TRITON_INTERPRET": "1"}, init_process_group=True)
+    return seed, spawn(_two_ranks, 2, args=(seed,), env={"TRITON_INTERPRET": "1"}, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
     seed = random.randrange(1 << 30)
-    return seed, spawn(_four_ranks, 4, args=(seed,))
+    return seed, spawn(_four_ranks, 4, args=(seed,), timeout=600)
 
 
 def test_all_modes_two_ranks(two_ranks):
