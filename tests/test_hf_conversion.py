@@ -1,8 +1,8 @@
 """Hugging Face conversion: checkpoint -> HF -> checkpoint, the HF model's math and generation.
 
-One 2-rank spawn trains one step with the training entry point and saves a checkpoint twice, at
-TP=2 and at SP=2 (``--save``, megatron-core dist_checkpointing), returning each layout's logits on
-fixed tokens. One 1-rank spawn converts both checkpoints to HF directories (one through the CLI's
+One 2-rank spawn trains one step with the training entry point and saves a checkpoint three times,
+at TP=2, SP=2 and PP=2 (``--save``, megatron-core dist_checkpointing), returning each layout's
+logits on fixed tokens. One 1-rank spawn converts the checkpoints to HF directories (one through the CLI's
 ``main``, one with a tiny ``--max-shard-size`` so that the weights are sharded with an index),
 converts one back to a checkpoint, reloads it through the training package (``load_model_for_
 inference`` and ``--load --finetune``) and writes HF directories of directly built model variants.
@@ -62,18 +62,33 @@ def _train_and_save(rank, world_size, roots, seed):
         "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", TOKENIZER,
         "--make-vocab-size-divisible-by", "8", "--eval-interval", "0", "--seed", str(seed),
     ]
-    layouts = {"tp2": ["--tensor-model-parallel-size", "2"], "sp2": ["--sequence-parallel-size", "2"]}
+    import torch.distributed as dist
+
+    layouts = {
+        "tp2": ["--tensor-model-parallel-size", "2"],
+        "sp2": ["--sequence-parallel-size", "2"],
+        "pp2": ["--pipeline-model-parallel-size", "2"],
+    }
     out = {}
     for name, flags in layouts.items():
         state = main(common + flags + ["--save", roots[name]], destroy=False)
         model = unwrap_model(state.model).eval()
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, state.args.vocab_size_tokenizer, (2, SEQ), generator=gen)
-        sp, sp_rank = state.groups.sp_size, state.groups.sp_rank
-        chunk = SEQ // sp
+        groups = state.groups
+        chunk = SEQ // groups.sp_size
         with torch.no_grad():
-            logits = model(ids[:, sp_rank * chunk : (sp_rank + 1) * chunk])  # [b, s / sp, vocab / tp]
-        out[name] = dict(ids=ids, logits=logits, tp_rank=state.groups.tp_rank, sp_rank=sp_rank)
+            if groups.pp_size == 1:
+                logits = model(ids[:, groups.sp_rank * chunk : (groups.sp_rank + 1) * chunk])  # [b, s/sp, V/tp]
+            elif groups.pp_rank == 0:  # world 2 = two stages: send the hidden states [s, b, h] on
+                dist.send(model(ids).contiguous(), dst=1 - rank)
+                logits = None
+            else:
+                hidden = torch.empty(SEQ, 2, state.model_config.hidden_size)
+                dist.recv(hidden, src=1 - rank)
+                model.set_input_tensor(hidden)
+                logits = model(None)
+        out[name] = dict(ids=ids, logits=logits, tp_rank=groups.tp_rank, sp_rank=groups.sp_rank)
     return out
 
 
@@ -94,6 +109,7 @@ def _convert_all(rank, world_size, paths, seed):
         paths["sp2"], paths["hf_sp2"],
         tokenizer_settings={"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER},
     )
+    convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2"])
     # HF -> checkpoint, and both checkpoints back at TP=1 through the training package
     convert.convert_hf_to_checkpoint(paths["hf_tp2"], paths["back"])
     original, _, _ = load_model_for_inference(paths["tp2"], device="cpu")
@@ -147,12 +163,14 @@ def _convert_all(rank, world_size, paths, seed):
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_conversion")
     seed = int(torch.randint(0, 2**30, ()).item())  # fresh weights and tokens every run
-    paths = {name: str(root / name) for name in ("tp2", "sp2", "hf_tp2", "hf_sp2", "back", "variants")}
+    names = ("tp2", "sp2", "pp2", "hf_tp2", "hf_sp2", "hf_pp2", "back", "variants")
+    paths = {name: str(root / name) for name in names}
     os.makedirs(paths["variants"])
-    saved = spawn(_train_and_save, 2, args=({"tp2": paths["tp2"], "sp2": paths["sp2"]}, seed), timeout=400)
+    saved = spawn(_train_and_save, 2, args=({k: paths[k] for k in ("tp2", "sp2", "pp2")}, seed), timeout=400)
     logits = {}
-    for name in ("tp2", "sp2"):
-        ranks = sorted((r[name] for r in saved), key=lambda r: (r["sp_rank"], r["tp_rank"]))
+    for name in ("tp2", "sp2", "pp2"):
+        ranks = [r[name] for r in saved if r[name]["logits"] is not None]  # pp2: the last stage only
+        ranks.sort(key=lambda r: (r["sp_rank"], r["tp_rank"]))
         dim = -1 if name == "tp2" else 1  # vocab-parallel TP shards / contiguous SP slices
         logits[name] = (ranks[0]["ids"], torch.cat([r["logits"] for r in ranks], dim=dim))
     result = spawn(_convert_all, 1, args=(paths, seed), init_process_group=False, timeout=400)[0]
@@ -169,7 +187,7 @@ def _load_hf(directory):
 # checkpoint -> HF
 
 
-@pytest.mark.parametrize("layout", ["tp2", "sp2"])
+@pytest.mark.parametrize("layout", ["tp2", "sp2", "pp2"])
 def test_hf_logits_equal_megatron_logits(converted, layout):
     ids, reference = converted["logits"][layout]
     model = _load_hf(converted["paths"][f"hf_{layout}"])
