@@ -334,7 +334,7 @@ def _run_all(rank, world_size, layouts):
 
 @pytest.fixture(scope="module")
 def layout_results():
-    per_rank = spawn(_run_all, world_size=4, args=(LAYOUTS,), timeout=280)
+    per_rank = spawn(_run_all, world_size=4, args=(LAYOUTS,), timeout=600)
     return per_rank[0], per_rank
 
 

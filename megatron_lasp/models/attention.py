@@ -78,11 +78,14 @@ def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
     return slopes.float()
 
 
-def sp_attention(q, k, v, slopes, group, mode: str, backend: Optional[str]) -> torch.Tensor:
+def sp_attention(
+    q, k, v, slopes, group, mode: str, backend: Optional[str], validate: Optional[bool] = None
+) -> torch.Tensor:
     """Causal decayed linear attention of this rank's contiguous slice, ``[b, s, h, d]`` in/out.
 
-    Uses ``megatron_lasp.parallel.lightning_attn_sp`` over ``group`` (the SP group); a group of
-    size 1 (or None) runs the plain kernel.
+    Uses ``megatron_lasp.parallel.lightning_attn_sp`` over ``group`` (the SP group; its
+    ``validate`` check of the ranks' shapes is passed through); a group of size 1 (or None) runs
+    the plain kernel.
     """
     if group is None or group.size() == 1:
         from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
@@ -90,7 +93,7 @@ def sp_attention(q, k, v, slopes, group, mode: str, backend: Optional[str]) -> t
         return chunk_lightning_attn(q, k, v, slopes, backend=backend)[0]
     from megatron_lasp.parallel import lightning_attn_sp
 
-    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend)
+    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend, validate=validate)
 
 
 _FEATURE_MAPS = {"silu": F.silu, "identity": None}
@@ -175,6 +178,10 @@ class LinearSelfAttention(MegatronModule):
         self._head_slice = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.register_buffer("slopes", self._local_slopes(device), persistent=False)
+        # lightning_attn_sp checks that the SP ranks agree on shapes with one small collective and
+        # a host sync; once per module is enough (every rank runs the same layers in the same
+        # order), so later calls skip it.
+        self._sp_checked = False
 
     def _local_slopes(self, device=None) -> torch.Tensor:
         return layer_slopes(self.config, self.layer_number)[self._head_slice].to(device)
@@ -202,7 +209,9 @@ class LinearSelfAttention(MegatronModule):
             self.sp_group,
             self.config.sequence_parallel_mode,
             self.config.kernel_backend,
+            validate=None if not self._sp_checked else False,
         )
+        self._sp_checked = True
         return o.transpose(0, 1)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **unused):
