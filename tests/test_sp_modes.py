@@ -222,12 +222,15 @@ def test_bad_inputs_local(case, needles):
 
 
 def _check_triton(seed):
-    """The triton backend in Triton's interpreter through lasp (NaN-poisoned kernel buffers)."""
+    """The triton backend in Triton's interpreter through every mode (NaN-poisoned kernel buffers)."""
     from megatron_lasp.ops.lightning_attn import chunk as la_chunk
 
     la_chunk.POISON_OUTPUTS = True
     shape = (1, 80, 2, 16, 16)  # 40 tokens per rank: several 16-token blocks and 32-token segments
-    return {_case_id(shape, True, "lasp", 2) + "-triton": _compare(seed, shape, True, "lasp", dist.group.WORLD, "triton")}
+    return {
+        _case_id(shape, True, mode, 2) + "-triton": _compare(seed + i, shape, True, mode, dist.group.WORLD, "triton")
+        for i, mode in enumerate(MODES)
+    }
 
 
 def _two_ranks(rank, world_size, seed):
@@ -295,7 +298,8 @@ def test_bad_inputs_across_ranks(two_ranks):
     assert [r["bad_inputs"] for r in results] == [True, True]
 
 
-def test_triton_interpreter_lasp_two_ranks(two_ranks):
+def test_triton_interpreter_two_ranks(two_ranks):
     seed, results = two_ranks
     for rank_results in results:
         _assert_all_close(rank_results["triton"], f"triton interpreter, seed {seed}")
+        assert len(rank_results["triton"]) == len(MODES)
