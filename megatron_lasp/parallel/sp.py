@@ -14,7 +14,6 @@ All four give the single-process result on the whole sequence (up to round-off).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Dict, Optional
 
@@ -31,8 +30,6 @@ from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
 from megatron_lasp.parallel.ulysses import check_ulysses_heads, ulysses_attention
 
 __all__ = ["lightning_attn_sp", "SP_MODES", "VALIDATE_ENV"]
-
-logger = logging.getLogger(__name__)
 
 SP_MODES: Dict[str, Callable[..., torch.Tensor]] = {
     "lasp": lasp_attention,
