@@ -365,6 +365,18 @@ def test_left_padded_batch_generates_like_single_prompts():
             assert torch.equal(batch[i, width:], single[0, len(p):])
 
 
+def test_generate_resumes_from_returned_cache():
+    model = _random_hf_model(eos_token_id=None)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        assert first.cache.get_seq_length() == 14  # the last token is not fed yet
+        full = torch.cat([first.sequences, torch.randint(0, 128, (2, 3))], dim=1)
+        resumed = model.generate(full, cache=first.cache, max_new_tokens=6, do_sample=False)
+        fresh = model.generate(full, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(resumed, fresh)
+
+
 def test_beam_search_and_sampled_sequences_run():
     model = _random_hf_model(eos_token_id=None)
     ids = torch.randint(0, 128, (2, 11))

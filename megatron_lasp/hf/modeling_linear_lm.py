@@ -553,6 +553,21 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
+        """As transformers' default; when ``generate()`` resumes from a filled cache with the whole
+        sequence so far, only the tokens the state has not consumed are fed (a recurrent state
+        cannot skip tokens it has already seen the way a key/value cache is sliced)."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if (
+            next_sequence_length is None
+            and isinstance(cache, LaspLinearLMCache)
+            and 0 < cache.seen_tokens < input_ids.shape[1]
+        ):
+            next_sequence_length = input_ids.shape[1] - cache.seen_tokens
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+        )
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
