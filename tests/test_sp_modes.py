@@ -165,6 +165,20 @@ def _check_layers_and_order(world_size, seed):
     return err, events
 
 
+def _check_bidirectional(rank):
+    """Both ranks of a pair receive from and send to each other at once (gloo must not deadlock)."""
+    peer = 1 - rank
+    ok = []
+    for numel in (16, 1 << 20):  # a small and a 4 MiB state
+        mine = torch.full((numel,), float(rank + 1))
+        buf, recv = lasp_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
+        send = lasp_module._post_send(mine, peer, dist.group.WORLD)
+        recv.wait()
+        send.wait()
+        ok.append(bool((buf == peer + 1).all()))
+    return ok
+
+
 def _expect_error(fn, *needles):
     try:
         fn()
@@ -238,6 +252,7 @@ def _two_ranks(rank, world_size, seed):
     return dict(
         world=_check_world(rank, world_size, seed),
         layers=_check_layers_and_order(world_size, seed + 1000),
+        bidirectional=_check_bidirectional(rank),
         bad_inputs=_check_bad_inputs(rank),
         triton=_check_triton(seed + 2000),
     )
@@ -291,6 +306,11 @@ def test_lasp_layers_and_overlap_order(two_ranks):
             assert events == ["post", "kernel", "wait"] * 3 + ["kernel_bwd"] * 3, events
         else:
             assert events == ["kernel"] * 3 + ["post", "kernel_bwd", "wait"] * 3, events
+
+
+def test_simultaneous_send_recv_between_a_pair(two_ranks):
+    _, results = two_ranks
+    assert [r["bidirectional"] for r in results] == [[True, True], [True, True]]
 
 
 def test_bad_inputs_across_ranks(two_ranks):
