@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint (the same directory as --save "
                    "may not exist yet: the run then starts from scratch)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="with --load: load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true",
                    help="load only the weights (needed when TP/PP/SP/DP sizes or --ddp-impl changed)")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")

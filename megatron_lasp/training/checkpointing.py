@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.training.optim import unwrap_model
+from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def _torch_optimizer_sharded(opt, model_sd, full_map, for_loading: bool):
                 st["exp_avg_sq"] = torch.zeros_like(p)
                 st["step"] = torch.zeros((), dtype=torch.float32)
     sd = torch_opt.state_dict()
+    sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # state_dict() shares the live dicts
     steps = {float(s["step"]) for s in sd["state"].values() if "step" in s}
     for s in sd["state"].values():
         s.pop("step", None)
@@ -322,6 +323,7 @@ def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool
 
 def _fsdp_context(state):
     if state.args.ddp_impl == "fsdp":
+        fsdp_reshard(state.model)
         return _full_parameters(unwrap_model(state.model))
     return contextlib.nullcontext({})
 
@@ -386,6 +388,8 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
 
     args = state.args
     root = args.load
+    if iteration is None and args.ckpt_step is not None:
+        iteration = args.ckpt_step
     if iteration is None:
         iteration = read_tracker(root) if os.path.isdir(root) else None
     if iteration is None:
@@ -407,11 +411,10 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng)
         loaded = dist_checkpointing.load(sd, path)
+    if full_map:
+        _load_fsdp_model(inner, loaded["model"])
+    else:
         inner.load_state_dict(loaded["model"], strict=True)
-        if full_map:  # FSDP: copy the loaded full parameters into the local shards
-            originals = {id(full): p for p in state.model.parameters() for full in [full_map.get(id(p))] if full is not None}
-            for full in full_map.values():
-                _copy_into(originals[id(full)], full.data)
     if with_optim:
         if args.ddp_impl == "megatron":
             state.optimizer.optimizer.load_state_dict(loaded["optimizer"])
@@ -428,6 +431,23 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
     logger.info("loaded checkpoint %s (iteration %d)%s", path, iteration,
                 "" if with_optim else " (weights only)")
     return iteration
+
+
+def _load_fsdp_model(module: torch.nn.Module, loaded: Dict[str, Any]) -> None:
+    """Copy full loaded tensors into FSDP2's parameter shards (its load_state_dict wants DTensors)."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    missing = sorted(set(params) - set(loaded))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks parameters {missing[:3]}")
+    for key, value in loaded.items():
+        if key in params:
+            _copy_into(params[key], value)
+        elif key in buffers and torch.is_tensor(value):
+            with torch.no_grad():
+                buffers[key].copy_(value)
+        elif not key.endswith("_extra_state"):
+            raise CheckpointError(f"unexpected checkpoint entry {key!r} for this model")
 
 
 def _load_torch_optimizer(opt, loaded: Dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from megatron_lasp.training import logging_utils
 from megatron_lasp.training.optim import (
     build_optimizer,
     build_scheduler,
+    fsdp_reshard,
     no_sync_func,
     param_facts,
     unwrap_model,
@@ -248,6 +249,8 @@ def evaluate(state: TrainState) -> Optional[float]:
         for _ in range(state.args.eval_iters):
             total += run_forward_backward(state, state.valid_ds, state.consumed_valid_samples, forward_only=True)
             state.consumed_valid_samples += state.args.global_batch_size
+    if state.args.ddp_impl == "fsdp":
+        fsdp_reshard(state.model)
     state.model.train()
     return _broadcast_from_last_stage(total / state.args.eval_iters, state.groups)
 

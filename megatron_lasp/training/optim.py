@@ -94,8 +94,7 @@ def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=groups.dp_sp,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=groups.dp_sp)
     if impl == "fsdp":
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -110,6 +109,19 @@ def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups:
         fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown --ddp-impl {impl!r}")
+
+
+def fsdp_reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module back in the sharded state.
+
+    A forward without backward (evaluation) leaves the root module's parameters unsharded; the
+    checkpoint code needs the sharded parameters (the ones the optimizer holds).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def no_sync_func(model: torch.nn.Module, args: argparse.Namespace):

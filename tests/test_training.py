@@ -1,0 +1,282 @@
+"""The training loop (``megatron_lasp.training``): every parallel layout gives the single-process losses.
+
+Ranks are spawned with ``megatron_lasp.testing.spawn`` and call ``main(argv)``; several runs share
+one spawn (the process groups are re-initialised between runs). Tiny model, fp32, mock data
+unless the test is about real data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lasp.testing import spawn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+# 4 iterations of global batch 4 over 64 tokens; a high LR so that the steps change the weights
+# enough for a wrong gradient (missing reduction, wrong scaling) to show in the next losses.
+BASE = [
+    "--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--train-iters", "4", "--lr", "3e-3", "--lr-warmup-iters", "1",
+    "--log-interval", "2", "--eval-interval", "0", "--seed", "7", "--make-vocab-size-divisible-by", "64",
+]
+RTOL = 2e-5  # fp32; observed differences between layouts are ~1e-7 relative
+
+
+def _run_configs(rank, world_size, configs):
+    """Run ``main(BASE + extra)`` for each extra; return every run's per-iteration losses."""
+    from megatron_lasp.training import main
+
+    out = []
+    for extra in configs:
+        state = main(BASE + list(extra), destroy=False)
+        out.append(list(state.losses))
+    return out
+
+
+def _assert_losses_equal(got, want, what):
+    assert len(got) == len(want), (what, got, want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert math.isfinite(g), (what, i, got)
+        assert abs(g - w) <= RTOL * abs(w), f"{what}: iteration {i + 1}: {g!r} != {w!r} (all: {got} vs {want})"
+
+
+@pytest.fixture(scope="module")
+def reference_losses():
+    """Single-process losses (TP=SP=PP=DP=1), with and without gradient accumulation."""
+    (runs,) = [spawn(_run_configs, 1, ([[], ["--micro-batch-size", "1"]],))[0]]
+    plain, accumulated = runs
+    return plain, accumulated
+
+
+def test_single_process_accumulation_matches(reference_losses):
+    plain, accumulated = reference_losses
+    # 2 micro-batches of 2 and 4 micro-batches of 1 are the same global batch
+    _assert_losses_equal(accumulated, plain, "mbs1 x 4 micro-batches")
+    assert len(set(plain)) == len(plain), "the weights did not change between iterations"
+
+
+def test_two_rank_layouts_match_single_process(reference_losses):
+    plain, _ = reference_losses
+    configs = {
+        "sp2-lasp": ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp"],
+        "sp2-lasp2": ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp2"],
+        "sp2-ulysses": ["--context-parallel-size", "2", "--sequence-parallel-mode", "ulysses"],
+        "sp2-allgather": ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "allgather"],
+        "dp2-torch": ["--ddp-impl", "torch"],
+        "dp2-fsdp": ["--ddp-impl", "fsdp"],
+        "sp2-fsdp-accum": ["--sequence-parallel-size", "2", "--ddp-impl", "fsdp", "--micro-batch-size", "1"],
+        "tp2-sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    }
+    results = spawn(_run_configs, 2, (list(configs.values()),), timeout=420)
+    for rank_losses in results:  # every rank reports the same (broadcast) loss
+        for name, losses in zip(configs, rank_losses):
+            _assert_losses_equal(losses, plain, name)
+
+
+def _save_initial(rank, world_size, ckpt):
+    """One step at TP=SP=PP=1, saved: a common starting point for layouts whose init differs (PP)."""
+    from megatron_lasp.training import main
+
+    main(BASE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", ckpt], destroy=False)
+    state = main(BASE + ["--load", ckpt, "--finetune"], destroy=False)
+    return list(state.losses)
+
+
+def test_pipeline_and_tp_sp_match_single_process(tmp_path):
+    ckpt = str(tmp_path / "init")
+    (want,) = spawn(_save_initial, 1, (ckpt,))
+    finetune = ["--load", ckpt, "--finetune"]
+    configs = {
+        "pp2": finetune + ["--pipeline-model-parallel-size", "2"],
+        "pp2-accum": finetune + ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"],
+        "tp2-from-ckpt": finetune + ["--tensor-model-parallel-size", "2"],
+    }
+    for rank_losses in spawn(_run_configs, 2, (list(configs.values()),), timeout=420):
+        for name, losses in zip(configs, rank_losses):
+            _assert_losses_equal(losses, want, name)
+    configs4 = {
+        "tp2-sp2-lasp": finetune + ["--tensor-model-parallel-size", "2", "--sequence-parallel-size", "2",
+                                    "--sequence-parallel"],
+        "pp2-sp2-lasp2": finetune + ["--pipeline-model-parallel-size", "2", "--sequence-parallel-size", "2",
+                                     "--sequence-parallel-mode", "lasp2"],
+    }
+    for rank_losses in spawn(_run_configs, 4, (list(configs4.values()),), timeout=600):
+        for name, losses in zip(configs4, rank_losses):
+            _assert_losses_equal(losses, want, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# real data
+
+
+@pytest.fixture(scope="module")
+def corpus_prefix(tmp_path_factory):
+    from megatron_lasp.data import preprocess_bundled_corpus
+
+    return preprocess_bundled_corpus(str(tmp_path_factory.mktemp("data") / "corpus"))
+
+
+def _train_real(rank, world_size, argv):
+    from megatron_lasp.training import main
+
+    return list(main(argv, destroy=False).losses)
+
+
+def test_bundled_data_blend_trains_with_lasp(corpus_prefix, tmp_path):
+    argv = [
+        "--model-preset", "tiny", "--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp",
+        "--data-path", "0.3", corpus_prefix, "0.7", corpus_prefix, "--split", "98,2,0",
+        "--data-cache-path", str(tmp_path / "cache"),
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(REPO, "examples/data/tokenizer"),
+        "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "12",
+        "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "4", "--eval-interval", "6", "--eval-iters", "1",
+    ]
+    losses = spawn(_train_real, 2, (argv,), timeout=420)[0]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+
+
+def test_torchrun_cli_smoke(corpus_prefix, tmp_path):
+    """The documented CLI under torchrun: 2 ranks, LASP over SP=2, bundled data, a checkpoint."""
+    save = tmp_path / "run"
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        os.path.join(REPO, "pretrain_linear_lm.py"),
+        "--model-preset", "tiny", "--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp",
+        "--data-path", corpus_prefix, "--split", "98,2,0", "--data-cache-path", str(tmp_path / "cache"),
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(REPO, "examples/data/tokenizer"),
+        "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+        "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1", "--save", str(save),
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("iteration")]
+    assert len(lines) == 3, proc.stdout[-3000:]
+    assert "iteration        3/       3" in lines[-1] and "lm loss:" in lines[-1] and "MFU: n/a" in lines[-1]
+    assert "validation loss at iteration 2" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: a one-line error and a non-zero exit
+
+
+def _cli_error(args, tmp_path, world_env=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([PYTHON, os.path.join(REPO, "pretrain_linear_lm.py")] + args, capture_output=True,
+                          text=True, timeout=180, env=env, cwd=str(tmp_path))
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    return proc.returncode, errors
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--mock-data", "--data-path", "x"], "either --data-path or --mock-data"),
+        (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size (3) must be divisible"),
+    ],
+    ids=["data-and-mock", "batch-not-divisible"],
+)
+def test_cli_bad_inputs_exit_with_one_line(extra, needle, tmp_path):
+    base = ["--model-preset", "tiny", "--seq-length", "64", "--train-iters", "2"]
+    if "--data-path" not in extra:
+        base.append("--mock-data")
+    code, errors = _cli_error(base + extra, tmp_path)
+    assert code == 2
+    assert len(errors) == 1 and needle in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "argv, world, needle",
+    [
+        (["--seq-length", "64", "--train-iters", "2"], None, "no training data"),
+        (["--data-path", "/nonexistent/corpus", "--tokenizer-type", "ByteLevelTokenizer", "--seq-length", "64",
+          "--train-iters", "2"], None, "/nonexistent/corpus.bin not found"),
+        (["--mock-data", "--seq-length", "64", "--train-iters", "2", "--tensor-model-parallel-size", "2"], 3,
+         "world size 3 is not divisible"),
+        (["--mock-data", "--seq-length", "66", "--train-iters", "2", "--sequence-parallel-size", "4"], 4,
+         "--seq-length (66) must be divisible"),
+        (["--mock-data", "--seq-length", "64", "--train-iters", "2", "--context-parallel-size", "2",
+          "--sequence-parallel-mode", "ulysses", "--num-attention-heads", "3"], 2, "heads per tensor-parallel rank"),
+        (["--mock-data", "--seq-length", "64", "--train-iters", "2", "--ddp-impl", "megatron"], None, "needs CUDA"),
+        (["--mock-data", "--seq-length", "64", "--train-iters", "2", "--lr-warmup-iters", "2"], None,
+         "--lr-warmup-iters (2) must be in"),
+        (["--mock-data", "--seq-length", "64", "--train-iters", "2", "--tensorboard-dir", "tb"], None, "tensorboard"),
+    ],
+    ids=["no-data", "missing-files", "sizes-world", "seq-sp", "ulysses-heads", "megatron-ddp-cpu", "warmup",
+         "tensorboard"],
+)
+def test_argument_validation_names_the_flag(argv, world, needle, capsys):
+    from megatron_lasp.training.arguments import parse_args
+
+    if "tensorboard" in needle:
+        from megatron_lasp.training.logging_utils import tensorboard_available
+
+        if tensorboard_available():
+            pytest.skip("tensorboard is installed")
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--model-preset", "tiny"] + argv, world_size=world)
+    assert info.value.code == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and needle in errors[0], errors
+
+
+def test_unknown_mode_is_rejected(capsys):
+    from megatron_lasp.training.arguments import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--mock-data", "--seq-length", "64", "--train-iters", "2", "--sequence-parallel-mode", "ring"])
+    assert info.value.code == 2
+    assert "invalid choice: 'ring'" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag():
+    from megatron_lasp.training.arguments import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+    text = parser.format_help()
+    for flag in ("--sequence-parallel-mode", "--sequence-parallel-size", "--ddp-impl", "--use-distributed-optimizer",
+                 "--kernel-backend", "--model-preset", "--data-path", "--save", "--load", "--peak-flops"):
+        assert flag in text
+
+
+def test_data_path_blend_parsing():
+    from megatron_lasp.training.arguments import ArgumentError, parse_data_path
+
+    assert parse_data_path(["a"]) == (["a"], None)
+    assert parse_data_path(["a", "b"]) == (["a", "b"], None)
+    assert parse_data_path(["0.3", "a", "0.7", "b"]) == (["a", "b"], [0.3, 0.7])
+    with pytest.raises(ArgumentError):
+        parse_data_path(["0.3", "a", "b"])
+
+
+def test_flops_formula_counts_matmuls_and_attention():
+    from types import SimpleNamespace
+
+    from megatron_lasp.training.logging_utils import flops_per_token
+
+    cfg = SimpleNamespace(hidden_size=8, num_layers=2, num_attention_heads=2, kv_channels=4, ffn_hidden_size=16,
+                          output_gate=True, gated_linear_unit=True)
+    # per layer: qkv+gate 8*4*8=256, out 8*8=64, GLU 3*8*16=384 -> 704; x2 layers + head 8*10
+    matmul = 2 * 704 + 80
+    attention = 3 * 2 * 2 * (4 * 64 * 4 + 4 * 16)
+    assert flops_per_token(cfg, 10, chunk_size=64) == 6 * matmul + attention
