@@ -105,8 +105,8 @@ def _convert_all(rank, world_size, paths, seed):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     result["cli_rc"] = cli.main(["--load", paths["tp2"], "--save", paths["hf_tp2"], "--max-shard-size", "40KB"])
-    convert.convert_checkpoint_to_hf(
-        paths["sp2"], paths["hf_sp2"],
+    convert.convert_checkpoint_to_hf(  # an iteration directory given directly
+        os.path.join(paths["sp2"], "iter_0000001"), paths["hf_sp2"],
         tokenizer_settings={"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER},
     )
     convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2"])
@@ -485,6 +485,7 @@ def test_cli_errors(tmp_path):
         (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", str(tmp_path / "nope")], "tokenizer:"),
         (["--load", str(ckpt), "--save", out, "--max-shard-size", "lots"], "--max-shard-size"),
+        (["--load", str(ckpt / "iter_0000003"), "--iteration", "5", "--save", out], "contradicts"),
     ]
     for args, expected in cases:
         rc, lines = _cli("convert_checkpoint_to_hf.py", *args)

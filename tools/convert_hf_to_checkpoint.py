@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     except ConversionError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.save}")
+    print(f"wrote {args.save} (weights only: load it with --finetune, or --no-load-optim --no-load-rng)")
     return 0
 
 

@@ -97,11 +97,11 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[int, str]:
-    """The iteration to convert and its directory.
+def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, int, str]:
+    """The checkpoint root, the iteration to convert and its directory.
 
     Args:
-        load_dir: a training ``--save`` directory.
+        load_dir: a training ``--save`` directory (or one of its ``iter_XXXXXXX`` directories).
         iteration: a specific iteration, or None for the latest (the tracker file).
 
     Raises:
@@ -109,6 +109,12 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
     """
     if not os.path.isdir(load_dir):
         raise ConversionError(f"checkpoint directory {load_dir} does not exist")
+    m = re.fullmatch(r"iter_(\d{7})", os.path.basename(os.path.normpath(load_dir)))
+    if m and not os.path.isfile(os.path.join(load_dir, TRACKER_FILENAME)):
+        given = int(m.group(1))  # the iteration directory itself was given
+        if iteration is not None and iteration != given:
+            raise ConversionError(f"--iteration {iteration} contradicts the directory {load_dir}")
+        load_dir, iteration = os.path.dirname(os.path.normpath(load_dir)), given
     if iteration is None:
         tracker = os.path.join(load_dir, TRACKER_FILENAME)
         if not os.path.isfile(tracker):
@@ -125,7 +131,7 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
         raise ConversionError(f"iteration {iteration} not found in {load_dir} (available: {shown})")
     if not os.path.isfile(os.path.join(path, CHECKPOINT_CONFIG)):
         raise ConversionError(f"{path} has no {CHECKPOINT_CONFIG}: not a megatron-lasp checkpoint, or an incomplete one")
-    return iteration, path
+    return load_dir, iteration, path
 
 
 def check_target(save_dir: str, force: bool) -> None:
@@ -516,7 +522,7 @@ def convert_checkpoint_to_hf(
     """Convert a megatron-lasp checkpoint into a Hugging Face model directory.
 
     Args:
-        load_dir: the training ``--save`` directory.
+        load_dir: the training ``--save`` directory (or one of its ``iter_XXXXXXX``).
         save_dir: the HF directory to create (replaced atomically at the end).
         iteration: which iteration (default: the latest).
         tokenizer_settings: :func:`~megatron_lasp.data.tokenizer.build_tokenizer` keyword
@@ -534,7 +540,7 @@ def convert_checkpoint_to_hf(
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    iteration, path = resolve_checkpoint(load_dir, iteration)
+    load_dir, iteration, path = resolve_checkpoint(load_dir, iteration)
     check_target(save_dir, force)
     if tokenizer_settings is None:
         tokenizer_settings = saved_tokenizer_settings(path)
