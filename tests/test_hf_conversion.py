@@ -101,7 +101,8 @@ def _convert_all(rank, world_size, paths, seed):
 
     result = {}
     # checkpoint -> HF through the CLI's main (tokenizer from the checkpoint), and through the API
-    spec = importlib.util.spec_from_file_location("cli_to_hf", os.path.join(REPO, "tools", "convert_checkpoint_to_hf.py"))
+    script = os.path.join(REPO, "tools", "convert_checkpoint_to_hf.py")
+    spec = importlib.util.spec_from_file_location("cli_to_hf", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     result["cli_rc"] = cli.main(["--load", paths["tp2"], "--save", paths["hf_tp2"], "--max-shard-size", "40KB"])
@@ -110,6 +111,7 @@ def _convert_all(rank, world_size, paths, seed):
         tokenizer_settings={"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER},
     )
     convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2"])
+    convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2_bf16"], dtype="bfloat16")
     # HF -> checkpoint, and both checkpoints back at TP=1 through the training package
     convert.convert_hf_to_checkpoint(paths["hf_tp2"], paths["back"])
     original, _, _ = load_model_for_inference(paths["tp2"], device="cpu")
@@ -127,9 +129,8 @@ def _convert_all(rank, world_size, paths, seed):
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", paths["hf_tp2"],
         "--make-vocab-size-divisible-by", "8", "--load", paths["back"], "--finetune",
     ])
-    result["resumed"] = {
-        k: v.detach().clone() for k, v in unwrap_model(state.model).state_dict().items() if not k.endswith("_extra_state")
-    }
+    resumed = unwrap_model(state.model).state_dict()
+    result["resumed"] = {k: v.detach().clone() for k, v in resumed.items() if not k.endswith("_extra_state")}
 
     # model variants built directly (TP=1): logits of the megatron model + an HF directory
     from megatron_lasp.models import build_linear_lm, linear_lm_config
@@ -163,7 +164,7 @@ def _convert_all(rank, world_size, paths, seed):
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_conversion")
     seed = int(torch.randint(0, 2**30, ()).item())  # fresh weights and tokens every run
-    names = ("tp2", "sp2", "pp2", "hf_tp2", "hf_sp2", "hf_pp2", "back", "variants")
+    names = ("tp2", "sp2", "pp2", "hf_tp2", "hf_sp2", "hf_pp2", "hf_pp2_bf16", "back", "variants")
     paths = {name: str(root / name) for name in names}
     os.makedirs(paths["variants"])
     saved = spawn(_train_and_save, 2, args=({k: paths[k] for k in ("tp2", "sp2", "pp2")}, seed), timeout=400)
@@ -199,6 +200,21 @@ def test_hf_logits_equal_megatron_logits(converted, layout):
     with torch.no_grad():  # a wrong weight is far outside the tolerance
         model.model.layers[1].attn.o_norm.weight.mul_(1.01)
         assert _rel_err(model(ids).logits, reference) > 100 * TOL
+
+
+def test_bf16_export(converted):
+    from transformers import AutoModelForCausalLM
+
+    directory = converted["paths"]["hf_pp2_bf16"]
+    with open(os.path.join(directory, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids, reference = converted["logits"]["pp2"]
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16 and out.cache.get_state(0).dtype == torch.float32
+    assert _rel_err(out.logits.float(), reference) < 5e-2  # bf16 weights and activations
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -425,7 +441,9 @@ def test_slopes_match_megatron_definition():
     from megatron_lasp.models import linear_lm_config
 
     for heads, layers, decay in ((8, 5, "tnl"), (6, 1, "tnl"), (12, 3, "alibi"), (4, 2, "none")):
-        hf = LaspLinearLMConfig(num_attention_heads=heads, hidden_size=16 * heads, num_hidden_layers=layers, decay_type=decay)
+        hf = LaspLinearLMConfig(
+            num_attention_heads=heads, hidden_size=16 * heads, num_hidden_layers=layers, decay_type=decay
+        )
         mg = linear_lm_config("tiny", num_attention_heads=heads, hidden_size=16 * heads, num_layers=layers,
                               decay_type=decay, use_cpu_initialization=True)
         for layer in range(layers):
@@ -481,7 +499,8 @@ def test_cli_errors(tmp_path):
         (["--load", str(empty), "--save", out], "no checkpoint found"),
         (["--load", str(ckpt), "--iteration", "7", "--save", out], "iteration 7 not found in"),
         (["--load", str(ckpt), "--save", str(busy)], "not empty (use --force"),
-        (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-model is required"),
+        (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer"],
+         "--tokenizer-model is required"),
         (["--load", str(ckpt), "--save", out, "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", str(tmp_path / "nope")], "tokenizer:"),
         (["--load", str(ckpt), "--save", out, "--max-shard-size", "lots"], "--max-shard-size"),

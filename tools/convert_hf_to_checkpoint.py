@@ -50,9 +50,8 @@ def check_layout(config: dict, tp: int, pp: int) -> None:
         if n % tp:
             raise ConversionError(f"{what} ({n}) is not divisible by --tensor-model-parallel-size ({tp})")
     if config["num_hidden_layers"] % pp:
-        raise ConversionError(
-            f"num_hidden_layers ({config['num_hidden_layers']}) is not divisible by --pipeline-model-parallel-size ({pp})"
-        )
+        layers = config["num_hidden_layers"]
+        raise ConversionError(f"num_hidden_layers ({layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
 
 
 def main(argv=None) -> int:

@@ -126,11 +126,14 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
         iteration = int(text)
     path = checkpoint_dir(load_dir, iteration)
     if not os.path.isdir(path):
-        found = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", n) for n in os.listdir(load_dir)) if m)
+        matches = (re.fullmatch(r"iter_(\d{7})", n) for n in os.listdir(load_dir))
+        found = sorted(int(m.group(1)) for m in matches if m)
         shown = ", ".join(str(i) for i in found) or "none"
         raise ConversionError(f"iteration {iteration} not found in {load_dir} (available: {shown})")
     if not os.path.isfile(os.path.join(path, CHECKPOINT_CONFIG)):
-        raise ConversionError(f"{path} has no {CHECKPOINT_CONFIG}: not a megatron-lasp checkpoint, or an incomplete one")
+        raise ConversionError(
+            f"{path} has no {CHECKPOINT_CONFIG}: not a megatron-lasp checkpoint, or an incomplete one"
+        )
     return load_dir, iteration, path
 
 
@@ -283,7 +286,9 @@ def megatron_to_hf_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, A
     def split_rows_by_head(t, prefix: str):
         # [H * P * D, ...] head-major -> one [H * D, ...] tensor per part
         if t.shape[0] != heads * len(parts) * head_dim:
-            raise ConversionError(f"{prefix}: {tuple(t.shape)} does not match {heads} heads x {len(parts)} parts x {head_dim}")
+            raise ConversionError(
+                f"{prefix}: {tuple(t.shape)} does not match {heads} heads x {len(parts)} parts x {head_dim}"
+            )
         view = t.reshape(heads, len(parts), head_dim, *t.shape[1:])
         return [view[:, i].reshape(heads * head_dim, *t.shape[1:]).contiguous() for i in range(len(parts))]
 
@@ -293,7 +298,8 @@ def megatron_to_hf_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, A
         mg, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         out[hf + "input_norm.weight"] = take(mg + "input_layernorm.weight")
         for kind in bias_names:
-            for part, tensor in zip(parts, split_rows_by_head(take(mg + f"self_attention.linear_qkv.{kind}"), mg + "linear_qkv")):
+            qkv = split_rows_by_head(take(mg + f"self_attention.linear_qkv.{kind}"), mg + "linear_qkv")
+            for part, tensor in zip(parts, qkv):
                 out[hf + f"attn.{part}_proj.{kind}"] = tensor
             out[hf + f"attn.o_proj.{kind}"] = take(mg + f"self_attention.linear_proj.{kind}")
             fc1 = take(mg + f"mlp.linear_fc1.{kind}")
@@ -552,7 +558,8 @@ def convert_checkpoint_to_hf(
     vocab_rows = model.embedding.word_embeddings.weight.shape[0]
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise ConversionError(
-            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab_rows} rows: wrong tokenizer"
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab_rows} rows: "
+            "wrong tokenizer"
         )
     hf_kwargs = hf_config_kwargs(config, vocab_rows)
     tensors = megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
@@ -679,9 +686,8 @@ def convert_hf_to_checkpoint(
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:
         raise ConversionError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    args = _training_args(
-        config, vocab_rows, tokenizer_settings, tokenizer.vocab_size if tokenizer else None, provenance.get("seq_length")
-    )
+    tokenizer_vocab = tokenizer.vocab_size if tokenizer else None
+    args = _training_args(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"))
     args.save = os.path.abspath(save_dir)
     with atomic_directory(save_dir, force) as tmp:
         path = checkpoint_dir(tmp, iteration)

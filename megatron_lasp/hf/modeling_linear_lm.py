@@ -358,7 +358,9 @@ class LaspLinearAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.g_proj = nn.Linear(config.hidden_size, width, bias=bias) if config.output_gate else None
-        self.o_norm = LaspGroupRMSNorm(self.num_heads, self.head_dim, config.attention_norm_group_size, config.rms_norm_eps)
+        self.o_norm = LaspGroupRMSNorm(
+            self.num_heads, self.head_dim, config.attention_norm_group_size, config.rms_norm_eps
+        )
         self.o_proj = nn.Linear(width, config.hidden_size, bias=bias)
         self.qk_map = _FEATURE_MAPS[config.qk_feature_map]
         self.v_map = _FEATURE_MAPS[config.v_feature_map]
@@ -609,8 +611,9 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
             )
+        cache = out[_CACHE_FIELD] if _CACHE_FIELD in out else None
         result = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: out[_CACHE_FIELD] if _CACHE_FIELD in out else None}
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: cache}
         )
         if return_dict is False:
             return result.to_tuple()
