@@ -38,6 +38,7 @@ VARIANTS: Dict[str, Dict] = {
         attention_norm_group_size=2,
         decay_type="alibi",
         num_layers=3,
+        add_bias_linear=True,
     ),
     "nodecay": dict(decay_type="none"),
 }
@@ -282,6 +283,16 @@ def _extras() -> Dict:
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), reduction="none")
     out["logits_shape"] = tuple(logits.shape)
     out["logits_ce_err"] = (ce.view_as(loss) - loss).abs().max().item()
+    # incremental decoding / packed sequences are refused, not silently wrong
+    attention = model.decoder.layers[0].self_attention
+    x = torch.randn(SEQ, BATCH, model.config.hidden_size)
+    refused = []
+    for kwargs in (dict(inference_context=object()), dict(packed_seq_params=object())):
+        try:
+            attention(x, **kwargs)
+        except NotImplementedError:
+            refused.append(True)
+    out["refused"] = refused
     # casting to bf16 keeps the decay slopes fp32 and exact; the bf16 model runs
     slopes = [layer.self_attention.slopes.clone() for layer in model.decoder.layers]
     model = model.to(torch.bfloat16)
@@ -376,6 +387,7 @@ def test_extras(layout_results):
     assert extras["param_counts"][("tnl-1b", False)] == 1_151_436_800
     assert extras["logits_shape"] == (BATCH, SEQ, VOCAB)
     assert extras["logits_ce_err"] < 1e-5
+    assert extras["refused"] == [True, True], "inference_context / packed_seq_params must raise"
     assert extras["bf16_slopes_fp32"], "casting the model to bf16 changed the decay slopes"
     assert extras["bf16_loss_err"] < 5e-2
 

@@ -214,8 +214,23 @@ class LinearSelfAttention(MegatronModule):
         self._sp_checked = True
         return o.transpose(0, 1)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **unused):
-        """``[s, b, hidden]`` -> ``(out [s, b, hidden], bias [hidden] or None)``."""
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None, packed_seq_params=None, **unused
+    ):
+        """``[s, b, hidden]`` -> ``(out [s, b, hidden], bias [hidden] or None)``.
+
+        Raises:
+            NotImplementedError: for megatron-core's incremental inference (``inference_context``:
+                it would feed only the new tokens, and this module keeps no recurrent state) and
+                for packed sequences (``packed_seq_params``: the state would flow across documents).
+        """
+        if inference_context is not None:
+            raise NotImplementedError(
+                "LinearSelfAttention has no incremental-decoding state: run the full sequence "
+                "without inference_context, or generate with the HF conversion"
+            )
+        if packed_seq_params is not None:
+            raise NotImplementedError("LinearSelfAttention does not support packed sequences (packed_seq_params)")
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
