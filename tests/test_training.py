@@ -106,6 +106,8 @@ def test_pipeline_and_tp_sp_match_single_process(tmp_path):
                                     "--sequence-parallel"],
         "pp2-sp2-lasp2": finetune + ["--pipeline-model-parallel-size", "2", "--sequence-parallel-size", "2",
                                      "--sequence-parallel-mode", "lasp2"],
+        "pp2-dp2-fsdp-accum": finetune + ["--pipeline-model-parallel-size", "2", "--ddp-impl", "fsdp",
+                                          "--micro-batch-size", "1"],
     }
     for rank_losses in spawn(_run_configs, 4, (list(configs4.values()),), timeout=600):
         for name, losses in zip(configs4, rank_losses):

@@ -6,7 +6,9 @@ group (``groups.dp_sp``: every SP rank saw different tokens of the same samples)
 - ``megatron``: megatron-core ``DistributedDataParallel`` + ``get_megatron_optimizer`` (fp32 main
   params for bf16/fp16, ``--use-distributed-optimizer`` = ZeRO-1). GPU only (its buffers and
   type checks assume CUDA).
-- ``torch``: ``torch.nn.parallel.DistributedDataParallel`` + ``torch.optim.AdamW``.
+- ``torch``: ``torch.nn.parallel.DistributedDataParallel`` + ``torch.optim.AdamW``. Under pipeline
+  parallelism (1F1B keeps several forwards in flight, which torch DDP does not allow) the
+  gradients are instead all-reduced over dp_sp once after the schedule, in one flat buffer.
 - ``fsdp``: FSDP2 ``fully_shard`` per transformer layer and at the root (ZeRO-3 style: parameters,
   gradients and optimizer state sharded over dp_sp) + ``torch.optim.AdamW``.
 
@@ -90,6 +92,12 @@ def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups:
         return DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=model)
     if impl == "torch":
         if groups.dp_sp.size() == 1:
+            return model
+        if args.pipeline_model_parallel_size > 1:
+            # torch DDP allows one forward in flight per backward; 1F1B runs several. The
+            # optimizer all-reduces the gradients after the schedule instead (TorchOptimizer).
+            for p in model.parameters():
+                dist.broadcast(p.data, src=dist.get_global_rank(groups.dp_sp, 0), group=groups.dp_sp)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -201,6 +209,7 @@ class TorchOptimizer:
         self.named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
         self.facts = facts
         self.shared_embedding = shared_embedding
+        self.manual_dp_reduce = args.ddp_impl == "torch" and args.pipeline_model_parallel_size > 1
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, args.weight_decay),
             lr=args.lr,
@@ -218,8 +227,18 @@ class TorchOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def finalize_grads(self) -> None:
-        """TP all-reduce of TP-SP replicated grads; tied-embedding all-reduce across stages."""
+        """dp_sp average (torch impl under PP), TP all-reduce of TP-SP replicated grads, tied embeddings."""
         tp = self.groups.tp
+        dp_sp = self.groups.dp_sp
+        if self.manual_dp_reduce and dp_sp.size() > 1:
+            grads = [p.grad for _, p in self.named if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=dp_sp)
+            flat /= dp_sp.size()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         if self.args.sequence_parallel and tp.size() > 1:
             grads = [_local(p.grad) for n, p in self.named if self.facts[n][1] and p.grad is not None]
             for g in grads:
