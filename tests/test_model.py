@@ -300,6 +300,13 @@ def _extras() -> Dict:
         layer.self_attention.slopes.dtype == torch.float32 and torch.equal(layer.self_attention.slopes, s)
         for layer, s in zip(model.decoder.layers, slopes)
     )
+    # a meta-device build materialised with to_empty() gets real slopes
+    with torch.device("meta"):
+        meta = build_linear_lm(linear_lm_config("tiny", use_cpu_initialization=True, perform_initialization=False), VOCAB)
+    meta = meta.to_empty(device="cpu")
+    out["to_empty_slopes"] = all(
+        torch.equal(layer.self_attention.slopes, s) for layer, s in zip(meta.decoder.layers, slopes)
+    )
     with torch.no_grad():
         bf16_loss = model(ids, labels=labels).float().mean()
     out["bf16_loss_err"] = abs(bf16_loss.item() - loss.mean().item()) / loss.mean().item()
@@ -388,6 +395,7 @@ def test_extras(layout_results):
     assert extras["logits_shape"] == (BATCH, SEQ, VOCAB)
     assert extras["logits_ce_err"] < 1e-5
     assert extras["refused"] == [True, True], "inference_context / packed_seq_params must raise"
+    assert extras["to_empty_slopes"], "to_empty() after a meta build left the slopes uninitialised"
     assert extras["bf16_slopes_fp32"], "casting the model to bf16 changed the decay slopes"
     assert extras["bf16_loss_err"] < 5e-2
 

@@ -118,8 +118,8 @@ class LinearSelfAttention(MegatronModule):
     bias or None)``. The attention mask and rotary arguments are ignored: the attention is causal
     and position is carried by the decay.
 
-    Buffers: ``slopes`` fp32 ``[heads on this TP rank]`` (non-persistent, recomputed from the
-    config; kept fp32 when the module is cast to bf16/fp16).
+    Buffers: ``slopes`` fp32 ``[heads on this TP rank]`` (non-persistent; recomputed from the
+    config after every ``to()`` / ``to_empty()`` / cast, so they stay exact fp32).
     """
 
     def __init__(
@@ -187,10 +187,11 @@ class LinearSelfAttention(MegatronModule):
         return layer_slopes(self.config, self.layer_number)[self._head_slice].to(device)
 
     def _apply(self, fn, *args, **kwargs):
-        # Casting the module (e.g. to bf16) must not round the decay slopes: keep them fp32.
+        # The slopes follow from the config: recompute them after any cast or move, so that a cast
+        # to bf16 cannot round them and ``to_empty()`` after a meta-device build cannot leave them
+        # uninitialised (a few numbers, computed on the host).
         super()._apply(fn, *args, **kwargs)
-        if self.slopes.dtype != torch.float32:
-            self.slopes = self._local_slopes(self.slopes.device)
+        self.slopes = self._local_slopes(self.slopes.device)
         return self
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
