@@ -23,6 +23,11 @@ are in one place and none of them is active when CUDA is available. Each piece, 
   ``_set_cuda_rng_state``, which raise without CUDA. On CPU they return an empty state / do
   nothing: the CPU generator state and the (CPU) tracker states are saved and restored by the same
   code already, so recomputation replays the same random numbers.
+- :func:`tensor_cuda_passthrough` (a context, entered only around megatron-core's
+  ``LanguageModule.setup_embeddings_and_output_layer`` by ``megatron_lasp.models``): with tied
+  embeddings and pipeline parallelism that method moves the last stage's copy of the embedding with
+  ``weight.data.cuda()`` before all-reducing it over the embedding group; inside the context
+  ``Tensor.cuda`` returns the tensor itself, so the copy stays on the CPU.
 - :func:`cuda_factory_redirect` (a context, entered only around megatron-core's pipeline
   schedules by the training loop): the schedules create their token counter with
   ``torch.zeros(..., device="cuda")``; inside the context, factory calls that name a CUDA device
@@ -188,3 +193,17 @@ def cuda_factory_redirect():
 
     with _Redirect():
         yield
+
+
+@contextlib.contextmanager
+def tensor_cuda_passthrough():
+    """On CPU: inside this context ``Tensor.cuda()`` returns the tensor unchanged. No-op on GPU."""
+    if not is_cpu_platform():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

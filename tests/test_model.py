@@ -95,6 +95,7 @@ def _layouts():
         Layout(tp=2, tpsp=True, sp=2, recompute="full", twin="tp2-tpsp-sp2-lasp"),
         Layout(tp=2, tpsp=True, sp=2, recompute="selective", twin="tp2-tpsp-sp2-lasp"),
         Layout(sp=2, pp=2),
+        Layout(pp=2, variant="tied"),
         Layout(sp=2, variant="tied"),
         Layout(tp=2, sp=2, mode="lasp2", variant="options"),
     ]
@@ -134,8 +135,11 @@ def _batch():
     return ids, labels
 
 
-def _global_name(name: str, offset: int) -> str:
-    """Stage-local ``decoder.layers.i.`` -> global ``decoder.layers.(i + offset).``."""
+def _global_name(name: str, offset: int, tied: bool = False) -> str:
+    """Stage-local ``decoder.layers.i.`` -> global ``decoder.layers.(i + offset).``; a tied output
+    layer (the last stage's copy of the embedding) -> the embedding."""
+    if tied and name == "output_layer.weight":
+        return "embedding.word_embeddings.weight"
     prefix = "decoder.layers."
     if not name.startswith(prefix):
         return name
@@ -215,7 +219,16 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
     torch.manual_seed(SEED)
     model = build_linear_lm(config, VOCAB, pre_process=pre, post_process=post)
     offset = get_transformer_layer_offset(config) if layout.pp > 1 else 0
+    tied = config.share_embeddings_and_output_weights
     result = {}
+    if tied and layout.pp > 1:
+        # megatron-core copies the first stage's embedding into the last stage at build time
+        from megatron.core import parallel_state as mpu
+
+        (shared,) = [p for p in model.parameters() if getattr(p, "shared_embedding", False)]
+        diff = shared.detach().clone() * (1.0 if groups.pp_rank == 0 else -1.0)
+        dist.all_reduce(diff, group=mpu.get_embedding_group())
+        result["tied_sync_err"] = diff.abs().max().item()
     # the CPU init of one seed is TP-invariant (same master weights) when no stage is skipped
     if layout.pp == 1:
         got = full_params(model, groups)
@@ -223,7 +236,7 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
     # load the reference weights (PP stages draw their init in a different order)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(_slice_tp(ref_params[_global_name(name, offset)], p, groups.tp_rank, groups.tp_size))
+            p.copy_(_slice_tp(ref_params[_global_name(name, offset, tied)], p, groups.tp_rank, groups.tp_size))
     # slopes: this TP rank's heads of the GLOBAL layer
     for i, layer in enumerate(model.decoder.layers):
         heads = layer.self_attention.local_heads
@@ -239,10 +252,14 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
     ids, labels = _batch()
     if layout.pp > 1:
         loss = _pp_loss(model, groups, ids, labels)
+        if tied:  # what megatron-core's finalize_model_grads does for the two embedding copies
+            from megatron.core import parallel_state as mpu
+
+            dist.all_reduce(shared.grad, group=mpu.get_embedding_group())
     else:
         loss = sharded_loss(model, ids, labels, groups)
     grads = full_grads(model, groups)
-    errs = compare_grads(grads, ref_grads, lambda n: _global_name(n, offset))
+    errs = compare_grads(grads, ref_grads, lambda n: _global_name(n, offset, tied))
     worst = max(errs, key=errs.get)
     result.update(loss_err=rel_err(loss, ref_loss), grad_err=errs[worst], worst=worst, n_grads=len(errs))
     if layout.pp > 1:  # every stage checked its own parameters: the max over all ranks
@@ -369,6 +386,8 @@ def test_sharded_equals_single_process(layout_results, layout):
         assert r["n_grads"] >= 10
     if "init_err" in r:
         assert r["init_err"] == 0.0, f"TP shards are not slices of the TP=1 init ({r['init_err']:.2e})"
+    if "tied_sync_err" in r:
+        assert r["tied_sync_err"] == 0.0, "the last stage's tied output weight is not the embedding"
     if "twin_err" in r:
         assert r["twin_err"] < 1e-6, f"recompute changed the gradients ({r['twin_err']:.2e})"
 

@@ -26,8 +26,9 @@ Builder API (what the training loop calls)::
 - Without labels the model returns logits ``[b, s_local, vocab / tp]`` (vocab-parallel).
 - Pipeline parallelism: each stage builds only its layers (``pre_process`` / ``post_process``),
   later stages get their input through ``model.set_input_tensor``; decay slopes use the global
-  layer number. Tied embeddings with PP > 1 need CUDA (megatron-core copies the tied weight with
-  ``.cuda()``).
+  layer number. Tied embeddings with PP > 1: the last stage holds a copy of the embedding
+  (``output_layer.weight``), synchronised at build time; its gradient and the first stage's must be
+  all-reduced over megatron-core's embedding group (``finalize_model_grads`` does it).
 - ``pg_collection``: megatron-core's ``ProcessGroupCollection`` (default: its global groups,
   ``groups.pg_collection()``); the LASP group is its ``cp`` group.
 - Activation recompute: ``recompute_granularity='full'`` (+ ``recompute_method``,

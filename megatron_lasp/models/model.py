@@ -52,6 +52,11 @@ class LinearLM(GPTModel):
         """
         return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
 
+    def setup_embeddings_and_output_layer(self) -> None:
+        """megatron-core's setup (tied-weight copies across pipeline stages), CPU-safe."""
+        with platform.tensor_cuda_passthrough():
+            super().setup_embeddings_and_output_layer()
+
 
 def build_linear_lm(
     config: LinearLMConfig,
