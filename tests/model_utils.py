@@ -33,13 +33,13 @@ def gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: dist.Process
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
 
 
-def full_grads(model: torch.nn.Module, groups, *, with_pp: bool = False) -> Dict[str, torch.Tensor]:
-    """Every parameter's full gradient, identical on all ranks, keyed by parameter name.
+def full_grads(model: torch.nn.Module, groups) -> Dict[str, torch.Tensor]:
+    """Every parameter's full gradient, keyed by parameter name (identical on the ranks of a stage).
 
     Sums over ``dp_sp`` (different tokens), over TP for ``sequence_parallel`` params when TP
     sequence parallelism is on (the attribute is set only then), then gathers TP shards. With
-    ``with_pp``, each stage's gradients are broadcast to all stages (names kept per stage: the
-    caller maps stage-local layer indices).
+    pipeline parallelism each stage gets its own parameters (stage-local layer names: map them
+    with megatron-core's ``get_transformer_layer_offset``).
     """
     out: Dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():

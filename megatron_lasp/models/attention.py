@@ -17,8 +17,9 @@ strided views of the projection output and ``transpose(0, 1)`` is a view; the fe
 (SiLU) write one new tensor each (none for 'identity'). The Triton kernels take any strides with a
 unit last stride, so nothing else is copied; for micro-batch 1 (the long-sequence case) every
 layout change is free. The output ``[b, s, h, d]`` goes back to ``[s, b, h, d]`` as a view; the
-norm writes the only new tensor there, and the row-parallel input reshape is free for b = 1
-(one copy otherwise). The torch backend blocks its inputs itself (one copy, inherent to it).
+norm and the gate each write one new tensor (elementwise work needed anyway), and the reshape to
+the row-parallel input ``[s, b, h * d]`` is free for b = 1 (one copy otherwise). The torch
+backend blocks its inputs itself (one copy, inherent to it).
 """
 
 from __future__ import annotations
