@@ -514,6 +514,7 @@ def test_cli_errors(tmp_path):
           "--tokenizer-model", str(tmp_path / "nope")], "tokenizer:"),
         (["--load", str(ckpt), "--save", out, "--max-shard-size", "lots"], "--max-shard-size"),
         (["--load", str(ckpt / "iter_0000003"), "--iteration", "5", "--save", out], "contradicts"),
+        (["--load", str(ckpt), "--save", out], "cannot load"),  # the layout is right, the content is not
     ]
     for args, expected in cases:
         rc, lines = _cli("convert_checkpoint_to_hf.py", *args)

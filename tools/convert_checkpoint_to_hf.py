@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,7 +47,10 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our progress at INFO; megatron-core's import-time notices (no TE / apex) stay out of the way.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_lasp").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
     settings = tokenizer_settings(args) if args.tokenizer_type else None
     try:
         convert_checkpoint_to_hf(

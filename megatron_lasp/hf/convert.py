@@ -552,9 +552,18 @@ def convert_checkpoint_to_hf(
         tokenizer_settings = saved_tokenizer_settings(path)
     tokenizer = tokenizer_from_settings(tokenizer_settings) if tokenizer_settings else None
 
-    from megatron_lasp.training.checkpointing import load_model_for_inference
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    model, config, saved = load_model_for_inference(load_dir, iteration, device="cpu")
+    from megatron_lasp.training.checkpointing import CheckpointError, load_model_for_inference
+
+    try:
+        model, config, saved = load_model_for_inference(load_dir, iteration, device="cpu")
+    except (CheckpointError, CheckpointingException, ValueError, KeyError, FileNotFoundError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        if isinstance(err, KeyError):
+            first = f"config.json lacks {text}"
+        raise ConversionError(f"cannot load {path}: {first}") from None
     vocab_rows = model.embedding.word_embeddings.weight.shape[0]
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise ConversionError(
