@@ -1,0 +1,1 @@
+"""Hugging Face export/import of the linear LM (``convert``) and its pure-PyTorch HF model code."""
