@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --load: load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true",
                    help="load only the weights (needed when TP/PP/SP/DP sizes or --ddp-impl changed)")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save megatron's distributed-optimizer state in the fully reshardable format "
+                   "(loadable at other TP/PP sizes; slower) instead of dp_reshardable")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (implies --no-load-optim --no-load-rng)")

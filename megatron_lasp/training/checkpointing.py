@@ -19,8 +19,10 @@ file is replaced afterwards, so a crash mid-save leaves the previous checkpoint 
 
 Changing the parallel layout: the weights load at any TP/PP/SP/DP sizes. The optimizer state of
 ``--ddp-impl torch``/``fsdp`` is laid out like the parameters and also loads, but across
-``--ddp-impl`` kinds (megatron vs torch/fsdp) or with megatron's distributed optimizer at another
-DP size, pass ``--no-load-optim``. RNG states are restored only at the same world size.
+``--ddp-impl`` kinds (megatron vs torch/fsdp), pass ``--no-load-optim``. megatron-core's
+distributed optimizer saves in its ``dp_reshardable`` format (fast; the optimizer state then loads
+only at the same TP/PP sizes) unless ``--dist-ckpt-optim-fully-reshardable`` (any sizes; gathers
+the state on DP rank 0 while saving). RNG states are restored only at the same world size.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def config_dict(config, args: argparse.Namespace) -> Dict[str, Any]:
             "sequence_parallel_mode": args.sequence_parallel_mode,
             "ddp_impl": args.ddp_impl,
             "use_distributed_optimizer": args.use_distributed_optimizer,
+            "optimizer_sharding_type": optimizer_sharding_type(args) if args.use_distributed_optimizer else None,
             "world_size": args.world_size,
         },
     }
@@ -298,7 +301,29 @@ def _torch_optimizer_sharded(opt, model_sd, full_map, for_loading: bool):
     return sd
 
 
-def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool, with_rng: bool):
+def _init_megatron_optimizer_state(optimizer) -> None:
+    """Create the Adam state (moments + step) a fresh megatron-core optimizer lacks, as load templates.
+
+    megatron-core's DistributedOptimizer reads ``step`` from every parameter's state while building
+    its sharded state dict, which a run that has not stepped yet does not have.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        sub.init_state_fn(inner, sub.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def optimizer_sharding_type(args) -> str:
+    """megatron-core DistributedOptimizer checkpoint format: DP-reshardable (fast) or fully reshardable."""
+    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+
+
+def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool, with_rng: bool,
+                        sharding_type: Optional[str] = None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     args = state.args
@@ -307,7 +332,12 @@ def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool
     sd: Dict[str, Any] = {"model": model_sd}
     if with_optimizer:
         if args.ddp_impl == "megatron":
-            sd["optimizer"] = state.optimizer.optimizer.sharded_state_dict(model_sd, is_loading=for_loading)
+            if for_loading:
+                _init_megatron_optimizer_state(state.optimizer.optimizer)
+            kwargs = {}
+            if args.use_distributed_optimizer:
+                kwargs["metadata"] = {"distrib_optim_sharding_type": sharding_type or optimizer_sharding_type(args)}
+            sd["optimizer"] = state.optimizer.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, **kwargs)
         else:
             sd["optimizer"] = _torch_optimizer_sharded(state.optimizer, model_sd, full_map, for_loading)
         sd["opt_param_scheduler"] = state.scheduler.state_dict()
@@ -409,7 +439,8 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
                        saved["parallel"]["world_size"], args.world_size)
     inner = unwrap_model(state.model)
     with _fsdp_context(state) as full_map:
-        sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng)
+        sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng,
+                                 sharding_type=saved["parallel"].get("optimizer_sharding_type"))
         loaded = dist_checkpointing.load(sd, path)
     if full_map:
         _load_fsdp_model(inner, loaded["model"])

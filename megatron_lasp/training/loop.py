@@ -231,9 +231,14 @@ def train_step(state: TrainState) -> tuple:
         raise TrainingError(f"iteration {next_iteration}: lm loss is {loss}; stopping without saving "
                             f"(last good checkpoint untouched)")
     applied, grad_norm = state.optimizer.step()
-    if not applied or not math.isfinite(grad_norm):
+    if state.args.fp16 and not applied:
+        # dynamic loss scaling: an overflow skips the update and lowers the scale (as Megatron does)
+        logger.info("iteration %d: fp16 overflow, update skipped", next_iteration)
+        grad_norm = float("nan")
+    elif not applied or not math.isfinite(grad_norm):
         raise TrainingError(f"iteration {next_iteration}: grad norm is {grad_norm}; stopping without saving")
-    state.scheduler.step(1)
+    else:
+        state.scheduler.step(1)
     state.iteration = next_iteration
     state.consumed_train_samples += state.args.global_batch_size
     return loss, grad_norm

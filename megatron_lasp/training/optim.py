@@ -305,6 +305,8 @@ class MegatronOptimizer:
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(cfg, [model])
+        # the schedule multiplies each micro-batch loss by the (fp16 dynamic) loss scale
+        model_config.grad_scale_func = self.optimizer.scale_loss
 
     @property
     def param_groups(self):
