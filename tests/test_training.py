@@ -19,11 +19,12 @@ from megatron_lasp.testing import spawn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
-# 4 iterations of global batch 4 over 64 tokens; a high LR so that the steps change the weights
-# enough for a wrong gradient (missing reduction, wrong scaling) to show in the next losses.
+# 3 iterations of global batch 4 over 64 tokens; a high LR so that the steps change the weights
+# enough for a wrong gradient to show. Adam's first step is nearly scale-invariant, so a gradient
+# off by a factor (missing reduction, wrong scaling) first shows in the loss of iteration 3.
 BASE = [
     "--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
-    "--global-batch-size", "4", "--train-iters", "4", "--lr", "3e-3", "--lr-warmup-iters", "1",
+    "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3", "--lr-warmup-iters", "1",
     "--log-interval", "2", "--eval-interval", "0", "--seed", "7", "--make-vocab-size-divisible-by", "64",
 ]
 RTOL = 2e-5  # fp32; observed differences between layouts are ~1e-7 relative

@@ -216,7 +216,7 @@ def _broadcast_from_last_stage(value: float, groups) -> float:
     if groups.pp.size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=platform.default_device())
-    dist.broadcast(t, group_src=groups.pp.size() - 1, group=groups.pp)
+    dist.broadcast(t, src=dist.get_global_rank(groups.pp, groups.pp.size() - 1), group=groups.pp)
     return float(t.item())
 
 
