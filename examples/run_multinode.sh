@@ -3,7 +3,7 @@
 # node; only NODE_RANK differs:
 #   NNODES=2 NODE_RANK=0 MASTER=node0.example:29500 bash examples/run_multinode.sh   # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER=node0.example:29500 bash examples/run_multinode.sh   # on node 1
-# Layout: TP=2 inside a node, SP (LASP) = 4, data parallel over the rest (DP = 8*NNODES/8).
+# Layout: TP=2 inside a node, SP (LASP) = 4, data parallel over the nodes (DP = NNODES).
 # Single node with 8 GPUs: NNODES=1 NODE_RANK=0 MASTER=localhost:29500.
 # Set DATA/TOKENIZER as in run_tnl1b_4gpu.sh (mock data otherwise). Extra flags pass through.
 set -euo pipefail
