@@ -448,7 +448,7 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
         inner.load_state_dict(loaded["model"], strict=True)
     if with_optim:
         if args.ddp_impl == "megatron":
-            state.optimizer.optimizer.load_state_dict(loaded["optimizer"])
+            state.optimizer.load_state_dict(loaded["optimizer"])
         else:
             _load_torch_optimizer(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -326,6 +326,42 @@ class MegatronOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float(norm) if norm is not None else float("nan")
 
+    def load_state_dict(self, state_dict) -> None:
+        """Load megatron-core's optimizer state, then give every parameter its own Adam step.
+
+        megatron-core's DistributedOptimizer (without apex / Transformer Engine, i.e. with torch's
+        Adam) restores ``step`` as *one* tensor shared by every parameter's state. torch's
+        multi-tensor Adam increments each listed step in place, so the shared tensor advances once
+        per parameter per iteration: after a resume the bias correction is wrong from the first
+        step on and the run diverges from the uninterrupted one.
+        """
+        self.optimizer.load_state_dict(state_dict)
+        unshare_adam_steps(self.optimizer)
+
+
+def unshare_adam_steps(optimizer) -> int:
+    """Replace ``step`` tensors shared between parameters' states by private copies.
+
+    Args:
+        optimizer: a torch optimizer, or a megatron-core optimizer (chained or not) wrapping one.
+
+    Returns:
+        how many step tensors were replaced.
+    """
+    replaced = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", sub)
+        seen = set()
+        for st in inner.state.values():
+            step = st.get("step")
+            if not torch.is_tensor(step):
+                continue
+            if id(step) in seen:
+                st["step"] = step.clone()
+                replaced += 1
+            seen.add(id(st["step"]))
+    return replaced
+
 
 def build_optimizer(model, args, groups: ParallelGroups, facts, model_config, shared_embedding=None):
     """The optimizer for ``--ddp-impl`` (see :class:`TorchOptimizer`, :class:`MegatronOptimizer`)."""
