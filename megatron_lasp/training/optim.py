@@ -327,39 +327,45 @@ class MegatronOptimizer:
         return bool(ok), float(norm) if norm is not None else float("nan")
 
     def load_state_dict(self, state_dict) -> None:
-        """Load megatron-core's optimizer state, then give every parameter its own Adam step.
+        """Load megatron-core's optimizer state, then restore every parameter's Adam step.
 
-        megatron-core's DistributedOptimizer (without apex / Transformer Engine, i.e. with torch's
-        Adam) restores ``step`` as *one* tensor shared by every parameter's state. torch's
-        multi-tensor Adam increments each listed step in place, so the shared tensor advances once
-        per parameter per iteration: after a resume the bias correction is wrong from the first
-        step on and the run diverges from the uninterrupted one.
+        With torch's Adam (no apex / Transformer Engine), megatron-core's DistributedOptimizer saves
+        the step count in each param group (``step``) but, on load, leaves the per-parameter
+        ``step`` tensors that torch's Adam reads at their load-template value (0) and, where it does
+        set them, as one tensor shared by all parameters (which multi-tensor Adam then advances once
+        per parameter). Either way the bias correction after a resume is not the uninterrupted
+        run's, and the run diverges from its first step.
         """
         self.optimizer.load_state_dict(state_dict)
-        unshare_adam_steps(self.optimizer)
+        restore_adam_steps(self.optimizer)
 
 
-def unshare_adam_steps(optimizer) -> int:
-    """Replace ``step`` tensors shared between parameters' states by private copies.
+def restore_adam_steps(optimizer) -> int:
+    """Give every parameter state a private ``step`` tensor equal to its param group's ``step``.
+
+    Param groups without a ``step`` entry keep their per-parameter values (only unshared).
 
     Args:
         optimizer: a torch optimizer, or a megatron-core optimizer (chained or not) wrapping one.
 
     Returns:
-        how many step tensors were replaced.
+        how many per-parameter step tensors were replaced.
     """
     replaced = 0
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", sub)
         seen = set()
-        for st in inner.state.values():
-            step = st.get("step")
-            if not torch.is_tensor(step):
-                continue
-            if id(step) in seen:
-                st["step"] = step.clone()
-                replaced += 1
-            seen.add(id(st["step"]))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p, {})
+                step = st.get("step")
+                if not torch.is_tensor(step):
+                    continue
+                want = float(group["step"]) if "step" in group else float(step)
+                if id(step) in seen or float(step) != want:
+                    st["step"] = torch.tensor(want, dtype=step.dtype, device=step.device)
+                    replaced += 1
+                seen.add(id(st["step"]))
     return replaced
 
 
