@@ -335,8 +335,33 @@ class MegatronOptimizer:
         set them, as one tensor shared by all parameters (which multi-tensor Adam then advances once
         per parameter). Either way the bias correction after a resume is not the uninterrupted
         run's, and the run diverges from its first step.
+
+        Two more gaps of megatron-core's loader are bridged here: its ``fully_reshardable`` format
+        does not carry the per-parameter ``step`` that the copy into a torch-Adam state expects
+        (a ``KeyError``; the value is restored from the param group afterwards), and its
+        ``dp_reshardable`` copy runs with autograd on, which fp32 training (main params that are
+        views of the leaf parameters) refuses.
         """
-        self.optimizer.load_state_dict(state_dict)
+        subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        originals = []
+        for sub in subs:
+            setter = getattr(sub, "_set_main_param_and_optimizer_states", None)
+            if setter is None:
+                continue
+
+            def with_step(model_param, tensors, _setter=setter):
+                if "step" not in tensors:
+                    tensors = dict(tensors, step=torch.zeros((), dtype=torch.float32))
+                _setter(model_param, tensors)
+
+            originals.append(sub)
+            sub._set_main_param_and_optimizer_states = with_step
+        try:
+            with torch.no_grad():
+                self.optimizer.load_state_dict(state_dict)
+        finally:
+            for sub in originals:
+                del sub._set_main_param_and_optimizer_states  # back to the class's method
         restore_adam_steps(self.optimizer)
 
 
