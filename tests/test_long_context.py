@@ -304,3 +304,51 @@ def test_flag_errors(extra, message):
                                       "--model-preset", "tiny"] + extra)
     with pytest.raises(ArgumentError, match=message):
         validate_args(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): bf16 precision, the side-stream offload path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_loss_bf16_and_cuda_offload():
+    from megatron_lasp.models.loss import linear_cross_entropy
+    from megatron_lasp.models.memory import LayerInputOffloader
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(5)
+    s, h, v = 8192, 1024, 32000
+    hidden = (torch.randn(s, 1, h, device=dev, generator=gen)).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=dev, generator=gen) * 0.02).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (1, s), device=dev, generator=gen)
+    mask = (torch.rand(1, s, device=dev, generator=gen) > 0.1).float()
+    ref = _reference_ce(hidden.float(), weight.float(), labels)
+    (ref * mask).sum().div(mask.sum()).backward()
+    ref_grads = hidden.grad.float().clone(), weight.grad.float().clone()
+    hidden.grad = weight.grad = None
+    got = linear_cross_entropy(hidden, weight, labels, loss_weights=mask, chunk_size=3000)
+    (got * mask).sum().div(mask.sum()).backward()
+    assert (got - ref).abs().max().item() < 2e-2
+    assert _max_rel(hidden.grad.float(), ref_grads[0]) < 1e-2
+    assert _max_rel(weight.grad.float(), ref_grads[1]) < 1e-2
+
+    # offload hooks on CUDA: async copies out and back give the same tensors
+    off = LayerInputOffloader(min_bytes=0)
+    xs = [torch.randn(4096, 1024, device=dev, requires_grad=True) for _ in range(3)]
+    with off.hooks():
+        with off.active():
+            y = xs[0]
+            for x in xs[1:]:
+                y = (y * x).sin()
+        off.finish_forward()
+    y.sum().backward()
+    grads = [x.grad.clone() for x in xs]
+    for x in xs:
+        x.grad = None
+    y = xs[0]
+    for x in xs[1:]:
+        y = (y * x).sin()
+    y.sum().backward()
+    assert all(torch.equal(g, x.grad) for g, x in zip(grads, xs))
+    assert off.stats["offloaded"] > 0 and off.stats["reloaded"] == off.stats["offloaded"]
