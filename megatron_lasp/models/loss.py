@@ -79,8 +79,11 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
     if _out_dtype_supported(a.device):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    return acc.add_(a @ b)
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return acc.add_(_mm_f32(a, b))
 
 
 def _chunk_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group):
