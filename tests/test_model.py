@@ -460,7 +460,7 @@ def test_config_defaults_and_presets():
     assert c.activation_func is sglu_identity and c.hidden_dropout == 0.0
     assert c.qkv_parts == 4 and linear_lm_config("tiny", output_gate=False).qkv_parts == 3
     assert linear_lm_config("tiny", glu_type="swiglu").activation_func is torch.nn.functional.silu
-    table = {  # docs/LASP.md section 8: d_model, layers, heads, head dim, GLU dim, vocab
+    table = {  # megatron_lasp/models/README.md, Presets: d_model, layers, heads, head dim, GLU dim, vocab
         "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
         "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
         "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
