@@ -151,7 +151,41 @@ def _read_tokenizer_json_vocab(json_path: str) -> Dict[str, int]:
     return vocab
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class _LibraryTokenizer(Tokenizer):
+    """A tokenizer run by the ``tokenizers`` library; vocabulary, size and EOD read from its files.
+
+    Subclasses set ``_vocab`` (token text -> id), ``_vocab_size``, ``_eod`` and implement
+    ``_model()`` (the ``tokenizers.Tokenizer``).
+    """
+
+    _vocab: Dict[str, int]
+    _vocab_size: int
+    _eod: int
+
+    def _model(self) -> Any:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._model().encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        """Token text -> id (added tokens included)."""
+        return dict(self._vocab)
+
+
+class HuggingFaceTokenizer(_LibraryTokenizer):
     """A local ``tokenizer.json`` loaded with the ``tokenizers`` library (never from a hub).
 
     Args:
@@ -246,25 +280,6 @@ class HuggingFaceTokenizer(Tokenizer):
     def load(self) -> None:
         self._model()
 
-    def tokenize(self, text: str) -> List[int]:
-        return self._model().encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        """Token text -> id, added tokens included."""
-        return dict(self._vocab)
-
     def save_pretrained(self, directory: str) -> List[str]:
         """Copy tokenizer.json (+ the config files that came with it, else a minimal config)."""
         os.makedirs(directory, exist_ok=True)
@@ -318,7 +333,7 @@ def bytes_to_unicode() -> Dict[int, str]:
     return table
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(_LibraryTokenizer):
     """GPT-2 byte-level BPE from ``vocab.json`` and ``merges.txt``, run by the ``tokenizers`` library.
 
     The library's ``BPE`` model with the ``ByteLevel`` pre-tokenizer (GPT-2's split pattern, no
@@ -342,13 +357,13 @@ class GPT2BPETokenizer(Tokenizer):
         from tokenizers.models import BPE
 
         with open(vocab_file, encoding="utf-8") as f:
-            self._encoder: Dict[str, int] = json.load(f)
-        if not isinstance(self._encoder, dict) or not self._encoder:
+            self._vocab = json.load(f)
+        if not isinstance(self._vocab, dict) or not self._vocab:
             raise ValueError(f"--vocab-file {vocab_file}: expected a JSON object token -> id")
-        if ENDOFTEXT not in self._encoder:
+        if ENDOFTEXT not in self._vocab:
             raise ValueError(f"--vocab-file {vocab_file}: has no {ENDOFTEXT} token (the EOD)")
         # Without all 256 byte symbols the library would silently drop the bytes it cannot encode.
-        missing = [c for c in bytes_to_unicode().values() if c not in self._encoder]
+        missing = [c for c in bytes_to_unicode().values() if c not in self._vocab]
         if missing:
             raise ValueError(f"--vocab-file {vocab_file}: lacks {len(missing)} of the 256 byte symbols "
                              f"(e.g. {missing[0]!r}); a GPT-2 vocab.json holds all of them")
@@ -361,28 +376,12 @@ class GPT2BPETokenizer(Tokenizer):
         self._tok.decoder = decoders.ByteLevel()
         self._vocab_file, self._merge_file = vocab_file, merge_file
         self.path = os.path.abspath(vocab_file)
-        self._eod = self._encoder[ENDOFTEXT]
-        self._vocab_size = max(self._encoder.values()) + 1
+        self._eod = self._vocab[ENDOFTEXT]
+        self._vocab_size = max(self._vocab.values()) + 1
         self._fingerprint = _sha256_of_files([vocab_file, merge_file])
 
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        """Token text (byte-mapped) -> id."""
-        return dict(self._encoder)
+    def _model(self) -> Any:
+        return self._tok
 
     def save_pretrained(self, directory: str) -> List[str]:
         """Copy vocab.json and merges.txt and write a GPT2Tokenizer tokenizer_config.json."""
