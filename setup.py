@@ -21,7 +21,6 @@ setup(
         "triton>=3.2",
         "megatron-core>=0.16.1,<0.20",
         "numpy",
-        "regex",
         # megatron-core's dist_checkpointing writer needs psutil but does not declare it.
         "psutil",
         "transformers>=4.45",
@@ -29,7 +28,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib", "regex"],
         "te": ["transformer-engine[pytorch]"],
         "fla": ["flash-linear-attention"],
         "tensorboard": ["tensorboard"],

@@ -15,7 +15,7 @@ do, dq, dk, dv (backward) moved once, over the device-to-device copy bandwidth m
 
 fla autotunes about 48 launch configs per kernel; ``--fla-autotune pruned`` keeps those with 4 or 8
 warps and 2 or 3 stages (a quarter), to fit the device-time budget; the fla 0.6.0 numbers with its
-full autotuning measured on an H200 the day before (shared/docs/GPU.md) are drawn as reference.
+full autotuning measured on an H200 in an earlier run (``FLA_REFERENCE``) are drawn as reference.
 """
 
 import argparse
@@ -23,8 +23,8 @@ import json
 import sys
 
 SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 8192, 16, 128)]
-# fla 0.6.0 chunk_simple_gla, bf16 B1 H16 D128, one H200, full autotuning (shared/docs/GPU.md).
-FLA_GPU_MD = {8192: (0.41, 1.83), 32768: (0.46, 2.21), 131072: (1.79, 8.69)}
+# fla 0.6.0 chunk_simple_gla, bf16 B1 H16 D128, one H200, full autotuning: T -> (fwd ms, fwd+bwd ms).
+FLA_REFERENCE = {8192: (0.41, 1.83), 32768: (0.46, 2.21), 131072: (1.79, 8.69)}
 # Sweep candidates: overrides of the launch heuristic (chunk.TUNING).
 SWEEP_LOCAL = [
     {},
@@ -243,8 +243,8 @@ def plot(paths, out_png):
     if "fla" in runs:
         name = f"fla chunk_simple_gla ({runs['fla']['meta'].get('fla_autotune')} autotune)"
         series.append((name, {(r["B"], r["T"]): r for r in runs["fla"]["rows"]}, ""))
-    series.append(("fla 0.6.0, GPU.md (full autotune)",
-                   {(1, t): dict(fwd_ms=a, fwd_bwd_ms=b) for t, (a, b) in FLA_GPU_MD.items()}, ""))
+    series.append(("fla 0.6.0, earlier run (full autotune)",
+                   {(1, t): dict(fwd_ms=a, fwd_bwd_ms=b) for t, (a, b) in FLA_REFERENCE.items()}, ""))
     series.append(("HBM floor", {(r["B"], r["T"]): dict(fwd_ms=r["floor_fwd_ms"], fwd_bwd_ms=r["floor_fwd_bwd_ms"])
                                  for r in ours}, ""))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))

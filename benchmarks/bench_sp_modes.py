@@ -6,7 +6,7 @@ the output projection; forward + backward, bf16. For each total sequence length 
 split contiguously over the ranks) and mode (lasp, lasp2, ulysses, allgather) it reports the time
 per forward and forward+backward (median over iterations, slowest rank), tokens/s, peak memory
 (max over ranks) and the bytes each rank receives per forward+backward (counted on the
-collectives and point-to-point calls the mode makes, max over ranks; the model of LASP.md next to
+collectives and point-to-point calls the mode makes, max over ranks; the model of megatron_lasp/parallel/README.md next to
 it). A case that runs out of memory is recorded as "oom" (and
 longer sequences of that mode are skipped). Writes JSON and a PNG.
 
@@ -115,7 +115,7 @@ class CommCounter:
 
 
 def modelled_recv_bytes(mode, W, B, C, H, D, elem):
-    """Per-rank received bytes per forward+backward of the attention core (LASP.md sections 3-5), max over ranks."""
+    """Per-rank received bytes per forward+backward of the attention core (megatron_lasp/parallel/README.md, Communication), max over ranks."""
     if W == 1:
         return 0
     state = B * H * D * D * 4

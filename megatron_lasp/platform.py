@@ -2,27 +2,28 @@
 
 megatron-core is written for CUDA. On a CPU-only machine (CI, laptops, the gloo tests) a handful of
 its code paths assume a GPU; everything else (``parallel_state``, TP layers, datasets,
-``dist_checkpointing``) works unchanged. This module holds *all* of the CPU accommodations, so they
-are in one place and none of them is active when CUDA is available. Each piece, and why:
+``dist_checkpointing``) works unchanged. This module holds *all* of the CPU accommodations; none of
+them does anything when CUDA is available. Each piece, and why:
 
-- ``torch.cuda.current_device`` -> ``cpu``: megatron-core allocates buffers with
-  ``device=torch.cuda.current_device()`` (the global memory buffer used by TP sequence parallelism,
-  ``gather_from_sequence_parallel_region``, the DDP grad buffers). On CPU the call raises
-  "Torch not compiled with CUDA enabled"; returning the CPU device makes those buffers CPU tensors.
-- ``torch.cuda.synchronize`` -> no-op: ``dist_checkpointing``'s filesystem writer synchronizes the
-  device before writing; there is nothing to synchronize on CPU.
-- A CPU RNG tracker: megatron-core forks a "model-parallel" RNG state for TP-sharded weight init
-  and dropout through ``get_cuda_rng_tracker()``, which stores CUDA generator states. The CPU
-  tracker keeps CPU generator states under the same names and seeds
-  (see :func:`seed_model_parallel_rng`).
-- The default causal mask: ``megatron.core.transformer.utils.get_default_causal_mask`` builds its
-  mask with ``device="cuda"``; we rebuild it on CPU (patched where it is imported, too).
-- The CUDA RNG state of activation checkpointing: megatron-core's ``tensor_parallel.checkpoint``
-  (full recompute, selective recompute of the attention core / MLP) and ``CheckpointWithoutOutput``
-  save and restore ``torch.cuda`` RNG states through ``random._get_cuda_rng_state`` /
-  ``_set_cuda_rng_state``, which raise without CUDA. On CPU they return an empty state / do
-  nothing: the CPU generator state and the (CPU) tracker states are saved and restored by the same
-  code already, so recomputation replays the same random numbers.
+- :func:`cpu_platform` (a context, entered only by :func:`megatron_lasp.parallel.initialize_parallel`
+  and left by :func:`megatron_lasp.parallel.destroy_parallel`, i.e. for the life of megatron-core's
+  parallel state, which is when megatron-core code runs). Inside it:
+
+  - ``torch.cuda.current_device`` returns ``cpu``: megatron-core allocates buffers with
+    ``device=torch.cuda.current_device()`` (the global memory buffer of TP sequence parallelism,
+    ``gather_from_sequence_parallel_region``, the DDP grad buffers); on CPU the call raises
+    "Torch not compiled with CUDA enabled".
+  - ``torch.cuda.synchronize`` does nothing: ``dist_checkpointing``'s filesystem writer
+    synchronizes the device before writing.
+  - megatron-core's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+    return an empty state / do nothing: activation recomputation (``tensor_parallel.checkpoint``,
+    ``CheckpointWithoutOutput``) saves and restores the CUDA generator through them. The CPU
+    generator and the (CPU) tracker states are saved and restored by the same code already, so
+    recomputation replays the same random numbers.
+
+- :func:`seed_model_parallel_rng`: megatron-core's own ``model_parallel_cuda_manual_seed``; on CPU
+  it runs with :class:`CPURNGStatesTracker` in place of ``CudaRNGStatesTracker``, so the tracker
+  holds CPU generator states under megatron-core's names and seeds.
 - :func:`tensor_cuda_passthrough` (a context, entered only around megatron-core's
   ``LanguageModule.setup_embeddings_and_output_layer`` by ``megatron_lasp.models``): with tied
   embeddings and pipeline parallelism that method moves the last stage's copy of the embedding with
@@ -37,13 +38,13 @@ are in one place and none of them is active when CUDA is available. Each piece, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from typing import Any, Iterator, List, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
-
-_INSTALLED = False
 
 
 def is_cpu_platform() -> bool:
@@ -58,47 +59,54 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+@contextlib.contextmanager
+def _replaced(patches: List[Tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set ``obj.name = value`` for each patch; restore the previous values on exit."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
 
 
 def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
 
-def _set_no_cuda_rng_state(*args, **kwargs) -> None:
-    return None
+@contextlib.contextmanager
+def cpu_platform() -> Iterator[bool]:
+    """On CPU, answer megatron-core's CUDA calls on the CPU inside this context (module docstring).
 
-
-def setup_cpu_platform() -> bool:
-    """Install the CPU accommodations described in the module docstring. Idempotent.
-
-    Returns:
+    Yields:
         True if the CPU layer is active (no CUDA), False on GPU, where nothing is changed.
     """
-    global _INSTALLED
     if not is_cpu_platform():
-        return False
-    if _INSTALLED:
-        return True
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+        yield False
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
 
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.transformer.utils as transformer_utils
-
-    transformer_utils.get_default_causal_mask = _cpu_causal_mask
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask
-
-    import megatron.core.tensor_parallel.random as mpu_random
-
-    mpu_random._get_cuda_rng_state = _no_cuda_rng_state
-    mpu_random._set_cuda_rng_state = _set_no_cuda_rng_state
-    _INSTALLED = True
-    logger.info("CPU platform layer installed for megatron-core (no CUDA device)")
-    return True
+    with _replaced([
+        (torch.cuda, "current_device", _cpu_device),
+        (torch.cuda, "synchronize", _no_op),
+        (mpu_random, "_get_cuda_rng_state", _no_cuda_rng_state),
+        (mpu_random, "_set_cuda_rng_state", _no_op),
+    ]):
+        logger.debug("CPU platform layer active for megatron-core (no CUDA device)")
+        yield True
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_rng_tracker_class():
     from megatron.core.tensor_parallel import random as mpu_random
 
@@ -132,30 +140,20 @@ def _cpu_rng_tracker_class():
 def seed_model_parallel_rng(seed: int) -> None:
     """Seed torch and megatron-core's model-parallel RNG tracker, on GPU or CPU.
 
-    On GPU this is megatron-core's ``model_parallel_cuda_manual_seed``. On CPU the tracker holds
-    CPU states seeded exactly as megatron-core seeds its CUDA ones (data-parallel: ``seed``;
-    tensor-parallel: ``seed + 2718 + tp_rank``; expert-parallel: ``seed + 1024 + 100 * ep_rank +
-    etp_rank``), so TP-sharded initialization is the same on CPU and GPU runs of one seed.
+    Both run megatron-core's ``model_parallel_cuda_manual_seed`` (data-parallel state: ``seed``;
+    tensor-parallel: ``seed + 2718 + tp_rank``; expert-parallel: ``seed + 1024 + ...``). On CPU its
+    tracker is a :class:`CPURNGStatesTracker`, whose states are CPU generators seeded alike, so
+    TP-sharded initialization is seeded the same way on CPU and GPU runs of one seed.
     Call after megatron-core's parallel state is initialized.
     """
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mpu_random
 
     torch.manual_seed(seed)
-    if not is_cpu_platform():
-        torch.cuda.manual_seed(seed)
+    swap = []
+    if is_cpu_platform():
+        swap = [(mpu_random, "CudaRNGStatesTracker", _cpu_rng_tracker_class())]
+    with _replaced(swap):
         mpu_random.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-        return
-    setup_cpu_platform()
-    tracker = _cpu_rng_tracker_class()()
-    mpu_random._CUDA_RNG_STATE_TRACKER = tracker
-    mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
-    tracker.add(mpu_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(mpu_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
 
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",

@@ -5,6 +5,8 @@ through ``monkeypatch`` (the kernels are built for the interpreter at launch tim
 which test files import modules does not matter and the variable does not leak to other tests).
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ def backend(request, monkeypatch):
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
 def test_matches_recurrent_reference(backend, shape, decay, with_h0):
-    torch.manual_seed(hash((shape, decay, with_h0)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((shape, decay, with_h0)).encode()))  # str hashes vary per process
     q, k, v, slopes, h0, do, dht = _inputs(*shape, decay, with_h0)
     ref = _reference(q, k, v, slopes, h0, do, dht)
 

@@ -460,7 +460,7 @@ def test_config_defaults_and_presets():
     assert c.activation_func is sglu_identity and c.hidden_dropout == 0.0
     assert c.qkv_parts == 4 and linear_lm_config("tiny", output_gate=False).qkv_parts == 3
     assert linear_lm_config("tiny", glu_type="swiglu").activation_func is torch.nn.functional.silu
-    table = {  # docs/LASP.md section 8: d_model, layers, heads, head dim, GLU dim, vocab
+    table = {  # megatron_lasp/models/README.md, Presets: d_model, layers, heads, head dim, GLU dim, vocab
         "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
         "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
         "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
@@ -512,37 +512,3 @@ def test_transformer_engine_missing_is_a_clear_error():
     assert str(err.value) == TE_MISSING_MESSAGE
     assert "pip install -e .[te]" in TE_MISSING_MESSAGE and "--transformer-impl local" in TE_MISSING_MESSAGE
 
-
-def test_transformer_engine_spec_picks_te_modules(monkeypatch):
-    """With TE reported present (nothing imported), the spec uses megatron-core's TE classes."""
-    import megatron.core.extensions.transformer_engine as mte
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-
-    from megatron_lasp.models import config as config_module
-    from megatron_lasp.models import linear_lm_config, specs
-    from megatron_lasp.models.attention import LinearSelfAttention
-    from megatron_lasp.models.norms import RMSNorm
-
-    monkeypatch.setattr(config_module, "te_available", lambda: True)
-    monkeypatch.setattr(specs, "te_available", lambda: True)
-
-    def mlp_submodules(mlp_spec):  # a ModuleSpec (megatron-core 0.16) or a partial (0.19)
-        return mlp_spec.submodules if hasattr(mlp_spec, "submodules") else mlp_spec.keywords["submodules"]
-
-    te = linear_lm_config("tiny", transformer_impl="transformer_engine")
-    layer = specs.get_linear_lm_layer_spec(te).submodules
-    assert layer.self_attention.module is LinearSelfAttention
-    assert layer.self_attention.submodules.linear_qkv is mte.TELayerNormColumnParallelLinear
-    assert layer.self_attention.submodules.linear_proj is mte.TERowParallelLinear
-    assert layer.input_layernorm is IdentityOp and layer.pre_mlp_layernorm is IdentityOp
-    assert mlp_submodules(layer.mlp).linear_fc1 is mte.TELayerNormColumnParallelLinear
-    assert mlp_submodules(layer.mlp).linear_fc2 is mte.TERowParallelLinear
-    assert specs.get_linear_lm_block_spec(te, pp_rank=0).layer_norm is mte.TENorm
-
-    local = specs.get_linear_lm_layer_spec(linear_lm_config("tiny")).submodules
-    assert local.self_attention.submodules.linear_qkv is ColumnParallelLinear
-    assert local.input_layernorm is RMSNorm and local.pre_mlp_layernorm is RMSNorm
-    assert mlp_submodules(local.mlp).linear_fc1 is ColumnParallelLinear
-    block = specs.get_linear_lm_block_spec(linear_lm_config("tiny", num_layers=3), pp_rank=0)
-    assert len(block.layer_specs) == 3 and block.layer_norm is RMSNorm

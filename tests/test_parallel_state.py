@@ -68,7 +68,54 @@ def _check_layouts(rank, world_size):
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=groups.sp)
         assert t.item() == sum(expected["sp"])
+        _check_rng_tracker(1234, groups.tp_rank)
     return len(_layouts(world_size))
+
+
+def _check_rng_tracker(seed, tp_rank):
+    """megatron-core's seeding with the CPU tracker: CPU generators under its names and seed offsets."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    ep_rank, etp_rank = mpu.get_expert_model_parallel_rank(), mpu.get_expert_tensor_parallel_rank()
+    tracker = mpu_random.get_cuda_rng_tracker()
+    assert isinstance(tracker, mpu_random.CudaRNGStatesTracker) and type(tracker).__name__ == "CPURNGStatesTracker"
+    assert mpu_random.CudaRNGStatesTracker.__name__ == "CudaRNGStatesTracker", "the tracker class swap leaked"
+    want = {
+        mpu_random._DATA_PARALLEL_RNG_TRACKER_NAME: seed,
+        mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + tp_rank,
+        mpu_random._EXPERT_PARALLEL_RNG_TRACKER_NAME: seed + 1024 + 100 * ep_rank + etp_rank,
+    }
+    states = tracker.get_states()
+    assert set(states) == set(want)
+    for name, s in want.items():
+        assert torch.equal(states[name], torch.Generator().manual_seed(s).get_state()), name
+    # fork draws from the tracked state and leaves the default generator alone
+    outer = torch.get_rng_state()
+    with tracker.fork():
+        x = torch.rand(3)
+    assert torch.equal(x, torch.rand(3, generator=torch.Generator().manual_seed(seed + 2718 + tp_rank)))
+    assert torch.equal(torch.get_rng_state(), outer)
+
+
+def _check_platform_scope(rank, world_size):
+    """The CPU layer lives from initialize_parallel to destroy_parallel, no longer."""
+    from megatron_lasp.parallel import destroy_parallel
+
+    original = (torch.cuda.current_device, torch.cuda.synchronize)
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
+    initialize_parallel(1, world_size, 1, seed=3)
+    assert torch.cuda.current_device() == torch.device("cpu")
+    initialize_parallel(1, 1, 1)  # a second initialisation keeps the one layer
+    destroy_parallel()
+    assert (torch.cuda.current_device, torch.cuda.synchronize) == original
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU platform layer is inactive with CUDA")
+def test_cpu_platform_scoped_to_parallel_state():
+    assert all(spawn(_check_platform_scope, 2, init_process_group=False))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4], ids=lambda w: f"world{w}")

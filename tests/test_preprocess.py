@@ -54,7 +54,7 @@ def random_docs(rng, n, null=False):
 
 @pytest.fixture(scope="module")
 def gpt2_settings(tmp_path_factory):
-    rng = random.Random()
+    rng = random.Random(1)
     vocab, merges = train_tiny_bpe([random_text(rng, 150) for _ in range(6)], num_merges=120)
     vocab_file, merge_file = write_gpt2_files(str(tmp_path_factory.mktemp("gpt2")), vocab, merges)
     return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": vocab_file, "merge_file": merge_file}
@@ -74,7 +74,7 @@ def test_round_trip(kind, tmp_path, gpt2_settings):
         "ByteLevelTokenizer": {"tokenizer_type": "ByteLevelTokenizer"},
         "NullTokenizer": {"tokenizer_type": "NullTokenizer", "vocab_size": 1000},
     }[kind]
-    rng = random.Random()
+    rng = random.Random(2)
     texts = random_docs(rng, 60, null=kind == "NullTokenizer")
     src = write_lines(tmp_path / "in.jsonl", jsonl({"id": i, "text": t} for i, t in enumerate(texts)))
     result = preprocess_data(PreprocessConfig(src, str(tmp_path / "out" / "d"), settings, append_eod=True))
@@ -93,7 +93,7 @@ def test_round_trip(kind, tmp_path, gpt2_settings):
 
 
 def test_no_eod_and_int32_for_large_vocab(tmp_path):
-    rng = random.Random()
+    rng = random.Random(3)
     texts = [" ".join(str(rng.randrange(70000)) for _ in range(rng.randint(1, 20))) for _ in range(30)]
     src = write_lines(tmp_path / "in.jsonl", jsonl({"text": t} for t in texts))
     settings = {"tokenizer_type": "NullTokenizer", "vocab_size": 70000}
@@ -104,7 +104,7 @@ def test_no_eod_and_int32_for_large_vocab(tmp_path):
 
 
 def test_multi_key_aligned(tmp_path):
-    rng = random.Random()
+    rng = random.Random(4)
     records = [{"text": random_text(rng, 20) + "t", "title": random_text(rng, 4) + "h"} for _ in range(40)]
     lines = jsonl(records)
     lines.insert(7, json.dumps({"text": "no title here"}))  # skipped in both datasets
@@ -122,7 +122,7 @@ def test_multi_key_aligned(tmp_path):
 
 
 def test_workers_identical_to_one_worker(tmp_path):
-    rng = random.Random()
+    rng = random.Random(5)
     texts = random_docs(rng, 300)
     lines = jsonl({"text": t} for t in texts)
     lines[17] = "{broken"
@@ -165,7 +165,7 @@ def test_streaming_reads_ahead_a_bounded_window(tmp_path, monkeypatch):
 
 
 def bad_lines_input(tmp_path):
-    rng = random.Random()
+    rng = random.Random(6)
     good = random_docs(rng, 6)
     lines = [
         json.dumps({"text": good[0]}),

@@ -1,4 +1,4 @@
-"""Tokenizers: GPT-2 BPE against the HF `tokenizers` model, round trips, saved files, errors."""
+"""Tokenizers: GPT-2 BPE against a plain-Python reference, round trips, saved files, errors."""
 
 import argparse
 import collections
@@ -69,6 +69,43 @@ def random_text(rng: random.Random, n: int) -> str:
     return "".join(pieces)
 
 
+# The GPT-2 pre-tokenization pattern: English contractions, letter runs, digit runs, other
+# symbol runs (each with at most one leading space), and whitespace runs, where a whitespace run
+# followed by a non-space leaves its last space to the next piece.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def reference_gpt2_encode(text, vocab, merges):
+    """GPT-2 byte-level BPE in plain Python (the ground truth for ``GPT2BPETokenizer``).
+
+    Split with the GPT-2 pattern, map each piece's UTF-8 bytes through the byte table, then merge
+    the adjacent pair of lowest merge rank (every occurrence of it) until no ranked pair remains.
+    """
+    import regex
+
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    byte_chars = tk.bytes_to_unicode()
+    ids = []
+    for piece in regex.findall(GPT2_SPLIT_PATTERN, text):
+        symbols = [byte_chars[b] for b in piece.encode("utf-8")]
+        while len(symbols) > 1:
+            ranked = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+            if not ranked:
+                break
+            left, right = min(ranked)[1]
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (left, right):
+                    merged.append(left + right)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        ids.extend(vocab[symbol] for symbol in symbols)
+    return ids
+
+
 def train_tiny_bpe(texts, num_merges: int):
     """A naive byte-level BPE trainer (independent of the code under test and of HF's trainer).
 
@@ -81,7 +118,7 @@ def train_tiny_bpe(texts, num_merges: int):
     byte_chars = tk.bytes_to_unicode()
     words = collections.Counter()
     for text in texts:
-        for piece in regex.findall(tk._GPT2_SPLIT_PATTERN, text):
+        for piece in regex.findall(GPT2_SPLIT_PATTERN, text):
             words[tuple(byte_chars[b] for b in piece.encode("utf-8"))] += 1
     merges = []
     for _ in range(num_merges):
@@ -126,21 +163,11 @@ def write_gpt2_files(directory, vocab, merges):
 
 @pytest.fixture(scope="module")
 def gpt2_files(tmp_path_factory):
-    rng = random.Random()
+    rng = random.Random(1)
     training = [random_text(rng, 150) for _ in range(8)] + FIXED_TEXTS * 3
     vocab, merges = train_tiny_bpe(training, num_merges=200)
     assert len(merges) >= 100
-    return write_gpt2_files(str(tmp_path_factory.mktemp("gpt2")), vocab, merges)
-
-
-def hf_bytelevel_bpe(vocab_file, merge_file):
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
-    hf = Tokenizer(BPE.from_file(vocab_file, merge_file))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    return hf
+    return write_gpt2_files(str(tmp_path_factory.mktemp("gpt2")), vocab, merges) + (vocab, merges)
 
 
 def test_bytes_to_unicode_matches_hf_alphabet():
@@ -153,34 +180,42 @@ def test_bytes_to_unicode_matches_hf_alphabet():
     assert all(not c.isspace() and c.isprintable() for c in table.values())
 
 
-def test_gpt2_bpe_equals_hf_bytelevel_bpe(gpt2_files):
-    vocab_file, merge_file = gpt2_files
+def test_gpt2_bpe_equals_reference(gpt2_files):
+    vocab_file, merge_file, vocab, merges = gpt2_files
     ours = GPT2BPETokenizer(vocab_file, merge_file)
-    hf = hf_bytelevel_bpe(vocab_file, merge_file)
-    rng = random.Random()
+    rng = random.Random(2)
     texts = FIXED_TEXTS + [random_text(rng, rng.randint(1, 300)) for _ in range(200)]
     merged_somewhere = False
     for text in texts:
         ids = ours.tokenize(text)
-        assert ids == hf.encode(text, add_special_tokens=False).ids, repr(text)
+        assert ids == reference_gpt2_encode(text, vocab, merges), repr(text)
         assert ours.detokenize(ids) == text, repr(text)
         merged_somewhere |= len(ids) < len(text.encode("utf-8"))
     assert merged_somewhere, "the merges were never applied: the test would not check BPE"
-    assert ours.eod == json.load(open(vocab_file, encoding="utf-8"))[ENDOFTEXT]
-    assert ours.vocab_size == len(json.load(open(vocab_file, encoding="utf-8")))
-    # The merge cache gives the same answer as a cold tokenizer.
-    cold = GPT2BPETokenizer(vocab_file, merge_file, cache_size=1)
-    assert [cold.tokenize(t) for t in texts[:40]] == [ours.tokenize(t) for t in texts[:40]]
+    assert ours.eod == vocab[ENDOFTEXT]
+    assert ours.vocab_size == len(vocab)
+
+
+def test_gpt2_bad_files(gpt2_files, tmp_path):
+    vocab_file, merge_file, vocab, merges = gpt2_files
+    no_bytes = tmp_path / "vocab.json"
+    no_bytes.write_text(json.dumps({k: v for k, v in vocab.items() if k != "a"}))
+    with pytest.raises(ValueError, match="lacks 1 of the 256 byte symbols"):
+        GPT2BPETokenizer(str(no_bytes), merge_file)
+    bad_merges = tmp_path / "merges.txt"
+    bad_merges.write_text("#version: 0.2\nno_such_symbol another\n")
+    with pytest.raises(ValueError, match="--merge-file .*: not a GPT-2 BPE pair"):
+        GPT2BPETokenizer(vocab_file, str(bad_merges))
 
 
 def test_gpt2_save_pretrained_loads_in_transformers(gpt2_files, tmp_path):
     transformers = pytest.importorskip("transformers")
-    ours = GPT2BPETokenizer(*gpt2_files)
+    ours = GPT2BPETokenizer(*gpt2_files[:2])
     written = ours.save_pretrained(str(tmp_path / "out"))
     assert sorted(os.path.basename(p) for p in written) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert auto.eos_token_id == ours.eod
-    rng = random.Random()
+    rng = random.Random(3)
     for text in FIXED_TEXTS[:9] + [random_text(rng, 50) for _ in range(20)]:
         assert auto(text, add_special_tokens=False)["input_ids"] == ours.tokenize(text), repr(text)
 
@@ -189,7 +224,7 @@ def test_bytelevel_round_trip_and_saved_files(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = ByteLevelTokenizer()
     assert (tok.vocab_size, tok.eod) == (257, 256)
-    rng = random.Random()
+    rng = random.Random(4)
     texts = FIXED_TEXTS[:-1] + [random_text(rng, 100) for _ in range(30)]
     for text in texts:
         ids = tok.tokenize(text)
@@ -212,7 +247,7 @@ def test_bundled_tokenizer(tmp_path):
     tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=BUNDLED)
     assert tok.eod == 0 and tok.vocab[ENDOFTEXT] == 0
     assert 2000 <= tok.vocab_size <= 4096
-    rng = random.Random()
+    rng = random.Random(5)
     for text in FIXED_TEXTS + [random_text(rng, 80) for _ in range(30)]:
         ids = tok.tokenize(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
@@ -311,6 +346,10 @@ def test_add_tokenizer_args():
     add_tokenizer_args(parser)
     args = parser.parse_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", BUNDLED])
     assert isinstance(build_tokenizer_from_args(args), HuggingFaceTokenizer)
+    settings = tk.tokenizer_settings(args)  # the one record of the settings, as a dict
+    assert tuple(settings) == tk.TOKENIZER_SETTING_KEYS
+    assert settings["tokenizer_model"] == BUNDLED and settings["vocab_file"] is None
+    assert tk.TokenizerSettings.from_mapping(settings).build().vocab_size == 2031
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --tokenizer-type is required without a default
     parser = argparse.ArgumentParser()
@@ -326,7 +365,7 @@ def test_megatron_adapter(gpt2_files):
     toks = [
         ByteLevelTokenizer(),
         NullTokenizer(50),
-        GPT2BPETokenizer(*gpt2_files),
+        GPT2BPETokenizer(*gpt2_files[:2]),
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=BUNDLED),
     ]
     descriptions = set()

@@ -272,14 +272,39 @@ def test_data_path_blend_parsing():
         parse_data_path(["0.3", "a", "b"])
 
 
-def test_flops_formula_counts_matmuls_and_attention():
-    from types import SimpleNamespace
+def _measured_flops(rank, world_size):
+    """FLOPs per token of a tiny model's training step, counted by torch on the ops it runs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.parallel import initialize_parallel
     from megatron_lasp.training.logging_utils import flops_per_token
 
-    cfg = SimpleNamespace(hidden_size=8, num_layers=2, num_attention_heads=2, kv_channels=4, ffn_hidden_size=16,
-                          output_gate=True, gated_linear_unit=True)
-    # per layer: qkv+gate 8*4*8=256, out 8*8=64, GLU 3*8*16=384 -> 704; x2 layers + head 8*10
-    matmul = 2 * 704 + 80
-    attention = 3 * 2 * 2 * (4 * 64 * 4 + 4 * 16)
-    assert flops_per_token(cfg, 10, chunk_size=64) == 6 * matmul + attention
+    initialize_parallel(1, 1, 1, seed=0)
+    config = linear_lm_config("tiny", use_cpu_initialization=True, kernel_backend="torch")
+    model = build_linear_lm(config, 128)
+    torch.manual_seed(0)
+    ids, labels = torch.randint(0, 128, (2, 128)), torch.randint(0, 128, (2, 128))
+    with FlopCounterMode(display=False) as fwd:
+        loss = model(ids, labels=labels)
+    with FlopCounterMode(display=False) as bwd:
+        loss.sum().backward()
+    fwd_counts, bwd_counts = fwd.get_flop_counts()["Global"], bwd.get_flop_counts()["Global"]
+    mm, bmm = torch.ops.aten.mm, torch.ops.aten.bmm
+    tokens = ids.numel()
+    return dict(
+        formula=flops_per_token(config, 128),
+        weights_fwd=fwd_counts[mm] / tokens,  # the linear layers (2-d matmuls)
+        weights_bwd=bwd_counts[mm] / tokens,
+        attention_fwd=fwd_counts[bmm] / tokens,  # the chunked attention (batched matmuls)
+    )
+
+
+def test_flops_formula_matches_counted_flops():
+    """The MFU formula against torch's FLOP counter: weights 6 per parameter (backward = twice the
+    forward, as counted), attention counted as 3 x its forward (the formula's convention)."""
+    m = spawn(_measured_flops, 1)[0]
+    assert m["weights_fwd"] > 0 and m["attention_fwd"] > 0
+    assert m["weights_bwd"] == 2 * m["weights_fwd"]
+    assert m["formula"] == m["weights_fwd"] + m["weights_bwd"] + 3 * m["attention_fwd"]

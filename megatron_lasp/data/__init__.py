@@ -11,6 +11,7 @@ from megatron_lasp.data.preprocess import (
     preprocess_bundled_corpus,
 )
 from megatron_lasp.data.tokenizer import (
+    TOKENIZER_SETTING_KEYS,
     TOKENIZER_TYPES,
     ByteLevelTokenizer,
     GPT2BPETokenizer,
@@ -18,6 +19,7 @@ from megatron_lasp.data.tokenizer import (
     MegatronTokenizerAdapter,
     NullTokenizer,
     Tokenizer,
+    TokenizerSettings,
     add_tokenizer_args,
     build_tokenizer,
     build_tokenizer_from_args,
@@ -32,6 +34,7 @@ __all__ = [
     "bundled_tokenizer_settings",
     "preprocess_data",
     "preprocess_bundled_corpus",
+    "TOKENIZER_SETTING_KEYS",
     "TOKENIZER_TYPES",
     "ByteLevelTokenizer",
     "GPT2BPETokenizer",
@@ -39,6 +42,7 @@ __all__ = [
     "MegatronTokenizerAdapter",
     "NullTokenizer",
     "Tokenizer",
+    "TokenizerSettings",
     "add_tokenizer_args",
     "build_tokenizer",
     "build_tokenizer_from_args",

@@ -7,7 +7,7 @@ One small interface (:class:`Tokenizer`) over four kinds, named as in Megatron-L
   the file); EOD = ``eos_token`` of tokenizer_config.json, else ``<|endoftext|>``, ``</s>``, ...
   Tokenizing needs the ``tokenizers`` package; ``vocab_size``/``eod`` are read from the JSON.
 - ``GPT2BPETokenizer``: ``--vocab-file`` vocab.json + ``--merge-file`` merges.txt, GPT-2
-  byte-level BPE implemented here (needs ``regex``); EOD = ``<|endoftext|>``.
+  byte-level BPE (the ``tokenizers`` library's BPE model); EOD = ``<|endoftext|>``.
 - ``ByteLevelTokenizer``: no files; ids 0-255 are UTF-8 bytes, 256 is EOD (vocab_size 257).
 - ``NullTokenizer``: no files; text is space-separated ids below ``--vocab-size`` V, EOD = V.
 
@@ -28,6 +28,7 @@ Typical use::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,41 @@ def _read_tokenizer_json_vocab(json_path: str) -> Dict[str, int]:
     return vocab
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class _LibraryTokenizer(Tokenizer):
+    """A tokenizer run by the ``tokenizers`` library; vocabulary, size and EOD read from its files.
+
+    Subclasses set ``_vocab`` (token text -> id), ``_vocab_size``, ``_eod`` and implement
+    ``_model()`` (the ``tokenizers.Tokenizer``).
+    """
+
+    _vocab: Dict[str, int]
+    _vocab_size: int
+    _eod: int
+
+    def _model(self) -> Any:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._model().encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        """Token text -> id (added tokens included)."""
+        return dict(self._vocab)
+
+
+class HuggingFaceTokenizer(_LibraryTokenizer):
     """A local ``tokenizer.json`` loaded with the ``tokenizers`` library (never from a hub).
 
     Args:
@@ -245,25 +280,6 @@ class HuggingFaceTokenizer(Tokenizer):
     def load(self) -> None:
         self._model()
 
-    def tokenize(self, text: str) -> List[int]:
-        return self._model().encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        """Token text -> id, added tokens included."""
-        return dict(self._vocab)
-
     def save_pretrained(self, directory: str) -> List[str]:
         """Copy tokenizer.json (+ the config files that came with it, else a minimal config)."""
         os.makedirs(directory, exist_ok=True)
@@ -293,14 +309,6 @@ class HuggingFaceTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------------
 # GPT-2 byte-level BPE from vocab.json + merges.txt
 
-# The GPT-2 pre-tokenization pattern: English contractions, letter runs, digit runs, other
-# symbol runs (each with at most one leading space), and whitespace runs, where a whitespace run
-# followed by a non-space leaves its last space to the next piece.
-_GPT2_SPLIT_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
-
-
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's reversible byte -> printable character table.
 
@@ -325,133 +333,55 @@ def bytes_to_unicode() -> Dict[int, str]:
     return table
 
 
-def _read_merges(merge_file: str) -> List[Tuple[str, str]]:
-    merges: List[Tuple[str, str]] = []
-    with open(merge_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line or (lineno == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise ValueError(f"--merge-file {merge_file}:{lineno}: expected 'left right', got {line!r}")
-            merges.append((parts[0], parts[1]))
-    return merges
+class GPT2BPETokenizer(_LibraryTokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` and ``merges.txt``, run by the ``tokenizers`` library.
 
-
-class GPT2BPETokenizer(Tokenizer):
-    """GPT-2 byte-level BPE from ``vocab.json`` and ``merges.txt``.
-
-    Text is split with the GPT-2 pattern, each piece's UTF-8 bytes are mapped through
-    :func:`bytes_to_unicode`, and adjacent symbols are merged greedily, lowest merge rank first
-    (every occurrence of the best pair per step), until no ranked pair remains. The EOD id is
-    ``vocab["<|endoftext|>"]``.
+    The library's ``BPE`` model with the ``ByteLevel`` pre-tokenizer (GPT-2's split pattern, no
+    prefix space) and decoder: text is split into pieces, each piece's UTF-8 bytes are mapped
+    through :func:`bytes_to_unicode`, and adjacent symbols are merged lowest merge rank first.
+    The EOD id is ``vocab["<|endoftext|>"]``.
 
     Args:
         vocab_file: path of vocab.json (token text -> id).
         merge_file: path of merges.txt (one ``left right`` pair per line, rank = line order).
-        cache_size: words kept in the merge cache before it is cleared.
     """
 
     tokenizer_type = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str, merge_file: str, cache_size: int = 1 << 16) -> None:
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
         for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{flag} {path}: no such file")
-        import regex
+        from tokenizers import Tokenizer as _HFTokenizer
+        from tokenizers import decoders, pre_tokenizers
+        from tokenizers.models import BPE
 
         with open(vocab_file, encoding="utf-8") as f:
-            self._encoder: Dict[str, int] = json.load(f)
-        if not isinstance(self._encoder, dict) or not self._encoder:
+            self._vocab = json.load(f)
+        if not isinstance(self._vocab, dict) or not self._vocab:
             raise ValueError(f"--vocab-file {vocab_file}: expected a JSON object token -> id")
-        if ENDOFTEXT not in self._encoder:
+        if ENDOFTEXT not in self._vocab:
             raise ValueError(f"--vocab-file {vocab_file}: has no {ENDOFTEXT} token (the EOD)")
-        self._decoder = {i: t for t, i in self._encoder.items()}
-        self._ranks = {pair: rank for rank, pair in enumerate(_read_merges(merge_file))}
-        self._byte_to_char = bytes_to_unicode()
-        self._char_to_byte = {c: b for b, c in self._byte_to_char.items()}
-        self._pattern = regex.compile(_GPT2_SPLIT_PATTERN)
-        self._cache: Dict[str, Tuple[str, ...]] = {}
-        self._cache_size = cache_size
+        # Without all 256 byte symbols the library would silently drop the bytes it cannot encode.
+        missing = [c for c in bytes_to_unicode().values() if c not in self._vocab]
+        if missing:
+            raise ValueError(f"--vocab-file {vocab_file}: lacks {len(missing)} of the 256 byte symbols "
+                             f"(e.g. {missing[0]!r}); a GPT-2 vocab.json holds all of them")
+        try:
+            model = BPE.from_file(vocab_file, merge_file)
+        except Exception as e:
+            raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a GPT-2 BPE pair ({e})") from e
+        self._tok = _HFTokenizer(model)
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self._tok.decoder = decoders.ByteLevel()
         self._vocab_file, self._merge_file = vocab_file, merge_file
         self.path = os.path.abspath(vocab_file)
-        self._eod = self._encoder[ENDOFTEXT]
-        self._vocab_size = max(self._encoder.values()) + 1
+        self._eod = self._vocab[ENDOFTEXT]
+        self._vocab_size = max(self._vocab.values()) + 1
         self._fingerprint = _sha256_of_files([vocab_file, merge_file])
 
-    def _bpe(self, word: str) -> Tuple[str, ...]:
-        """Merge the byte characters of one pre-tokenized piece into BPE symbols."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        symbols = list(word)
-        ranks = self._ranks
-        while len(symbols) > 1:
-            best = None
-            best_rank = None
-            for pair in zip(symbols, symbols[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best, best_rank = pair, rank
-            if best is None:
-                break
-            left, right = best
-            merged: List[str] = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and symbols[i] == left and symbols[i + 1] == right:
-                    merged.append(left + right)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        result = tuple(symbols)
-        if len(self._cache) >= self._cache_size:
-            self._cache.clear()
-        self._cache[word] = result
-        return result
-
-    def tokenize(self, text: str) -> List[int]:
-        ids: List[int] = []
-        to_char = self._byte_to_char
-        for piece in self._pattern.findall(text):
-            word = "".join(to_char[b] for b in piece.encode("utf-8"))
-            for symbol in self._bpe(word):
-                try:
-                    ids.append(self._encoder[symbol])
-                except KeyError:
-                    raise ValueError(
-                        f"--vocab-file {self._vocab_file}: BPE symbol {symbol!r} is not in the "
-                        "vocabulary (vocab.json must hold all 256 byte symbols and every merge result)"
-                    ) from None
-        return ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        chars = "".join(self._decoder[int(i)] for i in ids)
-        out = bytearray()
-        # Symbols outside the byte table (added special tokens) are written as their UTF-8 text.
-        for c in chars:
-            b = self._char_to_byte.get(c)
-            if b is None:
-                out.extend(c.encode("utf-8"))
-            else:
-                out.append(b)
-        return out.decode("utf-8", errors="replace")
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        """Token text (byte-mapped) -> id."""
-        return dict(self._encoder)
+    def _model(self) -> Any:
+        return self._tok
 
     def save_pretrained(self, directory: str) -> List[str]:
         """Copy vocab.json and merges.txt and write a GPT2Tokenizer tokenizer_config.json."""
@@ -757,23 +687,47 @@ def add_tokenizer_args(
     return group
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings:
+    """What builds a tokenizer: the keyword arguments of :func:`build_tokenizer` that have flags.
+
+    The one list of the tokenizer settings that checkpoints, preprocessing workers and the HF
+    converter carry (as :meth:`as_dict`, which is picklable and JSON-serializable).
+    """
+
+    tokenizer_type: Optional[str] = None
+    """``--tokenizer-type``, one of :data:`TOKENIZER_TYPES`."""
+    tokenizer_model: Optional[str] = None
+    """``--tokenizer-model`` (HuggingFaceTokenizer)."""
+    vocab_file: Optional[str] = None
+    """``--vocab-file`` (GPT2BPETokenizer)."""
+    merge_file: Optional[str] = None
+    """``--merge-file`` (GPT2BPETokenizer)."""
+    vocab_size: Optional[int] = None
+    """``--vocab-size`` (NullTokenizer)."""
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> "TokenizerSettings":
+        """The settings held by ``values``: an ``argparse.Namespace`` or a dict (missing: None)."""
+        get = values.get if isinstance(values, dict) else lambda key: getattr(values, key, None)
+        return cls(**{key: get(key) for key in TOKENIZER_SETTING_KEYS})
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build(self) -> Tokenizer:
+        return build_tokenizer(**self.as_dict())
+
+
+TOKENIZER_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(TokenizerSettings))
+"""The field names of :class:`TokenizerSettings`, in order."""
+
+
 def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
     """:func:`build_tokenizer` from the flags added by :func:`add_tokenizer_args`."""
-    return build_tokenizer(
-        args.tokenizer_type,
-        tokenizer_model=getattr(args, "tokenizer_model", None),
-        vocab_file=getattr(args, "vocab_file", None),
-        merge_file=getattr(args, "merge_file", None),
-        vocab_size=getattr(args, "vocab_size", None),
-    )
+    return TokenizerSettings.from_mapping(args).build()
 
 
 def tokenizer_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers)."""
-    return {
-        "tokenizer_type": args.tokenizer_type,
-        "tokenizer_model": getattr(args, "tokenizer_model", None),
-        "vocab_file": getattr(args, "vocab_file", None),
-        "merge_file": getattr(args, "merge_file", None),
-        "vocab_size": getattr(args, "vocab_size", None),
-    }
+    return TokenizerSettings.from_mapping(args).as_dict()

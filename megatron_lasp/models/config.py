@@ -2,7 +2,7 @@
 
 The new fields are validated in ``__post_init__`` with ``ValueError`` messages that name the
 command-line flag to change. Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
-TransNormerLLM table of ``docs/LASP.md`` section 8; :func:`linear_lm_config` builds a config from a
+TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets); :func:`linear_lm_config` builds a config from a
 preset plus overrides, and :func:`preset_vocab_size` gives the preset's vocabulary.
 
 Fields of ``TransformerConfig`` whose defaults differ here (TNL-style model): ``normalization``

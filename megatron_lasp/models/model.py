@@ -154,7 +154,6 @@ def build_linear_lm(
             f"vocab size {vocab_size} must be positive and divisible by --tensor-model-parallel-size ({tp}); "
             f"pad it (--make-vocab-size-divisible-by)"
         )
-    platform.setup_cpu_platform()
     pp_rank = None
     if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
         pp_rank = pg_collection.pp.rank()

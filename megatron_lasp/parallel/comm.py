@@ -1,6 +1,6 @@
 """Helpers shared by the sequence-parallel modes: peers, state dtype, decay factors, state terms.
 
-Notation (LASP.md, per head): a rank holds a contiguous slice of ``C`` tokens; ``lam = exp(-slope)``;
+Notation (``parallel/README.md``, per head): a rank holds a contiguous slice of ``C`` tokens; ``lam = exp(-slope)``;
 ``a_t = lam^(t+1)`` is the weight of the state entering the slice at its token ``t`` and
 ``b_t = lam^(C-1-t)`` the weight of token ``t`` in the state leaving the slice.
 """

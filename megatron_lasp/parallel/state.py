@@ -12,6 +12,7 @@ Usage (under ``torchrun``, or a plain ``python`` for a single process)::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -151,6 +152,11 @@ def validate_parallel_sizes(
     return world_size // model_parallel
 
 
+# The CPU platform layer (megatron_lasp.platform.cpu_platform), held from initialize_parallel to
+# destroy_parallel: the life of megatron-core's parallel state. Does nothing on GPU.
+_PLATFORM: Optional[contextlib.ExitStack] = None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -205,6 +211,9 @@ def initialize_parallel(
     Returns:
         The :class:`ParallelGroups` of this rank.
 
+    On a machine without CUDA this also enters the CPU platform layer
+    (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`.
+
     Raises:
         ValueError: when the sizes do not divide the world size (the message names the flag).
     """
@@ -215,7 +224,10 @@ def initialize_parallel(
         sequence_parallel_size,
         pipeline_model_parallel_size,
     )
-    platform.setup_cpu_platform()
+    global _PLATFORM
+    if _PLATFORM is None:
+        _PLATFORM = contextlib.ExitStack()
+        _PLATFORM.enter_context(platform.cpu_platform())
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
@@ -257,9 +269,13 @@ def current_groups() -> ParallelGroups:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron-core's parallel state and the default process group."""
+    """Tear down megatron-core's parallel state and the default process group; leave the CPU layer."""
+    global _PLATFORM
     from megatron.core import parallel_state as mpu
 
     mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _PLATFORM is not None:
+        _PLATFORM.close()
+        _PLATFORM = None

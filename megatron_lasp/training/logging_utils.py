@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 64
-"""Chunk (block) size assumed for the attention FLOPs when the config does not name one."""
+"""Chunk (block) size assumed for the attention FLOPs (the kernels' block) unless one is given."""
 
 
 def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -> float:
@@ -48,7 +48,7 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -
     glu = 3 if getattr(config, "gated_linear_unit", True) else 2
     per_layer = h * parts * H * d + H * d * h + glu * h * f
     matmul_params = L * per_layer + h * vocab_size
-    B = chunk_size or getattr(config, "chunk_size", None) or DEFAULT_CHUNK_SIZE
+    B = chunk_size or DEFAULT_CHUNK_SIZE
     attention = 3 * L * H * (4 * B * d + 4 * d * d)
     return 6.0 * matmul_params + attention
 
@@ -82,7 +82,6 @@ def format_log_line(
     tflops_per_gpu: float,
     mfu: Optional[float],
     mem_gib: float,
-    skipped: int = 0,
 ) -> str:
     """One Megatron-style log line with a progress indication (percent + ETA)."""
     eta = (train_iters - iteration) * ms_per_iter / 1000.0
@@ -98,8 +97,6 @@ def format_log_line(
         f"MFU: {'n/a' if mfu is None else f'{100.0 * mfu:.1f}%'}",
         f"mem GiB: {mem_gib:.2f}",
     ]
-    if skipped:
-        fields.append(f"skipped iterations: {skipped}")
     fields.append(f"progress: {100.0 * iteration / train_iters:.1f}% ETA {_duration(eta)}")
     return " | ".join(fields) + " |"
 

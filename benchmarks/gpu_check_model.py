@@ -1,7 +1,7 @@
 """GPU check of the linear LM on one device (needs CUDA and megatron-core; not used by tests).
 
-    python -m megatron_lasp.models.gpu_check precision   # bf16 (triton, torch kernels) vs fp32
-    python -m megatron_lasp.models.gpu_check speed       # tnl-1b x 4 layers: time, memory, recompute
+    PYTHONPATH=. python benchmarks/gpu_check_model.py precision   # bf16 (triton, torch kernels) vs fp32
+    PYTHONPATH=. python benchmarks/gpu_check_model.py speed       # tnl-1b x 4 layers: time, memory, recompute
 
 Prints one line per case. ``precision``: TNL-1B with 2 layers, random init, one sequence; the
 fp32 run with the Triton kernels is the reference (the fp32 torch-kernel run is compared too).
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("what", choices=["precision", "speed"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_check needs a CUDA device")
+        raise SystemExit("gpu_check_model.py needs a CUDA device")
     initialize_parallel(1, 1, 1, seed=1234)
     {"precision": precision, "speed": speed}[args.what]()
 
