@@ -392,3 +392,38 @@ def _alive(pid):
     except OSError:
         return False
     return state != "Z"
+
+
+def _probe_cases(rank, world_size, root):
+    """Runs whose pre-save probe (a forward pass of the weights to be saved) sees a given loss."""
+    from megatron_lasp.training import loop
+
+    real = loop.run_forward_backward
+
+    def fake(value):
+        def run(state, dataset, consumed, forward_only):
+            loss = real(state, dataset, consumed, forward_only)
+            return value if forward_only else loss
+        return run
+
+    out = {}
+    for name, value, extra in (("spike", 1000.0, ["--check-for-spiky-loss"]), ("nan", float("nan"), []),
+                               ("no_check", 1000.0, [])):
+        loop.run_forward_backward = fake(value)
+        try:
+            out[name] = _run_cases(rank, world_size, [(name, BASE + ["--save", f"{root}/{name}",
+                                                                     "--save-interval", "1", *extra])])[name]
+        finally:
+            loop.run_forward_backward = real
+    return out
+
+
+def test_no_save_of_blown_up_weights(tmp_path):
+    (r,) = spawn(_probe_cases, 1, (str(tmp_path),))
+    assert r["spike"][0] == "training" and "--spiky-loss-factor 10" in r["spike"][1], r
+    assert r["nan"][0] == "training" and "give lm loss nan" in r["nan"][1], r
+    for name in ("spike", "nan"):
+        assert "iteration 1" in r[name][1] and "no checkpoint saved" in r[name][1], r
+        assert not (tmp_path / name).exists()  # nothing written (the lock's directory removed again)
+    assert r["no_check"][0] == "ok"  # a high loss alone is no reason to stop without the flag
+    assert (tmp_path / "no_check" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset prefix(es) of .bin/.idx files, or a weighted blend '0.3 a 0.7 b'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
     g.add_argument("--data-cache-path", default=None,
-                   help="where megatron-core caches sample indices (default next to the data)")
+                   help="where megatron-core caches sample indices (default: index-cache/ next to the first "
+                   "--data-path); the cache is keyed on the data files, so re-preprocessed data is re-indexed")
     g.add_argument("--mock-data", action="store_true",
                    help="deterministic random tokens (megatron-core's MockGPTDataset) instead of --data-path")
     g.add_argument("--eod-mask-loss", action="store_true", help="do not train on predicting EOD tokens")

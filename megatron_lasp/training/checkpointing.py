@@ -17,6 +17,16 @@ RNG states.
 A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
 file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest.
 
+No run loses another's work: rank 0 holds a lock file in ``--save`` for the whole run (a second
+run on it refuses to start; the lock of a dead run is reported and taken over); a ``--save``
+that already holds checkpoints must also be ``--load`` (resume) or the run refuses; a directory
+whose tracker file is lost (a crash between the rename and the tracker write) resumes from its
+newest complete ``iter_*``. Before loading, the checkpoint's files are checked (a missing or
+truncated file is named, with the other saved iterations), and a changed LR schedule is refused
+unless ``--override-opt-param-scheduler`` or ``--use-checkpoint-opt-param-scheduler`` says which
+side wins (as Megatron-LM). A weights-only checkpoint (``tools/convert_hf_to_checkpoint.py``)
+loads as with ``--finetune``.
+
 Changing the parallel layout: the weights load at any TP/PP/SP/DP sizes. The optimizer state of
 ``--ddp-impl torch``/``fsdp`` is laid out like the parameters and also loads, but across
 ``--ddp-impl`` kinds (megatron vs torch/fsdp), pass ``--no-load-optim``. megatron-core's
