@@ -308,9 +308,12 @@ def test_messages_name_existing_flags():
 
     known = {o for a in build_parser()._actions for o in a.option_strings}
     launcher = {"--nproc-per-node"}
-    for rel in ("megatron_lasp/models/config.py", "megatron_lasp/training/arguments.py",
-                "megatron_lasp/training/checkpointing.py", "megatron_lasp/training/loop.py",
-                "megatron_lasp/training/data.py", "megatron_lasp/parallel/state.py"):
+    import glob
+
+    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops")
+             for f in glob.glob(os.path.join(REPO, "megatron_lasp", sub, "**", "*.py"), recursive=True)]
+    assert len(files) > 10
+    for rel in files:
         text = open(os.path.join(REPO, rel)).read()
         for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)):
             assert flag in known or flag in launcher, f"{rel} cites {flag}, which pretrain_linear_lm.py lacks"
