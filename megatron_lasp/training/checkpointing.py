@@ -739,7 +739,7 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
         inner.load_state_dict(loaded["model"], strict=True)
     if with_optim:
         if args.ddp_impl == "megatron":
-            state.optimizer.optimizer.load_state_dict(loaded["optimizer"])
+            state.optimizer.load_state_dict(loaded["optimizer"])
         else:
             _load_torch_optimizer(state.optimizer, loaded["optimizer"])
         # check_scheduler refused a silent change; these say which side wins (Megatron-LM's flags)

@@ -122,6 +122,8 @@ class TrainState:
     consumed_valid_samples: int = 0
     losses: List[float] = field(default_factory=list)
     """The ``lm loss`` of every iteration run by this process (on the logging rank; NaN elsewhere)."""
+    grad_norms: List[float] = field(default_factory=list)
+    """The global gradient norm of every iteration run by this process (before clipping)."""
     tokenizer: object = None
 
 
@@ -358,6 +360,7 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
         while state.iteration < args.train_iters:
             loss, grad_norm = train_step(state)
             state.losses.append(loss)
+            state.grad_norms.append(grad_norm)
             window_iters += 1
             window_loss += loss
             window_norm += grad_norm

@@ -326,6 +326,73 @@ class MegatronOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float(norm) if norm is not None else float("nan")
 
+    def load_state_dict(self, state_dict) -> None:
+        """Load megatron-core's optimizer state, then restore every parameter's Adam step.
+
+        With torch's Adam (no apex / Transformer Engine), megatron-core's DistributedOptimizer saves
+        the step count in each param group (``step``) but, on load, leaves the per-parameter
+        ``step`` tensors that torch's Adam reads at their load-template value (0) and, where it does
+        set them, as one tensor shared by all parameters (which multi-tensor Adam then advances once
+        per parameter). Either way the bias correction after a resume is not the uninterrupted
+        run's, and the run diverges from its first step.
+
+        Two more gaps of megatron-core's loader are bridged here: its ``fully_reshardable`` format
+        does not carry the per-parameter ``step`` that the copy into a torch-Adam state expects
+        (a ``KeyError``; the value is restored from the param group afterwards), and its
+        ``dp_reshardable`` copy runs with autograd on, which fp32 training (main params that are
+        views of the leaf parameters) refuses.
+        """
+        subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        originals = []
+        for sub in subs:
+            setter = getattr(sub, "_set_main_param_and_optimizer_states", None)
+            if setter is None:
+                continue
+
+            def with_step(model_param, tensors, _setter=setter):
+                if "step" not in tensors:
+                    tensors = dict(tensors, step=torch.zeros((), dtype=torch.float32))
+                _setter(model_param, tensors)
+
+            originals.append(sub)
+            sub._set_main_param_and_optimizer_states = with_step
+        try:
+            with torch.no_grad():
+                self.optimizer.load_state_dict(state_dict)
+        finally:
+            for sub in originals:
+                del sub._set_main_param_and_optimizer_states  # back to the class's method
+        restore_adam_steps(self.optimizer)
+
+
+def restore_adam_steps(optimizer) -> int:
+    """Give every parameter state a private ``step`` tensor equal to its param group's ``step``.
+
+    Param groups without a ``step`` entry keep their per-parameter values (only unshared).
+
+    Args:
+        optimizer: a torch optimizer, or a megatron-core optimizer (chained or not) wrapping one.
+
+    Returns:
+        how many per-parameter step tensors were replaced.
+    """
+    replaced = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", sub)
+        seen = set()
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p, {})
+                step = st.get("step")
+                if not torch.is_tensor(step):
+                    continue
+                want = float(group["step"]) if "step" in group else float(step)
+                if id(step) in seen or float(step) != want:
+                    st["step"] = torch.tensor(want, dtype=step.dtype, device=step.device)
+                    replaced += 1
+                seen.add(id(st["step"]))
+    return replaced
+
 
 def build_optimizer(model, args, groups: ParallelGroups, facts, model_config, shared_embedding=None):
     """The optimizer for ``--ddp-impl`` (see :class:`TorchOptimizer`, :class:`MegatronOptimizer`)."""
