@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, List, Optional
