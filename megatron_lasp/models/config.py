@@ -108,6 +108,21 @@ class LinearLMConfig(TransformerConfig):
     """Tie the output layer to the input embedding (--share-embeddings-and-output-weights;
     megatron's --untie-embeddings-and-output-weights is the opposite)."""
 
+    # ---- long-context memory (megatron_lasp/models/loss.py, memory.py) ------------------------
+    fused_linear_cross_entropy: bool = True
+    """Output layer + cross-entropy chunked over tokens, never holding the [tokens, vocab] logits
+    (--no-fused-linear-cross-entropy: megatron-core's output layer and vocab-parallel loss)."""
+    cross_entropy_chunk_size: int = 0
+    """Tokens per chunk of the fused loss; 0: about 2^28 logits per chunk (--cross-entropy-chunk-size)."""
+    offload_layer_inputs: bool = False
+    """Move the layer inputs saved for activation recompute to pinned host memory in forward
+    (side stream) and prefetch them in backward (--cpu-offloading)."""
+    recompute_chunk_size: int = 0
+    """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
+    kept; in backward the attention half is recomputed over the whole sequence and the MLP half
+    (norm, GLU, projection, residual) is recomputed and back-propagated in chunks of this many
+    tokens (--recompute-chunk-size). Needs recompute_granularity None (it replaces it)."""
+
     def __post_init__(self) -> None:
         self._check_linear_lm_fields()
         self.gated_linear_unit = True
@@ -153,6 +168,18 @@ class LinearLMConfig(TransformerConfig):
                 "--recompute-modules layernorm needs --transformer-impl transformer_engine; with the "
                 "local implementation use core_attn and/or mlp (or --recompute-granularity full)"
             )
+        if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
+            raise ValueError(
+                f"--cross-entropy-chunk-size ({self.cross_entropy_chunk_size}) and --recompute-chunk-size "
+                f"({self.recompute_chunk_size}) must be >= 0"
+            )
+        if self.recompute_chunk_size > 0 and self.recompute_granularity is not None:
+            raise ValueError(
+                "recompute_chunk_size replaces megatron-core's recompute: set recompute_granularity=None "
+                "(on the command line --recompute-chunk-size goes with --recompute-granularity full)"
+            )
+        if self.recompute_chunk_size > 0 and self.hidden_dropout > 0:
+            raise ValueError("--recompute-chunk-size needs --hidden-dropout 0 (it does not replay the dropout RNG)")
         if not (self.decay_layer_eps >= 0.0 and math.isfinite(self.decay_layer_eps)):
             raise ValueError(f"--decay-layer-eps must be a finite number >= 0, got {self.decay_layer_eps}")
         if self.num_layers < 1:

@@ -11,8 +11,12 @@ from typing import Optional
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
 from megatron_lasp import platform
 from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.loss import linear_cross_entropy
+from megatron_lasp.models.memory import LayerInputOffloader, LinearTransformerLayer
 from megatron_lasp.models.specs import get_linear_lm_block_spec
 
 __all__ = ["LinearLM", "build_linear_lm"]
@@ -26,6 +30,9 @@ class LinearLM(GPTModel):
 
     ``forward`` takes this rank's contiguous sequence slice; see :func:`build_linear_lm`.
     """
+
+    offload_min_bytes: int = 1 << 20
+    """With ``config.offload_layer_inputs``: saved tensors smaller than this stay on the device."""
 
     def forward(
         self,
@@ -43,14 +50,72 @@ class LinearLM(GPTModel):
             position_ids: ignored (no position embedding; the decay carries position).
             attention_mask: ignored (the attention is causal by construction).
             labels: ``[b, s_local]`` next-token ids, or None.
-            **kwargs: passed to ``GPTModel.forward`` (e.g. ``decoder_input``, ``loss_mask``).
+            **kwargs: passed to ``GPTModel.forward`` (e.g. ``decoder_input``, ``loss_mask``). With
+                the fused loss (default), a ``loss_mask`` given here lets the loss compute its
+                gradients in the forward pass; the caller must then reduce the returned losses as
+                ``c * sum(loss_mask * loss)`` (the training loop does; anything else raises in backward).
 
         Returns:
             Last stage: per-token loss ``[b, s_local]`` fp32 when ``labels`` are given, else logits
             ``[b, s_local, vocab / tp]`` (vocab-parallel: this TP rank's slice of the vocabulary). Other stages: the
             hidden states ``[s_local / tp_sp, b, hidden]`` for the next stage.
         """
-        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        offloader = self._layer_input_offloader()
+        if offloader is None:
+            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        with offloader.hooks():
+            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+    def _layer_input_offloader(self) -> Optional[LayerInputOffloader]:
+        """The offloader of ``config.offload_layer_inputs`` (training with gradients only), or None.
+
+        Its saved-tensor hooks wrap the whole forward but move tensors only while the decoder
+        runs (decoder forward pre-/post-hooks switch them on and off)."""
+        if not (self.config.offload_layer_inputs and self.training and torch.is_grad_enabled()):
+            return None
+        if getattr(self, "_offloader", None) is None:
+            self._offloader = LayerInputOffloader(self.offload_min_bytes)
+            state = {}
+
+            def pre_hook(module, args):
+                state["ctx"] = self._offloader.active()
+                state["ctx"].__enter__()
+
+            def post_hook(module, args, output):
+                state.pop("ctx").__exit__(None, None, None)
+                self._offloader.finish_forward()
+
+            self.decoder.register_forward_pre_hook(pre_hook)
+            self.decoder.register_forward_hook(post_hook)
+        self._offloader._active = False  # a forward that raised cannot leave it on
+        return self._offloader
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """megatron-core's output layer + loss, or the fused chunked loss (``loss.py``) when
+        ``config.fused_linear_cross_entropy`` and labels are given (training and validation)."""
+        fused = (
+            self.config.fused_linear_cross_entropy
+            and self.post_process
+            and labels is not None
+            and kwargs.get("inference_context") is None
+            and not kwargs.get("mtp_in_postprocess")
+            and self.config.mtp_num_layers is None
+        )
+        if not fused:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        return linear_cross_entropy(
+            hidden_states,
+            weight,
+            labels,
+            tp_group=self.pg_collection.tp,
+            sequence_parallel=self.output_layer.sequence_parallel,
+            loss_weights=kwargs.get("loss_mask"),
+            chunk_size=self.config.cross_entropy_chunk_size,
+        )
 
     def setup_embeddings_and_output_layer(self) -> None:
         """megatron-core's setup (tied-weight copies across pipeline stages), CPU-safe."""
@@ -94,6 +159,10 @@ def build_linear_lm(
     if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
         pp_rank = pg_collection.pp.rank()
     spec = get_linear_lm_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    for layer_spec in spec.layer_specs:
+        # the same layer, with the chunked recompute of memory.py when recompute_chunk_size > 0
+        if layer_spec.module is TransformerLayer:
+            layer_spec.module = LinearTransformerLayer
     model = LinearLM(
         config=config,
         transformer_layer_spec=spec,

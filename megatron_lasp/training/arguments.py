@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-modules", nargs="+", default=None,
                    help="with --recompute-granularity selective: megatron-core module names (core_attn, mlp ...)")
 
+    g = p.add_argument_group("long-context memory")
+    g.add_argument("--no-fused-linear-cross-entropy", dest="fused_linear_cross_entropy", action="store_false",
+                   help="use megatron-core's output layer + vocab-parallel cross entropy (holds the "
+                   "[tokens, vocab / tp] logits) instead of the fused loss chunked over tokens")
+    g.add_argument("--cross-entropy-chunk-size", type=int, default=0,
+                   help="tokens per chunk of the fused loss (0: about 2^28 logits per chunk, 4096 tokens "
+                   "at vocab 64000)")
+    g.add_argument("--cpu-offloading", action="store_true",
+                   help="move the layer inputs saved for activation recompute to pinned host memory "
+                   "(side stream, overlapped) and prefetch them in backward; needs --recompute-granularity full")
+    g.add_argument("--recompute-chunk-size", type=int, default=0,
+                   help="with --recompute-granularity full: recompute each layer with this project's "
+                   "checkpoint, running the MLP half in chunks of this many tokens in forward and "
+                   "backward (its activations exist for one chunk); 0: megatron-core's recompute")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
@@ -259,6 +274,19 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are exclusive")
     if not args.spiky_loss_factor > 1:
         raise ArgumentError(f"--spiky-loss-factor must be > 1, got {args.spiky_loss_factor}")
+
+    # long-context memory
+    if args.cross_entropy_chunk_size < 0 or args.recompute_chunk_size < 0:
+        raise ArgumentError("--cross-entropy-chunk-size and --recompute-chunk-size must be >= 0")
+    if args.recompute_chunk_size and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-chunk-size needs --recompute-granularity full")
+    if args.recompute_chunk_size and (args.recompute_method not in (None, "uniform")
+                                      or args.recompute_num_layers not in (None, 1)):
+        raise ArgumentError("--recompute-chunk-size recomputes one layer at a time: drop --recompute-method "
+                            "block / --recompute-num-layers > 1")
+    if args.cpu_offloading and args.recompute_granularity != "full":
+        raise ArgumentError("--cpu-offloading moves the layer inputs saved for recompute: add "
+                            "--recompute-granularity full")
 
     # data
     if args.mock_data and args.data_path:

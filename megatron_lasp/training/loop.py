@@ -164,9 +164,13 @@ def model_config_from_args(args: argparse.Namespace):
         use_cpu_initialization=not on_gpu,
         variable_seq_lengths=False,
         calculate_per_token_loss=True,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
+        recompute_granularity=None if args.recompute_chunk_size else args.recompute_granularity,
+        recompute_method=None if args.recompute_chunk_size else args.recompute_method,
+        recompute_num_layers=None if args.recompute_chunk_size else args.recompute_num_layers,
+        recompute_chunk_size=args.recompute_chunk_size,
+        fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+        cross_entropy_chunk_size=args.cross_entropy_chunk_size,
+        offload_layer_inputs=args.cpu_offloading,
     )
     if args.init_method_std is not None:
         fields["init_method_std"] = args.init_method_std
@@ -238,7 +242,9 @@ def _forward_step(scale: float, is_first: bool, is_last: bool, data_iterator, mo
     tokens = batch["tokens"] if (batch is not None and is_first) else None
     positions = batch["position_ids"] if (batch is not None and is_first) else None
     labels = batch["labels"] if (batch is not None and is_last) else None
-    output = model(tokens, position_ids=positions, attention_mask=None, labels=labels)
+    # the loss mask lets the fused loss compute its gradients in forward (it reduces as _loss_func)
+    extra = {"loss_mask": batch["loss_mask"]} if (batch is not None and is_last) else {}
+    output = model(tokens, position_ids=positions, attention_mask=None, labels=labels, **extra)
     if not is_last:
         return output, None
     return output, partial(_loss_func, batch["loss_mask"], scale)
