@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import List, Optional, Sequence
 
 from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES, validate_parallel_sizes
@@ -30,11 +31,25 @@ class ArgumentError(ValueError):
     """A user mistake in the flags; the message names the flag to change."""
 
 
+def is_rank_zero() -> bool:
+    """Whether this process prints user errors: global rank 0 (torchrun's ``RANK``), or no launcher."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error on rank 0 only (no usage text; ``--help`` has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if is_rank_zero() else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pretrain_linear_lm.py`` (every flag documented in ``--help``)."""
     from megatron_lasp.data.tokenizer import add_tokenizer_args
 
-    p = argparse.ArgumentParser(
+    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GLU_TYPES
+
+    p = _Parser(
         prog="pretrain_linear_lm.py",
         description="Pretrain a linear-attention LM (TransNormerLLM style) with LASP sequence "
         "parallelism on megatron-core. Flags follow Megatron-LM where the concept exists.",
@@ -48,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int, default=None, help="model width d_model")
     g.add_argument("--num-attention-heads", type=int, default=None, help="linear-attention heads")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="channel-mixer (GLU) width")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="channels per head (default --hidden-size / --num-attention-heads)")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="accepted for Megatron compatibility; must equal --num-attention-heads")
+    g.add_argument("--normalization", choices=("RMSNorm",), default=None, help="pre-norm type")
+    g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True, default=None,
+                   help="biases on the linear layers (default: none)")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False,
+                   help="no biases on the linear layers (the default)")
+    g.add_argument("--hidden-dropout", type=float, default=None, help="dropout after attention and MLP")
+    g.add_argument("--decay-type", choices=DECAY_TYPES, default=None,
+                   help="per-head decay slopes of linear attention (default tnl)")
+    g.add_argument("--decay-layer-eps", type=float, default=None,
+                   help="epsilon of the tnl depth scaling of the decay (default 1e-5)")
+    g.add_argument("--qk-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on q and k (default silu)")
+    g.add_argument("--v-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on v (default silu)")
+    g.add_argument("--no-output-gate", dest="output_gate", action="store_const", const=False, default=None,
+                   help="drop the sigmoid output gate of linear attention")
+    g.add_argument("--attention-norm-group-size", type=int, default=None,
+                   help="heads per RMSNorm group on the attention output (default 1)")
+    g.add_argument("--glu-type", choices=GLU_TYPES, default=None, help="channel mixer (default sglu)")
+    g.add_argument("--share-embeddings-and-output-weights", dest="share_embeddings_and_output_weights",
+                   action="store_const", const=True, default=None, help="tie the output layer to the embedding")
+    g.add_argument("--untie-embeddings-and-output-weights", dest="share_embeddings_and_output_weights",
+                   action="store_const", const=False, help="separate output layer (the default)")
     g.add_argument("--seq-length", type=int, default=None, required=False,
                    help="tokens per training sample (required)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -63,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --recompute-granularity full: uniform or block")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="with --recompute-granularity full: layers per recompute unit / block")
+    g.add_argument("--recompute-modules", nargs="+", default=None,
+                   help="with --recompute-granularity selective: megatron-core module names (core_attn, mlp ...)")
 
     g = p.add_argument_group("long-context memory")
     g.add_argument("--no-fused-linear-cross-entropy", dest="fused_linear_cross_entropy", action="store_false",
@@ -129,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset prefix(es) of .bin/.idx files, or a weighted blend '0.3 a 0.7 b'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
     g.add_argument("--data-cache-path", default=None,
-                   help="where megatron-core caches sample indices (default next to the data)")
+                   help="where megatron-core caches sample indices (default: index-cache/ next to the first "
+                   "--data-path); the cache is keyed on the data files, so re-preprocessed data is re-indexed")
     g.add_argument("--mock-data", action="store_true",
                    help="deterministic random tokens (megatron-core's MockGPTDataset) instead of --data-path")
     g.add_argument("--eod-mask-loss", action="store_true", help="do not train on predicting EOD tokens")
@@ -140,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory for checkpoints (iter_XXXXXXX/ + tracker file)")
-    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint (the same directory as --save "
-                   "may not exist yet: the run then starts from scratch)")
+    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint; it must hold "
+                   "one unless it is also --save (then a first run starts from scratch)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="with --load: load this iteration instead of the latest")
@@ -155,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load weights only and start at iteration 0 (implies --no-load-optim --no-load-rng)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, if --save) when the iteration is a multiple of this")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, use this run's LR/weight-decay schedule flags instead of the checkpoint's")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR/weight-decay schedule, ignoring this run's flags")
+    g.add_argument("--check-for-spiky-loss", action="store_true",
+                   help="before each save, stop without saving if the loss of the weights to be saved exceeds "
+                   "--spiky-loss-factor x the lowest loss of the run (every save checks for NaN/inf anyway)")
+    g.add_argument("--spiky-loss-factor", type=float, default=10.0,
+                   help="with --check-for-spiky-loss: how many times the lowest loss counts as a spike")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (0: never)")
@@ -200,10 +252,28 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     for name in ("micro_batch_size", "log_interval", "eval_iters", "make_vocab_size_divisible_by"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_interval", "exit_interval"):
+    for name in ("save_interval", "exit_interval", "global_batch_size", "lr_decay_iters"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("eval_interval", "lr_warmup_iters", "ckpt_step"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        value = getattr(args, name)
+        if not (value >= 0 and value < float("inf")):
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not args.adam_eps > 0:
+        raise ArgumentError(f"--adam-eps must be positive, got {args.adam_eps}")
+    args.split = normalize_split(args.split)
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are exclusive")
+    if not args.spiky_loss_factor > 1:
+        raise ArgumentError(f"--spiky-loss-factor must be > 1, got {args.spiky_loss_factor}")
 
     # long-context memory
     if args.cross_entropy_chunk_size < 0 or args.recompute_chunk_size < 0:
@@ -256,10 +326,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.use_distributed_optimizer and args.ddp_impl != "megatron":
         raise ArgumentError("--use-distributed-optimizer needs --ddp-impl megatron "
                             "(--ddp-impl fsdp already shards the optimizer state)")
+    if (args.bf16 or args.fp16) and not on_gpu:
+        raise ArgumentError(f"{'--bf16' if args.bf16 else '--fp16'}: mixed precision needs a GPU; "
+                            "drop the flag (CPU runs train in fp32)")
     if args.fp16 and args.ddp_impl != "megatron":
         raise ArgumentError("--fp16 (loss scaling) is supported with --ddp-impl megatron only; use --bf16")
-    if (args.bf16 or args.fp16) and not on_gpu:
-        raise ArgumentError("--bf16/--fp16 mixed precision needs a GPU; CPU runs train in fp32")
     if args.kernel_backend is None:
         args.kernel_backend = "triton" if on_gpu else "torch"
     if args.transformer_impl == "transformer_engine":
@@ -289,10 +360,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
-    same_dir = args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
+    same_dir = bool(args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save))
     if args.load and not os.path.isdir(args.load) and not same_dir:
         # --load DIR --save DIR (auto-resume) may start before DIR exists
         raise ArgumentError(f"--load: directory {args.load} not found")
+    if args.ckpt_step is not None and not args.load:
+        raise ArgumentError("--ckpt-step needs --load DIR")
     if args.finetune:
         args.no_load_optim = args.no_load_rng = True
     if args.tensorboard_dir:
@@ -332,6 +405,17 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})"
             )
     return args
+
+
+def normalize_split(text: str) -> str:
+    """Check ``--split`` ('969,30,1', '98/2/0', '1'): up to 3 non-negative numbers, not all zero."""
+    parts = [t.strip() for t in re.split(r"[,/]", str(text))]
+    number = re.compile(r"\d+(\.\d*)?|\.\d+")  # what megatron-core's split parser reads
+    values = [float(t) for t in parts] if all(number.fullmatch(t) for t in parts) else None
+    if not values or len(values) > 3 or any(not (v >= 0 and v < float("inf")) for v in values) or sum(values) <= 0:
+        raise ArgumentError(f"--split {text!r}: give up to 3 non-negative train,valid,test weights, "
+                            "not all zero, e.g. --split 969,30,1")
+    return ",".join(parts)
 
 
 def _preset_vocab(preset: Optional[str]) -> int:

@@ -17,6 +17,16 @@ RNG states.
 A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
 file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest.
 
+No run loses another's work: rank 0 holds a lock file in ``--save`` for the whole run (a second
+run on it refuses to start; the lock of a dead run is reported and taken over); a ``--save``
+that already holds checkpoints must also be ``--load`` (resume) or the run refuses; a directory
+whose tracker file is lost (a crash between the rename and the tracker write) resumes from its
+newest complete ``iter_*``. Before loading, the checkpoint's files are checked (a missing or
+truncated file is named, with the other saved iterations), and a changed LR schedule is refused
+unless ``--override-opt-param-scheduler`` or ``--use-checkpoint-opt-param-scheduler`` says which
+side wins (as Megatron-LM). A weights-only checkpoint (``tools/convert_hf_to_checkpoint.py``)
+loads as with ``--finetune``.
+
 Changing the parallel layout: the weights load at any TP/PP/SP/DP sizes. The optimizer state of
 ``--ddp-impl torch``/``fsdp`` is laid out like the parameters and also loads, but across
 ``--ddp-impl`` kinds (megatron vs torch/fsdp), pass ``--no-load-optim``. megatron-core's
@@ -34,8 +44,10 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
-from typing import Any, Dict, Optional, Tuple
+import socket
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -67,8 +79,265 @@ ARCHITECTURE_CHECKS = (
 )
 
 
+LOCK_FILENAME = ".megatron_lasp.lock"
+"""Held (``flock``) in ``--save`` for the whole run; holds the owner's pid and host."""
+
+SCHEDULER_FLAGS = (
+    ("lr", "max_lr", "--lr"),
+    ("min_lr", "min_lr", "--min-lr"),
+    ("lr_warmup_iters", "lr_warmup_steps", "--lr-warmup-iters"),
+    ("lr_decay_iters", "lr_decay_steps", "--lr-decay-iters (default --train-iters)"),
+    ("lr_decay_style", "lr_decay_style", "--lr-decay-style"),
+    ("weight_decay", "start_wd", "--weight-decay"),
+)
+"""(args field, OptimizerParamScheduler state key, flag): what a resume must not change silently."""
+
+_ITER_DIR = re.compile(r"iter_(\d{7})$")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used by this run; the message names the problem."""
+
+
+def list_iterations(root: str) -> List[int]:
+    """The iterations under ``root`` with a complete checkpoint directory (renamed, with config.json)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _ITER_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, CONFIG_FILENAME)):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _others(root: str, but: Optional[int] = None) -> str:
+    its = [i for i in list_iterations(root) if i != but]
+    if not its:
+        return "no other iteration is saved there"
+    return f"other saved iterations: {', '.join(map(str, its))} (pick one with --ckpt-step N)"
+
+
+def check_checkpoint_files(path: str, root: str, iteration: int) -> None:
+    """Raise :class:`CheckpointError` naming the first missing or truncated file of a checkpoint."""
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} is damaged: {what}; {_others(root, iteration)}")
+
+    for name in (CONFIG_FILENAME, "metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise damaged(f"{os.path.join(path, name)} is missing")
+    try:
+        with open(os.path.join(path, CONFIG_FILENAME), encoding="utf-8") as f:
+            json.load(f)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as err:  # unreadable JSON / pickle: say which file
+        bad = CONFIG_FILENAME if isinstance(err, ValueError) else ".metadata"
+        raise damaged(f"{os.path.join(path, bad)} is unreadable ({type(err).__name__})") from None
+    ends: Dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise damaged(f"{file} is missing")
+        if os.path.getsize(file) < end:
+            raise damaged(f"{file} is truncated ({os.path.getsize(file)} of {end} bytes)")
+
+
+def resolve_load(args: argparse.Namespace) -> Optional[int]:
+    """The iteration ``--load`` (with ``--ckpt-step``) will load, checked; None: start from scratch.
+
+    Without the tracker file (a crash between a save's rename and the tracker write leaves
+    exactly that) the newest complete ``iter_*`` directory is used, with a warning.
+
+    Raises:
+        CheckpointError: no checkpoint in a ``--load`` that is not also ``--save``; a missing
+            ``--ckpt-step`` iteration; a tracker naming a missing directory; missing or truncated files.
+    """
+    root = args.load
+    same_dir = bool(args.save) and os.path.abspath(root) == os.path.abspath(args.save)
+    found = list_iterations(root)
+    if args.ckpt_step is not None:
+        iteration = args.ckpt_step
+        if iteration not in found:
+            raise CheckpointError(f"--ckpt-step {iteration}: {root} has no complete {os.path.basename(checkpoint_name(root, iteration))}; "
+                                  f"saved iterations: {', '.join(map(str, found)) or 'none'}")
+    else:
+        iteration = read_tracker(root) if os.path.isdir(root) else None
+        if iteration is None and found:
+            iteration = found[-1]
+            logger.warning("%s has no %s but holds iterations %s: resuming from the newest complete one, %d",
+                           root, TRACKER_FILENAME, ", ".join(map(str, found)), iteration)
+        if iteration is None:
+            if same_dir:
+                logger.info("--load %s holds no checkpoint yet: starting from scratch", root)
+                return None
+            raise CheckpointError(f"--load {root} holds no checkpoint (no {TRACKER_FILENAME}, no iter_* directory); "
+                                  "check the path, or drop --load to start from scratch")
+        if iteration not in found:
+            raise CheckpointError(f"{os.path.join(root, TRACKER_FILENAME)} names iteration {iteration}, but "
+                                  f"{checkpoint_name(root, iteration)} is missing or incomplete; {_others(root, iteration)}")
+    check_checkpoint_files(checkpoint_name(root, iteration), root, iteration)
+    return iteration
+
+
+def check_save_dir(args: argparse.Namespace) -> None:
+    """Refuse a ``--save`` that holds checkpoints this run would overwrite (it is not resuming them)."""
+    if not args.save:
+        return
+    same_dir = bool(args.load) and os.path.abspath(args.load) == os.path.abspath(args.save)
+    if same_dir:
+        return
+    found = list_iterations(args.save)
+    if found or os.path.isfile(os.path.join(args.save, TRACKER_FILENAME)):
+        raise CheckpointError(f"--save {args.save} already holds checkpoints (iterations {', '.join(map(str, found))}) "
+                              f"that this run would overwrite; resume them with --load {args.save}, "
+                              "or choose another --save")
+
+
+def check_scheduler(args: argparse.Namespace, iteration: int) -> None:
+    """Refuse a resume whose LR/weight-decay schedule flags differ from the checkpoint's (as Megatron-LM).
+
+    ``--override-opt-param-scheduler`` (this run's flags win) or
+    ``--use-checkpoint-opt-param-scheduler`` (the checkpoint's win) allow it.
+    """
+    if args.no_load_optim or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    path = os.path.join(checkpoint_name(args.load, iteration), ARGS_FILENAME)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changed = []
+    for field, _, flag in SCHEDULER_FLAGS:
+        old, new = saved.get(field), getattr(args, field)
+        if old is not None and old != new:
+            changed.append(f"{flag} {old} -> {new}")
+    if changed:
+        raise CheckpointError(f"--load {args.load}: the LR schedule changed since the checkpoint ({'; '.join(changed)}); "
+                              "add --override-opt-param-scheduler to use the new values or "
+                              "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+
+
+# ----------------------------------------------------------------------------------------------
+# the --save lock
+
+
+class SaveLock:
+    """An exclusive lock on ``--save`` held for the whole run (``flock`` on a file in it).
+
+    The kernel drops the lock when its process dies, so a lock file left by a dead run is stale:
+    it is reported and taken over. Where ``flock`` is unsupported (some network file systems)
+    the owner's pid (same host) decides.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.path = os.path.join(root, LOCK_FILENAME)
+        self._fd: Optional[int] = None
+        self._created_root = False
+
+    def acquire(self) -> "SaveLock":
+        """Take the lock (creating ``root``); raise :class:`CheckpointError` if another run holds it."""
+        import fcntl
+
+        try:
+            if not os.path.isdir(self.root):
+                os.makedirs(self.root)
+                self._created_root = True
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CheckpointError(f"--save {self.root} is not writable ({err.strerror}); "
+                                  "choose a directory this run can write") from None
+        owner = os.read(fd, 256).decode("utf-8", "replace").split()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        except OSError:  # no flock here: trust the recorded pid on this host
+            held = bool(owner) and owner[1:2] == [socket.gethostname()] and _pid_alive(owner[0])
+        if held:
+            os.close(fd)
+            who = f"pid {owner[0]} on {owner[1]}" if len(owner) >= 2 else "another process"
+            raise CheckpointError(f"--save {self.root} is in use by another run ({who}, lock {self.path}); "
+                                  "wait for it to finish or choose another --save")
+        if owner:
+            logger.warning("--save %s: stale lock of a run that is gone (pid %s on %s): taking it over",
+                           self.root, owner[0], owner[1] if len(owner) > 1 else "?")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock and its file (and ``root`` if this run created it and left it empty)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        if self._created_root:
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_save_lock: Optional[SaveLock] = None
+
+
+def lock_save_dir(args: argparse.Namespace) -> None:
+    """Take :class:`SaveLock` on ``--save`` for this process (rank 0); released by :func:`release_save_lock`."""
+    global _save_lock
+    release_save_lock()
+    if args.save:
+        _save_lock = SaveLock(args.save).acquire()
+
+
+def release_save_lock() -> None:
+    global _save_lock
+    if _save_lock is not None:
+        _save_lock.release()
+        _save_lock = None
+
+
+def prepare_run(args: argparse.Namespace, config) -> None:
+    """Checkpoint checks before anything is built; no collectives (every rank runs them).
+
+    Resolves ``args.load_iteration`` (None: nothing to load), checks ``--save`` and, for a
+    resume, the architecture, the LR schedule and the checkpoint's files. Rank 0 takes the lock
+    on ``--save`` (which also checks that it is writable).
+    """
+    args.load_iteration = None
+    args.load_weights_only = False
+    check_save_dir(args)
+    if args.load:
+        args.load_iteration = resolve_load(args)
+        if args.load_iteration is not None:
+            check_architecture(args.load, args, config, args.load_iteration)
+            _, saved = read_config(args.load, args.load_iteration)
+            args.load_weights_only = bool(saved.get("weights_only"))
+            if not args.load_weights_only and not args.finetune:
+                check_scheduler(args, args.load_iteration)
+    if dist.is_initialized() and dist.get_rank() == 0:
+        lock_save_dir(args)
 
 
 def checkpoint_name(root: str, iteration: int) -> str:
@@ -168,14 +437,14 @@ def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[s
         return iteration, json.load(f)
 
 
-def check_architecture(root: str, args: argparse.Namespace, config) -> None:
+def check_architecture(root: str, args: argparse.Namespace, config, iteration: Optional[int] = None) -> None:
     """Raise :class:`CheckpointError` naming the first architecture field that differs.
 
     Does nothing when ``root`` holds no checkpoint yet (the run starts from scratch).
     """
-    if not os.path.isdir(root) or read_tracker(root) is None:
+    if iteration is None and (not os.path.isdir(root) or read_tracker(root) is None):
         return
-    _, saved = read_config(root)
+    _, saved = read_config(root, iteration)
     current = dict(_model_fields(config), padded_vocab_size=args.padded_vocab_size)
     saved_fields = dict(saved["model"], padded_vocab_size=saved["padded_vocab_size"])
     for name, flag in ARCHITECTURE_CHECKS:
@@ -188,8 +457,22 @@ def check_architecture(root: str, args: argparse.Namespace, config) -> None:
         if name in current and current[name] != value and name not in ("init_method_std", "hidden_dropout",
                                                                           "attention_dropout"):
             raise CheckpointError(
-                f"--load {root}: checkpoint has {name}={value} but this run has {name}={current[name]}"
+                f"--load {root}: checkpoint has {name}={value} but this run has {name}={current[name]}; "
+                f"{_field_hint(name)}"
             )
+
+
+def _field_hint(name: str) -> str:
+    special = {"output_gate": "--no-output-gate", "add_bias_linear": "--add-bias-linear / --disable-bias-linear",
+               "share_embeddings_and_output_weights": "--share-embeddings-and-output-weights / "
+               "--untie-embeddings-and-output-weights"}
+    flag = special.get(name, f"--{name.replace('_', '-')}")
+    from megatron_lasp.training.arguments import build_parser
+
+    known = {o for a in build_parser()._actions for o in a.option_strings}
+    if flag.split(" ")[0] in known:
+        return f"change {flag} to match"
+    return "this run builds another model than the checkpoint's"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,15 +701,18 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
 
     args = state.args
     root = args.load
-    if iteration is None and args.ckpt_step is not None:
-        iteration = args.ckpt_step
     if iteration is None:
-        iteration = read_tracker(root) if os.path.isdir(root) else None
+        iteration = args.load_iteration if hasattr(args, "load_iteration") else resolve_load(args)
     if iteration is None:
-        logger.warning("--load %s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILENAME)
         return None
     path = checkpoint_name(root, iteration)
     _, saved = read_config(root, iteration)
+    weights_only = bool(saved.get("weights_only"))
+    if weights_only and not args.finetune:
+        # a converted checkpoint has no optimizer, schedule or data position: what --finetune does
+        logger.info("%s holds weights only (converted from %s): loading the weights; the optimizer, LR "
+                    "schedule and iteration start fresh, as with --finetune", path, saved.get("converted_from", "?"))
+        args.finetune = args.no_load_optim = args.no_load_rng = True
     same_world = saved["parallel"]["world_size"] == args.world_size
     with_optim = not args.no_load_optim
     if with_optim and saved["parallel"]["ddp_impl"] != args.ddp_impl and "megatron" in (
@@ -441,7 +727,12 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng,
                                  sharding_type=saved["parallel"].get("optimizer_sharding_type"))
-        loaded = dist_checkpointing.load(sd, path)
+        try:
+            loaded = dist_checkpointing.load(sd, path)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first}); "
+                                  f"{_others(root, iteration)}") from None
     if full_map:
         _load_fsdp_model(inner, loaded["model"])
     else:
@@ -451,6 +742,9 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
             state.optimizer.load_state_dict(loaded["optimizer"])
         else:
             _load_torch_optimizer(state.optimizer, loaded["optimizer"])
+        # check_scheduler refused a silent change; these say which side wins (Megatron-LM's flags)
+        state.scheduler.override_opt_param_scheduler = bool(args.override_opt_param_scheduler)
+        state.scheduler.use_checkpoint_opt_param_scheduler = not args.override_opt_param_scheduler
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if with_rng:
         _set_rng_state(loaded["rng_state"])

@@ -17,10 +17,14 @@ positions, the last labels and the loss mask; both read all of them, as a stage 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,6 +33,14 @@ from megatron_lasp.parallel.layout import sequence_slice_bounds
 logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+SPLIT_NAMES = ("train", "valid", "test")
+VOCAB_SAMPLE_TOKENS = 1 << 20
+"""Tokens read from each of the start, middle and end of a ``.bin`` to check its ids at start-up."""
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given; the message names the file and the fix."""
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -41,13 +53,134 @@ def build_tokenizer(args: argparse.Namespace):
     """The project tokenizer selected by the tokenizer flags (see ``megatron_lasp.data``)."""
     from megatron_lasp.data.tokenizer import build_tokenizer as _build
 
-    return _build(
-        args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        vocab_size=args.vocab_size,
+    try:
+        return _build(
+            args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            vocab_size=args.vocab_size,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, FileNotFoundError) or str(err).startswith("-"):  # the builder's own messages
+            raise
+        detail = str(err)
+    except Exception as err:  # a damaged file: the tokenizer library's own error is not a flag's name
+        detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    model = args.tokenizer_model
+    if model and os.path.isdir(model):
+        model = os.path.join(model, "tokenizer.json")
+    files = [f for f in (model, args.vocab_file, args.merge_file) if f]
+    named = ", ".join(files) or args.tokenizer_type
+    raise DataError(f"--tokenizer-type {args.tokenizer_type}: cannot load the tokenizer from {named} ({detail[:200]}); "
+                    "the file is damaged or of another kind: point the tokenizer flags to a valid one") from None
+
+
+def _read_index(prefix: str):
+    """(dtype, sequence lengths, sequence pointers) of ``prefix.idx``; :class:`DataError` if it is not one."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    path = prefix + ".idx"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+        raise DataError(f"{path} is not a megatron-core index file; re-run tools/preprocess_data.py for {prefix}")
+    try:
+        dtype = DType.dtype_from_code(head[17])
+    except Exception:
+        raise DataError(f"{path}: unknown token dtype code {head[17]}; re-run tools/preprocess_data.py") from None
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    if size < 34 + 12 * sequences + 8 * documents:
+        raise DataError(f"{path} is truncated ({size} bytes for {sequences} sequences); "
+                        f"re-run tools/preprocess_data.py for {prefix}")
+    mm = np.memmap(path, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(mm, dtype=np.int32, count=sequences, offset=34)
+    pointers = np.frombuffer(mm, dtype=np.int64, count=sequences, offset=34 + 4 * sequences)
+    return np.dtype(dtype), lengths, pointers
+
+
+def _check_pair(prefix: str, vocab: int) -> np.ndarray:
+    """Check ``prefix.bin`` against ``prefix.idx`` (size, dtype) and a sample of its ids; return the lengths."""
+    dtype, lengths, pointers = _read_index(prefix)
+    bin_path = prefix + ".bin"
+    expected = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if len(lengths) else 0
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its index"
+        raise DataError(f"{bin_path} has {actual} bytes but {prefix}.idx describes {expected} ({len(lengths)} "
+                        f"sequences of {dtype.name} tokens): the .bin is {what} or the pair comes from different "
+                        f"preprocessing runs; re-run tools/preprocess_data.py for {prefix}")
+    tokens = actual // dtype.itemsize
+    if tokens:
+        data = np.memmap(bin_path, mode="r", dtype=dtype)
+        n = VOCAB_SAMPLE_TOKENS
+        starts = sorted({0, max(0, tokens // 2 - n // 2), max(0, tokens - n)})
+        top = max(int(data[a:a + n].max()) for a in starts)
+        low = min(int(data[a:a + n].min()) for a in starts)
+        if top >= vocab or low < 0:
+            bad = top if top >= vocab else low
+            raise DataError(f"{bin_path} holds token id {bad}, outside the tokenizer's {vocab} ids: it was "
+                            "tokenized with another tokenizer; pass the tokenizer flags it was made with, or "
+                            "re-run tools/preprocess_data.py with these")
+    return lengths
+
+
+def check_data(args: argparse.Namespace, tokenizer) -> None:
+    """Check the ``--data-path`` datasets before megatron-core builds its indices; no collectives.
+
+    Checks every ``.bin``/``.idx`` pair (sizes, dtype, token ids) and the ``--split``: a split that
+    receives no tokens would make megatron-core's ``GPTDataset`` loop forever, so an empty split
+    this run uses (train; valid when ``--eval-interval`` > 0) is an error and an unused empty one
+    is skipped (``args.skip_splits``) with a warning.
+
+    Raises:
+        DataError: naming the file or flag to change.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
     )
+
+    args.skip_splits = []
+    if args.mock_data or not args.data_blend:
+        return
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    used = {0: "training", 1: "evaluation (--eval-interval)" if args.eval_interval else None, 2: None}
+    for prefix in args.data_blend[0]:
+        lengths = _check_pair(prefix, tokenizer.vocab_size)
+        n = len(lengths)
+        for i, bounds in enumerate(matrix):
+            if bounds is None or i in args.skip_splits:
+                continue
+            beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+            if int(lengths[beg:end].astype(np.int64).sum()) > 0:
+                continue
+            if used[i]:
+                raise DataError(f"--split {args.split} gives the {SPLIT_NAMES[i]} split {end - beg} of the {n} "
+                                f"documents of {prefix}, no tokens, but {used[i]} needs it; give it a larger share "
+                                f"(e.g. --split 90,10,0){' or pass --eval-interval 0' if i == 1 else ''}")
+            logger.warning("--split %s gives the %s split no documents of %s; it is not used, skipping it",
+                           args.split, SPLIT_NAMES[i], prefix)
+            args.skip_splits.append(i)
+
+
+def index_cache_path(args: argparse.Namespace) -> Optional[str]:
+    """Where megatron-core caches the sample indices: keyed on the data files (path, size, mtime).
+
+    megatron-core keys its cache on the flags only, so re-preprocessing into the same prefix
+    would reuse indices of the old files.
+    """
+    if args.mock_data or not args.data_blend:
+        return args.data_cache_path
+    prefixes = args.data_blend[0]
+    key = hashlib.sha256()
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            st = os.stat(prefix + ext)
+            key.update(f"{os.path.abspath(prefix + ext)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    base = args.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    return os.path.join(base, f"{os.path.basename(prefixes[0])}-{key.hexdigest()[:16]}")
 
 
 def dataset_sizes(args: argparse.Namespace) -> List[int]:
@@ -77,13 +210,15 @@ def build_datasets(args: argparse.Namespace, tokenizer) -> list:
         sequence_length=args.seq_length,
         blend=args.data_blend,
         split=args.split,
-        path_to_cache=args.data_cache_path,
+        path_to_cache=index_cache_path(args),
         tokenizer=tokenizer.as_megatron_tokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
     )
+    for i in getattr(args, "skip_splits", []):  # empty and unused (check_data): megatron-core would hang
+        config.split_matrix[i] = None
     cls = MockGPTDataset if args.mock_data else GPTDataset
     sizes = dataset_sizes(args)
     datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
@@ -109,6 +244,8 @@ class BatchLayout:
     """Sequence-parallel group size."""
     needs_data: bool
     """False on middle pipeline stages."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's ids: a token id at or above it stops the run (data of another tokenizer)."""
 
     @property
     def global_batch_size(self) -> int:
@@ -152,7 +289,13 @@ def read_step(dataset, layout: BatchLayout, consumed: int, device: torch.device)
         return [None] * layout.num_micro_batches
     batches = []
     for m in range(layout.num_micro_batches):
-        full = collate([dataset[i] for i in layout.sample_indices(consumed, m)])
+        indices = layout.sample_indices(consumed, m)
+        full = collate([dataset[i] for i in indices])
+        top = max(int(full["tokens"].max()), int(full["labels"].max()))
+        if layout.vocab_size is not None and top >= layout.vocab_size:
+            raise DataError(f"samples {indices.start}-{indices.stop - 1} hold token id {top} "
+                            f">= the tokenizer's {layout.vocab_size} ids: the data was tokenized with another "
+                            "tokenizer; pass its tokenizer flags or re-run tools/preprocess_data.py")
         local = slice_batch(full, layout.sp_rank, layout.sp_size)
         local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
         local["full_tokens"] = float(full["loss_mask"].sum())

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, List, Optional
@@ -48,6 +49,58 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient norm); the message names the iteration."""
+
+
+class StartupError(SystemExit):
+    """A user mistake found before training (flags, data, checkpoints); already printed (once).
+
+    ``message`` is the one-line error, ``code`` the exit status (2).
+    """
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(code)
+        self.message = message
+
+
+PROG = "pretrain_linear_lm.py"
+
+
+def _user_errors():
+    from megatron_lasp.data.preprocess import PreprocessError
+    from megatron_lasp.training.checkpointing import CheckpointError
+
+    return (arguments_mod.ArgumentError, CheckpointError, data_mod.DataError, PreprocessError,
+            FileNotFoundError, ValueError)
+
+
+def _fail(message: str, print_here: bool) -> StartupError:
+    if print_here:
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return StartupError(message)
+
+
+def _agreed(fn: Callable[[], object]) -> object:
+    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together.
+
+    The first failing rank's message is printed once, by rank 0. Returns ``fn()``.
+    """
+    from megatron_lasp.training import checkpointing
+
+    result, error = None, None
+    try:
+        result = fn()
+    except _user_errors() as err:
+        error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        checkpointing.release_save_lock()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise _fail(first, rank == 0)
+    return result
 
 
 @dataclass
@@ -123,12 +176,25 @@ def model_config_from_args(args: argparse.Namespace):
         fields["init_method_std"] = args.init_method_std
     if args.bf16 and args.ddp_impl == "torch":
         fields.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
+    for name in ("kv_channels", "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout",
+                 "decay_type", "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate",
+                 "attention_norm_group_size", "glu_type", "share_embeddings_and_output_weights",
+                 "recompute_modules"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
     try:
         if args.model_preset:
-            return linear_lm_config(args.model_preset, **fields)
-        return LinearLMConfig(**fields)
+            config = linear_lm_config(args.model_preset, **fields)
+        else:
+            config = LinearLMConfig(**fields)
     except (ValueError, TypeError, AssertionError) as err:
         raise arguments_mod.ArgumentError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+    pp = args.pipeline_model_parallel_size
+    if config.num_layers % pp:
+        raise arguments_mod.ArgumentError(
+            f"--pipeline-model-parallel-size ({pp}) must divide the number of layers ({config.num_layers}); "
+            "change it or --num-layers")
+    return config
 
 
 def build_model_stage(config, args: argparse.Namespace, groups) -> torch.nn.Module:
@@ -237,7 +303,7 @@ def train_step(state: TrainState) -> tuple:
     next_iteration = state.iteration + 1
     if not math.isfinite(loss):
         raise TrainingError(f"iteration {next_iteration}: lm loss is {loss}; stopping without saving "
-                            f"(last good checkpoint untouched)")
+                            f"({_last_checkpoint_hint(state.args)})")
     applied, grad_norm = state.optimizer.step()
     if state.args.fp16 and not applied:
         # dynamic loss scaling: an overflow skips the update and lowers the scale (as Megatron does)
@@ -289,6 +355,12 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
     world = dist.get_world_size()
     watch = logging_utils.Stopwatch()
     window_iters, window_loss, window_norm = 0, 0.0, 0.0
+    if state.iteration >= args.train_iters:
+        logger.warning("nothing to do: the checkpoint is at iteration %d and --train-iters is %d "
+                       "(raise --train-iters to train further)", state.iteration, args.train_iters)
+        if writer:
+            writer.close()
+        return state
     try:
         while state.iteration < args.train_iters:
             loss, grad_norm = train_step(state)
@@ -326,6 +398,7 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
             if save_fn and args.save and (
                 (args.save_interval and it % args.save_interval == 0) or it == args.train_iters or exiting
             ):
+                check_before_save(state)
                 save_fn(state)
                 watch.lap()
             if exiting:
@@ -337,6 +410,49 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
         if writer:
             writer.close()
     return state
+
+
+def check_before_save(state: TrainState) -> None:
+    """Raise :class:`TrainingError` rather than save weights that are already blown up.
+
+    Every rank checks its parameters for NaN/inf, and one forward pass (no update, eval mode)
+    over the next training batch checks that the weights to be saved give a finite loss; with
+    ``--check-for-spiky-loss`` that loss must also stay below ``--spiky-loss-factor`` x the
+    lowest loss of this run. Collective (all ranks decide together).
+    """
+    args, iteration = state.args, state.iteration
+    bad = torch.zeros(1, dtype=torch.float32, device=platform.default_device())
+    for p in unwrap_model(state.model).parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad.fill_(1.0)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    last = _last_checkpoint_hint(args)
+    if bad.item():
+        raise TrainingError(f"iteration {iteration}: the weights hold NaN/inf; stopping without saving ({last})")
+    state.model.eval()
+    with torch.no_grad():
+        loss = run_forward_backward(state, state.train_ds, state.consumed_train_samples, forward_only=True)
+    if args.ddp_impl == "fsdp":
+        fsdp_reshard(state.model)
+    state.model.train()
+    loss = _broadcast_from_last_stage(loss, state.groups)
+    if not math.isfinite(loss):
+        raise TrainingError(f"iteration {iteration}: the weights to be saved give lm loss {loss} on the next "
+                            f"batch; stopping without saving ({last})")
+    previous = [x for x in state.losses if math.isfinite(x)]
+    if args.check_for_spiky_loss and previous and loss > args.spiky_loss_factor * min(previous):
+        raise TrainingError(f"iteration {iteration}: lm loss {loss:.4g} of the weights to be saved is more than "
+                            f"--spiky-loss-factor {args.spiky_loss_factor:g} x the lowest loss {min(previous):.4g}; "
+                            f"stopping without saving ({last})")
+
+
+def _last_checkpoint_hint(args) -> str:
+    from megatron_lasp.training.checkpointing import list_iterations
+
+    its = list_iterations(args.save) if args.save else []
+    return f"last good checkpoint: iteration {its[-1]}, untouched" if its else "no checkpoint saved"
 
 
 def _run_eval(state, logging_rank, writer, what, it) -> None:
@@ -367,20 +483,25 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     from megatron_lasp.training import checkpointing
 
     parser = arguments_mod.build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse's own errors: one line on rank 0, exit 2
     try:
-        arguments_mod.validate_args(args)
-        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+        arguments_mod.validate_args(args)  # the same on every rank: each exits, rank 0 prints
+    except arguments_mod.ArgumentError as err:
+        raise _fail(str(err), arguments_mod.is_rank_zero()) from None
+    init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+
+    def prepare():
         arguments_mod.validate_args(args, dist.get_world_size())
         tokenizer = data_mod.build_tokenizer(args)
         args.vocab_size_tokenizer = tokenizer.vocab_size
         args.padded_vocab_size = data_mod.padded_vocab_size(
             tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         model_config = model_config_from_args(args)
-        if args.load:
-            checkpointing.check_architecture(args.load, args, model_config)
-    except (arguments_mod.ArgumentError, checkpointing.CheckpointError, FileNotFoundError) as err:
-        parser.error(str(err))
+        checkpointing.prepare_run(args, model_config)
+        data_mod.check_data(args, tokenizer)
+        return tokenizer, model_config
+
+    tokenizer, model_config = _agreed(prepare)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         setattr(args, name, getattr(model_config, name))
 
@@ -416,12 +537,17 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         sp_rank=groups.sp_rank,
         sp_size=groups.sp_size,
         needs_data=first or last,
+        vocab_size=None if args.mock_data else tokenizer.vocab_size,
     )
     state = TrainState(args=args, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
                        layout=layout, tokenizer=tokenizer)
     if args.load:
-        checkpointing.load_checkpoint(state)
+        try:
+            checkpointing.load_checkpoint(state)
+        except checkpointing.CheckpointError as err:  # past the checks: this rank alone may see it
+            checkpointing.release_save_lock()
+            raise _fail(str(err), True) from None
     logger.info(
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
         "TP %d SP %d (%s) PP %d, ddp %s, vocab %d (padded %d)",
@@ -446,10 +572,71 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     from megatron_lasp.training import checkpointing
 
     _logging_setup()
-    state = setup(argv)
     try:
-        train(state, save_fn=checkpointing.save_checkpoint)
+        state = setup(argv)
+        watchdog = LauncherWatchdog.start_if_launched()
+        save_fn = checkpointing.save_checkpoint
+        if watchdog is not None:
+            save_fn = watchdog.guard(save_fn)
+        try:
+            train(state, save_fn=save_fn)
+        except data_mod.DataError as err:
+            raise TrainingError(str(err)) from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
     finally:
+        checkpointing.release_save_lock()
         if destroy:
             destroy_parallel()
     return state
+
+
+class LauncherWatchdog:
+    """Exit this worker when its launcher (torchrun, the parent process) dies.
+
+    Killing torchrun alone would leave the workers training and saving unsupervised. A daemon
+    thread polls the parent pid; when the parent is gone it waits for a save in progress to
+    finish (saves are atomic anyway: an interrupted one leaves only an ``iter_*.tmp``), then
+    ends the process with exit status 1.
+    """
+
+    POLL_S = 1.0
+    SAVE_GRACE_S = 300.0
+
+    def __init__(self) -> None:
+        self._parent = os.getppid()
+        self._saving = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
+
+    @classmethod
+    def start_if_launched(cls) -> Optional["LauncherWatchdog"]:
+        """Start the watchdog under torchrun (``TORCHELASTIC_RUN_ID`` set); None otherwise."""
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            return None
+        dog = cls()
+        dog._thread.start()
+        return dog
+
+    def guard(self, save_fn: Callable[[TrainState], object]) -> Callable[[TrainState], object]:
+        """``save_fn`` that the watchdog does not interrupt."""
+        def guarded(state: TrainState):
+            with self._saving:
+                return save_fn(state)
+
+        return guarded
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if os.getppid() != self._parent:
+                print(f"{PROG}: error: the launcher (parent pid {self._parent}) is gone: this worker exits "
+                      "(the last complete checkpoint is kept)", file=sys.stderr, flush=True)
+                self._saving.acquire(timeout=self.SAVE_GRACE_S)
+                from megatron_lasp.training import checkpointing
+
+                checkpointing.release_save_lock()
+                os._exit(1)
