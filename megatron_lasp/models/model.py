@@ -13,6 +13,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_lasp import platform
 from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.mlp import use_linear_lm_mlp
 from megatron_lasp.models.specs import get_linear_lm_block_spec
 
 __all__ = ["LinearLM", "build_linear_lm"]
@@ -107,5 +108,6 @@ def build_linear_lm(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    use_linear_lm_mlp(model)  # the fused (and recomputable) GLU product
     logger.debug("built LinearLM stage with %d layers", len(model.decoder.layers))
     return model
