@@ -295,6 +295,7 @@ class LinearSelfAttention(MegatronModule):
             o = o * torch.sigmoid(mixed[:, :, :, 3])
         o = o.reshape(s, b, self.local_heads * self.head_dim)
         if self.recompute_elementwise:
+            o = o.contiguous()  # the product follows the kernel's [b, s] layout; a dense copy can be freed
             o_kept, u_kept = o_pre.detach(), mixed[:, :, :, 3].detach() if self.parts == 4 else None
 
             def norm_gate_again():
