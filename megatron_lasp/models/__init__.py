@@ -34,7 +34,12 @@ Builder API (what the training loop calls)::
 - Activation recompute: ``recompute_granularity='full'`` (+ ``recompute_method``,
   ``recompute_num_layers``) recomputes whole layers; ``'selective'`` with ``'core_attn'`` in
   ``recompute_modules`` (megatron-core's default) recomputes the linear-attention core (feature
-  maps + kernel + SP communication).
+  maps + kernel + SP communication); ``recompute_elementwise=True`` (with 'selective'; flag
+  ``--recompute-modules elementwise``) frees the norm, norm x gate and GLU outputs that the next
+  matmul saves and recomputes them before its backward (no matmul recomputed; exact).
+- ``fusion``: the elementwise work around the matmuls runs in the Triton kernels of
+  ``megatron_lasp.ops.fused`` (default on GPU; ``fusion=False`` / ``--no-fusion``: plain PyTorch,
+  the CPU path).
 - ``transformer_impl='transformer_engine'`` uses megatron-core's TE modules (GPU, TE installed);
   ``'local'`` (default) runs everywhere.
 
