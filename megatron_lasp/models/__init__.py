@@ -39,6 +39,12 @@ Builder API (what the training loop calls)::
   chunked over tokens by default (``fused_linear_cross_entropy``; pass ``loss_mask=`` to get the
   gradients computed in forward), ``offload_layer_inputs`` keeps the recompute checkpoints in
   pinned host memory, ``recompute_chunk_size`` recomputes each layer with its MLP half in chunks.
+  maps + kernel + SP communication); ``recompute_elementwise=True`` (with 'selective'; flag
+  ``--recompute-modules elementwise``) frees the norm, norm x gate and GLU outputs that the next
+  matmul saves and recomputes them before its backward (no matmul recomputed; exact).
+- ``fusion``: the elementwise work around the matmuls runs in the Triton kernels of
+  ``megatron_lasp.ops.fused`` (default on GPU; ``fusion=False`` / ``--no-fusion``: plain PyTorch,
+  the CPU path).
 - ``transformer_impl='transformer_engine'`` uses megatron-core's TE modules (GPU, TE installed);
   ``'local'`` (default) runs everywhere.
 

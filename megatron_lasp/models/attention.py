@@ -20,6 +20,14 @@ layout change is free. The output ``[b, s, h, d]`` goes back to ``[s, b, h, d]``
 norm and the gate each write one new tensor (elementwise work needed anyway), and the reshape to
 the row-parallel input ``[s, b, h * d]`` is free for b = 1 (one copy otherwise). The torch
 backend blocks its inputs itself (one copy, inherent to it).
+
+Fused path (``config.fused``, the GPU default; ``megatron_lasp.ops.fused``): one kernel splits the
+projection output and writes ``phi(q), phi(k), psi(v)`` and ``sigmoid(u)`` (its backward writes
+the whole projection gradient at once: no zero-filled slice gradients, no accumulation), and one
+kernel computes ``GroupRMSNorm(o) * sigmoid(u)`` straight from the kernel's ``[b, s, h, d]``
+output into the row-parallel input ``[s, b, h * d]`` (fp32 math, one rounding). With
+``config.recompute_elementwise`` the norm x gate output is freed once ``linear_proj`` has run and
+recomputed before its backward; the input norm's output likewise around ``linear_qkv``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.norms import GroupRMSNorm
+from megatron_lasp.ops import fused as fused_ops
 
 __all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "alibi_slopes", "layer_slopes", "sp_attention"]
 
@@ -146,6 +155,8 @@ class LinearSelfAttention(MegatronModule):
         self.recompute_core = (
             config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or [])
         )
+        self.fused = bool(getattr(config, "fused", False))
+        self.recompute_elementwise = bool(getattr(config, "recompute_elementwise", False))
 
         self.linear_qkv = build_module(
             submodules.linear_qkv,
@@ -216,6 +227,39 @@ class LinearSelfAttention(MegatronModule):
         self._sp_checked = True
         return o.transpose(0, 1)
 
+    def _core_fused(self, mixed: torch.Tensor):
+        """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
+        q, k, v, sg = fused_ops.qkv_features(
+            mixed, self.local_heads, self.parts, self.head_dim,
+            self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
+        )
+        o = sp_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            self.slopes,
+            self.sp_group,
+            self.config.sequence_parallel_mode,
+            self.config.kernel_backend,
+            validate=None if not self._sp_checked else False,
+        )
+        self._sp_checked = True
+        o = o.transpose(0, 1)
+        return (o, sg) if sg is not None else o
+
+    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor):
+        if self.recompute_core:
+            out = tensor_parallel.checkpoint(self._core_fused, False, mixed)
+        else:
+            out = self._core_fused(mixed)
+        o, sg = out if self.parts == 4 else (out, None)
+        y = fused_ops.norm_gate(o, sg, self.out_norm.weight, self.out_norm.group_size, self.out_norm.eps,
+                                recompute=self.recompute_elementwise)
+        result = self.linear_proj(y)
+        if self.recompute_elementwise:
+            fused_ops.discard_until_backward(y, result[0])
+        return result
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None, packed_seq_params=None, **unused
     ):
@@ -234,6 +278,10 @@ class LinearSelfAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("LinearSelfAttention does not support packed sequences (packed_seq_params)")
         mixed, _ = self.linear_qkv(hidden_states)
+        if self.recompute_elementwise:
+            fused_ops.discard_until_backward(hidden_states, mixed)  # the input norm's output, if tagged
+        if self.fused:
+            return self._forward_fused(hidden_states, mixed)
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
         q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
@@ -241,7 +289,23 @@ class LinearSelfAttention(MegatronModule):
             o = tensor_parallel.checkpoint(self._core, False, q, k, v)
         else:
             o = self._core(q, k, v)
+        o_pre = o
         o = self.out_norm(o)
         if self.parts == 4:
             o = o * torch.sigmoid(mixed[:, :, :, 3])
-        return self.linear_proj(o.reshape(s, b, self.local_heads * self.head_dim))
+        o = o.reshape(s, b, self.local_heads * self.head_dim)
+        if self.recompute_elementwise:
+            o = o.contiguous()  # the product follows the kernel's [b, s] layout; a dense copy can be freed
+            o_kept, u_kept = o_pre.detach(), mixed[:, :, :, 3].detach() if self.parts == 4 else None
+
+            def norm_gate_again():
+                y = self.out_norm(o_kept)
+                if u_kept is not None:
+                    y = y * torch.sigmoid(u_kept)
+                return y.reshape(s, b, self.local_heads * self.head_dim)
+
+            fused_ops.mark_recomputable(o, norm_gate_again)
+        result = self.linear_proj(o)
+        if self.recompute_elementwise:
+            fused_ops.discard_until_backward(o, result[0])
+        return result

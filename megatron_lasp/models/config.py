@@ -107,6 +107,15 @@ class LinearLMConfig(TransformerConfig):
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer to the input embedding (--share-embeddings-and-output-weights;
     megatron's --untie-embeddings-and-output-weights is the opposite)."""
+    fusion: Optional[bool] = None
+    """Fused Triton kernels for the elementwise work around the matmuls (norms, feature maps,
+    norm x gate, GLU product; ``megatron_lasp.ops.fused``). None: on with CUDA, off on CPU;
+    False: the plain PyTorch path everywhere (--no-fusion)."""
+    recompute_elementwise: bool = False
+    """Selective recompute of elementwise outputs that the next matmul saves (the pre-norms'
+    outputs, the gated attention norm, the GLU product): freed after the forward, recomputed from
+    the tensors kept anyway right before their backward; no matmul is recomputed. Needs
+    recompute_granularity 'selective' (--recompute-modules elementwise)."""
 
     # ---- long-context memory (megatron_lasp/models/loss.py, memory.py) ------------------------
     fused_linear_cross_entropy: bool = True
@@ -180,6 +189,11 @@ class LinearLMConfig(TransformerConfig):
             )
         if self.recompute_chunk_size > 0 and self.hidden_dropout > 0:
             raise ValueError("--recompute-chunk-size needs --hidden-dropout 0 (it does not replay the dropout RNG)")
+        if self.recompute_elementwise and self.recompute_granularity != "selective":
+            raise ValueError(
+                "--recompute-modules elementwise needs --recompute-granularity selective "
+                f"(got {self.recompute_granularity!r})"
+            )
         if not (self.decay_layer_eps >= 0.0 and math.isfinite(self.decay_layer_eps)):
             raise ValueError(f"--decay-layer-eps must be a finite number >= 0, got {self.decay_layer_eps}")
         if self.num_layers < 1:
@@ -221,6 +235,13 @@ class LinearLMConfig(TransformerConfig):
     def attention_projection_size(self) -> int:
         """Heads x head dim: the width of each of q, k, v (and the gate)."""
         return self.num_attention_heads * self.kv_channels
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused elementwise kernels are used (``fusion``, resolved for this machine)."""
+        if self.fusion is None:
+            return torch.cuda.is_available()
+        return bool(self.fusion)
 
     @property
     def qkv_parts(self) -> int:

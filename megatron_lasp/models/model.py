@@ -17,6 +17,7 @@ from megatron_lasp import platform
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.loss import linear_cross_entropy
 from megatron_lasp.models.memory import LayerInputOffloader, LinearTransformerLayer
+from megatron_lasp.models.mlp import use_linear_lm_mlp
 from megatron_lasp.models.specs import get_linear_lm_block_spec
 
 __all__ = ["LinearLM", "build_linear_lm"]
@@ -175,5 +176,6 @@ def build_linear_lm(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    use_linear_lm_mlp(model)  # the fused (and recomputable) GLU product
     logger.debug("built LinearLM stage with %d layers", len(model.decoder.layers))
     return model

@@ -8,6 +8,11 @@
 - :class:`GroupRMSNorm`: the norm on the attention output, over groups of heads that never
   straddle TP ranks, so that TP gives exactly the TP=1 result without any communication. Its
   weight is sharded over TP like the heads (``partition_dim=0``).
+
+With ``config.fused`` (the default on GPU) both run the Triton kernels of
+``megatron_lasp.ops.fused`` (one kernel forward, one backward); otherwise the PyTorch reference.
+With ``config.recompute_elementwise`` the RMSNorm output is tagged so that its consumer can
+discard it until the backward (see ``megatron_lasp.ops.fused.recompute``).
 """
 
 from __future__ import annotations
@@ -18,12 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in fp32, returned in ``x``'s dtype."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+from megatron_lasp.ops import fused as fused_ops
+from megatron_lasp.ops.fused.reference import rms_norm_ref as _rms_norm
 
 
 class RMSNorm(MegatronModule):
@@ -43,9 +44,11 @@ class RMSNorm(MegatronModule):
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.fused = bool(getattr(config, "fused", False))
+        self.recompute = bool(getattr(config, "recompute_elementwise", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        return fused_ops.rms_norm(x, self.weight, self.eps, fused=self.fused, recompute=self.recompute)
 
 
 class GroupRMSNorm(MegatronModule):

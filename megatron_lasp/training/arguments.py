@@ -20,6 +20,7 @@ KERNEL_BACKENDS = ("triton", "torch")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "elementwise")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 MODEL_PRESETS = ("tiny", "tnl-385m", "tnl-1b", "tnl-7b")
 
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --recompute-granularity full: recompute each layer with this project's "
                    "checkpoint, running the MLP half in chunks of this many tokens in forward and "
                    "backward (its activations exist for one chunk); 0: megatron-core's recompute")
+
+    g = p.add_argument_group("fusion and selective recompute")
+    g.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
+                   help="run the plain PyTorch elementwise ops instead of the fused Triton kernels "
+                   "(norms, feature maps, norm x gate, GLU; fused by default on GPU, never on CPU)")
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="with --recompute-granularity selective: core_attn (feature maps + attention "
+                   "kernel, megatron-core's default), mlp (the whole MLP), elementwise (norm, gate and "
+                   "GLU outputs: freed after the forward, recomputed before their backward; no matmul)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
@@ -345,6 +355,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.recompute_method = "uniform"
         if args.recompute_num_layers is None:
             args.recompute_num_layers = 1
+    if args.recompute_modules is not None and args.recompute_granularity != "selective":
+        raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
     if args.recompute_method is not None and args.recompute_granularity != "full":
         raise ArgumentError("--recompute-method needs --recompute-granularity full")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:

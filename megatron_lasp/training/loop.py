@@ -172,6 +172,12 @@ def model_config_from_args(args: argparse.Namespace):
         cross_entropy_chunk_size=args.cross_entropy_chunk_size,
         offload_layer_inputs=args.cpu_offloading,
     )
+    modules = getattr(args, "recompute_modules", None)
+    if modules is not None:
+        fields.update(recompute_modules=[m for m in modules if m != "elementwise"],
+                      recompute_elementwise="elementwise" in modules)
+    if getattr(args, "fusion", None) is False:
+        fields["fusion"] = False
     if args.init_method_std is not None:
         fields["init_method_std"] = args.init_method_std
     if args.bf16 and args.ddp_impl == "torch":

@@ -1,0 +1,71 @@
+"""Selective recompute of elementwise outputs: free them after the forward, refill before use.
+
+An elementwise op's output that the next matmul saves for its weight gradient (a norm's output
+before ``linear_qkv`` / ``linear_fc1``, the GLU product before ``linear_fc2``, the gated norm
+before ``linear_proj``) costs activation memory but is cheap to recompute from tensors that stay
+saved anyway (the op's own inputs). :func:`mark_recomputable` tags the output with the recipe;
+:func:`discard_until_backward`, called once the consumer has run, frees the output's storage and
+registers a pre-hook on the consumer's autograd node that recomputes the values into the same
+storage right before that node's backward reads them. Nothing else changes: the same kernels run
+on the same inputs, so the gradients are bit-identical to those of a run that keeps the output.
+
+The storage is refilled with a storage-level copy (no version-counter bump, so autograd's
+saved-tensor checks still pass), as megatron-core's ``CheckpointWithoutOutput`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["mark_recomputable", "discard_until_backward"]
+
+_ATTR = "_megatron_lasp_recompute"
+
+
+def mark_recomputable(out: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Tag ``out`` with ``recompute()``, which returns its values again (called under no_grad)."""
+    if torch.is_grad_enabled() and out.requires_grad:
+        setattr(out, _ATTR, recompute)
+    return out
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` owns its whole storage densely (so a storage copy restores it exactly)."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def discard_until_backward(out: torch.Tensor, consumer_output: torch.Tensor) -> bool:
+    """Free ``out`` (tagged by :func:`mark_recomputable`) until the backward of the op that made
+    ``consumer_output`` from it; returns whether it was discarded.
+
+    Call it after the consumer's forward, when nothing else will read ``out`` in the forward.
+    Untagged tensors, tensors that do not own a dense storage and consumers without an autograd
+    node are left alone.
+    """
+    recompute = getattr(out, _ATTR, None)
+    node = getattr(consumer_output, "grad_fn", None)
+    if recompute is None or node is None or not _plain(out):
+        return False
+    delattr(out, _ATTR)
+    nbytes = out.untyped_storage().nbytes()
+    pending = [out, recompute]
+
+    def refill(_grad_outputs):
+        target, fn = pending
+        if target is None:
+            return None
+        pending[0] = pending[1] = None
+        with torch.no_grad():
+            values = fn().contiguous()
+        assert values.shape == target.shape and values.dtype == target.dtype, "recompute changed the tensor"
+        storage = target.untyped_storage()
+        storage.resize_(nbytes)
+        storage.copy_(values.untyped_storage())
+        return None
+
+    node.register_prehook(refill)
+    out.untyped_storage().resize_(0)
+    return True
