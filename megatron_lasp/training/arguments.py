@@ -104,8 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --recompute-granularity full: uniform or block")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="with --recompute-granularity full: layers per recompute unit / block")
-    g.add_argument("--recompute-modules", nargs="+", default=None,
-                   help="with --recompute-granularity selective: megatron-core module names (core_attn, mlp ...)")
 
     g = p.add_argument_group("long-context memory")
     g.add_argument("--no-fused-linear-cross-entropy", dest="fused_linear_cross_entropy", action="store_false",

@@ -184,8 +184,7 @@ def model_config_from_args(args: argparse.Namespace):
         fields.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
     for name in ("kv_channels", "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout",
                  "decay_type", "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate",
-                 "attention_norm_group_size", "glu_type", "share_embeddings_and_output_weights",
-                 "recompute_modules"):
+                 "attention_norm_group_size", "glu_type", "share_embeddings_and_output_weights"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     try:
