@@ -5,8 +5,9 @@ states ``[B, H, Dk, Dv]`` fp32. Math and derivations: README.md in this folder.
 
 Autograd API:
     ``chunk_lightning_attn(q, k, v, slopes, initial_state=None, output_final_state=False,
-    backend=None) -> (o, final_state)`` and the reference ``naive_lightning_attn`` (same, no
-    ``backend``; recurrent, fp32).
+    backend=None, cu_seqlens=None) -> (o, final_state)`` and the reference ``naive_lightning_attn``
+    (same, no ``backend``; recurrent, fp32). ``cu_seqlens``: packed documents, flash-attention's
+    convention (``documents.py``); the state restarts at every document start.
 
 Functional API (no autograd; what the sequence-parallel layers build on):
     ``lightning_attn_fwd(q, k, v, slopes, initial_state, output_final_state, backend)
@@ -24,6 +25,7 @@ PyTorch, the CPU training path). Default: triton for CUDA tensors, torch otherwi
 """
 
 from .chunk import LightningAttnSaved, chunk_lightning_attn, lightning_attn_bwd, lightning_attn_fwd
+from .documents import check_cu_seqlens, cu_seqlens_from_position_ids, doc_ids_from_cu_seqlens
 from .naive import naive_chunk_lightning_attn, naive_lightning_attn, naive_recurrent_lightning_attn
 from .utils import MAX_HEAD_DIM, decay_powers, state_decay
 
@@ -38,4 +40,7 @@ __all__ = [
     "decay_powers",
     "state_decay",
     "MAX_HEAD_DIM",
+    "check_cu_seqlens",
+    "cu_seqlens_from_position_ids",
+    "doc_ids_from_cu_seqlens",
 ]

@@ -5,6 +5,9 @@ with batched matmuls, and only the cheap ``[Dk, Dv]`` state recurrences loop ove
 forward keeps the state entering every block (KV-state caching); the backward reuses them for
 ``dq`` and runs the mirror recurrence of the state gradient for ``dk``, ``dv`` and ``d_initial_state``.
 Formulas: README.md beside this file. Computation runs in fp32 (fp64 for fp64 inputs).
+
+Packed documents (``doc_ids [B, T]``, see ``documents.py``): the decay factors of every block are
+masked by "same document" (README.md, "Packed documents"); nothing else changes.
 """
 
 from typing import Optional, Tuple
@@ -58,6 +61,30 @@ def _decays(slopes: torch.Tensor, T: int, block: int, cdt: torch.dtype):
     return mask, a, b.unsqueeze(-1), block_decay
 
 
+def _doc_decays(decays, doc_ids: Optional[torch.Tensor], T: int, block: int, cdt: torch.dtype):
+    """The factors of :func:`_decays` masked by the documents, per row (README.md, "Packed documents").
+
+    Returns ``mask [B|1, H, N|1, BT, BT]``, ``a [B|1, H, N|1, BT, 1]``, ``b [B|1, H, N, BT, 1]``,
+    ``block_decay [B|1, H, N]``; without ``doc_ids`` the unmasked factors, broadcastable alike.
+    """
+    mask, a, b, block_decay = decays
+    mask, a, b, block_decay = mask[None, :, None], a[None, :, None], b[None], block_decay[None]
+    if doc_ids is None:
+        return mask, a, b, block_decay
+    B = doc_ids.shape[0]
+    n_blocks = (T + block - 1) // block
+    docs = doc_ids.long()
+    d = torch.nn.functional.pad(docs, (0, n_blocks * block - T), value=-1).view(B, n_blocks, block)
+    starts = torch.arange(n_blocks, device=docs.device) * block
+    entry = docs[:, (starts - 1).clamp(min=0)]  # [B, N] document of the state entering each block
+    last = docs[:, (starts + block).clamp(max=T) - 1]  # [B, N] document of each block's last token
+    same = (d[:, :, :, None] == d[:, :, None, :]).to(cdt)[:, None]  # [B, 1, N, BT, BT]
+    into = (d == entry[:, :, None]).to(cdt)[:, None, :, :, None]  # [B, 1, N, BT, 1]
+    out = (d == last[:, :, None]).to(cdt)[:, None, :, :, None]
+    through = (entry == last).to(cdt)[:, None]  # [B, 1, N]
+    return mask * same, a * into, b * out, block_decay * through
+
+
 def torch_lightning_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,8 +93,9 @@ def torch_lightning_attn_fwd(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     block_size: int = TORCH_BLOCK_SIZE,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Forward of the torch backend (inputs already validated).
+    """Forward of the torch backend (inputs already validated; ``doc_ids [B, T]`` or None).
 
     Returns ``(o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] or None,
     block_states [B, H, N, Dk, Dv])`` where ``block_states[:, :, n]`` is the state entering
@@ -77,7 +105,7 @@ def torch_lightning_attn_fwd(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
+    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
     qb, kb, vb = (_blocks(x, N, block_size, cdt) for x in (q, k, v))
 
     # Local state of every block, then the sequential scan turns them into entry states in place.
@@ -87,9 +115,9 @@ def torch_lightning_attn_fwd(
     for n in range(N):
         local = states[:, :, n].clone()
         states[:, :, n] = carry
-        carry = block_decay[None, :, n, None, None] * carry + local
+        carry = block_decay[:, :, n, None, None] * carry + local
 
-    o = ((qb @ kb.transpose(-1, -2)) * mask[:, None]) @ vb + (a[:, None] * qb) @ states
+    o = ((qb @ kb.transpose(-1, -2)) * mask) @ vb + (a * qb) @ states
     return _unblocks(o, T, q.dtype), (carry if output_final_state else None), states
 
 
@@ -102,6 +130,7 @@ def torch_lightning_attn_bwd(
     d_final_state: Optional[torch.Tensor],
     block_states: torch.Tensor,
     block_size: int = TORCH_BLOCK_SIZE,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the torch backend, reusing the forward's ``block_states``.
 
@@ -112,25 +141,24 @@ def torch_lightning_attn_bwd(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
+    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
     qb, kb, vb, dob = (_blocks(x, N, block_size, cdt) for x in (q, k, v, do))
-    mask = mask[:, None]
 
     scores = (qb @ kb.transpose(-1, -2)) * mask  # [B, H, N, BT, BT]
     dscores = (dob @ vb.transpose(-1, -2)) * mask
-    dq = dscores @ kb + (a[:, None] * dob) @ block_states.transpose(-1, -2)
+    dq = dscores @ kb + (a * dob) @ block_states.transpose(-1, -2)
     dk = dscores.transpose(-1, -2) @ qb
     dv = scores.transpose(-1, -2) @ dob
     del scores, dscores
 
     # Gradient of the state leaving every block, by the mirror scan from the last block.
-    dstates = (a[:, None] * qb).transpose(-1, -2) @ dob  # local terms, then replaced in place
+    dstates = (a * qb).transpose(-1, -2) @ dob  # local terms, then replaced in place
     carry = (torch.zeros(B, H, Dk, Dv, device=q.device, dtype=cdt) if d_final_state is None
              else d_final_state.to(cdt).clone())
     for n in range(N - 1, -1, -1):
         local = dstates[:, :, n].clone()
         dstates[:, :, n] = carry
-        carry = block_decay[None, :, n, None, None] * carry + local
+        carry = block_decay[:, :, n, None, None] * carry + local
 
     dk = dk + b * (vb @ dstates.transpose(-1, -2))
     dv = dv + b * (kb @ dstates)
