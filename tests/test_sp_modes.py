@@ -146,13 +146,13 @@ def _check_layers_and_order(world_size, seed):
             work = _Work(work)
         return buf, work
 
-    def fwd(*args):
+    def fwd(*args, **kwargs):
         events.append("kernel")
-        return real[1](*args)
+        return real[1](*args, **kwargs)
 
-    def bwd(*args):
+    def bwd(*args, **kwargs):
         events.append("kernel_bwd")
-        return real[2](*args)
+        return real[2](*args, **kwargs)
 
     lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd = post, fwd, bwd
     try:
