@@ -1,6 +1,6 @@
 """LASP-1: the fp32 state is passed along the sequence-parallel group, one hop per rank.
 
-Forward on rank r (LASP.md section 3): post the receive of ``S_in`` from rank r-1, run the kernel on
+Forward on rank r (README.md in this folder, "LASP-1"): post the receive of ``S_in`` from rank r-1, run the kernel on
 the local slice with no initial state (intra term and local state ``S_loc``; this is the work the
 receive overlaps), wait, send ``S_out = lam^C S_in + S_loc`` to rank r+1, and add
 ``diag(a) Q S_in`` to the output while the send is in flight.

@@ -1,6 +1,6 @@
 """LASP-2: one all-gather of the local states per pass instead of a chain of hops.
 
-Forward (LASP.md section 4): the kernel on the local slice with no initial state gives the output's
+Forward (README.md in this folder, "LASP-2"): the kernel on the local slice with no initial state gives the output's
 intra part and ``S_loc``; one all-gather of ``S_loc`` over the group; rank r forms
 ``S_in = sum_{j<r} lam^(C (r-1-j)) S_loc_j`` locally and adds ``diag(a) Q S_in`` to the output.
 

@@ -17,8 +17,8 @@ def decay_powers(slopes: torch.Tensor, length: int, reverse: bool = False) -> to
     """Per-position decay factors of a slice of ``length`` tokens, fp32 ``[H, length]``.
 
     ``reverse=False``: ``lam^(t+1)``, the weight of the state entering the slice at token ``t``
-    (the ``a`` of LASP.md). ``reverse=True``: ``lam^(length-1-t)``, the weight of token ``t`` in
-    the state leaving the slice (the ``b`` of LASP.md). ``lam = exp(-slopes)``.
+    (the ``a`` of parallel/README.md). ``reverse=True``: ``lam^(length-1-t)``, the weight of token ``t`` in
+    the state leaving the slice (the ``b`` of parallel/README.md). ``lam = exp(-slopes)``.
     """
     t = torch.arange(length, device=slopes.device, dtype=torch.float32)
     expo = (length - 1 - t) if reverse else (t + 1)
