@@ -179,3 +179,29 @@ def test_bad_cu_seqlens_errors(cu, needle):
         chunk_lightning_attn(q, q, q, torch.zeros(2), backend="torch", cu_seqlens=cu)
     with pytest.raises(ValueError, match=needle):
         naive_lightning_attn(q, q, q, torch.zeros(2), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_two_phase_api_equals_one_pass(impl, packed):
+    """lightning_attn_{fwd,bwd}_phases (state-only pass first, the rest in finish) == fwd/bwd."""
+    if impl.startswith("naive"):
+        pytest.skip("functional API only")
+    from megatron_lasp.ops.lightning_attn import (
+        doc_ids_from_cu_seqlens,
+        lightning_attn_bwd_phases,
+        lightning_attn_fwd_phases,
+    )
+
+    torch.manual_seed(2)
+    B, T, H, D = 2, 45, 2, 16
+    q, k, v, do = (torch.randn(B, T, H, D) for _ in range(4))
+    slopes = _slopes(H)
+    docs = doc_ids_from_cu_seqlens(torch.tensor([0, 9, 40, 50, 90]), B, T, q.device) if packed else None
+    o, final, saved = lightning_attn_fwd(q, k, v, slopes, None, True, impl, doc_ids=docs)
+    final2, finish = lightning_attn_fwd_phases(q, k, v, slopes, impl, doc_ids=docs)
+    o2, saved2 = finish()
+    assert torch.equal(final, final2) and torch.equal(o, o2) and torch.equal(saved.states, saved2.states)
+    grads = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, impl)
+    dh0, finish = lightning_attn_bwd_phases(q, k, v, slopes, do, saved2, impl)
+    for a, b in zip(grads, finish() + (dh0,)):
+        assert torch.equal(a, b)

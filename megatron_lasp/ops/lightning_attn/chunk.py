@@ -10,17 +10,24 @@ Entry points (same signatures for both backends, see the package docstring):
 import dataclasses
 import functools
 import types
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .torch_chunk import TORCH_BLOCK_SIZE, torch_lightning_attn_bwd, torch_lightning_attn_fwd
+from .torch_chunk import (
+    TORCH_BLOCK_SIZE,
+    torch_lightning_attn_bwd,
+    torch_lightning_attn_bwd_phases,
+    torch_lightning_attn_fwd,
+    torch_lightning_attn_fwd_phases,
+)
 from .documents import check_cu_seqlens, check_doc_ids, doc_ids_from_cu_seqlens
 from .utils import check_inputs, resolve_backend
 
-__all__ = ["LightningAttnSaved", "lightning_attn_fwd", "lightning_attn_bwd", "chunk_lightning_attn"]
+__all__ = ["LightningAttnSaved", "lightning_attn_fwd", "lightning_attn_bwd", "lightning_attn_fwd_phases",
+           "lightning_attn_bwd_phases", "chunk_lightning_attn"]
 
 
 @dataclasses.dataclass
@@ -408,6 +415,13 @@ def _triton_setup(q, v):
 
 
 def _triton_fwd(q, k, v, slopes, initial_state, output_final_state, docs=None):
+    final, finish = _triton_fwd_phases(q, k, v, slopes, initial_state, output_final_state, docs)
+    o, saved = finish()
+    return o, final, saved
+
+
+def _triton_fwd_phases(q, k, v, slopes, initial_state, output_final_state, docs=None):
+    """(final state or None, finish): the segment states and their scan now, the output in finish()."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -421,11 +435,21 @@ def _triton_fwd(q, k, v, slopes, initial_state, output_final_state, docs=None):
     if docs is not None:
         docs = docs.to(torch.int32).contiguous()
     entry, final = _segment_states(kern, k, v, slopes, init, cfg, False, dot_f32, output_final_state, docs)
-    o = _chunk(kern, q, k, v, entry, slopes, cfg, False, dot_f32, False, docs)
-    return o, final, LightningAttnSaved("triton", entry, cfg.segment, cfg, docs)
+
+    def finish():
+        o = _chunk(kern, q, k, v, entry, slopes, cfg, False, dot_f32, False, docs)
+        return o, LightningAttnSaved("triton", entry, cfg.segment, cfg, docs)
+
+    return final, finish
 
 
 def _triton_bwd(q, k, v, slopes, do, d_final_state, saved):
+    dh0, finish = _triton_bwd_phases(q, k, v, slopes, do, d_final_state, saved)
+    return finish() + (dh0,)
+
+
+def _triton_bwd_phases(q, k, v, slopes, do, d_final_state, saved):
+    """(d_initial_state, finish): the state-gradient pass now, dq, dk, dv in finish()."""
     q, k, v, do = _contig(q), _contig(k), _contig(v), _contig(do)
     kern, dot_f32 = _triton_setup(q, v)
     cfg = saved.config
@@ -434,13 +458,17 @@ def _triton_bwd(q, k, v, slopes, do, d_final_state, saved):
     docs = saved.doc_ids
     if docs is not None:
         docs = docs.to(torch.int32).contiguous()
-    # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
-    dq = _chunk(kern, do, v, k, saved.states, slopes, cfg, False, dot_f32, True, docs)
     # State gradients at segment boundaries, in the reversed frame, from q^T do.
     dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True, docs)
-    dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs)
-    dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs)
-    return dq, dk, dv, dh0
+
+    def finish():
+        # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
+        dq = _chunk(kern, do, v, k, saved.states, slopes, cfg, False, dot_f32, True, docs)
+        dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs)
+        dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs)
+        return dq, dk, dv
+
+    return dh0, finish
 
 
 def lightning_attn_fwd(
@@ -542,6 +570,64 @@ def lightning_attn_bwd(
         raise ValueError(f"lightning attention: `saved` comes from the {saved.backend} backend, "
                          f"backward asked for {backend}")
     return _bwd_dispatch(q, k, v, slopes, do.to(q.dtype), d_final_state, saved)
+
+
+def lightning_attn_fwd_phases(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    backend: Optional[str] = None,
+    *,
+    doc_ids: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Callable[[], Tuple[torch.Tensor, LightningAttnSaved]]]:
+    """The forward with no initial state in two phases: ``(final_state, finish)``.
+
+    The first phase is the state-only pass (the segment or block states and their scan), so the
+    final state is ready before the output is computed; ``finish() -> (o, saved)`` runs the
+    output pass. ``final_state``, ``o`` and ``saved`` equal :func:`lightning_attn_fwd`'s (what a
+    sequence-parallel layer uses to send its state on before computing its output).
+    """
+    backend = resolve_backend(backend, q.device)
+    check_inputs(q, k, v, slopes, None, backend)
+    docs = resolve_doc_ids(q, None, doc_ids)
+    if backend == "torch":
+        final, finish = torch_lightning_attn_fwd_phases(q, k, v, slopes, None, doc_ids=docs)
+
+        def torch_finish():
+            o, states = finish()
+            return o, LightningAttnSaved("torch", states, TORCH_BLOCK_SIZE, None, docs)
+
+        return final, torch_finish
+    return _triton_fwd_phases(q, k, v, slopes, None, True, docs)
+
+
+def lightning_attn_bwd_phases(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    do: torch.Tensor,
+    saved: LightningAttnSaved,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Callable[[], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The backward with no final-state gradient in two phases: ``(d_initial_state, finish)``.
+
+    The first phase is the state-gradient pass, so ``d_initial_state`` is ready before the
+    gradients of the slice; ``finish() -> (dq, dk, dv)``. Equal to :func:`lightning_attn_bwd`.
+    """
+    backend = resolve_backend(backend, q.device)
+    check_inputs(q, k, v, slopes, None, backend)
+    if do.shape != v.shape:
+        raise ValueError(f"lightning attention: do must have v's shape {tuple(v.shape)}, got {tuple(do.shape)}")
+    if saved.backend != backend:
+        raise ValueError(f"lightning attention: `saved` comes from the {saved.backend} backend, "
+                         f"backward asked for {backend}")
+    do = do.to(q.dtype)
+    if backend == "torch":
+        return torch_lightning_attn_bwd_phases(q, k, v, slopes, do, None, saved.states, saved.span,
+                                               doc_ids=saved.doc_ids)
+    return _triton_bwd_phases(q, k, v, slopes, do, None, saved)
 
 
 def _bwd_dispatch(q, k, v, slopes, do, d_final_state, saved: LightningAttnSaved):

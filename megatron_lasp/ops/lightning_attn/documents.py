@@ -55,9 +55,10 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, values: Optio
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, device: torch.device) -> torch.Tensor:
     """``doc_ids [B, T]`` int32 on ``device``: the document of each token (no host synchronisation)."""
-    cu = cu_seqlens.to(device=device, dtype=torch.int64, non_blocking=True)
-    flat = torch.arange(B * T, device=device, dtype=torch.int64)
-    return (torch.searchsorted(cu, flat, right=True) - 1).to(torch.int32).view(B, T)
+    cu = cu_seqlens.to(device=device, non_blocking=True)
+    flat = torch.arange(B * T, device=device, dtype=cu.dtype)
+    # the document of token p = the number of later starts cu[1:] that are <= p (two launches)
+    return torch.searchsorted(cu[1:], flat, right=True, out_int32=True).view(B, T)
 
 
 def check_doc_ids(doc_ids, B: int, T: int, device: torch.device, where: str = "lightning attention") -> None:
