@@ -10,6 +10,8 @@ do, dq, dk, dv (backward) moved once, over the device-to-device copy bandwidth m
     PYTHONPATH=. python benchmarks/bench_kernels.py --sweep --out $OUT/kernels
     PYTHONPATH=. python benchmarks/bench_kernels.py --impl ours --config-json $OUT/kernels_sweep.json --out $OUT/kernels_bench
     PYTHONPATH=. python benchmarks/bench_kernels.py --impl fla --fla-autotune pruned --out $OUT/kernels_bench_fla
+    # packed documents: bf16 errors with boundaries and the time overhead of boundaries vs none
+    PYTHONPATH=. python benchmarks/bench_kernels.py --packed --out $OUT/kernels
     # anywhere, the plot from the JSON files:
     python benchmarks/bench_kernels.py --plot docs/benchmarks/kernels_bench.json docs/benchmarks/kernels_bench_fla.json
 
@@ -181,6 +183,95 @@ def bench(args):
         torch.cuda.empty_cache()
 
 
+# Document layouts of --packed: (name, mean document length in tokens); the starts are random
+# (uniform cuts), so boundaries land inside blocks, on block and segment edges, with some length-1
+# documents when the mean is short.
+PACKED_LAYOUTS = [("docs~2048", 2048), ("docs~256", 256), ("docs~16", 16)]
+PACKED_OVERHEAD_TARGET = 0.05
+
+
+def _random_cu_seqlens(total: int, mean_len: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_cuts = max(1, total // mean_len - 1)
+    cuts = torch.randperm(total - 1, generator=g)[:n_cuts] + 1
+    cuts = torch.cat([torch.tensor([0, total // 2, total // 2 + 1]), cuts.sort().values, torch.tensor([total])])
+    return torch.unique(cuts).to(torch.int32)
+
+
+def packed(args):
+    """bf16/fp32 errors with documents vs the fp64 torch backend, and the time of boundaries vs none."""
+    import torch
+    import triton
+
+    from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__, tuning=apply_config_json(args.config_json),
+                overhead_target=PACKED_OVERHEAD_TARGET,
+                reference="torch chunked backend in fp64 on the GPU with the same cu_seqlens")
+    rows = []
+    fn = ours_fn()
+    for B, T, H, D in [(1, 32768, 16, 128), (1, 8192, 16, 128)]:
+        inputs = make_inputs(B, T, H, D)
+        q, k, v, h0, slopes, do, dht = inputs
+        base_fwd, base_fb = time_fn(fn, inputs)
+        rows.append(dict(B=B, T=T, H=H, D=D, layout="none", n_docs=B, fwd_ms=base_fwd, fwd_bwd_ms=base_fb))
+        print(f"T={T} none: fwd {base_fwd:.3f} ms fwd+bwd {base_fb:.3f} ms", flush=True)
+        for name, mean_len in PACKED_LAYOUTS:
+            cu = _random_cu_seqlens(B * T, mean_len, seed=T + mean_len).cuda()
+
+            def run(q_, k_, v_, h0_, slopes_, cu=cu):
+                return chunk_lightning_attn(q_, k_, v_, slopes_, h0_, True, backend="triton", cu_seqlens=cu)
+
+            fwd_ms, fb_ms = time_fn(run, inputs)
+            row = dict(B=B, T=T, H=H, D=D, layout=name, n_docs=int(cu.numel() - 1), fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+                       fwd_overhead=fwd_ms / base_fwd - 1, fwd_bwd_overhead=fb_ms / base_fb - 1)
+            row["overhead_ok"] = max(row["fwd_overhead"], row["fwd_bwd_overhead"]) <= PACKED_OVERHEAD_TARGET
+            row["errors"] = _packed_errors(q, k, v, h0, slopes, do, dht, cu)
+            rows.append(row)
+            print(" ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()),
+                  flush=True)
+            with open(args.out + "_packed.json", "w") as f:
+                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        del inputs, q, k, v, h0, do, dht
+        torch.cuda.empty_cache()
+    ok = all(r.get("overhead_ok", True) for r in rows if r["T"] == 32768)
+    print(f"overhead at T=32K {'within' if ok else 'ABOVE'} {PACKED_OVERHEAD_TARGET:.0%}", flush=True)
+
+
+def _packed_errors(q, k, v, h0, slopes, do, dht, cu):
+    """Relative errors (o, final state, dq, dk, dv, dh0) of triton bf16 and fp32 vs fp64 torch."""
+    import torch
+
+    from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+    def grads(backend, cast):
+        leaves = [cast(x).requires_grad_(True) for x in (q, k, v, h0)]
+        o, ht = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], True, backend=backend, cu_seqlens=cu)
+        torch.autograd.backward((o, ht), (cast(do).to(o.dtype), dht.to(ht.dtype)))
+        out = [o.detach(), ht.detach()] + [x.grad for x in leaves]
+        del leaves, o, ht
+        return out
+
+    def rel(a, b):
+        if not torch.isfinite(a).all():
+            return float("nan")
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+    names = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
+    ref = grads("torch", lambda x: x.detach().double())
+    errors = {}
+    for label, cast in (("bf16", lambda x: x.detach().clone()), ("fp32", lambda x: x.detach().float())):
+        got = grads("triton", cast)
+        errors[label] = {n: rel(a, b) for n, a, b in zip(names, got, ref)}
+        del got
+    del ref
+    torch.cuda.empty_cache()
+    return errors
+
+
 def graph_and_profile(args):
     """CPU-overhead-free timing (CUDA graph replay) and a per-kernel GPU-time breakdown."""
     import torch
@@ -272,6 +363,9 @@ def main():
     parser.add_argument("--config-json", default=None, help="a --sweep output: use its best overrides")
     parser.add_argument("--fla-autotune", choices=["full", "pruned"], default="pruned")
     parser.add_argument("--graph", action="store_true", help="CUDA-graph timing and per-kernel GPU times")
+    parser.add_argument("--packed", action="store_true",
+                        help="packed documents (cu_seqlens) at T=32K and 8K: bf16/fp32 errors vs fp64 and the time "
+                        "overhead of boundaries vs none (PREFIX_packed.json)")
     parser.add_argument("--plot", nargs="+", default=None, help="JSON files to plot (writes the first's .png)")
     args = parser.parse_args()
     if args.plot:
@@ -280,6 +374,8 @@ def main():
         return sweep(args)
     if args.graph:
         return graph_and_profile(args)
+    if args.packed:
+        return packed(args)
     return bench(args)
 
 

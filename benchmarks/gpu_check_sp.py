@@ -1,13 +1,16 @@
 """GPU check of the sequence-parallel modes: exactness at real shapes, and LASP's overlap.
 
 1. Exactness: for every mode and for fp32 and bf16 (triton backend, NaN-poisoned kernel buffers),
+   without and with packed documents (global ``cu_seqlens``: starts on and next to slice edges, a
+   document over every rank, length-1 documents, random starts),
    one sequence of ``W x C`` tokens (B1 H16 D128, plus a ragged batch-2 shape) is split over the
    ``W`` ranks; the output and dq, dk, dv are compared (relative Frobenius error, max over ranks)
    with the torch backend in fp64 on the whole sequence and with the same kernel and dtype on the
    whole sequence on one GPU.
 2. Overlap: at a long local slice (bf16, H16 D128), the forward and forward+backward times of
    - ``local``: the kernel on the local slice alone (no communication: the floor),
-   - ``lasp``: ``lightning_attn_sp(mode="lasp")`` (receive posted first, kernel, wait, send),
+   - ``lasp``: ``lightning_attn_sp(mode="lasp")`` (receive posted first, state-only pass, wait and
+     send on a side stream, output pass meanwhile),
    - ``lasp_serial``: LASP without overlap, written here: wait for the state, then run the kernel
      with it as initial state, then send (each rank waits for all the kernels before it),
    - ``chain``: the state hops alone (W-1 sequential hops per pass, no compute),
@@ -75,9 +78,20 @@ def full_inputs(B, T, H, D, device, seed):
     return [x.to(device) for x in (q, k, v, do)]
 
 
-def run_full(q, k, v, do, slopes, dtype, backend):
+def packed_cu_seqlens(B, T, W, C, device, seed):
+    """Document starts over the B*T tokens: on slice edges, one token either side, a document
+    spanning every rank, length-1 documents and random starts (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = [j * C for j in range(1, W)] + [j * C + 1 for j in range(1, W)] + [C // 2, C // 2 + 1, T - 1]
+    cuts += torch.randint(1, B * T, (4 * W,), generator=g).tolist()
+    cuts += [b * T + c for b in range(1, B) for c in (0, 5)]
+    cu = sorted(set(c for c in cuts if 0 < c < B * T) | {0, B * T})
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def run_full(q, k, v, do, slopes, dtype, backend, cu_seqlens=None):
     leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend)
+    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend, cu_seqlens=cu_seqlens)
     o.backward(do.to(dtype))
     return [o.detach()] + [x.grad for x in leaves]
 
@@ -90,15 +104,17 @@ def check_exactness(args, device, backend):
         T = W * C
         slopes = alibi_slopes(H).to(device)
         q, k, v, do = full_inputs(B, T, H, D, device, seed=B * 1000 + C)
-        ref64 = run_full(q, k, v, do, slopes, torch.float64, "torch")
         sl = slice(rank * C, (rank + 1) * C)
-        for dtype in (torch.float32, torch.bfloat16):
-            single = run_full(q, k, v, do, slopes, dtype, backend)
+        for packed, dtype in [(p_, d_) for p_ in (False, True) for d_ in (torch.float32, torch.bfloat16)]:
+            cu = packed_cu_seqlens(B, T, W, C, device, seed=C) if packed else None
+            if dtype == torch.float32:
+                ref64 = run_full(q, k, v, do, slopes, torch.float64, "torch", cu)
+            single = run_full(q, k, v, do, slopes, dtype, backend, cu)
             for mode in SEQUENCE_PARALLEL_MODES:
                 if mode == "ulysses" and H % W:
                     continue
                 local = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend)
+                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend, cu_seqlens=cu)
                 o.backward(do[:, sl].to(dtype))
                 got = [o.detach()] + [x.grad for x in local]
                 names = ("o", "dq", "dk", "dv")
@@ -107,9 +123,11 @@ def check_exactness(args, device, backend):
                 worst = max(err64.values())
                 ok = worst < TOL[dtype]
                 rows.append(dict(shape=[B, T, H, D], local_len=C, dtype=str(dtype), mode=mode, ok=ok,
+                                 packed_documents=None if cu is None else int(cu.numel() - 1),
                                  err_vs_fp64=err64, err_vs_single_gpu_same_dtype=err1))
                 if rank == 0:
-                    print(f"{'ok ' if ok else 'BAD'} {mode:>9} {str(dtype):>14} B{B} T{T} H{H} D{D}: "
+                    print(f"{'ok ' if ok else 'BAD'} {mode:>9} {str(dtype):>14} B{B} T{T} H{H} D{D}"
+                          f"{' packed' if packed else ''}: "
                           f"vs fp64 max {worst:.2e}, vs 1 GPU max {max(err1.values()):.2e}", flush=True)
     la_chunk.POISON_OUTPUTS = False
     return rows

@@ -300,14 +300,15 @@ def _extras() -> Dict:
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), reduction="none")
     out["logits_shape"] = tuple(logits.shape)
     out["logits_ce_err"] = (ce.view_as(loss) - loss).abs().max().item()
-    # incremental decoding / packed sequences are refused, not silently wrong
+    # incremental decoding and packed sequences without document starts are refused, not silently wrong
     attention = model.decoder.layers[0].self_attention
     x = torch.randn(SEQ, BATCH, model.config.hidden_size)
     refused = []
-    for kwargs in (dict(inference_context=object()), dict(packed_seq_params=object())):
+    for kwargs, error in ((dict(inference_context=object()), NotImplementedError),
+                          (dict(packed_seq_params=object()), ValueError)):
         try:
             attention(x, **kwargs)
-        except NotImplementedError:
+        except error:
             refused.append(True)
     out["refused"] = refused
     # casting to bf16 keeps the decay slopes fp32 and exact; the bf16 model runs

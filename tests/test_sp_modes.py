@@ -109,7 +109,8 @@ def _check_strided(rank, seed):
 
 def _check_layers_and_order(world_size, seed):
     """Several LASP layers in a row (state traffic in both directions between the same pair), and
-    the overlap order: the receive is posted before the local kernel runs, waited on after it."""
+    the schedule: the receive is posted before the local kernel, the state-only pass comes first,
+    the state is sent on right after the wait, and the output pass runs after the send."""
     group = dist.group.WORLD
     B, T, H, D = 2, 30 * world_size, 2, 8
     slopes = _slopes(H, True)
@@ -129,7 +130,8 @@ def _check_layers_and_order(world_size, seed):
     model(x_ref, ref_attn).backward(do)
 
     events = []
-    real = lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd
+    names = ("_post_recv", "_post_send", "lightning_attn_fwd_phases", "lightning_attn_bwd_phases")
+    real = {name: getattr(lasp_module, name) for name in names}
 
     class _Work:
         def __init__(self, work):
@@ -140,27 +142,41 @@ def _check_layers_and_order(world_size, seed):
             return self.work.wait()
 
     def post(*args):
-        buf, work = real[0](*args)
+        buf, work = real["_post_recv"](*args)
         if work is not None:
             events.append("post")
             work = _Work(work)
         return buf, work
 
-    def fwd(*args):
-        events.append("kernel")
-        return real[1](*args)
+    def send(*args):
+        if args[1] is not None:
+            events.append("send")
+        return real["_post_send"](*args)
 
-    def bwd(*args):
-        events.append("kernel_bwd")
-        return real[2](*args)
+    def phases(name, tag):
+        def run(*args, **kwargs):
+            events.append("state" + tag)
+            first, finish = real[name](*args, **kwargs)
 
-    lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd = post, fwd, bwd
+            def traced_finish():
+                events.append("output" + tag)
+                return finish()
+
+            return first, traced_finish
+
+        return run
+
+    fakes = dict(_post_recv=post, _post_send=send, lightning_attn_fwd_phases=phases("lightning_attn_fwd_phases", ""),
+                 lightning_attn_bwd_phases=phases("lightning_attn_bwd_phases", "_bwd"))
+    for name, fn in fakes.items():
+        setattr(lasp_module, name, fn)
     try:
         x = split_sequence(q.float(), group).requires_grad_(True)
         y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
         y.backward(split_sequence(do.float(), group))
     finally:
-        lasp_module._post_recv, lasp_module.lightning_attn_fwd, lasp_module.lightning_attn_bwd = real
+        for name, fn in real.items():
+            setattr(lasp_module, name, fn)
     err = _rel(gather_sequence(x.grad, group), x_ref.grad)
     return err, events
 
@@ -300,12 +316,15 @@ def test_lasp_layers_and_overlap_order(two_ranks):
     for rank, rank_results in enumerate(results):
         err, events = rank_results["layers"]
         assert err < TOL, f"rank {rank}: 3-layer LASP gradient error {err} (seed {seed})"
-        # the receive is posted before the local kernel and waited on after it, in both passes;
-        # rank 1 receives in the forward only, rank 0 in the backward only
+        # the receive is posted before the local kernel and waited on after its state-only pass;
+        # the state goes on right after the wait, before the output pass. Rank 1 receives in the
+        # forward and sends in the backward, rank 0 the other way round.
         if rank == 1:
-            assert events == ["post", "kernel", "wait"] * 3 + ["kernel_bwd"] * 3, events
+            assert events == (["post", "state", "wait", "output"] * 3
+                              + ["state_bwd", "send", "output_bwd"] * 3), events
         else:
-            assert events == ["kernel"] * 3 + ["post", "kernel_bwd", "wait"] * 3, events
+            assert events == (["state", "send", "output"] * 3
+                              + ["post", "state_bwd", "wait", "output_bwd"] * 3), events
 
 
 def test_simultaneous_send_recv_between_a_pair(two_ranks):

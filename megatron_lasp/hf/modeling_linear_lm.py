@@ -24,6 +24,12 @@ passed as ``cache`` (``past_key_values`` is accepted too) and returned in the ou
 
 Padding: positions where ``attention_mask`` is 0 contribute nothing to the state (their value
 vectors are zeroed), so left-padded batches give the same tokens as unpadded single prompts.
+
+Packed documents: ``cu_seqlens`` (flash-attention's document starts over the ``B * T`` tokens of
+the rows laid end to end; ``cu_seq_lens_q`` from transformers' packing collator is read too) or
+``position_ids`` that restart at 0 (a token at position 0 after the row start begins a document)
+restart the state at every document start, so each document gives the logits it gives alone. A
+cache / the state from earlier calls feeds only the first document of each row.
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ def chunk_linear_attention(
     slopes: torch.Tensor,
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked (block-parallel) form of :func:`recurrent_linear_attention`, same arguments/returns.
 
@@ -153,7 +160,9 @@ def chunk_linear_attention(
         O = [(Q K^T) * M] V + diag(lambda^(i+1)) Q S,      M_ij = lambda^(i-j) for i >= j else 0
         S <- lambda^C S + (diag(lambda^(C-1-i)) K)^T V
 
-    All arithmetic is fp32; the work is quadratic only inside a block.
+    All arithmetic is fp32; the work is quadratic only inside a block. ``doc_ids [B, T]`` (the
+    document of each token, non-decreasing per row) masks every factor by "same document": the
+    state restarts at each document start; ``initial_state`` feeds each row's first document.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -169,10 +178,19 @@ def chunk_linear_attention(
     for start in range(0, T, C):
         n = min(C, T - start)
         qc, kc, vc = qf[:, :, start : start + n], kf[:, :, start : start + n], vf[:, :, start : start + n]
-        scores = (qc @ kc.transpose(-1, -2)) * decay_full[:, :n, :n]  # [B, H, n, n]
-        o = scores @ vc + decay_in_full[:, :n] * (qc @ state)
+        mask, decay_in = decay_full[:, :n, :n], decay_in_full[:, :n]
         decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
-        state = torch.exp(-s * n) * state + (kc * decay_out).transpose(-1, -2) @ vc
+        across = torch.exp(-s * n)
+        if doc_ids is not None:  # same-document masks; e: the document of the entering state
+            d = doc_ids[:, start : start + n]
+            e, last = doc_ids[:, max(start - 1, 0)], d[:, -1]
+            mask = mask * (d[:, :, None] == d[:, None, :]).float()[:, None]
+            decay_in = decay_in * (d == e[:, None]).float()[:, None, :, None]
+            decay_out = decay_out * (d == last[:, None]).float()[:, None, :, None]
+            across = across * (e == last).float().view(B, 1, 1, 1)
+        scores = (qc @ kc.transpose(-1, -2)) * mask  # [B, H, n, n]
+        o = scores @ vc + decay_in * (qc @ state)
+        state = across * state + (kc * decay_out).transpose(-1, -2) @ vc
         outs.append(o)
     o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
     return o.to(q.dtype), state
@@ -372,6 +390,7 @@ class LaspLinearAttention(nn.Module):
         x: torch.Tensor,
         cache: Optional[LaspLinearLMCache] = None,
         token_mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         heads = (B, T, self.num_heads, self.head_dim)
@@ -388,7 +407,7 @@ class LaspLinearAttention(nn.Module):
         if initial_state is not None and T == 1:
             o, state = recurrent_linear_attention(q, k, v, slopes, initial_state)
         else:
-            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size)
+            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size, doc_ids)
         if cache is not None:
             cache.set_state(self.layer_idx, state)
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
@@ -425,8 +444,8 @@ class LaspDecoderLayer(nn.Module):
         self.mlp_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LaspMLP(config)
 
-    def forward(self, x, cache=None, token_mask=None):
-        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask)
+    def forward(self, x, cache=None, token_mask=None, doc_ids=None):
+        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask, doc_ids=doc_ids)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -449,6 +468,27 @@ class LaspLinearLMPreTrainedModel(PreTrainedModel):
 def _cache_from_kwargs(cache, kwargs) -> Optional[Cache]:
     legacy = kwargs.pop("past_key_values", None)
     return cache if cache is not None else legacy
+
+
+def _document_ids(cu_seqlens, position_ids, B: int, T: int, device) -> Optional[torch.Tensor]:
+    """``[B, T]`` document ids of packed documents, or None (one document per row).
+
+    From ``cu_seqlens`` (starts over the ``B * T`` tokens, first 0, last ``B * T``) or, without
+    it, from ``position_ids [B, T]`` restarting at 0 (a 0 after the row start begins a document).
+    """
+    if cu_seqlens is not None:
+        cu = torch.as_tensor(cu_seqlens, device=device).long().view(-1)
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing document starts from 0 to B * T = {B * T}, "
+                             f"got {cu.tolist()}")
+        flat = torch.arange(B * T, device=device)
+        return (torch.searchsorted(cu, flat, right=True) - 1).view(B, T)
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape != (B, T) or T < 2:
+        return None
+    starts = position_ids[:, 1:] == 0
+    if not bool(starts.any()):
+        return None
+    return torch.cat([position_ids.new_zeros(B, 1), starts.long().cumsum(1)], dim=1)
 
 
 class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
@@ -484,16 +524,23 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
         Args:
             input_ids: ``[B, T]`` (or ``inputs_embeds [B, T, hidden]``).
             attention_mask: ``[B, T_past + T]`` with 0 at padded positions, or None.
-            position_ids: ignored (the decay carries position).
+            position_ids: ``[B, T]``; only read for packed documents: a 0 after a row's start
+                begins a document (the state restarts). Otherwise the decay carries position.
             cache: a :class:`LaspLinearLMCache` holding the state after earlier tokens, or None.
             use_cache: return the (created or advanced) cache.
             output_hidden_states: also return every block's input and the final output.
+            cu_seqlens (keyword, or transformers' ``cu_seq_lens_q``): packed documents, the
+                starts over the ``B * T`` tokens (flash-attention's convention); wins over
+                ``position_ids``.
 
         Returns:
             ``BaseModelOutputWithPast``: ``last_hidden_state [B, T, hidden]``, ``hidden_states``,
             the cache (``cache`` / ``past_key_values`` depending on the transformers version).
         """
         cache = _cache_from_kwargs(cache, kwargs)
+        cu_seqlens = kwargs.pop("cu_seqlens", None)
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -515,11 +562,12 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
             token_mask = attention_mask[:, -T:]
             if bool(token_mask.all()):
                 token_mask = None
+        doc_ids = _document_ids(cu_seqlens, position_ids, x.shape[0], T, x.device)
         hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(x)
-            x = layer(x, cache=cache, token_mask=token_mask)
+            x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids)
         x = self.norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -593,9 +641,12 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
             ``CausalLMOutputWithPast``: ``logits [B, T or n, vocab]``, ``loss``, the cache.
         """
         cache = _cache_from_kwargs(cache, kwargs)
+        packed = {key: kwargs[key] for key in ("cu_seqlens", "cu_seq_lens_q") if key in kwargs}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids,
+            **packed,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,

@@ -89,21 +89,24 @@ def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
 
 
 def sp_attention(
-    q, k, v, slopes, group, mode: str, backend: Optional[str], validate: Optional[bool] = None
+    q, k, v, slopes, group, mode: str, backend: Optional[str], validate: Optional[bool] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal decayed linear attention of this rank's contiguous slice, ``[b, s, h, d]`` in/out.
 
     Uses ``megatron_lasp.parallel.lightning_attn_sp`` over ``group`` (the SP group; its
     ``validate`` check of the ranks' shapes is passed through); a group of size 1 (or None) runs
-    the plain kernel.
+    the plain kernel. ``cu_seqlens``: packed documents, global offsets over the ``b x s_full``
+    tokens (see ``lightning_attn_sp``), or None.
     """
     if group is None or group.size() == 1:
         from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend)[0]
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens)[0]
     from megatron_lasp.parallel import lightning_attn_sp
 
-    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend, validate=validate)
+    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend, validate=validate,
+                             cu_seqlens=cu_seqlens)
 
 
 _FEATURE_MAPS = {"silu": F.silu, "identity": None}
@@ -206,7 +209,7 @@ class LinearSelfAttention(MegatronModule):
         self.slopes = self._local_slopes(self.slopes.device)
         return self
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
         phi = _FEATURE_MAPS[self.config.qk_feature_map]
         psi = _FEATURE_MAPS[self.config.v_feature_map]
@@ -223,11 +226,12 @@ class LinearSelfAttention(MegatronModule):
             self.config.sequence_parallel_mode,
             self.config.kernel_backend,
             validate=None if not self._sp_checked else False,
+            cu_seqlens=cu_seqlens,
         )
         self._sp_checked = True
         return o.transpose(0, 1)
 
-    def _core_fused(self, mixed: torch.Tensor):
+    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
         """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
         q, k, v, sg = fused_ops.qkv_features(
             mixed, self.local_heads, self.parts, self.head_dim,
@@ -242,16 +246,18 @@ class LinearSelfAttention(MegatronModule):
             self.config.sequence_parallel_mode,
             self.config.kernel_backend,
             validate=None if not self._sp_checked else False,
+            cu_seqlens=cu_seqlens,
         )
         self._sp_checked = True
         o = o.transpose(0, 1)
         return (o, sg) if sg is not None else o
 
-    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor):
+    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, cu_seqlens=None):
+        extra = () if cu_seqlens is None else (cu_seqlens,)
         if self.recompute_core:
-            out = tensor_parallel.checkpoint(self._core_fused, False, mixed)
+            out = tensor_parallel.checkpoint(self._core_fused, False, mixed, *extra)
         else:
-            out = self._core_fused(mixed)
+            out = self._core_fused(mixed, *extra)
         o, sg = out if self.parts == 4 else (out, None)
         y = fused_ops.norm_gate(o, sg, self.out_norm.weight, self.out_norm.group_size, self.out_norm.eps,
                                 recompute=self.recompute_elementwise)
@@ -265,30 +271,40 @@ class LinearSelfAttention(MegatronModule):
     ):
         """``[s, b, hidden]`` -> ``(out [s, b, hidden], bias [hidden] or None)``.
 
+        ``packed_seq_params``: packed documents. Its ``cu_seqlens_q`` holds the document starts
+        with global offsets in the ``b x s_full`` tokens of the whole sequence's rows laid end to
+        end (int, first 0, last ``b * s_full``, the same on every rank; see
+        ``megatron_lasp.parallel.lightning_attn_sp``); the recurrent state restarts at each
+        start. ``qkv_format`` is not read (the activations stay ``[s, b, h]``).
+
         Raises:
             NotImplementedError: for megatron-core's incremental inference (``inference_context``:
-                it would feed only the new tokens, and this module keeps no recurrent state) and
-                for packed sequences (``packed_seq_params``: the state would flow across documents).
+                it would feed only the new tokens, and this module keeps no recurrent state).
+            ValueError: ``packed_seq_params`` without ``cu_seqlens_q``.
         """
         if inference_context is not None:
             raise NotImplementedError(
                 "LinearSelfAttention has no incremental-decoding state: run the full sequence "
                 "without inference_context, or generate with the HF conversion"
             )
+        cu_seqlens = None
         if packed_seq_params is not None:
-            raise NotImplementedError("LinearSelfAttention does not support packed sequences (packed_seq_params)")
+            cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None)
+            if cu_seqlens is None:
+                raise ValueError("LinearSelfAttention: packed_seq_params needs cu_seqlens_q (the document starts)")
         mixed, _ = self.linear_qkv(hidden_states)
         if self.recompute_elementwise:
             fused_ops.discard_until_backward(hidden_states, mixed)  # the input norm's output, if tagged
         if self.fused:
-            return self._forward_fused(hidden_states, mixed)
+            return self._forward_fused(hidden_states, mixed, cu_seqlens)
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
         q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
+        extra = () if cu_seqlens is None else (cu_seqlens,)
         if self.recompute_core:
-            o = tensor_parallel.checkpoint(self._core, False, q, k, v)
+            o = tensor_parallel.checkpoint(self._core, False, q, k, v, *extra)
         else:
-            o = self._core(q, k, v)
+            o = self._core(q, k, v, *extra)
         o_pre = o
         o = self.out_norm(o)
         if self.parts == 4:

@@ -3,6 +3,11 @@
 Notation (``parallel/README.md``, per head): a rank holds a contiguous slice of ``C`` tokens; ``lam = exp(-slope)``;
 ``a_t = lam^(t+1)`` is the weight of the state entering the slice at its token ``t`` and
 ``b_t = lam^(C-1-t)`` the weight of token ``t`` in the state leaving the slice.
+
+Packed documents (:class:`SliceDocs`): the same factors, masked per row by "same document"
+(the state entering slice ``j`` reaches only the tokens before its first boundary, a token enters
+the state leaving it only after its last boundary, and the state crosses a slice only if it has no
+boundary). See ``megatron_lasp/parallel/README.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, s
 
 __all__ = [
     "GroupInfo",
+    "SliceDocs",
     "group_info",
     "state_dtype",
     "SliceDecays",
@@ -85,25 +91,36 @@ class SliceDecays:
         )
 
 
+def _token_weights(w: torch.Tensor) -> torch.Tensor:
+    """``[H, T]`` -> ``[1, T, H, 1]``; per-row ``[B, H, T]`` -> ``[B, T, H, 1]``."""
+    return (w[None] if w.dim() == 2 else w).transpose(1, 2)[..., None]
+
+
 def add_state_term(out: torch.Tensor, x: torch.Tensor, state: torch.Tensor, w: torch.Tensor) -> None:
-    """In place: ``out[b, t, h] += w[h, t] * x[b, t, h] @ state[b, h]``.
+    """In place: ``out[b, t, h] += w[(b,) h, t] * x[b, t, h] @ state[b, h]``.
 
     Args:
         out: ``[B, T, H, Do]``, any float dtype.
         x: ``[B, T, H, Di]``.
         state: ``[B, H, Di, Do]`` (fp32; cast to ``x``'s dtype for the matmul, as the kernels do
             for low-precision inputs).
-        w: ``[H, T]`` fp32 per-token weights.
+        w: ``[H, T]`` fp32 per-token weights, or ``[B, H, T]`` (per row, with documents).
     """
     term = torch.matmul(x.transpose(1, 2), state.to(x.dtype))  # [B, H, T, Do]
-    out.add_((term * w[None, :, :, None]).transpose(1, 2))
+    out.add_(term.transpose(1, 2) * _token_weights(w))
 
 
 def local_state(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_t w[h, t] k_t^T v_t`` in the state dtype: ``[B, H, Dk, Dv]`` from k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``."""
+    """``sum_t w[(b,) h, t] k_t^T v_t`` in the state dtype: ``[B, H, Dk, Dv]`` from k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``."""
     sdt = state_dtype(k.dtype)
-    kw = k.to(sdt) * w.t()[None, :, :, None]
+    kw = k.to(sdt) * _token_weights(w).to(sdt)
     return torch.einsum("bthk,bthv->bhkv", kw, v.to(sdt))
+
+
+def _across(across: torch.Tensor, j: int) -> torch.Tensor:
+    """The factor carrying a state through slice ``j``, shaped to multiply ``[B, H, Dk, Dv]``."""
+    a = across if across.dim() == 1 else across[j]  # [H] or per slice and row [W, B, H]
+    return a.view(-1, a.shape[-1], 1, 1) if a.dim() == 2 else a.view(1, -1, 1, 1)
 
 
 def decayed_prefix(states: List[torch.Tensor], across: torch.Tensor, upto: int) -> Optional[torch.Tensor]:
@@ -111,12 +128,13 @@ def decayed_prefix(states: List[torch.Tensor], across: torch.Tensor, upto: int) 
 
     Args:
         states: per-slice local states ``[B, H, Dk, Dv]`` in group order.
-        across: ``[H]``, ``lam^C``.
+        across: ``[H]``, ``lam^C``; or ``[W, B, H]``, the factor of each slice and row (with
+            documents: 0 for a slice that holds a boundary).
         upto: index of the slice whose incoming state is wanted.
     """
     carry = None
     for j in range(upto):
-        carry = states[j].clone() if carry is None else carry.mul_(across.view(1, -1, 1, 1)).add_(states[j])
+        carry = states[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(states[j])
     return carry
 
 
@@ -128,20 +146,82 @@ def decayed_suffix(grads: List[torch.Tensor], across: torch.Tensor, after: int) 
     """
     carry = None
     for j in range(len(grads) - 1, after, -1):
-        carry = grads[j].clone() if carry is None else carry.mul_(across.view(1, -1, 1, 1)).add_(grads[j])
+        carry = grads[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(grads[j])
     return carry
 
 
-def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torch.Tensor) -> LightningAttnSaved:
+def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torch.Tensor,
+                     docs: Optional["SliceDocs"] = None) -> LightningAttnSaved:
     """The kernel's cached segment states as if the forward had started from ``s_in``.
 
-    The state entering the span starting at token ``n * span`` gains ``lam^(n span) s_in``.
+    The state entering the span starting at token ``n * span`` gains ``lam^(n span) s_in``; with
+    documents, only while that state is still in the document ``s_in`` belongs to (the kernel
+    reads the entering state of span 0 for the slice's first document).
     """
     sdt = saved.states.dtype
-    starts = torch.arange(saved.states.shape[2], device=slopes.device, dtype=sdt) * saved.span
-    w = torch.exp(-slopes.to(sdt)[:, None] * starts[None, :])  # [H, N]
-    states = saved.states + w[None, :, :, None, None] * s_in.to(sdt)[:, :, None]
-    return LightningAttnSaved(saved.backend, states, saved.span, saved.config)
+    n_spans = saved.states.shape[2]
+    starts = torch.arange(n_spans, device=slopes.device) * saved.span
+    w = torch.exp(-slopes.to(sdt)[:, None] * starts.to(sdt)[None, :])[None]  # [1, H, N]
+    if docs is not None:
+        entry_docs = docs.local[:, (starts - 1).clamp(min=0)]  # [B, N]
+        w = w * (entry_docs == docs.prev[docs.rank][:, None]).to(sdt)[:, None]  # [B, H, N]
+    states = saved.states + w[:, :, :, None, None] * s_in.to(sdt)[:, :, None]
+    return LightningAttnSaved(saved.backend, states, saved.span, saved.config, saved.doc_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceDocs:
+    """Packed documents seen from the slices of a sequence-parallel group (all on the device).
+
+    Built from the global ``cu_seqlens`` (the same tensor on every rank) without a host sync.
+    Document ids are global; ``prev[0]`` is the first token's (the initial-state convention).
+
+    Attributes:
+        rank, size, length: this rank, the group size and the slice length ``C``.
+        full: ``[B, W C]`` int32 document ids of the whole sequence.
+        local: ``[B, C]``, this rank's slice of ``full`` (what the kernel gets).
+        prev: ``[W, B]``, the document of the token before each slice.
+        first, last: ``[W, B]``, the documents of each slice's first and last tokens.
+    """
+
+    rank: int
+    size: int
+    length: int
+    full: torch.Tensor
+    local: torch.Tensor
+    prev: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, B: int, C: int, rank: int, size: int, device) -> "SliceDocs":
+        from megatron_lasp.ops.lightning_attn import doc_ids_from_cu_seqlens
+
+        full = doc_ids_from_cu_seqlens(cu_seqlens, B, C * size, device)
+        starts = torch.arange(size, device=device) * C
+        return cls(rank, size, C, full, full[:, rank * C:(rank + 1) * C].contiguous(),
+                   full[:, (starts - 1).clamp(min=0)].t(), full[:, starts].t(), full[:, starts + C - 1].t())
+
+    def slice(self, j: int) -> torch.Tensor:
+        """``[B, C]`` document ids of slice ``j``."""
+        return self.full[:, j * self.length:(j + 1) * self.length]
+
+    def keep_in(self, j: int) -> torch.Tensor:
+        """``[B]`` bool: the state entering slice ``j`` reaches its first token (no boundary there)."""
+        return self.first[j] == self.prev[j]
+
+    def w_in(self, dec: SliceDecays, j: int) -> torch.Tensor:
+        """``[B, H, C]``: ``a`` masked to the tokens of the entering state's document."""
+        return dec.a[None] * (self.slice(j) == self.prev[j][:, None]).to(dec.a.dtype)[:, None]
+
+    def w_out(self, dec: SliceDecays, j: int) -> torch.Tensor:
+        """``[B, H, C]``: ``b`` masked to the tokens of the slice's last document."""
+        return dec.b[None] * (self.slice(j) == self.last[j][:, None]).to(dec.b.dtype)[:, None]
+
+    def across(self, dec: SliceDecays) -> torch.Tensor:
+        """``[W, B, H]``: ``lam^C`` for the slices without a boundary, 0 for the others."""
+        through = (self.prev == self.last).to(dec.across.dtype)  # [W, B]
+        return through[:, :, None] * dec.across[None, None]
 
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:

@@ -11,6 +11,11 @@ all-gather of ``G``; rank r forms the gradient of the state leaving it,
 
 The gathers wait for the fused kernel, which yields the local state together with the output; the
 collective is a single one per pass, of ``(W - 1)`` states received per rank.
+
+Packed documents: the factor ``lam^C`` of a slice holding a boundary is 0, so the prefix
+combination stops at the nearest slice before this one that holds a boundary (whose ``S_loc`` is
+the state since its last boundary); ``a`` and ``b`` are masked per row as in LASP-1, and each
+rank zeroes its ``G`` when its slice starts with a boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_
 from megatron_lasp.parallel.comm import (
     GroupInfo,
     SliceDecays,
+    SliceDocs,
     add_state_term,
     all_gather_flat,
     decayed_prefix,
@@ -44,36 +50,43 @@ def _all_gather_states(x: torch.Tensor, info: GroupInfo) -> list[torch.Tensor]:
 
 class _Lasp2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
         C = q.shape[1]
-        o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend)
+        o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend,
+                                             doc_ids=None if docs is None else docs.local)
         states = _all_gather_states(s_loc, info)
         dec = SliceDecays.of(slopes, C)
-        s_in = decayed_prefix(states, dec.across.to(s_loc.dtype), info.rank)
+        across = dec.across if docs is None else docs.across(dec)
+        s_in = decayed_prefix(states, across.to(s_loc.dtype), info.rank)
         if s_in is not None:
-            add_state_term(o, q, s_in, dec.a)
+            add_state_term(o, q, s_in, dec.a if docs is None else docs.w_in(dec, info.rank))
         ctx.save_for_backward(q, k, v, slopes, saved.states, s_in)
-        ctx.meta = (info, saved.backend, saved.span, saved.config)
+        ctx.meta = (info, saved.backend, saved.span, saved.config, docs)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, slopes, states, s_in = ctx.saved_tensors
-        info, backend, span, config = ctx.meta
-        C = q.shape[1]
-        saved = LightningAttnSaved(backend, states, span, config)
+        info, backend, span, config, docs = ctx.meta
+        B, C = q.shape[:2]
+        saved = LightningAttnSaved(backend, states, span, config, None if docs is None else docs.local)
         if s_in is not None:
-            saved = with_entry_state(saved, s_in, slopes)
+            saved = with_entry_state(saved, s_in, slopes, docs)
         dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, backend)
+        if docs is not None:  # the kernel's dS_0 is for the slice's first document
+            g_loc.mul_(docs.keep_in(info.rank).to(g_loc.dtype).view(B, 1, 1, 1))
         grads = _all_gather_states(g_loc, info)
         dec = SliceDecays.of(slopes, C)
-        ds = decayed_suffix(grads, dec.across.to(g_loc.dtype), info.rank)
+        across = dec.across if docs is None else docs.across(dec)
+        ds = decayed_suffix(grads, across.to(g_loc.dtype), info.rank)
         if ds is not None:
-            add_state_term(dk, v, ds.transpose(-1, -2), dec.b)
-            add_state_term(dv, k, ds, dec.b)
-        return dq, dk, dv, None, None, None
+            w_out = dec.b if docs is None else docs.w_out(dec, info.rank)
+            add_state_term(dk, v, ds.transpose(-1, -2), w_out)
+            add_state_term(dv, k, ds, w_out)
+        return dq, dk, dv, None, None, None, None
 
 
-def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None) -> torch.Tensor:
+def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
+                    docs: Optional[SliceDocs] = None) -> torch.Tensor:
     """LASP-2 over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _Lasp2Function.apply(q, k, v, slopes, group_info(group), backend)
+    return _Lasp2Function.apply(q, k, v, slopes, group_info(group), backend, docs)

@@ -9,7 +9,8 @@ One entry point for the four sequence-parallel modes (one module each, same inte
 - ``ulysses`` (:mod:`.ulysses`): all-to-all to head shards and back;
 - ``allgather`` (:mod:`.allgather`): all-gather of K and V, reduce-scatter of their gradients.
 
-All four give the single-process result on the whole sequence (up to round-off).
+All four give the single-process result on the whole sequence (up to round-off), with or
+without packed documents (``cu_seqlens`` with global offsets; README.md in this folder).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
-from megatron_lasp.parallel.comm import all_gather_flat
+from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
+from megatron_lasp.parallel.comm import SliceDocs, all_gather_flat
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
 from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
@@ -41,18 +43,27 @@ assert tuple(SP_MODES) == SEQUENCE_PARALLEL_MODES
 
 VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode")
+_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "n_cu_seqlens", "cu_seqlens_hash")
 
 
 def _validate_default() -> bool:
     return os.environ.get(VALIDATE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _check_across_group(q, v, mode: str, group: dist.ProcessGroup) -> None:
-    """One small all-gather: every rank must hold the same shapes, dtype and mode."""
+def _cu_fingerprint(cu_seqlens: Optional[torch.Tensor]) -> list:
+    """(length, a position-weighted checksum) of the offsets; (-1, 0) without documents."""
+    if cu_seqlens is None:
+        return [-1, 0]
+    cu = cu_seqlens.detach().cpu().long()
+    weights = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
+    return [cu.numel(), int(((cu * weights) % 1000003).sum())]
+
+
+def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None) -> None:
+    """One small all-gather: every rank must hold the same shapes, dtype, mode and documents."""
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode)]
+    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode)] + _cu_fingerprint(cu_seqlens)
     device = q.device if q.device.type == "cuda" else torch.device("cpu")
     sig = torch.tensor(mine, dtype=torch.int64, device=device)
     out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
@@ -70,7 +81,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup) -> None:
         raise ValueError(
             "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
-            f"dtype, with one --sequence-parallel-mode): {table}"
+            f"dtype, with one --sequence-parallel-mode and the same global cu_seqlens): {table}"
         )
 
 
@@ -83,6 +94,7 @@ def lightning_attn_sp(
     mode: str = "lasp",
     backend: Optional[str] = None,
     *,
+    cu_seqlens: Optional[torch.Tensor] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal lightning attention of a sequence split contiguously over ``group``.
@@ -99,8 +111,14 @@ def lightning_attn_sp(
         group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
         mode: "lasp", "lasp2", "ulysses" or "allgather".
         backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
-        validate: check with one small all-gather that every rank passes the same shapes, dtype
-            and mode (a mismatch would otherwise hang or give wrong results). Default: on, unless
+        cu_seqlens: packed documents with **global** offsets: int32/int64 ``[N_docs + 1]``
+            document starts in the ``B * T`` tokens of the whole sequence's rows laid end to end
+            (``T = W C``; for ``B = 1`` flash-attention's convention), first 0, last ``B * T``, the
+            same tensor on every rank (on the device or the CPU). The state restarts at every
+            document start, across ranks too. None: one document per row.
+        validate: check with one small all-gather that every rank passes the same shapes, dtype,
+            mode and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
+            check the values of ``cu_seqlens``. Default: on, unless
             ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
 
     Returns:
@@ -120,12 +138,20 @@ def lightning_attn_sp(
     if slopes.requires_grad:
         raise ValueError("lightning_attn_sp: slopes must not require grad (the decay is a fixed per-layer "
                          "constant here: register it as a buffer or pass slopes.detach())")
-    if group is None or dist.get_world_size(group) == 1:
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend)[0]
     if validate is None:
         validate = _validate_default()
+    world = 1 if group is None else dist.get_world_size(group)
+    B, C = q.shape[:2]
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B * C * world, q.device, values=True if validate else None,
+                         where="lightning_attn_sp")
+    if world == 1:
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens)[0]
     if validate:
-        _check_across_group(q, v, mode, group)
+        _check_across_group(q, v, mode, group, cu_seqlens)
     if mode == "ulysses":
-        check_ulysses_heads(q.shape[2], dist.get_world_size(group))
-    return SP_MODES[mode](q, k, v, slopes, group, backend)
+        check_ulysses_heads(q.shape[2], world)
+    docs = None
+    if cu_seqlens is not None:
+        docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)
+    return SP_MODES[mode](q, k, v, slopes, group, backend, docs)

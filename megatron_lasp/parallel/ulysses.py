@@ -4,7 +4,8 @@ Forward: one all-to-all turns every rank's ``[B, C, H, D]`` slices of q, k, v in
 sequence for ``H / W`` heads (``[B, W C, H / W, D]``, rank r gets heads ``[r H/W, (r+1) H/W)``),
 the kernel runs on the whole sequence, a second all-to-all returns the output to sequence shards.
 Backward mirrors it: dO to head shards, the kernel backward, dQ, dK, dV back to sequence shards.
-q, k and v (and dq, dk, dv) travel packed in one all-to-all.
+q, k and v (and dq, dk, dv) travel packed in one all-to-all. Packed documents: the kernel gets the
+document ids of the whole sequence (every rank has them from the global ``cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, group_info
+from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, group_info
 
 __all__ = ["ulysses_attention", "check_ulysses_heads"]
 
@@ -70,28 +71,30 @@ def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Ten
 
 class _UlyssesFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
         hl = q.shape[2] // info.size
         qh, kh, vh = _seq_to_heads((q, k, v), info)
         slopes_h = slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
-        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend)
+        doc_ids = None if docs is None else docs.full
+        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, doc_ids=doc_ids)
         (o,) = _heads_to_seq((oh,), info)
-        ctx.save_for_backward(qh, kh, vh, slopes_h, saved.states)
+        ctx.save_for_backward(qh, kh, vh, slopes_h, saved.states, saved.doc_ids)
         ctx.meta = (info, saved.backend, saved.span, saved.config)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qh, kh, vh, slopes_h, states = ctx.saved_tensors
+        qh, kh, vh, slopes_h, states, doc_ids = ctx.saved_tensors
         info, backend, span, config = ctx.meta
         (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
-        saved = LightningAttnSaved(backend, states, span, config)
+        saved = LightningAttnSaved(backend, states, span, config, doc_ids)
         dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, None, None, saved, backend)
         dq, dk, dv = _heads_to_seq((dqh, dkh, dvh), info)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None) -> torch.Tensor:
+def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
+                      docs: Optional[SliceDocs] = None) -> torch.Tensor:
     """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
 
     Raises:
@@ -99,4 +102,4 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
     """
     info = group_info(group)
     check_ulysses_heads(q.shape[2], info.size)
-    return _UlyssesFunction.apply(q, k, v, slopes, info, backend)
+    return _UlyssesFunction.apply(q, k, v, slopes, info, backend, docs)

@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true",
                    help="deterministic random tokens (megatron-core's MockGPTDataset) instead of --data-path")
     g.add_argument("--eod-mask-loss", action="store_true", help="do not train on predicting EOD tokens")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="packed documents: the attention state restarts after every EOD token (each document "
+                   "sees only itself), in every --sequence-parallel-mode; with --micro-batch-size > 1 each "
+                   "sample is packed on its own (its start is a document start too)")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="accepted for Megatron compatibility and has no effect: the model has no position "
+                   "embedding (the decay carries position, and it restarts with --reset-attention-mask)")
     add_tokenizer_args(p, default_type="", add_vocab_size=False)
     # argparse keeps the tokenizer group's choices; an empty default means "not given"
     p.add_argument("--vocab-size", type=int, default=None,

@@ -12,6 +12,14 @@ Within the model-parallel group: every TP rank reads the same samples; every SP 
 whole sequence and keeps its contiguous slice (:func:`megatron_lasp.parallel.split_sequence`);
 pipeline stages other than the first and the last read nothing (the first needs tokens and
 positions, the last labels and the loss mask; both read all of them, as a stage can be both).
+
+Packed documents (``--reset-attention-mask``): every rank that runs attention (every pipeline
+stage, then) reads the micro-batch and derives the document starts from its EOD tokens on the
+host (:func:`document_starts`): a document starts after each EOD and at every sample start. They
+go to the model as one ``cu_seqlens`` over the ``b x s`` tokens of the micro-batch's samples laid
+end to end (global offsets, the same on every SP rank): micro-batch > 1 thus means "each sample
+is packed on its own", never a document running from one sample into the next. The tensor is
+copied to the device once per micro-batch; the layers read it without a host sync.
 """
 
 from __future__ import annotations
@@ -246,6 +254,8 @@ class BatchLayout:
     """False on middle pipeline stages."""
     vocab_size: Optional[int] = None
     """The tokenizer's ids: a token id at or above it stops the run (data of another tokenizer)."""
+    eod_token: Optional[int] = None
+    """With ``--reset-attention-mask``: the EOD id whose successors start a document."""
 
     @property
     def global_batch_size(self) -> int:
@@ -277,13 +287,30 @@ def slice_batch(batch: Dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> D
     return {k: v[:, start:end].contiguous() for k, v in batch.items()}
 
 
+def document_starts(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
+    """``cu_seqlens`` int32 (on ``tokens``' device) of the packed documents of ``tokens [b, s]``.
+
+    A document starts at every sample start and right after every EOD token (the EOD ends the
+    document before it, as in Megatron's ``--reset-attention-mask``); offsets index the ``b x s``
+    tokens of the samples laid end to end, first 0, last ``b * s``.
+    """
+    b, s = tokens.shape
+    starts = torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eod_token
+    flat = torch.nonzero(starts.reshape(-1), as_tuple=False).view(-1)
+    return torch.cat([flat, flat.new_tensor([b * s])]).to(torch.int32)
+
+
 def read_step(dataset, layout: BatchLayout, consumed: int, device: torch.device) -> List[Optional[dict]]:
     """Read the micro-batches of one step for this rank.
 
     Returns:
         ``num_micro_batches`` dicts with ``tokens, labels, loss_mask, position_ids`` of
-        ``[b, s / SP]`` on ``device`` and ``full_tokens`` (the count of loss tokens of the
-        micro-batch's full sequences, a float), or ``None`` entries on middle pipeline stages.
+        ``[b, s / SP]`` on ``device``, ``full_tokens`` (the count of loss tokens of the
+        micro-batch's full sequences, a float) and, with ``layout.eod_token``, ``cu_seqlens``
+        (:func:`document_starts` of the full sequences, on ``device``); or ``None`` entries on
+        middle pipeline stages.
     """
     if not layout.needs_data:
         return [None] * layout.num_micro_batches
@@ -297,6 +324,8 @@ def read_step(dataset, layout: BatchLayout, consumed: int, device: torch.device)
                             f">= the tokenizer's {layout.vocab_size} ids: the data was tokenized with another "
                             "tokenizer; pass its tokenizer flags or re-run tools/preprocess_data.py")
         local = slice_batch(full, layout.sp_rank, layout.sp_size)
+        if layout.eod_token is not None:
+            local["cu_seqlens"] = document_starts(full["tokens"], layout.eod_token)
         local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
         local["full_tokens"] = float(full["loss_mask"].sum())
         batches.append(local)

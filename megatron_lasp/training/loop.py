@@ -247,9 +247,17 @@ def _forward_step(scale: float, is_first: bool, is_last: bool, data_iterator, mo
     tokens = batch["tokens"] if (batch is not None and is_first) else None
     positions = batch["position_ids"] if (batch is not None and is_first) else None
     labels = batch["labels"] if (batch is not None and is_last) else None
-    # the loss mask lets the fused loss compute its gradients in forward (it reduces as _loss_func)
-    extra = {"loss_mask": batch["loss_mask"]} if (batch is not None and is_last) else {}
-    output = model(tokens, position_ids=positions, attention_mask=None, labels=labels, **extra)
+    kwargs = {}
+    if batch is not None and is_last:
+        # the loss mask lets the fused loss compute its gradients in forward (it reduces as _loss_func)
+        kwargs["loss_mask"] = batch["loss_mask"]
+    if batch is not None and "cu_seqlens" in batch:
+        # packed documents: every layer's attention reads the starts (data.py, "Packed documents")
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        kwargs["packed_seq_params"] = PackedSeqParams(
+            qkv_format="sbhd", cu_seqlens_q=batch["cu_seqlens"], cu_seqlens_kv=batch["cu_seqlens"])
+    output = model(tokens, position_ids=positions, attention_mask=None, labels=labels, **kwargs)
     if not is_last:
         return output, None
     return output, partial(_loss_func, batch["loss_mask"], scale)
@@ -541,8 +549,9 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         dp_size=groups.dp_size,
         sp_rank=groups.sp_rank,
         sp_size=groups.sp_size,
-        needs_data=first or last,
+        needs_data=first or last or args.reset_attention_mask,
         vocab_size=None if args.mock_data else tokenizer.vocab_size,
+        eod_token=tokenizer.eod if args.reset_attention_mask else None,
     )
     state = TrainState(args=args, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,

@@ -5,8 +5,9 @@ states ``[B, H, Dk, Dv]`` fp32. Math and derivations: README.md in this folder.
 
 Autograd API:
     ``chunk_lightning_attn(q, k, v, slopes, initial_state=None, output_final_state=False,
-    backend=None) -> (o, final_state)`` and the reference ``naive_lightning_attn`` (same, no
-    ``backend``; recurrent, fp32).
+    backend=None, cu_seqlens=None) -> (o, final_state)`` and the reference ``naive_lightning_attn``
+    (same, no ``backend``; recurrent, fp32). ``cu_seqlens``: packed documents, flash-attention's
+    convention (``documents.py``); the state restarts at every document start.
 
 Functional API (no autograd; what the sequence-parallel layers build on):
     ``lightning_attn_fwd(q, k, v, slopes, initial_state, output_final_state, backend)
@@ -15,6 +16,8 @@ Functional API (no autograd; what the sequence-parallel layers build on):
     -> (dq, dk, dv, d_initial_state)``.
     ``saved`` holds the cached states of the forward (KV-state caching); ``d_final_state`` and
     ``initial_state`` may be None (zero). ``d_initial_state`` is always computed (fp32).
+    ``lightning_attn_fwd_phases`` / ``lightning_attn_bwd_phases``: the same split in two, the
+    state-only pass first (``final_state`` / ``d_initial_state`` at once), the rest in ``finish()``.
     By linearity, a layer that adds ``decay_powers(slopes, T)[:, t] * (q_t @ S_in)`` itself can
     run fwd with ``initial_state=None`` and bwd with ``d_final_state=None``.
 
@@ -23,7 +26,15 @@ PyTorch, the CPU training path). Default: triton for CUDA tensors, torch otherwi
 ``$MEGATRON_LASP_KERNEL_BACKEND`` overrides the default.
 """
 
-from .chunk import LightningAttnSaved, chunk_lightning_attn, lightning_attn_bwd, lightning_attn_fwd
+from .chunk import (
+    LightningAttnSaved,
+    chunk_lightning_attn,
+    lightning_attn_bwd,
+    lightning_attn_bwd_phases,
+    lightning_attn_fwd,
+    lightning_attn_fwd_phases,
+)
+from .documents import check_cu_seqlens, cu_seqlens_from_position_ids, doc_ids_from_cu_seqlens
 from .naive import naive_chunk_lightning_attn, naive_lightning_attn, naive_recurrent_lightning_attn
 from .utils import MAX_HEAD_DIM, decay_powers, state_decay
 
@@ -34,8 +45,13 @@ __all__ = [
     "naive_chunk_lightning_attn",
     "lightning_attn_fwd",
     "lightning_attn_bwd",
+    "lightning_attn_fwd_phases",
+    "lightning_attn_bwd_phases",
     "LightningAttnSaved",
     "decay_powers",
     "state_decay",
     "MAX_HEAD_DIM",
+    "check_cu_seqlens",
+    "cu_seqlens_from_position_ids",
+    "doc_ids_from_cu_seqlens",
 ]

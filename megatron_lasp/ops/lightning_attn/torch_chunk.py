@@ -5,13 +5,17 @@ with batched matmuls, and only the cheap ``[Dk, Dv]`` state recurrences loop ove
 forward keeps the state entering every block (KV-state caching); the backward reuses them for
 ``dq`` and runs the mirror recurrence of the state gradient for ``dk``, ``dv`` and ``d_initial_state``.
 Formulas: README.md beside this file. Computation runs in fp32 (fp64 for fp64 inputs).
+
+Packed documents (``doc_ids [B, T]``, see ``documents.py``): the decay factors of every block are
+masked by "same document" (README.md, "Packed documents"); nothing else changes.
 """
 
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["torch_lightning_attn_fwd", "torch_lightning_attn_bwd", "TORCH_BLOCK_SIZE"]
+__all__ = ["torch_lightning_attn_fwd", "torch_lightning_attn_bwd", "torch_lightning_attn_fwd_phases",
+           "torch_lightning_attn_bwd_phases", "TORCH_BLOCK_SIZE"]
 
 TORCH_BLOCK_SIZE = 64
 
@@ -58,27 +62,50 @@ def _decays(slopes: torch.Tensor, T: int, block: int, cdt: torch.dtype):
     return mask, a, b.unsqueeze(-1), block_decay
 
 
-def torch_lightning_attn_fwd(
+def _doc_decays(decays, doc_ids: Optional[torch.Tensor], T: int, block: int, cdt: torch.dtype):
+    """The factors of :func:`_decays` masked by the documents, per row (README.md, "Packed documents").
+
+    Returns ``mask [B|1, H, N|1, BT, BT]``, ``a [B|1, H, N|1, BT, 1]``, ``b [B|1, H, N, BT, 1]``,
+    ``block_decay [B|1, H, N]``; without ``doc_ids`` the unmasked factors, broadcastable alike.
+    """
+    mask, a, b, block_decay = decays
+    mask, a, b, block_decay = mask[None, :, None], a[None, :, None], b[None], block_decay[None]
+    if doc_ids is None:
+        return mask, a, b, block_decay
+    B = doc_ids.shape[0]
+    n_blocks = (T + block - 1) // block
+    docs = doc_ids.long()
+    d = torch.nn.functional.pad(docs, (0, n_blocks * block - T), value=-1).view(B, n_blocks, block)
+    starts = torch.arange(n_blocks, device=docs.device) * block
+    entry = docs[:, (starts - 1).clamp(min=0)]  # [B, N] document of the state entering each block
+    last = docs[:, (starts + block).clamp(max=T) - 1]  # [B, N] document of each block's last token
+    same = (d[:, :, :, None] == d[:, :, None, :]).to(cdt)[:, None]  # [B, 1, N, BT, BT]
+    into = (d == entry[:, :, None]).to(cdt)[:, None, :, :, None]  # [B, 1, N, BT, 1]
+    out = (d == last[:, :, None]).to(cdt)[:, None, :, :, None]
+    through = (entry == last).to(cdt)[:, None]  # [B, 1, N]
+    return mask * same, a * into, b * out, block_decay * through
+
+
+def torch_lightning_attn_fwd_phases(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     slopes: torch.Tensor,
     initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
     block_size: int = TORCH_BLOCK_SIZE,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Forward of the torch backend (inputs already validated).
+    doc_ids: Optional[torch.Tensor] = None,
+):
+    """The forward in two phases: ``(final_state, finish)``, ``finish() -> (o, block_states)``.
 
-    Returns ``(o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] or None,
-    block_states [B, H, N, Dk, Dv])`` where ``block_states[:, :, n]`` is the state entering
-    block ``n`` (fp32, fp64 for fp64 inputs).
+    The first phase (block states and their scan) is all the final state needs; ``finish`` runs
+    the output (the intra-block term and the inter term from the cached block states).
     """
     cdt = _compute_dtype(q.dtype)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
-    qb, kb, vb = (_blocks(x, N, block_size, cdt) for x in (q, k, v))
+    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
+    kb, vb = (_blocks(x, N, block_size, cdt) for x in (k, v))
 
     # Local state of every block, then the sequential scan turns them into entry states in place.
     states = (b * kb).transpose(-1, -2) @ vb  # [B, H, N, Dk, Dv]
@@ -87,10 +114,82 @@ def torch_lightning_attn_fwd(
     for n in range(N):
         local = states[:, :, n].clone()
         states[:, :, n] = carry
-        carry = block_decay[None, :, n, None, None] * carry + local
+        carry = block_decay[:, :, n, None, None] * carry + local
 
-    o = ((qb @ kb.transpose(-1, -2)) * mask[:, None]) @ vb + (a[:, None] * qb) @ states
-    return _unblocks(o, T, q.dtype), (carry if output_final_state else None), states
+    def finish():
+        qb = _blocks(q, N, block_size, cdt)
+        o = ((qb @ kb.transpose(-1, -2)) * mask) @ vb + (a * qb) @ states
+        return _unblocks(o, T, q.dtype), states
+
+    return carry, finish
+
+
+def torch_lightning_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    block_size: int = TORCH_BLOCK_SIZE,
+    doc_ids: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Forward of the torch backend (inputs already validated; ``doc_ids [B, T]`` or None).
+
+    Returns ``(o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] or None,
+    block_states [B, H, N, Dk, Dv])`` where ``block_states[:, :, n]`` is the state entering
+    block ``n`` (fp32, fp64 for fp64 inputs).
+    """
+    carry, finish = torch_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, block_size, doc_ids)
+    o, states = finish()
+    return o, (carry if output_final_state else None), states
+
+
+def torch_lightning_attn_bwd_phases(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    do: torch.Tensor,
+    d_final_state: Optional[torch.Tensor],
+    block_states: torch.Tensor,
+    block_size: int = TORCH_BLOCK_SIZE,
+    doc_ids: Optional[torch.Tensor] = None,
+):
+    """The backward in two phases: ``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)``.
+
+    The first phase is the mirror scan of the state gradient (all ``d_initial_state`` needs);
+    ``finish`` runs the intra-block terms and the state terms of dq, dk, dv.
+    """
+    cdt = _compute_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = (T + block_size - 1) // block_size
+    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
+    qb, dob = (_blocks(x, N, block_size, cdt) for x in (q, do))
+
+    # Gradient of the state leaving every block, by the mirror scan from the last block.
+    dstates = (a * qb).transpose(-1, -2) @ dob  # local terms, then replaced in place
+    carry = (torch.zeros(B, H, Dk, Dv, device=q.device, dtype=cdt) if d_final_state is None
+             else d_final_state.to(cdt).clone())
+    for n in range(N - 1, -1, -1):
+        local = dstates[:, :, n].clone()
+        dstates[:, :, n] = carry
+        carry = block_decay[:, :, n, None, None] * carry + local
+
+    def finish():
+        kb, vb = (_blocks(x, N, block_size, cdt) for x in (k, v))
+        scores = (qb @ kb.transpose(-1, -2)) * mask  # [B, H, N, BT, BT]
+        dscores = (dob @ vb.transpose(-1, -2)) * mask
+        dq = dscores @ kb + (a * dob) @ block_states.transpose(-1, -2)
+        dk = dscores.transpose(-1, -2) @ qb
+        dv = scores.transpose(-1, -2) @ dob
+        del scores, dscores
+        dk = dk + b * (vb @ dstates.transpose(-1, -2))
+        dv = dv + b * (kb @ dstates)
+        return _unblocks(dq, T, q.dtype), _unblocks(dk, T, k.dtype), _unblocks(dv, T, v.dtype)
+
+    return carry, finish
 
 
 def torch_lightning_attn_bwd(
@@ -102,36 +201,13 @@ def torch_lightning_attn_bwd(
     d_final_state: Optional[torch.Tensor],
     block_states: torch.Tensor,
     block_size: int = TORCH_BLOCK_SIZE,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the torch backend, reusing the forward's ``block_states``.
 
     Returns ``(dq, dk, dv, d_initial_state)``; the first three in their input's dtype,
     ``d_initial_state [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 inputs).
     """
-    cdt = _compute_dtype(q.dtype)
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _decays(slopes, T, block_size, cdt)
-    qb, kb, vb, dob = (_blocks(x, N, block_size, cdt) for x in (q, k, v, do))
-    mask = mask[:, None]
-
-    scores = (qb @ kb.transpose(-1, -2)) * mask  # [B, H, N, BT, BT]
-    dscores = (dob @ vb.transpose(-1, -2)) * mask
-    dq = dscores @ kb + (a[:, None] * dob) @ block_states.transpose(-1, -2)
-    dk = dscores.transpose(-1, -2) @ qb
-    dv = scores.transpose(-1, -2) @ dob
-    del scores, dscores
-
-    # Gradient of the state leaving every block, by the mirror scan from the last block.
-    dstates = (a[:, None] * qb).transpose(-1, -2) @ dob  # local terms, then replaced in place
-    carry = (torch.zeros(B, H, Dk, Dv, device=q.device, dtype=cdt) if d_final_state is None
-             else d_final_state.to(cdt).clone())
-    for n in range(N - 1, -1, -1):
-        local = dstates[:, :, n].clone()
-        dstates[:, :, n] = carry
-        carry = block_decay[None, :, n, None, None] * carry + local
-
-    dk = dk + b * (vb @ dstates.transpose(-1, -2))
-    dv = dv + b * (kb @ dstates)
-    return (_unblocks(dq, T, q.dtype), _unblocks(dk, T, k.dtype), _unblocks(dv, T, v.dtype), carry)
+    carry, finish = torch_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, block_states,
+                                                    block_size, doc_ids)
+    return finish() + (carry,)
