@@ -961,7 +961,7 @@ def convert_checkpoint_to_hf(
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     load_dir, iteration, path = resolve_checkpoint(load_dir, iteration)
     sources = {"checkpoint directory": load_dir}
-    check_target(save_dir, force, sources)
+    check_no_overlap(save_dir, sources)
     if tokenizer_settings is None:
         tokenizer_settings = saved_tokenizer_settings(load_dir, iteration)
     sources.update(tokenizer_paths(tokenizer_settings))
@@ -1097,7 +1097,7 @@ def convert_hf_to_checkpoint(
     if iteration < 0:
         raise ConversionError(f"--iteration must be >= 0, got {iteration}")
     sources = {"HF model directory": load_dir}
-    check_target(save_dir, force, sources)
+    check_no_overlap(save_dir, sources)
     if tokenizer_settings is None and os.path.isfile(os.path.join(load_dir, "tokenizer.json")):
         tokenizer_settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": os.path.abspath(load_dir)}
     sources.update(tokenizer_paths(tokenizer_settings))
