@@ -382,9 +382,12 @@ def test_automodel_and_device_map(converted):
     from transformers import AutoModel
 
     directory = converted["paths"]["hf_sp2"]
-    base = AutoModel.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+    base, info = AutoModel.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                           output_loading_info=True)
+    base.eval()
     assert type(base).__name__ == "LaspLinearLMModel"
-    full = AutoModelForCausalLM_device_map(directory)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    full = _load_hf_with_device_map(directory)
     ids = torch.randint(0, 2000, (2, 19))
     with torch.no_grad():
         hidden = base(ids).last_hidden_state
@@ -393,7 +396,7 @@ def test_automodel_and_device_map(converted):
         assert _rel_err(full.lm_head(hidden), full(ids).logits) < 1e-7
 
 
-def AutoModelForCausalLM_device_map(directory):
+def _load_hf_with_device_map(directory):
     from transformers import AutoModelForCausalLM
 
     pytest.importorskip("accelerate", reason="device_map needs accelerate: pip install -e '.[hf]'")

@@ -477,6 +477,9 @@ def _cache_from_kwargs(cache, kwargs) -> Optional[Cache]:
 class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
     """Embedding, blocks and final norm: ``input_ids [B, T] -> hidden states [B, T, hidden]``."""
 
+    # ``AutoModel`` on an exported directory: the causal LM's output layer is not part of it.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: LaspLinearLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
