@@ -35,7 +35,8 @@ def _make_sources(rank, world_size, root):
     from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
     from megatron_lasp.hf.modeling_linear_lm import LaspLinearLMForCausalLM
 
-    tokenizer = convert.tokenizer_from_settings({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER})
+    settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER}
+    tokenizer = convert.tokenizer_from_settings(settings)
     config = LaspLinearLMConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=48)
     fields = {hf: getattr(config, hf) for _, hf in convert._CONFIG_FIELDS}
@@ -251,6 +252,10 @@ def _rewrite_safetensors(path, edit):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def _rewrite(hf, edit):
+    _rewrite_safetensors(hf / "model.safetensors", edit)
+
+
 def _drop(name):
     return lambda t: t.pop(name)
 
@@ -285,11 +290,12 @@ def test_damaged_hf_directory_is_named(work, capsys):
                                   lambda hf: f"{hf / 'model.safetensors'} is truncated or not a safetensors file"),
         "safetensors-garbage": (lambda hf: (hf / "model.safetensors").write_bytes(b"\x00" * 64),
                                 lambda hf: f"{hf / 'model.safetensors'} is truncated or not a safetensors file"),
-        "tensor-missing": (lambda hf: _rewrite_safetensors(hf / "model.safetensors", _drop("model.layers.1.attn.k_proj.weight")),
+        "tensor-missing": (lambda hf: _rewrite(hf, _drop("model.layers.1.attn.k_proj.weight")),
                            "tensor model.layers.1.attn.k_proj.weight missing"),
-        "tensor-shape": (lambda hf: _rewrite_safetensors(hf / "model.safetensors", _reshape("model.layers.0.mlp.up_proj.weight")),
-                         lambda hf: f"{hf / 'model.safetensors'}: tensor model.layers.0.mlp.up_proj.weight has shape (47, 32)"),
-        "tensor-unexpected": (lambda hf: _rewrite_safetensors(hf / "model.safetensors", _add("model.layers.9.extra")),
+        "tensor-shape": (lambda hf: _rewrite(hf, _reshape("model.layers.0.mlp.up_proj.weight")),
+                         lambda hf: f"{hf / 'model.safetensors'}: tensor model.layers.0.mlp.up_proj.weight "
+                                    "has shape (47, 32)"),
+        "tensor-unexpected": (lambda hf: _rewrite(hf, _add("model.layers.9.extra")),
                               "unexpected tensor model.layers.9.extra"),
         "config-missing": (lambda hf: os.remove(hf / "config.json"), "has no config.json"),
         "config-garbage": (lambda hf: (hf / "config.json").write_text("{"),

@@ -638,7 +638,9 @@ def load_safetensors(directory: str, with_files: bool = False):
             shard = _load_safetensors_file(os.path.join(directory, fname))
             for name in shard:
                 if weight_map.get(name) != fname:
-                    raise ConversionError(f"{os.path.join(directory, fname)} holds {name}, which {index_path} does not map to it")
+                    raise ConversionError(
+                        f"{os.path.join(directory, fname)} holds {name}, which {index_path} does not map to it"
+                    )
             out.update(shard)
             files.update({name: fname for name in shard})
         missing = sorted(set(weight_map) - set(out))
