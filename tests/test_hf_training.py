@@ -186,6 +186,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     out.loss.backward()
     assert len(calls) == 2  # the block ran again in the backward pass
     hook.remove()
+    model.eval()
+    with torch.no_grad():
+        filled = model(ids[:, :4], use_cache=True).cache
+    model.train()
+    with pytest.raises(ValueError, match="cannot continue from a filled cache"):
+        model(ids[:, 4:], cache=filled, labels=labels[:, 4:])
     got = _grads(model)
     assert set(got) == set(reference)
     for name, grad in reference.items():
