@@ -23,7 +23,9 @@ setup(
         "numpy",
         # megatron-core's dist_checkpointing writer needs psutil but does not declare it.
         "psutil",
-        "transformers>=4.45",
+        # 5.17 is the oldest tested (4.x feeds the prompt into the recurrent state again at every
+        # cached generation step); megatron_lasp/hf/modeling_linear_lm.py refuses older versions.
+        "transformers>=5.17,<6",
         "tokenizers",
         "safetensors",
     ],
@@ -32,6 +34,8 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "fla": ["flash-linear-attention"],
         "tensorboard": ["tensorboard"],
+        # Hugging Face side: from_pretrained(device_map=...) and transformers.Trainer need accelerate.
+        "hf": ["accelerate>=1.0"],
     },
     entry_points={},
 )

@@ -266,12 +266,13 @@ def test_cli_wrote_sharded_directory(converted):
 def test_directory_contents(converted):
     directory = converted["paths"]["hf_sp2"]
     files = set(os.listdir(directory))
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
             "configuration_linear_lm.py", "modeling_linear_lm.py"} <= files
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     assert config["auto_map"] == {
         "AutoConfig": "configuration_linear_lm.LaspLinearLMConfig",
+        "AutoModel": "modeling_linear_lm.LaspLinearLMModel",
         "AutoModelForCausalLM": "modeling_linear_lm.LaspLinearLMForCausalLM",
     }
     assert config["vocab_size"] % 8 == 0 and config["megatron_lasp"]["parallel"]["context_parallel_size"] == 2
@@ -283,7 +284,7 @@ def test_directory_contents(converted):
     assert generation["eos_token_id"] == generation["bos_token_id"] == generation["pad_token_id"] == ours.eod
     from transformers import AutoTokenizer
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     text = "Linear attention keeps a state of fixed size."
     assert hf_tokenizer(text)["input_ids"] == ours.tokenize(text)
     # the modeling code needs only torch and transformers
@@ -296,7 +297,114 @@ def test_directory_contents(converted):
                 roots.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 roots.add(node.module.split(".")[0])
-        assert roots <= {"__future__", "math", "typing", "torch", "transformers", "configuration_linear_lm"}, roots
+        allowed = {"__future__", "math", "re", "typing", "torch", "transformers", "configuration_linear_lm"}
+        assert roots <= allowed, roots
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield key
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value)
+
+
+def test_export_is_portable_with_default_permissions(converted):
+    root = os.path.dirname(converted["paths"]["tp2"])
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for layout in ("tp2", "sp2"):
+        directory = converted["paths"][f"hf_{layout}"]
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        assert config["megatron_lasp"]["iteration"] == 1
+        assert "source" not in config["megatron_lasp"]
+        # no path of the converting machine: not the run directory, nothing absolute
+        for text in _strings(config):
+            assert root not in text and not text.startswith(os.sep), text
+        assert os.stat(directory).st_mode & 0o777 == 0o777 & ~mask
+        for name in os.listdir(directory):
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_tokenizer_pads_left_and_pipeline_batches(converted):
+    from transformers import AutoTokenizer, pipeline
+
+    directory = converted["paths"]["hf_sp2"]
+    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    model = _load_hf(directory)
+    assert tok.pad_token_id == model.config.pad_token_id == model.generation_config.pad_token_id is not None
+    assert tok.padding_side == "left" and tok.model_max_length >= 10**12
+    prompts = ["Once upon a time", "The state of a linear attention layer has a fixed size"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0] < lengths[1] and batch["attention_mask"][0, 0] == 0  # padded on the left
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        for i, text in enumerate(prompts):
+            single = model.generate(**tok([text], return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                                    min_new_tokens=8)
+            assert torch.equal(out[i, -8:], single[0, -8:])
+    gen = pipeline("text-generation", model=directory, trust_remote_code=True, dtype=torch.float32)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_full_text=False)
+    batched = gen(prompts, batch_size=2, **kwargs)
+    one_by_one = [gen(text, **kwargs) for text in prompts]
+    assert batched == one_by_one and all(r[0]["generated_text"] for r in batched)
+
+
+def test_model_card_example_runs(converted, capsys):
+    import re
+
+    directory = converted["paths"]["hf_sp2"]
+    with open(os.path.join(directory, "README.md")) as f:
+        card = f.read()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    name = os.path.basename(directory)
+    assert f"# {name}\n" in card
+    for needed in ("trust_remote_code=True", "accelerate", "transformers>=5.17", "## Architecture", "| layers | 2 |",
+                   "Converted from iteration 1", "SP=2", "trained on sequences of 32 tokens", "HuggingFaceTokenizer"):
+        assert needed in card, needed
+    code = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    assert f'path = "{name}"' in code
+    namespace = {}
+    exec(compile(code.replace(f'path = "{name}"', f"path = {directory!r}"), "README.md", "exec"), namespace)
+    texts = namespace["tokenizer"].batch_decode(namespace["out"], skip_special_tokens=True)
+    assert texts[0].startswith("Once upon a time") and texts[1].startswith("The model"), texts
+    prompt_width = namespace["inputs"]["input_ids"].shape[1]
+    assert prompt_width < namespace["out"].shape[1] <= prompt_width + 20  # eos may stop it early
+    assert repr(texts) in capsys.readouterr().out
+
+
+def test_automodel_and_device_map(converted):
+    from transformers import AutoModel
+
+    directory = converted["paths"]["hf_sp2"]
+    base, info = AutoModel.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                           output_loading_info=True)
+    base.eval()
+    assert type(base).__name__ == "LaspLinearLMModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    full = _load_hf_with_device_map(directory)
+    ids = torch.randint(0, 2000, (2, 19))
+    with torch.no_grad():
+        hidden = base(ids).last_hidden_state
+        reference = full.model(ids).last_hidden_state
+        assert torch.equal(hidden, reference)
+        assert _rel_err(full.lm_head(hidden), full(ids).logits) < 1e-7
+
+
+def _load_hf_with_device_map(directory):
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("accelerate", reason="device_map needs accelerate: pip install -e '.[hf]'")
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                 device_map="cpu").eval()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +419,11 @@ def test_round_trip_preserves_every_tensor(converted):
     saved = converted["result"]["back_config"]
     assert saved["parallel"]["tensor_model_parallel_size"] == 1
     assert saved["tokenizer"]["tokenizer_type"] == "HuggingFaceTokenizer"
+    back = converted["paths"]["back"]  # the source's iteration is kept
+    with open(os.path.join(back, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "1"
+    assert os.listdir(back) == ["latest_checkpointed_iteration.txt", "iter_0000001"] or sorted(os.listdir(back)) == [
+        "iter_0000001", "latest_checkpointed_iteration.txt"]
 
 
 def test_converted_checkpoint_loads_in_training(converted):
@@ -514,7 +627,7 @@ def test_cli_errors(tmp_path):
           "--tokenizer-model", str(tmp_path / "nope")], "tokenizer:"),
         (["--load", str(ckpt), "--save", out, "--max-shard-size", "lots"], "--max-shard-size"),
         (["--load", str(ckpt / "iter_0000003"), "--iteration", "5", "--save", out], "contradicts"),
-        (["--load", str(ckpt), "--save", out], "cannot load"),  # the layout is right, the content is not
+        (["--load", str(ckpt), "--save", out], "damaged checkpoint:"),  # the layout is right, the content is not
     ]
     for args, expected in cases:
         rc, lines = _cli("convert_checkpoint_to_hf.py", *args)

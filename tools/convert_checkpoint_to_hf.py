@@ -6,7 +6,7 @@ The latest iteration of a training run, with the tokenizer recorded in the check
 
 A given iteration, the bundled tokenizer, 2GB safetensors shards, bf16 weights, replacing the target::
 
-    python tools/convert_checkpoint_to_hf.py --load runs/tiny/checkpoints --iteration 100 \
+    python tools/convert_checkpoint_to_hf.py --load runs/tiny/checkpoints --ckpt-step 100 \
         --save runs/tiny/hf --tokenizer-type HuggingFaceTokenizer \
         --tokenizer-model examples/data/tokenizer --max-shard-size 2GB --dtype bfloat16 --force
 
@@ -14,8 +14,13 @@ Then, anywhere with torch + transformers (no megatron needed)::
 
     model = AutoModelForCausalLM.from_pretrained("runs/tiny/hf", trust_remote_code=True)
 
-Exit status: 0 on success, 1 on a user error (one line on stderr: missing checkpoint directory or
-iteration, non-empty target without --force, unusable tokenizer), 2 on bad flags.
+The directory holds the weights, config.json, the tokenizer (pad token, left padding), the model's
+code and a model card (README.md). It is written beside --save and renamed into place at the end.
+
+Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: missing
+checkpoint directory or iteration, a damaged checkpoint file (named, with the other iterations),
+a --save that is, contains or lies inside the checkpoint or the tokenizer, a non-empty --save
+without --force, an unusable tokenizer), 2 on bad flags.
 """
 
 import argparse
@@ -36,11 +41,13 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (the training run's --save)")
     parser.add_argument("--save", required=True, help="Hugging Face model directory to create")
-    parser.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: latest)")
+    parser.add_argument("--ckpt-step", "--iteration", dest="iteration", type=int, default=None,
+                        help="iteration to convert (default: the latest)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file; above it the weights are sharded with an index (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (default: as saved)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --save directory (never one that holds, or lies inside, the input)")
     add_tokenizer_args(parser, default_type="")  # default: the tokenizer recorded in the checkpoint
     return parser.parse_args(argv)
 

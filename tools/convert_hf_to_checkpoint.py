@@ -3,7 +3,7 @@ megatron-lasp training checkpoint, to continue training it.
 
     python tools/convert_hf_to_checkpoint.py --load runs/tiny/hf --save runs/tiny/from_hf
 
-One process writes the weights through megatron-core dist_checkpointing (``iter_0000000/`` +
+One process writes the weights through megatron-core dist_checkpointing (``iter_XXXXXXX/`` +
 ``config.json`` + ``args.json`` + ``latest_checkpointed_iteration.txt``); dist_checkpointing
 reshards on load, so train it at any TP/PP/SP sizes, weights only::
 
@@ -13,7 +13,12 @@ reshards on load, so train it at any TP/PP/SP sizes, weights only::
 ``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size`` only check that the model
 can be split that way (heads, vocabulary and layers divisible); the checkpoint is the same.
 
-Exit status: 0 on success, 1 on a user error (one line on stderr), 2 on bad flags.
+The iteration recorded is the source checkpoint's (from config.json; --iteration overrides it).
+
+Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: a missing,
+corrupt or truncated config.json / safetensors file (named), weights that do not fit config.json,
+a --save that is, contains or lies inside the HF directory, a non-empty --save without --force),
+2 on bad flags.
 """
 
 import argparse
@@ -34,12 +39,14 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="Hugging Face model directory")
     parser.add_argument("--save", required=True, help="checkpoint directory to create")
-    parser.add_argument("--iteration", type=int, default=0, help="iteration number to record (default 0)")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="iteration number to record (default: the source checkpoint's, else 0)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="check that the model splits over this many TP ranks (the checkpoint loads at any size)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="check that the layers split over this many pipeline stages")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --save directory (never one that holds, or lies inside, the input)")
     add_tokenizer_args(parser, default_type="")  # default: the tokenizer files in --load
     return parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ want="$(sha256sum setup.py | cut -d' ' -f1) $TORCH_CPU"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing megatron-lasp and $TORCH_CPU (CPU) into $VENV ..." >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "$TORCH_CPU" -e ".[test]"
+  "$VENV/bin/python" -m pip install -q "$TORCH_CPU" -e ".[test,hf]"
   "$VENV/bin/python" -c "import torch, megatron.core, megatron_lasp" # fail here, not later, if the install broke
   echo "$want" > "$stamp"
 fi

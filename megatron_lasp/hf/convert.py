@@ -4,8 +4,9 @@ Checkpoint -> HF (:func:`convert_checkpoint_to_hf`): the checkpoint (any saved T
 loaded on one process at TP=1 by ``megatron_lasp.training.load_model_for_inference``; its state
 dict is renamed (and the fused projections split, see below) into the HF model's names and
 written as safetensors (sharded with an index above ``max_shard_size``), next to ``config.json``
-(with ``auto_map``), ``generation_config.json``, the tokenizer files and the modeling code
-(``configuration_linear_lm.py``, ``modeling_linear_lm.py``, copied from this package).
+(with ``auto_map``), ``generation_config.json``, the tokenizer files (with a pad token and left
+padding), the modeling code (``configuration_linear_lm.py``, ``modeling_linear_lm.py``, copied
+from this package) and a model card (``README.md``).
 
 HF -> checkpoint (:func:`convert_hf_to_checkpoint`): the inverse mapping, loaded into a TP=1
 megatron-lasp model and saved through megatron-core ``dist_checkpointing`` in the training
@@ -32,6 +33,11 @@ Parameter mapping (megatron-lasp TP=1 names -> HF names; ``L`` = layer)::
 
 Only the standard library is imported at module level: the command-line tools validate their
 arguments (and fail with one-line messages) before torch or megatron-core are imported.
+
+Safety: neither direction writes into, over or around its sources (a ``--save`` that is, contains
+or lies inside the source or the tokenizer files is refused, symlinks resolved); damaged inputs
+(missing or truncated shard files, missing metadata, unreadable safetensors) are reported as one
+:class:`ConversionError` line naming the file before anything is written.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ MODEL_CODE_FILES = ("configuration_linear_lm.py", "modeling_linear_lm.py")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_linear_lm.LaspLinearLMConfig",
+    "AutoModel": "modeling_linear_lm.LaspLinearLMModel",
     "AutoModelForCausalLM": "modeling_linear_lm.LaspLinearLMForCausalLM",
 }
 ARCHITECTURE = "LaspLinearLMForCausalLM"
@@ -79,6 +86,13 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# dist_checkpointing's files besides the shards (``*.distcp``, named in ``.metadata``).
+CHECKPOINT_METADATA_FILES = ("metadata.json", ".metadata", "common.pt")
+ARGS_FILENAME = "args.json"
+MODEL_CARD = "README.md"
+NO_LENGTH_LIMIT = int(1e30)
+"""``model_max_length`` of the exported tokenizer: transformers' value for "no limit" (the recurrent
+state has a fixed size; nothing in the model depends on the position)."""
 MODEL_TYPE = "lasp_linear_lm"
 """``LaspLinearLMConfig.model_type`` (a test pins that they agree)."""
 
@@ -97,6 +111,23 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def checkpoint_iterations(root: str) -> List[int]:
+    """The iterations that have an ``iter_XXXXXXX`` directory under ``root`` (sorted)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    matches = (re.fullmatch(r"iter_(\d{7})", n) for n in names)
+    return sorted(int(m.group(1)) for m in matches if m and os.path.isdir(os.path.join(root, m.group(0))))
+
+
+def _other_iterations(root: str, iteration: int) -> str:
+    others = [i for i in checkpoint_iterations(root) if i != iteration]
+    if not others:
+        return f"no other iteration in {root}"
+    return f"other iterations in {root}: {', '.join(map(str, others))} (choose one with --ckpt-step)"
+
+
 def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, int, str]:
     """The checkpoint root, the iteration to convert and its directory.
 
@@ -113,7 +144,7 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
     if m and not os.path.isfile(os.path.join(load_dir, TRACKER_FILENAME)):
         given = int(m.group(1))  # the iteration directory itself was given
         if iteration is not None and iteration != given:
-            raise ConversionError(f"--iteration {iteration} contradicts the directory {load_dir}")
+            raise ConversionError(f"--ckpt-step {iteration} contradicts the directory {load_dir}")
         load_dir, iteration = os.path.dirname(os.path.normpath(load_dir)), given
     if iteration is None:
         tracker = os.path.join(load_dir, TRACKER_FILENAME)
@@ -122,23 +153,100 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
         with open(tracker) as f:
             text = f.read().strip()
         if not text.isdigit():
-            raise ConversionError(f"{tracker}: expected an iteration number, found {text!r}")
+            raise ConversionError(
+                f"{tracker}: expected an iteration number, found {text!r}; {_other_iterations(load_dir, -1)}"
+            )
         iteration = int(text)
+    if iteration < 0:
+        raise ConversionError(f"--ckpt-step must be >= 0, got {iteration}")
     path = checkpoint_dir(load_dir, iteration)
     if not os.path.isdir(path):
-        matches = (re.fullmatch(r"iter_(\d{7})", n) for n in os.listdir(load_dir))
-        found = sorted(int(m.group(1)) for m in matches if m)
-        shown = ", ".join(str(i) for i in found) or "none"
-        raise ConversionError(f"iteration {iteration} not found in {load_dir} (available: {shown})")
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_CONFIG)):
+        shown = ", ".join(map(str, checkpoint_iterations(load_dir))) or "none"
         raise ConversionError(
-            f"{path} has no {CHECKPOINT_CONFIG}: not a megatron-lasp checkpoint, or an incomplete one"
+            f"iteration {iteration} not found in {load_dir} (available: {shown}; choose one with --ckpt-step)"
         )
     return load_dir, iteration, path
 
 
-def check_target(save_dir: str, force: bool) -> None:
-    """Raise unless ``save_dir`` is absent, empty, or ``force`` allows replacing it."""
+def check_checkpoint_files(root: str, iteration: int) -> None:
+    """Raise a one-line :class:`ConversionError` naming the first missing, empty, truncated or
+    unreadable file of ``root/iter_XXXXXXX`` (``config.json``, ``args.json``, dist_checkpointing's
+    metadata and common state, every shard file that ``.metadata`` names, to the last byte it
+    names), and the other iterations that exist. Reads no tensor data."""
+    import zipfile
+
+    path = checkpoint_dir(root, iteration)
+
+    def fail(what: str):
+        raise ConversionError(f"damaged checkpoint: {what}; {_other_iterations(root, iteration)}")
+
+    for name in (CHECKPOINT_CONFIG, ARGS_FILENAME) + CHECKPOINT_METADATA_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            fail(f"{file} is missing")
+        if os.path.getsize(file) == 0:
+            fail(f"{file} is empty")
+    for name in (CHECKPOINT_CONFIG, ARGS_FILENAME, "metadata.json"):
+        file = os.path.join(path, name)
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            fail(f"{file} is not valid JSON ({err})")
+    common = os.path.join(path, "common.pt")
+    if not zipfile.is_zipfile(common):
+        fail(f"{common} is truncated or not a torch file")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as err:  # a pickle of torch classes: any failure means an unusable file
+        fail(f"{os.path.join(path, '.metadata')} is unreadable ({type(err).__name__})")
+    needed: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    if not needed:
+        fail(f"{os.path.join(path, '.metadata')} names no shard files")
+    for name, end in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            fail(f"{file} is missing")
+        size = os.path.getsize(file)
+        if size < end:
+            fail(f"{file} is truncated ({size} of {end} bytes)")
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path != parent and os.path.commonpath([path, parent]) == parent
+
+
+def check_no_overlap(save_dir: str, sources: Dict[str, Optional[str]]) -> None:
+    """Raise unless ``save_dir`` is apart from every source (realpaths: symlinks resolved).
+
+    Args:
+        save_dir: the directory to create or replace.
+        sources: ``{what: path}`` of everything read (None entries are skipped).
+    """
+    target = os.path.realpath(save_dir)
+    for what, source in sources.items():
+        if not source:
+            continue
+        src = os.path.realpath(source)
+        if target == src:
+            raise ConversionError(f"--save {save_dir} is the {what} ({src}): choose a new directory")
+        if _inside(target, src):
+            raise ConversionError(f"--save {save_dir} lies inside the {what} ({src}): choose a directory outside it")
+        if _inside(src, target):
+            raise ConversionError(
+                f"--save {save_dir} contains the {what} ({src}); replacing it would delete it: choose another directory"
+            )
+
+
+def check_target(save_dir: str, force: bool, sources: Optional[Dict[str, Optional[str]]] = None) -> None:
+    """Raise unless ``save_dir`` is apart from ``sources`` (:func:`check_no_overlap`) and absent,
+    empty, or ``force`` allows replacing it."""
+    check_no_overlap(save_dir, sources or {})
     if os.path.exists(save_dir):
         if not os.path.isdir(save_dir):
             raise ConversionError(f"target {save_dir} exists and is not a directory")
@@ -146,21 +254,43 @@ def check_target(save_dir: str, force: bool) -> None:
             raise ConversionError(f"target {save_dir} exists and is not empty (use --force to replace it)")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_default_permissions(directory: str) -> None:
+    """Give every file and directory under ``directory`` the modes a plain ``open``/``mkdir``
+    gives (some writers and ``mkdtemp`` create them private)."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextmanager
-def atomic_directory(save_dir: str, force: bool) -> Iterator[str]:
+def atomic_directory(save_dir: str, force: bool, sources: Optional[Dict[str, Optional[str]]] = None) -> Iterator[str]:
     """Yield a temporary directory beside ``save_dir``; on success it replaces ``save_dir``.
 
     On an exception the temporary directory is removed and ``save_dir`` is left untouched.
+    ``sources`` are checked again (:func:`check_target`) before anything is created.
     """
-    check_target(save_dir, force)
+    check_target(save_dir, force, sources)
     target = os.path.abspath(save_dir)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(target):
+        _set_default_permissions(tmp)
+        if os.path.islink(target):  # replace the link, not what it points to
+            os.unlink(target)
+            os.replace(tmp, target)
+        elif os.path.isdir(target):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
             os.rmdir(old)
             os.replace(target, old)
@@ -257,6 +387,67 @@ def megatron_config_kwargs(hf_config: Dict[str, Any]) -> Dict[str, Any]:
 
 def _qkv_parts(hf_config: Dict[str, Any]) -> List[str]:
     return ["q", "k", "v", "g"] if hf_config["output_gate"] else ["q", "k", "v"]
+
+
+HF_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
+    "output_gate", "add_bias_linear", "tie_word_embeddings",
+)
+"""The ``config.json`` entries the weight layout depends on."""
+
+
+def hf_parameter_shapes(hf_config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """``{HF parameter name: shape}`` of the model ``hf_config`` describes (``lm_head.weight``
+    included even when tied: a tied export may or may not store it)."""
+    V, h, F = hf_config["vocab_size"], hf_config["hidden_size"], hf_config["intermediate_size"]
+    W = hf_config["num_attention_heads"] * hf_config["head_dim"]
+    bias = hf_config["add_bias_linear"]
+    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (V, h)}
+
+    def linear(name: str, rows: int, cols: int):
+        shapes[name + ".weight"] = (rows, cols)
+        if bias:
+            shapes[name + ".bias"] = (rows,)
+
+    for layer in range(hf_config["num_hidden_layers"]):
+        hf = f"model.layers.{layer}."
+        shapes[hf + "input_norm.weight"] = (h,)
+        for part in _qkv_parts(hf_config):
+            linear(hf + f"attn.{part}_proj", W, h)
+        shapes[hf + "attn.o_norm.weight"] = (W,)
+        linear(hf + "attn.o_proj", h, W)
+        shapes[hf + "mlp_norm.weight"] = (h,)
+        linear(hf + "mlp.gate_proj", F, h)
+        linear(hf + "mlp.up_proj", F, h)
+        linear(hf + "mlp.down_proj", h, F)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (V, h)
+    return shapes
+
+
+def check_hf_tensors(tensors: Dict[str, Any], files: Dict[str, str], hf_config: Dict[str, Any], directory: str):
+    """Raise a one-line :class:`ConversionError` unless ``tensors`` are exactly the parameters
+    ``config.json`` describes, with their shapes (``files``: tensor name -> file name)."""
+    expected = hf_parameter_shapes(hf_config)
+    optional = {"lm_head.weight"} if hf_config["tie_word_embeddings"] else set()
+    missing = sorted(set(expected) - set(tensors) - optional)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(
+            f"{directory}: tensor {missing[0]}{more} missing from the safetensors files, which config.json requires"
+        )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        name = unexpected[0]
+        raise ConversionError(
+            f"{os.path.join(directory, files[name])}: unexpected tensor {name} for the model config.json describes"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(
+                f"{os.path.join(directory, files[name])}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {expected[name]}"
+            )
 
 
 def megatron_to_hf_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, Any]) -> Dict[str, Any]:
@@ -405,25 +596,61 @@ def save_safetensors(tensors: Dict[str, Any], directory: str, max_shard_size: in
     return names + [SAFETENSORS_INDEX]
 
 
-def load_safetensors(directory: str) -> Dict[str, Any]:
-    """All tensors of an HF directory (single file or sharded with an index)."""
+def _load_safetensors_file(path: str) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except Exception as err:  # SafetensorError, OSError, a bad header: the file is unusable
+        text = str(err).strip().splitlines()
+        raise ConversionError(
+            f"{path} is truncated or not a safetensors file ({text[0] if text else type(err).__name__})"
+        ) from None
+
+
+def load_safetensors(directory: str, with_files: bool = False):
+    """All tensors of an HF directory (single file or sharded with an index).
+
+    Returns:
+        ``{name: tensor}``, or with ``with_files`` ``({name: tensor}, {name: file name})``.
+
+    Raises:
+        ConversionError: a missing, truncated or unreadable file, or an index that does not
+            match its shards (the message names the file).
+    """
     single = os.path.join(directory, SAFETENSORS_SINGLE)
-    if os.path.isfile(single):
-        return load_file(single)
     index_path = os.path.join(directory, SAFETENSORS_INDEX)
-    if not os.path.isfile(index_path):
+    if os.path.isfile(single):
+        out = _load_safetensors_file(single)
+        files = {name: SAFETENSORS_SINGLE for name in out}
+    elif os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConversionError(f"{index_path} is not a safetensors index (JSON with a weight_map)") from None
+        out, files = {}, {}
+        for fname in sorted(set(weight_map.values())):
+            shard = _load_safetensors_file(os.path.join(directory, fname))
+            for name in shard:
+                if weight_map.get(name) != fname:
+                    raise ConversionError(
+                        f"{os.path.join(directory, fname)} holds {name}, which {index_path} does not map to it"
+                    )
+            out.update(shard)
+            files.update({name: fname for name in shard})
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise ConversionError(
+                f"{os.path.join(directory, weight_map[missing[0]])} lacks {missing[0]}, which {index_path} maps to it"
+            )
+    else:
         raise ConversionError(f"{directory} has neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}")
-    with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    out = {}
-    for fname in sorted(set(weight_map.values())):
-        out.update(load_file(os.path.join(directory, fname)))
-    missing = set(weight_map) - set(out)
-    if missing:
-        raise ConversionError(f"{index_path} names tensors absent from its shards: {', '.join(sorted(missing))}")
-    return out
+    return (out, files) if with_files else out
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -451,10 +678,186 @@ def tokenizer_from_settings(settings: Dict[str, Any]):
     return tokenizer
 
 
-def saved_tokenizer_settings(checkpoint_path: str) -> Optional[Dict[str, Any]]:
-    """The tokenizer settings recorded in a checkpoint's ``config.json`` (None if absent)."""
-    with open(os.path.join(checkpoint_path, CHECKPOINT_CONFIG), encoding="utf-8") as f:
-        saved = json.load(f).get("tokenizer") or {}
+def tokenizer_paths(settings: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]:
+    """The files a tokenizer is read from, as :func:`check_no_overlap` sources."""
+    settings = settings or {}
+    return {f"tokenizer file ({key})": settings.get(key) for key in ("tokenizer_model", "vocab_file", "merge_file")}
+
+
+def complete_tokenizer_config(directory: str, pad_token_id: Optional[int]) -> None:
+    """Make the exported tokenizer ready for batched generation: ``pad_token`` (the token of
+    ``pad_token_id`` when the files name none), ``padding_side = "left"`` (the side generation
+    wants) and ``model_max_length`` (:data:`NO_LENGTH_LIMIT` unless the files set one).
+    Nothing is done for a tokenizer without ``tokenizer_config.json`` (no HF equivalent)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    from transformers import AutoTokenizer
+
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    if hf_tokenizer.pad_token is None and pad_token_id is not None:
+        config["pad_token"] = hf_tokenizer.convert_ids_to_tokens(pad_token_id)
+    config["padding_side"] = "left"
+    config.setdefault("model_max_length", NO_LENGTH_LIMIT)
+    _write_json(path, config)
+    check = AutoTokenizer.from_pretrained(directory)
+    assert pad_token_id is None or check.pad_token_id == pad_token_id, (check.pad_token_id, pad_token_id)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def model_card(
+    name: str,
+    hf_kwargs: Dict[str, Any],
+    num_parameters: int,
+    dtype: Optional[str],
+    provenance: Optional[Dict[str, Any]],
+    tokenizer=None,
+) -> str:
+    """The export's ``README.md``: architecture, where it came from, how to load and generate.
+
+    Args:
+        name: the directory's name (used in the code example).
+        hf_kwargs: ``LaspLinearLMConfig`` keyword arguments.
+        num_parameters: stored parameters (a tied output layer counted once).
+        dtype: the weights' dtype name, or None when mixed.
+        provenance: the ``megatron_lasp`` entry of ``config.json`` (None for a model not
+            converted from a checkpoint).
+        tokenizer: the megatron-lasp tokenizer saved with it, or None.
+    """
+    c = hf_kwargs
+    heads, head_dim = c["num_attention_heads"], c["head_dim"]
+    maps = f"q, k: {c['qk_feature_map']}; v: {c['v_feature_map']}"
+    gate = "sigmoid output gate" if c["output_gate"] else "no output gate"
+    rows = [
+        ("layers", c["num_hidden_layers"]),
+        ("hidden size", c["hidden_size"]),
+        ("token mixer", f"causal linear attention, {heads} heads x {head_dim} channels, fixed decay per head "
+                        f"(decay_type `{c['decay_type']}`), feature maps {maps}, {gate}, RMSNorm over groups of "
+                        f"{c['attention_norm_group_size']} head(s)"),
+        ("MLP", f"{c['glu_type'].upper()}, {c['intermediate_size']} channels"),
+        ("vocabulary", f"{c['vocab_size']} rows" + (f" ({tokenizer.vocab_size} tokenizer ids)" if tokenizer else "")),
+        ("embeddings", "tied input/output" if c["tie_word_embeddings"] else "separate input and output"),
+        ("biases", "yes" if c["add_bias_linear"] else "none"),
+        ("parameters", f"{num_parameters:,} ({_human(num_parameters)})"),
+        ("weights", dtype or "mixed dtypes"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if provenance:
+        par = provenance.get("parallel") or {}
+        layout = ", ".join(
+            f"{label}={par[key]}"
+            for label, key in (("TP", "tensor_model_parallel_size"), ("PP", "pipeline_model_parallel_size"),
+                               ("SP", "context_parallel_size"), ("DP", "data_parallel_size"))
+            if par.get(key) is not None
+        )
+        mode = par.get("sequence_parallel_mode")
+        training = (
+            f"Converted from iteration {provenance.get('iteration')} of a megatron-lasp training checkpoint, "
+            f"saved with {layout or 'an unrecorded layout'}"
+            + (f" (sequence-parallel mode `{mode}`)" if mode and par.get("context_parallel_size", 1) > 1 else "")
+            + (f", trained on sequences of {provenance['seq_length']} tokens" if provenance.get("seq_length") else "")
+            + (f", tokenizer `{provenance['tokenizer_type']}`" if provenance.get("tokenizer_type") else "")
+            + ". The full model settings of the run are in `config.json` under `megatron_lasp`."
+        )
+    else:
+        training = "Written from a megatron-lasp model directly (no training checkpoint recorded)."
+    if tokenizer is not None:
+        example = f"""tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+inputs = tokenizer(["Once upon a time", "The model"], return_tensors="pt", padding=True)
+out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+print(tokenizer.batch_decode(out, skip_special_tokens=True))"""
+        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+    else:
+        example = """model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False)
+print(out.tolist())"""
+        imports = "from transformers import AutoModelForCausalLM"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- megatron-lasp
+- linear-attention
+- custom_code
+---
+
+# {name}
+
+A linear-attention causal language model (TransNormerLLM style) from megatron-lasp (Linear
+Attention Sequence Parallelism on megatron-core), exported for `transformers`.
+
+## Architecture
+
+| | |
+|---|---|
+{table}
+
+Each block is pre-norm: `x + o_proj(gate * GroupRMSNorm(LinAttn(q, k, v)))`, then `h + MLP(RMSNorm(h))`.
+The attention has no softmax: per head `S_t = lambda S_(t-1) + k_t^T v_t`, `o_t = q_t S_t`, so
+each layer keeps one `[{heads}, {head_dim}, {head_dim}]` fp32 state per sequence, whatever its length. The
+model has no position embedding and no length limit (the tokenizer's `model_max_length` says so).
+
+## Training
+
+{training}
+
+## Usage
+
+Needs `torch` and `transformers>=5.17,<6`; `device_map=...` and `transformers.Trainer` also need
+`accelerate` (`pip install accelerate`; in a megatron-lasp checkout, `pip install -e ".[hf]"`).
+The model's code ships in this directory (`modeling_linear_lm.py`, `configuration_linear_lm.py`),
+so loading it needs `trust_remote_code=True` (for `AutoTokenizer` and `pipeline` as well, which
+read `config.json` too):
+
+```python
+import torch
+{imports}
+
+path = "{name}"  # this directory
+{example}
+```
+
+- `generate()` keeps the recurrent state in its own cache (prompt once, then one step per token):
+  greedy, sampling, beam search and streaming work; assisted generation does not (a state cannot
+  be rolled back). Batches are padded on the left; padded positions add nothing to the state.
+- `AutoModel.from_pretrained(path, trust_remote_code=True)` gives the model without its output layer.
+- Fine-tuning: `labels` give the causal-LM loss (`num_items_in_batch` is honoured, so `Trainer`
+  with gradient accumulation matches the full batch); `model.gradient_checkpointing_enable()`
+  recomputes each block in the backward pass.
+- Back to a megatron-lasp training checkpoint (any TP/PP/SP sizes):
+  `python tools/convert_hf_to_checkpoint.py --load {name} --save DIR`, then train with `--load DIR --finetune`.
+"""
+
+
+def saved_tokenizer_settings(root: str, iteration: int) -> Optional[Dict[str, Any]]:
+    """The tokenizer settings recorded in a checkpoint's ``config.json`` (None if absent).
+
+    Raises:
+        ConversionError: a missing or unreadable ``config.json`` (named, with the other iterations).
+    """
+    path = os.path.join(checkpoint_dir(root, iteration), CHECKPOINT_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved = saved.get("tokenizer") or {}
+    except FileNotFoundError:
+        raise ConversionError(
+            f"damaged checkpoint: {path} is missing (not a megatron-lasp checkpoint, or an incomplete one); "
+            f"{_other_iterations(root, iteration)}"
+        ) from None
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise ConversionError(
+            f"damaged checkpoint: {path} is not a valid config ({err}); {_other_iterations(root, iteration)}"
+        ) from None
     if not saved.get("tokenizer_type"):
         return None
     keys = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
@@ -479,6 +882,7 @@ def write_hf_directory(
     tokenizer=None,
     max_shard_size: int = 5 * 10**9,
     extra_config: Optional[Dict[str, Any]] = None,
+    name: Optional[str] = None,
 ) -> None:
     """Write an HF model directory's files into an existing (empty) ``directory``.
 
@@ -488,14 +892,20 @@ def write_hf_directory(
         hf_kwargs: ``LaspLinearLMConfig`` keyword arguments.
         tokenizer: a megatron-lasp tokenizer whose files are saved, or None.
         max_shard_size: bytes per safetensors shard.
-        extra_config: more ``config.json`` entries (provenance).
+        extra_config: more ``config.json`` entries (``megatron_lasp``: the provenance, portable:
+            no local paths).
+        name: the model's name in the model card (default: ``directory``'s name).
     """
     from transformers import GenerationConfig
 
     from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
 
     eod = tokenizer.eod if tokenizer is not None else None
+    if tokenizer is not None:  # before config.json: AutoTokenizer would ask to trust its auto_map
+        tokenizer.save_pretrained(directory)
+        complete_tokenizer_config(directory, eod)
     dtypes = {str(t.dtype).replace("torch.", "") for t in hf_state_dict.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
     config = LaspLinearLMConfig(
         **hf_kwargs,
         bos_token_id=eod,
@@ -503,17 +913,22 @@ def write_hf_directory(
         pad_token_id=eod,
         architectures=[ARCHITECTURE],
         auto_map=dict(AUTO_MAP),
-        dtype=dtypes.pop() if len(dtypes) == 1 else None,
+        dtype=dtype,
         **(extra_config or {}),
     )
     config.save_pretrained(directory)
     GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(directory)
     save_safetensors(hf_state_dict, directory, max_shard_size)
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in MODEL_CODE_FILES:
-        shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    for code_file in MODEL_CODE_FILES:
+        shutil.copyfile(os.path.join(here, code_file), os.path.join(directory, code_file))
+    num_parameters = sum(t.numel() for t in hf_state_dict.values())
+    card = model_card(
+        name or os.path.basename(os.path.abspath(directory)), hf_kwargs, num_parameters, dtype,
+        (extra_config or {}).get("megatron_lasp"), tokenizer,
+    )
+    with open(os.path.join(directory, MODEL_CARD), "w", encoding="utf-8") as f:
+        f.write(card)
 
 
 def convert_checkpoint_to_hf(
@@ -547,10 +962,17 @@ def convert_checkpoint_to_hf(
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     load_dir, iteration, path = resolve_checkpoint(load_dir, iteration)
-    check_target(save_dir, force)
+    sources = {"checkpoint directory": load_dir}
+    check_no_overlap(save_dir, sources)
     if tokenizer_settings is None:
-        tokenizer_settings = saved_tokenizer_settings(path)
+        tokenizer_settings = saved_tokenizer_settings(load_dir, iteration)
+    sources.update(tokenizer_paths(tokenizer_settings))
+    check_target(save_dir, force, sources)
     tokenizer = tokenizer_from_settings(tokenizer_settings) if tokenizer_settings else None
+    check_checkpoint_files(load_dir, iteration)
+
+    import pickle
+    import zipfile
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -558,12 +980,13 @@ def convert_checkpoint_to_hf(
 
     try:
         model, config, saved = load_model_for_inference(load_dir, iteration, device="cpu")
-    except (CheckpointError, CheckpointingException, ValueError, KeyError, FileNotFoundError) as err:
+    except (CheckpointError, CheckpointingException, ValueError, KeyError, TypeError, OSError, RuntimeError,
+            EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
-        if isinstance(err, KeyError):
-            first = f"config.json lacks {text}"
-        raise ConversionError(f"cannot load {path}: {first}") from None
+        if isinstance(err, (KeyError, TypeError)):
+            first = f"{CHECKPOINT_CONFIG} does not describe a model ({type(err).__name__}: {first})"
+        raise ConversionError(f"cannot load {path}: {first}; {_other_iterations(load_dir, iteration)}") from None
     vocab_rows = model.embedding.word_embeddings.weight.shape[0]
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise ConversionError(
@@ -574,17 +997,18 @@ def convert_checkpoint_to_hf(
     tensors = megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
     if dtype != "auto":
         tensors = {k: v.to(_torch_dtype(dtype)) for k, v in tensors.items()}
-    provenance = {
+    provenance = {  # portable: sizes and settings, no paths of this machine
         "megatron_lasp": {
-            "source": os.path.abspath(load_dir),
             "iteration": iteration,
             "parallel": saved.get("parallel"),
             "model": saved.get("model"),
             "seq_length": saved.get("seq_length"),
+            "tokenizer_type": (tokenizer_settings or {}).get("tokenizer_type"),
         }
     }
-    with atomic_directory(save_dir, force) as tmp:
-        write_hf_directory(tmp, tensors, hf_kwargs, tokenizer, shard_bytes, provenance)
+    name = os.path.basename(os.path.abspath(save_dir))
+    with atomic_directory(save_dir, force, sources) as tmp:
+        write_hf_directory(tmp, tensors, hf_kwargs, tokenizer, shard_bytes, provenance, name=name)
     logger.info("converted %s (iteration %d) to %s", path, iteration, save_dir)
     return save_dir
 
@@ -601,10 +1025,17 @@ def read_hf_config(load_dir: str) -> Dict[str, Any]:
     path = os.path.join(load_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{load_dir} has no config.json: not a Hugging Face model directory")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{path}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ConversionError(f"{path}: model_type {found!r} is not {MODEL_TYPE!r}")
+    missing = [key for key in HF_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ConversionError(f"{path} lacks {', '.join(missing)}")
     return config
 
 
@@ -637,7 +1068,7 @@ def _training_args(
 def convert_hf_to_checkpoint(
     load_dir: str,
     save_dir: str,
-    iteration: int = 0,
+    iteration: Optional[int] = None,
     tokenizer_settings: Optional[Dict[str, Any]] = None,
     force: bool = False,
 ) -> str:
@@ -652,7 +1083,8 @@ def convert_hf_to_checkpoint(
     Args:
         load_dir: the HF directory (``config.json`` + safetensors).
         save_dir: the checkpoint directory to create (replaced atomically at the end).
-        iteration: the iteration number to record (default 0).
+        iteration: the iteration number to record (default: the source checkpoint's, recorded
+            in ``config.json``; 0 when there is none).
         tokenizer_settings: recorded in ``config.json``; default: ``HuggingFaceTokenizer`` on
             ``load_dir`` when it holds a ``tokenizer.json``.
         force: replace a non-empty ``save_dir``.
@@ -661,12 +1093,20 @@ def convert_hf_to_checkpoint(
         ``save_dir``.
     """
     hf_config = read_hf_config(load_dir)
+    provenance = hf_config.get("megatron_lasp") or {}
+    if iteration is None:
+        iteration = int(provenance.get("iteration") or 0)
     if iteration < 0:
         raise ConversionError(f"--iteration must be >= 0, got {iteration}")
-    check_target(save_dir, force)
+    sources = {"HF model directory": load_dir}
+    check_no_overlap(save_dir, sources)
     if tokenizer_settings is None and os.path.isfile(os.path.join(load_dir, "tokenizer.json")):
         tokenizer_settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": os.path.abspath(load_dir)}
+    sources.update(tokenizer_paths(tokenizer_settings))
+    check_target(save_dir, force, sources)
     tokenizer = tokenizer_from_settings(tokenizer_settings) if tokenizer_settings else None
+    hf_tensors, files = load_safetensors(load_dir, with_files=True)
+    check_hf_tensors(hf_tensors, files, hf_config, load_dir)
 
     import torch
     import torch.distributed as dist
@@ -676,7 +1116,6 @@ def convert_hf_to_checkpoint(
     from megatron_lasp.parallel.state import initialize_parallel
     from megatron_lasp.training import checkpointing as ckpt
 
-    hf_tensors = load_safetensors(load_dir)
     mg_tensors = hf_to_megatron_state_dict(hf_tensors, hf_config)
     vocab_rows = hf_config["vocab_size"]
     if dist.is_initialized() and dist.get_world_size() != 1:
@@ -684,7 +1123,6 @@ def convert_hf_to_checkpoint(
     initialize_parallel(1, 1, 1, backend="gloo" if not torch.cuda.is_available() else None)
     dtypes = {t.dtype for t in mg_tensors.values()}
     params_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    provenance = hf_config.get("megatron_lasp") or {}
     fields = dict(provenance.get("model") or {})  # the original run's fields (dropout, init std ...)
     fields.update(megatron_config_kwargs(hf_config))
     config = LinearLMConfig(
@@ -698,7 +1136,7 @@ def convert_hf_to_checkpoint(
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else None
     args = _training_args(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"))
     args.save = os.path.abspath(save_dir)
-    with atomic_directory(save_dir, force) as tmp:
+    with atomic_directory(save_dir, force, sources) as tmp:
         path = checkpoint_dir(tmp, iteration)
         os.makedirs(path)
         state = {

@@ -37,17 +37,40 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Tuple
 
+import re
+
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+MIN_TRANSFORMERS_VERSION = (5, 17)
+"""The oldest ``transformers`` this file is tested with. 4.x computes wrong cached generations
+(it feeds the prompt into the recurrent state again at every step), so it is refused."""
+
+
+def _check_transformers_version(version: str) -> None:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_TRANSFORMERS_VERSION:
+        floor = ".".join(map(str, MIN_TRANSFORMERS_VERSION))
+        raise ImportError(
+            f"this model needs transformers>={floor} (found {version}): pip install 'transformers>={floor},<6'"
+        )
+
+
+_check_transformers_version(transformers.__version__)
+
+from transformers import GenerationMixin, PreTrainedModel  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 try:  # a package import (megatron_lasp.hf) or a flat one (the exported directory)
     from .configuration_linear_lm import LaspLinearLMConfig
 except ImportError:  # pragma: no cover - loaded as a top-level module
     from configuration_linear_lm import LaspLinearLMConfig
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "LaspLinearLMCache",
@@ -451,12 +474,12 @@ class LaspDecoderLayer(nn.Module):
 
 class LaspLinearLMPreTrainedModel(PreTrainedModel):
     """Common base: config class, weight init (transformers' default: normal linears and
-    embeddings, ones for the RMSNorms), no default KV cache."""
+    embeddings, ones for the RMSNorms), no default KV cache, gradient checkpointing per block."""
 
     config_class = LaspLinearLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["LaspDecoderLayer"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _is_stateful = True  # a recurrent state cannot be rolled back (no assisted generation)
 
     @classmethod
@@ -494,11 +517,15 @@ def _document_ids(cu_seqlens, position_ids, B: int, T: int, device) -> Optional[
 class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
     """Embedding, blocks and final norm: ``input_ids [B, T] -> hidden states [B, T, hidden]``."""
 
+    # ``AutoModel`` on an exported directory: the causal LM's output layer is not part of it.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: LaspLinearLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([LaspDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -542,6 +569,15 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
         if cu_seqlens is None:
             cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing:
+            # The backward pass recomputes each block from its input; a block that advanced the
+            # cache would be recomputed from the advanced state.
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("gradient checkpointing cannot continue from a filled cache: pass cache=None")
+            if use_cache:
+                logger.warning_once("use_cache=True is incompatible with gradient checkpointing: using use_cache=False")
+            use_cache, cache = False, None
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
@@ -567,7 +603,10 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(x)
-            x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids)
+            if checkpointing:
+                x = self._gradient_checkpointing_func(layer.__call__, x, None, token_mask, doc_ids)
+            else:
+                x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids)
         x = self.norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -603,19 +642,23 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
-        """As transformers' default; when ``generate()`` resumes from a filled cache with the whole
-        sequence so far, only the tokens the state has not consumed are fed (a recurrent state
-        cannot skip tokens it has already seen the way a key/value cache is sliced)."""
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, **kwargs
+    ):
+        """As transformers' default (``inputs_embeds`` feed the prompt, ``input_ids`` the generated
+        tokens); when ``generate()`` resumes from a filled cache with the whole sequence so far,
+        only the tokens the state has not consumed are fed (a recurrent state cannot skip tokens
+        it has already seen the way a key/value cache is sliced)."""
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if (
             next_sequence_length is None
+            and inputs_embeds is None
             and isinstance(cache, LaspLinearLMCache)
             and 0 < cache.seen_tokens < input_ids.shape[1]
         ):
             next_sequence_length = input_ids.shape[1] - cache.seen_tokens
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, inputs_embeds=inputs_embeds, **kwargs
         )
 
     def forward(
@@ -632,10 +675,15 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ):
-        """Logits (and the mean next-token loss when ``labels [B, T]`` are given; -100 ignored).
+        """Logits, and the next-token loss when ``labels [B, T]`` are given (-100 ignored).
 
-        Args: as :meth:`LaspLinearLMModel.forward`, plus ``labels`` and ``logits_to_keep`` (0: all
-        positions, n: the last n).
+        The loss is transformers' causal-LM loss (as Llama's): the mean over the predicted tokens,
+        or, when ``num_items_in_batch`` is passed (``Trainer`` does, under gradient accumulation
+        and data parallelism), their sum divided by it.
+
+        Args: as :meth:`LaspLinearLMModel.forward`, plus ``labels``, ``logits_to_keep`` (0: all
+        positions, n: the last n) and the loss keywords ``num_items_in_batch``,
+        ``ignore_index``, ``shift_labels``.
 
         Returns:
             ``CausalLMOutputWithPast``: ``logits [B, T or n, vocab]``, ``loss``, the cache.
@@ -658,10 +706,7 @@ class LaspLinearLMForCausalLM(LaspLinearLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            shifted = labels[:, 1:].to(logits.device)
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
-            )
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         cache = out[_CACHE_FIELD] if _CACHE_FIELD in out else None
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: cache}
