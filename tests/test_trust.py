@@ -134,8 +134,8 @@ def test_checkpoint_misuse_is_refused_and_recoverable(ckpt, tmp_path):
     startup("sched", "--lr-decay-iters (default --train-iters) 2 -> 4", "--override-opt-param-scheduler",
             "--use-checkpoint-opt-param-scheduler")
     startup("sched_lr", "--lr 0.003 -> 0.001")
-    startup("damaged", shard_path, "truncated", "other saved iterations: 1", "--ckpt-step")
-    startup("nocommon", "common.pt is missing", "other saved iterations: 1")
+    startup("damaged", shard_path, "truncated", ": 1 (choose one with --ckpt-step)")
+    startup("nocommon", "common.pt is missing", ": 1 (choose one with --ckpt-step)")
     startup("ckpt_step", "--ckpt-step 7", "saved iterations: 1, 2")
     startup("empty_load", "holds no checkpoint", "drop --load")
     startup("unwritable", "is not writable", "--save")

@@ -52,6 +52,15 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from megatron_lasp import checkpoint_files
+from megatron_lasp.checkpoint_files import (
+    CONFIG_FILENAME,
+    TRACKER_FILENAME,
+    checkpoint_name,
+    list_iterations,
+    other_iterations,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -78,17 +87,10 @@ AUTO_MAP = {
 }
 ARCHITECTURE = "LaspLinearLMForCausalLM"
 
-# The training package's checkpoint layout (megatron_lasp/training/checkpointing.py; a test pins
-# that these agree). Kept here so that argument errors surface before torch is imported.
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-CHECKPOINT_CONFIG = "config.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# dist_checkpointing's files besides the shards (``*.distcp``, named in ``.metadata``).
-CHECKPOINT_METADATA_FILES = ("metadata.json", ".metadata", "common.pt")
-ARGS_FILENAME = "args.json"
 MODEL_CARD = "README.md"
 NO_LENGTH_LIMIT = int(1e30)
 """``model_max_length`` of the exported tokenizer: transformers' value for "no limit" (the recurrent
@@ -104,28 +106,6 @@ class ConversionError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # paths and directories (standard library only)
 # ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    """``root/iter_0000010``."""
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def checkpoint_iterations(root: str) -> List[int]:
-    """The iterations that have an ``iter_XXXXXXX`` directory under ``root`` (sorted)."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    matches = (re.fullmatch(r"iter_(\d{7})", n) for n in names)
-    return sorted(int(m.group(1)) for m in matches if m and os.path.isdir(os.path.join(root, m.group(0))))
-
-
-def _other_iterations(root: str, iteration: int) -> str:
-    others = [i for i in checkpoint_iterations(root) if i != iteration]
-    if not others:
-        return f"no other iteration in {root}"
-    return f"other iterations in {root}: {', '.join(map(str, others))} (choose one with --ckpt-step)"
 
 
 def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, int, str]:
@@ -154,14 +134,14 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
             text = f.read().strip()
         if not text.isdigit():
             raise ConversionError(
-                f"{tracker}: expected an iteration number, found {text!r}; {_other_iterations(load_dir, -1)}"
+                f"{tracker}: expected an iteration number, found {text!r}; {other_iterations(load_dir, -1)}"
             )
         iteration = int(text)
     if iteration < 0:
         raise ConversionError(f"--ckpt-step must be >= 0, got {iteration}")
-    path = checkpoint_dir(load_dir, iteration)
+    path = checkpoint_name(load_dir, iteration)
     if not os.path.isdir(path):
-        shown = ", ".join(map(str, checkpoint_iterations(load_dir))) or "none"
+        shown = ", ".join(map(str, list_iterations(load_dir))) or "none"
         raise ConversionError(
             f"iteration {iteration} not found in {load_dir} (available: {shown}; choose one with --ckpt-step)"
         )
@@ -169,52 +149,11 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
 
 
 def check_checkpoint_files(root: str, iteration: int) -> None:
-    """Raise a one-line :class:`ConversionError` naming the first missing, empty, truncated or
-    unreadable file of ``root/iter_XXXXXXX`` (``config.json``, ``args.json``, dist_checkpointing's
-    metadata and common state, every shard file that ``.metadata`` names, to the last byte it
-    names), and the other iterations that exist. Reads no tensor data."""
-    import zipfile
-
-    path = checkpoint_dir(root, iteration)
-
-    def fail(what: str):
-        raise ConversionError(f"damaged checkpoint: {what}; {_other_iterations(root, iteration)}")
-
-    for name in (CHECKPOINT_CONFIG, ARGS_FILENAME) + CHECKPOINT_METADATA_FILES:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            fail(f"{file} is missing")
-        if os.path.getsize(file) == 0:
-            fail(f"{file} is empty")
-    for name in (CHECKPOINT_CONFIG, ARGS_FILENAME, "metadata.json"):
-        file = os.path.join(path, name)
-        try:
-            with open(file, encoding="utf-8") as f:
-                json.load(f)
-        except (ValueError, UnicodeDecodeError) as err:
-            fail(f"{file} is not valid JSON ({err})")
-    common = os.path.join(path, "common.pt")
-    if not zipfile.is_zipfile(common):
-        fail(f"{common} is truncated or not a torch file")
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """:func:`megatron_lasp.checkpoint_files.check_checkpoint_files`, as a :class:`ConversionError`."""
     try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as err:  # a pickle of torch classes: any failure means an unusable file
-        fail(f"{os.path.join(path, '.metadata')} is unreadable ({type(err).__name__})")
-    needed: Dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    if not needed:
-        fail(f"{os.path.join(path, '.metadata')} names no shard files")
-    for name, end in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            fail(f"{file} is missing")
-        size = os.path.getsize(file)
-        if size < end:
-            fail(f"{file} is truncated ({size} of {end} bytes)")
+        checkpoint_files.check_checkpoint_files(root, iteration)
+    except checkpoint_files.CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -844,7 +783,7 @@ def saved_tokenizer_settings(root: str, iteration: int) -> Optional[Dict[str, An
     Raises:
         ConversionError: a missing or unreadable ``config.json`` (named, with the other iterations).
     """
-    path = os.path.join(checkpoint_dir(root, iteration), CHECKPOINT_CONFIG)
+    path = os.path.join(checkpoint_name(root, iteration), CONFIG_FILENAME)
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -852,11 +791,11 @@ def saved_tokenizer_settings(root: str, iteration: int) -> Optional[Dict[str, An
     except FileNotFoundError:
         raise ConversionError(
             f"damaged checkpoint: {path} is missing (not a megatron-lasp checkpoint, or an incomplete one); "
-            f"{_other_iterations(root, iteration)}"
+            f"{other_iterations(root, iteration)}"
         ) from None
     except (ValueError, UnicodeDecodeError, AttributeError) as err:
         raise ConversionError(
-            f"damaged checkpoint: {path} is not a valid config ({err}); {_other_iterations(root, iteration)}"
+            f"damaged checkpoint: {path} is not a valid config ({err}); {other_iterations(root, iteration)}"
         ) from None
     if not saved.get("tokenizer_type"):
         return None
@@ -985,8 +924,8 @@ def convert_checkpoint_to_hf(
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
         if isinstance(err, (KeyError, TypeError)):
-            first = f"{CHECKPOINT_CONFIG} does not describe a model ({type(err).__name__}: {first})"
-        raise ConversionError(f"cannot load {path}: {first}; {_other_iterations(load_dir, iteration)}") from None
+            first = f"{CONFIG_FILENAME} does not describe a model ({type(err).__name__}: {first})"
+        raise ConversionError(f"cannot load {path}: {first}; {other_iterations(load_dir, iteration)}") from None
     vocab_rows = model.embedding.word_embeddings.weight.shape[0]
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise ConversionError(
@@ -1137,7 +1076,7 @@ def convert_hf_to_checkpoint(
     args = _training_args(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"))
     args.save = os.path.abspath(save_dir)
     with atomic_directory(save_dir, force, sources) as tmp:
-        path = checkpoint_dir(tmp, iteration)
+        path = checkpoint_name(tmp, iteration)
         os.makedirs(path)
         state = {
             "model": model.sharded_state_dict(),

@@ -44,10 +44,9 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import socket
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,9 +56,16 @@ from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-CONFIG_FILENAME = "config.json"
-ARGS_FILENAME = "args.json"
+from megatron_lasp.checkpoint_files import (  # noqa: F401 - the layout, re-exported for callers
+    ARGS_FILENAME,
+    CONFIG_FILENAME,
+    TRACKER_FILENAME,
+    CheckpointError,
+    check_checkpoint_files,
+    checkpoint_name,
+    list_iterations,
+    other_iterations,
+)
 FORMAT_VERSION = 1
 
 RUNTIME_CONFIG_FIELDS = (
@@ -92,58 +98,7 @@ SCHEDULER_FLAGS = (
 )
 """(args field, OptimizerParamScheduler state key, flag): what a resume must not change silently."""
 
-_ITER_DIR = re.compile(r"iter_(\d{7})$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used by this run; the message names the problem."""
-
-
-def list_iterations(root: str) -> List[int]:
-    """The iterations under ``root`` with a complete checkpoint directory (renamed, with config.json)."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = _ITER_DIR.match(name)
-        if m and os.path.isfile(os.path.join(root, name, CONFIG_FILENAME)):
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
-def _others(root: str, but: Optional[int] = None) -> str:
-    its = [i for i in list_iterations(root) if i != but]
-    if not its:
-        return "no other iteration is saved there"
-    return f"other saved iterations: {', '.join(map(str, its))} (pick one with --ckpt-step N)"
-
-
-def check_checkpoint_files(path: str, root: str, iteration: int) -> None:
-    """Raise :class:`CheckpointError` naming the first missing or truncated file of a checkpoint."""
-    def damaged(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} is damaged: {what}; {_others(root, iteration)}")
-
-    for name in (CONFIG_FILENAME, "metadata.json", "common.pt", ".metadata"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise damaged(f"{os.path.join(path, name)} is missing")
-    try:
-        with open(os.path.join(path, CONFIG_FILENAME), encoding="utf-8") as f:
-            json.load(f)
-        from torch.distributed.checkpoint import FileSystemReader
-
-        storage = FileSystemReader(path).read_metadata().storage_data
-    except Exception as err:  # unreadable JSON / pickle: say which file
-        bad = CONFIG_FILENAME if isinstance(err, ValueError) else ".metadata"
-        raise damaged(f"{os.path.join(path, bad)} is unreadable ({type(err).__name__})") from None
-    ends: Dict[str, int] = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise damaged(f"{file} is missing")
-        if os.path.getsize(file) < end:
-            raise damaged(f"{file} is truncated ({os.path.getsize(file)} of {end} bytes)")
 
 
 def resolve_load(args: argparse.Namespace) -> Optional[int]:
@@ -178,8 +133,8 @@ def resolve_load(args: argparse.Namespace) -> Optional[int]:
                                   "check the path, or drop --load to start from scratch")
         if iteration not in found:
             raise CheckpointError(f"{os.path.join(root, TRACKER_FILENAME)} names iteration {iteration}, but "
-                                  f"{checkpoint_name(root, iteration)} is missing or incomplete; {_others(root, iteration)}")
-    check_checkpoint_files(checkpoint_name(root, iteration), root, iteration)
+                                  f"{checkpoint_name(root, iteration)} is missing or incomplete; {other_iterations(root, iteration)}")
+    check_checkpoint_files(root, iteration)
     return iteration
 
 
@@ -338,11 +293,6 @@ def prepare_run(args: argparse.Namespace, config) -> None:
                 check_scheduler(args, args.load_iteration)
     if dist.is_initialized() and dist.get_rank() == 0:
         lock_save_dir(args)
-
-
-def checkpoint_name(root: str, iteration: int) -> str:
-    """``root/iter_0000010``."""
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -732,7 +682,7 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first}); "
-                                  f"{_others(root, iteration)}") from None
+                                  f"{other_iterations(root, iteration)}") from None
     if full_map:
         _load_fsdp_model(inner, loaded["model"])
     else:
