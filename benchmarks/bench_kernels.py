@@ -27,7 +27,7 @@ import sys
 SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 8192, 16, 128)]
 # fla 0.6.0 chunk_simple_gla, bf16 B1 H16 D128, one H200, full autotuning: T -> (fwd ms, fwd+bwd ms).
 FLA_REFERENCE = {8192: (0.41, 1.83), 32768: (0.46, 2.21), 131072: (1.79, 8.69)}
-# Sweep candidates: overrides of the launch heuristic (chunk.TUNING).
+# Sweep candidates: overrides of the launch heuristic (fields of TritonOptions).
 SWEEP_LOCAL = [
     {},
     {"state_tile": 128, "state_warps": 8},
@@ -64,11 +64,11 @@ def make_inputs(B, T, H, D):
     return q, k, v, h0, slopes, torch.randn_like(v), torch.randn_like(h0)
 
 
-def ours_fn():
+def ours_fn(options=None):
     from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 
     def run(q, k, v, h0, slopes):
-        return chunk_lightning_attn(q, k, v, slopes, h0, True, backend="triton")
+        return chunk_lightning_attn(q, k, v, slopes, h0, True, backend="triton", triton_options=options)
 
     return run
 
@@ -113,27 +113,28 @@ def time_fn(fn, inputs, warmup=25, rep=100):
     return fwd_ms, fb_ms
 
 
-def apply_config_json(path):
-    from megatron_lasp.ops.lightning_attn import chunk as la_chunk
+def options_from_json(path):
+    """The TritonOptions of a --sweep output's best overrides (none without a path)."""
+    from megatron_lasp.ops.lightning_attn import TritonOptions
 
-    if path:
-        with open(path) as f:
-            la_chunk.TUNING.update(json.load(f)["best_tuning"])
-    return dict(la_chunk.TUNING)
+    if not path:
+        return TritonOptions()
+    with open(path) as f:
+        return TritonOptions(**json.load(f)["best_tuning"])
 
 
 def sweep(args):
     import torch
-    from megatron_lasp.ops.lightning_attn import chunk as la_chunk
+    from megatron_lasp.ops.lightning_attn import TritonOptions
+    from megatron_lasp.ops.lightning_attn.triton_chunk import triton_config
 
     B, T, H, D = 1, 32768, 16, 128
     inputs = make_inputs(B, T, H, D)
-    fn = ours_fn()
     rows = []
     for tuning in (SWEEP_LOCAL if args.sweep_set == "local" else SWEEP):
-        la_chunk.TUNING.clear()
-        la_chunk.TUNING.update(tuning)
-        cfg = la_chunk._triton_config(B, T, H, D, D, False)
+        options = TritonOptions(**tuning)
+        fn = ours_fn(options)
+        cfg = triton_config(B, T, H, D, D, inputs[0].device, inputs[0].dtype, options)
         try:
             fwd_ms, fb_ms = time_fn(fn, inputs, warmup=10, rep=50)
         except Exception as e:  # out of resources and the like
@@ -142,7 +143,6 @@ def sweep(args):
         rows.append(dict(tuning=tuning, config=cfg.__dict__, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms))
         print(f"{tuning} {cfg}: fwd {fwd_ms:.3f} ms fwd+bwd {fb_ms:.3f} ms", flush=True)
         torch.cuda.synchronize()
-    la_chunk.TUNING.clear()
     best = min(rows, key=lambda r: r["fwd_bwd_ms"])
     print("best:", best, flush=True)
     with open(args.out + ("_sweep_local.json" if args.sweep_set == "local" else "_sweep.json"), "w") as f:
@@ -158,8 +158,9 @@ def bench(args):
     meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, impl=args.impl)
     if args.impl == "ours":
-        meta["tuning"] = apply_config_json(args.config_json)
-        fn = ours_fn()
+        options = options_from_json(args.config_json)
+        meta["tuning"] = options.overrides()
+        fn = ours_fn(options)
     else:
         fn = fla_fn(args.fla_autotune)
         meta["fla_autotune"] = args.fla_autotune
@@ -207,12 +208,13 @@ def packed(args):
 
     from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 
+    options = options_from_json(args.config_json)
     meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
-                torch=torch.__version__, triton=triton.__version__, tuning=apply_config_json(args.config_json),
+                torch=torch.__version__, triton=triton.__version__, tuning=options.overrides(),
                 overhead_target=PACKED_OVERHEAD_TARGET,
                 reference="torch chunked backend in fp64 on the GPU with the same cu_seqlens")
     rows = []
-    fn = ours_fn()
+    fn = ours_fn(options)
     for B, T, H, D in [(1, 32768, 16, 128), (1, 8192, 16, 128)]:
         inputs = make_inputs(B, T, H, D)
         q, k, v, h0, slopes, do, dht = inputs
@@ -223,7 +225,8 @@ def packed(args):
             cu = _random_cu_seqlens(B * T, mean_len, seed=T + mean_len).cuda()
 
             def run(q_, k_, v_, h0_, slopes_, cu=cu):
-                return chunk_lightning_attn(q_, k_, v_, slopes_, h0_, True, backend="triton", cu_seqlens=cu)
+                return chunk_lightning_attn(q_, k_, v_, slopes_, h0_, True, backend="triton", cu_seqlens=cu,
+                                            triton_options=options)
 
             fwd_ms, fb_ms = time_fn(run, inputs)
             row = dict(B=B, T=T, H=H, D=D, layout=name, n_docs=int(cu.numel() - 1), fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,

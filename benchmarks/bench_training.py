@@ -58,9 +58,9 @@ _ELEMENTWISE = re.compile(r"elementwise|vectorized|unrolled|reduce|softmax|norm|
 def _triton_names():
     """Kernel names of the lightning attention and of the fused elementwise ops."""
     from megatron_lasp.ops.fused import kernels as fused_kernels
-    from megatron_lasp.ops.lightning_attn import chunk
+    from megatron_lasp.ops.lightning_attn.triton_chunk import KERNEL_NAMES
 
-    attn = {fn.__name__ for fn in chunk._KERNEL_FNS}
+    attn = set(KERNEL_NAMES)
     fused = {n for n in dir(fused_kernels) if n.startswith("_") and n.endswith("_kernel")}
     return attn, fused
 

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from megatron_lasp.ops.lightning_attn import chunk as la_chunk
 from megatron_lasp.ops.lightning_attn import (
+    TritonOptions,
     chunk_lightning_attn,
     decay_powers,
     lightning_attn_bwd,
@@ -51,7 +51,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def run_case(shape, dtype, device):
+def run_case(shape, dtype, device, options):
     B, T, H, Dk, Dv = shape
     g = torch.Generator(device=device).manual_seed(hash((shape, str(dtype))) % 2**31)
     # q.k ~ N(0, 1): scale q and k by Dk^-1/4 each.
@@ -65,7 +65,7 @@ def run_case(shape, dtype, device):
 
     def grads(backend, cast):
         leaves = [cast(x).requires_grad_(True) for x in (q, k, v, h0)]
-        o, ht = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], True, backend=backend)
+        o, ht = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], True, backend=backend, triton_options=options)
         torch.autograd.backward((o, ht), (cast(do), dht.to(ht.dtype)))
         return [o.detach(), ht.detach()] + [x.grad for x in leaves]
 
@@ -76,10 +76,10 @@ def run_case(shape, dtype, device):
     deterministic = all(torch.equal(a, b) for a, b in zip(got, again))
 
     # The sequence-parallel split: fwd without initial state + the state term added by the caller.
-    o_loc, ht_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, "triton")
+    o_loc, ht_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, "triton", triton_options=options)
     a = decay_powers(slopes, T).transpose(0, 1)[None, :, :, None]
     o_split = o_loc.float() + a * torch.einsum("bthk,bhkv->bthv", q.float(), h0)
-    dq_l, _, _, _ = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, "triton")
+    dq_l, _, _, _ = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
     dq_split = dq_l.float() + a * torch.einsum("bthv,bhkv->bthk", do.float(), h0)
     errs["o_split"] = rel(o_split, ref[0])
     errs["dq_split"] = rel(dq_split, ref[2])
@@ -96,19 +96,20 @@ def main():
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     device = torch.device("cuda")
-    la_chunk.POISON_OUTPUTS = True
+    tuning = {}
     if args.config_json:
         with open(args.config_json) as f:
-            la_chunk.TUNING.update(json.load(f)["best_tuning"])
+            tuning = json.load(f)["best_tuning"]
+    options = TritonOptions(**tuning, poison_outputs=True)
     meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=__import__("triton").__version__,
-                reference="torch chunked backend in fp64 on the GPU", tuning=dict(la_chunk.TUNING))
+                reference="torch chunked backend in fp64 on the GPU", tuning=options.overrides())
     results = []
     shapes = SHAPES[:2] if args.quick else SHAPES
     for dtype in (torch.bfloat16, torch.float32):
         for shape in shapes[:args.bf16_shapes if dtype == torch.bfloat16 else args.fp32_shapes]:
             t0 = time.time()
-            errs, det = run_case(shape, dtype, device)
+            errs, det = run_case(shape, dtype, device, options)
             torch.cuda.synchronize()
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
             ok = det and all(math.isfinite(e) and e < tol for e in errs.values())

@@ -37,16 +37,18 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lasp.ops.lightning_attn import (  # noqa: E402
+    LightningAttnSaved,
+    TritonOptions,
     chunk_lightning_attn,
     lightning_attn_bwd,
     lightning_attn_fwd,
 )
-from megatron_lasp.ops.lightning_attn import chunk as la_chunk  # noqa: E402
 from megatron_lasp.parallel import SEQUENCE_PARALLEL_MODES, lightning_attn_sp  # noqa: E402
 from megatron_lasp.parallel.comm import group_info  # noqa: E402
 from megatron_lasp.parallel.state import init_distributed  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+POISON = TritonOptions(poison_outputs=True)  # NaN-filled kernel buffers in the exactness check
 
 
 def alibi_slopes(H: int) -> torch.Tensor:
@@ -91,14 +93,13 @@ def packed_cu_seqlens(B, T, W, C, device, seed):
 
 def run_full(q, k, v, do, slopes, dtype, backend, cu_seqlens=None):
     leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend, cu_seqlens=cu_seqlens)
+    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend, cu_seqlens=cu_seqlens, triton_options=POISON)
     o.backward(do.to(dtype))
     return [o.detach()] + [x.grad for x in leaves]
 
 
 def check_exactness(args, device, backend):
     rank, W = dist.get_rank(), dist.get_world_size()
-    la_chunk.POISON_OUTPUTS = True
     rows = []
     for B, C, H, D in args.check_shapes:
         T = W * C
@@ -114,7 +115,8 @@ def check_exactness(args, device, backend):
                 if mode == "ulysses" and H % W:
                     continue
                 local = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend, cu_seqlens=cu)
+                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend, cu_seqlens=cu,
+                                      triton_options=POISON)
                 o.backward(do[:, sl].to(dtype))
                 got = [o.detach()] + [x.grad for x in local]
                 names = ("o", "dq", "dk", "dv")
@@ -129,7 +131,6 @@ def check_exactness(args, device, backend):
                     print(f"{'ok ' if ok else 'BAD'} {mode:>9} {str(dtype):>14} B{B} T{T} H{H} D{D}"
                           f"{' packed' if packed else ''}: "
                           f"vs fp64 max {worst:.2e}, vs 1 GPU max {max(err1.values()):.2e}", flush=True)
-    la_chunk.POISON_OUTPUTS = False
     return rows
 
 
@@ -146,20 +147,20 @@ class _SerialLasp(torch.autograd.Function):
         o, s_out, saved = lightning_attn_fwd(q, k, v, slopes, s_in, info.next is not None, backend)
         if info.next is not None:
             dist.send(s_out, dst=info.next, group=info.group)
-        ctx.save_for_backward(q, k, v, slopes, saved.states)
-        ctx.meta = (info, backend, saved)
+        saved.save_to(ctx, q, k, v, slopes)
+        ctx.info = info
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, slopes, _ = ctx.saved_tensors
-        info, backend, saved = ctx.meta
+        (q, k, v, slopes), saved = LightningAttnSaved.restore_from(ctx)
+        info = ctx.info
         B, C, H, D = q.shape
         ds = None
         if info.next is not None:
             ds = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
             dist.recv(ds, src=info.next, group=info.group)
-        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, ds, None, saved, backend)
+        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, saved=saved, d_final_state=ds)
         if info.prev is not None:
             dist.send(ds_in.contiguous(), dst=info.prev, group=info.group)
         return dq, dk, dv, None, None, None

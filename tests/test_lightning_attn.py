@@ -11,15 +11,19 @@ import pytest
 import torch
 
 from megatron_lasp.ops.lightning_attn import (
+    TritonOptions,
     chunk_lightning_attn,
     decay_powers,
     lightning_attn_bwd,
     lightning_attn_fwd,
     naive_chunk_lightning_attn,
-    naive_lightning_attn,
+    naive_recurrent_lightning_attn,
     state_decay,
 )
-from megatron_lasp.ops.lightning_attn import chunk as lightning_chunk
+
+# Every buffer a triton kernel writes is filled with NaN first, so that an unwritten element fails
+# (ignored by the torch backend).
+POISON = TritonOptions(poison_outputs=True)
 
 TOL = {"torch": 1e-5, "triton": 1e-4}
 
@@ -58,7 +62,7 @@ def _inputs(B, T, H, Dk, Dv, decay, with_h0):
 
 def _reference(q, k, v, slopes, h0, do, dht):
     leaves = [x.double().requires_grad_(True) if x is not None else None for x in (q, k, v, h0)]
-    o, ht = naive_lightning_attn(leaves[0], leaves[1], leaves[2], slopes.double(), leaves[3], True)
+    o, ht = naive_recurrent_lightning_attn(leaves[0], leaves[1], leaves[2], slopes.double(), leaves[3], True)
     loss = (o * do.double()).sum() + (ht * dht.double()).sum()
     wrt = [x for x in leaves if x is not None]
     grads = torch.autograd.grad(loss, wrt)
@@ -74,8 +78,6 @@ def _case_id(shape):
 def backend(request, monkeypatch):
     if request.param == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(lightning_chunk, "POISON_OUTPUTS", True)
-    monkeypatch.delenv("MEGATRON_LASP_KERNEL_BACKEND", raising=False)
     return request.param
 
 
@@ -88,7 +90,8 @@ def test_matches_recurrent_reference(backend, shape, decay, with_h0):
     ref = _reference(q, k, v, slopes, h0, do, dht)
 
     leaves = [x.clone().requires_grad_(True) if x is not None else None for x in (q, k, v, h0)]
-    o, ht = chunk_lightning_attn(leaves[0], leaves[1], leaves[2], slopes, leaves[3], True, backend=backend)
+    o, ht = chunk_lightning_attn(leaves[0], leaves[1], leaves[2], slopes, leaves[3], True, backend=backend,
+                                 triton_options=POISON)
     assert o.dtype == q.dtype and o.shape == v.shape
     assert ht.dtype == torch.float32 and ht.shape == (shape[0], shape[2], shape[3], shape[4])
     ((o * do).sum() + (ht * dht).sum()).backward()
@@ -105,16 +108,16 @@ def test_functional_split_by_linearity(backend, shape):
     torch.manual_seed(1)
     q, k, v, slopes, h0, do, dht = _inputs(*shape, "hetero", True)
     B, T, H, Dk, Dv = shape
-    o_full, ht_full, saved_full = lightning_attn_fwd(q, k, v, slopes, h0, True, backend)
-    o_loc, ht_loc, saved_loc = lightning_attn_fwd(q, k, v, slopes, None, True, backend)
+    o_full, ht_full, saved_full = lightning_attn_fwd(q, k, v, slopes, h0, True, backend, triton_options=POISON)
+    o_loc, ht_loc, saved_loc = lightning_attn_fwd(q, k, v, slopes, None, True, backend, triton_options=POISON)
     a = decay_powers(slopes, T).transpose(0, 1)[None, :, :, None]  # [1, T, H, 1]
     o_split = o_loc + a * torch.einsum("bthk,bhkv->bthv", q, h0)
     ht_split = ht_loc + state_decay(slopes, T)[None, :, None, None] * h0
     assert _rel(o_split, o_full) < TOL[backend]
     assert _rel(ht_split, ht_full) < TOL[backend]
 
-    dq, dk, dv, dh0 = lightning_attn_bwd(q, k, v, slopes, do, dht, h0, saved_full, backend)
-    dq_l, dk_l, dv_l, dh0_l = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved_loc, backend)
+    dq, dk, dv, dh0 = lightning_attn_bwd(q, k, v, slopes, do, saved=saved_full, d_final_state=dht)
+    dq_l, dk_l, dv_l, dh0_l = lightning_attn_bwd(q, k, v, slopes, do, saved=saved_loc)
     b = decay_powers(slopes, T, reverse=True).transpose(0, 1)[None, :, :, None]
     lam_t = state_decay(slopes, T)[None, :, None, None]
     assert _rel(dq_l + a * torch.einsum("bthv,bhkv->bthk", do, h0), dq) < TOL[backend]
@@ -126,7 +129,7 @@ def test_functional_split_by_linearity(backend, shape):
 def test_naive_chunk_matches_recurrent():
     torch.manual_seed(2)
     q, k, v, slopes, h0, _, _ = _inputs(2, 45, 4, 8, 6, "hetero", True)
-    o_r, ht_r = naive_lightning_attn(q, k, v, slopes, h0, True)
+    o_r, ht_r = naive_recurrent_lightning_attn(q, k, v, slopes, h0, True)
     o_c, ht_c = naive_chunk_lightning_attn(q, k, v, slopes, h0, True, chunk_size=16)
     assert _rel(o_c, o_r) < 1e-5 and _rel(ht_c, ht_r) < 1e-5
 
@@ -135,18 +138,16 @@ def test_wrong_decay_exponent_is_caught():
     """The tolerance is far below the error of an off-by-one decay exponent."""
     torch.manual_seed(3)
     q, k, v, slopes, h0, _, _ = _inputs(1, 20, 4, 8, 8, "hetero", True)
-    o_r, _ = naive_lightning_attn(q, k, v, slopes, h0, True)
-    o_shift, _ = naive_lightning_attn(q, k, v, slopes, h0 * torch.exp(-slopes)[None, :, None, None], True)
+    o_r, _ = naive_recurrent_lightning_attn(q, k, v, slopes, h0, True)
+    o_shift, _ = naive_recurrent_lightning_attn(q, k, v, slopes, h0 * torch.exp(-slopes)[None, :, None, None], True)
     assert _rel(o_shift, o_r) > 100 * TOL["triton"]
 
 
-def test_default_backend_and_env_override(monkeypatch):
+def test_default_and_unknown_backend():
     q, k, v, slopes, _, _, _ = _inputs(1, 5, 2, 4, 4, "hetero", False)
-    monkeypatch.delenv("MEGATRON_LASP_KERNEL_BACKEND", raising=False)
     assert lightning_attn_fwd(q, k, v, slopes)[2].backend == "torch"
-    monkeypatch.setenv("MEGATRON_LASP_KERNEL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend"):
-        chunk_lightning_attn(q, k, v, slopes)
+        chunk_lightning_attn(q, k, v, slopes, backend="bogus")
 
 
 BAD_INPUTS = {
@@ -190,9 +191,9 @@ def test_broadcast_output_gradient(backend):
         leaves = [x.clone().double().requires_grad_(True) if impl == "naive" else x.clone().requires_grad_(True)
                   for x in (q, k, v, h0)]
         if impl == "naive":
-            o, _ = naive_lightning_attn(*leaves[:3], slopes.double(), leaves[3], False)
+            o, _ = naive_recurrent_lightning_attn(*leaves[:3], slopes.double(), leaves[3], False)
         else:
-            o, _ = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], False, backend=impl)
+            o, _ = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], False, backend=impl, triton_options=POISON)
         o.sum().backward()
         grads.append([x.grad for x in leaves])
     for name, a, b in zip(["dq", "dk", "dv", "d_initial_state"], grads[1], grads[0]):

@@ -8,8 +8,7 @@ fall inside blocks, on block and segment edges, and include documents of length 
 import pytest
 import torch
 
-from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
-from megatron_lasp.ops.lightning_attn import chunk as lightning_chunk
+from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,8 +26,7 @@ def _cu(total, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [(1, 8192, 8, 128, 128), (2, 3000, 4, 64, 64), (1, 777, 3, 256, 256)],
                          ids=lambda s: "B{}-T{}-H{}-Dk{}-Dv{}".format(*s))
-def test_triton_packed_matches_reference_on_cuda(shape, dtype, monkeypatch):
-    monkeypatch.setattr(lightning_chunk, "POISON_OUTPUTS", True)
+def test_triton_packed_matches_reference_on_cuda(shape, dtype):
     B, T, H, Dk, Dv = shape
     gen = torch.Generator().manual_seed(T)
     dev = torch.device("cuda")
@@ -43,7 +41,8 @@ def test_triton_packed_matches_reference_on_cuda(shape, dtype, monkeypatch):
 
     def run(backend, cast):
         leaves = [cast(x.to(dev)).requires_grad_(True) for x in (q, k, v)] + [h0.to(dev).clone().requires_grad_(True)]
-        o, ht = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], True, backend=backend, cu_seqlens=cu)
+        o, ht = chunk_lightning_attn(*leaves[:3], slopes, leaves[3], True, backend=backend, cu_seqlens=cu,
+                                     triton_options=TritonOptions(poison_outputs=True))
         torch.autograd.backward((o, ht), (cast(do.to(dev)), dht.to(dev)))
         return [o, ht] + [x.grad for x in leaves]
 

@@ -46,8 +46,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.norms import GroupRMSNorm
 from megatron_lasp.ops import fused as fused_ops
+from megatron_lasp.parallel import lightning_attn_sp
 
-__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "alibi_slopes", "layer_slopes", "sp_attention"]
+__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "alibi_slopes", "layer_slopes"]
 
 
 def alibi_slopes(num_heads: int) -> List[float]:
@@ -68,7 +69,7 @@ def alibi_slopes(num_heads: int) -> List[float]:
 
 
 def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
-    """All heads' decay slopes of one layer, fp32 ``[num_attention_heads]`` (decay = exp(-slope)).
+    """All heads' decay slopes of one layer, fp32 ``[num_attention_heads]`` on the CPU (decay = exp(-slope)).
 
     Args:
         config: ``decay_type`` ('tnl', 'alibi', 'none'), ``decay_layer_eps``, ``num_layers``.
@@ -79,34 +80,13 @@ def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
     """
     heads = config.num_attention_heads
     if config.decay_type == "none":
-        return torch.zeros(heads, dtype=torch.float32)
-    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64)
+        return torch.zeros(heads, dtype=torch.float32, device="cpu")
+    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64, device="cpu")
     if config.decay_type == "tnl":
         L, l = config.num_layers, layer_number - 1
         depth = 0.0 if L == 1 else l / (L - 1)
         slopes = slopes * (1.0 - depth + config.decay_layer_eps)
     return slopes.float()
-
-
-def sp_attention(
-    q, k, v, slopes, group, mode: str, backend: Optional[str], validate: Optional[bool] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Causal decayed linear attention of this rank's contiguous slice, ``[b, s, h, d]`` in/out.
-
-    Uses ``megatron_lasp.parallel.lightning_attn_sp`` over ``group`` (the SP group; its
-    ``validate`` check of the ranks' shapes is passed through); a group of size 1 (or None) runs
-    the plain kernel. ``cu_seqlens``: packed documents, global offsets over the ``b x s_full``
-    tokens (see ``lightning_attn_sp``), or None.
-    """
-    if group is None or group.size() == 1:
-        from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
-
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens)[0]
-    from megatron_lasp.parallel import lightning_attn_sp
-
-    return lightning_attn_sp(q, k, v, slopes, group, mode=mode, backend=backend, validate=validate,
-                             cu_seqlens=cu_seqlens)
 
 
 _FEATURE_MAPS = {"silu": F.silu, "identity": None}
@@ -131,8 +111,10 @@ class LinearSelfAttention(MegatronModule):
     bias or None)``. The attention mask and rotary arguments are ignored: the attention is causal
     and position is carried by the decay.
 
-    Buffers: ``slopes`` fp32 ``[heads on this TP rank]`` (non-persistent; recomputed from the
-    config after every ``to()`` / ``to_empty()`` / cast, so they stay exact fp32).
+    ``slopes``: fp32 ``[heads on this TP rank]`` on the module's device, not a parameter or a
+    buffer (nothing in the state dict): they follow from the config, are kept as Python floats
+    and made a tensor once per device, so no cast of the module can round them and a
+    ``to_empty()`` after a meta-device build cannot leave them uninitialised.
     """
 
     def __init__(
@@ -190,24 +172,38 @@ class LinearSelfAttention(MegatronModule):
             tp_comm_buffer_name="proj",
             tp_group=self.tp_group,
         )
-        self._head_slice = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
-        self.register_buffer("slopes", self._local_slopes(device), persistent=False)
-        # lightning_attn_sp checks that the SP ranks agree on shapes with one small collective and
-        # a host sync; once per module is enough (every rank runs the same layers in the same
-        # order), so later calls skip it.
-        self._sp_checked = False
+        head_slice = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
+        self._slope_values = tuple(layer_slopes(config, layer_number)[head_slice].tolist())
+        self._slopes_by_device = {}
+        self._sp_checked = False  # see _attention
 
-    def _local_slopes(self, device=None) -> torch.Tensor:
-        return layer_slopes(self.config, self.layer_number)[self._head_slice].to(device)
+    @property
+    def slopes(self) -> torch.Tensor:
+        """This TP rank's decay slopes, fp32 ``[local heads]``, on the device of the module's weights."""
+        device = self.out_norm.weight.device
+        if device not in self._slopes_by_device:
+            self._slopes_by_device[device] = torch.tensor(self._slope_values, dtype=torch.float32, device=device)
+        return self._slopes_by_device[device]
 
-    def _apply(self, fn, *args, **kwargs):
-        # The slopes follow from the config: recompute them after any cast or move, so that a cast
-        # to bf16 cannot round them and ``to_empty()`` after a meta-device build cannot leave them
-        # uninitialised (a few numbers, computed on the host).
-        super()._apply(fn, *args, **kwargs)
-        self.slopes = self._local_slopes(self.slopes.device)
-        return self
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """The sequence-parallel kernel on ``[s, b, h, d]`` views -> o ``[s, b, h, d]``.
+
+        The first call checks that the SP ranks agree on the shapes (one small collective and a
+        host sync); every rank runs the same layers in the same order, so later calls skip it.
+        """
+        o = lightning_attn_sp(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            self.slopes,
+            self.sp_group,
+            mode=self.config.sequence_parallel_mode,
+            backend=self.config.kernel_backend,
+            validate=None if not self._sp_checked else False,
+            cu_seqlens=cu_seqlens,
+        )
+        self._sp_checked = True
+        return o.transpose(0, 1)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
@@ -217,19 +213,7 @@ class LinearSelfAttention(MegatronModule):
             q, k = phi(q), phi(k)
         if psi is not None:
             v = psi(v)
-        o = sp_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            self.slopes,
-            self.sp_group,
-            self.config.sequence_parallel_mode,
-            self.config.kernel_backend,
-            validate=None if not self._sp_checked else False,
-            cu_seqlens=cu_seqlens,
-        )
-        self._sp_checked = True
-        return o.transpose(0, 1)
+        return self._attention(q, k, v, cu_seqlens)
 
     def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
         """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
@@ -237,19 +221,7 @@ class LinearSelfAttention(MegatronModule):
             mixed, self.local_heads, self.parts, self.head_dim,
             self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
         )
-        o = sp_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            self.slopes,
-            self.sp_group,
-            self.config.sequence_parallel_mode,
-            self.config.kernel_backend,
-            validate=None if not self._sp_checked else False,
-            cu_seqlens=cu_seqlens,
-        )
-        self._sp_checked = True
-        o = o.transpose(0, 1)
+        o = self._attention(q, k, v, cu_seqlens)
         return (o, sg) if sg is not None else o
 
     def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, cu_seqlens=None):

@@ -44,7 +44,8 @@ def _views(row: torch.Tensor, shape_k, shape_v):
 
 class _AllGatherFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+                triton_options=None):
         B, C, H = q.shape[:3]
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
@@ -58,18 +59,18 @@ class _AllGatherFunction(torch.autograd.Function):
         if s_in is not None and docs is not None:
             s_in.mul_(_keep_in(docs, info.rank, B).to(s_in.dtype))
         o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend,
-                                         doc_ids=None if docs is None else docs.local)
-        ctx.save_for_backward(q, k, v, slopes, saved.states, kv)
-        ctx.meta = (info, saved.backend, saved.span, saved.config, docs)
+                                         doc_ids=None if docs is None else docs.local,
+                                         triton_options=triton_options)
+        saved.save_to(ctx, q, k, v, slopes, kv)
+        ctx.meta = (info, docs)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, slopes, states, kv = ctx.saved_tensors
-        info, backend, span, config, docs = ctx.meta
+        (q, k, v, slopes, kv), saved = LightningAttnSaved.restore_from(ctx)
+        info, docs = ctx.meta
         B, C, H = q.shape[:3]
-        saved = LightningAttnSaved(backend, states, span, config, None if docs is None else docs.local)
-        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, backend)
+        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
         if docs is not None and info.rank > 0:
             ds_in.mul_(_keep_in(docs, info.rank, B).to(ds_in.dtype))
         grads = torch.zeros_like(kv)
@@ -87,7 +88,7 @@ class _AllGatherFunction(torch.autograd.Function):
         mine = torch.empty_like(kv[0])
         reduce_scatter_flat(mine, grads.view(-1), info.group)
         dk, dv = _views(mine, k.shape, v.shape)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _w_out(dec: SliceDecays, docs: Optional[SliceDocs], j: int) -> torch.Tensor:
@@ -105,6 +106,6 @@ def _keep_in(docs: SliceDocs, rank: int, B: int) -> torch.Tensor:
 
 
 def allgather_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                        docs: Optional[SliceDocs] = None) -> torch.Tensor:
+                        docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
     """All-gather baseline over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _AllGatherFunction.apply(q, k, v, slopes, group_info(group), backend, docs)
+    return _AllGatherFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)

@@ -166,7 +166,7 @@ def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torc
         entry_docs = docs.local[:, (starts - 1).clamp(min=0)]  # [B, N]
         w = w * (entry_docs == docs.prev[docs.rank][:, None]).to(sdt)[:, None]  # [B, H, N]
     states = saved.states + w[:, :, :, None, None] * s_in.to(sdt)[:, :, None]
-    return LightningAttnSaved(saved.backend, states, saved.span, saved.config, saved.doc_ids)
+    return dataclasses.replace(saved, states=states)
 
 
 @dataclasses.dataclass(frozen=True)

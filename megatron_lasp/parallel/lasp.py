@@ -114,14 +114,16 @@ def _pass_on(state_local, carried, recv, across, keep, dst, group, side):
 
 class _LaspFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+                triton_options=None):
         B, C, H, Dk = q.shape
         Dv = v.shape[-1]
         sdt = state_dtype(q.dtype)
         s_in, recv = _post_recv((B, H, Dk, Dv), sdt, q.device, info.prev, info.group)
         # 1. the state-only pass: S_loc before any output is computed
         s_loc, finish = lightning_attn_fwd_phases(q, k, v, slopes, backend,
-                                                  doc_ids=None if docs is None else docs.local)
+                                                  doc_ids=None if docs is None else docs.local,
+                                                  triton_options=triton_options)
         dec = SliceDecays.of(slopes, C)
         across, w_in = _factors(dec, docs, info.rank, H)
         # 2. wait for S_in, send S_out on at once (side stream on CUDA)
@@ -134,23 +136,22 @@ class _LaspFunction(torch.autograd.Function):
             add_state_term(o, q, s_in, w_in)
         if send is not None:
             send.wait()
-        ctx.save_for_backward(q, k, v, slopes, saved.states, s_in)
-        ctx.meta = (info, saved.backend, saved.span, saved.config, docs)
+        saved.save_to(ctx, q, k, v, slopes, s_in)
+        ctx.meta = (info, docs)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, slopes, states, s_in = ctx.saved_tensors
-        info, backend, span, config, docs = ctx.meta
+        (q, k, v, slopes, s_in), saved = LightningAttnSaved.restore_from(ctx)
+        info, docs = ctx.meta
         B, C, H, Dk = q.shape
         Dv = v.shape[-1]
         sdt = state_dtype(q.dtype)
         ds, recv = _post_recv((B, H, Dk, Dv), sdt, q.device, info.next, info.group)
-        saved = LightningAttnSaved(backend, states, span, config, None if docs is None else docs.local)
         if s_in is not None:
             saved = with_entry_state(saved, s_in, slopes, docs)
         # 1. the state-gradient pass: the local part of dS_in first
-        ds_loc, finish = lightning_attn_bwd_phases(q, k, v, slopes, do, saved, backend)
+        ds_loc, finish = lightning_attn_bwd_phases(q, k, v, slopes, do, saved=saved)
         dec = SliceDecays.of(slopes, C)
         across, _ = _factors(dec, docs, info.rank, H)
         w_out = dec.b if docs is None else docs.w_out(dec, info.rank)
@@ -167,7 +168,7 @@ class _LaspFunction(torch.autograd.Function):
             add_state_term(dv, k, ds, w_out)
         if send is not None:
             send.wait()
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _factors(dec: SliceDecays, docs: Optional[SliceDocs], rank: int, H: int):
@@ -178,7 +179,7 @@ def _factors(dec: SliceDecays, docs: Optional[SliceDocs], rank: int, H: int):
 
 
 def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                   docs: Optional[SliceDocs] = None) -> torch.Tensor:
+                   docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
     """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
 
     Args:
@@ -187,8 +188,10 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
         group: the sequence-parallel group.
         backend: kernel backend.
         docs: packed documents (:class:`megatron_lasp.parallel.comm.SliceDocs`), or None.
+        triton_options: the triton backend's :class:`megatron_lasp.ops.lightning_attn.TritonOptions`,
+            or None.
 
     Returns:
         ``o [B, C, H, Dv]``, this rank's slice of the output.
     """
-    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend, docs)
+    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)

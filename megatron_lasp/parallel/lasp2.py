@@ -50,29 +50,30 @@ def _all_gather_states(x: torch.Tensor, info: GroupInfo) -> list[torch.Tensor]:
 
 class _Lasp2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+                triton_options=None):
         C = q.shape[1]
         o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend,
-                                             doc_ids=None if docs is None else docs.local)
+                                             doc_ids=None if docs is None else docs.local,
+                                             triton_options=triton_options)
         states = _all_gather_states(s_loc, info)
         dec = SliceDecays.of(slopes, C)
         across = dec.across if docs is None else docs.across(dec)
         s_in = decayed_prefix(states, across.to(s_loc.dtype), info.rank)
         if s_in is not None:
             add_state_term(o, q, s_in, dec.a if docs is None else docs.w_in(dec, info.rank))
-        ctx.save_for_backward(q, k, v, slopes, saved.states, s_in)
-        ctx.meta = (info, saved.backend, saved.span, saved.config, docs)
+        saved.save_to(ctx, q, k, v, slopes, s_in)
+        ctx.meta = (info, docs)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, slopes, states, s_in = ctx.saved_tensors
-        info, backend, span, config, docs = ctx.meta
+        (q, k, v, slopes, s_in), saved = LightningAttnSaved.restore_from(ctx)
+        info, docs = ctx.meta
         B, C = q.shape[:2]
-        saved = LightningAttnSaved(backend, states, span, config, None if docs is None else docs.local)
         if s_in is not None:
             saved = with_entry_state(saved, s_in, slopes, docs)
-        dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, None, None, saved, backend)
+        dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
         if docs is not None:  # the kernel's dS_0 is for the slice's first document
             g_loc.mul_(docs.keep_in(info.rank).to(g_loc.dtype).view(B, 1, 1, 1))
         grads = _all_gather_states(g_loc, info)
@@ -83,10 +84,10 @@ class _Lasp2Function(torch.autograd.Function):
             w_out = dec.b if docs is None else docs.w_out(dec, info.rank)
             add_state_term(dk, v, ds.transpose(-1, -2), w_out)
             add_state_term(dv, k, ds, w_out)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                    docs: Optional[SliceDocs] = None) -> torch.Tensor:
+                    docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
     """LASP-2 over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _Lasp2Function.apply(q, k, v, slopes, group_info(group), backend, docs)
+    return _Lasp2Function.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)

@@ -1,7 +1,7 @@
 """``lightning_attn_sp``: lightning attention over a sequence split across a process group.
 
 One entry point for the four sequence-parallel modes (one module each, same interface
-``<mode>_attention(q, k, v, slopes, group, backend) -> o``):
+``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options) -> o``):
 
 - ``lasp`` (:mod:`.lasp`): LASP-1, the state passed rank to rank, communication overlapped with
   the intra-slice work;
@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
@@ -96,6 +96,7 @@ def lightning_attn_sp(
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
     validate: Optional[bool] = None,
+    triton_options: Optional[TritonOptions] = None,
 ) -> torch.Tensor:
     """Causal lightning attention of a sequence split contiguously over ``group``.
 
@@ -120,6 +121,8 @@ def lightning_attn_sp(
             mode and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
             check the values of ``cu_seqlens``. Default: on, unless
             ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
+        triton_options: launch overrides and buffer poisoning of the triton backend
+            (:class:`megatron_lasp.ops.lightning_attn.TritonOptions`), or None.
 
     Returns:
         ``o [B, C, H, Dv]`` in q's dtype: this rank's slice of the output.
@@ -146,7 +149,8 @@ def lightning_attn_sp(
         check_cu_seqlens(cu_seqlens, B * C * world, q.device, values=True if validate else None,
                          where="lightning_attn_sp")
     if world == 1:
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens)[0]
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens,
+                                    triton_options=triton_options)[0]
     if validate:
         _check_across_group(q, v, mode, group, cu_seqlens)
     if mode == "ulysses":
@@ -154,4 +158,4 @@ def lightning_attn_sp(
     docs = None
     if cu_seqlens is not None:
         docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)
-    return SP_MODES[mode](q, k, v, slopes, group, backend, docs)
+    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options)

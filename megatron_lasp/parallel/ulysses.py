@@ -71,30 +71,31 @@ def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Ten
 
 class _UlyssesFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None):
+    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+                triton_options=None):
         hl = q.shape[2] // info.size
         qh, kh, vh = _seq_to_heads((q, k, v), info)
         slopes_h = slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
         doc_ids = None if docs is None else docs.full
-        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, doc_ids=doc_ids)
+        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, doc_ids=doc_ids,
+                                          triton_options=triton_options)
         (o,) = _heads_to_seq((oh,), info)
-        ctx.save_for_backward(qh, kh, vh, slopes_h, saved.states, saved.doc_ids)
-        ctx.meta = (info, saved.backend, saved.span, saved.config)
+        saved.save_to(ctx, qh, kh, vh, slopes_h)
+        ctx.info = info
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qh, kh, vh, slopes_h, states, doc_ids = ctx.saved_tensors
-        info, backend, span, config = ctx.meta
+        (qh, kh, vh, slopes_h), saved = LightningAttnSaved.restore_from(ctx)
+        info = ctx.info
         (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
-        saved = LightningAttnSaved(backend, states, span, config, doc_ids)
-        dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, None, None, saved, backend)
+        dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved)
         dq, dk, dv = _heads_to_seq((dqh, dkh, dvh), info)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                      docs: Optional[SliceDocs] = None) -> torch.Tensor:
+                      docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
     """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
 
     Raises:
@@ -102,4 +103,4 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
     """
     info = group_info(group)
     check_ulysses_heads(q.shape[2], info.size)
-    return _UlyssesFunction.apply(q, k, v, slopes, info, backend, docs)
+    return _UlyssesFunction.apply(q, k, v, slopes, info, backend, docs, triton_options)

@@ -20,7 +20,7 @@ import torch
 
 from .documents import check_cu_seqlens, doc_ids_from_cu_seqlens
 
-__all__ = ["naive_recurrent_lightning_attn", "naive_chunk_lightning_attn", "naive_lightning_attn"]
+__all__ = ["naive_recurrent_lightning_attn", "naive_chunk_lightning_attn"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,15 +126,3 @@ def naive_chunk_lightning_attn(
     o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
     return o, (state if output_final_state else None)
 
-
-def naive_lightning_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The reference of the public API: the recurrent form (see :func:`naive_recurrent_lightning_attn`)."""
-    return naive_recurrent_lightning_attn(q, k, v, slopes, initial_state, output_final_state, cu_seqlens)

@@ -10,12 +10,11 @@ Packed documents (``doc_ids [B, T]``, see ``documents.py``): the decay factors o
 masked by "same document" (README.md, "Packed documents"); nothing else changes.
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-__all__ = ["torch_lightning_attn_fwd", "torch_lightning_attn_bwd", "torch_lightning_attn_fwd_phases",
-           "torch_lightning_attn_bwd_phases", "TORCH_BLOCK_SIZE"]
+__all__ = ["torch_lightning_attn_fwd_phases", "torch_lightning_attn_bwd_phases", "TORCH_BLOCK_SIZE"]
 
 TORCH_BLOCK_SIZE = 64
 
@@ -97,7 +96,9 @@ def torch_lightning_attn_fwd_phases(
 ):
     """The forward in two phases: ``(final_state, finish)``, ``finish() -> (o, block_states)``.
 
-    The first phase (block states and their scan) is all the final state needs; ``finish`` runs
+    Inputs already validated (``doc_ids [B, T]`` or None). ``o [B, T, H, Dv]`` in q's dtype;
+    ``final_state [B, H, Dk, Dv]`` and ``block_states [B, H, N, Dk, Dv]`` (the state entering
+    every block) in fp32 (fp64 for fp64 inputs). The first phase (block states and their scan) is all the final state needs; ``finish`` runs
     the output (the intra-block term and the inter term from the cached block states).
     """
     cdt = _compute_dtype(q.dtype)
@@ -124,27 +125,6 @@ def torch_lightning_attn_fwd_phases(
     return carry, finish
 
 
-def torch_lightning_attn_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    block_size: int = TORCH_BLOCK_SIZE,
-    doc_ids: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Forward of the torch backend (inputs already validated; ``doc_ids [B, T]`` or None).
-
-    Returns ``(o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] or None,
-    block_states [B, H, N, Dk, Dv])`` where ``block_states[:, :, n]`` is the state entering
-    block ``n`` (fp32, fp64 for fp64 inputs).
-    """
-    carry, finish = torch_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, block_size, doc_ids)
-    o, states = finish()
-    return o, (carry if output_final_state else None), states
-
-
 def torch_lightning_attn_bwd_phases(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,7 +138,8 @@ def torch_lightning_attn_bwd_phases(
 ):
     """The backward in two phases: ``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)``.
 
-    The first phase is the mirror scan of the state gradient (all ``d_initial_state`` needs);
+    Reuses the forward's ``block_states``; ``dq, dk, dv`` in their input's dtype,
+    ``d_initial_state [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 inputs). The first phase is the mirror scan of the state gradient (all ``d_initial_state`` needs);
     ``finish`` runs the intra-block terms and the state terms of dq, dk, dv.
     """
     cdt = _compute_dtype(q.dtype)
@@ -191,23 +172,3 @@ def torch_lightning_attn_bwd_phases(
 
     return carry, finish
 
-
-def torch_lightning_attn_bwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    do: torch.Tensor,
-    d_final_state: Optional[torch.Tensor],
-    block_states: torch.Tensor,
-    block_size: int = TORCH_BLOCK_SIZE,
-    doc_ids: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the torch backend, reusing the forward's ``block_states``.
-
-    Returns ``(dq, dk, dv, d_initial_state)``; the first three in their input's dtype,
-    ``d_initial_state [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 inputs).
-    """
-    carry, finish = torch_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, block_states,
-                                                    block_size, doc_ids)
-    return finish() + (carry,)

@@ -9,7 +9,6 @@ __all__ = ["decay_powers", "state_decay", "resolve_backend", "check_inputs", "MA
 
 MAX_HEAD_DIM = 256
 BACKENDS = ("triton", "torch")
-BACKEND_ENV = "MEGATRON_LASP_KERNEL_BACKEND"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -36,18 +35,15 @@ def interpreting() -> bool:
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Pick the backend: the argument, else ``$MEGATRON_LASP_KERNEL_BACKEND``, else by device.
+    """Pick the backend: the argument, else by device.
 
     ``None`` means "triton" for CUDA tensors and "torch" otherwise. Raises ``ValueError`` for an
     unknown name or for "triton" on CPU without ``TRITON_INTERPRET=1``.
     """
     if backend is None:
-        backend = os.environ.get(BACKEND_ENV) or None
-    if backend is None:
         backend = "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"lightning attention: unknown backend {backend!r}; choose one of {BACKENDS} "
-                         f"(argument `backend` or ${BACKEND_ENV})")
+        raise ValueError(f"lightning attention: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "triton" and device.type != "cuda":
         if device.type != "cpu" or not interpreting():
             raise ValueError(f"lightning attention: the triton backend needs CUDA tensors (got {device.type}); "
