@@ -21,33 +21,31 @@ a --save that is, contains or lies inside the HF directory, a non-empty --save w
 2 on bad flags.
 """
 
-import argparse
-import logging
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lasp.data.tokenizer import add_tokenizer_args, tokenizer_settings  # noqa: E402
-from megatron_lasp.hf.convert import ConversionError, convert_hf_to_checkpoint, read_hf_config  # noqa: E402
+from megatron_lasp.hf.convert import (  # noqa: E402
+    ConversionError,
+    convert_hf_to_checkpoint,
+    read_hf_config,
+    run_tool,
+    tool_parser,
+)
 
 PROG = "convert_hf_to_checkpoint.py"
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help="Hugging Face model directory")
-    parser.add_argument("--save", required=True, help="checkpoint directory to create")
+    # default tokenizer: the tokenizer files in --load
+    parser = tool_parser(PROG, __doc__, "Hugging Face model directory", "checkpoint directory to create")
     parser.add_argument("--iteration", type=int, default=None,
                         help="iteration number to record (default: the source checkpoint's, else 0)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="check that the model splits over this many TP ranks (the checkpoint loads at any size)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="check that the layers split over this many pipeline stages")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a non-empty --save directory (never one that holds, or lies inside, the input)")
-    add_tokenizer_args(parser, default_type="")  # default: the tokenizer files in --load
     return parser.parse_args(argv)
 
 
@@ -64,20 +62,14 @@ def check_layout(config: dict, tp: int, pp: int) -> None:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    # Our progress at INFO; megatron-core's import-time notices (no TE / apex) stay out of the way.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron_lasp").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    settings = tokenizer_settings(args) if args.tokenizer_type else None
-    try:
+
+    def work(settings):
         check_layout(read_hf_config(args.load), args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         convert_hf_to_checkpoint(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
                                  force=args.force)
-    except ConversionError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.save} (weights only: load it with --finetune, or --no-load-optim --no-load-rng)")
-    return 0
+        return f"wrote {args.save} (weights only: load it with --finetune, or --no-load-optim --no-load-rng)"
+
+    return run_tool(PROG, args, work)
 
 
 if __name__ == "__main__":

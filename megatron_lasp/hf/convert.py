@@ -14,22 +14,11 @@ layout (``iter_XXXXXXX/`` + ``config.json`` + ``args.json`` + the tracker file),
 continue training with ``pretrain_linear_lm.py --load DIR --finetune`` (or ``--no-load-optim
 --no-load-rng``) at any TP/PP/SP sizes.
 
-Parameter mapping (megatron-lasp TP=1 names -> HF names; ``L`` = layer)::
-
-    embedding.word_embeddings.weight                 model.embed_tokens.weight
-    decoder.layers.L.input_layernorm.weight          model.layers.L.input_norm.weight
-    decoder.layers.L.self_attention.linear_qkv.*     model.layers.L.attn.{q,k,v,g}_proj.*
-    decoder.layers.L.self_attention.out_norm.weight  model.layers.L.attn.o_norm.weight
-    decoder.layers.L.self_attention.linear_proj.*    model.layers.L.attn.o_proj.*
-    decoder.layers.L.pre_mlp_layernorm.weight        model.layers.L.mlp_norm.weight
-    decoder.layers.L.mlp.linear_fc1.*                model.layers.L.mlp.{gate,up}_proj.*
-    decoder.layers.L.mlp.linear_fc2.*                model.layers.L.mlp.down_proj.*
-    decoder.final_layernorm.weight                   model.norm.weight
-    output_layer.weight                              lm_head.weight (absent when tied)
-
-``linear_qkv`` rows are head-major ``[head 0: q, k, v, (g) | head 1: ...]`` (``D`` rows per part;
-``megatron_lasp/models/attention.py``); ``linear_fc1`` rows are ``[W1 (activation side); W2]``
-(megatron-core's GLU ``chunk(2)``). Both splits are pure slicing, so conversions are exact.
+Parameter mapping: :data:`PARAMETER_MAP`, one table read by both directions and by the shape
+check of HF inputs. ``linear_qkv`` rows are head-major ``[head 0: q, k, v, (g) | head 1: ...]``
+(``D`` rows per part; ``megatron_lasp/models/attention.py``); ``linear_fc1`` rows are ``[W1
+(activation side); W2]`` (megatron-core's GLU ``chunk(2)``). Both splits are pure slicing, so
+conversions are exact.
 
 Only the standard library is imported at module level: the command-line tools validate their
 arguments (and fail with one-line messages) before torch or megatron-core are imported.
@@ -48,11 +37,10 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from megatron_lasp import checkpoint_files
+from megatron_lasp import atomic, checkpoint_files
 from megatron_lasp.checkpoint_files import (
     CONFIG_FILENAME,
     TRACKER_FILENAME,
@@ -72,9 +60,12 @@ __all__ = [
     "hf_to_megatron_state_dict",
     "megatron_config_kwargs",
     "megatron_to_hf_state_dict",
+    "PARAMETER_MAP",
     "parse_size",
     "resolve_checkpoint",
+    "run_tool",
     "save_safetensors",
+    "tool_parser",
 ]
 
 MODEL_CODE_FILES = ("configuration_linear_lm.py", "modeling_linear_lm.py")
@@ -193,53 +184,50 @@ def check_target(save_dir: str, force: bool, sources: Optional[Dict[str, Optiona
             raise ConversionError(f"target {save_dir} exists and is not empty (use --force to replace it)")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _set_default_permissions(directory: str) -> None:
-    """Give every file and directory under ``directory`` the modes a plain ``open``/``mkdir``
-    gives (some writers and ``mkdtemp`` create them private)."""
-    mask = _umask()
-    os.chmod(directory, 0o777 & ~mask)
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-
-
 @contextmanager
 def atomic_directory(save_dir: str, force: bool, sources: Optional[Dict[str, Optional[str]]] = None) -> Iterator[str]:
-    """Yield a temporary directory beside ``save_dir``; on success it replaces ``save_dir``.
-
-    On an exception the temporary directory is removed and ``save_dir`` is left untouched.
-    ``sources`` are checked again (:func:`check_target`) before anything is created.
-    """
+    """:func:`megatron_lasp.atomic.atomic_directory` for ``save_dir``, after :func:`check_target`
+    (``sources`` checked again before anything is created)."""
     check_target(save_dir, force, sources)
-    target = os.path.abspath(save_dir)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
+    with atomic.atomic_directory(save_dir) as tmp:
         yield tmp
-        _set_default_permissions(tmp)
-        if os.path.islink(target):  # replace the link, not what it points to
-            os.unlink(target)
-            os.replace(tmp, target)
-        elif os.path.isdir(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def tool_parser(prog: str, doc: str, load_help: str, save_help: str) -> argparse.ArgumentParser:
+    """The command-line tools' parser: ``--load``, ``--save``, ``--force`` and the tokenizer flags
+    (none by default: each tool has its default tokenizer); each tool adds its own flags."""
+    from megatron_lasp.data.tokenizer import add_tokenizer_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help=load_help)
+    parser.add_argument("--save", required=True, help=save_help)
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --save directory (never one that holds, or lies inside, the input)")
+    add_tokenizer_args(parser, default_type="")
+    return parser
+
+
+def run_tool(prog: str, args: argparse.Namespace, work) -> int:
+    """Run a command-line tool's ``work(tokenizer_settings)`` (the settings of the tokenizer flags,
+    or None): progress at INFO (megatron-core's import-time notices hidden), the line ``work``
+    returns printed on success (exit status 0), a :class:`ConversionError` as one line on stderr
+    (exit status 1)."""
+    import sys
+    import warnings
+
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_lasp").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+    settings = TokenizerSettings.from_mapping(args).as_dict() if args.tokenizer_type else None
+    try:
+        message = work(settings)
+    except ConversionError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
 
 
 def parse_size(text: str) -> int:
@@ -324,8 +312,123 @@ def megatron_config_kwargs(hf_config: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _qkv_parts(hf_config: Dict[str, Any]) -> List[str]:
-    return ["q", "k", "v", "g"] if hf_config["output_gate"] else ["q", "k", "v"]
+class _Rename:
+    """One megatron tensor is one HF tensor."""
+
+    def hf_names(self, hf_name: str, hf_config: Dict[str, Any]) -> List[str]:
+        return [hf_name]
+
+    def split(self, tensor, name: str, hf_config: Dict[str, Any]) -> list:
+        return [tensor]
+
+    def join(self, tensors: list, hf_config: Dict[str, Any]):
+        return tensors[0]
+
+
+class _SplitHeads(_Rename):
+    """The fused ``linear_qkv``: rows head-major ``[H, P, D]`` (``P`` parts: q, k, v and, with the
+    output gate, g) <-> one ``[H * D]``-row tensor per part."""
+
+    def _parts(self, hf_config: Dict[str, Any]) -> List[str]:
+        return ["q", "k", "v", "g"] if hf_config["output_gate"] else ["q", "k", "v"]
+
+    def hf_names(self, hf_name: str, hf_config: Dict[str, Any]) -> List[str]:
+        return [hf_name.format(part=part) for part in self._parts(hf_config)]
+
+    def split(self, tensor, name: str, hf_config: Dict[str, Any]) -> list:
+        heads, head_dim, parts = hf_config["num_attention_heads"], hf_config["head_dim"], len(self._parts(hf_config))
+        if tensor.shape[0] != heads * parts * head_dim:
+            raise ConversionError(
+                f"{name}: {tuple(tensor.shape)} does not match {heads} heads x {parts} parts x {head_dim}"
+            )
+        rest = tensor.shape[1:]
+        view = tensor.reshape(heads, parts, head_dim, *rest)
+        return [view[:, i].reshape(heads * head_dim, *rest) for i in range(parts)]
+
+    def join(self, tensors: list, hf_config: Dict[str, Any]):
+        import torch
+
+        heads, head_dim = hf_config["num_attention_heads"], hf_config["head_dim"]
+        rest = tensors[0].shape[1:]
+        stacked = torch.stack([t.reshape(heads, head_dim, *rest) for t in tensors], dim=1)
+        return stacked.reshape(heads * len(tensors) * head_dim, *rest)
+
+
+class _SplitHalves(_Rename):
+    """The fused GLU ``linear_fc1``: rows ``[W1 (activation side); W2]`` <-> gate, up."""
+
+    def hf_names(self, hf_name: str, hf_config: Dict[str, Any]) -> List[str]:
+        return [hf_name.format(part=part) for part in ("gate", "up")]
+
+    def split(self, tensor, name: str, hf_config: Dict[str, Any]) -> list:
+        ffn = hf_config["intermediate_size"]
+        if tensor.shape[0] != 2 * ffn:
+            raise ConversionError(f"{name}: {tuple(tensor.shape)} is not 2 x {ffn} rows")
+        return [tensor[:ffn], tensor[ffn:]]
+
+    def join(self, tensors: list, hf_config: Dict[str, Any]):
+        import torch
+
+        return torch.cat(tensors, dim=0)
+
+
+RENAME, SPLIT_HEADS, SPLIT_HALVES = _Rename(), _SplitHeads(), _SplitHalves()
+
+PARAMETER_MAP = (
+    # (megatron-lasp TP=1 name, HF name, transform, HF shape, present when); {L}: the layer,
+    # {part}: the pieces of a split; shapes in V vocabulary rows, h hidden, W heads x head_dim,
+    # F intermediate size.
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", RENAME, ("V", "h"), "always"),
+    ("decoder.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_norm.weight", RENAME, ("h",), "always"),
+    ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_HEADS,
+     ("W", "h"), "always"),
+    ("decoder.layers.{L}.self_attention.linear_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
+     ("h", "W"), "always"),
+    ("decoder.layers.{L}.mlp.linear_fc1.weight", "model.layers.{L}.mlp.{part}_proj.weight", SPLIT_HALVES,
+     ("F", "h"), "always"),
+    ("decoder.layers.{L}.mlp.linear_fc2.weight", "model.layers.{L}.mlp.down_proj.weight", RENAME, ("h", "F"), "always"),
+    ("decoder.layers.{L}.self_attention.linear_qkv.bias", "model.layers.{L}.attn.{part}_proj.bias", SPLIT_HEADS,
+     ("W",), "bias"),
+    ("decoder.layers.{L}.self_attention.linear_proj.bias", "model.layers.{L}.attn.o_proj.bias", RENAME, ("h",), "bias"),
+    ("decoder.layers.{L}.mlp.linear_fc1.bias", "model.layers.{L}.mlp.{part}_proj.bias", SPLIT_HALVES, ("F",), "bias"),
+    ("decoder.layers.{L}.mlp.linear_fc2.bias", "model.layers.{L}.mlp.down_proj.bias", RENAME, ("h",), "bias"),
+    ("decoder.layers.{L}.self_attention.out_norm.weight", "model.layers.{L}.attn.o_norm.weight", RENAME, ("W",),
+     "always"),
+    ("decoder.layers.{L}.pre_mlp_layernorm.weight", "model.layers.{L}.mlp_norm.weight", RENAME, ("h",), "always"),
+    ("decoder.final_layernorm.weight", "model.norm.weight", RENAME, ("h",), "always"),
+    ("output_layer.weight", "lm_head.weight", RENAME, ("V", "h"), "untied"),
+)
+"""The parameter mapping, in the HF files' order; "bias" rows exist with ``add_bias_linear``,
+"untied" ones without ``tie_word_embeddings`` (a tied model may or may not store them: they are
+dropped when present)."""
+
+
+def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[Tuple[str, List[str], Any, tuple]]:
+    """(megatron name, HF names, transform, HF shape of each piece) of every parameter of the
+    model ``hf_config`` describes, in :data:`PARAMETER_MAP` order (per layer for layer rows);
+    ``with_optional`` adds the rows a tied model may store."""
+    sizes = {
+        "V": hf_config["vocab_size"], "h": hf_config["hidden_size"], "F": hf_config["intermediate_size"],
+        "W": hf_config["num_attention_heads"] * hf_config["head_dim"],
+    }
+    present = {"always": True, "bias": hf_config["add_bias_linear"],
+               "untied": with_optional or not hf_config["tie_word_embeddings"]}
+    layer_rows = [row for row in PARAMETER_MAP if "{L}" in row[0]]
+    first = PARAMETER_MAP.index(layer_rows[0])
+    rows = [(row, None) for row in PARAMETER_MAP[:first]]
+    rows += [(row, layer) for layer in range(hf_config["num_hidden_layers"]) for row in layer_rows]
+    rows += [(row, None) for row in PARAMETER_MAP[first + len(layer_rows):]]
+    for (mg, hf, transform, shape, when), layer in rows:
+        if present[when]:
+            names = transform.hf_names(hf.replace("{L}", str(layer)), hf_config)
+            yield mg.replace("{L}", str(layer)), names, transform, tuple(sizes[d] for d in shape)
+
+
+def _optional_names(hf_config: Dict[str, Any], megatron: bool) -> set:
+    """Names of the parameters a tied model may hold in addition (dropped by the conversions)."""
+    if not hf_config["tie_word_embeddings"]:
+        return set()
+    return {mg if megatron else hf for mg, hf, _, _, when in PARAMETER_MAP if when == "untied"}
 
 
 HF_CONFIG_KEYS = (
@@ -338,30 +441,7 @@ HF_CONFIG_KEYS = (
 def hf_parameter_shapes(hf_config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     """``{HF parameter name: shape}`` of the model ``hf_config`` describes (``lm_head.weight``
     included even when tied: a tied export may or may not store it)."""
-    V, h, F = hf_config["vocab_size"], hf_config["hidden_size"], hf_config["intermediate_size"]
-    W = hf_config["num_attention_heads"] * hf_config["head_dim"]
-    bias = hf_config["add_bias_linear"]
-    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (V, h)}
-
-    def linear(name: str, rows: int, cols: int):
-        shapes[name + ".weight"] = (rows, cols)
-        if bias:
-            shapes[name + ".bias"] = (rows,)
-
-    for layer in range(hf_config["num_hidden_layers"]):
-        hf = f"model.layers.{layer}."
-        shapes[hf + "input_norm.weight"] = (h,)
-        for part in _qkv_parts(hf_config):
-            linear(hf + f"attn.{part}_proj", W, h)
-        shapes[hf + "attn.o_norm.weight"] = (W,)
-        linear(hf + "attn.o_proj", h, W)
-        shapes[hf + "mlp_norm.weight"] = (h,)
-        linear(hf + "mlp.gate_proj", F, h)
-        linear(hf + "mlp.up_proj", F, h)
-        linear(hf + "mlp.down_proj", h, F)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (V, h)
-    return shapes
+    return {name: shape for _, names, _, shape in _mapped(hf_config, with_optional=True) for name in names}
 
 
 def check_hf_tensors(tensors: Dict[str, Any], files: Dict[str, str], hf_config: Dict[str, Any], directory: str):
@@ -389,8 +469,31 @@ def check_hf_tensors(tensors: Dict[str, Any], files: Dict[str, str], hf_config: 
             )
 
 
+def _convert(state_dict: Dict[str, Any], hf_config: Dict[str, Any], to_hf: bool) -> Dict[str, Any]:
+    """:data:`PARAMETER_MAP` applied one way: split (``to_hf``) or join (the other way)."""
+    source = "checkpoint" if to_hf else "HF model"
+    sd = {k: v for k, v in state_dict.items() if not (to_hf and k.endswith("._extra_state"))}
+    out: Dict[str, Any] = {}
+
+    def take(name: str):
+        if name not in sd:
+            raise ConversionError(f"parameter {name} missing from the {source}")
+        return sd.pop(name)
+
+    for mg, hf_names, transform, _ in _mapped(hf_config):
+        if to_hf:
+            out.update(zip(hf_names, transform.split(take(mg), mg, hf_config)))
+        else:
+            out[mg] = transform.join([take(name) for name in hf_names], hf_config)
+    for name in _optional_names(hf_config, megatron=to_hf):
+        sd.pop(name, None)
+    if sd:
+        raise ConversionError(f"unexpected parameters in the {source}: {', '.join(sorted(sd))}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def megatron_to_hf_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, Any]) -> Dict[str, Any]:
-    """Rename / split a TP=1 megatron-lasp state dict into the HF model's names.
+    """Rename / split a TP=1 megatron-lasp state dict into the HF model's names (:data:`PARAMETER_MAP`).
 
     Args:
         state_dict: ``LinearLM.state_dict()`` at TP=1 (``_extra_state`` entries are ignored).
@@ -402,52 +505,7 @@ def megatron_to_hf_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, A
     Raises:
         ConversionError: a missing or unexpected parameter, or a shape that does not fit.
     """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("._extra_state")}
-    heads, head_dim = hf_config["num_attention_heads"], hf_config["head_dim"]
-    ffn = hf_config["intermediate_size"]
-    parts = _qkv_parts(hf_config)
-    out: Dict[str, Any] = {}
-
-    def take(name: str):
-        if name not in sd:
-            raise ConversionError(f"parameter {name} missing from the checkpoint")
-        return sd.pop(name)
-
-    def split_rows_by_head(t, prefix: str):
-        # [H * P * D, ...] head-major -> one [H * D, ...] tensor per part
-        if t.shape[0] != heads * len(parts) * head_dim:
-            raise ConversionError(
-                f"{prefix}: {tuple(t.shape)} does not match {heads} heads x {len(parts)} parts x {head_dim}"
-            )
-        view = t.reshape(heads, len(parts), head_dim, *t.shape[1:])
-        return [view[:, i].reshape(heads * head_dim, *t.shape[1:]).contiguous() for i in range(len(parts))]
-
-    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")
-    bias_names = ["weight", "bias"] if hf_config["add_bias_linear"] else ["weight"]
-    for layer in range(hf_config["num_hidden_layers"]):
-        mg, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        out[hf + "input_norm.weight"] = take(mg + "input_layernorm.weight")
-        for kind in bias_names:
-            qkv = split_rows_by_head(take(mg + f"self_attention.linear_qkv.{kind}"), mg + "linear_qkv")
-            for part, tensor in zip(parts, qkv):
-                out[hf + f"attn.{part}_proj.{kind}"] = tensor
-            out[hf + f"attn.o_proj.{kind}"] = take(mg + f"self_attention.linear_proj.{kind}")
-            fc1 = take(mg + f"mlp.linear_fc1.{kind}")
-            if fc1.shape[0] != 2 * ffn:
-                raise ConversionError(f"{mg}mlp.linear_fc1.{kind}: {tuple(fc1.shape)} is not 2 x {ffn} rows")
-            out[hf + f"mlp.gate_proj.{kind}"] = fc1[:ffn].contiguous()
-            out[hf + f"mlp.up_proj.{kind}"] = fc1[ffn:].contiguous()
-            out[hf + f"mlp.down_proj.{kind}"] = take(mg + f"mlp.linear_fc2.{kind}")
-        out[hf + "attn.o_norm.weight"] = take(mg + "self_attention.out_norm.weight")
-        out[hf + "mlp_norm.weight"] = take(mg + "pre_mlp_layernorm.weight")
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
-    if hf_config["tie_word_embeddings"]:
-        sd.pop("output_layer.weight", None)
-    else:
-        out["lm_head.weight"] = take("output_layer.weight")
-    if sd:
-        raise ConversionError(f"unexpected parameters in the checkpoint: {', '.join(sorted(sd))}")
-    return {k: v.contiguous() for k, v in out.items()}
+    return _convert(state_dict, hf_config, to_hf=True)
 
 
 def hf_to_megatron_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, Any]) -> Dict[str, Any]:
@@ -460,43 +518,7 @@ def hf_to_megatron_state_dict(state_dict: Dict[str, Any], hf_config: Dict[str, A
     Raises:
         ConversionError: a missing or unexpected parameter.
     """
-    import torch
-
-    sd = dict(state_dict)
-    heads, head_dim = hf_config["num_attention_heads"], hf_config["head_dim"]
-    parts = _qkv_parts(hf_config)
-    out: Dict[str, Any] = {}
-
-    def take(name: str):
-        if name not in sd:
-            raise ConversionError(f"parameter {name} missing from the HF model")
-        return sd.pop(name)
-
-    out["embedding.word_embeddings.weight"] = take("model.embed_tokens.weight")
-    bias_names = ["weight", "bias"] if hf_config["add_bias_linear"] else ["weight"]
-    for layer in range(hf_config["num_hidden_layers"]):
-        mg, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        out[mg + "input_layernorm.weight"] = take(hf + "input_norm.weight")
-        for kind in bias_names:
-            pieces = [take(hf + f"attn.{p}_proj.{kind}") for p in parts]
-            rest = pieces[0].shape[1:]
-            stacked = torch.stack([t.reshape(heads, head_dim, *rest) for t in pieces], dim=1)
-            out[mg + f"self_attention.linear_qkv.{kind}"] = stacked.reshape(heads * len(parts) * head_dim, *rest)
-            out[mg + f"self_attention.linear_proj.{kind}"] = take(hf + f"attn.o_proj.{kind}")
-            out[mg + f"mlp.linear_fc1.{kind}"] = torch.cat(
-                [take(hf + f"mlp.gate_proj.{kind}"), take(hf + f"mlp.up_proj.{kind}")], dim=0
-            )
-            out[mg + f"mlp.linear_fc2.{kind}"] = take(hf + f"mlp.down_proj.{kind}")
-        out[mg + "self_attention.out_norm.weight"] = take(hf + "attn.o_norm.weight")
-        out[mg + "pre_mlp_layernorm.weight"] = take(hf + "mlp_norm.weight")
-    out["decoder.final_layernorm.weight"] = take("model.norm.weight")
-    if hf_config["tie_word_embeddings"]:
-        sd.pop("lm_head.weight", None)
-    else:
-        out["output_layer.weight"] = take("lm_head.weight")
-    if sd:
-        raise ConversionError(f"unexpected parameters in the HF model: {', '.join(sorted(sd))}")
-    return {k: v.contiguous() for k, v in out.items()}
+    return _convert(state_dict, hf_config, to_hf=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +553,7 @@ def save_safetensors(tensors: Dict[str, Any], directory: str, max_shard_size: in
         save_file(shard, os.path.join(directory, fname), metadata=metadata)
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(os.path.join(directory, SAFETENSORS_INDEX), index)
+    atomic.write_json(os.path.join(directory, SAFETENSORS_INDEX), index)
     return names + [SAFETENSORS_INDEX]
 
 
@@ -592,12 +614,6 @@ def load_safetensors(directory: str, with_files: bool = False):
     return (out, files) if with_files else out
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -640,7 +656,7 @@ def complete_tokenizer_config(directory: str, pad_token_id: Optional[int]) -> No
         config["pad_token"] = hf_tokenizer.convert_ids_to_tokens(pad_token_id)
     config["padding_side"] = "left"
     config.setdefault("model_max_length", NO_LENGTH_LIMIT)
-    _write_json(path, config)
+    atomic.write_json(path, config)
     check = AutoTokenizer.from_pretrained(directory)
     assert pad_token_id is None or check.pad_token_id == pad_token_id, (check.pad_token_id, pad_token_id)
 
@@ -799,8 +815,9 @@ def saved_tokenizer_settings(root: str, iteration: int) -> Optional[Dict[str, An
         ) from None
     if not saved.get("tokenizer_type"):
         return None
-    keys = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
-    return {k: saved.get(k) for k in keys}
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+
+    return TokenizerSettings.from_mapping(saved).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -987,6 +1004,7 @@ def _training_args(
 ) -> argparse.Namespace:
     """The training flags recorded with a converted checkpoint (``args.json``): the parser's
     defaults, the architecture, TP=PP=SP=1 and the tokenizer."""
+    from megatron_lasp.data.tokenizer import TokenizerSettings
     from megatron_lasp.training.arguments import build_parser
 
     args = build_parser().parse_args([])
@@ -999,8 +1017,7 @@ def _training_args(
     args.data_parallel_size = 1
     args.world_size = 1
     args.ddp_impl = args.ddp_impl or "torch"
-    for key in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
-        setattr(args, key, (tokenizer_settings or {}).get(key))
+    vars(args).update(TokenizerSettings.from_mapping(tokenizer_settings or {}).as_dict())
     return args
 
 
@@ -1049,11 +1066,10 @@ def convert_hf_to_checkpoint(
 
     import torch
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     from megatron_lasp.models import LinearLMConfig, build_linear_lm
     from megatron_lasp.parallel.state import initialize_parallel
-    from megatron_lasp.training import checkpointing as ckpt
+    from megatron_lasp.training.checkpointing import save_weights_only
 
     mg_tensors = hf_to_megatron_state_dict(hf_tensors, hf_config)
     vocab_rows = hf_config["vocab_size"]
@@ -1076,22 +1092,6 @@ def convert_hf_to_checkpoint(
     args = _training_args(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"))
     args.save = os.path.abspath(save_dir)
     with atomic_directory(save_dir, force, sources) as tmp:
-        path = checkpoint_name(tmp, iteration)
-        os.makedirs(path)
-        state = {
-            "model": model.sharded_state_dict(),
-            "iteration": iteration,
-            "consumed_train_samples": 0,
-            "consumed_valid_samples": 0,
-            "checkpoint_version": ckpt.FORMAT_VERSION,
-        }
-        dist_checkpointing.save(state, path)
-        saved_config = ckpt.config_dict(config, args)
-        saved_config["weights_only"] = True
-        saved_config["converted_from"] = os.path.abspath(load_dir)
-        ckpt._write_json(os.path.join(path, ckpt.CONFIG_FILENAME), saved_config)
-        ckpt._write_json(os.path.join(path, ckpt.ARGS_FILENAME), ckpt._json_args(args))
-        with open(os.path.join(tmp, TRACKER_FILENAME), "w") as f:
-            f.write(f"{iteration}\n")
+        save_weights_only(model, config, args, tmp, iteration, extra_config={"converted_from": os.path.abspath(load_dir)})
     logger.info("converted %s to the checkpoint %s (iteration %d)", load_dir, save_dir, iteration)
     return save_dir

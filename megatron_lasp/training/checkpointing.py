@@ -15,7 +15,9 @@ scheduler, the iteration, the consumed train/valid samples (the data position) a
 RNG states.
 
 A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
-file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest.
+file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest
+(``megatron_lasp.atomic``). :func:`save_weights_only` writes the same layout with the weights
+alone (the Hugging Face converter's output).
 
 No run loses another's work: rank 0 holds a lock file in ``--save`` for the whole run (a second
 run on it refuses to start; the lock of a dead run is reported and taken over); a ``--save``
@@ -44,7 +46,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import socket
 from typing import Any, Dict, Optional, Tuple
 
@@ -52,6 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lasp.atomic import fresh_directory, replace_directory, write_json, write_text_atomic
+from megatron_lasp.data.tokenizer import TokenizerSettings
 from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -335,13 +338,7 @@ def config_dict(config, args: argparse.Namespace) -> Dict[str, Any]:
         "vocab_size": args.vocab_size_tokenizer,
         "padded_vocab_size": args.padded_vocab_size,
         "seq_length": args.seq_length,
-        "tokenizer": {
-            "tokenizer_type": args.tokenizer_type,
-            "tokenizer_model": args.tokenizer_model,
-            "vocab_file": args.vocab_file,
-            "merge_file": args.merge_file,
-            "vocab_size": args.vocab_size,
-        },
+        "tokenizer": TokenizerSettings.from_mapping(args).as_dict(),
         "parallel": {
             "tensor_model_parallel_size": args.tensor_model_parallel_size,
             "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
@@ -364,14 +361,6 @@ def _json_args(args: argparse.Namespace) -> Dict[str, Any]:
         elif isinstance(value, (list, tuple)):
             out[key] = json.loads(json.dumps(value, default=str))
     return out
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
@@ -591,12 +580,25 @@ def _fsdp_context(state):
     return contextlib.nullcontext({})
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _begin_save(root: str, iteration: int) -> str:
+    """Create the empty temporary directory an iteration is written into (rank 0); returns it."""
+    os.makedirs(root, exist_ok=True)
+    return fresh_directory(_temporary_name(root, iteration))
+
+
+def _temporary_name(root: str, iteration: int) -> str:
+    return checkpoint_name(root, iteration) + ".tmp"
+
+
+def _finish_save(root: str, iteration: int, config_json: Dict[str, Any], args_json: Dict[str, Any]) -> str:
+    """Complete the written iteration (rank 0): its ``config.json`` and ``args.json``, the rename
+    into place (an older save of the same iteration is kept until then), then the tracker file."""
+    tmp, final = _temporary_name(root, iteration), checkpoint_name(root, iteration)
+    write_json(os.path.join(tmp, CONFIG_FILENAME), config_json)
+    write_json(os.path.join(tmp, ARGS_FILENAME), args_json)
+    replace_directory(tmp, final)
+    write_text_atomic(os.path.join(root, TRACKER_FILENAME), f"{iteration}\n")
+    return final
 
 
 def save_checkpoint(state) -> str:
@@ -605,40 +607,60 @@ def save_checkpoint(state) -> str:
 
     args = state.args
     root = args.save
-    final = checkpoint_name(root, state.iteration)
-    tmp = final + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        _begin_save(root, state.iteration)
     dist.barrier()
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=False, with_optimizer=True, with_rng=True)
-        dist_checkpointing.save(sd, tmp)
+        dist_checkpointing.save(sd, _temporary_name(root, state.iteration))
     dist.barrier()
     if rank == 0:
-        _write_json(os.path.join(tmp, CONFIG_FILENAME), config_dict(state.model_config, args))
-        _write_json(os.path.join(tmp, ARGS_FILENAME), _json_args(args))
-        if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
-            old = final + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{state.iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
-        _fsync_dir(root)
+        _finish_save(root, state.iteration, config_dict(state.model_config, args), _json_args(args))
     dist.barrier()
+    final = checkpoint_name(root, state.iteration)
     logger.info("saved checkpoint at iteration %d to %s", state.iteration, final)
+    return final
+
+
+def save_weights_only(model, config, args: argparse.Namespace, root: str, iteration: int,
+                      extra_config: Optional[Dict[str, Any]] = None) -> str:
+    """Save a model's weights as iteration ``iteration`` of the checkpoint directory ``root``.
+
+    The training layout (``iter_XXXXXXX/`` with ``config.json`` and ``args.json``, then the
+    tracker file), written atomically as :func:`save_checkpoint` does, but with no optimizer,
+    LR scheduler or RNG state and no data position: ``config.json`` says ``"weights_only":
+    true``, and :func:`load_checkpoint` loads it as with ``--finetune``. The weights reshard on
+    load (any TP/PP/SP sizes). One process (world size 1, a process group initialized).
+
+    Args:
+        model: the :class:`~megatron_lasp.models.LinearLM` (TP=PP=1).
+        config: its ``LinearLMConfig``.
+        args: the run's flags recorded in ``config.json`` (vocabulary, tokenizer, layout) and
+            ``args.json``.
+        root: the checkpoint directory (created if missing; other iterations are kept).
+        iteration: the iteration number to record.
+        extra_config: more ``config.json`` entries (e.g. where the weights came from).
+
+    Returns:
+        The ``iter_XXXXXXX`` directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise CheckpointError("save_weights_only runs on a single process (world size 1)")
+    tmp = _begin_save(root, iteration)
+    state = {
+        "model": model.sharded_state_dict(),
+        "iteration": iteration,
+        "consumed_train_samples": 0,
+        "consumed_valid_samples": 0,
+        "checkpoint_version": FORMAT_VERSION,
+    }
+    dist_checkpointing.save(state, tmp)
+    saved_config = dict(config_dict(config, args), weights_only=True, **(extra_config or {}))
+    final = _finish_save(root, iteration, saved_config, _json_args(args))
+    logger.info("saved the weights (iteration %d) to %s", iteration, final)
     return final
 
 

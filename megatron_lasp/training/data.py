@@ -59,28 +59,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
 
 def build_tokenizer(args: argparse.Namespace):
     """The project tokenizer selected by the tokenizer flags (see ``megatron_lasp.data``)."""
-    from megatron_lasp.data.tokenizer import build_tokenizer as _build
+    from megatron_lasp.data.tokenizer import TokenizerSettings
 
+    settings = TokenizerSettings.from_mapping(args)
     try:
-        return _build(
-            args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model,
-            vocab_file=args.vocab_file,
-            merge_file=args.merge_file,
-            vocab_size=args.vocab_size,
-        )
+        return settings.build()
     except (ValueError, FileNotFoundError) as err:
         if isinstance(err, FileNotFoundError) or str(err).startswith("-"):  # the builder's own messages
             raise
         detail = str(err)
     except Exception as err:  # a damaged file: the tokenizer library's own error is not a flag's name
         detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    model = args.tokenizer_model
+    model = settings.tokenizer_model
     if model and os.path.isdir(model):
         model = os.path.join(model, "tokenizer.json")
-    files = [f for f in (model, args.vocab_file, args.merge_file) if f]
-    named = ", ".join(files) or args.tokenizer_type
-    raise DataError(f"--tokenizer-type {args.tokenizer_type}: cannot load the tokenizer from {named} ({detail[:200]}); "
+    files = [f for f in (model, settings.vocab_file, settings.merge_file) if f]
+    named = ", ".join(files) or settings.tokenizer_type
+    raise DataError(f"--tokenizer-type {settings.tokenizer_type}: cannot load the tokenizer from {named} ({detail[:200]}); "
                     "the file is damaged or of another kind: point the tokenizer flags to a valid one") from None
 
 

@@ -1,0 +1,121 @@
+"""Atomic writes of directories and small files (standard library only).
+
+A directory is written complete under a temporary name beside its target and renamed into place
+at the end, so a reader (or a crash) sees the old directory or the new one, never a partial one.
+Training checkpoints (``megatron_lasp.training.checkpointing``, one ``iter_XXXXXXX`` at a time,
+every rank writing into the same temporary directory) and the Hugging Face converters (the whole
+output directory) both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+__all__ = ["atomic_directory", "fresh_directory", "replace_directory", "write_json", "write_text_atomic"]
+
+
+def fsync_directory(path: str) -> None:
+    """Flush ``path``'s entries (the renames into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh_directory(path: str) -> str:
+    """Create the empty directory ``path`` (removing what a crashed writer left there); returns it.
+
+    For a temporary directory of a fixed name that several processes must agree on without
+    communicating, e.g. ``iter_0000010.tmp``.
+    """
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+def replace_directory(tmp: str, target: str) -> None:
+    """Move the complete directory ``tmp`` to ``target`` (same file system).
+
+    An existing ``target`` directory is moved aside until ``tmp`` is in place and only then
+    removed; a symlink ``target`` is replaced itself (what it points to is left alone).
+    """
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    if os.path.islink(target):
+        os.unlink(target)
+        os.replace(tmp, target)
+    elif os.path.isdir(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    fsync_directory(parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_permissions(directory: str) -> None:
+    """Give every file and directory under ``directory`` the modes a plain ``open``/``mkdir``
+    gives (``mkdtemp`` and some writers create them private)."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+@contextmanager
+def atomic_directory(target: str) -> Iterator[str]:
+    """Yield a new empty directory beside ``target``; on success it replaces ``target``
+    (:func:`replace_directory`, with the default permissions); on an exception it is removed
+    and ``target`` is left untouched. One process; the caller decides whether replacing an
+    existing ``target`` is allowed."""
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        set_default_permissions(tmp)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON with sorted keys and a final newline, flushed to disk."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace the file ``path`` by one holding ``text`` (written beside it, then renamed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
