@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         FEATURE_MAPS,
         GLU_TYPES,
         PRESETS,
-        SEQUENCE_PARALLEL_MODES,
         TRANSFORMER_IMPLS,
     )
     from megatron_lasp.ops.lightning_attn.utils import BACKENDS
+    from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
     p = _Parser(
         prog="pretrain_linear_lm.py",
