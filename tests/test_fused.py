@@ -186,7 +186,7 @@ def test_recompute_flags_are_validated():
     from megatron_lasp.models import linear_lm_config
     from megatron_lasp.training.arguments import ArgumentError, build_parser, validate_args
 
-    with pytest.raises(ValueError, match="--recompute-granularity selective"):
+    with pytest.raises(ValueError, match="recompute_granularity selective"):
         linear_lm_config("tiny", use_cpu_initialization=True, recompute_elementwise=True)
     args = build_parser().parse_args(["--model-preset", "tiny", "--mock-data", "--seq-length", "64",
                                       "--train-iters", "1", "--recompute-modules", "elementwise"])

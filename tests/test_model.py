@@ -423,33 +423,39 @@ def test_extras(layout_results):
 # ---------------------------------------------------------------------------------------------
 # in-process: config, presets, slopes, Transformer Engine path
 
-_BAD_CONFIGS = [
-    (dict(sequence_parallel_mode="ring"), "--sequence-parallel-mode"),
-    (dict(kernel_backend="cuda"), "--kernel-backend"),
-    (dict(decay_type="learned"), "--decay-type"),
-    (dict(qk_feature_map="relu"), "--qk-feature-map"),
-    (dict(v_feature_map="elu"), "--v-feature-map"),
-    (dict(glu_type="geglu"), "--glu-type"),
-    (dict(normalization="LayerNorm"), "--normalization"),
-    (dict(transformer_impl="inference_optimized"), "--transformer-impl"),
-    (dict(num_attention_heads=6, tensor_model_parallel_size=4), "--num-attention-heads"),
+_BAD_CONFIGS = [  # overrides, the field named by the config's error, the flag named by the CLI's
+    (dict(sequence_parallel_mode="ring"), "sequence_parallel_mode", "--sequence-parallel-mode"),
+    (dict(kernel_backend="cuda"), "kernel_backend", "--kernel-backend"),
+    (dict(decay_type="learned"), "decay_type", "--decay-type"),
+    (dict(qk_feature_map="relu"), "qk_feature_map", "--qk-feature-map"),
+    (dict(v_feature_map="elu"), "v_feature_map", "--v-feature-map"),
+    (dict(glu_type="geglu"), "glu_type", "--glu-type"),
+    (dict(normalization="LayerNorm"), "normalization", "--normalization"),
+    (dict(transformer_impl="inference_optimized"), "transformer_impl", "--transformer-impl"),
+    (dict(num_attention_heads=6, tensor_model_parallel_size=4), "num_attention_heads", "--num-attention-heads"),
     (dict(tensor_model_parallel_size=2, context_parallel_size=4, sequence_parallel_mode="ulysses"),
-     "--sequence-parallel-mode ulysses"),
-    (dict(attention_norm_group_size=3), "--attention-norm-group-size"),
-    (dict(attention_norm_group_size=4, tensor_model_parallel_size=2), "--attention-norm-group-size"),
-    (dict(num_query_groups=2), "--num-query-groups"),
-    (dict(num_attention_heads=1, hidden_size=512), "--kv-channels"),
-    (dict(decay_layer_eps=-1.0), "--decay-layer-eps"),
-    (dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"]), "--recompute-modules"),
+     "sequence_parallel_mode ulysses", "--sequence-parallel-mode ulysses"),
+    (dict(attention_norm_group_size=3), "attention_norm_group_size", "--attention-norm-group-size"),
+    (dict(attention_norm_group_size=4, tensor_model_parallel_size=2), "attention_norm_group_size",
+     "--attention-norm-group-size"),
+    (dict(num_query_groups=2), "num_query_groups", "--num-query-groups"),
+    (dict(num_attention_heads=1, hidden_size=512), "kv_channels", "--kv-channels"),
+    (dict(decay_layer_eps=-1.0), "decay_layer_eps", "--decay-layer-eps"),
+    (dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"]), "recompute_modules",
+     "--recompute-modules"),
 ]
 
 
-@pytest.mark.parametrize("overrides,flag", _BAD_CONFIGS, ids=[f for _, f in _BAD_CONFIGS])
-def test_config_errors_name_the_flag(overrides, flag):
+@pytest.mark.parametrize("overrides,field,flag", _BAD_CONFIGS, ids=[f for _, _, f in _BAD_CONFIGS])
+def test_config_errors_name_the_field_and_the_cli_the_flag(overrides, field, flag):
     from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.training.arguments import config_error
 
-    with pytest.raises(ValueError, match=flag.replace(" ", ".")):
+    with pytest.raises(ValueError, match=field.replace(" ", ".")) as err:
         linear_lm_config("tiny", **overrides)
+    assert "--" not in str(err.value), "library errors name config fields, not flags"
+    message = str(config_error(err.value))
+    assert flag in message and "\n" not in message, message
 
 
 def test_config_defaults_and_presets():
@@ -471,8 +477,11 @@ def test_config_defaults_and_presets():
         assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.kv_channels, c.ffn_hidden_size,
                 preset_vocab_size(name)) == row
     assert set(PRESETS) == {"tiny", *table}
-    with pytest.raises(ValueError, match="--model-preset"):
+    from megatron_lasp.training.arguments import config_error
+
+    with pytest.raises(ValueError, match="preset must be one of") as err:
         linear_lm_config("tnl-13b")
+    assert "--model-preset must be one of" in str(config_error(err.value))
     c = linear_lm_config("tiny", pipeline_model_parallel_size=2)
     assert c.pipeline_dtype == c.params_dtype
 
@@ -511,5 +520,8 @@ def test_transformer_engine_missing_is_a_clear_error():
     with pytest.raises(ValueError) as err:
         linear_lm_config("tiny", transformer_impl="transformer_engine")
     assert str(err.value) == TE_MISSING_MESSAGE
-    assert "pip install -e .[te]" in TE_MISSING_MESSAGE and "--transformer-impl local" in TE_MISSING_MESSAGE
+    from megatron_lasp.training.arguments import config_error
+
+    message = str(config_error(err.value))  # what the CLI prints
+    assert "pip install -e .[te]" in message and "--transformer-impl local" in message, message
 

@@ -140,7 +140,7 @@ def _check_split_gather(rank, world_size):
     # megatron layout [S, B, H]
     y = torch.randn(4 * world_size, 2, 3)
     assert torch.equal(gather_sequence(split_sequence(y, groups.sp, dim=0), groups.sp, dim=0), y)
-    with pytest.raises(ValueError, match="not divisible by the sequence-parallel size"):
+    with pytest.raises(ValueError, match="must be divisible by the sequence-parallel size"):
         split_sequence(torch.randn(1, 4 * world_size + 1, 2), groups.sp)
     return True
 
@@ -157,27 +157,52 @@ def test_slice_bounds():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(world_size=4, tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size"),
-        (dict(world_size=2, sequence_parallel_size=4), "--sequence-parallel-size"),
-        (dict(world_size=4, pipeline_model_parallel_size=0), "--pipeline-model-parallel-size must be a positive"),
-        (dict(world_size=4, tensor_model_parallel_size=2, num_attention_heads=3), "--num-attention-heads"),
-        (
-            dict(world_size=4, sequence_parallel_size=4, num_attention_heads=6, sequence_parallel_mode="ulysses"),
-            "ulysses needs the heads",
-        ),
-        (dict(world_size=2, sequence_parallel_size=2, seq_length=7), "--seq-length"),
-        (dict(world_size=1, sequence_parallel_mode="ring"), "--sequence-parallel-mode must be one of"),
+        (dict(world_size=4, tensor_model_parallel_size=3), "not divisible by tensor_model_parallel_size"),
+        (dict(world_size=2, sequence_parallel_size=4), "sequence_parallel_size"),
+        (dict(world_size=4, pipeline_model_parallel_size=0), "pipeline_model_parallel_size must be a positive"),
     ],
-    ids=["tp-not-dividing", "sp-too-large", "pp-zero", "heads-tp", "heads-ulysses", "seq-sp", "unknown-mode"],
+    ids=["tp-not-dividing", "sp-too-large", "pp-zero"],
 )
 def test_bad_sizes_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         validate_parallel_sizes(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_attention_heads=3, tensor_model_parallel_size=2), "num_attention_heads"),
+        (dict(num_attention_heads=6, context_parallel_size=4, sequence_parallel_mode="ulysses"),
+         "ulysses needs the heads"),
+        (dict(sequence_parallel_mode="ring"), "sequence_parallel_mode must be one of"),
+    ],
+    ids=["heads-tp", "heads-ulysses", "unknown-mode"],
+)
+def test_bad_head_split_rejected_by_the_config(kwargs, message):
+    """How the heads split over the groups is the model config's rule (check_head_split)."""
+    from megatron_lasp.models import linear_lm_config
+
+    with pytest.raises(ValueError, match=message):
+        linear_lm_config("tiny", **kwargs)
+
+
+def test_seq_length_must_split_over_the_sp_group():
+    from megatron_lasp.parallel.layout import check_sequence_split
+
+    with pytest.raises(ValueError, match=r"seq_length \(7\) must be divisible by the sequence-parallel size \(2\)"):
+        check_sequence_split(7, 2, "seq_length")
+    check_sequence_split(8, 2, "seq_length")
+
+
 def test_good_sizes_give_data_parallel_size():
-    assert validate_parallel_sizes(8, 2, 2, 1, num_attention_heads=4, seq_length=64) == 2
-    assert validate_parallel_sizes(4, 1, 4, 1, num_attention_heads=8, sequence_parallel_mode="ulysses") == 1
+    from megatron_lasp.models.config import check_head_split
+    from megatron_lasp.parallel.layout import check_sequence_split
+
+    assert validate_parallel_sizes(8, 2, 2, 1) == 2
+    assert check_head_split(4, 2, 2) == 2
+    check_sequence_split(64, 2)
+    assert validate_parallel_sizes(4, 1, 4, 1) == 1
+    assert check_head_split(8, 1, 4, "ulysses") == 8
 
 
 def _bad_world(rank, world_size):

@@ -224,7 +224,7 @@ def _check_bad_inputs(rank):
     # heads not divisible by the group size under ulysses
     _expect_error(
         lambda: lightning_attn_sp(x(H=3), x(H=3), x(H=3), _slopes(3, True), group, mode="ulysses"),
-        "--sequence-parallel-mode ulysses", "--sequence-parallel-size",
+        "ulysses", "heads of q (3) must be divisible by the sequence-parallel group size (2)",
     )
     # the group still works after the errors
     o = lightning_attn_sp(x(), x(), x(), slopes, group, mode="lasp2")
@@ -234,7 +234,7 @@ def _check_bad_inputs(rank):
 @pytest.mark.parametrize(
     "case, needles",
     [
-        (dict(mode="ring"), ("unknown mode", "--sequence-parallel-mode")),
+        (dict(mode="ring"), ("unknown mode", "mode must be one of lasp, lasp2, ulysses, allgather")),
         (dict(q=torch.zeros(2, 8, 4, 8, dtype=torch.int32)), ("dtype",)),
         (dict(v=torch.zeros(2, 8, 4, 8, dtype=torch.float64)), ("share one dtype",)),
         (dict(slopes=torch.zeros(5)), ("slopes",)),

@@ -193,8 +193,10 @@ def _cli_error(args, tmp_path, world_env=None):
     [
         (["--mock-data", "--data-path", "x"], "either --data-path or --mock-data"),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size (3) must be divisible"),
+        # a model-config error (it names config fields), printed with the flags
+        (["--attention-norm-group-size", "3"], "--attention-norm-group-size (3) must be positive and divide"),
     ],
-    ids=["data-and-mock", "batch-not-divisible"],
+    ids=["data-and-mock", "batch-not-divisible", "config-error-names-flags"],
 )
 def test_cli_bad_inputs_exit_with_one_line(extra, needle, tmp_path):
     base = ["--model-preset", "tiny", "--seq-length", "64", "--train-iters", "2"]

@@ -725,7 +725,7 @@ def model_card(
     else:
         training = "Written from a megatron-lasp model directly (no training checkpoint recorded)."
     if tokenizer is not None:
-        example = f"""tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        example = """tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
 inputs = tokenizer(["Once upon a time", "The model"], return_tensors="pt", padding=True)
 out = model.generate(**inputs, max_new_tokens=20, do_sample=False)

@@ -1,7 +1,8 @@
 """``LinearLMConfig``: megatron-core's ``TransformerConfig`` plus the linear-attention fields.
 
-The new fields are validated in ``__post_init__`` with ``ValueError`` messages that name the
-command-line flag to change. Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
+The config owns the model's rules: ``__post_init__`` checks the new fields and how the heads split
+over the tensor- and sequence-parallel groups, with ``ValueError`` messages that name the config
+fields to change (the training CLI maps field names to its flags). Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
 TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets); :func:`linear_lm_config` builds a config from a
 preset plus overrides, and :func:`preset_vocab_size` gives the preset's vocabulary.
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
+from megatron_lasp.ops.lightning_attn.utils import BACKENDS, MAX_HEAD_DIM
+from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
 __all__ = [
     "LinearLMConfig",
@@ -30,30 +32,56 @@ __all__ = [
     "DECAY_TYPES",
     "FEATURE_MAPS",
     "GLU_TYPES",
-    "KERNEL_BACKENDS",
+    "TRANSFORMER_IMPLS",
     "linear_lm_config",
     "preset_vocab_size",
     "te_available",
     "TE_MISSING_MESSAGE",
     "sglu_identity",
+    "check_head_split",
 ]
 
 DECAY_TYPES = ("tnl", "alibi", "none")
 FEATURE_MAPS = ("silu", "identity")
 GLU_TYPES = ("sglu", "swiglu")
-KERNEL_BACKENDS = (None, "torch", "triton")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-MAX_HEAD_DIM = 256  # the lightning-attention kernels' limit (ops/lightning_attn MAX_HEAD_DIM)
 
 TE_MISSING_MESSAGE = (
-    "--transformer-impl transformer_engine needs Transformer Engine: pip install -e .[te] on a GPU "
-    "machine, or use --transformer-impl local"
+    "transformer_impl transformer_engine needs Transformer Engine: pip install -e .[te] on a GPU "
+    "machine, or use transformer_impl local"
 )
 
 
 def te_available() -> bool:
     """Whether Transformer Engine can be imported (checked without importing it)."""
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_head_split(
+    num_attention_heads: int,
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel_mode: str = "lasp",
+) -> int:
+    """The rule of how the heads split over TP and (ulysses) SP; return the heads per TP rank.
+
+    Raises:
+        ValueError: naming the fields, when the heads do not divide over tensor-parallel ranks, or
+            (``ulysses``) the heads per tensor-parallel rank do not divide over the SP group.
+    """
+    heads, tp, sp = num_attention_heads, tensor_model_parallel_size, context_parallel_size
+    if heads % tp != 0:
+        raise ValueError(
+            f"num_attention_heads ({heads}) must be divisible by tensor_model_parallel_size ({tp})"
+        )
+    local_heads = heads // tp
+    if sequence_parallel_mode == "ulysses" and local_heads % sp != 0:
+        raise ValueError(
+            f"sequence_parallel_mode ulysses needs the heads per tensor-parallel rank ({local_heads}) "
+            f"to be divisible by context_parallel_size ({sp}); change the sizes or use "
+            f"sequence_parallel_mode lasp"
+        )
+    return local_heads
 
 
 def sglu_identity(x: torch.Tensor) -> torch.Tensor:
@@ -141,30 +169,31 @@ class LinearLMConfig(TransformerConfig):
         super().__post_init__()
         if self.num_query_groups not in (None, self.num_attention_heads):
             raise ValueError(
-                f"--num-query-groups ({self.num_query_groups}) must equal --num-attention-heads "
+                f"num_query_groups ({self.num_query_groups}) must equal num_attention_heads "
                 f"({self.num_attention_heads}): linear attention has one key/value head per head"
             )
         if self.kv_channels > MAX_HEAD_DIM:
             raise ValueError(
-                f"head dim --kv-channels ({self.kv_channels}) exceeds the kernels' limit "
-                f"{MAX_HEAD_DIM}; use more --num-attention-heads"
+                f"head dim kv_channels ({self.kv_channels}) exceeds the kernels' limit "
+                f"{MAX_HEAD_DIM}; use more num_attention_heads"
             )
 
     def _check_linear_lm_fields(self) -> None:
         choices = {
-            "--sequence-parallel-mode": (self.sequence_parallel_mode, SEQUENCE_PARALLEL_MODES),
-            "--kernel-backend": (self.kernel_backend, KERNEL_BACKENDS),
-            "--decay-type": (self.decay_type, DECAY_TYPES),
-            "--qk-feature-map": (self.qk_feature_map, FEATURE_MAPS),
-            "--v-feature-map": (self.v_feature_map, FEATURE_MAPS),
-            "--glu-type": (self.glu_type, GLU_TYPES),
-            "--transformer-impl": (self.transformer_impl, TRANSFORMER_IMPLS),
-            "--normalization": (self.normalization, ("RMSNorm",)),
+            "sequence_parallel_mode": SEQUENCE_PARALLEL_MODES,
+            "kernel_backend": (None, *BACKENDS),
+            "decay_type": DECAY_TYPES,
+            "qk_feature_map": FEATURE_MAPS,
+            "v_feature_map": FEATURE_MAPS,
+            "glu_type": GLU_TYPES,
+            "transformer_impl": TRANSFORMER_IMPLS,
+            "normalization": ("RMSNorm",),
         }
-        for flag, (value, allowed) in choices.items():
+        for name, allowed in choices.items():
+            value = getattr(self, name)
             if value not in allowed:
                 shown = ", ".join(str(a) for a in allowed)
-                raise ValueError(f"{flag} must be one of {shown}, got {value!r}")
+                raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.transformer_impl == "transformer_engine" and not te_available():
             raise ValueError(TE_MISSING_MESSAGE)
         if (
@@ -174,56 +203,45 @@ class LinearLMConfig(TransformerConfig):
         ):
             # megatron-core's output-discarding checkpoint reads Transformer Engine's FP8 state
             raise ValueError(
-                "--recompute-modules layernorm needs --transformer-impl transformer_engine; with the "
-                "local implementation use core_attn and/or mlp (or --recompute-granularity full)"
+                "recompute_modules layernorm needs transformer_impl transformer_engine; with the "
+                "local implementation use core_attn and/or mlp (or recompute_granularity full)"
             )
         if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
             raise ValueError(
-                f"--cross-entropy-chunk-size ({self.cross_entropy_chunk_size}) and --recompute-chunk-size "
+                f"cross_entropy_chunk_size ({self.cross_entropy_chunk_size}) and recompute_chunk_size "
                 f"({self.recompute_chunk_size}) must be >= 0"
             )
         if self.recompute_chunk_size > 0 and self.recompute_granularity is not None:
             raise ValueError(
-                "recompute_chunk_size replaces megatron-core's recompute: set recompute_granularity=None "
-                "(on the command line --recompute-chunk-size goes with --recompute-granularity full)"
+                "recompute_chunk_size replaces megatron-core's recompute: set recompute_granularity None"
             )
         if self.recompute_chunk_size > 0 and self.hidden_dropout > 0:
-            raise ValueError("--recompute-chunk-size needs --hidden-dropout 0 (it does not replay the dropout RNG)")
+            raise ValueError("recompute_chunk_size needs hidden_dropout 0 (it does not replay the dropout RNG)")
         if self.recompute_elementwise and self.recompute_granularity != "selective":
             raise ValueError(
-                "--recompute-modules elementwise needs --recompute-granularity selective "
+                "recompute_elementwise needs recompute_granularity selective "
                 f"(got {self.recompute_granularity!r})"
             )
         if not (self.decay_layer_eps >= 0.0 and math.isfinite(self.decay_layer_eps)):
-            raise ValueError(f"--decay-layer-eps must be a finite number >= 0, got {self.decay_layer_eps}")
+            raise ValueError(f"decay_layer_eps must be a finite number >= 0, got {self.decay_layer_eps}")
         if self.num_layers < 1:
-            raise ValueError(f"--num-layers must be positive, got {self.num_layers}")
-        heads, tp, sp = self.num_attention_heads, self.tensor_model_parallel_size, self.context_parallel_size
+            raise ValueError(f"num_layers must be positive, got {self.num_layers}")
+        heads, tp = self.num_attention_heads, self.tensor_model_parallel_size
         if heads < 1 or self.hidden_size < 1:
             raise ValueError(
-                f"--num-attention-heads ({heads}) and --hidden-size ({self.hidden_size}) must be positive"
+                f"num_attention_heads ({heads}) and hidden_size ({self.hidden_size}) must be positive"
             )
-        if heads % tp != 0:
-            raise ValueError(
-                f"--num-attention-heads ({heads}) must be divisible by --tensor-model-parallel-size ({tp})"
-            )
-        local_heads = heads // tp
-        if self.sequence_parallel_mode == "ulysses" and local_heads % sp != 0:
-            raise ValueError(
-                f"--sequence-parallel-mode ulysses needs the heads per tensor-parallel rank ({local_heads}) "
-                f"to be divisible by --sequence-parallel-size ({sp}); change the sizes or use "
-                f"--sequence-parallel-mode lasp"
-            )
+        local_heads = check_head_split(heads, tp, self.context_parallel_size, self.sequence_parallel_mode)
         group = self.attention_norm_group_size
         if group < 1 or local_heads % group != 0:
             raise ValueError(
-                f"--attention-norm-group-size ({group}) must be positive and divide the heads per "
+                f"attention_norm_group_size ({group}) must be positive and divide the heads per "
                 f"tensor-parallel rank ({heads} / {tp} = {local_heads}), so no norm group straddles ranks"
             )
         if self.kv_channels is None and self.hidden_size % heads != 0:
             raise ValueError(
-                f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads ({heads}), "
-                f"or set --kv-channels"
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({heads}), "
+                f"or set kv_channels"
             )
 
     @property
@@ -273,7 +291,7 @@ PRESETS: Dict[str, _Preset] = {
 
 def _check_preset(preset: str) -> _Preset:
     if preset not in PRESETS:
-        raise ValueError(f"--model-preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     return PRESETS[preset]
 
 

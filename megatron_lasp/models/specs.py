@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
-from megatron_lasp.models.config import TE_MISSING_MESSAGE, LinearLMConfig, te_available
+from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.norms import RMSNorm
 
 __all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
@@ -39,12 +39,9 @@ __all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_
 def get_backend_provider(config: LinearLMConfig):
     """megatron-core's ``BackendSpecProvider`` for ``config.transformer_impl``.
 
-    Raises:
-        ValueError: 'transformer_engine' without Transformer Engine (the message says what to do).
+    (Whether Transformer Engine is installed is checked when the config is built.)
     """
     if config.transformer_impl == "transformer_engine":
-        if not te_available():
-            raise ValueError(TE_MISSING_MESSAGE)
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()

@@ -1,9 +1,8 @@
 """Parallel state (TP / SP / DP / PP on megatron-core) and the sequence-parallel modes."""
 
 from megatron_lasp.parallel.layout import gather_sequence, sequence_slice_bounds, split_sequence
-from megatron_lasp.parallel.sp import lightning_attn_sp
+from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES, lightning_attn_sp
 from megatron_lasp.parallel.state import (
-    SEQUENCE_PARALLEL_MODES,
     ParallelGroups,
     current_groups,
     destroy_parallel,

@@ -17,16 +17,21 @@ import torch
 import torch.distributed as dist
 
 
-def _check_divisible(length: int, world: int, dim: int) -> None:
+def check_sequence_split(length: int, world: int, name: str = "the sequence length") -> None:
+    """The layout's one rule: the sequence splits into ``world`` slices of equal length.
+
+    Raises:
+        ValueError: ``"<name> (<length>) must be divisible by the sequence-parallel size ..."``.
+    """
     if length % world != 0:
         raise ValueError(
-            f"sequence dimension {dim} has length {length}, which is not divisible by the "
-            f"sequence-parallel size {world}; pad the sequence or change --sequence-parallel-size"
+            f"{name} ({length}) must be divisible by the sequence-parallel size ({world}): each rank "
+            f"holds one contiguous slice of equal length; pad the sequence or change the size"
         )
 
 
 def _slice(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    _check_divisible(x.size(dim), world, dim)
+    check_sequence_split(x.size(dim), world, f"the length of sequence dimension {dim}")
     chunk = x.size(dim) // world
     return x.narrow(dim, rank * chunk, chunk).contiguous()
 
@@ -85,6 +90,6 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup], dim: in
 
 def sequence_slice_bounds(seq_length: int, rank: int, world: int) -> tuple[int, int]:
     """``[start, end)`` token indices of ``rank``'s slice of a sequence of ``seq_length`` tokens."""
-    _check_divisible(seq_length, world, -1)
+    check_sequence_split(seq_length, world)
     chunk = seq_length // world
     return rank * chunk, (rank + 1) * chunk

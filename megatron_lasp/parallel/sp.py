@@ -28,10 +28,9 @@ from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
 from megatron_lasp.parallel.comm import SliceDocs, all_gather_flat
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
-from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES
-from megatron_lasp.parallel.ulysses import check_ulysses_heads, ulysses_attention
+from megatron_lasp.parallel.ulysses import ulysses_attention
 
-__all__ = ["lightning_attn_sp", "SP_MODES", "VALIDATE_ENV"]
+__all__ = ["lightning_attn_sp", "SP_MODES", "SEQUENCE_PARALLEL_MODES", "VALIDATE_ENV"]
 
 SP_MODES: Dict[str, Callable[..., torch.Tensor]] = {
     "lasp": lasp_attention,
@@ -39,7 +38,8 @@ SP_MODES: Dict[str, Callable[..., torch.Tensor]] = {
     "ulysses": ulysses_attention,
     "allgather": allgather_attention,
 }
-assert tuple(SP_MODES) == SEQUENCE_PARALLEL_MODES
+"""The dispatch table of the sequence-parallel modes (the one list of them)."""
+SEQUENCE_PARALLEL_MODES = tuple(SP_MODES)
 
 VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -81,7 +81,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
         raise ValueError(
             "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
-            f"dtype, with one --sequence-parallel-mode and the same global cu_seqlens): {table}"
+            f"dtype, with one mode and the same global cu_seqlens): {table}"
         )
 
 
@@ -132,8 +132,7 @@ def lightning_attn_sp(
             ranks that disagree (when validating), heads not divisible by the group size (ulysses).
     """
     if mode not in SP_MODES:
-        raise ValueError(f"lightning_attn_sp: unknown mode {mode!r}; --sequence-parallel-mode must be one of "
-                         f"{', '.join(SP_MODES)}")
+        raise ValueError(f"lightning_attn_sp: unknown mode {mode!r}; mode must be one of {', '.join(SP_MODES)}")
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"lightning_attn_sp: q must be a tensor, got {type(q).__name__}")
     backend = resolve_backend(backend, q.device)
@@ -153,8 +152,6 @@ def lightning_attn_sp(
                                     triton_options=triton_options)[0]
     if validate:
         _check_across_group(q, v, mode, group, cu_seqlens)
-    if mode == "ulysses":
-        check_ulysses_heads(q.shape[2], world)
     docs = None
     if cu_seqlens is not None:
         docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)

@@ -27,12 +27,6 @@ from megatron_lasp import platform
 
 logger = logging.getLogger(__name__)
 
-SEQUENCE_PARALLEL_MODES = ("lasp", "lasp2", "ulysses", "allgather")
-
-_TP_FLAG = "--tensor-model-parallel-size"
-_SP_FLAG = "--sequence-parallel-size (alias --context-parallel-size)"
-_PP_FLAG = "--pipeline-model-parallel-size"
-
 
 @dataclass(frozen=True)
 class ParallelGroups:
@@ -100,54 +94,32 @@ def validate_parallel_sizes(
     tensor_model_parallel_size: int = 1,
     sequence_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
-    *,
-    num_attention_heads: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    sequence_parallel_mode: str = "lasp",
 ) -> int:
-    """Check that the parallel sizes fit the world and the model; return the data-parallel size.
+    """Check that the parallel sizes fit the world; return the data-parallel size.
+
+    (How the heads split over the groups is the model config's rule,
+    :func:`megatron_lasp.models.config.check_head_split`; the sequence length's is the layout's,
+    :func:`megatron_lasp.parallel.layout.check_sequence_split`.)
 
     Raises:
-        ValueError: naming the flag to change, when a size is not positive, the sizes do not
-            divide the world size, or (when given) the heads / sequence length do not divide.
+        ValueError: naming the argument, when a size is not positive or the sizes do not divide
+            the world size.
     """
     sizes = {
-        _TP_FLAG: tensor_model_parallel_size,
-        _SP_FLAG: sequence_parallel_size,
-        _PP_FLAG: pipeline_model_parallel_size,
+        "tensor_model_parallel_size": tensor_model_parallel_size,
+        "sequence_parallel_size": sequence_parallel_size,
+        "pipeline_model_parallel_size": pipeline_model_parallel_size,
     }
-    for flag, size in sizes.items():
+    for name, size in sizes.items():
         if not isinstance(size, int) or size < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {size!r}")
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
     model_parallel = tensor_model_parallel_size * sequence_parallel_size * pipeline_model_parallel_size
     if world_size % model_parallel != 0:
         raise ValueError(
-            f"world size {world_size} is not divisible by {_TP_FLAG} ({tensor_model_parallel_size}) x "
-            f"{_SP_FLAG} ({sequence_parallel_size}) x {_PP_FLAG} ({pipeline_model_parallel_size}) "
-            f"= {model_parallel}; change these sizes or the number of processes (--nproc-per-node)"
-        )
-    if sequence_parallel_mode not in SEQUENCE_PARALLEL_MODES:
-        raise ValueError(
-            f"--sequence-parallel-mode must be one of {', '.join(SEQUENCE_PARALLEL_MODES)}, "
-            f"got {sequence_parallel_mode!r}"
-        )
-    if num_attention_heads is not None:
-        if num_attention_heads % tensor_model_parallel_size != 0:
-            raise ValueError(
-                f"--num-attention-heads ({num_attention_heads}) must be divisible by {_TP_FLAG} "
-                f"({tensor_model_parallel_size})"
-            )
-        local_heads = num_attention_heads // tensor_model_parallel_size
-        if sequence_parallel_mode == "ulysses" and local_heads % sequence_parallel_size != 0:
-            raise ValueError(
-                f"--sequence-parallel-mode ulysses needs the heads per tensor-parallel rank "
-                f"({local_heads}) to be divisible by {_SP_FLAG} ({sequence_parallel_size}); "
-                f"change the sizes or use --sequence-parallel-mode lasp"
-            )
-    if seq_length is not None and seq_length % sequence_parallel_size != 0:
-        raise ValueError(
-            f"--seq-length ({seq_length}) must be divisible by {_SP_FLAG} ({sequence_parallel_size}): "
-            f"each sequence-parallel rank holds one contiguous slice of equal length"
+            f"world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"({tensor_model_parallel_size}) x sequence_parallel_size ({sequence_parallel_size}) x "
+            f"pipeline_model_parallel_size ({pipeline_model_parallel_size}) = {model_parallel}; change "
+            f"these sizes or the number of processes (torchrun --nproc-per-node)"
         )
     return world_size // model_parallel
 
@@ -180,7 +152,7 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("the nccl backend needs CUDA devices; use --distributed-backend gloo on CPU")
+        raise ValueError("the nccl backend needs CUDA devices; use the gloo backend on CPU")
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -215,7 +187,7 @@ def initialize_parallel(
     (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`.
 
     Raises:
-        ValueError: when the sizes do not divide the world size (the message names the flag).
+        ValueError: when the sizes do not divide the world size (the message names the argument).
     """
     init_distributed(backend, timeout_minutes)
     validate_parallel_sizes(

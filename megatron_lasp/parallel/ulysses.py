@@ -18,17 +18,7 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
 from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, group_info
 
-__all__ = ["ulysses_attention", "check_ulysses_heads"]
-
-
-def check_ulysses_heads(num_heads: int, group_size: int) -> None:
-    """Raise ``ValueError`` unless the heads divide evenly over the group."""
-    if num_heads % group_size != 0:
-        raise ValueError(
-            f"--sequence-parallel-mode ulysses needs the number of heads per tensor-parallel rank "
-            f"({num_heads}) to be divisible by --sequence-parallel-size ({group_size}); change the "
-            f"sizes or use --sequence-parallel-mode lasp"
-        )
+__all__ = ["ulysses_attention"]
 
 
 def _seq_to_heads(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Tensor]:
@@ -102,5 +92,9 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
         ValueError: if the number of heads is not divisible by the group size.
     """
     info = group_info(group)
-    check_ulysses_heads(q.shape[2], info.size)
+    if q.shape[2] % info.size != 0:
+        raise ValueError(
+            f"ulysses: the heads of q ({q.shape[2]}) must be divisible by the sequence-parallel group "
+            f"size ({info.size}): every rank runs whole heads; use another mode or change the sizes"
+        )
     return _UlyssesFunction.apply(q, k, v, slopes, info, backend, docs, triton_options)

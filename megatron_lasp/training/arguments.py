@@ -2,8 +2,12 @@
 
 :func:`build_parser` returns the parser, :func:`parse_args` parses and validates: every user
 mistake ends in argparse's one-line ``error: ...`` and exit status 2, naming the flag to change.
-Checks that need the world size (parallel sizes, batch divisibility) are in :func:`validate_args`,
-called once the process group exists (``world_size`` given) or from :func:`parse_args`.
+:func:`validate_args` checks the flags (once, before the process group exists); the checks that
+need the world size (parallel sizes, batch divisibility) are in :func:`validate_world_size`, run
+once the process group exists (or from :func:`parse_args` with ``world_size``).
+
+The library's errors (the model config, the parallel layout) name config fields, not flags;
+:func:`config_error` turns one into a CLI error, naming flags through :func:`flag_of_field`.
 """
 
 from __future__ import annotations
@@ -13,16 +17,25 @@ import os
 import re
 from typing import List, Optional, Sequence
 
-from megatron_lasp.parallel.state import SEQUENCE_PARALLEL_MODES, validate_parallel_sizes
+from megatron_lasp.parallel.layout import check_sequence_split
+from megatron_lasp.parallel.state import validate_parallel_sizes
 
 DDP_IMPLS = ("megatron", "torch", "fsdp")
-KERNEL_BACKENDS = ("triton", "torch")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "elementwise")
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
-MODEL_PRESETS = ("tiny", "tnl-385m", "tnl-1b", "tnl-7b")
+
+FIELD_FLAGS = {
+    "context_parallel_size": "--sequence-parallel-size",
+    "sequence_parallel_size": "--sequence-parallel-size",
+    "offload_layer_inputs": "--cpu-offloading",
+    "recompute_elementwise": "--recompute-modules elementwise",
+    "normalization": "--normalization",
+    "preset": "--model-preset",
+}
+"""Config fields (and library arguments) whose flag is not ``--`` + the field with dashes, or
+that have no underscore (only names with one are mapped otherwise): see :func:`flag_of_field`."""
 
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size")
 """Fields that must match between a checkpoint and the run that resumes it."""
@@ -48,7 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pretrain_linear_lm.py`` (every flag documented in ``--help``)."""
     from megatron_lasp.data.tokenizer import add_tokenizer_args
 
-    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GLU_TYPES
+    from megatron_lasp.models.config import (
+        DECAY_TYPES,
+        FEATURE_MAPS,
+        GLU_TYPES,
+        PRESETS,
+        TRANSFORMER_IMPLS,
+    )
+    from megatron_lasp.ops.lightning_attn.utils import BACKENDS
+    from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
     p = _Parser(
         prog="pretrain_linear_lm.py",
@@ -58,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model-preset", choices=MODEL_PRESETS, default=None,
+    g.add_argument("--model-preset", choices=tuple(PRESETS), default=None,
                    help="start from a preset architecture; the flags below override its fields")
     g.add_argument("--num-layers", type=int, default=None, help="number of transformer layers")
     g.add_argument("--hidden-size", type=int, default=None, help="model width d_model")
@@ -96,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=None, help="std of the normal weight init")
     g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
                    help="megatron-core module implementation; transformer_engine needs TE installed (GPU)")
-    g.add_argument("--kernel-backend", choices=KERNEL_BACKENDS, default=None,
+    g.add_argument("--kernel-backend", choices=BACKENDS, default=None,
                    help="linear-attention kernels: triton (GPU default) or torch (CPU default)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
                    help="activation recomputation (megatron-core's TransformerConfig)")
@@ -237,6 +258,32 @@ def _error(parser: argparse.ArgumentParser, message: str):
     parser.error(message)
 
 
+_FLAGS: Optional[dict] = None
+
+
+def flag_of_field(name: str) -> Optional[str]:
+    """The flag that sets config field ``name`` (:data:`FIELD_FLAGS`, else the parser's flag whose
+    destination is ``name``), or None."""
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = {a.dest: a.option_strings[0] for a in build_parser()._actions
+                  if a.option_strings and a.option_strings[0].startswith("--") and "_" in a.dest}
+        _FLAGS.update(FIELD_FLAGS)
+    return _FLAGS.get(name)
+
+
+def config_error(err: Exception) -> ArgumentError:
+    """A library error (model config, parallel sizes, layout) as a one-line CLI error: its first
+    line, with every config field name replaced by its flag (:func:`flag_of_field`)."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else repr(err)
+
+    def flag(match: "re.Match") -> str:
+        return flag_of_field(match.group(0)) or match.group(0)
+
+    return ArgumentError(re.sub(r"(?<![\w-])[a-z][a-z0-9_]*(?![\w-])", flag, line))
+
+
 def default_on_gpu() -> bool:
     import torch
 
@@ -246,10 +293,12 @@ def default_on_gpu() -> bool:
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill defaults that depend on others and check the flags; raise :class:`ArgumentError`.
 
+    The model's own rules (heads over TP/SP, Transformer Engine installed, ...) are checked when
+    its config is built (``model_config_from_args``, errors through :func:`config_error`).
+
     Args:
         args: parsed flags (modified in place: defaults filled, ``data_blend`` parsed).
-        world_size: number of processes; when given, the parallel sizes and batch sizes are checked
-            against it and ``args.data_parallel_size`` is set.
+        world_size: number of processes; when given, :func:`validate_world_size` follows.
 
     Returns:
         ``args``.
@@ -348,12 +397,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--fp16 (loss scaling) is supported with --ddp-impl megatron only; use --bf16")
     if args.kernel_backend is None:
         args.kernel_backend = "triton" if on_gpu else "torch"
-    if args.transformer_impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-        except Exception:
-            raise ArgumentError("--transformer-impl transformer_engine: Transformer Engine is not "
-                                "importable here; use --transformer-impl local")
     if args.distributed_backend == "nccl" and not on_gpu:
         raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
     if args.recompute_granularity == "full" and args.recompute_method is None:
@@ -393,34 +436,45 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                 "(or pip install -e .[tensorboard]); or drop the flag")
 
     if world_size is not None:
-        try:
-            dp = validate_parallel_sizes(
-                world_size,
-                args.tensor_model_parallel_size,
-                args.context_parallel_size,
-                args.pipeline_model_parallel_size,
-                num_attention_heads=args.num_attention_heads,
-                seq_length=args.seq_length,
-                sequence_parallel_mode=args.sequence_parallel_mode,
-            )
-        except ValueError as err:
-            raise ArgumentError(str(err)) from None
-        args.data_parallel_size = dp
-        if args.global_batch_size is None:
-            args.global_batch_size = args.micro_batch_size * dp
-        if args.global_batch_size % (args.micro_batch_size * dp) != 0:
-            raise ArgumentError(
-                f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
-                f"({args.micro_batch_size}) x data-parallel size ({dp}) = {args.micro_batch_size * dp}"
-            )
-        args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-        args.world_size = world_size
-        if args.sequence_parallel and args.seq_length // args.context_parallel_size % args.tensor_model_parallel_size:
-            raise ArgumentError(
-                f"--sequence-parallel needs the tokens per sequence-parallel rank "
-                f"({args.seq_length // args.context_parallel_size}) to be divisible by "
-                f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})"
-            )
+        validate_world_size(args, world_size)
+    return args
+
+
+def validate_world_size(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """The checks that need the number of processes; sets ``data_parallel_size``, ``world_size``,
+    ``num_micro_batches`` (and ``global_batch_size`` if not given). Run after :func:`validate_args`.
+
+    Raises:
+        ArgumentError: sizes that do not fit the world, the heads or the sequence length that do
+            not split over the groups, a global batch that does not divide.
+    """
+    from megatron_lasp.models.config import PRESETS, check_head_split
+
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    heads = args.num_attention_heads
+    if heads is None and args.model_preset is not None:
+        heads = PRESETS[args.model_preset].fields["num_attention_heads"]
+    try:
+        dp = validate_parallel_sizes(world_size, tp, cp, args.pipeline_model_parallel_size)
+        check_head_split(heads, tp, cp, args.sequence_parallel_mode)
+        check_sequence_split(args.seq_length, cp, "seq_length")
+    except ValueError as err:
+        raise config_error(err) from None
+    args.data_parallel_size = dp
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ArgumentError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
+            f"({args.micro_batch_size}) x data-parallel size ({dp}) = {args.micro_batch_size * dp}"
+        )
+    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    args.world_size = world_size
+    if args.sequence_parallel and args.seq_length // cp % tp:
+        raise ArgumentError(
+            f"--sequence-parallel needs the tokens per sequence-parallel rank "
+            f"({args.seq_length // cp}) to be divisible by --tensor-model-parallel-size ({tp})"
+        )
     return args
 
 

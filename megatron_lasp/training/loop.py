@@ -25,7 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -193,7 +193,7 @@ def model_config_from_args(args: argparse.Namespace):
         else:
             config = LinearLMConfig(**fields)
     except (ValueError, TypeError, AssertionError) as err:
-        raise arguments_mod.ArgumentError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        raise arguments_mod.config_error(err) from None
     pp = args.pipeline_model_parallel_size
     if config.num_layers % pp:
         raise arguments_mod.ArgumentError(
@@ -504,7 +504,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
 
     def prepare():
-        arguments_mod.validate_args(args, dist.get_world_size())
+        arguments_mod.validate_world_size(args, dist.get_world_size())
         tokenizer = data_mod.build_tokenizer(args)
         args.vocab_size_tokenizer = tokenizer.vocab_size
         args.padded_vocab_size = data_mod.padded_vocab_size(

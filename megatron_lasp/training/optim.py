@@ -29,7 +29,7 @@ import argparse
 import contextlib
 import logging
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
