@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -337,16 +337,3 @@ def global_loss_tokens(batches: List[Optional[dict]], dp_group: Optional[dist.Pr
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     return float(total.item())
-
-
-class StepIterator:
-    """The iterator megatron-core's schedule pulls micro-batches from (one per forward step)."""
-
-    def __init__(self, batches: List[Optional[dict]]) -> None:
-        self._it: Iterator = iter(batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._it)

@@ -281,7 +281,7 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
     with platform.cuda_factory_redirect():
         outputs = forward_backward(
             forward_step_func=partial(_forward_step, scale, is_first, is_last),
-            data_iterator=data_mod.StepIterator(batches),
+            data_iterator=iter(batches),  # one micro-batch per forward step
             model=[state.model],
             num_microbatches=layout.num_micro_batches,
             seq_length=args.seq_length,
