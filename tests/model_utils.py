@@ -7,7 +7,7 @@ Conventions (megatron-core's, set on every parameter it builds):
   rank r holds ``[W1_r; W2_r]``).
 - ``param.sequence_parallel``: replicated over TP, but with TP sequence parallelism each TP rank
   sees a slice of the tokens, so its gradient is partial and must be summed over TP.
-- SP (and DP) ranks see different tokens: parameter gradients are summed over ``dp_sp``.
+- SP (and DP) ranks see different tokens: parameter gradients are summed over ``dp_cp``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: dist.Process
 def full_grads(model: torch.nn.Module, groups) -> Dict[str, torch.Tensor]:
     """Every parameter's full gradient, keyed by parameter name (identical on the ranks of a stage).
 
-    Sums over ``dp_sp`` (different tokens), over TP for ``sequence_parallel`` params when TP
+    Sums over ``dp_cp`` (different tokens), over TP for ``sequence_parallel`` params when TP
     sequence parallelism is on (the attribute is set only then), then gathers TP shards. With
     pipeline parallelism each stage gets its own parameters (stage-local layer names: map them
     with megatron-core's ``get_transformer_layer_offset``).
@@ -45,7 +45,7 @@ def full_grads(model: torch.nn.Module, groups) -> Dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         assert p.grad is not None, f"no gradient for {name}"
         g = p.grad.detach().clone()
-        dist.all_reduce(g, group=groups.dp_sp)
+        dist.all_reduce(g, group=groups.dp_cp)
         if getattr(p, "sequence_parallel", False) and groups.tp.size() > 1:
             dist.all_reduce(g, group=groups.tp)
         out[name] = gather_tp(g, p, groups.tp)
@@ -68,17 +68,17 @@ def sharded_loss(
 
     ``input_ids`` / ``labels``: the FULL ``[b, T]`` batch, the same on every rank (data replicated
     over DP, so the DP mean equals the single-process loss). Each rank runs its contiguous SP
-    slice; its loss is ``sum(token losses) / (b * T * dp)`` so that the sum over ``dp_sp`` is the
+    slice; its loss is ``sum(token losses) / (b * T * dp)`` so that the sum over ``dp_cp`` is the
     mean over all tokens.
     """
-    ids = split_sequence(input_ids, groups.sp, dim=1)
-    lab = split_sequence(labels, groups.sp, dim=1)
+    ids = split_sequence(input_ids, groups.cp, dim=1)
+    lab = split_sequence(labels, groups.cp, dim=1)
     per_token = model(ids, labels=lab)
     assert per_token.shape == lab.shape, f"loss shape {tuple(per_token.shape)} != labels {tuple(lab.shape)}"
-    local = per_token.float().sum() / (labels.numel() * groups.dp_size)
+    local = per_token.float().sum() / (labels.numel() * groups.dp.size())
     local.backward()
     total = local.detach().clone()
-    dist.all_reduce(total, group=groups.dp_sp)
+    dist.all_reduce(total, group=groups.dp_cp)
     return total
 
 

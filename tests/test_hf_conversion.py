@@ -85,11 +85,11 @@ def _train_and_save(rank, world_size, roots, seed):
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, state.args.vocab_size_tokenizer, (2, SEQ), generator=gen)
         groups = state.groups
-        chunk = SEQ // groups.sp_size
+        chunk = SEQ // groups.cp.size()
         with torch.no_grad():
-            if groups.pp_size == 1:
-                logits = model(ids[:, groups.sp_rank * chunk : (groups.sp_rank + 1) * chunk])  # [b, s/sp, V/tp]
-            elif groups.pp_rank == 0:  # world 2 = two stages: send the hidden states [s, b, h] on
+            if groups.pp.size() == 1:
+                logits = model(ids[:, groups.cp.rank() * chunk : (groups.cp.rank() + 1) * chunk])  # [b, s/sp, V/tp]
+            elif groups.pp.rank() == 0:  # world 2 = two stages: send the hidden states [s, b, h] on
                 dist.send(model(ids).contiguous(), dst=1 - rank)
                 logits = None
             else:
@@ -97,7 +97,7 @@ def _train_and_save(rank, world_size, roots, seed):
                 dist.recv(hidden, src=1 - rank)
                 model.set_input_tensor(hidden)
                 logits = model(None)
-        out[name] = dict(ids=ids, logits=logits, tp_rank=groups.tp_rank, sp_rank=groups.sp_rank)
+        out[name] = dict(ids=ids, logits=logits, tp_rank=groups.tp.rank(), sp_rank=groups.cp.rank())
     return out
 
 

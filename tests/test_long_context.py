@@ -133,7 +133,7 @@ def _fused_vs_plain(groups, tp, tpsp, pp, tied):
     config = linear_lm_config("tiny", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               sequence_parallel=tpsp, use_cpu_initialization=True,
                               share_embeddings_and_output_weights=tied, cross_entropy_chunk_size=24)
-    pre, post = groups.pp_rank == 0, groups.pp_rank == groups.pp_size - 1
+    pre, post = groups.pp.rank() == 0, groups.pp.rank() == groups.pp.size() - 1
     torch.manual_seed(SEED)
     model = build_linear_lm(config, VOCAB, pre_process=pre, post_process=post)
     ids, labels, mask = _batch()

@@ -177,11 +177,11 @@ def _pp_loss(model, groups, ids, labels):
     """Two-stage pipeline by hand: stage 0 sends its output, stage 1 returns the input grad."""
     from megatron_lasp.parallel import split_sequence
 
-    ids = split_sequence(ids, groups.sp, dim=1)
-    lab = split_sequence(labels, groups.sp, dim=1)
-    pp_rank = groups.pp_rank
+    ids = split_sequence(ids, groups.cp, dim=1)
+    lab = split_sequence(labels, groups.cp, dim=1)
+    pp_rank = groups.pp.rank()
     peer = dist.get_global_rank(groups.pp, 1 - pp_rank)
-    scale = labels.numel() * groups.dp_size * 1.0
+    scale = labels.numel() * groups.dp.size() * 1.0
     if pp_rank == 0:
         hidden = model(ids)
         dist.send(hidden.detach().contiguous(), peer)
@@ -190,7 +190,7 @@ def _pp_loss(model, groups, ids, labels):
         hidden.backward(grad)
         local = torch.zeros(())
     else:
-        shape = (ids.shape[1] // (groups.tp_size if model.config.sequence_parallel else 1), ids.shape[0],
+        shape = (ids.shape[1] // (groups.tp.size() if model.config.sequence_parallel else 1), ids.shape[0],
                  model.config.hidden_size)
         hidden = torch.empty(shape)
         dist.recv(hidden, peer)
@@ -201,8 +201,8 @@ def _pp_loss(model, groups, ids, labels):
         dist.send(hidden.grad.contiguous(), peer)
         local = local.detach()
     total = local.clone()
-    dist.all_reduce(total)  # world = pp x dp_sp x tp; only stage 1 contributes, tp ranks repeat
-    return total / groups.tp_size
+    dist.all_reduce(total)  # world = pp x dp_cp x tp; only stage 1 contributes, tp ranks repeat
+    return total / groups.tp.size()
 
 
 def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
@@ -215,7 +215,7 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
 
     ref_loss, ref_params, ref_grads, ref_slopes = ref
     config = _config(layout)
-    pre, post = groups.pp_rank == 0, groups.pp_rank == groups.pp_size - 1
+    pre, post = groups.pp.rank() == 0, groups.pp.rank() == groups.pp.size() - 1
     torch.manual_seed(SEED)
     model = build_linear_lm(config, VOCAB, pre_process=pre, post_process=post)
     offset = get_transformer_layer_offset(config) if layout.pp > 1 else 0
@@ -226,7 +226,7 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
         from megatron.core import parallel_state as mpu
 
         (shared,) = [p for p in model.parameters() if getattr(p, "shared_embedding", False)]
-        diff = shared.detach().clone() * (1.0 if groups.pp_rank == 0 else -1.0)
+        diff = shared.detach().clone() * (1.0 if groups.pp.rank() == 0 else -1.0)
         dist.all_reduce(diff, group=mpu.get_embedding_group())
         result["tied_sync_err"] = diff.abs().max().item()
     # the CPU init of one seed is TP-invariant (same master weights) when no stage is skipped
@@ -236,19 +236,19 @@ def _run_layout(layout: Layout, groups, ref, saved_grads) -> Dict:
     # load the reference weights (PP stages draw their init in a different order)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(_slice_tp(ref_params[_global_name(name, offset, tied)], p, groups.tp_rank, groups.tp_size))
+            p.copy_(_slice_tp(ref_params[_global_name(name, offset, tied)], p, groups.tp.rank(), groups.tp.size()))
     # slopes: this TP rank's heads of the GLOBAL layer
     for i, layer in enumerate(model.decoder.layers):
         heads = layer.self_attention.local_heads
-        want = ref_slopes[i + offset][groups.tp_rank * heads : (groups.tp_rank + 1) * heads]
+        want = ref_slopes[i + offset][groups.tp.rank() * heads : (groups.tp.rank() + 1) * heads]
         assert torch.equal(layer.self_attention.slopes, want), f"slopes of layer {i + offset}"
     # checkpoint metadata: out_norm is sharded with the heads, layers stacked at global indices
     sharded = model.sharded_state_dict()
     local = layer.self_attention.local_heads * config.kv_channels
     for i in range(len(model.decoder.layers)):
         sh = sharded[f"decoder.layers.{i}.self_attention.out_norm.weight"]
-        assert tuple(sh.global_shape) == (config.num_layers, local * groups.tp_size), sh
-        assert tuple(sh.global_offset) == (i + offset, groups.tp_rank * local), sh
+        assert tuple(sh.global_shape) == (config.num_layers, local * groups.tp.size()), sh
+        assert tuple(sh.global_offset) == (i + offset, groups.tp.rank() * local), sh
     ids, labels = _batch()
     if layout.pp > 1:
         loss = _pp_loss(model, groups, ids, labels)

@@ -38,9 +38,9 @@ def _expected_groups(world, tp, sp, pp):
     return {
         rank: dict(
             tp=members(rank, {0}),
-            sp=members(rank, {1}),
+            cp=members(rank, {1}),
             dp=members(rank, {2}),
-            dp_sp=members(rank, {1, 2}),
+            dp_cp=members(rank, {1, 2}),
             pp=members(rank, {3}),
         )
         for rank in range(world)
@@ -62,13 +62,13 @@ def _check_layouts(rank, world_size):
         for name, want in expected.items():
             got = sorted(dist.get_process_group_ranks(getattr(groups, name)))
             assert got == want, f"TP{tp} SP{sp} PP{pp}: {name} group of rank {rank} is {got}, expected {want}"
-        assert (groups.tp_size, groups.sp_size, groups.pp_size) == (tp, sp, pp)
-        assert groups.dp_size == world_size // (tp * sp * pp)
+        assert (groups.tp.size(), groups.cp.size(), groups.pp.size()) == (tp, sp, pp)
+        assert groups.dp.size() == world_size // (tp * sp * pp)
         # the SP group really communicates among its members
         t = torch.tensor([float(rank)])
-        dist.all_reduce(t, group=groups.sp)
-        assert t.item() == sum(expected["sp"])
-        _check_rng_tracker(1234, groups.tp_rank)
+        dist.all_reduce(t, group=groups.cp)
+        assert t.item() == sum(expected["cp"])
+        _check_rng_tracker(1234, groups.tp.rank())
     return len(_layouts(world_size))
 
 
@@ -128,10 +128,10 @@ def _check_split_gather(rank, world_size):
     groups = initialize_parallel(1, world_size, 1)
     torch.manual_seed(0)  # the same full tensors on every rank
     x = torch.randn(3, 8 * world_size, 5, requires_grad=True)
-    mine = split_sequence(x, groups.sp, dim=1)
+    mine = split_sequence(x, groups.cp, dim=1)
     start, end = sequence_slice_bounds(x.size(1), rank, world_size)
     assert torch.equal(mine, x[:, start:end]), "split is not this rank's contiguous slice"
-    back = gather_sequence(mine, groups.sp, dim=1)
+    back = gather_sequence(mine, groups.cp, dim=1)
     assert torch.equal(back, x), "gather(split(x)) != x"
     # gradient of the identity round trip is the identity
     w = torch.randn_like(x)
@@ -139,9 +139,9 @@ def _check_split_gather(rank, world_size):
     assert torch.equal(x.grad, w * 1.0)
     # megatron layout [S, B, H]
     y = torch.randn(4 * world_size, 2, 3)
-    assert torch.equal(gather_sequence(split_sequence(y, groups.sp, dim=0), groups.sp, dim=0), y)
+    assert torch.equal(gather_sequence(split_sequence(y, groups.cp, dim=0), groups.cp, dim=0), y)
     with pytest.raises(ValueError, match="must be divisible by the sequence-parallel size"):
-        split_sequence(torch.randn(1, 4 * world_size + 1, 2), groups.sp)
+        split_sequence(torch.randn(1, 4 * world_size + 1, 2), groups.cp)
     return True
 
 

@@ -99,11 +99,11 @@ def _check_world(rank, world_size, seed):
 def _check_strided(rank, seed):
     """TP=2 x SP=2 on 4 ranks: the SP groups are {0, 2} and {1, 3} (strided in global rank)."""
     groups = initialize_parallel(2, 2, 1)
-    members = dist.get_process_group_ranks(groups.sp)
+    members = dist.get_process_group_ranks(groups.cp)
     assert members == [rank % 2, rank % 2 + 2], members
     # the two SP groups run different sequences: a peer from the wrong group would mix them
     return {
-        _case_id(shape, decay, mode, 2) + "-tp2": _compare(seed + 7 * (rank % 2) + i, shape, decay, mode, groups.sp)
+        _case_id(shape, decay, mode, 2) + "-tp2": _compare(seed + 7 * (rank % 2) + i, shape, decay, mode, groups.cp)
         for i, (shape, decay, mode) in enumerate(_cases(2)[:8])
     }
 

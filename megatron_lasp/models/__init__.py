@@ -10,7 +10,7 @@ Builder API (what the training loop calls)::
                               pipeline_model_parallel_size=pp, sequence_parallel=tp > 1,
                               sequence_parallel_mode="lasp", bf16=True, params_dtype=torch.bfloat16)
     model = build_linear_lm(config, vocab_size, pre_process=is_first_pp_stage,
-                            post_process=is_last_pp_stage, pg_collection=None, vp_stage=None)
+                            post_process=is_last_pp_stage, pg_collection=groups, vp_stage=None)
     loss = model(input_ids, labels=labels)     # [b, s_local] each -> per-token loss [b, s_local]
 
 - ``input_ids`` / ``labels``: this SP rank's CONTIGUOUS slice ``[b, s_local]`` of the sequence
@@ -19,7 +19,7 @@ Builder API (what the training loop calls)::
   when ``sequence_parallel=True``.
 - The loss of the full sequence is ``sum(per-token loss * loss_mask)`` over all SP ranks divided by
   the number of tokens of the full sequence: each SP rank divides its local sum by the GLOBAL
-  token count; parameter gradients are then all-reduced (summed) over ``groups.dp_sp``.
+  token count; parameter gradients are then all-reduced (summed) over ``groups.dp_cp``.
 - With TP sequence parallelism (``sequence_parallel=True``), the gradients of parameters marked
   ``param.sequence_parallel = True`` (the RMSNorm weights) are partial per TP rank and must be
   all-reduced over ``groups.tp`` (megatron-core's ``finalize_model_grads`` does it on GPU).
@@ -29,8 +29,8 @@ Builder API (what the training loop calls)::
   layer number. Tied embeddings with PP > 1: the last stage holds a copy of the embedding
   (``output_layer.weight``), synchronised at build time; its gradient and the first stage's must be
   all-reduced over megatron-core's embedding group (``finalize_model_grads`` does it).
-- ``pg_collection``: megatron-core's ``ProcessGroupCollection`` (default: its global groups,
-  ``groups.pg_collection()``); the LASP group is its ``cp`` group.
+- ``pg_collection``: megatron-core's ``ProcessGroupCollection`` (default: its global groups; pass
+  the one ``initialize_parallel`` returned); the LASP group is its ``cp`` group.
 - Activation recompute: ``recompute_granularity='full'`` (+ ``recompute_method``,
   ``recompute_num_layers``) recomputes whole layers; ``'selective'`` with ``'core_attn'`` in
   ``recompute_modules`` (megatron-core's default) recomputes the linear-attention core (feature

@@ -3,7 +3,6 @@
 from megatron_lasp.parallel.layout import gather_sequence, sequence_slice_bounds, split_sequence
 from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES, lightning_attn_sp
 from megatron_lasp.parallel.state import (
-    ParallelGroups,
     current_groups,
     destroy_parallel,
     init_distributed,
@@ -13,7 +12,6 @@ from megatron_lasp.parallel.state import (
 
 __all__ = [
     "SEQUENCE_PARALLEL_MODES",
-    "ParallelGroups",
     "current_groups",
     "destroy_parallel",
     "gather_sequence",

@@ -7,7 +7,14 @@ megatron-core's default ``tp-cp-ep-dp-pp``, so with TP > 1 the SP ranks are stri
 Usage (under ``torchrun``, or a plain ``python`` for a single process)::
 
     groups = initialize_parallel(tensor_model_parallel_size=2, sequence_parallel_size=2)
-    o = lightning_attn_sp(q, k, v, slopes, groups.sp)
+    o = lightning_attn_sp(q, k, v, slopes, groups.cp)
+
+The groups are megatron-core's own ``ProcessGroupCollection``, built once here and passed explicitly
+(to the model as its ``pg_collection``, to the data-parallel wrapper, the optimizer, the loop). The
+fields used by this package are ``tp``, ``cp`` (the LASP group), ``dp`` (without the SP ranks),
+``dp_cp`` (data x sequence: parameter gradients are reduced over it), ``pp`` and ``mp`` (TP x PP);
+every one is a ``torch.distributed.ProcessGroup`` that contains this rank (``group.rank()``,
+``group.size()``).
 """
 
 from __future__ import annotations
@@ -17,76 +24,17 @@ import datetime
 import logging
 import os
 import socket
-from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_lasp import platform
 
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParallelGroups:
-    """The process groups of this rank, passed explicitly to the model and the SP modes.
-
-    Every group is a ``torch.distributed.ProcessGroup`` that contains this rank.
-    """
-
-    world: dist.ProcessGroup
-    """All ranks."""
-    tp: dist.ProcessGroup
-    """Tensor-parallel group (heads and MLP columns are split over it)."""
-    sp: dist.ProcessGroup
-    """Sequence-parallel (LASP) group = megatron-core's context-parallel group."""
-    dp: dist.ProcessGroup
-    """Data-parallel group, without the SP ranks."""
-    dp_sp: dist.ProcessGroup
-    """Data x sequence-parallel group: parameter gradients are reduced over it."""
-    pp: dist.ProcessGroup
-    """Pipeline-parallel group."""
-    mp: dist.ProcessGroup
-    """Model-parallel group (TP x PP)."""
-
-    @property
-    def tp_size(self) -> int:
-        return self.tp.size()
-
-    @property
-    def sp_size(self) -> int:
-        return self.sp.size()
-
-    @property
-    def dp_size(self) -> int:
-        return self.dp.size()
-
-    @property
-    def pp_size(self) -> int:
-        return self.pp.size()
-
-    @property
-    def tp_rank(self) -> int:
-        return self.tp.rank()
-
-    @property
-    def sp_rank(self) -> int:
-        return self.sp.rank()
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dp.rank()
-
-    @property
-    def pp_rank(self) -> int:
-        return self.pp.rank()
-
-    def pg_collection(self):
-        """megatron-core's ``ProcessGroupCollection`` for modules that take one."""
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def validate_parallel_sizes(
@@ -169,7 +117,7 @@ def initialize_parallel(
     backend: Optional[str] = None,
     seed: Optional[int] = None,
     timeout_minutes: int = 30,
-) -> ParallelGroups:
+) -> ProcessGroupCollection:
     """Initialise torch.distributed and megatron-core's parallel state; return the groups.
 
     Args:
@@ -181,7 +129,7 @@ def initialize_parallel(
         timeout_minutes: collective timeout.
 
     Returns:
-        The :class:`ParallelGroups` of this rank.
+        megatron-core's ``ProcessGroupCollection`` of this rank (every group of its parallel state).
 
     On a machine without CUDA this also enters the CPU platform layer
     (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`.
@@ -216,28 +164,20 @@ def initialize_parallel(
     logger.info(
         "parallel state: world %d = TP %d x SP %d x DP %d x PP %d (backend %s)",
         dist.get_world_size(),
-        groups.tp_size,
-        groups.sp_size,
-        groups.dp_size,
-        groups.pp_size,
+        groups.tp.size(),
+        groups.cp.size(),
+        groups.dp.size(),
+        groups.pp.size(),
         dist.get_backend(),
     )
     return groups
 
 
-def current_groups() -> ParallelGroups:
+def current_groups() -> ProcessGroupCollection:
     """The groups of an already initialised megatron-core parallel state."""
-    from megatron.core import parallel_state as mpu
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
-    return ParallelGroups(
-        world=dist.group.WORLD,
-        tp=mpu.get_tensor_model_parallel_group(),
-        sp=mpu.get_context_parallel_group(),
-        dp=mpu.get_data_parallel_group(),
-        dp_sp=mpu.get_data_parallel_group(with_context_parallel=True),
-        pp=mpu.get_pipeline_model_parallel_group(),
-        mp=mpu.get_model_parallel_group(),
-    )
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def destroy_parallel() -> None:

@@ -426,7 +426,7 @@ def _is_dtensor(t) -> bool:
 def _full_parameters(module: torch.nn.Module):
     """Temporarily replace FSDP2's sharded parameters by full copies; yields ``{id(sharded): full}``.
 
-    Collective over the FSDP mesh (all ranks of dp_sp must enter together).
+    Collective over the FSDP mesh (all ranks of dp_cp must enter together).
     """
     swapped = []
     mapping = {}

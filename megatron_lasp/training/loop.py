@@ -9,7 +9,7 @@ otherwise), so TP, SP, PP and DP all share it.
 Loss and gradients. The logged ``lm loss`` is the mean over all loss tokens of the global batch
 (``loss_mask`` respected). Each micro-batch's backward loss on a rank is
 ``sum(loss_mask * token_loss over its slice) * f / N`` with ``N`` the loss tokens of the global
-batch and ``f`` undoing the data-parallel wrapper's averaging (``f`` = the dp_sp size for torch
+batch and ``f`` undoing the data-parallel wrapper's averaging (``f`` = the dp_cp size for torch
 DDP / FSDP, which average; 1 for megatron DDP run with ``calculate_per_token_loss``, which sums),
 so after the reduction over the data x sequence-parallel group every rank holds the gradient of
 the global token mean, whatever the DP, SP and accumulation split.
@@ -108,7 +108,7 @@ class TrainState:
     """Everything a step reads and writes, and what a checkpoint must restore."""
 
     args: argparse.Namespace
-    groups: object
+    groups: object  # megatron-core ProcessGroupCollection
     model: torch.nn.Module
     model_config: object
     optimizer: object
@@ -213,7 +213,7 @@ def build_model_stage(config, args: argparse.Namespace, groups) -> torch.nn.Modu
         args.padded_vocab_size,
         pre_process=mpu.is_pipeline_first_stage(),
         post_process=mpu.is_pipeline_last_stage(),
-        pg_collection=groups.pg_collection(),
+        pg_collection=groups,
     )
     device = platform.default_device()
     return model.to(device)
@@ -275,7 +275,7 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
     scale, total_tokens = 0.0, float("nan")
     if is_last:
         total_tokens = data_mod.global_loss_tokens(batches, groups.dp, device)
-        factor = 1.0 if args.ddp_impl == "megatron" else float(groups.dp_sp.size())
+        factor = 1.0 if args.ddp_impl == "megatron" else float(groups.dp_cp.size())
         scale = factor / max(total_tokens, 1.0)
     forward_backward = get_forward_backward_func()
     with platform.cuda_factory_redirect():
@@ -293,8 +293,8 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for out in outputs:
         loss_sum += out["lm loss sum"].double()
-    if groups.dp_sp.size() > 1:
-        dist.all_reduce(loss_sum, group=groups.dp_sp)
+    if groups.dp_cp.size() > 1:
+        dist.all_reduce(loss_sum, group=groups.dp_cp)
     return float(loss_sum.item()) / max(total_tokens, 1.0)
 
 
@@ -351,8 +351,8 @@ def _is_logging_rank(groups) -> bool:
     """The first rank (TP, SP and DP rank 0) of the last pipeline stage."""
     from megatron.core import parallel_state as mpu
 
-    return (mpu.is_pipeline_last_stage() and groups.tp_rank == 0 and groups.sp_rank == 0
-            and groups.dp_rank == 0)
+    return (mpu.is_pipeline_last_stage() and groups.tp.rank() == 0 and groups.cp.rank() == 0
+            and groups.dp.rank() == 0)
 
 
 def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None) -> TrainState:
@@ -545,10 +545,10 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     layout = data_mod.BatchLayout(
         micro_batch_size=args.micro_batch_size,
         num_micro_batches=args.num_micro_batches,
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-        sp_rank=groups.sp_rank,
-        sp_size=groups.sp_size,
+        dp_rank=groups.dp.rank(),
+        dp_size=groups.dp.size(),
+        sp_rank=groups.cp.rank(),
+        sp_size=groups.cp.size(),
         needs_data=first or last or args.reset_attention_mask,
         vocab_size=None if args.mock_data else tokenizer.vocab_size,
         eod_token=tokenizer.eod if args.reset_attention_mask else None,
@@ -566,8 +566,8 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
         "TP %d SP %d (%s) PP %d, ddp %s, vocab %d (padded %d)",
         args.train_iters, args.global_batch_size, args.micro_batch_size, args.num_micro_batches,
-        groups.dp_size, args.seq_length, groups.tp_size, groups.sp_size, args.sequence_parallel_mode,
-        groups.pp_size, args.ddp_impl, tokenizer.vocab_size, args.padded_vocab_size,
+        groups.dp.size(), args.seq_length, groups.tp.size(), groups.cp.size(), args.sequence_parallel_mode,
+        groups.pp.size(), args.ddp_impl, tokenizer.vocab_size, args.padded_vocab_size,
     )
     return state
 

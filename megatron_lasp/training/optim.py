@@ -1,18 +1,18 @@
 """Data-parallel wrappers, optimizers, gradient finalization and clipping, LR schedule.
 
 Three data-parallel implementations, all reducing gradients over the data x sequence-parallel
-group (``groups.dp_sp``: every SP rank saw different tokens of the same samples):
+group (``groups.dp_cp``: every SP rank saw different tokens of the same samples):
 
 - ``megatron``: megatron-core ``DistributedDataParallel`` + ``get_megatron_optimizer`` (fp32 main
   params for bf16/fp16, ``--use-distributed-optimizer`` = ZeRO-1). GPU only (its buffers and
   type checks assume CUDA).
 - ``torch``: ``torch.nn.parallel.DistributedDataParallel`` + ``torch.optim.AdamW``. Under pipeline
   parallelism (1F1B keeps several forwards in flight, which torch DDP does not allow) the
-  gradients are instead all-reduced over dp_sp once after the schedule, in one flat buffer.
+  gradients are instead all-reduced over dp_cp once after the schedule, in one flat buffer.
 - ``fsdp``: FSDP2 ``fully_shard`` per transformer layer and at the root (ZeRO-3 style: parameters,
-  gradients and optimizer state sharded over dp_sp) + ``torch.optim.AdamW``.
+  gradients and optimizer state sharded over dp_cp) + ``torch.optim.AdamW``.
 
-All three *average* gradients over dp_sp; the loop scales each rank's loss by the dp_sp size so
+All three *average* gradients over dp_cp; the loop scales each rank's loss by the dp_cp size so
 the result is the gradient of the global-batch token mean (see ``loop.py``).
 
 For ``torch``/``fsdp`` this module also does what megatron-core's ``finalize_model_grads`` does
@@ -20,7 +20,7 @@ for its DDP: all-reduce over TP the gradients of parameters replicated under TP 
 parallelism (norms), all-reduce tied embedding gradients between the first and last pipeline
 stages, and clip by the global norm, counting each element of the full model once (TP shards
 summed over TP, TP-replicated parameters once, stages summed over PP, FSDP shards summed over
-dp_sp).
+dp_cp).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import argparse
 import contextlib
 import logging
 import math
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.parallel.state import ParallelGroups
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,14 @@ def _layer_modules(module: torch.nn.Module) -> List[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups: ParallelGroups,
+def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups: ProcessGroupCollection,
                        model_config) -> torch.nn.Module:
-    """Wrap ``model`` for data parallelism over ``groups.dp_sp`` according to ``--ddp-impl``.
+    """Wrap ``model`` for data parallelism over ``groups.dp_cp`` according to ``--ddp-impl``.
 
     Args:
         model: one pipeline stage of the model (unwrapped, on its device).
         args: flags (``ddp_impl``, ``bf16``, ``fp16``, ``use_distributed_optimizer``).
-        groups: the parallel groups.
+        groups: megatron-core's ``ProcessGroupCollection`` from ``initialize_parallel``.
         model_config: the model's TransformerConfig (megatron DDP needs it).
 
     Returns:
@@ -91,24 +92,24 @@ def wrap_data_parallel(model: torch.nn.Module, args: argparse.Namespace, groups:
         )
         return DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=model)
     if impl == "torch":
-        if groups.dp_sp.size() == 1:
+        if groups.dp_cp.size() == 1:
             return model
         if args.pipeline_model_parallel_size > 1:
             # torch DDP allows one forward in flight per backward; 1F1B runs several. The
             # optimizer all-reduces the gradients after the schedule instead (TorchOptimizer).
             for p in model.parameters():
-                dist.broadcast(p.data, src=dist.get_global_rank(groups.dp_sp, 0), group=groups.dp_sp)
+                dist.broadcast(p.data, src=dist.get_global_rank(groups.dp_cp, 0), group=groups.dp_cp)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=groups.dp_sp)
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=groups.dp_cp)
     if impl == "fsdp":
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = DeviceMesh.from_group(groups.dp_sp, device_type)
+        mesh = DeviceMesh.from_group(groups.dp_cp, device_type)
         kwargs = {"mesh": mesh}
         if args.bf16:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -195,13 +196,13 @@ class TorchOptimizer:
     Args:
         model: the wrapped model (torch DDP, FSDP2 or bare).
         args: flags (lr, betas, eps, weight decay, clip_grad, pipeline sizes).
-        groups: the parallel groups.
+        groups: megatron-core's ``ProcessGroupCollection`` from ``initialize_parallel``.
         facts: :func:`param_facts` of the unwrapped model, recorded before wrapping.
         shared_embedding: the tied word-embedding/output weight on the first/last stage when
             pipeline-parallel with tied embeddings, else None.
     """
 
-    def __init__(self, model, args, groups: ParallelGroups, facts, shared_embedding=None) -> None:
+    def __init__(self, model, args, groups: ProcessGroupCollection, facts, shared_embedding=None) -> None:
         self.model = model
         self.args = args
         self.groups = groups
@@ -227,14 +228,14 @@ class TorchOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def finalize_grads(self) -> None:
-        """dp_sp average (torch impl under PP), TP all-reduce of TP-SP replicated grads, tied embeddings."""
+        """dp_cp average (torch impl under PP), TP all-reduce of TP-SP replicated grads, tied embeddings."""
         tp = self.groups.tp
-        dp_sp = self.groups.dp_sp
-        if self.manual_dp_reduce and dp_sp.size() > 1:
+        dp_cp = self.groups.dp_cp
+        if self.manual_dp_reduce and dp_cp.size() > 1:
             grads = [p.grad for _, p in self.named if p.grad is not None]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=dp_sp)
-            flat /= dp_sp.size()
+            dist.all_reduce(flat, group=dp_cp)
+            flat /= dp_cp.size()
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -259,8 +260,8 @@ class TorchOptimizer:
             if p.grad is None or not self.facts[n][0]:
                 continue
             sq += _local(p.grad).detach().double().pow(2).sum()
-        if self.sharded and self.groups.dp_sp.size() > 1:
-            dist.all_reduce(sq, group=self.groups.dp_sp)
+        if self.sharded and self.groups.dp_cp.size() > 1:
+            dist.all_reduce(sq, group=self.groups.dp_cp)
         if self.groups.mp.size() > 1:
             dist.all_reduce(sq, group=self.groups.mp)
         return math.sqrt(sq.item())
@@ -394,7 +395,7 @@ def restore_adam_steps(optimizer) -> int:
     return replaced
 
 
-def build_optimizer(model, args, groups: ParallelGroups, facts, model_config, shared_embedding=None):
+def build_optimizer(model, args, groups: ProcessGroupCollection, facts, model_config, shared_embedding=None):
     """The optimizer for ``--ddp-impl`` (see :class:`TorchOptimizer`, :class:`MegatronOptimizer`)."""
     if args.ddp_impl == "megatron":
         return MegatronOptimizer(model, args, model_config)
