@@ -307,9 +307,15 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
                 f"({stats.describe_bad()})"
             )
         outputs.commit()
-    except BaseException:
+    except BaseException as err:
         if pool is not None:
-            pool.terminate()
+            if isinstance(err, Exception):
+                # Let the (at most 4 x workers) queued chunks finish: Pool.terminate() kills workers
+                # that may hold the result queue's lock, and its task handler then waits on that
+                # lock forever (a CPython Pool limitation seen here as a rare hang).
+                pool.close()
+            else:  # interrupt / termination: stop at once
+                pool.terminate()
             pool.join()
         outputs.discard()
         raise
