@@ -97,7 +97,7 @@ def _batch(seq=32, batch=2):
     return ids, labels, mask
 
 
-def _run_model(model, groups, ids, labels, mask, *, fused: bool, pass_mask: bool, pp_input=None):
+def _run_model(model, groups, ids, labels, mask, *, fused: bool, pass_mask: bool, pp_input=None, **extra):
     """Forward + backward of the masked token mean; returns (per-token loss, grads, hidden grad)."""
     model.config.fused_linear_cross_entropy = fused
     model.zero_grad(set_to_none=True)
@@ -116,7 +116,7 @@ def _run_model(model, groups, ids, labels, mask, *, fused: bool, pass_mask: bool
     handle = model.decoder.register_forward_hook(keep)
     try:
         kwargs = {"loss_mask": mask} if pass_mask else {}
-        loss = model(ids_in, labels=labels, **kwargs)
+        loss = model(ids_in, labels=labels, **kwargs, **extra)
     finally:
         handle.remove()
     ((loss * mask).sum() / mask.sum()).backward()
@@ -158,33 +158,53 @@ def _fused_vs_plain(groups, tp, tpsp, pp, tied):
     return out
 
 
+def _packed(seq=32, batch=2):
+    """Documents over the rows laid end to end: starts at a chunk boundary (10, 40 for chunks of 5),
+    inside chunks, one spanning a row end (fine: a row start always starts a document)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0, 3, 10, 17, 40, 51, batch * seq], dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=seq, max_seqlen_kv=seq)
+
+
 def _memory_variants(groups, tp, tpsp):
-    """megatron full recompute vs offload vs chunked recompute (+ offload): max gradient error."""
+    """megatron full recompute vs offload vs chunked recompute (+ offload), without and with packed
+    documents: (max gradient error against the variant's megatron recompute, offload stats,
+    whether the whole layer ran in chunks)."""
     from megatron_lasp.models import build_linear_lm, linear_lm_config
 
     full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     variants = {
-        "megatron recompute": dict(full),
-        "megatron recompute + offload": dict(full, offload_layer_inputs=True),
-        "chunked recompute": dict(recompute_chunk_size=5),
-        "chunked recompute + offload": dict(recompute_chunk_size=8, offload_layer_inputs=True),
+        "megatron recompute": (dict(full), False),
+        "megatron recompute + offload": (dict(full, offload_layer_inputs=True), False),
+        "chunked recompute": (dict(recompute_chunk_size=5), False),
+        "chunked recompute + offload": (dict(recompute_chunk_size=8, offload_layer_inputs=True), False),
+        "megatron recompute, documents": (dict(full), True),
+        "chunked recompute, documents": (dict(recompute_chunk_size=5), True),
+        "chunked recompute + offload, documents": (dict(recompute_chunk_size=8, offload_layer_inputs=True), True),
     }
     ids, labels, mask = _batch()
-    results, base = {}, None
-    for name, extra in variants.items():
+    results, base = {}, {}
+    for name, (extra, docs) in variants.items():
         config = linear_lm_config("tiny", tensor_model_parallel_size=tp, sequence_parallel=tpsp,
                                   use_cpu_initialization=True, **extra)
         torch.manual_seed(SEED)
         model = build_linear_lm(config, VOCAB)
         model.offload_min_bytes = 1024  # the tiny layer inputs are 16 KiB
         model.train()
-        loss, grads, hidden_grad = _run_model(model, groups, ids, labels, mask, fused=True, pass_mask=True)
+        kwargs = {"packed_seq_params": _packed()} if docs else {}
+        loss, grads, hidden_grad = _run_model(model, groups, ids, labels, mask, fused=True, pass_mask=True, **kwargs)
         stats = dict(model._offloader.stats) if extra.get("offload_layer_inputs") else None
-        if base is None:
-            base = grads
-            results[name] = (0.0, stats)
+        whole = all(layer.chunks_whole_layer() for layer in model.decoder.layers)
+        if docs not in base:
+            base[docs] = grads
+            results[name] = (0.0, stats, whole)
         else:
-            results[name] = (max(_max_rel(grads[n], base[n]) for n in base), stats)
+            results[name] = (max(_max_rel(grads[n], base[docs][n]) for n in base[docs]), stats, whole)
+    # a negative control: the documents change the gradients (so the comparison above can fail)
+    results["documents matter"] = _max_rel(base[True]["decoder.layers.0.self_attention.linear_qkv.weight"],
+                                           base[False]["decoder.layers.0.self_attention.linear_qkv.weight"])
     return results
 
 
@@ -248,13 +268,17 @@ def test_fused_loss_equals_plain_loss_sharded(model_results):
 def test_offload_and_chunked_recompute_same_grads(model_results):
     for rank, results in enumerate(model_results):
         for key in ("memory tp1", "memory tp2-tpsp"):
-            r = results[key]
+            r = dict(results[key])
             assert "error" not in r, f"rank {rank} {key}: {r.get('error')}"
-            for name, (err, stats) in r.items():
+            assert r.pop("documents matter") > 1e-3, f"rank {rank} {key}: documents do not change the gradients"
+            assert len(r) == 7, sorted(r)
+            for name, (err, stats, whole) in r.items():
                 assert err <= TOL, f"rank {rank} {key} {name}: gradient error {err:.2e}"
                 if stats is not None:
                     # the inputs of both layers went to the host and came back once each
                     assert stats["offloaded"] >= 2 and stats["reloaded"] == stats["offloaded"], (name, stats)
+                # the whole layer runs in chunks (state carried) unless TP sequence parallelism splits it
+                assert whole == (key == "memory tp1"), (key, name, whole)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ recomputed before its backward; the input norm's output likewise around ``linear
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -46,9 +47,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.norms import GroupRMSNorm
 from megatron_lasp.ops import fused as fused_ops
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 from megatron_lasp.parallel import lightning_attn_sp
 
-__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "alibi_slopes", "layer_slopes"]
+__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "StateCarry", "alibi_slopes", "layer_slopes"]
 
 
 def alibi_slopes(num_heads: int) -> List[float]:
@@ -100,6 +102,17 @@ class LinearAttentionSubmodules:
     """Fused q, k, v (+ gate) projection: a column-parallel linear (or TE layernorm-linear)."""
     linear_proj: Union[ModuleSpec, type] = None
     """Output projection: a row-parallel linear."""
+
+
+@dataclass
+class StateCarry:
+    """The recurrent state across a call of :meth:`LinearSelfAttention.carrying`: the state the
+    attention starts from (``initial``, fp32 ``[b, heads, d, d]`` or None: zeros) and, when
+    ``want_final``, the state after its last token (``final``, set by the call; differentiable)."""
+
+    initial: Optional[torch.Tensor] = None
+    want_final: bool = True
+    final: Optional[torch.Tensor] = None
 
 
 class LinearSelfAttention(MegatronModule):
@@ -176,6 +189,22 @@ class LinearSelfAttention(MegatronModule):
         self._slope_values = tuple(layer_slopes(config, layer_number)[head_slice].tolist())
         self._slopes_by_device = {}
         self._sp_checked = False  # see _attention
+        self._carry: Optional[StateCarry] = None  # see carrying
+
+    @contextlib.contextmanager
+    def carrying(self, carry: StateCarry):
+        """Within the block, the attention runs on a piece of the sequence that continues from
+        ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``memory.py``).
+
+        Only without sequence parallelism (the piece is not split over a group).
+        """
+        if self.sp_group.size() != 1:
+            raise ValueError("LinearSelfAttention.carrying needs a sequence-parallel group of one rank")
+        self._carry = carry
+        try:
+            yield carry
+        finally:
+            self._carry = None
 
     @property
     def slopes(self) -> torch.Tensor:
@@ -190,7 +219,16 @@ class LinearSelfAttention(MegatronModule):
 
         The first call checks that the SP ranks agree on the shapes (one small collective and a
         host sync); every rank runs the same layers in the same order, so later calls skip it.
+        Inside :meth:`carrying`, the kernel starts from and returns the carried state instead.
         """
+        carry = self._carry
+        if carry is not None:
+            o, carry.final = chunk_lightning_attn(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
+                initial_state=carry.initial, output_final_state=carry.want_final,
+                backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
+            )
+            return o.transpose(0, 1)
         o = lightning_attn_sp(
             q.transpose(0, 1),
             k.transpose(0, 1),

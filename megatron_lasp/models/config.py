@@ -156,9 +156,10 @@ class LinearLMConfig(TransformerConfig):
     (side stream) and prefetch them in backward (--cpu-offloading)."""
     recompute_chunk_size: int = 0
     """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
-    kept; in backward the attention half is recomputed over the whole sequence and the MLP half
-    (norm, GLU, projection, residual) is recomputed and back-propagated in chunks of this many
-    tokens (--recompute-chunk-size). Needs recompute_granularity None (it replaces it)."""
+    kept, and each layer runs (forward, recompute and backward) in chunks of this many tokens,
+    the attention's state carried from chunk to chunk (memory.py); with sequence parallelism only
+    the MLP half is chunked (--recompute-chunk-size). Needs recompute_granularity None (it
+    replaces it)."""
 
     def __post_init__(self) -> None:
         self._check_linear_lm_fields()

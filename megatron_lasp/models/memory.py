@@ -14,17 +14,28 @@ TNL-1B's 16 x 2048), and backward needs one layer's recompute working set at a t
   activation recompute, which these lengths need; its ``fine_grained_activation_offloading``
   offloads module inputs of a non-recomputed layer.
 - :class:`LinearTransformerLayer` (``recompute_chunk_size`` / ``--recompute-chunk-size``):
-  megatron-core's ``TransformerLayer`` with its own checkpoint. Forward keeps only the layer input
-  and runs the MLP half in token chunks; backward recomputes the attention half over the whole
-  sequence (the linear attention needs it), then for each chunk recomputes the MLP half
-  (pre-MLP norm, GLU, projection, residual) and back-propagates it at once, and finally
-  back-propagates the attention half. No more compute than megatron-core's full recompute; the
-  MLP's activations (3 x ffn x 2 bytes a token and their gradients) exist for one chunk at a time.
-  With the flag off the layer is megatron-core's unchanged.
+  megatron-core's ``TransformerLayer`` with its own checkpoint, which keeps only the layer input.
+  Without sequence parallelism (the GPU's tokens are one contiguous piece of the sequence) the
+  whole layer runs in chunks of that many tokens, forward and backward: the linear attention
+  carries its recurrent state ``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP
+  carries it from rank to rank. Forward keeps the state at each chunk start (``heads x d x d x 4``
+  bytes, 1 MiB a chunk for TNL-1B); backward goes through the chunks last to first, recomputes one
+  chunk from its input and its entry state and back-propagates it with the gradient of its
+  outputs and of the state it passed on (``dS``), which gives the gradient of its entry state for
+  the chunk before. Packed documents: each chunk gets its own ``cu_seqlens``, and the carried
+  state is zeroed for a row whose document starts at the chunk's first token. So a layer's
+  working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for TNL-1B)
+  exists for one chunk at a time, whatever the sequence length.
+  With sequence parallelism (or TP sequence parallelism, whose all-gather would interleave the
+  ranks' chunks) the attention half runs over the rank's whole slice and only the MLP half
+  (pre-MLP norm, GLU, projection, residual) in chunks.
+  Either way no more compute than megatron-core's full recompute. With the flag off the layer is
+  megatron-core's unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
@@ -32,6 +43,8 @@ import torch
 __all__ = ["LayerInputOffloader", "LinearTransformerLayer", "chunk_slices"]
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_lasp.models.attention import StateCarry
 
 
 def chunk_slices(n: int, chunk: int):
@@ -173,7 +186,79 @@ class LayerInputOffloader:
 # chunked recompute
 
 
-class _ChunkedLayerCheckpoint(torch.autograd.Function):
+def _chunk_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, sl: slice):
+    """Packed documents of the rows' tokens ``sl`` of ``[B, T]``: ``(cu_seqlens of the chunk laid
+    end to end [B x len], keep [B, 1, 1, 1] fp32 or None)``; ``keep[b]`` is 0 where a document
+    starts exactly at the chunk's first token (the carried state must not reach it)."""
+    if cu_seqlens is None:
+        return None, None
+    L = sl.stop - sl.start
+    local = {b * L for b in range(B + 1)}
+    keep = [1.0] * B
+    for start in set(cu_seqlens.detach().cpu().tolist()):
+        b, t = divmod(start, T)
+        if b >= B or not sl.start <= t < sl.stop:
+            continue
+        if t > sl.start:
+            local.add(b * L + t - sl.start)
+        elif t > 0:
+            keep[b] = 0.0
+    cu = torch.tensor(sorted(local), dtype=torch.int64)
+    keep_t = None if all(k == 1.0 for k in keep) else torch.tensor(keep, dtype=torch.float32).view(B, 1, 1, 1)
+    return cu, keep_t
+
+
+class _ChunkedLayer(torch.autograd.Function):
+    """The whole layer run chunk by chunk along the sequence, the attention's recurrent state
+    carried from chunk to chunk; see :class:`LinearTransformerLayer`."""
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x):
+        T, B = x.shape[:2]
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        slices = chunk_slices(T, chunk)
+        plans = [_chunk_documents(cu, B, T, sl) for sl in slices]
+        out = torch.empty_like(x)
+        states = []
+        state = None
+        with torch.no_grad():
+            for i, (sl, plan) in enumerate(zip(slices, plans)):
+                states.append(state)
+                out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states = layer, kwargs, slices, plans, states
+        ctx.save_for_backward(x)  # the one tensor offloading moves
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        d_state = None
+        for i in reversed(range(len(ctx.slices))):
+            sl = ctx.slices[i]
+            piece = x[sl].detach().requires_grad_(True)
+            state = ctx.states[i]
+            if state is not None:
+                state = state.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y, final = ctx.layer._forward_chunk(piece, state, ctx.plans[i], ctx.kwargs,
+                                                    want_final=d_state is not None)
+            outputs, grads = [y], [grad_out[sl]]
+            if d_state is not None:
+                outputs.append(final)
+                grads.append(d_state)
+            torch.autograd.backward(outputs, grads)
+            grad_x[sl] = piece.grad
+            d_state = None if state is None else state.grad
+            ctx.states[i] = None
+            del y, final, piece, outputs
+        return None, None, None, grad_x
+
+
+class _ChunkedMlpCheckpoint(torch.autograd.Function):
+    """The attention half over the whole sequence, the MLP half in chunks (sequence parallelism)."""
+
     @staticmethod
     def forward(ctx, layer, chunk, kwargs, x):
         with torch.no_grad():
@@ -209,6 +294,27 @@ class LinearTransformerLayer(TransformerLayer):
     """megatron-core's ``TransformerLayer``; with ``config.recompute_chunk_size > 0`` (training,
     gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
 
+    def chunks_whole_layer(self) -> bool:
+        """Whether the whole layer runs in chunks: its tokens are one contiguous piece of the
+        sequence (no sequence parallelism, no TP sequence parallelism)."""
+        tp_sp = self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
+        return self.self_attention.sp_group.size() == 1 and not tp_sp
+
+    def _forward_chunk(self, x, state, plan, kwargs, want_final):
+        """``(layer output, state after the chunk or None)`` of the chunk ``x`` that starts from ``state``."""
+        cu, keep = plan
+        if cu is not None:
+            kwargs = dict(kwargs)
+            psp = copy.copy(kwargs["packed_seq_params"])
+            psp.cu_seqlens_q = psp.cu_seqlens_kv = cu
+            kwargs["packed_seq_params"] = psp
+        if state is not None and keep is not None:
+            state = state * keep.to(state.device)
+        with self.self_attention.carrying(StateCarry(state, want_final)) as carry:
+            mid, _ = self._forward_attention(x, **kwargs)
+            y = self._forward_mlp(mid)
+        return y, carry.final
+
     def forward(self, *args, **kwargs):
         chunk = getattr(self.config, "recompute_chunk_size", 0)
         if not (chunk > 0 and self.training and torch.is_grad_enabled()):
@@ -222,5 +328,6 @@ class LinearTransformerLayer(TransformerLayer):
             x = kwargs.pop("hidden_states")
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
-        out = _ChunkedLayerCheckpoint.apply(self, chunk, kwargs, x)
+        function = _ChunkedLayer if self.chunks_whole_layer() else _ChunkedMlpCheckpoint
+        out = function.apply(self, chunk, kwargs, x)
         return out, kwargs.get("context")

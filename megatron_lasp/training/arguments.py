@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(side stream, overlapped) and prefetch them in backward; needs --recompute-granularity full")
     g.add_argument("--recompute-chunk-size", type=int, default=0,
                    help="with --recompute-granularity full: recompute each layer with this project's "
-                   "checkpoint, running the MLP half in chunks of this many tokens in forward and "
-                   "backward (its activations exist for one chunk); 0: megatron-core's recompute")
+                   "checkpoint, running the whole layer in chunks of this many tokens in forward and "
+                   "backward, the attention state carried from chunk to chunk (a layer's activations "
+                   "exist for one chunk; with --sequence-parallel-size > 1 only the MLP half is "
+                   "chunked); 0: megatron-core's recompute")
 
     g = p.add_argument_group("fusion and selective recompute")
     g.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
