@@ -67,7 +67,8 @@ def common_flags(preset: str, seq: int, steps: int) -> List[str]:
 # memory model (docs/MEMORY.md)
 
 
-def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1) -> Dict[str, float]:
+def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
+                 chunk_size: int = 16384) -> Dict[str, float]:
     """Predicted peak bytes of one rank (bf16, megatron DDP + distributed optimizer over sp ranks,
     micro-batch 1, full recompute): a dict of components and ``total``. See docs/MEMORY.md."""
     from megatron_lasp.models.config import PRESETS
@@ -90,11 +91,16 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1) 
     attn_grads = 8 * h * a  # gradients in the attention backward (d mixed, d q k v)
     mlp_saved = (3 * ffn + 2 * h) * a
     mlp_grads = 3 * ffn * a
-    if chunked:
-        layer = attn_saved + attn_grads + 2 * h * a  # + grad of the layer output and of mid
+    whole = max(attn_saved + mlp_saved + mlp_grads, attn_saved + attn_grads)  # one layer, per token
+    if chunked and sp == 1 and tp == 1:
+        # the whole layer in chunks: one chunk's working set + the gradients of the layer's
+        # output and input over the whole sequence
+        out["layer recompute working set"] = whole * min(chunk_size, tok) + 2 * h * a * tok
+    elif chunked:
+        # sequence parallel: the attention half over the slice, the MLP half in chunks
+        out["layer recompute working set"] = (attn_saved + attn_grads + 2 * h * a) * tok
     else:
-        layer = max(attn_saved + mlp_saved + mlp_grads, attn_saved + attn_grads) + 2 * h * a
-    out["layer recompute working set"] = layer * tok
+        out["layer recompute working set"] = (whole + 2 * h * a) * tok
     if setting == "plain":
         # bf16 logits + their fp32 copy (megatron's loss works in place on it) + hidden states
         out["output layer + loss"] = (a + 4) * V / tp * T + 2 * h * a * T

@@ -1,0 +1,142 @@
+"""Fused vs unfused training on real data: do the losses agree within bf16 noise?
+
+Tokenizes the bundled corpus (``examples/data/corpus.jsonl``, the bundled tokenizer) unless
+``--data-prefix`` is given, then trains the same model from the same seed on the same batches
+three times through ``megatron_lasp.training.main`` (one process, one run after the other):
+
+- ``fused``: the GPU default (fused elementwise kernels, fused linear cross-entropy), bf16;
+- ``unfused``: ``--no-fusion --no-fused-linear-cross-entropy`` (plain PyTorch around the
+  matmuls, megatron-core's output layer and loss), bf16;
+- ``fp32``: the unfused path in fp32, the reference that measures what bf16 rounding alone does.
+
+"Within bf16 noise" means: at every step, ``|fused - unfused|`` is of the order of
+``|unfused - fp32|`` (the JSON holds both per step and their maxima; the PNG plots the three loss
+curves and the two differences). Output (``--out``): ``loss_parity.json`` and ``loss_parity.png``.
+
+Example (one H200, TNL-1B at 8K tokens, 50 steps each, about 3 minutes)::
+
+    python benchmarks/bench_loss_parity.py --out docs/benchmarks --preset tnl-1b --seq-length 8192 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+RUNS = {
+    "fused": ["--bf16"],
+    "unfused": ["--bf16", "--no-fusion", "--no-fused-linear-cross-entropy"],
+    "fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
+}
+TOKENIZER = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+             os.path.join(REPO, "examples", "data", "tokenizer")]
+
+
+def _tokenize(workdir: str) -> str:
+    prefix = os.path.join(workdir, "corpus")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input",
+                    os.path.join(REPO, "examples", "data", "corpus.jsonl"), "--output-prefix", prefix,
+                    *TOKENIZER, "--append-eod", "--workers", "4"], check=True)
+    return prefix + "_text_document"
+
+
+def _plot(doc: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in doc["runs"].items():
+        a.plot(range(1, len(run["loss"]) + 1), run["loss"], label=name)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    a.set_title(f"{doc['preset']}, {doc['seq_length']} tokens/step, real data")
+    a.legend()
+    for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|")):
+        b.semilogy(range(1, len(doc[key]) + 1), [max(x, 1e-7) for x in doc[key]], label=label)
+    b.set_xlabel("step")
+    b.set_ylabel("absolute loss difference")
+    b.set_title("fused vs unfused, against bf16 rounding")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="directory for loss_parity.json / .png")
+    p.add_argument("--preset", default="tnl-1b")
+    p.add_argument("--seq-length", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--data-prefix", help="an indexed dataset prefix (default: tokenize the bundled corpus)")
+    p.add_argument("--extra", default="", help="more training flags for every run")
+    args = p.parse_args(argv)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29533"}.items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    from megatron_lasp.training import main as train_main
+
+    # the GPU default; the CPU (a smoke run of this script) has only torch DDP, and no bf16 there
+    DDP = ["--ddp-impl", "megatron", "--use-distributed-optimizer"] if torch.cuda.is_available() else ["--ddp-impl", "torch"]
+    runs_flags = RUNS if torch.cuda.is_available() else {k: [f for f in v if f != "--bf16"] for k, v in RUNS.items()}
+
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        data = args.data_prefix or _tokenize(work)
+        common = ["--model-preset", args.preset, "--data-path", data, "--split", "100,0,0", *TOKENIZER,
+                  "--seq-length", str(args.seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
+                  "--train-iters", str(args.steps), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
+                  "--lr-warmup-iters", str(min(5, args.steps - 1)), "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "10",
+                  "--eval-interval", "0", *DDP,
+                  *args.extra.split()]
+        runs = {}
+        for name, flags in runs_flags.items():
+            t0 = time.perf_counter()
+            state = train_main(common + flags)
+            runs[name] = {"flags": flags, "loss": list(state.losses), "grad_norm": list(state.grad_norms),
+                          "seconds": time.perf_counter() - t0}
+            print(f"[parity] {name}: first {runs[name]['loss'][0]:.5f} last {runs[name]['loss'][-1]:.5f} "
+                  f"({runs[name]['seconds']:.0f} s)", flush=True)
+    fu = [abs(a - b) for a, b in zip(runs["fused"]["loss"], runs["unfused"]["loss"])]
+    uf = [abs(a - b) for a, b in zip(runs["unfused"]["loss"], runs["fp32"]["loss"])]
+    doc = {
+        "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "preset": args.preset, "seq_length": args.seq_length, "steps": args.steps,
+        "data": "bundled corpus (examples/data/corpus.jsonl)" if not args.data_prefix else args.data_prefix,
+        "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf,
+        "max_fused_vs_unfused": max(fu), "max_unfused_vs_fp32": max(uf),
+        "mean_fused_vs_unfused": sum(fu) / len(fu), "mean_unfused_vs_fp32": sum(uf) / len(uf),
+    }
+    try:
+        import torch
+
+        doc["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        doc["torch"] = torch.__version__
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    path = os.path.join(args.out, "loss_parity.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
+    _plot(doc, os.path.join(args.out, "loss_parity.png"))
+    print(f"[parity] max |fused - unfused| {doc['max_fused_vs_unfused']:.4g} (mean {doc['mean_fused_vs_unfused']:.4g}); "
+          f"max |unfused bf16 - fp32| {doc['max_unfused_vs_fp32']:.4g} (mean {doc['mean_unfused_vs_fp32']:.4g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
