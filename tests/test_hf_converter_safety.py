@@ -95,6 +95,15 @@ def _fails(capsys, script, args, expected):
     return lines[0]
 
 
+def _refuses_all(capsys, work, script, cases, force):
+    """Each ``(load, save, expected)`` fails naming ``expected`` and --save, and leaves ``work`` as it was."""
+    before = _snapshot(work)
+    for load, save, expected in cases:
+        args = ["--load", str(load), "--save", str(save)] + (["--force"] if force else [])
+        _fails(capsys, script, args, [expected, "--save"])
+        assert _snapshot(work) == before, (load, save)
+
+
 @pytest.fixture
 def work(sources, tmp_path):
     """Fresh copies of the sources in tmp_path (ckpt, hf, hf_sharded), and tmp_path's snapshot."""
@@ -124,11 +133,7 @@ def test_checkpoint_to_hf_refuses_targets_overlapping_the_checkpoint(work, capsy
         (ckpt, work / "link_to_root" / "ckpt" / "hf", "lies inside the checkpoint directory"),
         (work / "link_to_ckpt", ckpt, "is the checkpoint directory"),
     ]
-    before = _snapshot(work)
-    for load, save, expected in cases:
-        args = ["--load", str(load), "--save", str(save)] + (["--force"] if force else [])
-        _fails(capsys, TO_HF, args, [expected, "--save"])
-        assert _snapshot(work) == before, (load, save)
+    _refuses_all(capsys, work, TO_HF, cases, force)
     # the tokenizer files are sources too
     tok = work / "tok"
     shutil.copytree(TOKENIZER, tok)
@@ -151,11 +156,7 @@ def test_hf_to_checkpoint_refuses_targets_overlapping_the_hf_directory(work, cap
         (hf, work / "link_to_hf", "is the HF model directory"),
         (work / "link_to_hf", hf, "is the HF model directory"),
     ]
-    before = _snapshot(work)
-    for load, save, expected in cases:
-        args = ["--load", str(load), "--save", str(save)] + (["--force"] if force else [])
-        _fails(capsys, TO_CKPT, args, [expected, "--save"])
-        assert _snapshot(work) == before, (load, save)
+    _refuses_all(capsys, work, TO_CKPT, cases, force)
     tok = work / "tok"
     shutil.copytree(TOKENIZER, tok)
     before = _snapshot(work)

@@ -322,12 +322,15 @@ def test_training_loop_fused_and_memory_flags_match_plain():
     ],
 )
 def test_flag_errors(extra, message):
+    """The flags' rules (validate_args) and the model config's (built from the flags, its errors
+    naming the flags)."""
     from megatron_lasp.training.arguments import ArgumentError, build_parser, validate_args
+    from megatron_lasp.training.loop import model_config_from_args
 
     args = build_parser().parse_args(["--mock-data", "--seq-length", "64", "--train-iters", "1",
                                       "--model-preset", "tiny"] + extra)
     with pytest.raises(ArgumentError, match=message):
-        validate_args(args)
+        model_config_from_args(validate_args(args))
 
 
 # ----------------------------------------------------------------------------------------------

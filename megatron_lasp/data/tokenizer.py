@@ -722,6 +722,9 @@ class TokenizerSettings:
 TOKENIZER_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(TokenizerSettings))
 """The field names of :class:`TokenizerSettings`, in order."""
 
+TOKENIZER_PATH_KEYS = ("tokenizer_model", "vocab_file", "merge_file")
+"""The fields of :class:`TokenizerSettings` that name files (what a tokenizer is read from)."""
+
 
 def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
     """:func:`build_tokenizer` from the flags added by :func:`add_tokenizer_args`."""

@@ -635,8 +635,10 @@ def tokenizer_from_settings(settings: Dict[str, Any]):
 
 def tokenizer_paths(settings: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]:
     """The files a tokenizer is read from, as :func:`check_no_overlap` sources."""
+    from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
+
     settings = settings or {}
-    return {f"tokenizer file ({key})": settings.get(key) for key in ("tokenizer_model", "vocab_file", "merge_file")}
+    return {f"tokenizer file ({key})": settings.get(key) for key in TOKENIZER_PATH_KEYS}
 
 
 def complete_tokenizer_config(directory: str, pad_token_id: Optional[int]) -> None:

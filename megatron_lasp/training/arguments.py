@@ -341,13 +341,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if not args.spiky_loss_factor > 1:
         raise ArgumentError(f"--spiky-loss-factor must be > 1, got {args.spiky_loss_factor}")
 
-    # long-context memory
-    if args.cross_entropy_chunk_size < 0 or args.recompute_chunk_size < 0:
-        raise ArgumentError("--cross-entropy-chunk-size and --recompute-chunk-size must be >= 0")
-    if args.recompute_chunk_size and args.recompute_granularity != "full":
+    # long-context memory: how the flags spell the chunked recompute (the sizes' own rules are
+    # the model config's, checked when it is built)
+    if args.recompute_chunk_size > 0 and args.recompute_granularity != "full":
         raise ArgumentError("--recompute-chunk-size needs --recompute-granularity full")
-    if args.recompute_chunk_size and (args.recompute_method not in (None, "uniform")
-                                      or args.recompute_num_layers not in (None, 1)):
+    if args.recompute_chunk_size > 0 and (args.recompute_method not in (None, "uniform")
+                                          or args.recompute_num_layers not in (None, 1)):
         raise ArgumentError("--recompute-chunk-size recomputes one layer at a time: drop --recompute-method "
                             "block / --recompute-num-layers > 1")
     if args.cpu_offloading and args.recompute_granularity != "full":
@@ -376,10 +375,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             args.vocab_size = _preset_vocab(args.model_preset) - 1
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer")
-    for flag, path in (("--tokenizer-model", args.tokenizer_model), ("--vocab-file", args.vocab_file),
-                       ("--merge-file", args.merge_file)):
+    from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
+
+    for key in TOKENIZER_PATH_KEYS:
+        path = getattr(args, key)
         if path and not os.path.exists(path):
-            raise ArgumentError(f"{flag}: {path} not found")
+            raise ArgumentError(f"{flag_of_field(key)}: {path} not found")
 
     # precision and implementations
     if args.bf16 and args.fp16:
