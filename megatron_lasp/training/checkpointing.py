@@ -46,7 +46,7 @@ import logging
 import os
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -133,7 +133,7 @@ class RunRecord:
     """Save the distributed optimizer's state fully reshardable instead of ``dp_reshardable``."""
     world_size: int = 1
     """Number of processes (RNG states restore only at the same one)."""
-    flags: Mapping[str, Any] = field(default_factory=dict)
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The run's settings as ``args.json`` holds them (JSON types only)."""
 
     @property
