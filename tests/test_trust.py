@@ -248,15 +248,13 @@ def test_index_cache_is_keyed_on_the_files(tmp_path):
 
 
 def test_corrupt_tokenizer_file_is_named(tmp_path):
-    from argparse import Namespace
-
+    from megatron_lasp.data.tokenizer import TokenizerSettings
     from megatron_lasp.training.data import build_tokenizer
 
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
-    args = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path), vocab_file=None,
-                     merge_file=None, vocab_size=None)
+    settings = TokenizerSettings(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
     with pytest.raises(ValueError) as info:  # DataError or the tokenizer's own one-line ValueError
-        build_tokenizer(args)
+        build_tokenizer(settings)
     assert str(tmp_path / "tokenizer.json") in str(info.value) and "\n" not in str(info.value)
 
 

@@ -997,30 +997,28 @@ def read_hf_config(load_dir: str) -> Dict[str, Any]:
     return config
 
 
-def _training_args(
+def _run_record(
     config: Any,
     vocab_rows: int,
     tokenizer_settings: Optional[Dict[str, Any]],
     tokenizer_vocab: Optional[int],
     seq_length: Optional[int],
-) -> argparse.Namespace:
-    """The training flags recorded with a converted checkpoint (``args.json``): the parser's
-    defaults, the architecture, TP=PP=SP=1 and the tokenizer."""
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-    from megatron_lasp.training.arguments import build_parser
+    save_dir: str,
+):
+    """What a converted checkpoint records of the run (``config.json``, ``args.json``): one
+    process (TP=PP=SP=DP=1), the vocabulary, the tokenizer and, in ``args.json``, the architecture."""
+    import dataclasses
 
-    args = build_parser().parse_args([])
-    args.num_layers, args.hidden_size = config.num_layers, config.hidden_size
-    args.num_attention_heads, args.ffn_hidden_size = config.num_attention_heads, config.ffn_hidden_size
-    args.init_method_std = config.init_method_std
-    args.seq_length = seq_length
-    args.padded_vocab_size = vocab_rows
-    args.vocab_size_tokenizer = tokenizer_vocab
-    args.data_parallel_size = 1
-    args.world_size = 1
-    args.ddp_impl = args.ddp_impl or "torch"
-    vars(args).update(TokenizerSettings.from_mapping(tokenizer_settings or {}).as_dict())
-    return args
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+    from megatron_lasp.training.checkpointing import RunRecord
+
+    run = RunRecord(vocab_size_tokenizer=tokenizer_vocab, padded_vocab_size=vocab_rows, seq_length=seq_length,
+                    tokenizer=TokenizerSettings.from_mapping(tokenizer_settings or {}))
+    flags = {f.name: getattr(run, f.name) for f in dataclasses.fields(run) if f.name not in ("tokenizer", "flags")}
+    flags.update(run.tokenizer.as_dict(), save=os.path.abspath(save_dir), num_layers=config.num_layers,
+                 hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+                 ffn_hidden_size=config.ffn_hidden_size, init_method_std=config.init_method_std)
+    return dataclasses.replace(run, flags=dict(sorted(flags.items())))
 
 
 def convert_hf_to_checkpoint(
@@ -1091,9 +1089,8 @@ def convert_hf_to_checkpoint(
     if missing or unexpected:
         raise ConversionError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else None
-    args = _training_args(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"))
-    args.save = os.path.abspath(save_dir)
+    run = _run_record(config, vocab_rows, tokenizer_settings, tokenizer_vocab, provenance.get("seq_length"), save_dir)
     with atomic_directory(save_dir, force, sources) as tmp:
-        save_weights_only(model, config, args, tmp, iteration, extra_config={"converted_from": os.path.abspath(load_dir)})
+        save_weights_only(model, config, run, tmp, iteration, extra_config={"converted_from": os.path.abspath(load_dir)})
     logger.info("converted %s to the checkpoint %s (iteration %d)", load_dir, save_dir, iteration)
     return save_dir

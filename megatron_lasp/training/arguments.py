@@ -13,9 +13,11 @@ The library's errors (the model config, the parallel layout) name config fields,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from megatron_lasp.parallel.layout import check_sequence_split
 from megatron_lasp.parallel.state import validate_parallel_sizes
@@ -272,6 +274,33 @@ def flag_of_field(name: str) -> Optional[str]:
                   if a.option_strings and a.option_strings[0].startswith("--") and "_" in a.dest}
         _FLAGS.update(FIELD_FLAGS)
     return _FLAGS.get(name)
+
+
+_Settings = TypeVar("_Settings")
+
+
+def settings_from_args(cls: Type[_Settings], args: argparse.Namespace, **values: Any) -> _Settings:
+    """The settings dataclass ``cls`` (fields named as flag destinations) from the parsed flags.
+
+    Each field takes ``args``'s value of the same name; ``values`` give the fields that are not a
+    flag (or override one). A field with a default that ``args`` lacks keeps its default.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name not in values and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def recorded_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags (and the values filled in from them) as a checkpoint's ``args.json`` records them:
+    JSON types only, sorted by name."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 def config_error(err: Exception) -> ArgumentError:

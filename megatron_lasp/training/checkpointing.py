@@ -39,7 +39,6 @@ the state on DP rank 0 while saving). RNG states are restored only at the same w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -47,7 +46,8 @@ import logging
 import os
 import random
 import socket
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -99,12 +99,78 @@ SCHEDULER_FLAGS = (
     ("lr_decay_style", "lr_decay_style", "--lr-decay-style"),
     ("weight_decay", "start_wd", "--weight-decay"),
 )
-"""(args field, OptimizerParamScheduler state key, flag): what a resume must not change silently."""
+"""(``args.json`` key, OptimizerParamScheduler state key, flag): what a resume must not change silently."""
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a checkpoint records about the run that wrote it, besides the model (``config.json``'s
+    vocabulary, tokenizer and layout; ``args.json``). The defaults describe one process."""
+
+    vocab_size_tokenizer: Optional[int]
+    """The tokenizer's ids (None: unknown)."""
+    padded_vocab_size: int
+    """Rows of the embedding table."""
+    seq_length: Optional[int]
+    """Tokens per training sample (None: unknown)."""
+    tokenizer: TokenizerSettings
+    """What builds the tokenizer."""
+    tensor_model_parallel_size: int = 1
+    """TP size."""
+    pipeline_model_parallel_size: int = 1
+    """PP size."""
+    context_parallel_size: int = 1
+    """Sequence-parallel (LASP) size."""
+    data_parallel_size: int = 1
+    """DP size (without SP)."""
+    sequence_parallel_mode: str = "lasp"
+    """How linear attention ran over the sequence-parallel group."""
+    ddp_impl: str = "torch"
+    """Data-parallel implementation (its optimizer state loads only into the same kind)."""
+    use_distributed_optimizer: bool = False
+    """megatron-core's distributed optimizer (ZeRO-1)."""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """Save the distributed optimizer's state fully reshardable instead of ``dp_reshardable``."""
+    world_size: int = 1
+    """Number of processes (RNG states restore only at the same one)."""
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The run's settings as ``args.json`` holds them (JSON types only)."""
+
+    @property
+    def optimizer_sharding_type(self) -> str:
+        """megatron-core DistributedOptimizer checkpoint format: DP-reshardable (fast) or fully reshardable."""
+        return "fully_reshardable" if self.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
 
-def resolve_load(args: argparse.Namespace) -> Optional[int]:
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Where a training run saves and what it loads (named as its flags), and what it records."""
+
+    save: Optional[str]
+    """Directory for checkpoints (None: no saving)."""
+    load: Optional[str]
+    """Directory to resume from (None: start from scratch)."""
+    ckpt_step: Optional[int]
+    """Load this iteration instead of the latest."""
+    finetune: bool
+    """Load weights only and start at iteration 0."""
+    no_load_optim: bool
+    """Do not load the optimizer state and LR schedule."""
+    no_load_rng: bool
+    """Do not restore the RNG states."""
+    override_opt_param_scheduler: bool
+    """On resume, this run's LR schedule wins over the checkpoint's."""
+    use_checkpoint_opt_param_scheduler: bool
+    """On resume, the checkpoint's LR schedule wins over this run's."""
+    run: RunRecord
+    """What saves record (and what a load is checked against)."""
+    load_iteration: Optional[int] = None
+    """The iteration to load, resolved by :func:`prepare_run` (None: nothing to load)."""
+    load_weights_only: bool = False
+    """The checkpoint to load holds weights only (set by :func:`prepare_run`)."""
+
+
+def resolve_load(settings: CheckpointSettings) -> Optional[int]:
     """The iteration ``--load`` (with ``--ckpt-step``) will load, checked; None: start from scratch.
 
     Without the tracker file (a crash between a save's rename and the tracker write leaves
@@ -114,11 +180,11 @@ def resolve_load(args: argparse.Namespace) -> Optional[int]:
         CheckpointError: no checkpoint in a ``--load`` that is not also ``--save``; a missing
             ``--ckpt-step`` iteration; a tracker naming a missing directory; missing or truncated files.
     """
-    root = args.load
-    same_dir = bool(args.save) and os.path.abspath(root) == os.path.abspath(args.save)
+    root = settings.load
+    same_dir = bool(settings.save) and os.path.abspath(root) == os.path.abspath(settings.save)
     found = list_iterations(root)
-    if args.ckpt_step is not None:
-        iteration = args.ckpt_step
+    if settings.ckpt_step is not None:
+        iteration = settings.ckpt_step
         if iteration not in found:
             raise CheckpointError(f"--ckpt-step {iteration}: {root} has no complete {os.path.basename(checkpoint_name(root, iteration))}; "
                                   f"saved iterations: {', '.join(map(str, found)) or 'none'}")
@@ -141,40 +207,42 @@ def resolve_load(args: argparse.Namespace) -> Optional[int]:
     return iteration
 
 
-def check_save_dir(args: argparse.Namespace) -> None:
+def check_save_dir(settings: CheckpointSettings) -> None:
     """Refuse a ``--save`` that holds checkpoints this run would overwrite (it is not resuming them)."""
-    if not args.save:
+    save = settings.save
+    if not save:
         return
-    same_dir = bool(args.load) and os.path.abspath(args.load) == os.path.abspath(args.save)
+    same_dir = bool(settings.load) and os.path.abspath(settings.load) == os.path.abspath(save)
     if same_dir:
         return
-    found = list_iterations(args.save)
-    if found or os.path.isfile(os.path.join(args.save, TRACKER_FILENAME)):
-        raise CheckpointError(f"--save {args.save} already holds checkpoints (iterations {', '.join(map(str, found))}) "
-                              f"that this run would overwrite; resume them with --load {args.save}, "
+    found = list_iterations(save)
+    if found or os.path.isfile(os.path.join(save, TRACKER_FILENAME)):
+        raise CheckpointError(f"--save {save} already holds checkpoints (iterations {', '.join(map(str, found))}) "
+                              f"that this run would overwrite; resume them with --load {save}, "
                               "or choose another --save")
 
 
-def check_scheduler(args: argparse.Namespace, iteration: int) -> None:
+def check_scheduler(settings: CheckpointSettings, iteration: int) -> None:
     """Refuse a resume whose LR/weight-decay schedule flags differ from the checkpoint's (as Megatron-LM).
 
+    Compares the checkpoint's ``args.json`` with this run's (``settings.run.flags``).
     ``--override-opt-param-scheduler`` (this run's flags win) or
     ``--use-checkpoint-opt-param-scheduler`` (the checkpoint's win) allow it.
     """
-    if args.no_load_optim or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+    if settings.no_load_optim or settings.override_opt_param_scheduler or settings.use_checkpoint_opt_param_scheduler:
         return
-    path = os.path.join(checkpoint_name(args.load, iteration), ARGS_FILENAME)
+    path = os.path.join(checkpoint_name(settings.load, iteration), ARGS_FILENAME)
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     changed = []
     for field, _, flag in SCHEDULER_FLAGS:
-        old, new = saved.get(field), getattr(args, field)
+        old, new = saved.get(field), settings.run.flags.get(field)
         if old is not None and old != new:
             changed.append(f"{flag} {old} -> {new}")
     if changed:
-        raise CheckpointError(f"--load {args.load}: the LR schedule changed since the checkpoint ({'; '.join(changed)}); "
+        raise CheckpointError(f"--load {settings.load}: the LR schedule changed since the checkpoint ({'; '.join(changed)}); "
                               "add --override-opt-param-scheduler to use the new values or "
                               "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
 
@@ -261,12 +329,12 @@ def _pid_alive(pid: str) -> bool:
 _save_lock: Optional[SaveLock] = None
 
 
-def lock_save_dir(args: argparse.Namespace) -> None:
-    """Take :class:`SaveLock` on ``--save`` for this process (rank 0); released by :func:`release_save_lock`."""
+def lock_save_dir(save: Optional[str]) -> None:
+    """Take :class:`SaveLock` on ``save`` for this process (rank 0); released by :func:`release_save_lock`."""
     global _save_lock
     release_save_lock()
-    if args.save:
-        _save_lock = SaveLock(args.save).acquire()
+    if save:
+        _save_lock = SaveLock(save).acquire()
 
 
 def release_save_lock() -> None:
@@ -276,26 +344,36 @@ def release_save_lock() -> None:
         _save_lock = None
 
 
-def prepare_run(args: argparse.Namespace, config) -> None:
+def prepare_run(settings: CheckpointSettings, config) -> CheckpointSettings:
     """Checkpoint checks before anything is built; no collectives (every rank runs them).
 
-    Resolves ``args.load_iteration`` (None: nothing to load), checks ``--save`` and, for a
-    resume, the architecture, the LR schedule and the checkpoint's files. Rank 0 takes the lock
-    on ``--save`` (which also checks that it is writable).
+    Checks ``--save`` and, for a resume, the architecture, the LR schedule and the checkpoint's
+    files. Rank 0 takes the lock on ``--save`` (which also checks that it is writable).
+
+    Returns:
+        ``settings`` with ``load_iteration`` resolved (None: nothing to load) and, for a
+        weights-only checkpoint (converted, no optimizer, schedule or data position), what
+        ``--finetune`` sets (``finetune``, ``no_load_optim``, ``no_load_rng``).
     """
-    args.load_iteration = None
-    args.load_weights_only = False
-    check_save_dir(args)
-    if args.load:
-        args.load_iteration = resolve_load(args)
-        if args.load_iteration is not None:
-            check_architecture(args.load, args, config, args.load_iteration)
-            _, saved = read_config(args.load, args.load_iteration)
-            args.load_weights_only = bool(saved.get("weights_only"))
-            if not args.load_weights_only and not args.finetune:
-                check_scheduler(args, args.load_iteration)
+    iteration, weights_only = None, False
+    check_save_dir(settings)
+    if settings.load:
+        iteration = resolve_load(settings)
+        if iteration is not None:
+            check_architecture(settings.load, settings.run, config, iteration)
+            _, saved = read_config(settings.load, iteration)
+            weights_only = bool(saved.get("weights_only"))
+            if not weights_only and not settings.finetune:
+                check_scheduler(settings, iteration)
     if dist.is_initialized() and dist.get_rank() == 0:
-        lock_save_dir(args)
+        lock_save_dir(settings.save)
+    settings = dataclasses.replace(settings, load_iteration=iteration, load_weights_only=weights_only)
+    if weights_only and not settings.finetune:
+        logger.info("%s holds weights only (converted from %s): loading the weights; the optimizer, LR "
+                    "schedule and iteration start fresh, as with --finetune", checkpoint_name(settings.load, iteration),
+                    saved.get("converted_from", "?"))
+        settings = dataclasses.replace(settings, finetune=True, no_load_optim=True, no_load_rng=True)
+    return settings
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -329,38 +407,28 @@ def _model_fields(config) -> Dict[str, Any]:
     return out
 
 
-def config_dict(config, args: argparse.Namespace) -> Dict[str, Any]:
+def config_dict(config, run: RunRecord) -> Dict[str, Any]:
     """What ``config.json`` holds: the model fields, vocabulary, tokenizer and the saved layout."""
     return {
         "format_version": FORMAT_VERSION,
         "model_type": "megatron-lasp-linear-lm",
         "model": _model_fields(config),
-        "vocab_size": args.vocab_size_tokenizer,
-        "padded_vocab_size": args.padded_vocab_size,
-        "seq_length": args.seq_length,
-        "tokenizer": TokenizerSettings.from_mapping(args).as_dict(),
+        "vocab_size": run.vocab_size_tokenizer,
+        "padded_vocab_size": run.padded_vocab_size,
+        "seq_length": run.seq_length,
+        "tokenizer": run.tokenizer.as_dict(),
         "parallel": {
-            "tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-            "context_parallel_size": args.context_parallel_size,
-            "data_parallel_size": args.data_parallel_size,
-            "sequence_parallel_mode": args.sequence_parallel_mode,
-            "ddp_impl": args.ddp_impl,
-            "use_distributed_optimizer": args.use_distributed_optimizer,
-            "optimizer_sharding_type": optimizer_sharding_type(args) if args.use_distributed_optimizer else None,
-            "world_size": args.world_size,
+            "tensor_model_parallel_size": run.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": run.pipeline_model_parallel_size,
+            "context_parallel_size": run.context_parallel_size,
+            "data_parallel_size": run.data_parallel_size,
+            "sequence_parallel_mode": run.sequence_parallel_mode,
+            "ddp_impl": run.ddp_impl,
+            "use_distributed_optimizer": run.use_distributed_optimizer,
+            "optimizer_sharding_type": run.optimizer_sharding_type if run.use_distributed_optimizer else None,
+            "world_size": run.world_size,
         },
     }
-
-
-def _json_args(args: argparse.Namespace) -> Dict[str, Any]:
-    out = {}
-    for key, value in sorted(vars(args).items()):
-        if isinstance(value, (bool, int, float, str)) or value is None:
-            out[key] = value
-        elif isinstance(value, (list, tuple)):
-            out[key] = json.loads(json.dumps(value, default=str))
-    return out
 
 
 def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
@@ -376,7 +444,7 @@ def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[s
         return iteration, json.load(f)
 
 
-def check_architecture(root: str, args: argparse.Namespace, config, iteration: Optional[int] = None) -> None:
+def check_architecture(root: str, run: RunRecord, config, iteration: Optional[int] = None) -> None:
     """Raise :class:`CheckpointError` naming the first architecture field that differs.
 
     Does nothing when ``root`` holds no checkpoint yet (the run starts from scratch).
@@ -384,7 +452,7 @@ def check_architecture(root: str, args: argparse.Namespace, config, iteration: O
     if iteration is None and (not os.path.isdir(root) or read_tracker(root) is None):
         return
     _, saved = read_config(root, iteration)
-    current = dict(_model_fields(config), padded_vocab_size=args.padded_vocab_size)
+    current = dict(_model_fields(config), padded_vocab_size=run.padded_vocab_size)
     saved_fields = dict(saved["model"], padded_vocab_size=saved["padded_vocab_size"])
     for name, flag in ARCHITECTURE_CHECKS:
         if name in saved_fields and saved_fields[name] != current.get(name):
@@ -539,26 +607,21 @@ def _init_megatron_optimizer_state(optimizer) -> None:
                 inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def optimizer_sharding_type(args) -> str:
-    """megatron-core DistributedOptimizer checkpoint format: DP-reshardable (fast) or fully reshardable."""
-    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
-
-
 def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool, with_rng: bool,
                         sharding_type: Optional[str] = None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    args = state.args
+    run = state.checkpoint.run
     inner = unwrap_model(state.model)
     model_sd = inner.sharded_state_dict()
     sd: Dict[str, Any] = {"model": model_sd}
     if with_optimizer:
-        if args.ddp_impl == "megatron":
+        if run.ddp_impl == "megatron":
             if for_loading:
                 _init_megatron_optimizer_state(state.optimizer.optimizer)
             kwargs = {}
-            if args.use_distributed_optimizer:
-                kwargs["metadata"] = {"distrib_optim_sharding_type": sharding_type or optimizer_sharding_type(args)}
+            if run.use_distributed_optimizer:
+                kwargs["metadata"] = {"distrib_optim_sharding_type": sharding_type or run.optimizer_sharding_type}
             sd["optimizer"] = state.optimizer.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, **kwargs)
         else:
             sd["optimizer"] = _torch_optimizer_sharded(state.optimizer, model_sd, full_map, for_loading)
@@ -574,7 +637,7 @@ def _sharded_state_dict(state, full_map, for_loading: bool, with_optimizer: bool
 
 
 def _fsdp_context(state):
-    if state.args.ddp_impl == "fsdp":
+    if state.checkpoint.run.ddp_impl == "fsdp":
         fsdp_reshard(state.model)
         return _full_parameters(unwrap_model(state.model))
     return contextlib.nullcontext({})
@@ -602,11 +665,15 @@ def _finish_save(root: str, iteration: int, config_json: Dict[str, Any], args_js
 
 
 def save_checkpoint(state) -> str:
-    """Save ``state`` atomically to ``--save``/iter_XXXXXXX; returns that directory. Collective."""
+    """Save ``state`` atomically to ``--save``/iter_XXXXXXX; returns that directory. Collective.
+
+    ``state`` is the loop's ``TrainState``: its model, optimizer, scheduler, position and
+    ``checkpoint`` (:class:`CheckpointSettings`).
+    """
     from megatron.core import dist_checkpointing
 
-    args = state.args
-    root = args.save
+    run = state.checkpoint.run
+    root = state.checkpoint.save
     rank = dist.get_rank()
     if rank == 0:
         _begin_save(root, state.iteration)
@@ -616,14 +683,14 @@ def save_checkpoint(state) -> str:
         dist_checkpointing.save(sd, _temporary_name(root, state.iteration))
     dist.barrier()
     if rank == 0:
-        _finish_save(root, state.iteration, config_dict(state.model_config, args), _json_args(args))
+        _finish_save(root, state.iteration, config_dict(state.model_config, run), dict(run.flags))
     dist.barrier()
     final = checkpoint_name(root, state.iteration)
     logger.info("saved checkpoint at iteration %d to %s", state.iteration, final)
     return final
 
 
-def save_weights_only(model, config, args: argparse.Namespace, root: str, iteration: int,
+def save_weights_only(model, config, run: RunRecord, root: str, iteration: int,
                       extra_config: Optional[Dict[str, Any]] = None) -> str:
     """Save a model's weights as iteration ``iteration`` of the checkpoint directory ``root``.
 
@@ -636,8 +703,7 @@ def save_weights_only(model, config, args: argparse.Namespace, root: str, iterat
     Args:
         model: the :class:`~megatron_lasp.models.LinearLM` (TP=PP=1).
         config: its ``LinearLMConfig``.
-        args: the run's flags recorded in ``config.json`` (vocabulary, tokenizer, layout) and
-            ``args.json``.
+        run: what ``config.json`` (vocabulary, tokenizer, layout) and ``args.json`` record.
         root: the checkpoint directory (created if missing; other iterations are kept).
         iteration: the iteration number to record.
         extra_config: more ``config.json`` entries (e.g. where the weights came from).
@@ -658,43 +724,40 @@ def save_weights_only(model, config, args: argparse.Namespace, root: str, iterat
         "checkpoint_version": FORMAT_VERSION,
     }
     dist_checkpointing.save(state, tmp)
-    saved_config = dict(config_dict(config, args), weights_only=True, **(extra_config or {}))
-    final = _finish_save(root, iteration, saved_config, _json_args(args))
+    saved_config = dict(config_dict(config, run), weights_only=True, **(extra_config or {}))
+    final = _finish_save(root, iteration, saved_config, dict(run.flags))
     logger.info("saved the weights (iteration %d) to %s", iteration, final)
     return final
 
 
 def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
-    """Load ``--load``'s latest (or the given) checkpoint into ``state``; returns its iteration.
+    """Load ``--load``'s checkpoint into ``state``; returns its iteration.
 
-    Nothing is loaded (None) when the directory holds no checkpoint. Collective.
+    ``state`` is the loop's ``TrainState``; its ``checkpoint`` (:class:`CheckpointSettings`, from
+    :func:`prepare_run`) says what to load. Nothing is loaded (None) when there is no iteration to
+    load (``iteration``, else ``load_iteration``). Collective.
     """
     from megatron.core import dist_checkpointing
 
-    args = state.args
-    root = args.load
+    settings = state.checkpoint
+    run = settings.run
+    root = settings.load
     if iteration is None:
-        iteration = args.load_iteration if hasattr(args, "load_iteration") else resolve_load(args)
+        iteration = settings.load_iteration
     if iteration is None:
         return None
     path = checkpoint_name(root, iteration)
     _, saved = read_config(root, iteration)
-    weights_only = bool(saved.get("weights_only"))
-    if weights_only and not args.finetune:
-        # a converted checkpoint has no optimizer, schedule or data position: what --finetune does
-        logger.info("%s holds weights only (converted from %s): loading the weights; the optimizer, LR "
-                    "schedule and iteration start fresh, as with --finetune", path, saved.get("converted_from", "?"))
-        args.finetune = args.no_load_optim = args.no_load_rng = True
-    same_world = saved["parallel"]["world_size"] == args.world_size
-    with_optim = not args.no_load_optim
-    if with_optim and saved["parallel"]["ddp_impl"] != args.ddp_impl and "megatron" in (
-            saved["parallel"]["ddp_impl"], args.ddp_impl):
+    same_world = saved["parallel"]["world_size"] == run.world_size
+    with_optim = not settings.no_load_optim
+    if with_optim and saved["parallel"]["ddp_impl"] != run.ddp_impl and "megatron" in (
+            saved["parallel"]["ddp_impl"], run.ddp_impl):
         raise CheckpointError(f"--load {root}: optimizer state saved with --ddp-impl {saved['parallel']['ddp_impl']} "
-                              f"cannot be loaded with --ddp-impl {args.ddp_impl}; add --no-load-optim")
-    with_rng = not args.no_load_rng and same_world
-    if not args.no_load_rng and not same_world:
+                              f"cannot be loaded with --ddp-impl {run.ddp_impl}; add --no-load-optim")
+    with_rng = not settings.no_load_rng and same_world
+    if not settings.no_load_rng and not same_world:
         logger.warning("world size changed (%d -> %d): RNG states not restored",
-                       saved["parallel"]["world_size"], args.world_size)
+                       saved["parallel"]["world_size"], run.world_size)
     inner = unwrap_model(state.model)
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=True, with_optimizer=with_optim, with_rng=with_rng,
@@ -710,17 +773,17 @@ def load_checkpoint(state, iteration: Optional[int] = None) -> Optional[int]:
     else:
         inner.load_state_dict(loaded["model"], strict=True)
     if with_optim:
-        if args.ddp_impl == "megatron":
+        if run.ddp_impl == "megatron":
             state.optimizer.load_state_dict(loaded["optimizer"])
         else:
             _load_torch_optimizer(state.optimizer, loaded["optimizer"])
         # check_scheduler refused a silent change; these say which side wins (Megatron-LM's flags)
-        state.scheduler.override_opt_param_scheduler = bool(args.override_opt_param_scheduler)
-        state.scheduler.use_checkpoint_opt_param_scheduler = not args.override_opt_param_scheduler
+        state.scheduler.override_opt_param_scheduler = bool(settings.override_opt_param_scheduler)
+        state.scheduler.use_checkpoint_opt_param_scheduler = not settings.override_opt_param_scheduler
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if with_rng:
         _set_rng_state(loaded["rng_state"])
-    if not args.finetune:
+    if not settings.finetune:
         state.iteration = int(loaded["iteration"])
         state.consumed_train_samples = int(loaded["consumed_train_samples"])
         state.consumed_valid_samples = int(loaded["consumed_valid_samples"])

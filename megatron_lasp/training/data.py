@@ -24,19 +24,21 @@ copied to the device once per micro-batch; the layers read it without a host syn
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_lasp.parallel.layout import sequence_slice_bounds
+
+if TYPE_CHECKING:
+    from megatron_lasp.data.tokenizer import TokenizerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +53,45 @@ class DataError(ValueError):
     """Training data that cannot be used as given; the message names the file and the fix."""
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What the datasets are built from (named as the run's flags)."""
+
+    mock_data: bool
+    """Deterministic random tokens (megatron-core's ``MockGPTDataset``) instead of ``data_blend``."""
+    data_blend: Optional[Tuple[List[str], Optional[List[float]]]]
+    """megatron-core blend of the dataset prefixes: ``([prefix, ...], [weight, ...] or None)``."""
+    split: str
+    """``train,valid,test`` proportions of the blend (``969,30,1``)."""
+    data_cache_path: Optional[str]
+    """Where megatron-core caches sample indices (None: ``index-cache/`` next to the first prefix)."""
+    seq_length: int
+    """Tokens per sample."""
+    eod_mask_loss: bool
+    """Do not train on predicting EOD tokens."""
+    seed: int
+    """Seed of the sample order and of the mock tokens."""
+    train_iters: int
+    """Optimizer steps of the run."""
+    global_batch_size: int
+    """Samples per optimizer step."""
+    eval_interval: int
+    """Steps between evaluations (0: never)."""
+    eval_iters: int
+    """Batches per evaluation."""
+    skip_splits: Tuple[int, ...] = ()
+    """Splits (0 train, 1 valid, 2 test) that get no tokens and are not used (:func:`check_data`)."""
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
     """Round the vocabulary up to a multiple of ``divisible_by x TP`` (Megatron's padding)."""
     multiple = divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
 
-def build_tokenizer(args: argparse.Namespace):
-    """The project tokenizer selected by the tokenizer flags (see ``megatron_lasp.data``)."""
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-
-    settings = TokenizerSettings.from_mapping(args)
+def build_tokenizer(settings: TokenizerSettings):
+    """The project tokenizer of ``settings`` (see ``megatron_lasp.data``); :class:`DataError` if its
+    files cannot be read."""
     try:
         return settings.build()
     except (ValueError, FileNotFoundError) as err:
@@ -129,13 +159,16 @@ def _check_pair(prefix: str, vocab: int) -> np.ndarray:
     return lengths
 
 
-def check_data(args: argparse.Namespace, tokenizer) -> None:
+def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     """Check the ``--data-path`` datasets before megatron-core builds its indices; no collectives.
 
     Checks every ``.bin``/``.idx`` pair (sizes, dtype, token ids) and the ``--split``: a split that
     receives no tokens would make megatron-core's ``GPTDataset`` loop forever, so an empty split
     this run uses (train; valid when ``--eval-interval`` > 0) is an error and an unused empty one
-    is skipped (``args.skip_splits``) with a warning.
+    is skipped with a warning.
+
+    Returns:
+        the splits to skip (``DataSettings.skip_splits``).
 
     Raises:
         DataError: naming the file or flag to change.
@@ -145,57 +178,60 @@ def check_data(args: argparse.Namespace, tokenizer) -> None:
         parse_and_normalize_split,
     )
 
-    args.skip_splits = []
-    if args.mock_data or not args.data_blend:
-        return
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
-    used = {0: "training", 1: "evaluation (--eval-interval)" if args.eval_interval else None, 2: None}
-    for prefix in args.data_blend[0]:
+    skip: List[int] = []
+    if settings.mock_data or not settings.data_blend:
+        return ()
+    split = settings.split
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    used = {0: "training", 1: "evaluation (--eval-interval)" if settings.eval_interval else None, 2: None}
+    for prefix in settings.data_blend[0]:
         lengths = _check_pair(prefix, tokenizer.vocab_size)
         n = len(lengths)
         for i, bounds in enumerate(matrix):
-            if bounds is None or i in args.skip_splits:
+            if bounds is None or i in skip:
                 continue
             beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
             if int(lengths[beg:end].astype(np.int64).sum()) > 0:
                 continue
             if used[i]:
-                raise DataError(f"--split {args.split} gives the {SPLIT_NAMES[i]} split {end - beg} of the {n} "
+                raise DataError(f"--split {split} gives the {SPLIT_NAMES[i]} split {end - beg} of the {n} "
                                 f"documents of {prefix}, no tokens, but {used[i]} needs it; give it a larger share "
                                 f"(e.g. --split 90,10,0){' or pass --eval-interval 0' if i == 1 else ''}")
             logger.warning("--split %s gives the %s split no documents of %s; it is not used, skipping it",
-                           args.split, SPLIT_NAMES[i], prefix)
-            args.skip_splits.append(i)
+                           split, SPLIT_NAMES[i], prefix)
+            skip.append(i)
+    return tuple(skip)
 
 
-def index_cache_path(args: argparse.Namespace) -> Optional[str]:
+def index_cache_path(settings: DataSettings) -> Optional[str]:
     """Where megatron-core caches the sample indices: keyed on the data files (path, size, mtime).
 
     megatron-core keys its cache on the flags only, so re-preprocessing into the same prefix
     would reuse indices of the old files.
     """
-    if args.mock_data or not args.data_blend:
-        return args.data_cache_path
-    prefixes = args.data_blend[0]
+    if settings.mock_data or not settings.data_blend:
+        return settings.data_cache_path
+    prefixes = settings.data_blend[0]
     key = hashlib.sha256()
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             st = os.stat(prefix + ext)
             key.update(f"{os.path.abspath(prefix + ext)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    base = args.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    base = settings.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     return os.path.join(base, f"{os.path.basename(prefixes[0])}-{key.hexdigest()[:16]}")
 
 
-def dataset_sizes(args: argparse.Namespace) -> List[int]:
+def dataset_sizes(settings: DataSettings) -> List[int]:
     """Samples needed from the train / valid / test splits for the whole run."""
-    train = args.train_iters * args.global_batch_size
-    evals = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
-    valid = evals * args.eval_iters * args.global_batch_size
-    test = args.eval_iters * args.global_batch_size
+    batch = settings.global_batch_size
+    train = settings.train_iters * batch
+    evals = settings.train_iters // settings.eval_interval + 1 if settings.eval_interval else 0
+    valid = evals * settings.eval_iters * batch
+    test = settings.eval_iters * batch
     return [train, valid, test]
 
 
-def build_datasets(args: argparse.Namespace, tokenizer) -> list:
+def build_datasets(settings: DataSettings, tokenizer) -> list:
     """Build the (train, valid, test) datasets with megatron-core's BlendedMegatronDatasetBuilder.
 
     Every rank builds (megatron-core builds on rank 0 first, then the others read its index cache).
@@ -209,21 +245,21 @@ def build_datasets(args: argparse.Namespace, tokenizer) -> list:
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=args.data_blend,
-        split=args.split,
-        path_to_cache=index_cache_path(args),
+        random_seed=settings.seed,
+        sequence_length=settings.seq_length,
+        blend=settings.data_blend,
+        split=settings.split,
+        path_to_cache=index_cache_path(settings),
         tokenizer=tokenizer.as_megatron_tokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=args.eod_mask_loss,
+        eod_mask_loss=settings.eod_mask_loss,
         create_attention_mask=False,
     )
-    for i in getattr(args, "skip_splits", []):  # empty and unused (check_data): megatron-core would hang
+    for i in settings.skip_splits:  # empty and unused (check_data): megatron-core would hang
         config.split_matrix[i] = None
-    cls = MockGPTDataset if args.mock_data else GPTDataset
-    sizes = dataset_sizes(args)
+    cls = MockGPTDataset if settings.mock_data else GPTDataset
+    sizes = dataset_sizes(settings)
     datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     logger.info("datasets built: train %s, valid %s, test %s samples requested", *sizes)
     return list(datasets)

@@ -18,6 +18,7 @@ the global token mean, whatever the DP, SP and accumulation split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -34,7 +35,9 @@ from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import logging_utils
+from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
 from megatron_lasp.training.optim import (
+    OptimizerSettings,
     build_optimizer,
     build_scheduler,
     fsdp_reshard,
@@ -108,6 +111,9 @@ class TrainState:
     """Everything a step reads and writes, and what a checkpoint must restore."""
 
     args: argparse.Namespace
+    """The parsed flags (with the values filled in from them); the loop's own reads."""
+    checkpoint: CheckpointSettings
+    """What checkpointing reads: where to save, what to load, what saves record."""
     groups: object  # megatron-core ProcessGroupCollection
     model: torch.nn.Module
     model_config: object
@@ -481,6 +487,26 @@ def _run_eval(state, logging_rank, writer, what, it) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# settings: what each room reads of the flags, built here from them (the rooms never see argparse)
+
+
+def _optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
+    return arguments_mod.settings_from_args(OptimizerSettings, args)
+
+
+def _data_settings(args: argparse.Namespace, skip_splits=()) -> data_mod.DataSettings:
+    return arguments_mod.settings_from_args(data_mod.DataSettings, args, skip_splits=tuple(skip_splits))
+
+
+def _checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+
+    run = arguments_mod.settings_from_args(RunRecord, args, tokenizer=TokenizerSettings.from_mapping(args),
+                                           flags=arguments_mod.recorded_flags(args))
+    return arguments_mod.settings_from_args(CheckpointSettings, args, run=run)
+
+
+# ----------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -492,6 +518,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     """
     from megatron.core import parallel_state as mpu
 
+    from megatron_lasp.data.tokenizer import TokenizerSettings
     from megatron_lasp.parallel.state import init_distributed, initialize_parallel
     from megatron_lasp.training import checkpointing
 
@@ -505,18 +532,24 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
 
     def prepare():
         arguments_mod.validate_world_size(args, dist.get_world_size())
-        tokenizer = data_mod.build_tokenizer(args)
+        tokenizer = data_mod.build_tokenizer(TokenizerSettings.from_mapping(args))
         args.vocab_size_tokenizer = tokenizer.vocab_size
         args.padded_vocab_size = data_mod.padded_vocab_size(
             tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         model_config = model_config_from_args(args)
-        checkpointing.prepare_run(args, model_config)
-        data_mod.check_data(args, tokenizer)
-        return tokenizer, model_config
+        checkpoint = checkpointing.prepare_run(_checkpoint_settings(args), model_config)
+        skip_splits = data_mod.check_data(_data_settings(args), tokenizer)
+        return tokenizer, model_config, checkpoint, skip_splits
 
-    tokenizer, model_config = _agreed(prepare)
+    tokenizer, model_config, checkpoint, skip_splits = _agreed(prepare)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         setattr(args, name, getattr(model_config, name))
+    # what the checks resolved (a weights-only checkpoint loads as with --finetune), in args.json too
+    vars(args).update(load_iteration=checkpoint.load_iteration, load_weights_only=checkpoint.load_weights_only,
+                      finetune=checkpoint.finetune, no_load_optim=checkpoint.no_load_optim,
+                      no_load_rng=checkpoint.no_load_rng, skip_splits=list(skip_splits))
+    checkpoint = dataclasses.replace(checkpoint, run=_checkpoint_settings(args).run)
+    optim = _optimizer_settings(args)
 
     groups = initialize_parallel(
         args.tensor_model_parallel_size,
@@ -529,19 +562,20 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     model = build_model_stage(model_config, args, groups)
     facts = param_facts(model)
     shared = _shared_embedding_for_pp(model, args)
-    model = wrap_data_parallel(model, args, groups, model_config)
-    model_config.no_sync_func = no_sync_func(model, args)
+    model = wrap_data_parallel(model, optim, groups, model_config)
+    model_config.no_sync_func = no_sync_func(model, optim.ddp_impl)
     model_config.finalize_model_grads_func = None
-    optimizer = build_optimizer(model, args, groups, facts, model_config, shared)
-    scheduler = build_scheduler(optimizer, args)
+    optimizer = build_optimizer(model, optim, groups, facts, model_config, shared)
+    scheduler = build_scheduler(optimizer, optim)
 
     first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
     train_ds = valid_ds = None
+    data = _data_settings(args, skip_splits)
     if first or last:
-        train_ds, valid_ds, _ = data_mod.build_datasets(args, tokenizer)
+        train_ds, valid_ds, _ = data_mod.build_datasets(data, tokenizer)
     elif args.pipeline_model_parallel_size > 1:
         # megatron-core's builder synchronizes all ranks with barriers; middle stages join them
-        train_ds, valid_ds, _ = data_mod.build_datasets(args, tokenizer)
+        train_ds, valid_ds, _ = data_mod.build_datasets(data, tokenizer)
     layout = data_mod.BatchLayout(
         micro_batch_size=args.micro_batch_size,
         num_micro_batches=args.num_micro_batches,
@@ -553,7 +587,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         vocab_size=None if args.mock_data else tokenizer.vocab_size,
         eod_token=tokenizer.eod if args.reset_attention_mask else None,
     )
-    state = TrainState(args=args, groups=groups, model=model, model_config=model_config,
+    state = TrainState(args=args, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
                        layout=layout, tokenizer=tokenizer)
     if args.load:
