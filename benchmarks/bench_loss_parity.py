@@ -7,11 +7,13 @@ three times through ``megatron_lasp.training.main`` (one process, one run after 
 - ``fused``: the GPU default (fused elementwise kernels, fused linear cross-entropy), bf16;
 - ``unfused``: ``--no-fusion --no-fused-linear-cross-entropy`` (plain PyTorch around the
   matmuls, megatron-core's output layer and loss), bf16;
-- ``fp32``: the unfused path in fp32, the reference that measures what bf16 rounding alone does.
+- ``fused-fp32``, ``unfused-fp32``: both paths in fp32.
 
-"Within bf16 noise" means: at every step, ``|fused - unfused|`` is of the order of
-``|unfused - fp32|`` (the JSON holds both per step and their maxima; the PNG plots the three loss
-curves and the two differences). Output (``--out``): ``loss_parity.json`` and ``loss_parity.png``.
+"Within bf16 noise" means: ``|fused - unfused|`` (bf16) is of the order of ``|unfused bf16 -
+unfused fp32|``, what bf16 rounding alone does to the run, while in fp32 the two paths agree
+closely (``|fused-fp32 - unfused-fp32|``: the fused kernels compute the same function). The JSON
+holds the three differences per step and their maxima and means; the PNG plots the loss curves and
+the differences. Output (``--out``): ``loss_parity.json`` and ``loss_parity.png``.
 
 Example (one H200, TNL-1B at 8K tokens, 50 steps each, about 3 minutes)::
 
@@ -34,7 +36,8 @@ sys.path.insert(0, REPO)
 RUNS = {
     "fused": ["--bf16"],
     "unfused": ["--bf16", "--no-fusion", "--no-fused-linear-cross-entropy"],
-    "fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
+    "fused-fp32": [],
+    "unfused-fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
 }
 TOKENIZER = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
              os.path.join(REPO, "examples", "data", "tokenizer")]
@@ -63,7 +66,8 @@ def _plot(doc: dict, path: str) -> None:
     a.set_ylabel("training loss")
     a.set_title(f"{doc['preset']}, {doc['seq_length']} tokens/step, real data")
     a.legend()
-    for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|")):
+    for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|"),
+                       ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)")):
         b.semilogy(range(1, len(doc[key]) + 1), [max(x, 1e-7) for x in doc[key]], label=label)
     b.set_xlabel("step")
     b.set_ylabel("absolute loss difference")
@@ -111,15 +115,18 @@ def main(argv=None) -> int:
                           "seconds": time.perf_counter() - t0}
             print(f"[parity] {name}: first {runs[name]['loss'][0]:.5f} last {runs[name]['loss'][-1]:.5f} "
                   f"({runs[name]['seconds']:.0f} s)", flush=True)
-    fu = [abs(a - b) for a, b in zip(runs["fused"]["loss"], runs["unfused"]["loss"])]
-    uf = [abs(a - b) for a, b in zip(runs["unfused"]["loss"], runs["fp32"]["loss"])]
+    def diff(a, b):
+        return [abs(x - y) for x, y in zip(runs[a]["loss"], runs[b]["loss"])]
+
+    fu, uf, ff = diff("fused", "unfused"), diff("unfused", "unfused-fp32"), diff("fused-fp32", "unfused-fp32")
     doc = {
         "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "seq_length": args.seq_length, "steps": args.steps,
         "data": "bundled corpus (examples/data/corpus.jsonl)" if not args.data_prefix else args.data_prefix,
-        "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf,
-        "max_fused_vs_unfused": max(fu), "max_unfused_vs_fp32": max(uf),
-        "mean_fused_vs_unfused": sum(fu) / len(fu), "mean_unfused_vs_fp32": sum(uf) / len(uf),
+        "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf, "fp32_fused_vs_unfused": ff,
+        **{f"{stat}_{key}": fn(vals) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
+                                                     ("fp32_fused_vs_unfused", ff))
+           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v)))},
     }
     try:
         import torch
@@ -133,8 +140,8 @@ def main(argv=None) -> int:
         json.dump(doc, f, indent=1)
     os.replace(path + ".tmp", path)
     _plot(doc, os.path.join(args.out, "loss_parity.png"))
-    print(f"[parity] max |fused - unfused| {doc['max_fused_vs_unfused']:.4g} (mean {doc['mean_fused_vs_unfused']:.4g}); "
-          f"max |unfused bf16 - fp32| {doc['max_unfused_vs_fp32']:.4g} (mean {doc['mean_unfused_vs_fp32']:.4g})")
+    for key in ("fused_vs_unfused", "unfused_vs_fp32", "fp32_fused_vs_unfused"):
+        print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
     return 0
 
 
