@@ -7,6 +7,9 @@ three times through ``megatron_lasp.training.main`` (one process, one run after 
 - ``fused``: the GPU default (fused elementwise kernels, fused linear cross-entropy), bf16;
 - ``unfused``: ``--no-fusion --no-fused-linear-cross-entropy`` (plain PyTorch around the
   matmuls, megatron-core's output layer and loss), bf16;
+- ``fused-reordered``: the fused path with another loss chunk size (1000 tokens): the same
+  function, only the order of the sums changes, so its distance to ``fused`` is bf16 rounding
+  noise as the training amplifies it;
 - ``fused-fp32``, ``unfused-fp32``: both paths in fp32.
 
 "Within bf16 noise" means: ``|fused - unfused|`` (bf16) is of the order of ``|unfused bf16 -
@@ -35,6 +38,7 @@ sys.path.insert(0, REPO)
 
 RUNS = {
     "fused": ["--bf16"],
+    "fused-reordered": ["--bf16", "--cross-entropy-chunk-size", "1000"],
     "unfused": ["--bf16", "--no-fusion", "--no-fused-linear-cross-entropy"],
     "fused-fp32": [],
     "unfused-fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
@@ -67,8 +71,10 @@ def _plot(doc: dict, path: str) -> None:
     a.set_title(f"{doc['preset']}, {doc['seq_length']} tokens/step, real data")
     a.legend()
     for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|"),
-                       ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)")):
-        b.semilogy(range(1, len(doc[key]) + 1), [max(x, 1e-7) for x in doc[key]], label=label)
+                       ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)"),
+                       ("rounding_noise", "|fused - fused reordered| (bf16 noise)")):
+        if doc[key]:
+            b.semilogy(range(1, len(doc[key]) + 1), [max(x, 1e-7) for x in doc[key]], label=label)
     b.set_xlabel("step")
     b.set_ylabel("absolute loss difference")
     b.set_title("fused vs unfused, against bf16 rounding")
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--data-prefix", help="an indexed dataset prefix (default: tokenize the bundled corpus)")
     p.add_argument("--extra", default="", help="more training flags for every run")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     args = p.parse_args(argv)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29533"}.items():
@@ -96,7 +103,12 @@ def main(argv=None) -> int:
 
     # the GPU default; the CPU (a smoke run of this script) has only torch DDP, and no bf16 there
     DDP = ["--ddp-impl", "megatron", "--use-distributed-optimizer"] if torch.cuda.is_available() else ["--ddp-impl", "torch"]
-    runs_flags = RUNS if torch.cuda.is_available() else {k: [f for f in v if f != "--bf16"] for k, v in RUNS.items()}
+    wanted = args.runs.split(",")
+    if not set(wanted) <= set(RUNS):
+        p.error(f"--runs: choose from {', '.join(RUNS)}")
+    runs_flags = {k: RUNS[k] for k in wanted}
+    if not torch.cuda.is_available():
+        runs_flags = {k: [f for f in v if f != "--bf16"] for k, v in runs_flags.items()}
 
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -116,17 +128,21 @@ def main(argv=None) -> int:
             print(f"[parity] {name}: first {runs[name]['loss'][0]:.5f} last {runs[name]['loss'][-1]:.5f} "
                   f"({runs[name]['seconds']:.0f} s)", flush=True)
     def diff(a, b):
+        if a not in runs or b not in runs:
+            return []
         return [abs(x - y) for x, y in zip(runs[a]["loss"], runs[b]["loss"])]
 
     fu, uf, ff = diff("fused", "unfused"), diff("unfused", "unfused-fp32"), diff("fused-fp32", "unfused-fp32")
+    noise = diff("fused", "fused-reordered")
     doc = {
         "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "seq_length": args.seq_length, "steps": args.steps,
         "data": "bundled corpus (examples/data/corpus.jsonl)" if not args.data_prefix else args.data_prefix,
         "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf, "fp32_fused_vs_unfused": ff,
+        "rounding_noise": noise,
         **{f"{stat}_{key}": fn(vals) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
-                                                     ("fp32_fused_vs_unfused", ff))
-           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v)))},
+                                                     ("fp32_fused_vs_unfused", ff), ("rounding_noise", noise))
+           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals},
     }
     try:
         import torch
@@ -140,8 +156,9 @@ def main(argv=None) -> int:
         json.dump(doc, f, indent=1)
     os.replace(path + ".tmp", path)
     _plot(doc, os.path.join(args.out, "loss_parity.png"))
-    for key in ("fused_vs_unfused", "unfused_vs_fp32", "fp32_fused_vs_unfused"):
-        print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
+    for key in ("fused_vs_unfused", "rounding_noise", "unfused_vs_fp32", "fp32_fused_vs_unfused"):
+        if doc[key]:
+            print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
     return 0
 
 
