@@ -65,16 +65,18 @@ def _plot(doc: dict, path: str) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run in doc["runs"].items():
-        a.plot(range(1, len(run["loss"]) + 1), run["loss"], label=name)
+        a.plot(run.get("steps") or range(1, len(run["loss"]) + 1), run["loss"], "o-" if run.get("steps") else "-",
+               markersize=3, label=name)
     a.set_xlabel("step")
     a.set_ylabel("training loss")
     a.set_title(f"{doc['preset']}, {doc['seq_length']} tokens/step, real data")
     a.legend()
     for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|"),
                        ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)"),
-                       ("rounding_noise", "|fused - fused reordered| (bf16 noise)")):
-        if doc[key]:
-            b.semilogy(range(1, len(doc[key]) + 1), [max(x, 1e-7) for x in doc[key]], label=label)
+                       ("rounding_noise", "|fused - fused reordered| (bf16 noise)"),
+                       ("fused_vs_fused_fp32", "|fused bf16 - fused fp32|")):
+        if doc[key]["diff"]:
+            b.semilogy(doc[key]["steps"], [max(x, 1e-7) for x in doc[key]["diff"]], "o-", markersize=3, label=label)
     b.set_xlabel("step")
     b.set_ylabel("absolute loss difference")
     b.set_title("fused vs unfused, against bf16 rounding")
@@ -93,7 +95,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-prefix", help="an indexed dataset prefix (default: tokenize the bundled corpus)")
     p.add_argument("--extra", default="", help="more training flags for every run")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    p.add_argument("--from-log", nargs="+", metavar="LOG", help="no training: read the runs from these logs of earlier runs")
+    p.add_argument("--log-runs", default="fused,unfused,fused-fp32", help="with --from-log: the runs' names in log order")
     args = p.parse_args(argv)
+    if args.from_log:
+        runs = from_logs(args.from_log, args.log_runs.split(","))
+        return _write(summarize(runs, argv, preset=args.preset, seq_length=args.seq_length, steps=args.steps,
+                                data="bundled corpus (examples/data/corpus.jsonl)", source="training logs"), args.out)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29533"}.items():
         os.environ.setdefault(k, v)
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
         common = ["--model-preset", args.preset, "--data-path", data, "--split", "100,0,0", *TOKENIZER,
                   "--seq-length", str(args.seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
                   "--train-iters", str(args.steps), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
-                  "--lr-warmup-iters", str(min(5, args.steps - 1)), "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "10",
+                  "--lr-warmup-iters", str(min(5, args.steps - 1)), "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "1",
                   "--eval-interval", "0", *DDP,
                   *args.extra.split()]
         runs = {}
@@ -127,22 +135,38 @@ def main(argv=None) -> int:
                           "seconds": time.perf_counter() - t0}
             print(f"[parity] {name}: first {runs[name]['loss'][0]:.5f} last {runs[name]['loss'][-1]:.5f} "
                   f"({runs[name]['seconds']:.0f} s)", flush=True)
+            _write(summarize(runs, argv, preset=args.preset, seq_length=args.seq_length, steps=args.steps), args.out,
+                   quiet=True)  # what is done so far survives a time limit
+    doc = summarize(runs, argv, preset=args.preset, seq_length=args.seq_length, steps=args.steps,
+                    data="bundled corpus (examples/data/corpus.jsonl)" if not args.data_prefix else args.data_prefix)
+    return _write(doc, args.out)
+
+
+def summarize(runs: dict, argv, **meta) -> dict:
+    """The JSON document: the runs, the per-step differences (at the steps every run has) and their maxima and means."""
+    for run in runs.values():
+        run.setdefault("steps", list(range(1, len(run["loss"]) + 1)))
+
     def diff(a, b):
+        """``{"steps", "diff"}``: |loss a - loss b| at the steps both runs have."""
         if a not in runs or b not in runs:
-            return []
-        return [abs(x - y) for x, y in zip(runs[a]["loss"], runs[b]["loss"])]
+            return {"steps": [], "diff": []}
+        la, lb = (dict(zip(runs[n]["steps"], runs[n]["loss"])) for n in (a, b))
+        steps = sorted(set(la) & set(lb))
+        return {"steps": steps, "diff": [abs(la[t] - lb[t]) for t in steps]}
 
     fu, uf, ff = diff("fused", "unfused"), diff("unfused", "unfused-fp32"), diff("fused-fp32", "unfused-fp32")
     noise = diff("fused", "fused-reordered")
+    f32 = diff("fused", "fused-fp32")  # what bf16 rounding does, the fused path
     doc = {
         "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "preset": args.preset, "seq_length": args.seq_length, "steps": args.steps,
-        "data": "bundled corpus (examples/data/corpus.jsonl)" if not args.data_prefix else args.data_prefix,
+        **meta,
         "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf, "fp32_fused_vs_unfused": ff,
-        "rounding_noise": noise,
-        **{f"{stat}_{key}": fn(vals) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
-                                                     ("fp32_fused_vs_unfused", ff), ("rounding_noise", noise))
-           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals},
+        "rounding_noise": noise, "fused_vs_fused_fp32": f32,
+        **{f"{stat}_{key}": fn(vals["diff"]) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
+                                                     ("fp32_fused_vs_unfused", ff), ("rounding_noise", noise),
+                                                     ("fused_vs_fused_fp32", f32))
+           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals["diff"]},
     }
     try:
         import torch
@@ -151,13 +175,40 @@ def main(argv=None) -> int:
         doc["torch"] = torch.__version__
     except Exception:  # noqa: BLE001 - informative only
         pass
-    path = os.path.join(args.out, "loss_parity.json")
+    return doc
+
+
+def from_logs(paths, names) -> dict:
+    """Runs from training logs (``iteration N/M | ... | lm loss: X |`` lines, every ``--log-interval``):
+    each ``training: N iterations`` line starts the next run of ``names``; a cut-short run keeps what it logged."""
+    import re
+
+    runs, current = {}, None
+    order = iter(names)
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if "megatron_lasp.training.loop: training:" in line:
+                    current = next(order)
+                    runs[current] = {"steps": [], "loss": [], "grad_norm": [], "log": os.path.basename(path)}
+                m = re.search(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.Ee+-]+) .*?grad norm: ([0-9.]+)", line)
+                if m and current is not None:
+                    runs[current]["steps"].append(int(m.group(1)))
+                    runs[current]["loss"].append(float(m.group(2)))
+                    runs[current]["grad_norm"].append(float(m.group(3)))
+    return runs
+
+
+def _write(doc: dict, out: str, quiet: bool = False) -> int:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "loss_parity.json")
     with open(path + ".tmp", "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(path + ".tmp", path)
-    _plot(doc, os.path.join(args.out, "loss_parity.png"))
-    for key in ("fused_vs_unfused", "rounding_noise", "unfused_vs_fp32", "fp32_fused_vs_unfused"):
-        if doc[key]:
+    _plot(doc, os.path.join(out, "loss_parity.png"))
+    for key in () if quiet else ("fused_vs_unfused", "rounding_noise", "unfused_vs_fp32", "fp32_fused_vs_unfused",
+                                         "fused_vs_fused_fp32"):
+        if doc[key]["diff"]:
             print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
     return 0
 
