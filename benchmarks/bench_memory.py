@@ -12,7 +12,7 @@ exceeded (a candidate is skipped when its time, extrapolated from the last one, 
 Settings (``--settings``, comma separated; each adds flags to the common ones below):
     plain        --no-fused-linear-cross-entropy (megatron-core's output layer + loss)
     fused        the fused chunked loss (default of the training script)
-    chunked      fused + --recompute-chunk-size 16384
+    chunked      fused + --recompute-chunk-size 16384 (the whole layer in chunks on one GPU)
     offload      fused + --recompute-chunk-size 16384 + --cpu-offloading
 Common flags: --model-preset PRESET --mock-data --bf16 --ddp-impl megatron
 --use-distributed-optimizer --micro-batch-size 1 --recompute-granularity full (one layer per unit);
@@ -26,7 +26,7 @@ installed.
 
 Example (TNL-1B, one H200, about 8 minutes)::
 
-    python benchmarks/bench_memory.py --preset tnl-1b --settings offload --budget-s 470 --out docs/benchmarks
+    python benchmarks/bench_memory.py --preset tnl-1b --settings chunked --budget-s 470 --out docs/benchmarks
 """
 
 from __future__ import annotations
