@@ -68,7 +68,7 @@ def common_flags(preset: str, seq: int, steps: int) -> List[str]:
 
 
 def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
-                 chunk_size: int = 16384) -> Dict[str, float]:
+                 chunk_size: int = 16384, mode: str = "lasp") -> Dict[str, float]:
     """Predicted peak bytes of one rank (bf16, megatron DDP + distributed optimizer over sp ranks,
     micro-batch 1, full recompute): a dict of components and ``total``. See docs/MEMORY.md."""
     from megatron_lasp.models.config import PRESETS
@@ -92,12 +92,13 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     mlp_saved = (3 * ffn + 2 * h) * a
     mlp_grads = 3 * ffn * a
     whole = max(attn_saved + mlp_saved + mlp_grads, attn_saved + attn_grads)  # one layer, per token
-    if chunked and sp == 1 and tp == 1:
+    if chunked and tp == 1 and (sp == 1 or mode == "lasp"):
         # the whole layer in chunks: one chunk's working set + the gradients of the layer's
         # output and input over the whole sequence
         out["layer recompute working set"] = whole * min(chunk_size, tok) + 2 * h * a * tok
     elif chunked:
-        # sequence parallel: the attention half over the slice, the MLP half in chunks
+        # TP sequence parallelism or an SP mode other than lasp: the attention half over the
+        # slice, the MLP half in chunks
         out["layer recompute working set"] = (attn_saved + attn_grads + 2 * h * a) * tok
     else:
         out["layer recompute working set"] = (whole + 2 * h * a) * tok

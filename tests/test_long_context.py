@@ -281,6 +281,54 @@ def test_offload_and_chunked_recompute_same_grads(model_results):
                 assert whole == (key == "memory tp1"), (key, name, whole)
 
 
+def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses")):
+    """SP=2: the chunked recompute (whole layer under lasp, MLP half under ulysses) against
+    megatron-core's full recompute of the same layout: (gradient error, loss error, whole layer?).
+    ``fusion``: the fused elementwise kernels (the GPU default; Triton's interpreter on CPU)."""
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    from model_utils import full_grads, sharded_loss
+
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.parallel import initialize_parallel
+
+    groups = initialize_parallel(1, 2, 1, seed=SEED)
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    ids, labels, _ = _batch(seq=40)
+    out = {}
+    for mode in modes:
+        results = {}
+        for name, extra in {"megatron recompute": full, "chunked 6": dict(recompute_chunk_size=6),
+                            "chunked 20": dict(recompute_chunk_size=20),
+                            "chunked 7 + offload": dict(recompute_chunk_size=7, offload_layer_inputs=True)}.items():
+            config = linear_lm_config("tiny", context_parallel_size=2, sequence_parallel_mode=mode,
+                                      use_cpu_initialization=True, fusion=fusion, **extra)
+            torch.manual_seed(SEED)
+            model = build_linear_lm(config, VOCAB, pg_collection=groups)
+            model.offload_min_bytes = 1024
+            model.train()
+            loss = sharded_loss(model, ids, labels, groups)
+            whole = all(layer.chunks_whole_layer() for layer in model.decoder.layers)
+            assert all(layer.self_attention.fused == fusion for layer in model.decoder.layers)
+            results[name] = (full_grads(model, groups), loss.item(), whole)
+        base_grads, base_loss, _ = results.pop("megatron recompute")
+        out[mode] = {name: (max(_max_rel(g[n], base_grads[n]) for n in base_grads), abs(l - base_loss), whole)
+                     for name, (g, l, whole) in results.items()}
+    return out
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["torch-path", "fused-interpreter"])
+def test_chunked_recompute_under_sequence_parallelism(fusion):
+    env = {"TRITON_INTERPRET": "1"} if fusion else None
+    modes = ("lasp",) if fusion else ("lasp", "ulysses")
+    for rank, result in enumerate(spawn(_sp_chunked, 2, (fusion, modes), timeout=300, env=env)):
+        for mode, variants in result.items():
+            assert len(variants) == 3
+            for name, (grad_err, loss_err, whole) in variants.items():
+                assert grad_err <= TOL and loss_err <= TOL, f"rank {rank} {mode} {name}: {grad_err:.2e} {loss_err:.2e}"
+                assert whole == (mode == "lasp"), (rank, mode, name, whole)
+
+
 # ----------------------------------------------------------------------------------------------
 # the training loop
 

@@ -113,6 +113,13 @@ class StateCarry:
     initial: Optional[torch.Tensor] = None
     want_final: bool = True
     final: Optional[torch.Tensor] = None
+    cut: bool = False
+    """The first backward pass of a sequence-parallel chunk (``memory.py``): the projection output
+    (``mixed``) and the attention output (``o``, ``[b, s, h, d]``) become leaves that collect
+    their gradients, q is kept (``q``), and no gradient reaches q, k, v."""
+    mixed: Optional[torch.Tensor] = None
+    o: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None
 
 
 class LinearSelfAttention(MegatronModule):
@@ -196,10 +203,8 @@ class LinearSelfAttention(MegatronModule):
         """Within the block, the attention runs on a piece of the sequence that continues from
         ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``memory.py``).
 
-        Only without sequence parallelism (the piece is not split over a group).
+        The caller owns the sequence-parallel exchange (no collective runs inside).
         """
-        if self.sp_group.size() != 1:
-            raise ValueError("LinearSelfAttention.carrying needs a sequence-parallel group of one rank")
         self._carry = carry
         try:
             yield carry
@@ -222,6 +227,15 @@ class LinearSelfAttention(MegatronModule):
         Inside :meth:`carrying`, the kernel starts from and returns the carried state instead.
         """
         carry = self._carry
+        if carry is not None and carry.cut:
+            with torch.no_grad():
+                o, _ = chunk_lightning_attn(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
+                    initial_state=carry.initial, backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
+                )
+            carry.q = q.detach()
+            carry.o = o.requires_grad_(True)
+            return carry.o.transpose(0, 1)
         if carry is not None:
             o, carry.final = chunk_lightning_attn(
                 q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
@@ -242,6 +256,27 @@ class LinearSelfAttention(MegatronModule):
         )
         self._sp_checked = True
         return o.transpose(0, 1)
+
+    def qkv(self, hidden_states: torch.Tensor):
+        """``(mixed, q, k, v)``: the projection of the normed input and the kernel's inputs
+        (after the feature maps), ``[s, b, h, d]``; what a chunked layer recomputes alone."""
+        mixed, _ = self.linear_qkv(hidden_states)
+        if self.fused:
+            q, k, v, _ = fused_ops.qkv_features(
+                mixed, self.local_heads, self.parts, self.head_dim,
+                self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
+            )
+            return mixed, q, k, v
+        s, b = mixed.shape[:2]
+        parts = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
+        q, k, v = parts[:, :, :, 0], parts[:, :, :, 1], parts[:, :, :, 2]
+        phi = _FEATURE_MAPS[self.config.qk_feature_map]
+        psi = _FEATURE_MAPS[self.config.v_feature_map]
+        if phi is not None:
+            q, k = phi(q), phi(k)
+        if psi is not None:
+            v = psi(v)
+        return mixed, q, k, v
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
@@ -303,6 +338,8 @@ class LinearSelfAttention(MegatronModule):
             if cu_seqlens is None:
                 raise ValueError("LinearSelfAttention: packed_seq_params needs cu_seqlens_q (the document starts)")
         mixed, _ = self.linear_qkv(hidden_states)
+        if self._carry is not None and self._carry.cut:
+            mixed = self._carry.mixed = mixed.detach().requires_grad_(True)
         if self.recompute_elementwise:
             fused_ops.discard_until_backward(hidden_states, mixed)  # the input norm's output, if tagged
         if self.fused:

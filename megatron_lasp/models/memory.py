@@ -15,22 +15,28 @@ TNL-1B's 16 x 2048), and backward needs one layer's recompute working set at a t
   offloads module inputs of a non-recomputed layer.
 - :class:`LinearTransformerLayer` (``recompute_chunk_size`` / ``--recompute-chunk-size``):
   megatron-core's ``TransformerLayer`` with its own checkpoint, which keeps only the layer input.
-  Without sequence parallelism (the GPU's tokens are one contiguous piece of the sequence) the
-  whole layer runs in chunks of that many tokens, forward and backward: the linear attention
-  carries its recurrent state ``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP
-  carries it from rank to rank. Forward keeps the state at each chunk start (``heads x d x d x 4``
-  bytes, 1 MiB a chunk for TNL-1B); backward goes through the chunks last to first, recomputes one
-  chunk from its input and its entry state and back-propagates it with the gradient of its
-  outputs and of the state it passed on (``dS``), which gives the gradient of its entry state for
-  the chunk before. Packed documents: each chunk gets its own ``cu_seqlens``, and the carried
-  state is zeroed for a row whose document starts at the chunk's first token. So a layer's
-  working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for TNL-1B)
-  exists for one chunk at a time, whatever the sequence length.
-  With sequence parallelism (or TP sequence parallelism, whose all-gather would interleave the
-  ranks' chunks) the attention half runs over the rank's whole slice and only the MLP half
-  (pre-MLP norm, GLU, projection, residual) in chunks.
-  Either way no more compute than megatron-core's full recompute. With the flag off the layer is
-  megatron-core's unchanged.
+  On one GPU (its tokens one contiguous piece of the sequence) the whole layer runs in chunks of
+  that many tokens, forward and backward: the linear attention carries its recurrent state
+  ``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP carries it from rank to rank.
+  Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB a chunk for
+  TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
+  its entry state and back-propagates it with the gradient of its outputs and of the state it
+  passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
+  documents: each chunk gets its own ``cu_seqlens``, and the carried state is zeroed for a row
+  whose document starts at the chunk's first token. So a layer's working set (projections,
+  attention, norms, MLP and their gradients, ~100 KB a token for TNL-1B) exists for one chunk at a
+  time, whatever the sequence length.
+  On a rank of a ``lasp`` group (:class:`_ChunkedLaspLayer`) the state entering the rank's slice
+  comes from the previous rank: forward first computes the slice's local state chunk by chunk
+  (k / v projections only) and passes it on, then runs the chunks from the received state;
+  backward first goes down to the attention output chunk by chunk (keeping ``dO``) and passes the
+  state gradient back, then runs the attention backward chunk by chunk: one more q / k / v
+  projection in forward and in backward (~7% of a step).
+  With TP sequence parallelism (its all-gather would interleave the ranks' chunks), another SP
+  mode, or packed documents under SP, the attention half runs over the rank's whole slice and
+  only the MLP half (pre-MLP norm, GLU, projection, residual) in chunks.
+  Apart from those projections, no more compute than megatron-core's full recompute. With the
+  flag off the layer is megatron-core's unchanged.
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ __all__ = ["LayerInputOffloader", "LinearTransformerLayer", "chunk_slices"]
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+import torch.distributed as dist
+
 from megatron_lasp.models.attention import StateCarry
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
+from megatron_lasp.parallel.comm import group_info, local_state
 
 
 def chunk_slices(n: int, chunk: int):
@@ -256,6 +266,119 @@ class _ChunkedLayer(torch.autograd.Function):
         return None, None, None, grad_x
 
 
+def _decay(slopes: torch.Tensor, length: int) -> torch.Tensor:
+    """``lam^length`` as ``[1, H, 1, 1]`` (a state carried across ``length`` tokens)."""
+    return state_decay(slopes, length).view(1, -1, 1, 1)
+
+
+class _ChunkedLaspLayer(torch.autograd.Function):
+    """The whole layer in chunks on a rank of a LASP group: this rank's slice is cut into chunks
+    as on one GPU, and the state entering the slice comes from the previous rank. The passes
+    (``docs/MEMORY.md``, "whole-layer chunks under sequence parallelism"):
+
+    forward: (1) chunk by chunk the k / v projection and the slice's local state
+    ``S_loc = sum_t lam^(C-1-t) k_t^T v_t``; (2) ``S_in`` from the previous rank, ``lam^C S_in +
+    S_loc`` to the next; (3) the chunked forward of the single-GPU case from ``S_in``.
+    backward: (1) chunk by chunk the layer's backward down to the attention output ``o`` and the
+    projection output (every parameter gradient but the projection's and the input norm's; keeps
+    ``dO``, the gate's gradient and the residual's) and the local state gradient
+    ``dS_loc = sum_t lam^(t+1) q_t^T dO_t``; (2) ``dS`` from the next rank, ``lam^C dS + dS_loc``
+    to the previous; (3) chunk by chunk, last to first, the attention backward with the carried
+    state gradient, then the projection and the input norm.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x):
+        attn = layer.self_attention
+        info = group_info(attn.sp_group)
+        slopes = attn.slopes
+        T = x.shape[0]
+        slices = chunk_slices(T, chunk)
+        out = torch.empty_like(x)
+        states = []
+        with torch.no_grad():
+            s_loc = None
+            for sl in slices:
+                _, _, k, v = attn.qkv(layer.input_layernorm(x[sl]))
+                part = local_state(k.transpose(0, 1), v.transpose(0, 1),
+                                   decay_powers(slopes, sl.stop - sl.start, reverse=True))
+                s_loc = part if s_loc is None else s_loc * _decay(slopes, sl.stop - sl.start) + part
+            s_in = _state_hop(s_loc, _decay(slopes, T), info, forward=True)
+            state = s_in
+            for i, sl in enumerate(slices):
+                states.append(state)
+                out[sl], state = layer._forward_chunk(x[sl], state, (None, None), kwargs,
+                                                      want_final=i + 1 < len(slices))
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.states, ctx.info = layer, kwargs, slices, states, info
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, attn = ctx.layer, ctx.layer.self_attention
+        slopes = attn.slopes
+        kept = [None] * len(ctx.slices)
+        ds_loc = None
+        for i in reversed(range(len(ctx.slices))):  # 1. down to o and the projection output
+            sl = ctx.slices[i]
+            piece = x[sl].detach().requires_grad_(True)
+            with torch.enable_grad(), attn.carrying(StateCarry(ctx.states[i], False, cut=True)) as carry:
+                mid, _ = layer._forward_attention(piece, **ctx.kwargs)
+                y = layer._forward_mlp(mid)
+            torch.autograd.backward(y, grad_out[sl])
+            d_o = carry.o.grad
+            a = decay_powers(slopes, sl.stop - sl.start) * state_decay(slopes, sl.start)[:, None]
+            part = local_state(carry.q.transpose(0, 1), d_o, a)
+            ds_loc = part if ds_loc is None else ds_loc + part
+            kept[i] = (d_o, carry.mixed.grad, piece.grad)
+            del y, mid, carry, piece
+        d_state = _state_hop(ds_loc, _decay(slopes, x.shape[0]), ctx.info, forward=False)
+        grad_x = torch.empty_like(x)
+        for i in reversed(range(len(ctx.slices))):  # 3. the attention, projection and input norm
+            sl = ctx.slices[i]
+            d_o, d_mixed, d_residual = kept[i]
+            kept[i] = None
+            piece = x[sl].detach().requires_grad_(True)
+            entry = ctx.states[i]
+            if entry is not None:
+                entry = entry.detach().requires_grad_(True)
+            with torch.enable_grad():
+                mixed, q, k, v = attn.qkv(layer.input_layernorm(piece))
+                o, final = chunk_lightning_attn(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes, initial_state=entry,
+                    output_final_state=d_state is not None, backend=attn.config.kernel_backend,
+                )
+            outputs, grads = [o], [d_o]
+            if d_state is not None:
+                outputs.append(final)
+                grads.append(d_state)
+            if d_mixed is not None:
+                outputs.append(mixed)
+                grads.append(d_mixed)
+            torch.autograd.backward(outputs, grads)
+            grad_x[sl] = piece.grad + d_residual
+            d_state = None if entry is None else entry.grad
+            ctx.states[i] = None
+            del outputs, grads, piece, mixed, q, k, v, o, final
+        return None, None, None, grad_x
+
+
+def _state_hop(local, across, info, forward: bool):
+    """The LASP hop of one pass: receive the state (forward: from the previous rank) or the state
+    gradient (backward: from the next), send ``local + across * received`` on; returns the received
+    one (None at the end of the chain)."""
+    src, dst = (info.prev, info.next) if forward else (info.next, info.prev)
+    received = None
+    if src is not None:
+        received = torch.empty_like(local)
+        dist.recv(received, src=src, group=info.group)
+    if dst is not None:
+        out = local if received is None else local + across * received
+        dist.send(out.contiguous(), dst=dst, group=info.group)
+    return received
+
+
 class _ChunkedMlpCheckpoint(torch.autograd.Function):
     """The attention half over the whole sequence, the MLP half in chunks (sequence parallelism)."""
 
@@ -294,11 +417,15 @@ class LinearTransformerLayer(TransformerLayer):
     """megatron-core's ``TransformerLayer``; with ``config.recompute_chunk_size > 0`` (training,
     gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
 
-    def chunks_whole_layer(self) -> bool:
+    def chunks_whole_layer(self, packed: bool = False) -> bool:
         """Whether the whole layer runs in chunks: its tokens are one contiguous piece of the
-        sequence (no sequence parallelism, no TP sequence parallelism)."""
-        tp_sp = self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
-        return self.self_attention.sp_group.size() == 1 and not tp_sp
+        sequence (no TP sequence parallelism), on one rank or a rank of a ``lasp`` group
+        without packed documents."""
+        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+            return False
+        if self.self_attention.sp_group.size() == 1:
+            return True
+        return self.config.sequence_parallel_mode == "lasp" and not packed
 
     def _forward_chunk(self, x, state, plan, kwargs, want_final):
         """``(layer output, state after the chunk or None)`` of the chunk ``x`` that starts from ``state``."""
@@ -328,6 +455,11 @@ class LinearTransformerLayer(TransformerLayer):
             x = kwargs.pop("hidden_states")
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
-        function = _ChunkedLayer if self.chunks_whole_layer() else _ChunkedMlpCheckpoint
+        if not self.chunks_whole_layer(packed=kwargs.get("packed_seq_params") is not None):
+            function = _ChunkedMlpCheckpoint
+        elif self.self_attention.sp_group.size() == 1:
+            function = _ChunkedLayer
+        else:
+            function = _ChunkedLaspLayer
         out = function.apply(self, chunk, kwargs, x)
         return out, kwargs.get("context")
