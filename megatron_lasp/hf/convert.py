@@ -1069,7 +1069,7 @@ def convert_hf_to_checkpoint(
 
     from megatron_lasp.models import LinearLMConfig, build_linear_lm
     from megatron_lasp.parallel.state import initialize_parallel
-    from megatron_lasp.training.checkpointing import save_weights_only
+    from megatron_lasp.training.checkpointing import architecture_fields, save_weights_only
 
     mg_tensors = hf_to_megatron_state_dict(hf_tensors, hf_config)
     vocab_rows = hf_config["vocab_size"]
@@ -1078,7 +1078,7 @@ def convert_hf_to_checkpoint(
     initialize_parallel(1, 1, 1, backend="gloo" if not torch.cuda.is_available() else None)
     dtypes = {t.dtype for t in mg_tensors.values()}
     params_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    fields = dict(provenance.get("model") or {})  # the original run's fields (dropout, init std ...)
+    fields = architecture_fields(provenance.get("model") or {})  # the original run's (dropout, init std ...)
     fields.update(megatron_config_kwargs(hf_config))
     config = LinearLMConfig(
         **fields, use_cpu_initialization=True, perform_initialization=False, params_dtype=params_dtype
