@@ -219,3 +219,38 @@ def test_recompute_settings_are_runtime_fields(tmp_path):
         hf = json.loads((tmp_path / f"hf{iteration}" / "config.json").read_text())
         assert hf["num_hidden_layers"] == 2 and not set(hf["megatron_lasp"]["model"]) & set(RECOMPUTE_OLD_CONFIG)
         assert (tmp_path / f"hf{iteration}" / "model.safetensors").is_file()
+
+
+def test_architecture_check_names_the_flag(tmp_path):
+    """A changed field names its flag (arguments.flag_of_field); runtime fields, even recorded, are not compared."""
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.training.checkpointing import CheckpointError, RunRecord, check_architecture, config_dict
+
+    run = RunRecord(vocab_size_tokenizer=100, padded_vocab_size=128, seq_length=64,
+                    tokenizer=TokenizerSettings("NullTokenizer", vocab_size=100))
+    config = linear_lm_config("tiny", use_cpu_initialization=True)
+
+    def check(**saved_fields):
+        saved = config_dict(config, run)
+        saved["padded_vocab_size"] = saved_fields.pop("padded_vocab_size", 128)
+        saved["model"].update(saved_fields)
+        (tmp_path / "iter_0000001").mkdir(exist_ok=True)
+        (tmp_path / "iter_0000001" / "config.json").write_text(json.dumps(saved))
+        try:
+            check_architecture(str(tmp_path), run, config, 1)
+        except CheckpointError as err:
+            return str(err)
+        return None
+
+    assert check() is None
+    assert check(**RECOMPUTE_OLD_CONFIG, recompute_granularity="selective", kernel_backend="triton",
+                 hidden_dropout=0.1) is None
+    assert check(num_layers=3).endswith("checkpoint has num_layers=3 but this run has num_layers=2; change --num-layers to match")
+    assert check(kv_channels=8).endswith("change --kv-channels to match")
+    assert check(output_gate=False).endswith("output_gate=True; change --no-output-gate to match")
+    assert check(decay_type="alibi").endswith("change --decay-type to match")
+    assert check(padded_vocab_size=256).endswith("change vocabulary size (tokenizer / --vocab-size / "
+                                                 "--make-vocab-size-divisible-by) to match")
+    assert check(add_bias_linear=True).endswith("change --add-bias-linear / --disable-bias-linear to match")
+    assert check(layernorm_epsilon=1e-6).endswith("this run builds another model than the checkpoint's")

@@ -90,6 +90,9 @@ RUNTIME_CONFIG_FIELDS = (
 the loss's chunking): not part of config.json's model, neither compared on resume nor applied when
 a checkpoint is loaded for inference or export (older checkpoints may record some: ignored)."""
 
+FINE_TUNE_FIELDS = ("init_method_std", "hidden_dropout", "attention_dropout")
+"""Recorded architecture fields that a resume may change (initialization, dropout)."""
+
 VOCABULARY_FLAGS = "vocabulary size (tokenizer / --vocab-size / --make-vocab-size-divisible-by)"
 """What sets ``padded_vocab_size`` (named when a checkpoint's differs)."""
 
@@ -460,9 +463,9 @@ def check_architecture(root: str, run: RunRecord, config, iteration: Optional[in
     """Raise :class:`CheckpointError` naming the first architecture field that differs.
 
     The sizes first (``ARCHITECTURE_FIELDS`` of the flags, then ``kv_channels``), then every other
-    field the checkpoint records, except the initialization and dropout (a fine-tune may change
-    them) and the runtime fields (:data:`RUNTIME_CONFIG_FIELDS`). Does nothing when ``root`` holds
-    no checkpoint yet (the run starts from scratch).
+    field the checkpoint records except :data:`FINE_TUNE_FIELDS` (runtime fields are never
+    compared: :data:`RUNTIME_CONFIG_FIELDS`). Does nothing when ``root`` holds no checkpoint yet
+    (the run starts from scratch).
     """
     from megatron_lasp.training.arguments import ARCHITECTURE_FIELDS
 
@@ -473,9 +476,8 @@ def check_architecture(root: str, run: RunRecord, config, iteration: Optional[in
     saved_fields = dict(architecture_fields(saved["model"]), padded_vocab_size=saved["padded_vocab_size"])
     sizes = ARCHITECTURE_FIELDS + ("kv_channels",)
     for name in sizes + tuple(n for n in saved_fields if n not in sizes):
-        if name in ("init_method_std", "hidden_dropout", "attention_dropout") or name not in saved_fields:
-            continue
-        if saved_fields[name] != current.get(name) and (name in sizes or name in current):
+        compared = name in sizes or (name in current and name not in FINE_TUNE_FIELDS)
+        if compared and name in saved_fields and saved_fields[name] != current.get(name):
             raise CheckpointError(
                 f"--load {root}: checkpoint has {name}={saved_fields[name]} but this run has "
                 f"{name}={current.get(name)}; {_field_hint(name)}"
