@@ -152,3 +152,105 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
     assert bad >= 2
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(bad - 1)
     assert not (root / f"iter_{bad:07d}").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# recompute settings say how to run, not what the model is
+
+
+RECOMPUTE_OLD_CONFIG = {  # what config.json's "model" held of them before they were runtime fields
+    "recompute_elementwise": True, "recompute_chunk_size": 0, "offload_layer_inputs": False,
+    "fused_linear_cross_entropy": True, "cross_entropy_chunk_size": 0, "fusion": None,
+}
+
+
+def _recompute_runs(rank, world_size, root):
+    from megatron_lasp.training import main
+
+    short = BASE + ["--eval-interval", "0"]
+    selective = ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "elementwise"]
+    chunked = ["--recompute-granularity", "full", "--recompute-chunk-size", "16"]
+    out = {"plain": list(main(short, destroy=False).losses)}
+    sel = f"{root}/sel"
+    out["selective"] = list(main(short + selective + ["--save", sel, "--save-interval", "2", "--exit-interval", "2"],
+                                 destroy=False).losses)
+    # iteration 2 as a checkpoint written before the fix holds it (recompute_elementwise without its granularity)
+    path = os.path.join(sel, "iter_0000002", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    assert "recompute_elementwise" not in config["model"] and "recompute_chunk_size" not in config["model"], config
+    config["model"].update(RECOMPUTE_OLD_CONFIG)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    # resumed with another recompute: the same math, so the run goes on as without recompute
+    out["chunked_resumed"] = list(main(short + chunked + ["--load", sel, "--save", sel], destroy=False).losses)
+    return out
+
+
+def _inference_and_export(rank, world_size, root):
+    from megatron_lasp.hf.convert import convert_checkpoint_to_hf
+    from megatron_lasp.training import load_model_for_inference
+
+    out = {}
+    for iteration in (2, 4):
+        model, config, saved = load_model_for_inference(f"{root}/sel", iteration, device="cpu")
+        out[iteration] = (config.recompute_granularity, config.recompute_elementwise, config.recompute_chunk_size,
+                          sorted(saved["model"]))
+        convert_checkpoint_to_hf(f"{root}/sel", f"{root}/hf{iteration}", iteration=iteration)
+    return out
+
+
+def test_recompute_settings_are_runtime_fields(tmp_path):
+    """A checkpoint trained with selective elementwise or chunked recompute resumes with another
+    recompute setting (the same losses), loads for inference and exports to HF; so does one whose
+    config.json still records those settings."""
+    (r,) = spawn(_recompute_runs, 1, (str(tmp_path),), timeout=300)
+    assert len(r["plain"]) == 4 and all(math.isfinite(x) for x in r["plain"])
+    for got, want in zip(r["selective"] + r["chunked_resumed"], r["plain"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (r, "recompute changed the losses")
+    assert len(r["selective"]) == 2 and len(r["chunked_resumed"]) == 2
+    config = json.loads((tmp_path / "sel" / "iter_0000004" / "config.json").read_text())
+    assert not set(config["model"]) & set(RECOMPUTE_OLD_CONFIG), config["model"]
+    (loaded,) = spawn(_inference_and_export, 1, (str(tmp_path),), init_process_group=False, timeout=300)
+    for iteration in (2, 4):
+        granularity, elementwise, chunk, fields = loaded[iteration]
+        assert (granularity, elementwise, chunk) == (None, False, 0), loaded
+        assert not set(fields) & set(RECOMPUTE_OLD_CONFIG), fields
+        hf = json.loads((tmp_path / f"hf{iteration}" / "config.json").read_text())
+        assert hf["num_hidden_layers"] == 2 and not set(hf["megatron_lasp"]["model"]) & set(RECOMPUTE_OLD_CONFIG)
+        assert (tmp_path / f"hf{iteration}" / "model.safetensors").is_file()
+
+
+def test_architecture_check_names_the_flag(tmp_path):
+    """A changed field names its flag (arguments.flag_of_field); runtime fields, even recorded, are not compared."""
+    from megatron_lasp.data.tokenizer import TokenizerSettings
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.training.checkpointing import CheckpointError, RunRecord, check_architecture, config_dict
+
+    run = RunRecord(vocab_size_tokenizer=100, padded_vocab_size=128, seq_length=64,
+                    tokenizer=TokenizerSettings("NullTokenizer", vocab_size=100))
+    config = linear_lm_config("tiny", use_cpu_initialization=True)
+
+    def check(**saved_fields):
+        saved = config_dict(config, run)
+        saved["padded_vocab_size"] = saved_fields.pop("padded_vocab_size", 128)
+        saved["model"].update(saved_fields)
+        (tmp_path / "iter_0000001").mkdir(exist_ok=True)
+        (tmp_path / "iter_0000001" / "config.json").write_text(json.dumps(saved))
+        try:
+            check_architecture(str(tmp_path), run, config, 1)
+        except CheckpointError as err:
+            return str(err)
+        return None
+
+    assert check() is None
+    assert check(**RECOMPUTE_OLD_CONFIG, recompute_granularity="selective", kernel_backend="triton",
+                 hidden_dropout=0.1) is None
+    assert check(num_layers=3).endswith("checkpoint has num_layers=3 but this run has num_layers=2; change --num-layers to match")
+    assert check(kv_channels=8).endswith("change --kv-channels to match")
+    assert check(output_gate=False).endswith("output_gate=True; change --no-output-gate to match")
+    assert check(decay_type="alibi").endswith("change --decay-type to match")
+    assert check(padded_vocab_size=256).endswith("change vocabulary size (tokenizer / --vocab-size / "
+                                                 "--make-vocab-size-divisible-by) to match")
+    assert check(add_bias_linear=True).endswith("change --add-bias-linear / --disable-bias-linear to match")
+    assert check(layernorm_epsilon=1e-6).endswith("this run builds another model than the checkpoint's")

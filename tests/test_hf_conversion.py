@@ -636,3 +636,24 @@ def test_cli_errors(tmp_path):
     ]:
         rc, lines = _cli("convert_hf_to_checkpoint.py", *args)
         assert rc == 1 and len(lines) == 1 and expected in lines[0], (args, lines)
+
+
+def test_cli_parses_before_importing_torch():
+    """The tools parse and check their flags with the standard library only (megatron_lasp.hf.cli):
+    a bad flag fails at once, not after torch and megatron-core are imported."""
+    code = (
+        "import importlib.util, json, os, sys\n"
+        "heavy = []\n"
+        "for script, argv in [('convert_checkpoint_to_hf.py', ['--load', 'a', '--save', 'b', '--dtype', 'float16']),\n"
+        "                     ('convert_hf_to_checkpoint.py', ['--load', 'a', '--save', 'b', '--iteration', '3'])]:\n"
+        "    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join('tools', script))\n"
+        "    tool = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(tool)\n"
+        "    args = tool.get_args(argv)\n"
+        "    heavy.append([args.load, args.save] + sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))\n"
+        "print(json.dumps(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [["a", "b"], ["a", "b"]], proc.stdout

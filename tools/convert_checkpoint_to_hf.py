@@ -28,7 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lasp.hf.convert import DTYPES, convert_checkpoint_to_hf, run_tool, tool_parser  # noqa: E402
+from megatron_lasp.hf.cli import run_tool, tool_parser  # noqa: E402
+from megatron_lasp.hf.convert import DTYPES, convert_checkpoint_to_hf  # noqa: E402
 
 PROG = "convert_checkpoint_to_hf.py"
 

@@ -26,13 +26,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lasp.hf.convert import (  # noqa: E402
-    ConversionError,
-    convert_hf_to_checkpoint,
-    read_hf_config,
-    run_tool,
-    tool_parser,
-)
+from megatron_lasp.hf.cli import run_tool, tool_parser  # noqa: E402
+from megatron_lasp.hf.convert import ConversionError, convert_hf_to_checkpoint, read_hf_config  # noqa: E402
 
 PROG = "convert_hf_to_checkpoint.py"
 

@@ -20,8 +20,9 @@ check of HF inputs. ``linear_qkv`` rows are head-major ``[head 0: q, k, v, (g) |
 (activation side); W2]`` (megatron-core's GLU ``chunk(2)``). Both splits are pure slicing, so
 conversions are exact.
 
-Only the standard library is imported at module level: the command-line tools validate their
-arguments (and fail with one-line messages) before torch or megatron-core are imported.
+Only the standard library is imported at module level: the command-line tools
+(``tools/convert_*.py``, through :mod:`megatron_lasp.hf.cli`) validate their arguments (and fail
+with one-line messages) before torch or megatron-core are imported.
 
 Safety: neither direction writes into, over or around its sources (a ``--save`` that is, contains
 or lies inside the source or the tokenizer files is refused, symlinks resolved); damaged inputs
@@ -31,7 +32,6 @@ or lies inside the source or the tokenizer files is refused, symlinks resolved);
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -63,9 +63,7 @@ __all__ = [
     "PARAMETER_MAP",
     "parse_size",
     "resolve_checkpoint",
-    "run_tool",
     "save_safetensors",
-    "tool_parser",
 ]
 
 MODEL_CODE_FILES = ("configuration_linear_lm.py", "modeling_linear_lm.py")
@@ -191,43 +189,6 @@ def atomic_directory(save_dir: str, force: bool, sources: Optional[Dict[str, Opt
     check_target(save_dir, force, sources)
     with atomic.atomic_directory(save_dir) as tmp:
         yield tmp
-
-
-def tool_parser(prog: str, doc: str, load_help: str, save_help: str) -> argparse.ArgumentParser:
-    """The command-line tools' parser: ``--load``, ``--save``, ``--force`` and the tokenizer flags
-    (none by default: each tool has its default tokenizer); each tool adds its own flags."""
-    from megatron_lasp.data.tokenizer import add_tokenizer_args
-
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help=load_help)
-    parser.add_argument("--save", required=True, help=save_help)
-    parser.add_argument("--force", action="store_true",
-                        help="replace a non-empty --save directory (never one that holds, or lies inside, the input)")
-    add_tokenizer_args(parser, default_type="")
-    return parser
-
-
-def run_tool(prog: str, args: argparse.Namespace, work) -> int:
-    """Run a command-line tool's ``work(tokenizer_settings)`` (the settings of the tokenizer flags,
-    or None): progress at INFO (megatron-core's import-time notices hidden), the line ``work``
-    returns printed on success (exit status 0), a :class:`ConversionError` as one line on stderr
-    (exit status 1)."""
-    import sys
-    import warnings
-
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron_lasp").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    settings = TokenizerSettings.from_mapping(args).as_dict() if args.tokenizer_type else None
-    try:
-        message = work(settings)
-    except ConversionError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    print(message)
-    return 0
 
 
 def parse_size(text: str) -> int:
@@ -1069,7 +1030,7 @@ def convert_hf_to_checkpoint(
 
     from megatron_lasp.models import LinearLMConfig, build_linear_lm
     from megatron_lasp.parallel.state import initialize_parallel
-    from megatron_lasp.training.checkpointing import save_weights_only
+    from megatron_lasp.training.checkpointing import architecture_fields, save_weights_only
 
     mg_tensors = hf_to_megatron_state_dict(hf_tensors, hf_config)
     vocab_rows = hf_config["vocab_size"]
@@ -1078,7 +1039,7 @@ def convert_hf_to_checkpoint(
     initialize_parallel(1, 1, 1, backend="gloo" if not torch.cuda.is_available() else None)
     dtypes = {t.dtype for t in mg_tensors.values()}
     params_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    fields = dict(provenance.get("model") or {})  # the original run's fields (dropout, init std ...)
+    fields = architecture_fields(provenance.get("model") or {})  # the original run's (dropout, init std ...)
     fields.update(megatron_config_kwargs(hf_config))
     config = LinearLMConfig(
         **fields, use_cpu_initialization=True, perform_initialization=False, params_dtype=params_dtype

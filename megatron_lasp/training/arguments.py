@@ -35,9 +35,13 @@ FIELD_FLAGS = {
     "recompute_elementwise": "--recompute-modules elementwise",
     "normalization": "--normalization",
     "preset": "--model-preset",
+    "add_bias_linear": "--add-bias-linear / --disable-bias-linear",
+    "share_embeddings_and_output_weights": "--share-embeddings-and-output-weights / "
+                                           "--untie-embeddings-and-output-weights",
 }
-"""Config fields (and library arguments) whose flag is not ``--`` + the field with dashes, or
-that have no underscore (only names with one are mapped otherwise): see :func:`flag_of_field`."""
+"""Config fields (and library arguments) whose flag is not ``--`` + the field with dashes, that
+have no underscore (only names with one are mapped otherwise), or that two flags set (one each
+way): see :func:`flag_of_field`."""
 
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size")
 """Fields that must match between a checkpoint and the run that resumes it."""

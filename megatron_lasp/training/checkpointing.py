@@ -75,17 +75,26 @@ RUNTIME_CONFIG_FIELDS = (
     "sequence_parallel_mode",
     "kernel_backend",
     "transformer_impl",
+    "fusion",
+    "recompute_granularity",
+    "recompute_method",
+    "recompute_num_layers",
+    "recompute_modules",
+    "recompute_elementwise",
+    "recompute_chunk_size",
+    "offload_layer_inputs",
+    "fused_linear_cross_entropy",
+    "cross_entropy_chunk_size",
 )
-"""LinearLMConfig fields that say how to run, not what the model is (not part of config.json's model)."""
+"""LinearLMConfig fields that say how to run, not what the model is (kernels, recompute, offloading,
+the loss's chunking): not part of config.json's model, neither compared on resume nor applied when
+a checkpoint is loaded for inference or export (older checkpoints may record some: ignored)."""
 
-ARCHITECTURE_CHECKS = (
-    ("num_layers", "--num-layers"),
-    ("hidden_size", "--hidden-size"),
-    ("num_attention_heads", "--num-attention-heads"),
-    ("ffn_hidden_size", "--ffn-hidden-size"),
-    ("kv_channels", "--kv-channels"),
-    ("padded_vocab_size", "vocabulary size (tokenizer / --vocab-size / --make-vocab-size-divisible-by)"),
-)
+FINE_TUNE_FIELDS = ("init_method_std", "hidden_dropout", "attention_dropout")
+"""Recorded architecture fields that a resume may change (initialization, dropout)."""
+
+VOCABULARY_FLAGS = "vocabulary size (tokenizer / --vocab-size / --make-vocab-size-divisible-by)"
+"""What sets ``padded_vocab_size`` (named when a checkpoint's differs)."""
 
 
 LOCK_FILENAME = ".megatron_lasp.lock"
@@ -390,7 +399,7 @@ def read_tracker(root: str) -> Optional[int]:
 
 
 def _model_fields(config) -> Dict[str, Any]:
-    """The architecture fields of a LinearLMConfig (JSON types only)."""
+    """The architecture fields of a LinearLMConfig (JSON types only): config.json's ``model``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     base = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -405,6 +414,12 @@ def _model_fields(config) -> Dict[str, Any]:
         if isinstance(value, (bool, int, float, str)) or value is None:
             out[f.name] = value
     return out
+
+
+def architecture_fields(model: Mapping[str, Any]) -> Dict[str, Any]:
+    """config.json's ``model`` section without :data:`RUNTIME_CONFIG_FIELDS` (which checkpoints
+    saved before some of them were runtime fields record): ``LinearLMConfig`` keyword arguments."""
+    return {name: value for name, value in model.items() if name not in RUNTIME_CONFIG_FIELDS}
 
 
 def config_dict(config, run: RunRecord) -> Dict[str, Any]:
@@ -447,37 +462,34 @@ def read_config(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict[s
 def check_architecture(root: str, run: RunRecord, config, iteration: Optional[int] = None) -> None:
     """Raise :class:`CheckpointError` naming the first architecture field that differs.
 
-    Does nothing when ``root`` holds no checkpoint yet (the run starts from scratch).
+    The sizes first (``ARCHITECTURE_FIELDS`` of the flags, then ``kv_channels``), then every other
+    field the checkpoint records except :data:`FINE_TUNE_FIELDS` (runtime fields are never
+    compared: :data:`RUNTIME_CONFIG_FIELDS`). Does nothing when ``root`` holds no checkpoint yet
+    (the run starts from scratch).
     """
+    from megatron_lasp.training.arguments import ARCHITECTURE_FIELDS
+
     if iteration is None and (not os.path.isdir(root) or read_tracker(root) is None):
         return
     _, saved = read_config(root, iteration)
     current = dict(_model_fields(config), padded_vocab_size=run.padded_vocab_size)
-    saved_fields = dict(saved["model"], padded_vocab_size=saved["padded_vocab_size"])
-    for name, flag in ARCHITECTURE_CHECKS:
-        if name in saved_fields and saved_fields[name] != current.get(name):
+    saved_fields = dict(architecture_fields(saved["model"]), padded_vocab_size=saved["padded_vocab_size"])
+    sizes = ARCHITECTURE_FIELDS + ("kv_channels",)
+    for name in sizes + tuple(n for n in saved_fields if n not in sizes):
+        compared = name in sizes or (name in current and name not in FINE_TUNE_FIELDS)
+        if compared and name in saved_fields and saved_fields[name] != current.get(name):
             raise CheckpointError(
                 f"--load {root}: checkpoint has {name}={saved_fields[name]} but this run has "
-                f"{name}={current.get(name)}; change {flag} to match"
-            )
-    for name, value in saved["model"].items():
-        if name in current and current[name] != value and name not in ("init_method_std", "hidden_dropout",
-                                                                          "attention_dropout"):
-            raise CheckpointError(
-                f"--load {root}: checkpoint has {name}={value} but this run has {name}={current[name]}; "
-                f"{_field_hint(name)}"
+                f"{name}={current.get(name)}; {_field_hint(name)}"
             )
 
 
 def _field_hint(name: str) -> str:
-    special = {"output_gate": "--no-output-gate", "add_bias_linear": "--add-bias-linear / --disable-bias-linear",
-               "share_embeddings_and_output_weights": "--share-embeddings-and-output-weights / "
-               "--untie-embeddings-and-output-weights"}
-    flag = special.get(name, f"--{name.replace('_', '-')}")
-    from megatron_lasp.training.arguments import build_parser
+    """What to change so that field ``name`` matches the checkpoint."""
+    from megatron_lasp.training.arguments import flag_of_field
 
-    known = {o for a in build_parser()._actions for o in a.option_strings}
-    if flag.split(" ")[0] in known:
+    flag = VOCABULARY_FLAGS if name == "padded_vocab_size" else flag_of_field(name)
+    if flag:
         return f"change {flag} to match"
     return "this run builds another model than the checkpoint's"
 
@@ -843,8 +855,9 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None, dev
 
     Returns:
         ``(model, config, saved)``: the :class:`~megatron_lasp.models.LinearLM` in eval mode, its
-        ``LinearLMConfig``, and the checkpoint's ``config.json`` dict (with ``"args"``: the
-        saved ``args.json``).
+        ``LinearLMConfig`` (the saved architecture, this package's defaults for how to run), and
+        the checkpoint's ``config.json`` dict (its ``"model"`` without :data:`RUNTIME_CONFIG_FIELDS`;
+        with ``"args"``: the saved ``args.json``).
     """
     from megatron.core import dist_checkpointing
 
@@ -858,6 +871,7 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None, dev
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise CheckpointError("load_model_for_inference runs on a single process (world size 1)")
     initialize_parallel(1, 1, 1, backend="gloo" if not torch.cuda.is_available() else None)
+    saved["model"] = architecture_fields(saved["model"])
     config = LinearLMConfig(**saved["model"], use_cpu_initialization=True, perform_initialization=False)
     model = build_linear_lm(config, saved["padded_vocab_size"])
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)

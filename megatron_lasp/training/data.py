@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
 from megatron_lasp.parallel.layout import sequence_slice_bounds
 
 if TYPE_CHECKING:
@@ -100,10 +101,9 @@ def build_tokenizer(settings: TokenizerSettings):
         detail = str(err)
     except Exception as err:  # a damaged file: the tokenizer library's own error is not a flag's name
         detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    model = settings.tokenizer_model
-    if model and os.path.isdir(model):
-        model = os.path.join(model, "tokenizer.json")
-    files = [f for f in (model, settings.vocab_file, settings.merge_file) if f]
+    files = [getattr(settings, key) for key in TOKENIZER_PATH_KEYS]
+    files = [os.path.join(f, "tokenizer.json") if key == "tokenizer_model" and os.path.isdir(f) else f
+             for key, f in zip(TOKENIZER_PATH_KEYS, files) if f]  # a HuggingFace tokenizer directory: its file
     named = ", ".join(files) or settings.tokenizer_type
     raise DataError(f"--tokenizer-type {settings.tokenizer_type}: cannot load the tokenizer from {named} ({detail[:200]}); "
                     "the file is damaged or of another kind: point the tokenizer flags to a valid one") from None
