@@ -63,8 +63,10 @@ def sharded_loss(
     labels: torch.Tensor,
     groups,
     decoder_input: Optional[torch.Tensor] = None,
+    **model_kwargs,
 ) -> torch.Tensor:
     """Forward + backward of this rank's slice; returns the global mean loss (on every rank).
+    ``model_kwargs`` go to the model (e.g. ``packed_seq_params``).
 
     ``input_ids`` / ``labels``: the FULL ``[b, T]`` batch, the same on every rank (data replicated
     over DP, so the DP mean equals the single-process loss). Each rank runs its contiguous SP
@@ -73,7 +75,7 @@ def sharded_loss(
     """
     ids = split_sequence(input_ids, groups.cp, dim=1)
     lab = split_sequence(labels, groups.cp, dim=1)
-    per_token = model(ids, labels=lab)
+    per_token = model(ids, labels=lab, **model_kwargs)
     assert per_token.shape == lab.shape, f"loss shape {tuple(per_token.shape)} != labels {tuple(lab.shape)}"
     local = per_token.float().sum() / (labels.numel() * groups.dp.size())
     local.backward()

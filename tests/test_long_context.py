@@ -282,6 +282,7 @@ def test_offload_and_chunked_recompute_same_grads(model_results):
 
 
 def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses")):
+    sp = world_size
     """SP=2: the chunked recompute (whole layer under lasp, MLP half under ulysses) against
     megatron-core's full recompute of the same layout: (gradient error, loss error, whole layer?).
     ``fusion``: the fused elementwise kernels (the GPU default; Triton's interpreter on CPU)."""
@@ -292,41 +293,64 @@ def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses")):
     from megatron_lasp.models import build_linear_lm, linear_lm_config
     from megatron_lasp.parallel import initialize_parallel
 
-    groups = initialize_parallel(1, 2, 1, seed=SEED)
+    groups = initialize_parallel(1, sp, 1, seed=SEED)
     full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     ids, labels, _ = _batch(seq=40)
+    if sp == 2:
+        # rows of 40 tokens, slices of 20: row 0 has starts inside rank 0's chunks, on a chunk
+        # boundary (12, chunks of 6) and on the slice boundary (20); row 1's state crosses rank
+        # 0's slice and restarts inside rank 1's (65 = row 1, token 25)
+        cu = torch.tensor([0, 3, 12, 20, 26, 40, 65, 80], dtype=torch.int32)
+    else:
+        # slices of 10: row 0 restarts at rank 1's first token (10) and inside it (14), and its
+        # document from 14 runs into rank 2 (start at 26); row 1's state crosses ranks 0 and 1
+        cu = torch.tensor([0, 3, 10, 14, 26, 40, 65, 72, 80], dtype=torch.int32)
+    docs = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=40, max_seqlen_kv=40)
     out = {}
-    for mode in modes:
+    for mode, packed in [(m, p) for m in modes for p in (False, True)]:
         results = {}
         for name, extra in {"megatron recompute": full, "chunked 6": dict(recompute_chunk_size=6),
                             "chunked 20": dict(recompute_chunk_size=20),
                             "chunked 7 + offload": dict(recompute_chunk_size=7, offload_layer_inputs=True)}.items():
-            config = linear_lm_config("tiny", context_parallel_size=2, sequence_parallel_mode=mode,
+            config = linear_lm_config("tiny", context_parallel_size=sp, sequence_parallel_mode=mode,
                                       use_cpu_initialization=True, fusion=fusion, **extra)
             torch.manual_seed(SEED)
             model = build_linear_lm(config, VOCAB, pg_collection=groups)
             model.offload_min_bytes = 1024
             model.train()
-            loss = sharded_loss(model, ids, labels, groups)
+            loss = sharded_loss(model, ids, labels, groups, **({"packed_seq_params": docs} if packed else {}))
             whole = all(layer.chunks_whole_layer() for layer in model.decoder.layers)
             assert all(layer.self_attention.fused == fusion for layer in model.decoder.layers)
             results[name] = (full_grads(model, groups), loss.item(), whole)
         base_grads, base_loss, _ = results.pop("megatron recompute")
-        out[mode] = {name: (max(_max_rel(g[n], base_grads[n]) for n in base_grads), abs(l - base_loss), whole)
-                     for name, (g, l, whole) in results.items()}
+        out[mode + (" documents" if packed else "")] = {
+            name: (max(_max_rel(g[n], base_grads[n]) for n in base_grads), abs(l - base_loss), whole)
+            for name, (g, l, whole) in results.items()}
+        if packed:  # a negative control: the documents change the gradients
+            w = "decoder.layers.0.self_attention.linear_qkv.weight"
+            out[mode + " documents matter"] = _max_rel(base_grads[w], plain_grads[w])
+        else:
+            plain_grads = base_grads
     return out
 
 
-@pytest.mark.parametrize("fusion", [False, True], ids=["torch-path", "fused-interpreter"])
-def test_chunked_recompute_under_sequence_parallelism(fusion):
+@pytest.mark.parametrize("fusion, sp", [(False, 2), (True, 2), (False, 4)],
+                         ids=["torch-path-sp2", "fused-interpreter-sp2", "torch-path-sp4"])
+def test_chunked_recompute_under_sequence_parallelism(fusion, sp):
     env = {"TRITON_INTERPRET": "1"} if fusion else None
-    modes = ("lasp",) if fusion else ("lasp", "ulysses")
-    for rank, result in enumerate(spawn(_sp_chunked, 2, (fusion, modes), timeout=300, env=env)):
+    modes = ("lasp", "ulysses") if (sp, fusion) == (2, False) else ("lasp",)
+    for rank, result in enumerate(spawn(_sp_chunked, sp, (fusion, modes), timeout=300, env=env)):
+        assert len(result) == 3 * len(modes), sorted(result)
         for mode, variants in result.items():
+            if mode.endswith("matter"):
+                assert variants > 1e-3, (rank, mode, variants)
+                continue
             assert len(variants) == 3
             for name, (grad_err, loss_err, whole) in variants.items():
                 assert grad_err <= TOL and loss_err <= TOL, f"rank {rank} {mode} {name}: {grad_err:.2e} {loss_err:.2e}"
-                assert whole == (mode == "lasp"), (rank, mode, name, whole)
+                assert whole == mode.startswith("lasp"), (rank, mode, name, whole)
 
 
 # ----------------------------------------------------------------------------------------------

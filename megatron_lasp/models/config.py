@@ -158,8 +158,8 @@ class LinearLMConfig(TransformerConfig):
     """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
     kept, and each layer runs (forward, recompute and backward) in chunks of this many tokens,
     the attention's state carried from chunk to chunk, also across the ranks of a lasp group
-    (memory.py); with TP sequence parallelism, other SP modes or packed documents under SP only
-    the MLP half is chunked (--recompute-chunk-size). Needs recompute_granularity None (it
+    (memory.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
+    (--recompute-chunk-size). Needs recompute_granularity None (it
     replaces it)."""
 
     def __post_init__(self) -> None:

@@ -31,10 +31,12 @@ TNL-1B's 16 x 2048), and backward needs one layer's recompute working set at a t
   (k / v projections only) and passes it on, then runs the chunks from the received state;
   backward first goes down to the attention output chunk by chunk (keeping ``dO``) and passes the
   state gradient back, then runs the attention backward chunk by chunk: one more q / k / v
-  projection in forward and in backward (~7% of a step).
-  With TP sequence parallelism (its all-gather would interleave the ranks' chunks), another SP
-  mode, or packed documents under SP, the attention half runs over the rank's whole slice and
-  only the MLP half (pre-MLP norm, GLU, projection, residual) in chunks.
+  projection in forward and in backward (~7% of a step). Packed documents: the chunks' document
+  plans as on one GPU, the slice's state passed on only for rows without a document start in the
+  slice, and the state gradient taken only from the tokens before a row's first start.
+  With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
+  mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
+  GLU, projection, residual) in chunks.
   Apart from those projections, no more compute than megatron-core's full recompute. With the
   flag off the layer is megatron-core's unchanged.
 """
@@ -274,17 +276,20 @@ def _decay(slopes: torch.Tensor, length: int) -> torch.Tensor:
 class _ChunkedLaspLayer(torch.autograd.Function):
     """The whole layer in chunks on a rank of a LASP group: this rank's slice is cut into chunks
     as on one GPU, and the state entering the slice comes from the previous rank. The passes
-    (``docs/MEMORY.md``, "whole-layer chunks under sequence parallelism"):
+    (``docs/MEMORY.md``, "P GPUs with LASP"):
 
-    forward: (1) chunk by chunk the k / v projection and the slice's local state
-    ``S_loc = sum_t lam^(C-1-t) k_t^T v_t``; (2) ``S_in`` from the previous rank, ``lam^C S_in +
-    S_loc`` to the next; (3) the chunked forward of the single-GPU case from ``S_in``.
+    forward: (1) chunk by chunk the k / v projection and the slice's local state ``S_loc`` (the
+    state its own tokens leave, ``sum_t lam^(C-1-t) k_t^T v_t``, from its last document start on);
+    (2) ``S_in`` from the previous rank, ``D S_in + S_loc`` to the next (``D = lam^C``, 0 for a
+    row with a document start in the slice); (3) the chunked forward of the single-GPU case from
+    ``S_in``.
     backward: (1) chunk by chunk the layer's backward down to the attention output ``o`` and the
     projection output (every parameter gradient but the projection's and the input norm's; keeps
     ``dO``, the gate's gradient and the residual's) and the local state gradient
-    ``dS_loc = sum_t lam^(t+1) q_t^T dO_t``; (2) ``dS`` from the next rank, ``lam^C dS + dS_loc``
-    to the previous; (3) chunk by chunk, last to first, the attention backward with the carried
-    state gradient, then the projection and the input norm.
+    ``dS_loc = sum_t lam^(t+1) q_t^T dO_t`` (tokens before the slice's first document start);
+    (2) ``dS`` from the next rank, ``D dS + dS_loc`` to the previous; (3) chunk by chunk, last to
+    first, the attention backward with the carried state gradient, then the projection and the
+    input norm.
     """
 
     @staticmethod
@@ -292,24 +297,36 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         attn = layer.self_attention
         info = group_info(attn.sp_group)
         slopes = attn.slopes
-        T = x.shape[0]
-        slices = chunk_slices(T, chunk)
+        C, B = x.shape[:2]
+        slices = chunk_slices(C, chunk)
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        start = info.rank * C  # the slice's first position in the rows of the whole sequence
+        plans = [_chunk_documents(cu, B, C * info.size, slice(start + sl.start, start + sl.stop)) for sl in slices]
+        across, first = _slice_documents(cu, B, C, info, slopes)
         out = torch.empty_like(x)
         states = []
         with torch.no_grad():
             s_loc = None
-            for sl in slices:
-                _, _, k, v = attn.qkv(layer.input_layernorm(x[sl]))
-                part = local_state(k.transpose(0, 1), v.transpose(0, 1),
-                                   decay_powers(slopes, sl.stop - sl.start, reverse=True))
-                s_loc = part if s_loc is None else s_loc * _decay(slopes, sl.stop - sl.start) + part
-            s_in = _state_hop(s_loc, _decay(slopes, T), info, forward=True)
+            for sl, (cu_c, keep) in zip(slices, plans):
+                _, q, k, v = attn.qkv(layer.input_layernorm(x[sl]))
+                if cu_c is None:
+                    part = local_state(k.transpose(0, 1), v.transpose(0, 1),
+                                       decay_powers(slopes, sl.stop - sl.start, reverse=True))
+                    s_loc = part if s_loc is None else s_loc * _decay(slopes, sl.stop - sl.start) + part
+                else:  # the kernel restarts the state at the chunk's documents
+                    _, s_loc = chunk_lightning_attn(
+                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                        initial_state=_entry(s_loc, (cu_c, keep)), output_final_state=True,
+                        backend=attn.config.kernel_backend, cu_seqlens=cu_c,
+                    )
+            s_in = _state_hop(s_loc, across, info, forward=True)
             state = s_in
-            for i, sl in enumerate(slices):
+            for i, (sl, plan) in enumerate(zip(slices, plans)):
                 states.append(state)
-                out[sl], state = layer._forward_chunk(x[sl], state, (None, None), kwargs,
-                                                      want_final=i + 1 < len(slices))
-        ctx.layer, ctx.kwargs, ctx.slices, ctx.states, ctx.info = layer, kwargs, slices, states, info
+                out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.info = layer, kwargs, slices, plans, states, info
+        ctx.across, ctx.first = across, first
         ctx.save_for_backward(x)
         return out
 
@@ -321,22 +338,26 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         kept = [None] * len(ctx.slices)
         ds_loc = None
         for i in reversed(range(len(ctx.slices))):  # 1. down to o and the projection output
-            sl = ctx.slices[i]
+            sl, plan = ctx.slices[i], ctx.plans[i]
             piece = x[sl].detach().requires_grad_(True)
-            with torch.enable_grad(), attn.carrying(StateCarry(ctx.states[i], False, cut=True)) as carry:
-                mid, _ = layer._forward_attention(piece, **ctx.kwargs)
+            entry = _entry(ctx.states[i], plan)
+            with torch.enable_grad(), attn.carrying(StateCarry(entry, False, cut=True)) as carry:
+                mid, _ = layer._forward_attention(piece, **layer._chunk_kwargs(ctx.kwargs, plan))
                 y = layer._forward_mlp(mid)
             torch.autograd.backward(y, grad_out[sl])
             d_o = carry.o.grad
-            a = decay_powers(slopes, sl.stop - sl.start) * state_decay(slopes, sl.start)[:, None]
+            a = decay_powers(slopes, sl.stop - sl.start) * state_decay(slopes, sl.start)[:, None]  # [H, L]
+            if ctx.first is not None:  # only the tokens before the row's first document start
+                pos = torch.arange(sl.start, sl.stop, device=a.device)
+                a = a[None] * (pos[None, :] < ctx.first[:, None].to(a.device))[:, None, :]  # [B, H, L]
             part = local_state(carry.q.transpose(0, 1), d_o, a)
             ds_loc = part if ds_loc is None else ds_loc + part
             kept[i] = (d_o, carry.mixed.grad, piece.grad)
             del y, mid, carry, piece
-        d_state = _state_hop(ds_loc, _decay(slopes, x.shape[0]), ctx.info, forward=False)
+        d_state = _state_hop(ds_loc, ctx.across, ctx.info, forward=False)
         grad_x = torch.empty_like(x)
         for i in reversed(range(len(ctx.slices))):  # 3. the attention, projection and input norm
-            sl = ctx.slices[i]
+            sl, (cu_c, keep) = ctx.slices[i], ctx.plans[i]
             d_o, d_mixed, d_residual = kept[i]
             kept[i] = None
             piece = x[sl].detach().requires_grad_(True)
@@ -346,8 +367,9 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             with torch.enable_grad():
                 mixed, q, k, v = attn.qkv(layer.input_layernorm(piece))
                 o, final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes, initial_state=entry,
-                    output_final_state=d_state is not None, backend=attn.config.kernel_backend,
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                    initial_state=_entry(entry, (cu_c, keep)), output_final_state=d_state is not None,
+                    backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                 )
             outputs, grads = [o], [d_o]
             if d_state is not None:
@@ -362,6 +384,33 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             ctx.states[i] = None
             del outputs, grads, piece, mixed, q, k, v, o, final
         return None, None, None, grad_x
+
+
+def _entry(state, plan):
+    """The state a chunk starts from: the carried one, zeroed for rows whose document starts at the chunk."""
+    keep = plan[1]
+    if state is None or keep is None:
+        return state
+    return state * keep.to(state.device)
+
+
+def _slice_documents(cu_seqlens, B: int, C: int, info, slopes):
+    """``(D [B|1, H, 1, 1], first [B] or None)`` of this rank's slice of ``C`` tokens per row: the
+    factor carrying a state across it (``lam^C``, 0 for a row with a document start in the slice)
+    and, with documents, each row's first document start in slice positions (``C``: none)."""
+    across = _decay(slopes, C)
+    if cu_seqlens is None:
+        return across, None
+    T = C * info.size
+    lo = info.rank * C
+    first = [C] * B
+    for start in cu_seqlens.detach().cpu().tolist():
+        b, t = divmod(start, T)
+        if b < B and lo <= t < lo + C and t > 0:
+            first[b] = min(first[b], t - lo)
+    first_t = torch.tensor(first, dtype=torch.int64)
+    crossed = (first_t == C).to(torch.float32).to(across.device).view(B, 1, 1, 1)
+    return across * crossed, first_t
 
 
 def _state_hop(local, across, info, forward: bool):
@@ -417,26 +466,29 @@ class LinearTransformerLayer(TransformerLayer):
     """megatron-core's ``TransformerLayer``; with ``config.recompute_chunk_size > 0`` (training,
     gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
 
-    def chunks_whole_layer(self, packed: bool = False) -> bool:
+    def chunks_whole_layer(self) -> bool:
         """Whether the whole layer runs in chunks: its tokens are one contiguous piece of the
-        sequence (no TP sequence parallelism), on one rank or a rank of a ``lasp`` group
-        without packed documents."""
+        sequence (no TP sequence parallelism), on one rank or a rank of a ``lasp`` group."""
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             return False
-        if self.self_attention.sp_group.size() == 1:
-            return True
-        return self.config.sequence_parallel_mode == "lasp" and not packed
+        return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
+
+    @staticmethod
+    def _chunk_kwargs(kwargs, plan):
+        """The layer's arguments for one chunk: its own ``cu_seqlens`` with packed documents."""
+        cu = plan[0]
+        if cu is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        psp = copy.copy(kwargs["packed_seq_params"])
+        psp.cu_seqlens_q = psp.cu_seqlens_kv = cu
+        kwargs["packed_seq_params"] = psp
+        return kwargs
 
     def _forward_chunk(self, x, state, plan, kwargs, want_final):
         """``(layer output, state after the chunk or None)`` of the chunk ``x`` that starts from ``state``."""
-        cu, keep = plan
-        if cu is not None:
-            kwargs = dict(kwargs)
-            psp = copy.copy(kwargs["packed_seq_params"])
-            psp.cu_seqlens_q = psp.cu_seqlens_kv = cu
-            kwargs["packed_seq_params"] = psp
-        if state is not None and keep is not None:
-            state = state * keep.to(state.device)
+        kwargs = self._chunk_kwargs(kwargs, plan)
+        state = _entry(state, plan)
         with self.self_attention.carrying(StateCarry(state, want_final)) as carry:
             mid, _ = self._forward_attention(x, **kwargs)
             y = self._forward_mlp(mid)
@@ -455,7 +507,7 @@ class LinearTransformerLayer(TransformerLayer):
             x = kwargs.pop("hidden_states")
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
-        if not self.chunks_whole_layer(packed=kwargs.get("packed_seq_params") is not None):
+        if not self.chunks_whole_layer():
             function = _ChunkedMlpCheckpoint
         elif self.self_attention.sp_group.size() == 1:
             function = _ChunkedLayer

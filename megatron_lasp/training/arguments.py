@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --recompute-granularity full: recompute each layer with this project's "
                    "checkpoint, running the whole layer in chunks of this many tokens in forward and "
                    "backward, the attention state carried from chunk to chunk (a layer's activations "
-                   "exist for one chunk; also across --sequence-parallel-mode lasp ranks; with TP "
-                   "sequence parallelism, other modes or packed documents under SP only the MLP half "
-                   "is chunked); 0: megatron-core's recompute")
+                   "exist for one chunk; also across --sequence-parallel-mode lasp ranks, with or "
+                   "without packed documents; with TP sequence parallelism or the other modes only the "
+                   "MLP half is chunked); 0: megatron-core's recompute")
 
     g = p.add_argument_group("fusion and selective recompute")
     g.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
