@@ -220,12 +220,36 @@ def _chunk_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, sl: sli
     return cu, keep_t
 
 
+class _ParamGrads:
+    """Gradients of a layer's parameters summed over the chunks of one backward, handed to
+    autograd once (as the chunked Function's gradients of its parameter inputs): a data-parallel
+    wrapper's hooks (torch DDP marks each parameter ready once; megatron-core DDP's bucketing)
+    then see one gradient per parameter and step, as with megatron-core's recompute."""
+
+    def __init__(self, params):
+        self.params = params
+        self.sums = [None] * len(params)
+
+    def grad(self, outputs, grads, inputs):
+        """The gradients of ``inputs`` (None where unused); the parameters' are added to the sums."""
+        inputs = list(inputs)
+        got = torch.autograd.grad(outputs, inputs + self.params, grads, allow_unused=True)
+        for j, g in enumerate(got[len(inputs):]):
+            if g is not None:
+                self.sums[j] = g if self.sums[j] is None else self.sums[j].add_(g)
+        return got[: len(inputs)]
+
+
+def _params(layer) -> List[torch.nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
 class _ChunkedLayer(torch.autograd.Function):
     """The whole layer run chunk by chunk along the sequence, the attention's recurrent state
     carried from chunk to chunk; see :class:`LinearTransformerLayer`."""
 
     @staticmethod
-    def forward(ctx, layer, chunk, kwargs, x):
+    def forward(ctx, layer, chunk, kwargs, x, *params):
         T, B = x.shape[:2]
         psp = kwargs.get("packed_seq_params")
         cu = None if psp is None else psp.cu_seqlens_q
@@ -246,6 +270,7 @@ class _ChunkedLayer(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
+        sums = _ParamGrads(_params(ctx.layer))
         d_state = None
         for i in reversed(range(len(ctx.slices))):
             sl = ctx.slices[i]
@@ -260,12 +285,12 @@ class _ChunkedLayer(torch.autograd.Function):
             if d_state is not None:
                 outputs.append(final)
                 grads.append(d_state)
-            torch.autograd.backward(outputs, grads)
-            grad_x[sl] = piece.grad
-            d_state = None if state is None else state.grad
+            got = sums.grad(outputs, grads, [piece] + ([state] if state is not None else []))
+            grad_x[sl] = got[0]
+            d_state = got[1] if state is not None else None
             ctx.states[i] = None
-            del y, final, piece, outputs
-        return None, None, None, grad_x
+            del y, final, piece, outputs, got
+        return (None, None, None, grad_x, *sums.sums)
 
 
 def _decay(slopes: torch.Tensor, length: int) -> torch.Tensor:
@@ -293,7 +318,7 @@ class _ChunkedLaspLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layer, chunk, kwargs, x):
+    def forward(ctx, layer, chunk, kwargs, x, *params):
         attn = layer.self_attention
         info = group_info(attn.sp_group)
         slopes = attn.slopes
@@ -336,6 +361,7 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         layer, attn = ctx.layer, ctx.layer.self_attention
         slopes = attn.slopes
         kept = [None] * len(ctx.slices)
+        sums = _ParamGrads(_params(layer))
         ds_loc = None
         for i in reversed(range(len(ctx.slices))):  # 1. down to o and the projection output
             sl, plan = ctx.slices[i], ctx.plans[i]
@@ -344,15 +370,15 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             with torch.enable_grad(), attn.carrying(StateCarry(entry, False, cut=True)) as carry:
                 mid, _ = layer._forward_attention(piece, **layer._chunk_kwargs(ctx.kwargs, plan))
                 y = layer._forward_mlp(mid)
-            torch.autograd.backward(y, grad_out[sl])
-            d_o = carry.o.grad
+            # the residual's gradient, dO, and the gate's share of the projection's (None without a gate)
+            d_residual, d_o, d_mixed = sums.grad([y], [grad_out[sl]], [piece, carry.o, carry.mixed])
             a = decay_powers(slopes, sl.stop - sl.start) * state_decay(slopes, sl.start)[:, None]  # [H, L]
             if ctx.first is not None:  # only the tokens before the row's first document start
                 pos = torch.arange(sl.start, sl.stop, device=a.device)
                 a = a[None] * (pos[None, :] < ctx.first[:, None].to(a.device))[:, None, :]  # [B, H, L]
             part = local_state(carry.q.transpose(0, 1), d_o, a)
             ds_loc = part if ds_loc is None else ds_loc + part
-            kept[i] = (d_o, carry.mixed.grad, piece.grad)
+            kept[i] = (d_o, d_mixed, d_residual)
             del y, mid, carry, piece
         d_state = _state_hop(ds_loc, ctx.across, ctx.info, forward=False)
         grad_x = torch.empty_like(x)
@@ -378,12 +404,12 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             if d_mixed is not None:
                 outputs.append(mixed)
                 grads.append(d_mixed)
-            torch.autograd.backward(outputs, grads)
-            grad_x[sl] = piece.grad + d_residual
-            d_state = None if entry is None else entry.grad
+            got = sums.grad(outputs, grads, [piece] + ([entry] if entry is not None else []))
+            grad_x[sl] = got[0] + d_residual
+            d_state = got[1] if entry is not None else None
             ctx.states[i] = None
-            del outputs, grads, piece, mixed, q, k, v, o, final
-        return None, None, None, grad_x
+            del outputs, grads, piece, mixed, q, k, v, o, final, got
+        return (None, None, None, grad_x, *sums.sums)
 
 
 def _entry(state, plan):
@@ -432,7 +458,7 @@ class _ChunkedMlpCheckpoint(torch.autograd.Function):
     """The attention half over the whole sequence, the MLP half in chunks (sequence parallelism)."""
 
     @staticmethod
-    def forward(ctx, layer, chunk, kwargs, x):
+    def forward(ctx, layer, chunk, kwargs, x, *params):
         with torch.no_grad():
             mid, _ = layer._forward_attention(x, **kwargs)
             out = torch.empty_like(mid)
@@ -446,6 +472,7 @@ class _ChunkedMlpCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         layer, chunk = ctx.layer, ctx.chunk
+        sums = _ParamGrads(_params(layer))
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             mid, _ = layer._forward_attention(x, **ctx.kwargs)
@@ -455,11 +482,10 @@ class _ChunkedMlpCheckpoint(torch.autograd.Function):
             piece = mid_d[sl].detach().requires_grad_(True)
             with torch.enable_grad():
                 y = layer._forward_mlp(piece)
-            torch.autograd.backward(y, grad_out[sl])
-            grad_mid[sl] = piece.grad
+            (grad_mid[sl],) = sums.grad([y], [grad_out[sl]], [piece])
             del y, piece
-        torch.autograd.backward(mid, grad_mid)
-        return None, None, None, x.grad
+        (grad_x,) = sums.grad([mid], [grad_mid], [x])
+        return (None, None, None, grad_x, *sums.sums)
 
 
 class LinearTransformerLayer(TransformerLayer):
@@ -513,5 +539,5 @@ class LinearTransformerLayer(TransformerLayer):
             function = _ChunkedLayer
         else:
             function = _ChunkedLaspLayer
-        out = function.apply(self, chunk, kwargs, x)
+        out = function.apply(self, chunk, kwargs, x, *_params(self))
         return out, kwargs.get("context")
