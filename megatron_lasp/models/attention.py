@@ -227,21 +227,16 @@ class LinearSelfAttention(MegatronModule):
         Inside :meth:`carrying`, the kernel starts from and returns the carried state instead.
         """
         carry = self._carry
-        if carry is not None and carry.cut:
-            with torch.no_grad():
-                o, _ = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
-                    initial_state=carry.initial, backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
-                )
-            carry.q = q.detach()
-            carry.o = o.requires_grad_(True)
-            return carry.o.transpose(0, 1)
         if carry is not None:
-            o, carry.final = chunk_lightning_attn(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
-                initial_state=carry.initial, output_final_state=carry.want_final,
-                backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
-            )
+            with torch.no_grad() if carry.cut else contextlib.nullcontext():
+                o, carry.final = chunk_lightning_attn(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
+                    initial_state=carry.initial, output_final_state=carry.want_final,
+                    backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
+                )
+            if carry.cut:
+                carry.q = q.detach()
+                o = carry.o = o.requires_grad_(True)
             return o.transpose(0, 1)
         o = lightning_attn_sp(
             q.transpose(0, 1),
@@ -262,38 +257,39 @@ class LinearSelfAttention(MegatronModule):
         (after the feature maps), ``[s, b, h, d]``; what a chunked layer recomputes alone."""
         mixed, _ = self.linear_qkv(hidden_states)
         if self.fused:
-            q, k, v, _ = fused_ops.qkv_features(
-                mixed, self.local_heads, self.parts, self.head_dim,
-                self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
-            )
-            return mixed, q, k, v
+            return (mixed, *self._fused_features(mixed)[:3])
+        parts = self._split(mixed)
+        return (mixed, *self._feature_maps(parts[:, :, :, 0], parts[:, :, :, 1], parts[:, :, :, 2]))
+
+    def _split(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The projection output ``[s, b, h * P * d]`` as ``[s, b, h, P, d]`` (q, k, v, gate)."""
         s, b = mixed.shape[:2]
-        parts = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
-        q, k, v = parts[:, :, :, 0], parts[:, :, :, 1], parts[:, :, :, 2]
+        return mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
+
+    def _feature_maps(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """``phi(q), phi(k), psi(v)`` (plain PyTorch path)."""
         phi = _FEATURE_MAPS[self.config.qk_feature_map]
         psi = _FEATURE_MAPS[self.config.v_feature_map]
         if phi is not None:
             q, k = phi(q), phi(k)
         if psi is not None:
             v = psi(v)
-        return mixed, q, k, v
+        return q, k, v
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
-        phi = _FEATURE_MAPS[self.config.qk_feature_map]
-        psi = _FEATURE_MAPS[self.config.v_feature_map]
-        if phi is not None:
-            q, k = phi(q), phi(k)
-        if psi is not None:
-            v = psi(v)
-        return self._attention(q, k, v, cu_seqlens)
-
-    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
-        """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
-        q, k, v, sg = fused_ops.qkv_features(
+    def _fused_features(self, mixed: torch.Tensor):
+        """One kernel: ``mixed`` -> ``(phi(q), phi(k), psi(v), sigmoid(gate) or None)``."""
+        return fused_ops.qkv_features(
             mixed, self.local_heads, self.parts, self.head_dim,
             self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
         )
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
+        return self._attention(*self._feature_maps(q, k, v), cu_seqlens)
+
+    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
+        """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
+        q, k, v, sg = self._fused_features(mixed)
         o = self._attention(q, k, v, cu_seqlens)
         return (o, sg) if sg is not None else o
 
@@ -345,7 +341,7 @@ class LinearSelfAttention(MegatronModule):
         if self.fused:
             return self._forward_fused(hidden_states, mixed, cu_seqlens)
         s, b = mixed.shape[:2]
-        mixed = mixed.view(s, b, self.local_heads, self.parts, self.head_dim)
+        mixed = self._split(mixed)
         q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
         extra = () if cu_seqlens is None else (cu_seqlens,)
         if self.recompute_core:

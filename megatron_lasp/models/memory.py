@@ -244,6 +244,16 @@ def _params(layer) -> List[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
 
+def _run_chunks(layer, x, slices, plans, kwargs, state):
+    """The layer's forward chunk by chunk from ``state``: ``(output, the state at each chunk start)``."""
+    out = torch.empty_like(x)
+    states = []
+    for i, (sl, plan) in enumerate(zip(slices, plans)):
+        states.append(state)
+        out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
+    return out, states
+
+
 class _ChunkedLayer(torch.autograd.Function):
     """The whole layer run chunk by chunk along the sequence, the attention's recurrent state
     carried from chunk to chunk; see :class:`LinearTransformerLayer`."""
@@ -255,14 +265,9 @@ class _ChunkedLayer(torch.autograd.Function):
         cu = None if psp is None else psp.cu_seqlens_q
         slices = chunk_slices(T, chunk)
         plans = [_chunk_documents(cu, B, T, sl) for sl in slices]
-        out = torch.empty_like(x)
-        states = []
-        state = None
         with torch.no_grad():
-            for i, (sl, plan) in enumerate(zip(slices, plans)):
-                states.append(state)
-                out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
-        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states = layer, kwargs, slices, plans, states
+            out, states = _run_chunks(layer, x, slices, plans, kwargs, None)
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.params = layer, kwargs, slices, plans, states, params
         ctx.save_for_backward(x)  # the one tensor offloading moves
         return out
 
@@ -270,7 +275,7 @@ class _ChunkedLayer(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        sums = _ParamGrads(_params(ctx.layer))
+        sums = _ParamGrads(list(ctx.params))
         d_state = None
         for i in reversed(range(len(ctx.slices))):
             sl = ctx.slices[i]
@@ -329,8 +334,6 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         start = info.rank * C  # the slice's first position in the rows of the whole sequence
         plans = [_chunk_documents(cu, B, C * info.size, slice(start + sl.start, start + sl.stop)) for sl in slices]
         across, first = _slice_documents(cu, B, C, info, slopes)
-        out = torch.empty_like(x)
-        states = []
         with torch.no_grad():
             s_loc = None
             for sl, (cu_c, keep) in zip(slices, plans):
@@ -346,11 +349,9 @@ class _ChunkedLaspLayer(torch.autograd.Function):
                         backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                     )
             s_in = _state_hop(s_loc, across, info, forward=True)
-            state = s_in
-            for i, (sl, plan) in enumerate(zip(slices, plans)):
-                states.append(state)
-                out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
+            out, states = _run_chunks(layer, x, slices, plans, kwargs, s_in)
         ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.info = layer, kwargs, slices, plans, states, info
+        ctx.params = params
         ctx.across, ctx.first = across, first
         ctx.save_for_backward(x)
         return out
@@ -361,7 +362,7 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         layer, attn = ctx.layer, ctx.layer.self_attention
         slopes = attn.slopes
         kept = [None] * len(ctx.slices)
-        sums = _ParamGrads(_params(layer))
+        sums = _ParamGrads(list(ctx.params))
         ds_loc = None
         for i in reversed(range(len(ctx.slices))):  # 1. down to o and the projection output
             sl, plan = ctx.slices[i], ctx.plans[i]
@@ -464,7 +465,7 @@ class _ChunkedMlpCheckpoint(torch.autograd.Function):
             out = torch.empty_like(mid)
             for sl in chunk_slices(mid.shape[0], chunk):
                 out[sl] = layer._forward_mlp(mid[sl])
-        ctx.layer, ctx.chunk, ctx.kwargs = layer, chunk, kwargs
+        ctx.layer, ctx.chunk, ctx.kwargs, ctx.params = layer, chunk, kwargs, params
         ctx.save_for_backward(x)
         return out
 
@@ -472,7 +473,7 @@ class _ChunkedMlpCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         layer, chunk = ctx.layer, ctx.chunk
-        sums = _ParamGrads(_params(layer))
+        sums = _ParamGrads(list(ctx.params))
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             mid, _ = layer._forward_attention(x, **ctx.kwargs)
