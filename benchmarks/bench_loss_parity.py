@@ -10,6 +10,8 @@ three times through ``megatron_lasp.training.main`` (one process, one run after 
 - ``fused-reordered``: the fused path with another loss chunk size (1000 tokens): the same
   function, only the order of the sums changes, so its distance to ``fused`` is bf16 rounding
   noise as the training amplifies it;
+- ``fused-multi-tensor-adam``: the fused path with torch's multi-tensor AdamW instead of the fused
+  one: the same update rounded differently, a second measure of that noise;
 - ``fused-fp32``, ``unfused-fp32``: both paths in fp32.
 
 "Within bf16 noise" means: ``|fused - unfused|`` (bf16) is of the order of ``|unfused bf16 -
@@ -39,6 +41,7 @@ sys.path.insert(0, REPO)
 RUNS = {
     "fused": ["--bf16"],
     "fused-reordered": ["--bf16", "--cross-entropy-chunk-size", "1000"],
+    "fused-multi-tensor-adam": ["--bf16", "--no-fused-adam"],
     "unfused": ["--bf16", "--no-fusion", "--no-fused-linear-cross-entropy"],
     "fused-fp32": [],
     "unfused-fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
@@ -74,8 +77,9 @@ def _plot(doc: dict, path: str) -> None:
     for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|"),
                        ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)"),
                        ("rounding_noise", "|fused - fused reordered| (bf16 noise)"),
+                       ("adam_rounding_noise", "|fused - fused, multi-tensor Adam| (bf16 noise)"),
                        ("fused_vs_fused_fp32", "|fused bf16 - fused fp32|")):
-        if doc[key]["diff"]:
+        if doc.get(key, {}).get("diff"):
             b.semilogy(doc[key]["steps"], [max(x, 1e-7) for x in doc[key]["diff"]], "o-", markersize=3, label=label)
     b.set_xlabel("step")
     b.set_ylabel("absolute loss difference")
@@ -157,15 +161,16 @@ def summarize(runs: dict, argv, **meta) -> dict:
 
     fu, uf, ff = diff("fused", "unfused"), diff("unfused", "unfused-fp32"), diff("fused-fp32", "unfused-fp32")
     noise = diff("fused", "fused-reordered")
+    adam_noise = diff("fused", "fused-multi-tensor-adam")
     f32 = diff("fused", "fused-fp32")  # what bf16 rounding does, the fused path
     doc = {
         "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **meta,
         "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf, "fp32_fused_vs_unfused": ff,
-        "rounding_noise": noise, "fused_vs_fused_fp32": f32,
+        "rounding_noise": noise, "adam_rounding_noise": adam_noise, "fused_vs_fused_fp32": f32,
         **{f"{stat}_{key}": fn(vals["diff"]) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
                                                      ("fp32_fused_vs_unfused", ff), ("rounding_noise", noise),
-                                                     ("fused_vs_fused_fp32", f32))
+                                                     ("adam_rounding_noise", adam_noise), ("fused_vs_fused_fp32", f32))
            for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals["diff"]},
     }
     try:
@@ -206,9 +211,9 @@ def _write(doc: dict, out: str, quiet: bool = False) -> int:
         json.dump(doc, f, indent=1)
     os.replace(path + ".tmp", path)
     _plot(doc, os.path.join(out, "loss_parity.png"))
-    for key in () if quiet else ("fused_vs_unfused", "rounding_noise", "unfused_vs_fp32", "fp32_fused_vs_unfused",
-                                         "fused_vs_fused_fp32"):
-        if doc[key]["diff"]:
+    for key in () if quiet else ("fused_vs_unfused", "rounding_noise", "adam_rounding_noise", "unfused_vs_fp32",
+                                         "fp32_fused_vs_unfused", "fused_vs_fused_fp32"):
+        if doc.get(key, {}).get("diff"):
             print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
     return 0
 

@@ -319,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=131072, help="tokens per sample (micro-batch 1)")
     p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                    help="one configuration: a name and its extra training flags (repeatable)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="GPU runs: bf16 mixed precision (the default path) or fp32")
     p.add_argument("--common", default="", help="training flags added to every configuration")
     p.add_argument("--nproc", type=int, default=1, help="GPUs (processes) per configuration")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -355,7 +357,8 @@ def main(argv=None) -> int:
     base = ["--model-preset", opts.preset, "--seq-length", str(opts.seq_length), "--micro-batch-size", "1",
             "--mock-data", "--seed", "1234", "--lr", "3e-4", "--lr-warmup-iters", "1"]
     if torch.cuda.is_available():  # the GPU training setup; CPU runs (plumbing checks) train in fp32
-        base += ["--bf16", "--ddp-impl", "megatron", "--use-distributed-optimizer"]
+        base += (["--bf16"] if opts.precision == "bf16" else []) + ["--ddp-impl", "megatron",
+                                                                   "--use-distributed-optimizer"]
     base += shlex.split(opts.common)
     os.makedirs(opts.out, exist_ok=True)
     runs = []
@@ -368,7 +371,8 @@ def main(argv=None) -> int:
                 runs.append({"name": name, "flags": base + flags, "error": f"timed out after {opts.timeout} s"})
 
     data = {
-        "title": f"{opts.preset}, {opts.seq_length // 1024}K tokens/step, {opts.nproc} GPU(s)",
+        "title": f"{opts.preset}, {opts.seq_length // 1024}K tokens/step, {opts.nproc} GPU(s)"
+                 + ("" if opts.precision == "bf16" else f", {opts.precision}"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(__file__, REPO)]
                             + (sys.argv[1:] if argv is None else list(argv))),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -214,6 +214,29 @@ def _train_default(rank, world_size):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _adam_kernels(rank, world_size):
+    """The default path with the fused AdamW (the default) and with torch's multi-tensor one."""
+    from megatron_lasp.training import main
+
+    base = RESUME_BASE + ["--bf16", "--use-distributed-optimizer"]
+    out = {}
+    for name, extra in (("fused", []), ("multi_tensor", ["--no-fused-adam"])):
+        run = main(base + extra)
+        out[name] = {"loss": run.losses, "grad_norm": run.grad_norms, "optimizer": run.optimizer.description}
+    return out
+
+
+@requires_cuda
+def test_fused_adam_is_the_default_and_updates_like_multi_tensor_adam():
+    record = spawn(_adam_kernels, 1, (), timeout=600, init_process_group=False)[0]
+    _report("optimizer/fused-vs-multi-tensor-adam", record)
+    fused, multi = record["fused"], record["multi_tensor"]
+    assert "AdamW (fused)" in fused["optimizer"] and "AdamW (foreach)" in multi["optimizer"], record
+    assert fused["loss"][0] == multi["loss"][0], record  # the same model before the first update
+    for a, b in zip(fused["loss"] + fused["grad_norm"], multi["loss"] + multi["grad_norm"]):
+        assert math.isfinite(a) and abs(a - b) <= 1e-2 * abs(b), record  # the same update, up to rounding
+
+
 @requires_cuda
 def test_tnl1b_default_path_trains():
     record = spawn(_train_default, 1, (), timeout=900, init_process_group=False)[0]

@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fusion and selective recompute")
     g.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
                    help="run the plain PyTorch elementwise ops instead of the fused Triton kernels "
-                   "(norms, feature maps, norm x gate, GLU; fused by default on GPU, never on CPU)")
+                   "(norms, feature maps, norm x gate, GLU; fused by default on GPU, never on CPU), and the "
+                   "multi-tensor AdamW instead of the fused one (--no-fused-adam)")
+    g.add_argument("--no-fused-adam", dest="fused_adam", action="store_false", default=True,
+                   help="with --ddp-impl megatron: torch's multi-tensor AdamW instead of its fused CUDA "
+                   "kernel (what megatron-core runs without apex / Transformer Engine; --no-fusion "
+                   "implies it)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
                    help="with --recompute-granularity selective: core_attn (feature maps + attention "
                    "kernel, megatron-core's default), mlp (the whole MLP), elementwise (norm, gate and "

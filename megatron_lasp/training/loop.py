@@ -491,7 +491,10 @@ def _run_eval(state, logging_rank, writer, what, it) -> None:
 
 
 def _optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
-    return arguments_mod.settings_from_args(OptimizerSettings, args)
+    # --no-fusion turns every fused path off, the optimizer's too
+    return arguments_mod.settings_from_args(OptimizerSettings, args,
+                                            fused_adam=bool(getattr(args, "fused_adam", True)
+                                                            and getattr(args, "fusion", None) is not False))
 
 
 def _data_settings(args: argparse.Namespace, skip_splits=()) -> data_mod.DataSettings:
@@ -598,10 +601,10 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
             raise _fail(str(err), True) from None
     logger.info(
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
-        "TP %d SP %d (%s) PP %d, ddp %s, vocab %d (padded %d)",
+        "TP %d SP %d (%s) PP %d, ddp %s, optimizer %s, vocab %d (padded %d)",
         args.train_iters, args.global_batch_size, args.micro_batch_size, args.num_micro_batches,
         groups.dp.size(), args.seq_length, groups.tp.size(), groups.cp.size(), args.sequence_parallel_mode,
-        groups.pp.size(), args.ddp_impl, tokenizer.vocab_size, args.padded_vocab_size,
+        groups.pp.size(), args.ddp_impl, optimizer.description, tokenizer.vocab_size, args.padded_vocab_size,
     )
     return state
 

@@ -81,6 +81,9 @@ class OptimizerSettings:
     """``constant``, ``linear``, ``cosine`` or ``inverse-square-root``."""
     train_iters: int
     """Optimizer steps of the run (the weight-decay schedule's length)."""
+    fused_adam: bool = True
+    """megatron path: run torch's AdamW (megatron-core's fallback without apex / Transformer Engine)
+    as its fused CUDA kernel instead of the multi-tensor one (``--no-fused-adam``, ``--no-fusion``)."""
 
     def megatron_ddp_config(self):
         """megatron-core's ``DistributedDataParallelConfig`` for these settings."""
@@ -268,12 +271,19 @@ class MegatronOptimizer:
         self.model = model
         self.settings = settings
         self.optimizer = get_megatron_optimizer(settings.megatron_optimizer_config(model_config.params_dtype), [model])
+        if settings.fused_adam:
+            use_fused_adam(self.optimizer)
         # the schedule multiplies each micro-batch loss by the (fp16 dynamic) loss scale
         model_config.grad_scale_func = self.optimizer.scale_loss
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+    @property
+    def description(self) -> str:
+        """What runs, for the start-up log: megatron-core's wrapper and the update's kernel."""
+        return describe_optimizer(self.optimizer)
 
     def zero_grad(self) -> None:
         self.model.zero_grad_buffer()
@@ -328,10 +338,64 @@ class MegatronOptimizer:
         restore_adam_steps(self.optimizer)
 
 
+def describe_optimizer(optimizer) -> str:
+    """``"<wrapper> + <torch optimizer> (<fused | foreach | for-loop>)"`` for the start-up log."""
+    names = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", sub)
+        group = inner.param_groups[0] if inner.param_groups else {}
+        impl = "fused" if group.get("fused") else "foreach" if group.get("foreach") is not False else "for-loop"
+        name = f"{type(inner).__module__.split('.')[0]} {type(inner).__name__} ({impl})"
+        names.append(name if sub is inner else f"{type(sub).__name__} + {name}")
+    return ", ".join(dict.fromkeys(names))
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch the torch Adam / AdamW inside a megatron-core optimizer to torch's fused kernel.
+
+    Without apex or Transformer Engine, megatron-core falls back to ``torch.optim.AdamW`` in its
+    default multi-tensor form: about ten passes over the fp32 main parameters, gradients and moments
+    per step (30 ms of a TNL-1B step on an H200, against some 7 ms of memory traffic for one pass).
+    The fused form reads and writes each tensor once. Its update is the same formula, evaluated in
+    one kernel, so results differ from the multi-tensor form by rounding only; a resumed run still
+    equals the uninterrupted one (the kernel is deterministic). Adam states that a checkpoint load
+    creates get their ``step`` on the parameter's device (:func:`restore_adam_steps`), as the fused
+    kernel reads it there.
+
+    Only optimizers whose parameters are all on one accelerator (or CPU) in a float dtype are
+    switched; apex / Transformer Engine optimizers are left alone.
+
+    Args:
+        optimizer: a megatron-core optimizer (chained or not) or a torch optimizer.
+
+    Returns:
+        how many torch optimizers were switched.
+    """
+    switched = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", sub)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not params or len({p.device for p in params}) != 1:
+            continue
+        if any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in params):
+            continue
+        if any(group.get("differentiable") for group in inner.param_groups):
+            continue
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+        switched += 1
+    return switched
+
+
 def restore_adam_steps(optimizer) -> int:
     """Give every parameter state a private ``step`` tensor equal to its param group's ``step``.
 
-    Param groups without a ``step`` entry keep their per-parameter values (only unshared).
+    Param groups without a ``step`` entry keep their per-parameter values (only unshared). Under
+    the fused or capturable Adam the tensor lives on the parameter's device in fp32, where those
+    kernels read it.
 
     Args:
         optimizer: a torch optimizer, or a megatron-core optimizer (chained or not) wrapping one.
@@ -350,8 +414,11 @@ def restore_adam_steps(optimizer) -> int:
                 if not torch.is_tensor(step):
                     continue
                 want = float(group["step"]) if "step" in group else float(step)
-                if id(step) in seen or float(step) != want:
-                    st["step"] = torch.tensor(want, dtype=step.dtype, device=step.device)
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                device = p.device if on_device else step.device
+                dtype = torch.float32 if on_device else step.dtype
+                if id(step) in seen or float(step) != want or step.device != device or step.dtype != dtype:
+                    st["step"] = torch.tensor(want, dtype=dtype, device=device)
                     replaced += 1
                 seen.add(id(st["step"]))
     return replaced
@@ -403,6 +470,11 @@ class TorchOptimizer:
             weight_decay=settings.weight_decay,
             foreach=False,
         )
+
+    @property
+    def description(self) -> str:
+        """What runs, for the start-up log."""
+        return describe_optimizer(self.optimizer)
 
     @property
     def param_groups(self):
