@@ -232,9 +232,13 @@ def test_fused_adam_is_the_default_and_updates_like_multi_tensor_adam():
     _report("optimizer/fused-vs-multi-tensor-adam", record)
     fused, multi = record["fused"], record["multi_tensor"]
     assert "AdamW (fused)" in fused["optimizer"] and "AdamW (foreach)" in multi["optimizer"], record
-    assert fused["loss"][0] == multi["loss"][0], record  # the same model before the first update
+    # steps 1-2: the model before any update (the warmup's first learning rate is 0)
+    assert fused["loss"][:2] == multi["loss"][:2], record
+    # step 3, after one update: the same update up to rounding, and not the same kernel
+    assert 0 < abs(fused["loss"][2] - multi["loss"][2]) <= 1e-4 * abs(multi["loss"][2]), record
+    # later the rounding differences grow as training amplifies them, but the runs stay together
     for a, b in zip(fused["loss"] + fused["grad_norm"], multi["loss"] + multi["grad_norm"]):
-        assert math.isfinite(a) and abs(a - b) <= 1e-2 * abs(b), record  # the same update, up to rounding
+        assert math.isfinite(a) and abs(a - b) <= 5e-2 * abs(b), record
 
 
 @requires_cuda
