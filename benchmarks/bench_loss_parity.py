@@ -173,6 +173,12 @@ def summarize(runs: dict, argv, **meta) -> dict:
                                                      ("adam_rounding_noise", adam_noise), ("fused_vs_fused_fp32", f32))
            for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals["diff"]},
     }
+    # the second half of the run, past the early loss spikes that amplify every difference alike
+    for key in ("fused_vs_unfused", "unfused_vs_fp32", "fp32_fused_vs_unfused", "rounding_noise", "adam_rounding_noise",
+                "fused_vs_fused_fp32"):
+        late = [d for t, d in zip(doc[key]["steps"], doc[key]["diff"]) if t > meta.get("steps", 0) // 2]
+        if late:
+            doc[f"late_mean_{key}"] = sum(late) / len(late)
     try:
         import torch
 
@@ -214,7 +220,9 @@ def _write(doc: dict, out: str, quiet: bool = False) -> int:
     for key in () if quiet else ("fused_vs_unfused", "rounding_noise", "adam_rounding_noise", "unfused_vs_fp32",
                                          "fp32_fused_vs_unfused", "fused_vs_fused_fp32"):
         if doc.get(key, {}).get("diff"):
-            print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}")
+            late = doc.get("late_mean_" + key)
+            print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}"
+                  + (f", mean over the second half {late:.4g}" if late is not None else ""))
     return 0
 
 

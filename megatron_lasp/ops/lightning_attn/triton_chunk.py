@@ -426,10 +426,13 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry,
 
 
 def _f32_dot(x: torch.Tensor) -> str:
-    """The precision of the kernels' fp32 dots: three TF32 tensor-core products (``tf32x3``: close
-    to fp32, 1e-6 relative error against fp64 at 32K tokens) on the GPU, where the ``ieee`` form
-    runs on the CUDA cores some 70x slower (fp32 training spent two thirds of its step there);
-    ``ieee`` in the interpreter, which has no TF32."""
+    """The precision of the kernels' fp32 dots: three TF32 tensor-core products (``tf32x3``) on the
+    GPU, ``ieee`` in the interpreter (which has no TF32).
+
+    On an H200 the ``ieee`` form runs on the CUDA cores: 497 of the 749 ms of a 2-layer fp32
+    TNL-1B step at 8K tokens, against 7.7 ms with ``tf32x3``, whose error against fp64 is 5.6e-7
+    relative (outputs and gradients at 8K tokens), the order of the 8.2e-7 measured for ``ieee`` at 32K.
+    """
     return "tf32x3" if x.is_cuda else "ieee"
 
 
