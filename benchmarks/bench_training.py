@@ -90,8 +90,9 @@ def breakdown_from_trace(trace_path: str, steps: int) -> Dict[str, object]:
     """GPU ms per step by category (and the top kernels) from a torch.profiler Chrome trace.
 
     A kernel's scope comes from its launch on the host: inside a ``lasp::loss`` or
-    ``lasp::optimizer`` annotation (the forward of the loss, the optimizer step), or inside the
-    autograd node of the cross entropy (its backward).
+    ``lasp::optimizer`` annotation (the forward of the loss, the optimizer step), inside the
+    fused linear cross-entropy's forward (``_LinearCrossEntropy``), or inside the autograd node of
+    the cross entropy (its backward).
     """
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
@@ -108,7 +109,10 @@ def breakdown_from_trace(trace_path: str, steps: int) -> Dict[str, object]:
                 launches[corr] = (e.get("tid"), e["ts"])
         elif cat == "user_annotation" and e["name"] in ("lasp::loss", "lasp::optimizer"):
             scopes.append((None, e["ts"], e["ts"] + e["dur"], e["name"].split("::")[1]))
-        elif cat == "cpu_op" and "evaluate_function" in e["name"] and "CrossEntropy" in e["name"]:
+        elif cat == "cpu_op" and (("evaluate_function" in e["name"] and "CrossEntropy" in e["name"])
+                                  or e["name"] == "_LinearCrossEntropy"):
+            # the loss's backward, and the fused linear cross-entropy's forward (its autograd
+            # Function runs outside the loss annotation when the output layer calls it)
             scopes.append((e.get("tid"), e["ts"], e["ts"] + e["dur"], "loss"))
     totals = {c: 0.0 for c in CATEGORIES}
     per_kernel: Dict[str, float] = {}

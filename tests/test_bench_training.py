@@ -50,8 +50,17 @@ def test_breakdown_from_trace_scopes_kernels_by_their_launch(tmp_path):
         {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel", "ts": 300, "dur": 2000, "args": {"correlation": 2}},
         {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel", "ts": 400, "dur": 1000, "args": {"correlation": 3}},
         {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 500, "dur": 500, "args": {"correlation": 9}},
+        # the fused linear cross-entropy's forward: its elementwise kernels are loss, its matmuls matmul
+        {"ph": "X", "cat": "cpu_op", "name": "_LinearCrossEntropy", "ts": 600, "dur": 20, "tid": 3},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 605, "dur": 1, "tid": 3, "args": {"correlation": 4}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 610, "dur": 1, "tid": 3, "args": {"correlation": 5}},
+        {"ph": "X", "cat": "kernel", "name": "elementwise_kernel<128, 2, gpu_kernel_impl_nocast>", "ts": 700, "dur": 3000,
+         "args": {"correlation": 4}},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN", "ts": 800, "dur": 6000,
+         "args": {"correlation": 5}},
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": ev}))
     got = b.breakdown_from_trace(str(path), steps=2)["gpu_ms_per_step"]
-    assert got["optimizer"] == 2.0 and got["loss"] == 1.0 and got["elementwise"] == 0.5 and got["copies"] == 0.25
+    assert got["optimizer"] == 2.0 and got["loss"] == 2.5 and got["elementwise"] == 0.5 and got["copies"] == 0.25
+    assert got["matmul"] == 3.0
