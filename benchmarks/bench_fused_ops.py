@@ -29,6 +29,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+
 
 def _cases(tokens: int, hidden: int, heads: int, ffn: int, device):
     """``name -> (make_inputs, eager_fn, fused_fn)``; each fn maps the inputs to a tuple of outputs."""
@@ -176,9 +178,7 @@ def main(argv=None) -> int:
     doc = run(opts)
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, "fused_ops_bench.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(doc, indent=1))
     print(f"[fused-ops] wrote {path}; totals (ms): {doc['total_ms']}")
     try:
         plot(doc, os.path.join(opts.out, "fused_ops_bench.png"))

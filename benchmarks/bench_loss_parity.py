@@ -38,6 +38,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+
 RUNS = {
     "fused": ["--bf16"],
     "fused-reordered": ["--bf16", "--cross-entropy-chunk-size", "1000"],
@@ -45,6 +47,15 @@ RUNS = {
     "unfused": ["--bf16", "--no-fusion", "--no-fused-linear-cross-entropy"],
     "fused-fp32": [],
     "unfused-fp32": ["--no-fusion", "--no-fused-linear-cross-entropy"],
+}
+# the differences the JSON holds and the plot draws: key -> (run, run, label)
+PAIRS = {
+    "fused_vs_unfused": ("fused", "unfused", "|fused - unfused| (bf16)"),
+    "unfused_vs_fp32": ("unfused", "unfused-fp32", "|unfused bf16 - fp32|"),
+    "fp32_fused_vs_unfused": ("fused-fp32", "unfused-fp32", "|fused - unfused| (fp32)"),
+    "rounding_noise": ("fused", "fused-reordered", "|fused - fused reordered| (bf16 noise)"),
+    "adam_rounding_noise": ("fused", "fused-multi-tensor-adam", "|fused - fused, multi-tensor Adam| (bf16 noise)"),
+    "fused_vs_fused_fp32": ("fused", "fused-fp32", "|fused bf16 - fused fp32|"),  # bf16 rounding, fused path
 }
 TOKENIZER = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
              os.path.join(REPO, "examples", "data", "tokenizer")]
@@ -74,11 +85,7 @@ def _plot(doc: dict, path: str) -> None:
     a.set_ylabel("training loss")
     a.set_title(f"{doc['preset']}, {doc['seq_length']} tokens/step, real data")
     a.legend()
-    for key, label in (("fused_vs_unfused", "|fused - unfused| (bf16)"), ("unfused_vs_fp32", "|unfused bf16 - fp32|"),
-                       ("fp32_fused_vs_unfused", "|fused - unfused| (fp32)"),
-                       ("rounding_noise", "|fused - fused reordered| (bf16 noise)"),
-                       ("adam_rounding_noise", "|fused - fused, multi-tensor Adam| (bf16 noise)"),
-                       ("fused_vs_fused_fp32", "|fused bf16 - fused fp32|")):
+    for key, (_, _, label) in PAIRS.items():
         if doc.get(key, {}).get("diff"):
             b.semilogy(doc[key]["steps"], [max(x, 1e-7) for x in doc[key]["diff"]], "o-", markersize=3, label=label)
     b.set_xlabel("step")
@@ -159,24 +166,18 @@ def summarize(runs: dict, argv, **meta) -> dict:
         steps = sorted(set(la) & set(lb))
         return {"steps": steps, "diff": [abs(la[t] - lb[t]) for t in steps]}
 
-    fu, uf, ff = diff("fused", "unfused"), diff("unfused", "unfused-fp32"), diff("fused-fp32", "unfused-fp32")
-    noise = diff("fused", "fused-reordered")
-    adam_noise = diff("fused", "fused-multi-tensor-adam")
-    f32 = diff("fused", "fused-fp32")  # what bf16 rounding does, the fused path
     doc = {
         "command": "python benchmarks/bench_loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **meta,
-        "runs": runs, "fused_vs_unfused": fu, "unfused_vs_fp32": uf, "fp32_fused_vs_unfused": ff,
-        "rounding_noise": noise, "adam_rounding_noise": adam_noise, "fused_vs_fused_fp32": f32,
-        **{f"{stat}_{key}": fn(vals["diff"]) for key, vals in (("fused_vs_unfused", fu), ("unfused_vs_fp32", uf),
-                                                     ("fp32_fused_vs_unfused", ff), ("rounding_noise", noise),
-                                                     ("adam_rounding_noise", adam_noise), ("fused_vs_fused_fp32", f32))
-           for stat, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))) if vals["diff"]},
+        "runs": runs,
     }
-    # the second half of the run, past the early loss spikes that amplify every difference alike
-    for key in ("fused_vs_unfused", "unfused_vs_fp32", "fp32_fused_vs_unfused", "rounding_noise", "adam_rounding_noise",
-                "fused_vs_fused_fp32"):
-        late = [d for t, d in zip(doc[key]["steps"], doc[key]["diff"]) if t > meta.get("steps", 0) // 2]
+    for key, (a, b, _) in PAIRS.items():
+        doc[key] = d = diff(a, b)
+        if d["diff"]:
+            doc[f"max_{key}"] = max(d["diff"])
+            doc[f"mean_{key}"] = sum(d["diff"]) / len(d["diff"])
+        # the second half of the run, past the early loss spikes that amplify every difference alike
+        late = [x for t, x in zip(d["steps"], d["diff"]) if t > meta.get("steps", 0) // 2]
         if late:
             doc[f"late_mean_{key}"] = sum(late) / len(late)
     try:
@@ -213,12 +214,9 @@ def from_logs(paths, names) -> dict:
 def _write(doc: dict, out: str, quiet: bool = False) -> int:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "loss_parity.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(doc, indent=1))
     _plot(doc, os.path.join(out, "loss_parity.png"))
-    for key in () if quiet else ("fused_vs_unfused", "rounding_noise", "adam_rounding_noise", "unfused_vs_fp32",
-                                         "fp32_fused_vs_unfused", "fused_vs_fused_fp32"):
+    for key in () if quiet else PAIRS:
         if doc.get(key, {}).get("diff"):
             late = doc.get("late_mean_" + key)
             print(f"[parity] {key}: max {doc['max_' + key]:.4g}, mean {doc['mean_' + key]:.4g}"

@@ -44,6 +44,8 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+
 SETTINGS = {
     "plain": ["--no-fused-linear-cross-entropy"],
     "fused": [],
@@ -166,10 +168,7 @@ def _child(args) -> int:
                     result["host_peak_rss_gib"] = int(line.split()[1]) * 1024 / GIB
     except OSError:
         pass
-    tmp = args.result + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh)
-    os.replace(tmp, args.result)
+    write_text_atomic(args.result, json.dumps(result))
     return 0 if result["ok"] else 1
 
 
@@ -379,10 +378,7 @@ def main(argv=None) -> int:
         "candidates": records,
     }
     path = os.path.join(args.out, f"memory_{args.preset}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, indent=1))
     png = _plot(doc, os.path.join(args.out, f"memory_{args.preset}.png"))
     print(f"[bench_memory] wrote {path}" + (f" and {png}" if png else " (no matplotlib: no PNG)"))
     for s in summary:

@@ -46,6 +46,9 @@ import time
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from megatron_lasp.atomic import write_text_atomic  # noqa: E402
 
 CATEGORIES = ("matmul", "lightning_attn", "fused_triton", "other_triton", "elementwise", "copies", "loss",
               "optimizer", "communication", "other")
@@ -226,10 +229,7 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
             os.remove(trace)
     result["losses"] = losses
     if rank0:
-        tmp = result_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, result_path)
+        write_text_atomic(result_path, json.dumps(result, indent=1))
     destroy_parallel()
 
 
@@ -383,9 +383,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "categories": list(CATEGORIES) + ["idle"], "runs": runs,
     }
     path = os.path.join(opts.out, "training_bench.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(data, indent=1))
     print(f"[bench] wrote {path}")
     try:
         print(f"[bench] wrote {plot(path)}")

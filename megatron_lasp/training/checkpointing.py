@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from megatron_lasp.atomic import fresh_directory, replace_directory, write_json, write_text_atomic
 from megatron_lasp.data.tokenizer import TokenizerSettings
-from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
+from megatron_lasp.training.optim import fsdp_reshard, torch_optimizers, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -609,9 +609,8 @@ def _init_megatron_optimizer_state(optimizer) -> None:
     megatron-core's DistributedOptimizer reads ``step`` from every parameter's state while building
     its sharded state dict, which a run that has not stepped yet does not have.
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
+    for sub, inner in torch_optimizers(optimizer):
+        if inner is sub:  # not a megatron-core wrapper
             continue
         sub.init_state_fn(inner, sub.config)
         for group in inner.param_groups:

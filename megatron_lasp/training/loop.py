@@ -493,8 +493,7 @@ def _run_eval(state, logging_rank, writer, what, it) -> None:
 def _optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
     # --no-fusion turns every fused path off, the optimizer's too
     return arguments_mod.settings_from_args(OptimizerSettings, args,
-                                            fused_adam=bool(getattr(args, "fused_adam", True)
-                                                            and getattr(args, "fusion", None) is not False))
+                                            fused_adam=args.fused_adam and args.fusion is not False)
 
 
 def _data_settings(args: argparse.Namespace, skip_splits=()) -> data_mod.DataSettings:

@@ -315,9 +315,8 @@ class MegatronOptimizer:
         ``dp_reshardable`` copy runs with autograd on, which fp32 training (main params that are
         views of the leaf parameters) refuses.
         """
-        subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         originals = []
-        for sub in subs:
+        for sub, _ in torch_optimizers(self.optimizer):
             setter = getattr(sub, "_set_main_param_and_optimizer_states", None)
             if setter is None:
                 continue
@@ -338,11 +337,17 @@ class MegatronOptimizer:
         restore_adam_steps(self.optimizer)
 
 
+def torch_optimizers(optimizer):
+    """``(sub, inner)`` for each optimizer of a megatron-core optimizer (chained or not): the
+    megatron-core wrapper and the torch optimizer it drives. A torch optimizer is both."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield sub, getattr(sub, "optimizer", sub)
+
+
 def describe_optimizer(optimizer) -> str:
     """``"<wrapper> + <torch optimizer> (<fused | foreach | for-loop>)"`` for the start-up log."""
     names = []
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", sub)
+    for sub, inner in torch_optimizers(optimizer):
         group = inner.param_groups[0] if inner.param_groups else {}
         impl = "fused" if group.get("fused") else "foreach" if group.get("foreach") is not False else "for-loop"
         name = f"{type(inner).__module__.split('.')[0]} {type(inner).__name__} ({impl})"
@@ -372,8 +377,7 @@ def use_fused_adam(optimizer) -> int:
         how many torch optimizers were switched.
     """
     switched = 0
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", sub)
+    for _, inner in torch_optimizers(optimizer):
         if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
@@ -404,8 +408,7 @@ def restore_adam_steps(optimizer) -> int:
         how many per-parameter step tensors were replaced.
     """
     replaced = 0
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", sub)
+    for _, inner in torch_optimizers(optimizer):
         seen = set()
         for group in inner.param_groups:
             for p in group["params"]:
