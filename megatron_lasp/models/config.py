@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lasp.ops.lightning_attn.utils import BACKENDS, MAX_HEAD_DIM
+from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
+from megatron_lasp.parallel.softmax import SOFTMAX_SP_MODES
 from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
 __all__ = [
@@ -39,6 +41,9 @@ __all__ = [
     "TE_MISSING_MESSAGE",
     "sglu_identity",
     "check_head_split",
+    "check_softmax_head_split",
+    "LINEAR_LAYER",
+    "SOFTMAX_LAYER",
 ]
 
 DECAY_TYPES = ("tnl", "alibi", "none")
@@ -82,6 +87,40 @@ def check_head_split(
             f"sequence_parallel_mode lasp"
         )
     return local_heads
+
+
+LINEAR_LAYER, SOFTMAX_LAYER = "L", "*"
+LAYER_SYMBOLS = (LINEAR_LAYER, SOFTMAX_LAYER)
+"""The characters of ``hybrid_layer_pattern``."""
+
+
+def check_softmax_head_split(
+    num_attention_heads: int,
+    num_query_groups: Optional[int],
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    softmax_sequence_parallel_mode: str = "allgather",
+) -> None:
+    """The rule of how the softmax layers' query and key/value heads split over TP and SP.
+
+    Raises:
+        ValueError: naming the fields, when the key/value heads do not divide the query heads or
+            the tensor-parallel size, or (ulysses) the heads per tensor-parallel rank do not divide
+            the sequence-parallel size.
+    """
+    groups = num_query_groups or num_attention_heads
+    tp, sp = tensor_model_parallel_size, context_parallel_size
+    if num_attention_heads % groups != 0 or groups % tp != 0:
+        raise ValueError(
+            f"num_query_groups ({groups}) must divide num_attention_heads ({num_attention_heads}) and be "
+            f"divisible by tensor_model_parallel_size ({tp}) (the softmax layers' key/value heads)"
+        )
+    if softmax_sequence_parallel_mode == "ulysses" and (groups // tp) % sp != 0:
+        raise ValueError(
+            f"softmax_sequence_parallel_mode ulysses needs the key/value heads per tensor-parallel rank "
+            f"({groups // tp}) to be divisible by context_parallel_size ({sp}); use "
+            "softmax_sequence_parallel_mode allgather or change num_query_groups"
+        )
 
 
 def sglu_identity(x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +184,21 @@ class LinearLMConfig(TransformerConfig):
     the tensors kept anyway right before their backward; no matmul is recomputed. Needs
     recompute_granularity 'selective' (--recompute-modules elementwise)."""
 
+    # ---- hybrid models: softmax-attention layers among the linear ones (softmax_attention.py) --
+    hybrid_layer_pattern: Optional[str] = None
+    """One character per layer, each layer with its MLP: 'L' linear attention, '*' softmax
+    attention (megatron-core's hybrid symbol), e.g. 'LLL*LLL*'; None: every layer linear
+    (--hybrid-layer-pattern). The softmax layers use num_query_groups key/value heads (GQA) and
+    RoPE (rotary_base); the linear layers keep one key/value head per head."""
+    softmax_sequence_parallel_mode: str = "allgather"
+    """How the softmax layers run over the sequence-parallel group: 'allgather' (K and V gathered)
+    or 'ulysses' (all-to-all to head shards) (--softmax-sequence-parallel-mode)."""
+    softmax_kernel: str = "auto"
+    """The softmax layers' library kernel: auto, sdpa, flex, varlen or math
+    (megatron_lasp/ops/softmax_attn) (--softmax-kernel)."""
+    rotary_base: float = 10000.0
+    """RoPE base of the softmax layers (--rotary-base)."""
+
     # ---- long-context memory (megatron_lasp/models/loss.py, memory.py) ------------------------
     fused_linear_cross_entropy: bool = True
     """Output layer + cross-entropy chunked over tokens, never holding the [tokens, vocab] logits
@@ -169,11 +223,16 @@ class LinearLMConfig(TransformerConfig):
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         super().__post_init__()
-        if self.num_query_groups not in (None, self.num_attention_heads):
+        if self.num_query_groups not in (None, self.num_attention_heads) and not self.is_hybrid:
             raise ValueError(
                 f"num_query_groups ({self.num_query_groups}) must equal num_attention_heads "
-                f"({self.num_attention_heads}): linear attention has one key/value head per head"
+                f"({self.num_attention_heads}): linear attention has one key/value head per head "
+                "(grouped-query attention is for the softmax layers of a hybrid_layer_pattern)"
             )
+        if self.is_hybrid:
+            check_softmax_head_split(self.num_attention_heads, self.num_query_groups,
+                                     self.tensor_model_parallel_size, self.context_parallel_size,
+                                     self.softmax_sequence_parallel_mode)
         if self.kv_channels > MAX_HEAD_DIM:
             raise ValueError(
                 f"head dim kv_channels ({self.kv_channels}) exceeds the kernels' limit "
@@ -190,6 +249,8 @@ class LinearLMConfig(TransformerConfig):
             "glu_type": GLU_TYPES,
             "transformer_impl": TRANSFORMER_IMPLS,
             "normalization": ("RMSNorm",),
+            "softmax_sequence_parallel_mode": SOFTMAX_SP_MODES,
+            "softmax_kernel": SOFTMAX_KERNELS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -208,6 +269,7 @@ class LinearLMConfig(TransformerConfig):
                 "recompute_modules layernorm needs transformer_impl transformer_engine; with the "
                 "local implementation use core_attn and/or mlp (or recompute_granularity full)"
             )
+        self._check_hybrid_fields()
         if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
             raise ValueError(
                 f"cross_entropy_chunk_size ({self.cross_entropy_chunk_size}) and recompute_chunk_size "
@@ -246,6 +308,28 @@ class LinearLMConfig(TransformerConfig):
                 f"or set kv_channels"
             )
 
+    def _check_hybrid_fields(self) -> None:
+        pattern = self.hybrid_layer_pattern
+        if pattern is None:
+            return
+        if not isinstance(pattern, str) or set(pattern) - set(LAYER_SYMBOLS) or len(pattern) != self.num_layers:
+            raise ValueError(
+                f"hybrid_layer_pattern must have one character per layer ({self.num_layers}), each "
+                f"'L' (linear attention) or '*' (softmax attention), got {pattern!r}"
+            )
+        if not (self.rotary_base > 0 and math.isfinite(self.rotary_base)):
+            raise ValueError(f"rotary_base must be a finite number > 0, got {self.rotary_base}")
+
+    @property
+    def layer_kinds(self) -> str:
+        """One character per layer: 'L' linear, '*' softmax (all 'L' without a pattern)."""
+        return self.hybrid_layer_pattern or LINEAR_LAYER * self.num_layers
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer is a softmax-attention layer."""
+        return SOFTMAX_LAYER in (self.hybrid_layer_pattern or "")
+
     @property
     def head_dim(self) -> int:
         """Channels per head (``kv_channels``)."""
@@ -283,6 +367,16 @@ PRESETS: Dict[str, _Preset] = {
     ),
     "tnl-1b": _Preset(
         64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632)
+    ),
+    # Hybrids of TNL-1B's size: one softmax-attention layer in eight (MiniMax-01's ratio) or in four
+    # (Qwen3-Next's, Kimi Linear's), each the last of its group; GQA with 4 key/value heads.
+    "tnl-1b-hybrid-1to7": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    hybrid_layer_pattern="LLLLLLL*" * 2, num_query_groups=4)
+    ),
+    "tnl-1b-hybrid-1to3": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    hybrid_layer_pattern="LLL*" * 4, num_query_groups=4)
     ),
     "tnl-7b": _Preset(
         64000, dict(num_layers=30, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)

@@ -27,13 +27,20 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
-from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.config import LINEAR_LAYER, SOFTMAX_LAYER, LinearLMConfig
 from megatron_lasp.models.norms import RMSNorm
+from megatron_lasp.models.softmax_attention import SoftmaxCoreAttention, SoftmaxSelfAttention
 
-__all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
+__all__ = ["get_linear_lm_layer_spec", "get_softmax_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
 
 
 def get_backend_provider(config: LinearLMConfig):
@@ -72,6 +79,38 @@ def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
     )
 
 
+def get_softmax_layer_spec(config: LinearLMConfig) -> ModuleSpec:
+    """The ``TransformerLayer`` spec of one softmax-attention layer of a hybrid (a ``'*'``).
+
+    megatron-core's ``SelfAttention`` (as :class:`SoftmaxSelfAttention`: RoPE at this rank's
+    contiguous positions) with its fused QKV linear and output linear from the same backend as the
+    linear layers, our :class:`SoftmaxCoreAttention` (sequence-parallel softmax attention), and the
+    same norms and MLP as a linear layer.
+    """
+    backend = get_backend_provider(config)
+    te = config.transformer_impl == "transformer_engine"
+    attention = ModuleSpec(
+        module=SoftmaxSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_layer_norm_linear() if te else backend.column_parallel_linear(),
+            core_attention=SoftmaxCoreAttention,
+            linear_proj=backend.row_parallel_linear(),
+        ),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if te else RMSNorm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if te else RMSNorm,
+            mlp=get_mlp_module_spec_for_backend(backend),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def final_norm_class(config: LinearLMConfig) -> type:
     """The final norm: ``TENorm`` with Transformer Engine, the SP-aware ``RMSNorm`` otherwise."""
     if config.transformer_impl == "transformer_engine":
@@ -84,6 +123,9 @@ def get_linear_lm_block_spec(
 ) -> TransformerBlockSubmodules:
     """The decoder block spec of THIS pipeline stage: its layers and the final norm.
 
+    Each layer is a linear-attention or (hybrids) a softmax-attention layer, as
+    ``config.layer_kinds`` says at its global index.
+
     Args:
         config: the model config.
         vp_stage: virtual pipeline stage (interleaved schedule), or None.
@@ -92,6 +134,10 @@ def get_linear_lm_block_spec(
     Layers get their global ``layer_number`` from megatron-core (stage offset included), so the
     decay slopes of a layer do not depend on the pipeline split.
     """
-    layer = get_linear_lm_layer_spec(config)
+    specs = {LINEAR_LAYER: get_linear_lm_layer_spec(config)}
+    if config.is_hybrid:
+        specs[SOFTMAX_LAYER] = get_softmax_layer_spec(config)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_class(config))
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    kinds = config.layer_kinds[offset:offset + num_layers]
+    return TransformerBlockSubmodules(layer_specs=[specs[kind] for kind in kinds], layer_norm=final_norm_class(config))
