@@ -8,11 +8,18 @@ The fields mirror the megatron-lasp ``LinearLMConfig`` (``megatron_lasp/models/c
 exp(-slope_h)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
 sigmoid gate, ``attention_norm_group_size`` the heads per RMSNorm group on the attention output,
 ``glu_type`` the MLP (``sglu``: ``(W1 x) * (W2 x)``; ``swiglu``: ``silu(W1 x) * (W2 x)``).
+Hybrid models: ``layer_types`` (transformers' convention, as in Qwen3-Next) names each layer
+``"linear_attention"`` or ``"full_attention"`` (causal softmax attention with RoPE, ``rope_theta``,
+and ``num_key_value_heads`` key/value heads); megatron-lasp's ``hybrid_layer_pattern`` writes them
+as ``L`` and ``*``.
 """
 
 from transformers import PretrainedConfig
 
-__all__ = ["LaspLinearLMConfig"]
+__all__ = ["LaspLinearLMConfig", "LAYER_TYPES"]
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+"""The values of ``layer_types``."""
 
 _CHOICES = {
     "decay_type": ("tnl", "alibi", "none"),
@@ -45,10 +52,17 @@ class LaspLinearLMConfig(PretrainedConfig):
         chunk_size: block length of the chunked (parallel) form used for prompts.
         initializer_range: std of the normal init of fresh weights.
         use_cache: return the recurrent-state cache by default.
+        layer_types: one of :data:`LAYER_TYPES` per layer (None: every layer linear).
+        num_key_value_heads: key/value heads of the full-attention layers (default: the heads).
+        rope_theta: RoPE base of the full-attention layers.
     """
 
     model_type = "lasp_linear_lm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def layer_type(self, layer_idx: int) -> str:
+        """``"linear_attention"`` or ``"full_attention"``: the kind of layer ``layer_idx``."""
+        return LAYER_TYPES[0] if self.layer_types is None else self.layer_types[layer_idx]
 
     def __init__(
         self,
@@ -74,6 +88,9 @@ class LaspLinearLMConfig(PretrainedConfig):
         bos_token_id: int = None,
         eos_token_id: int = None,
         pad_token_id: int = None,
+        layer_types: list = None,
+        num_key_value_heads: int = None,
+        rope_theta: float = 10000.0,
         **kwargs,
     ):
         for name, allowed in _CHOICES.items():
@@ -92,6 +109,16 @@ class LaspLinearLMConfig(PretrainedConfig):
                 f"attention_norm_group_size ({attention_norm_group_size}) must divide num_attention_heads "
                 f"({num_attention_heads})"
             )
+        if layer_types is not None:
+            layer_types = list(layer_types)
+            if len(layer_types) != num_hidden_layers or set(layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name each of the {num_hidden_layers} layers one of "
+                                 f"{', '.join(LAYER_TYPES)}, got {layer_types}")
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads != 0:
+            raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
+                             f"({num_attention_heads})")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.vocab_size = vocab_size
@@ -113,6 +140,9 @@ class LaspLinearLMConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.layer_types = layer_types
+        self.num_key_value_heads = num_key_value_heads
+        self.rope_theta = rope_theta
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id

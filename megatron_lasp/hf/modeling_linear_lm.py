@@ -22,6 +22,11 @@ state one token at a time (:func:`recurrent_linear_attention`): O(1) memory and 
 The states live in :class:`LaspLinearLMCache` (one ``[B, H, Dk, Dv]`` fp32 tensor per layer),
 passed as ``cache`` (``past_key_values`` is accepted too) and returned in the output.
 
+Hybrid models (``config.layer_types``): a ``"full_attention"`` layer replaces the token mixer by
+causal softmax attention with RoPE (``rope_theta``, rotate-half convention, positions counted from
+the row's first token) and ``num_key_value_heads`` key/value heads (GQA); its keys and values go to
+a transformers ``DynamicLayer`` of the same cache, while the linear layers keep their O(1) state.
+
 Padding: positions where ``attention_mask`` is 0 contribute nothing to the state (their value
 vectors are zeroed), so left-padded batches give the same tokens as unpadded single prompts.
 
@@ -29,7 +34,8 @@ Packed documents: ``cu_seqlens`` (flash-attention's document starts over the ``B
 the rows laid end to end; ``cu_seq_lens_q`` from transformers' packing collator is read too) or
 ``position_ids`` that restart at 0 (a token at position 0 after the row start begins a document)
 restart the state at every document start, so each document gives the logits it gives alone. A
-cache / the state from earlier calls feeds only the first document of each row.
+cache / the state from earlier calls feeds only the first document of each row (the softmax layers
+likewise: their cached keys belong to each row's first document).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def _check_transformers_version(version: str) -> None:
 _check_transformers_version(transformers.__version__)
 
 from transformers import GenerationMixin, PreTrainedModel  # noqa: E402
-from transformers.cache_utils import Cache  # noqa: E402
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
@@ -77,6 +83,7 @@ __all__ = [
     "LaspLinearLMForCausalLM",
     "LaspLinearLMModel",
     "LaspLinearLMPreTrainedModel",
+    "LaspSoftmaxAttention",
     "alibi_slopes",
     "chunk_linear_attention",
     "layer_slope_values",
@@ -274,11 +281,14 @@ class LaspLinearLMCache(Cache):
     """Per-layer recurrent states of the linear LM: O(1) memory in the sequence length.
 
     ``cache.get_state(i)`` / ``cache.set_state(i, S)`` read and write layer ``i``'s ``[B, H, Dk,
-    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far.
+    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far. A hybrid's
+    full-attention layers (``full_attention[i]``) hold transformers' ``DynamicLayer`` instead,
+    filled by ``cache.update(keys, values, i)`` (``[B, Hkv, T, D]``).
     """
 
-    def __init__(self, num_layers: int):
-        layers = [_RecurrentStateLayer() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, full_attention: Optional[List[bool]] = None):
+        full_attention = full_attention or [False] * num_layers
+        layers = [DynamicLayer() if full else _RecurrentStateLayer() for full in full_attention]
         try:
             super().__init__(layers=layers)
         except TypeError:  # transformers versions whose Cache() takes no layers
@@ -314,7 +324,7 @@ class LaspLinearLMCache(Cache):
 
     @property
     def is_linear(self) -> List[bool]:
-        return [True] * len(self.layers)
+        return [isinstance(layer, _RecurrentStateLayer) for layer in self.layers]
 
     @property
     def is_sliding(self) -> List[bool]:
@@ -334,12 +344,19 @@ class LaspLinearLMCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return all(layer.state is not None for layer in self.layers)
+        return all(_filled(layer) is not None for layer in self.layers)
 
     @property
     def batch_size(self) -> int:
-        sizes = {layer.state.shape[0] for layer in self.layers if layer.state is not None}
+        sizes = {_filled(layer).shape[0] for layer in self.layers if _filled(layer) is not None}
         return sizes.pop() if len(sizes) == 1 else -1
+
+
+def _filled(layer) -> Optional[torch.Tensor]:
+    """A cache layer's tensor with the batch first (the state, or the keys), None while empty."""
+    if isinstance(layer, _RecurrentStateLayer):
+        return layer.state
+    return layer.keys if layer.is_initialized else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +456,59 @@ class LaspLinearAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (rotate-half convention): ``x [B, H, T, D]`` at ``positions [T]``, angles in fp32."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=x.device) / D))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [T, D]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LaspSoftmaxAttention(nn.Module):
+    """A hybrid's full-attention token mixer: ``[B, T, hidden] -> [B, T, hidden]``.
+
+    Causal softmax attention, RoPE on q and k, ``num_key_value_heads`` key/value heads; the keys
+    and values of earlier tokens come from (and the new ones go to) the cache's ``DynamicLayer``.
+    """
+
+    def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        bias = config.add_bias_linear
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, cache=None, token_mask=None, doc_ids=None, key_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        past = cache.layers[self.layer_idx].get_seq_length() if cache is not None else 0
+        positions = torch.arange(past, past + T, device=x.device)
+        q, k = _rotate(q, positions, self.rope_theta), _rotate(k, positions, self.rope_theta)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        Tk = k.shape[2]
+        # query i (position past + i) reads key j <= past + i; padded keys and other documents never
+        allowed = torch.arange(Tk, device=x.device)[None, :] <= positions[:, None]  # [T, Tk]
+        allowed = allowed[None].expand(B, T, Tk)
+        if key_mask is not None and key_mask.shape[-1] == Tk:
+            allowed = allowed & key_mask[:, None, :].bool()
+        if doc_ids is not None:  # earlier calls' keys belong to each row's first document
+            k_docs = torch.cat([doc_ids[:, :1].expand(B, Tk - T), doc_ids], dim=1)
+            allowed = allowed & (doc_ids[:, :, None] == k_docs[:, None, :])
+        allowed = allowed | (torch.arange(Tk, device=x.device)[None, :] == positions[:, None])[None]  # no empty rows
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
 class LaspMLP(nn.Module):
     """GLU MLP: ``down_proj(act(gate_proj x) * up_proj x)``, act = identity (SGLU) or SiLU."""
 
@@ -463,12 +533,14 @@ class LaspDecoderLayer(nn.Module):
     def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
         super().__init__()
         self.input_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = LaspLinearAttention(config, layer_idx)
+        full = config.layer_type(layer_idx) == "full_attention"
+        self.attn = (LaspSoftmaxAttention if full else LaspLinearAttention)(config, layer_idx)
         self.mlp_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LaspMLP(config)
 
-    def forward(self, x, cache=None, token_mask=None, doc_ids=None):
-        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask, doc_ids=doc_ids)
+    def forward(self, x, cache=None, token_mask=None, doc_ids=None, key_mask=None):
+        kwargs = {"key_mask": key_mask} if isinstance(self.attn, LaspSoftmaxAttention) else {}
+        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask, doc_ids=doc_ids, **kwargs)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -592,21 +664,24 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
                 )
             cache = None  # an empty key/value cache made by generic code: replace it
         if cache is None and use_cache:
-            cache = LaspLinearLMCache(self.config.num_hidden_layers)
-        token_mask = None
+            cache = LaspLinearLMCache(self.config.num_hidden_layers, [
+                self.config.layer_type(i) == "full_attention" for i in range(self.config.num_hidden_layers)])
+        token_mask = key_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:]
             if bool(token_mask.all()):
                 token_mask = None
+            if not bool(attention_mask.all()):
+                key_mask = attention_mask  # the softmax layers' keys: cached and new
         doc_ids = _document_ids(cu_seqlens, position_ids, x.shape[0], T, x.device)
         hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(x)
             if checkpointing:
-                x = self._gradient_checkpointing_func(layer.__call__, x, None, token_mask, doc_ids)
+                x = self._gradient_checkpointing_func(layer.__call__, x, None, token_mask, doc_ids, key_mask)
             else:
-                x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids)
+                x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids, key_mask=key_mask)
         x = self.norm(x)
         if hidden is not None:
             hidden.append(x)
