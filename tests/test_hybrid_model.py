@@ -190,3 +190,39 @@ def test_hybrid_pattern_rules_and_presets():
                          softmax_sequence_parallel_mode="ulysses")
     with pytest.raises(ValueError, match="softmax_sequence_parallel_mode must be one of"):
         linear_lm_config("tiny", hybrid_layer_pattern="L*", softmax_sequence_parallel_mode="ring")
+
+
+def _hybrid_stack_check(rank, world_size):
+    import logging
+
+    logging.disable(logging.WARNING)
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.models.specs import get_linear_lm_block_spec, hybrid_model_arguments
+    from megatron_lasp.parallel import initialize_parallel
+
+    groups = initialize_parallel(1, 1, 1, seed=SEED)
+    config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
+                              use_cpu_initialization=True)
+    args = hybrid_model_arguments(config)
+    stack = build_module(args["hybrid_stack_spec"], config=config, pre_process=True, post_process=False,
+                         layer_type_list=list(args["hybrid_layer_pattern"]), pg_collection=groups)
+    block = TransformerBlock(config, get_linear_lm_block_spec(config), post_process=False, pg_collection=groups)
+    missing = block.load_state_dict(stack.state_dict(), strict=True)
+    x = torch.randn(24, 2, config.hidden_size)
+    return args["hybrid_layer_pattern"], str(missing), rel_err_of(stack(x, attention_mask=None), block(x, attention_mask=None))
+
+
+def rel_err_of(a, b):
+    return ((a - b).double().norm() / b.double().norm()).item()
+
+
+def test_hybrid_model_step_builds_the_same_layers():
+    """megatron-core >= 0.19: its HybridStack, fed our specs, is our decoder (same weights, same output)."""
+    pytest.importorskip("megatron.core.models.hybrid.hybrid_block")
+    ((pattern, load, err),) = spawn(_hybrid_stack_check, 1, timeout=300)
+    assert pattern == "G*G"
+    assert load == "<All keys matched successfully>", load
+    assert err < 1e-6, err

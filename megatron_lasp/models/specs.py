@@ -40,7 +40,13 @@ from megatron_lasp.models.config import LINEAR_LAYER, SOFTMAX_LAYER, LinearLMCon
 from megatron_lasp.models.norms import RMSNorm
 from megatron_lasp.models.softmax_attention import SoftmaxCoreAttention, SoftmaxSelfAttention
 
-__all__ = ["get_linear_lm_layer_spec", "get_softmax_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
+__all__ = [
+    "get_linear_lm_layer_spec",
+    "get_softmax_layer_spec",
+    "get_linear_lm_block_spec",
+    "get_backend_provider",
+    "hybrid_model_arguments",
+]
 
 
 def get_backend_provider(config: LinearLMConfig):
@@ -141,3 +147,28 @@ def get_linear_lm_block_spec(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     kinds = config.layer_kinds[offset:offset + num_layers]
     return TransformerBlockSubmodules(layer_specs=[specs[kind] for kind in kinds], layer_norm=final_norm_class(config))
+
+
+HYBRID_MODEL_SYMBOLS = {LINEAR_LAYER: "G", SOFTMAX_LAYER: "*"}
+"""Our layer kinds as megatron-core's ``HybridStack`` symbols: a linear-attention layer fills the
+slot of its own linear-attention family (Gated DeltaNet's ``G``), a softmax layer the attention
+slot ``*``. Each of our layers carries its MLP, so no ``-`` layers appear."""
+
+
+def hybrid_model_arguments(config: LinearLMConfig) -> dict:
+    """The arguments that put this model's layers into megatron-core's ``HybridModel`` (>= 0.19).
+
+    Returns ``{"hybrid_stack_spec": ModuleSpec(HybridStack, HybridStackSubmodules(...)),
+    "hybrid_layer_pattern": str}``: the same layer specs as :func:`get_linear_lm_block_spec`, keyed by
+    megatron-core's symbols. What else the move takes is written in ``models/README.md``.
+
+    Raises:
+        ImportError: the installed megatron-core has no ``HybridModel`` (0.16, 0.17).
+    """
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+
+    specs = {LINEAR_LAYER: get_linear_lm_layer_spec(config), SOFTMAX_LAYER: get_softmax_layer_spec(config)}
+    submodules = HybridStackSubmodules(gdn_layer=specs[LINEAR_LAYER], attention_layer=specs[SOFTMAX_LAYER])
+    pattern = "".join(HYBRID_MODEL_SYMBOLS[kind] for kind in config.layer_kinds)
+    return {"hybrid_stack_spec": ModuleSpec(module=HybridStack, submodules=submodules), "hybrid_layer_pattern": pattern}
+
