@@ -197,7 +197,7 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
     sync()
     elapsed = time.perf_counter() - start
     peak = logging_utils.memory_gib()
-    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
+    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size, seq_length=args.seq_length)
     tokens_s = result["tokens_per_step"] * steps / elapsed
     tflops = flops_token * tokens_s / result["world_size"] / 1e12
     result.update(

@@ -226,3 +226,42 @@ def test_hybrid_model_step_builds_the_same_layers():
     assert pattern == "G*G"
     assert load == "<All keys matched successfully>", load
     assert err < 1e-6, err
+
+
+def _hybrid_flops(rank, world_size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.parallel import initialize_parallel
+    from megatron_lasp.training.logging_utils import flops_per_token
+
+    initialize_parallel(1, 1, 1, seed=0)
+    config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
+                              use_cpu_initialization=True, kernel_backend="torch", softmax_kernel="math")
+    model = build_linear_lm(config, VOCAB)
+    ids = torch.randint(0, VOCAB, (2, 64))
+    with FlopCounterMode(display=False) as fwd:
+        model(ids, labels=ids)
+    counts = fwd.get_flop_counts()["Global"]
+    return dict(formula=flops_per_token(config, VOCAB, seq_length=64),
+                linear=flops_per_token(linear_lm_config("tiny", num_layers=3), VOCAB),
+                mm=counts[torch.ops.aten.mm] / ids.numel())
+
+
+def test_hybrid_flops_count_the_softmax_layers():
+    """The weights of every layer (the matmuls torch counts) and the softmax attention's causal term."""
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.training.logging_utils import flops_per_token
+
+    ((r,),) = [spawn(_hybrid_flops, 1, timeout=300)]
+    h, H, d, f, G, N, B = 64, 4, 16, 96, 2, 64, 64
+    linear_attention = 3 * H * (4 * B * d + 4 * d * d)
+    softmax_attention = 3 * 2 * H * d * (N + 1)
+    # the forward matmuls counted by torch are a third of the formula's 6 * P_matmul
+    weights = r["formula"] - 2 * linear_attention - softmax_attention
+    assert abs(weights - 3 * r["mm"]) / weights < 1e-9, (weights, r["mm"])
+    # one softmax layer replaces a linear one: fewer projection weights (no gate, 2 key/value heads)
+    swap = (h * 4 * H * d) - (h * (H + 2 * G) * d)
+    assert abs(r["linear"] - r["formula"] - (6 * swap + linear_attention - softmax_attention)) < 1e-6
+    with pytest.raises(ValueError, match="need seq_length"):
+        flops_per_token(linear_lm_config("tiny", hybrid_layer_pattern="L*"), VOCAB)

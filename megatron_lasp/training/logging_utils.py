@@ -14,6 +14,13 @@ FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per t
   (``2 * 2 * B * d``; the causal half is computed and masked), inter-chunk ``Q S`` and the state
   update ``K^T V`` (``2 * 2 * d^2``); backward is counted as twice the forward.
 
+Hybrid models (``hybrid_layer_pattern``): a softmax layer's projections are ``h x (H + 2 G) d``
+(q, and k, v for ``G = num_query_groups`` key/value heads; no gate) and ``H d x h``, counted in
+``P_matmul`` like the rest; its attention adds, per token of a ``N``-token sequence,
+``3 * 2 * H * d * (N + 1)``: forward ``Q K^T`` and ``P V`` against the ``(N + 1) / 2`` keys a
+causal query reads on average (``2 * 2 * d`` FLOPs per key and head), backward twice that. Packed
+documents are counted as whole rows (the model's FLOPs, not the masked work).
+
 So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On CPU MFU is n/a.
 """
 
@@ -32,24 +39,39 @@ DEFAULT_CHUNK_SIZE = 64
 """Chunk (block) size assumed for the attention FLOPs (the kernels' block) unless one is given."""
 
 
-def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -> float:
+def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None,
+                    seq_length: Optional[int] = None) -> float:
     """Training FLOPs per token of the whole model (formula in the module docstring).
 
     Args:
         config: the model config (``num_layers, hidden_size, num_attention_heads, kv_channels,
-            ffn_hidden_size``, optional ``output_gate``).
+            ffn_hidden_size``, optional ``output_gate``, ``hybrid_layer_pattern``,
+            ``num_query_groups``).
         vocab_size: padded vocabulary size (output layer width).
         chunk_size: the attention kernel's block size (default :data:`DEFAULT_CHUNK_SIZE`).
+        seq_length: tokens per sequence; needed by a hybrid's softmax layers (their work per
+            token grows with it), ignored otherwise.
+
+    Raises:
+        ValueError: a hybrid config without ``seq_length``.
     """
     h, L, H = config.hidden_size, config.num_layers, config.num_attention_heads
     d = config.kv_channels or h // H
     f = config.ffn_hidden_size
     parts = 4 if getattr(config, "output_gate", False) else 3
     glu = 3 if getattr(config, "gated_linear_unit", True) else 2
-    per_layer = h * parts * H * d + H * d * h + glu * h * f
-    matmul_params = L * per_layer + h * vocab_size
+    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
+    linear_layers = L - softmax_layers
+    G = getattr(config, "num_query_groups", None) or H
+    linear_layer = h * parts * H * d + H * d * h + glu * h * f
+    softmax_layer = h * (H + 2 * G) * d + H * d * h + glu * h * f
+    matmul_params = linear_layers * linear_layer + softmax_layers * softmax_layer + h * vocab_size
     B = chunk_size or DEFAULT_CHUNK_SIZE
-    attention = 3 * L * H * (4 * B * d + 4 * d * d)
+    attention = 3 * linear_layers * H * (4 * B * d + 4 * d * d)
+    if softmax_layers:
+        if not seq_length:
+            raise ValueError("flops_per_token: a hybrid model's softmax layers need seq_length")
+        attention += 3 * softmax_layers * 2 * H * d * (seq_length + 1)
     return 6.0 * matmul_params + attention
 
 

@@ -368,7 +368,7 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
     writer = None
     if args.tensorboard_dir and logging_rank:
         writer = logging_utils.TensorboardWriter(args.tensorboard_dir)
-    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
+    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size, seq_length=args.seq_length)
     tokens_per_iter = args.global_batch_size * args.seq_length
     on_gpu = torch.cuda.is_available()
     world = dist.get_world_size()
