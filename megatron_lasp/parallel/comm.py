@@ -8,6 +8,12 @@ Packed documents (:class:`SliceDocs`): the same factors, masked per row by "same
 (the state entering slice ``j`` reaches only the tokens before its first boundary, a token enters
 the state leaving it only after its last boundary, and the state crosses a slice only if it has no
 boundary). See ``megatron_lasp/parallel/README.md``.
+
+Point-to-point (:func:`send_state`, :func:`recv_state`): the one way the package sends a state
+from rank to rank. gloo cannot send or receive CUDA tensors ("Bad address"), while its
+collectives accept them; so on a gloo group a CUDA tensor goes through a pinned host buffer, which
+lets several ranks share one GPU (``--distributed-backend gloo``) as a correctness check. On NCCL,
+and for CPU tensors, they are plain ``isend`` / ``irecv``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ __all__ = [
     "with_entry_state",
     "all_gather_flat",
     "reduce_scatter_flat",
+    "send_state",
+    "recv_state",
+    "staged_p2p",
 ]
 
 
@@ -237,3 +246,76 @@ def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.Proces
     """Sum-reduce-scatter of 1-d ``inp`` (``W`` equal parts, in group order) into 1-d ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# point-to-point of states
+
+
+def staged_p2p(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether a send / receive of ``x`` on ``group`` must go through host memory: a CUDA tensor on
+    a gloo group (gloo's point-to-point takes host tensors only)."""
+    return x.is_cuda and dist.get_backend(group) == "gloo"
+
+
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=like.is_cuda)
+
+
+class _StagedWork:
+    """The work of a staged send / receive: ``wait()`` waits for the host transfer and, for a
+    receive, copies the host buffer into the device tensor on the current stream."""
+
+    def __init__(self, work: dist.Work, host: torch.Tensor, out: Optional[torch.Tensor]):
+        self._work, self._host, self._out = work, host, out
+
+    def wait(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._out is not None:
+                self._out.copy_(self._host)  # a blocking copy: the host buffer may go right after
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def send_state(x: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start sending ``x`` to global rank ``dst`` of ``group``; returns the work (``wait()``).
+
+    Args:
+        x: the tensor (any shape; sent contiguous).
+        dst: the receiver's global rank.
+        group: the process group both ranks belong to.
+        staged: go through a host buffer (pinned for CUDA tensors); default :func:`staged_p2p`.
+            A staged send copies ``x`` to the host before returning (that copy waits for the work
+            queued on the current stream that produces ``x``).
+    """
+    x = x.contiguous()
+    if not (staged_p2p(x, group) if staged is None else staged):
+        return dist.isend(x, dst=dst, group=group)
+    host = _host_buffer(x)
+    host.copy_(x)
+    return _StagedWork(dist.isend(host, dst=dst, group=group), host, None)
+
+
+def recv_state(out: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start receiving into ``out`` from global rank ``src`` of ``group``; returns the work.
+
+    ``out`` holds the received values once ``wait()`` has returned (staged: the copy from the host
+    buffer runs inside ``wait()``, on the stream current there).
+
+    Args:
+        out: a contiguous tensor of the sent shape and dtype.
+        src: the sender's global rank.
+        group: the process group both ranks belong to.
+        staged: as in :func:`send_state`.
+    """
+    assert out.is_contiguous(), "recv_state: out must be contiguous"
+    if not (staged_p2p(out, group) if staged is None else staged):
+        return dist.irecv(out, src=src, group=group)
+    host = _host_buffer(out)
+    return _StagedWork(dist.irecv(host, src=src, group=group), host, out)
