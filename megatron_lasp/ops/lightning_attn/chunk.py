@@ -23,7 +23,13 @@ from .torch_chunk import (
     torch_lightning_attn_bwd_phases,
     torch_lightning_attn_fwd_phases,
 )
-from .triton_chunk import TritonOptions, triton_lightning_attn_bwd_phases, triton_lightning_attn_fwd_phases
+from .triton_chunk import (
+    TritonOptions,
+    triton_gate_dots,
+    triton_gated_fwd_phases,
+    triton_lightning_attn_bwd_phases,
+    triton_lightning_attn_fwd_phases,
+)
 from .utils import check_inputs, resolve_backend
 
 __all__ = ["LightningAttnSaved", "TritonOptions", "lightning_attn_fwd", "lightning_attn_bwd",
@@ -270,8 +276,13 @@ def _fwd_phases(q, k, v, slopes, g, initial_state, output_final_state, backend, 
 
 
 def _triton_gated_fwd_phases(q, k, v, g, initial_state, output_final_state, docs, triton_options):
-    raise NotImplementedError("lightning attention: per-token gates on the triton backend are not there yet; "
-                              "use backend='torch'")
+    final, finish = triton_gated_fwd_phases(q, k, v, g, initial_state, docs, triton_options)
+
+    def triton_finish():
+        o, states, cfg, gc = finish()
+        return o, LightningAttnSaved("triton", states, cfg.segment, cfg, docs, gc, final, cfg.block)
+
+    return (final if output_final_state else None), triton_finish
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -285,13 +296,14 @@ def _bwd_phases(q, k, v, slopes, do, d_final_state, saved: LightningAttnSaved):
                                                       doc_ids=saved.doc_ids, gc=saved.gc)
     else:
         dh0, finish = triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states,
-                                                       saved.config, saved.doc_ids)
+                                                       saved.config, saved.doc_ids, saved.gc)
     if not saved.gated:
         return dh0, finish
 
     def gated_finish():
         dq, dk, dv = finish()
-        return dq, dk, dv, gate_grad(q, dq, k, dk, saved.doc_ids, saved.final_state, d_final_state)
+        dots = triton_gate_dots(q, dq, k, dk) if saved.backend == "triton" else None
+        return dq, dk, dv, gate_grad(q, dq, k, dk, saved.doc_ids, saved.final_state, d_final_state, dots)
 
     return dh0, gated_finish
 

@@ -151,6 +151,7 @@ def gate_grad(
     doc_ids: Optional[torch.Tensor] = None,
     final_state: Optional[torch.Tensor] = None,
     d_final_state: Optional[torch.Tensor] = None,
+    dots: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The gradient of the gates, ``dg [B, T, H]`` fp32 (fp64 for fp64 inputs).
 
@@ -163,9 +164,15 @@ def gate_grad(
         q, dq, k, dk: ``[B, T, H, Dk]``.
         doc_ids: ``[B, T]`` document ids, or None.
         final_state, d_final_state: ``[B, H, Dk, Dv]`` or None.
+        dots: ``q_t . dq_t - k_t . dk_t`` ``[B, T, H]`` when already computed (the triton backend's
+            kernel); ``q``, ``dq``, ``k``, ``dk`` are then not read.
     """
     cdt = _cdt(q.dtype)
-    dG = torch.einsum("bthd,bthd->bth", q.to(cdt), dq.to(cdt)) - torch.einsum("bthd,bthd->bth", k.to(cdt), dk.to(cdt))
+    if dots is None:
+        dG = (torch.einsum("bthd,bthd->bth", q.to(cdt), dq.to(cdt))
+              - torch.einsum("bthd,bthd->bth", k.to(cdt), dk.to(cdt)))
+    else:
+        dG = dots.to(cdt)
     if d_final_state is not None:
         if final_state is None:
             raise ValueError("gate_grad: d_final_state needs the final_state it is the gradient of")
