@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS, TokenizerSettings
 from megatron_lasp.parallel.layout import check_sequence_split
-from megatron_lasp.parallel.state import validate_parallel_sizes
+from megatron_lasp.parallel.state import local_device, resolve_backend, validate_parallel_sizes
 from megatron_lasp.training.config import (
     ArgumentError,
     CheckpointOptions,
@@ -221,7 +221,8 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="ZeRO-1: shard the optimizer state over the data x sequence-parallel group "
                    "(with --ddp-impl megatron; GPU only)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
-                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU)")
+                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU); gloo with CUDA lets "
+                        "several ranks share a GPU (a correctness check of a layout, not a fast path)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30, help="collective timeout")
 
 
@@ -409,7 +410,8 @@ def check_ranges(args: argparse.Namespace) -> None:
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if parent and not os.path.isdir(parent):
-            raise ArgumentError(f"{_flag(dest)} {path} is not writable: {parent} is a file, not a directory")
+            raise ArgumentError(f"{_flag(dest)} {path}: {parent} is a file, not a directory (the path is not "
+                                "writable)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +447,14 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
                                 "drop the flag (CPU runs train in fp32)")
         if args.distributed_backend == "nccl":
             raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+    else:  # NCCL wants a GPU per process; gloo lets ranks share them (state.local_device)
+        import torch
+
+        try:
+            local_device(resolve_backend(args.distributed_backend), 0, torch.cuda.device_count(),
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
     if args.recompute_granularity == "full" and args.recompute_method is None:
         args.recompute_method = "uniform"
         if args.recompute_num_layers is None:
