@@ -220,6 +220,10 @@ class LinearLMConfig(TransformerConfig):
         self._check_linear_lm_fields()
         self.gated_linear_unit = True
         self.activation_func = sglu_identity if self.glu_type == "sglu" else F.silu
+        if self.is_hybrid:
+            # layers of two kinds have differently shaped weights: checkpoint them per layer
+            # (megatron-core stacks homogeneous layers into one tensor per weight)
+            self.hetereogenous_dist_checkpoint = True
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         super().__post_init__()

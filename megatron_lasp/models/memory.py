@@ -492,8 +492,12 @@ class LinearTransformerLayer(TransformerLayer):
     gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
 
     def chunks_whole_layer(self) -> bool:
-        """Whether the whole layer runs in chunks: its tokens are one contiguous piece of the
-        sequence (no TP sequence parallelism), on one rank or a rank of a ``lasp`` group."""
+        """Whether the whole layer runs in chunks: a linear-attention layer (a softmax layer of a
+        hybrid has no state to carry: its attention runs whole, its MLP in chunks) whose tokens are
+        one contiguous piece of the sequence (no TP sequence parallelism), on one rank or a rank of
+        a ``lasp`` group."""
+        if not hasattr(self.self_attention, "carrying"):
+            return False
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             return False
         return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GLU_TYPES, PRESETS, TRANSFORMER_IMPLS
     from megatron_lasp.ops.lightning_attn.utils import BACKENDS
+    from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
 
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=tuple(PRESETS), default=None,
@@ -123,7 +124,17 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-channels", type=int, default=None,
                    help="channels per head (default --hidden-size / --num-attention-heads)")
     g.add_argument("--num-query-groups", type=int, default=None,
-                   help="accepted for Megatron compatibility; must equal --num-attention-heads")
+                   help="key/value heads of the softmax layers of a --hybrid-layer-pattern (GQA); without "
+                   "softmax layers it must equal --num-attention-heads")
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="one character per layer, each layer with its MLP: L linear attention, * softmax "
+                   "attention (megatron-core's hybrid symbol), e.g. LLL*LLL*; default: every layer L (presets "
+                   "tnl-1b-hybrid-1to7 and tnl-1b-hybrid-1to3 set one)")
+    g.add_argument("--rotary-base", type=float, default=None,
+                   help="RoPE base of the softmax layers (default 10000)")
+    g.add_argument("--softmax-kernel", choices=SOFTMAX_KERNELS, default="auto",
+                   help="the softmax layers' library kernel: auto (GPU: SDPA's flash/cuDNN, flex_attention with "
+                   "packed documents; CPU: SDPA), sdpa, flex, varlen or math")
     g.add_argument("--normalization", choices=("RMSNorm",), default=None, help="pre-norm type")
     g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True, default=None,
                    help="biases on the linear layers (default: none)")
@@ -199,6 +210,7 @@ def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_lasp.parallel.softmax import SOFTMAX_SP_MODES
     from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
     g = p.add_argument_group("parallelism")
@@ -210,6 +222,10 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="sequence-parallel (LASP) group size = megatron-core's context-parallel size")
     g.add_argument("--sequence-parallel-mode", choices=SEQUENCE_PARALLEL_MODES, default="lasp",
                    help="how linear attention is parallelised over the sequence-parallel group")
+    g.add_argument("--softmax-sequence-parallel-mode", choices=SOFTMAX_SP_MODES, default="allgather",
+                   help="how the softmax layers of a --hybrid-layer-pattern are parallelised over the same group "
+                   "and slices: allgather (K and V gathered; any head count) or ulysses (all-to-all to head "
+                   "shards; key/value heads per TP rank divisible by the group size)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's TP sequence parallelism (activation sharding inside the TP group); "
                    "unrelated to --sequence-parallel-mode")
@@ -563,16 +579,23 @@ def with_world_size(config: RunConfig, world_size: int) -> RunConfig:
         ArgumentError: sizes that do not fit the world, the heads or the sequence length that do
             not split over the groups, a global batch that does not divide.
     """
-    from megatron_lasp.models.config import PRESETS, check_head_split
+    from megatron_lasp.models.config import PRESETS, SOFTMAX_LAYER, check_head_split, check_softmax_head_split
 
     par, train = config.parallel, config.training
     tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
-    heads = config.model.num_attention_heads
-    if heads is None and config.model.model_preset is not None:
-        heads = PRESETS[config.model.model_preset].fields["num_attention_heads"]
+    preset = PRESETS[config.model.model_preset].fields if config.model.model_preset is not None else {}
+
+    def model_field(name):
+        value = getattr(config.model, name)
+        return preset.get(name) if value is None else value
+
+    heads = model_field("num_attention_heads")
     try:
         dp = validate_parallel_sizes(world_size, tp, cp, par.pipeline_model_parallel_size)
         check_head_split(heads, tp, cp, par.sequence_parallel_mode)
+        if SOFTMAX_LAYER in (model_field("hybrid_layer_pattern") or ""):
+            check_softmax_head_split(heads, model_field("num_query_groups"), tp, cp,
+                                     par.softmax_sequence_parallel_mode)
         check_sequence_split(train.seq_length, cp, "seq_length")
     except ValueError as err:
         raise config_error(err) from None

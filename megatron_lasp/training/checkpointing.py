@@ -73,6 +73,8 @@ FORMAT_VERSION = 1
 
 RUNTIME_CONFIG_FIELDS = (
     "sequence_parallel_mode",
+    "softmax_sequence_parallel_mode",
+    "softmax_kernel",
     "kernel_backend",
     "transformer_impl",
     "fusion",

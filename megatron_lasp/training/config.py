@@ -54,7 +54,7 @@ class ModelOptions:
     kv_channels: Optional[int] = None
     """Channels per head."""
     num_query_groups: Optional[int] = None
-    """Megatron compatibility; must equal the heads."""
+    """Key/value heads of a hybrid's softmax layers (GQA); must equal the heads without them."""
     normalization: Optional[str] = None
     """Pre-norm type."""
     add_bias_linear: Optional[bool] = None
@@ -87,11 +87,18 @@ class ModelOptions:
     """Linear-attention kernels (``triton`` on GPU, ``torch`` on CPU by default)."""
     fusion: Optional[bool] = None
     """False: the plain PyTorch elementwise ops instead of the fused kernels (``--no-fusion``)."""
+    hybrid_layer_pattern: Optional[str] = None
+    """One character per layer, ``L`` linear or ``*`` softmax attention (None: the preset's, or all ``L``)."""
+    rotary_base: Optional[float] = None
+    """RoPE base of the softmax layers."""
+    softmax_kernel: str = "auto"
+    """The softmax layers' library kernel."""
 
     OVERRIDES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
                  "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout", "decay_type",
                  "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
-                 "glu_type", "share_embeddings_and_output_weights", "init_method_std")
+                 "glu_type", "share_embeddings_and_output_weights", "init_method_std", "hybrid_layer_pattern",
+                 "rotary_base")
 
     def __post_init__(self) -> None:
         if self.model_preset is None:
@@ -154,6 +161,8 @@ class ParallelOptions:
     """Sequence-parallel (LASP) size = megatron-core's context-parallel size."""
     sequence_parallel_mode: str = "lasp"
     """How linear attention is parallelised over the sequence-parallel group."""
+    softmax_sequence_parallel_mode: str = "allgather"
+    """How a hybrid's softmax layers are parallelised over the same group."""
     sequence_parallel: bool = False
     """Megatron's TP sequence parallelism (False at TP 1, as megatron-core)."""
     ddp_impl: str = "torch"

@@ -184,6 +184,8 @@ def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
         context_parallel_size=par.context_parallel_size,
         sequence_parallel=par.sequence_parallel,
         sequence_parallel_mode=par.sequence_parallel_mode,
+        softmax_sequence_parallel_mode=par.softmax_sequence_parallel_mode,
+        softmax_kernel=model.softmax_kernel,
         kernel_backend=model.kernel_backend,
         transformer_impl=model.transformer_impl,
         params_dtype=half if megatron_half else torch.float32,
