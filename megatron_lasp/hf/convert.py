@@ -256,16 +256,46 @@ def hf_config_kwargs(config: Any, vocab_size: int) -> Dict[str, Any]:
         if value != expected:
             raise ConversionError(f"the HF model supports {name}={expected!r} only, the checkpoint has {value!r}")
     groups = getattr(config, "num_query_groups", None)
-    if groups not in (None, config.num_attention_heads):
+    pattern = getattr(config, "hybrid_layer_pattern", None)
+    hybrid = SOFTMAX_SYMBOL in (pattern or "")
+    if groups not in (None, config.num_attention_heads) and not hybrid:
         raise ConversionError(f"num_query_groups={groups} differs from num_attention_heads")
     out = {hf: getattr(config, mg) for mg, hf in _CONFIG_FIELDS}
     out["vocab_size"] = int(vocab_size)
+    if hybrid:  # transformers' hybrid convention: one layer type per layer
+        out["layer_types"] = [LAYER_TYPES[symbol] for symbol in pattern]
+        out["num_key_value_heads"] = groups or config.num_attention_heads
+        out["rope_theta"] = float(config.rotary_base)
     return out
 
 
 def megatron_config_kwargs(hf_config: Dict[str, Any]) -> Dict[str, Any]:
     """``LinearLMConfig`` keyword arguments (architecture only) from an HF ``config.json`` dict."""
-    return {mg: hf_config[hf] for mg, hf in _CONFIG_FIELDS if hf in hf_config}
+    out = {mg: hf_config[hf] for mg, hf in _CONFIG_FIELDS if hf in hf_config}
+    kinds = _layer_kinds(hf_config)
+    if SOFTMAX_SYMBOL in kinds:
+        out.update(hybrid_layer_pattern=kinds, num_query_groups=_kv_heads(hf_config),
+                   rotary_base=float(hf_config.get("rope_theta", 10000.0)))
+    return out
+
+
+LAYER_TYPES = {"L": "linear_attention", "*": "full_attention"}
+"""``hybrid_layer_pattern`` symbols -> transformers' ``layer_types`` values."""
+SOFTMAX_SYMBOL = "*"
+
+
+def _layer_kinds(hf_config: Dict[str, Any]) -> str:
+    """The layers as ``hybrid_layer_pattern`` symbols (all ``L`` without ``layer_types``)."""
+    types = hf_config.get("layer_types") or [LAYER_TYPES["L"]] * hf_config["num_hidden_layers"]
+    symbols = {value: key for key, value in LAYER_TYPES.items()}
+    if len(types) != hf_config["num_hidden_layers"] or any(t not in symbols for t in types):
+        raise ConversionError(f"config.json: layer_types must name each of the {hf_config['num_hidden_layers']} "
+                              f"layers one of {', '.join(symbols)}, got {types}")
+    return "".join(symbols[t] for t in types)
+
+
+def _kv_heads(hf_config: Dict[str, Any]) -> int:
+    return hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +363,36 @@ class _SplitHalves(_Rename):
         return torch.cat(tensors, dim=0)
 
 
-RENAME, SPLIT_HEADS, SPLIT_HALVES = _Rename(), _SplitHeads(), _SplitHalves()
+class _SplitGroups(_Rename):
+    """A softmax layer's ``linear_qkv`` (megatron-core's grouped layout): rows ``[G, H / G + 2, D]``
+    (per key/value head ``g``: its group's query heads, then ``k_g``, then ``v_g``) <-> q
+    ``[H D]``, k ``[G D]``, v ``[G D]`` rows."""
+
+    def hf_names(self, hf_name: str, hf_config: Dict[str, Any]) -> List[str]:
+        return [hf_name.format(part=part) for part in ("q", "k", "v")]
+
+    def split(self, tensor, name: str, hf_config: Dict[str, Any]) -> list:
+        heads, groups, head_dim = hf_config["num_attention_heads"], _kv_heads(hf_config), hf_config["head_dim"]
+        if tensor.shape[0] != (heads + 2 * groups) * head_dim:
+            raise ConversionError(f"{name}: {tuple(tensor.shape)} does not match ({heads} query + 2 x {groups} "
+                                  f"key/value heads) x {head_dim}")
+        rest, per = tensor.shape[1:], heads // groups
+        view = tensor.reshape(groups, per + 2, head_dim, *rest)
+        return [view[:, :per].reshape(heads * head_dim, *rest), view[:, per].reshape(groups * head_dim, *rest),
+                view[:, per + 1].reshape(groups * head_dim, *rest)]
+
+    def join(self, tensors: list, hf_config: Dict[str, Any]):
+        import torch
+
+        heads, groups, head_dim = hf_config["num_attention_heads"], _kv_heads(hf_config), hf_config["head_dim"]
+        q, k, v = tensors
+        rest = q.shape[1:]
+        parts = [q.reshape(groups, heads // groups, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
+                 v.reshape(groups, 1, head_dim, *rest)]
+        return torch.cat(parts, dim=1).reshape((heads + 2 * groups) * head_dim, *rest)
+
+
+RENAME, SPLIT_HEADS, SPLIT_HALVES, SPLIT_GROUPS = _Rename(), _SplitHeads(), _SplitHalves(), _SplitGroups()
 
 PARAMETER_MAP = (
     # (megatron-lasp TP=1 name, HF name, transform, HF shape, present when); {L}: the layer,
@@ -342,26 +401,32 @@ PARAMETER_MAP = (
     ("embedding.word_embeddings.weight", "model.embed_tokens.weight", RENAME, ("V", "h"), "always"),
     ("decoder.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_norm.weight", RENAME, ("h",), "always"),
     ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_HEADS,
-     ("W", "h"), "always"),
+     ("W", "h"), "linear"),
+    ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_GROUPS,
+     (("W", "h"), ("K", "h"), ("K", "h")), "softmax"),
     ("decoder.layers.{L}.self_attention.linear_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
      ("h", "W"), "always"),
     ("decoder.layers.{L}.mlp.linear_fc1.weight", "model.layers.{L}.mlp.{part}_proj.weight", SPLIT_HALVES,
      ("F", "h"), "always"),
     ("decoder.layers.{L}.mlp.linear_fc2.weight", "model.layers.{L}.mlp.down_proj.weight", RENAME, ("h", "F"), "always"),
     ("decoder.layers.{L}.self_attention.linear_qkv.bias", "model.layers.{L}.attn.{part}_proj.bias", SPLIT_HEADS,
-     ("W",), "bias"),
+     ("W",), "linear-bias"),
+    ("decoder.layers.{L}.self_attention.linear_qkv.bias", "model.layers.{L}.attn.{part}_proj.bias", SPLIT_GROUPS,
+     (("W",), ("K",), ("K",)), "softmax-bias"),
     ("decoder.layers.{L}.self_attention.linear_proj.bias", "model.layers.{L}.attn.o_proj.bias", RENAME, ("h",), "bias"),
     ("decoder.layers.{L}.mlp.linear_fc1.bias", "model.layers.{L}.mlp.{part}_proj.bias", SPLIT_HALVES, ("F",), "bias"),
     ("decoder.layers.{L}.mlp.linear_fc2.bias", "model.layers.{L}.mlp.down_proj.bias", RENAME, ("h",), "bias"),
     ("decoder.layers.{L}.self_attention.out_norm.weight", "model.layers.{L}.attn.o_norm.weight", RENAME, ("W",),
-     "always"),
+     "linear"),
     ("decoder.layers.{L}.pre_mlp_layernorm.weight", "model.layers.{L}.mlp_norm.weight", RENAME, ("h",), "always"),
     ("decoder.final_layernorm.weight", "model.norm.weight", RENAME, ("h",), "always"),
     ("output_layer.weight", "lm_head.weight", RENAME, ("V", "h"), "untied"),
 )
 """The parameter mapping, in the HF files' order; "bias" rows exist with ``add_bias_linear``,
 "untied" ones without ``tie_word_embeddings`` (a tied model may or may not store them: they are
-dropped when present)."""
+dropped when present); "linear" / "softmax" rows only in the layers of that kind (a hybrid's
+``layer_types``), "-bias" ones with ``add_bias_linear`` too. A row's shape is one per piece where
+the pieces differ (a softmax layer's q and its k, v under GQA)."""
 
 
 def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[Tuple[str, List[str], Any, tuple]]:
@@ -370,19 +435,27 @@ def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[
     ``with_optional`` adds the rows a tied model may store."""
     sizes = {
         "V": hf_config["vocab_size"], "h": hf_config["hidden_size"], "F": hf_config["intermediate_size"],
-        "W": hf_config["num_attention_heads"] * hf_config["head_dim"],
+        "W": hf_config["num_attention_heads"] * hf_config["head_dim"], "K": _kv_heads(hf_config) * hf_config["head_dim"],
     }
-    present = {"always": True, "bias": hf_config["add_bias_linear"],
-               "untied": with_optional or not hf_config["tie_word_embeddings"]}
+    bias = hf_config["add_bias_linear"]
+    kinds = _layer_kinds(hf_config)
+
+    def present(when: str, layer) -> bool:
+        kind = None if layer is None else ("softmax" if kinds[layer] == SOFTMAX_SYMBOL else "linear")
+        return {"always": True, "bias": bias, "untied": with_optional or not hf_config["tie_word_embeddings"],
+                "linear": kind == "linear", "softmax": kind == "softmax", "linear-bias": bias and kind == "linear",
+                "softmax-bias": bias and kind == "softmax"}[when]
+
     layer_rows = [row for row in PARAMETER_MAP if "{L}" in row[0]]
     first = PARAMETER_MAP.index(layer_rows[0])
     rows = [(row, None) for row in PARAMETER_MAP[:first]]
     rows += [(row, layer) for layer in range(hf_config["num_hidden_layers"]) for row in layer_rows]
     rows += [(row, None) for row in PARAMETER_MAP[first + len(layer_rows):]]
     for (mg, hf, transform, shape, when), layer in rows:
-        if present[when]:
+        if present(when, layer):
             names = transform.hf_names(hf.replace("{L}", str(layer)), hf_config)
-            yield mg.replace("{L}", str(layer)), names, transform, tuple(sizes[d] for d in shape)
+            pieces = shape if isinstance(shape[0], tuple) else (shape,) * len(names)
+            yield mg.replace("{L}", str(layer)), names, transform, [tuple(sizes[d] for d in p) for p in pieces]
 
 
 def _optional_names(hf_config: Dict[str, Any], megatron: bool) -> set:
@@ -402,7 +475,8 @@ HF_CONFIG_KEYS = (
 def hf_parameter_shapes(hf_config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     """``{HF parameter name: shape}`` of the model ``hf_config`` describes (``lm_head.weight``
     included even when tied: a tied export may or may not store it)."""
-    return {name: shape for _, names, _, shape in _mapped(hf_config, with_optional=True) for name in names}
+    return {name: shape for _, names, _, shapes in _mapped(hf_config, with_optional=True)
+            for name, shape in zip(names, shapes)}
 
 
 def check_hf_tensors(tensors: Dict[str, Any], files: Dict[str, str], hf_config: Dict[str, Any], directory: str):
@@ -979,6 +1053,9 @@ def _run_record(
     flags.update(run.tokenizer.as_dict(), save=os.path.abspath(save_dir), num_layers=config.num_layers,
                  hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
                  ffn_hidden_size=config.ffn_hidden_size, init_method_std=config.init_method_std)
+    if getattr(config, "is_hybrid", False):
+        flags.update(hybrid_layer_pattern=config.hybrid_layer_pattern, num_query_groups=config.num_query_groups,
+                     rotary_base=config.rotary_base)
     return dataclasses.replace(run, flags=dict(sorted(flags.items())))
 
 
