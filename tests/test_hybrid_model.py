@@ -23,7 +23,7 @@ from megatron_lasp.testing import spawn
 VOCAB, BATCH, SEQ, SEED = 128, 2, 24, 1234
 TOL = 2e-5
 LINEAR_MODES = ("lasp", "lasp2", "ulysses", "allgather")
-SOFTMAX_MODES = ("allgather", "ulysses")
+SOFTMAX_MODES = ("allgather", "ulysses", "allgather-balanced")
 CU = [0, 5, 13, 14, 30, 41, 48]  # global starts over the 2 x 24 tokens: across slices at SP 2 and 4
 VARIANTS = {"gqa": dict(num_query_groups=2), "mha": dict(num_query_groups=4)}
 
@@ -48,7 +48,8 @@ def _layouts():
     for packed in (False, True):
         out += [Layout(sp=2, mode=m, softmax_mode=s, packed=packed) for m in LINEAR_MODES for s in SOFTMAX_MODES]
         out += [Layout(sp=4, mode=m, packed=packed) for m in LINEAR_MODES]
-        out += [Layout(sp=4, mode="lasp", softmax_mode="ulysses", variant="mha", packed=packed)]
+        out += [Layout(sp=4, mode="lasp", softmax_mode="ulysses", variant="mha", packed=packed),
+                Layout(sp=4, mode="lasp2", softmax_mode="allgather-balanced", packed=packed)]
         out += [Layout(tp=2, sp=2, mode="lasp", packed=packed),
                 Layout(tp=2, sp=2, mode="lasp2", softmax_mode="ulysses", variant="mha", packed=packed)]
     return out

@@ -394,15 +394,19 @@ def test_sharded_equals_single_process(layout_results, layout):
 
 
 def _param_count(name: str, tied: bool) -> int:
-    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU) + final norm."""
+    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU) + final norm; a
+    hybrid's softmax layers: 2 norms + q and G key/value heads + proj + GLU."""
     from megatron_lasp.models import PRESETS
 
     preset = PRESETS[name]
     f = preset.fields
     V, h, L, H, F = preset.vocab_size, f["hidden_size"], f["num_layers"], f["num_attention_heads"], f["ffn_hidden_size"]
     D = h // H
+    G = f.get("num_query_groups") or H
+    softmax_layers = (f.get("hybrid_layer_pattern") or "").count("*")
     per_layer = 2 * h + 4 * H * D * h + H * D + H * D * h + 3 * h * F
-    return V * h * (1 if tied else 2) + L * per_layer + h
+    per_softmax_layer = 2 * h + (H + 2 * G) * D * h + H * D * h + 3 * h * F
+    return V * h * (1 if tied else 2) + (L - softmax_layers) * per_layer + softmax_layers * per_softmax_layer + h
 
 
 def test_extras(layout_results):

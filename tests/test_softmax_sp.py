@@ -2,8 +2,8 @@
 
 The kernels (``ops/softmax_attn``) against the explicit fp64 reference that runs one document at a
 time, with the queries as the last positions of the keys; ``softmax_attn_sp`` on 2 and 4 gloo
-ranks against the one-device run of the whole sequence: output, dq, dk, dv (fp64, relative error
-< 1e-10), unpacked and packed (documents spanning ranks, starts on and next to slice edges, several
+ranks (all-gather, Ulysses, the balanced all-gather) against the one-device run of the whole
+sequence: output, dq, dk, dv (fp64, relative error < 1e-10), unpacked and packed (documents spanning ranks, starts on and next to slice edges, several
 in one slice), odd slice lengths, grouped-query attention, B = 1 and 2.
 """
 
@@ -174,6 +174,9 @@ def test_causal_pairs_per_rank():
     assert pairs == [C * C * r + C * (C + 1) // 2 for r in range(W)]
     assert sum(pairs) == N * (N + 1) // 2
     assert causal_pairs_per_rank(N, W, "ulysses") == [sum(pairs) // W] * W
+    # the balanced all-gather: the same total, every rank within one query's keys of the mean
+    balanced = causal_pairs_per_rank(N, W, "allgather-balanced")
+    assert sum(balanced) == sum(pairs) and max(balanced) - min(balanced) <= N, balanced
     # documents of one slice each: every rank does the same work
     cu = torch.arange(0, N + 1, C)
     assert len(set(causal_pairs_per_rank(N, W, cu_seqlens=cu))) == 1

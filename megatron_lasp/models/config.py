@@ -191,8 +191,9 @@ class LinearLMConfig(TransformerConfig):
     (--hybrid-layer-pattern). The softmax layers use num_query_groups key/value heads (GQA) and
     RoPE (rotary_base); the linear layers keep one key/value head per head."""
     softmax_sequence_parallel_mode: str = "allgather"
-    """How the softmax layers run over the sequence-parallel group: 'allgather' (K and V gathered)
-    or 'ulysses' (all-to-all to head shards) (--softmax-sequence-parallel-mode)."""
+    """How the softmax layers run over the sequence-parallel group: 'allgather' (K and V gathered),
+    'allgather-balanced' (the same with the causal work evened out over the ranks) or 'ulysses'
+    (all-to-all to head shards) (--softmax-sequence-parallel-mode)."""
     softmax_kernel: str = "auto"
     """The softmax layers' library kernel: auto, sdpa, flex, varlen or math
     (megatron_lasp/ops/softmax_attn) (--softmax-kernel)."""

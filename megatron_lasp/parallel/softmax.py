@@ -9,6 +9,9 @@ between layers. Two modes:
   prefix (the kernel's bottom-right causal alignment is exactly the rank's causal offset ``r C``).
   Backward: the kernel's dK, dV of the prefix, one reduce-scatter sums every rank's contributions
   into the owner's slice. Any head count.
+- ``allgather-balanced``: the all-gather, and each heavy rank ``W - 1 - r`` hands the tail of its
+  queries to light rank ``r`` so that both do about the same causal work
+  (:mod:`megatron_lasp.parallel.softmax_balanced`).
 - ``ulysses``: one all-to-all turns the sequence slices of q, k, v into the whole sequence for
   ``1 / W`` of the heads, the kernel runs on the whole sequence, a second all-to-all returns the
   output to sequence slices (backward: the mirror image). Needs the query and the key/value heads
@@ -31,12 +34,13 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens, doc_ids_from_cu_seqlens
 from megatron_lasp.ops.softmax_attn import softmax_attn
 from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info, reduce_scatter_flat
+from megatron_lasp.parallel.softmax_balanced import balance_plan, balanced_attention
 from megatron_lasp.parallel.sp import _cu_fingerprint, _validate_default
 from megatron_lasp.parallel.ulysses import _heads_to_seq, _seq_to_heads
 
 __all__ = ["SOFTMAX_SP_MODES", "softmax_attn_sp", "causal_pairs_per_rank"]
 
-SOFTMAX_SP_MODES = ("allgather", "ulysses")
+SOFTMAX_SP_MODES = ("allgather", "ulysses", "allgather-balanced")
 """The sequence-parallel modes of the softmax layers (the first is the default)."""
 
 
@@ -177,6 +181,9 @@ def softmax_attn_sp(
     if validate:
         _check_across_group(q, k, v, mode, group, cu_seqlens)
     info = group_info(group)
+    if mode == "allgather-balanced":
+        keys = _keys_per_query(B, C * world, cu_seqlens, q.device)
+        return balanced_attention(q, k, v, info, keys, docs, scale, kernel)
     if mode == "allgather":
         end = (info.rank + 1) * C  # keys after this rank's last query are never read
         k_all, v_all = _GatherKV.apply(k, v, info)
@@ -202,7 +209,8 @@ def causal_pairs_per_rank(seq_len: int, world: int, mode: str = "allgather",
 
     Under ``allgather`` rank ``r`` computes the pairs of its own queries (``i`` in slice ``r``,
     ``j <= i`` in the same document); under ``ulysses`` every rank computes the whole sequence for
-    ``1 / W`` of the heads, i.e. ``1 / W`` of all pairs.
+    ``1 / W`` of the heads, i.e. ``1 / W`` of all pairs; under ``allgather-balanced`` the heavy
+    ranks' tails move to their partners (``softmax_balanced.balance_plan``).
 
     Args:
         seq_len: tokens per row (``W C``); world: the group size ``W``; mode: as in
@@ -217,17 +225,31 @@ def causal_pairs_per_rank(seq_len: int, world: int, mode: str = "allgather",
         raise ValueError(f"causal_pairs_per_rank: unknown mode {mode!r}; choose one of {', '.join(SOFTMAX_SP_MODES)}")
     if seq_len % world:
         raise ValueError(f"causal_pairs_per_rank: seq_len ({seq_len}) must be divisible by world ({world})")
-    pos = torch.arange(seq_len, dtype=torch.int64).expand(batch, seq_len)
-    if cu_seqlens is None:
-        keys = pos + 1  # keys read by each query
-    else:
-        docs = doc_ids_from_cu_seqlens(cu_seqlens.cpu(), batch, seq_len, torch.device("cpu")).long()
-        flat = torch.arange(batch * seq_len).view(batch, seq_len)
-        doc_start = cu_seqlens.cpu().long()[docs]  # the first token (flat index) of each token's document
-        row_start = (flat // seq_len) * seq_len
-        keys = flat - torch.maximum(doc_start, row_start) + 1
-    per_slice = keys.view(batch, world, -1).sum(dim=(0, 2))
+    keys = _keys_per_query(batch, seq_len, cu_seqlens, torch.device("cpu"))
+    per_query = keys.view(batch, world, -1).sum(dim=0)  # [W, C]
+    per_slice = per_query.sum(dim=1)
     if mode == "ulysses":
         total = int(per_slice.sum())
         return [total // world + (1 if r < total % world else 0) for r in range(world)]
+    if mode == "allgather-balanced":
+        moved = balance_plan(keys, world)
+        work = [int(x) for x in per_slice]
+        for j, x in enumerate(moved):
+            if x:
+                tail = int(per_query[j, per_query.shape[1] - x:].sum())
+                work[j] -= tail
+                work[world - 1 - j] += tail
+        return work
     return [int(x) for x in per_slice]
+
+
+def _keys_per_query(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
+    """``[B, N]`` int64: the keys each causal query reads (from its document's start)."""
+    pos = torch.arange(seq_len, dtype=torch.int64, device=device).expand(batch, seq_len)
+    if cu_seqlens is None:
+        return pos + 1
+    cu = cu_seqlens.to(device).long()
+    docs = doc_ids_from_cu_seqlens(cu, batch, seq_len, device).long()
+    flat = torch.arange(batch * seq_len, device=device).view(batch, seq_len)
+    row_start = (flat // seq_len) * seq_len
+    return flat - torch.maximum(cu[docs], row_start) + 1

@@ -224,8 +224,10 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="how linear attention is parallelised over the sequence-parallel group")
     g.add_argument("--softmax-sequence-parallel-mode", choices=SOFTMAX_SP_MODES, default="allgather",
                    help="how the softmax layers of a --hybrid-layer-pattern are parallelised over the same group "
-                   "and slices: allgather (K and V gathered; any head count) or ulysses (all-to-all to head "
-                   "shards; key/value heads per TP rank divisible by the group size)")
+                   "and slices: allgather (K and V gathered; any head count), allgather-balanced (the same, "
+                   "the heavier rank of each pair r, W-1-r handing its last queries to the other so that the "
+                   "causal work is even) or ulysses (all-to-all to head shards; key/value heads per TP rank "
+                   "divisible by the group size)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's TP sequence parallelism (activation sharding inside the TP group); "
                    "unrelated to --sequence-parallel-mode")
