@@ -475,6 +475,8 @@ def test_config_defaults_and_presets():
         "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
         "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
         "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
+        "tnl-1b-hybrid-1to7": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-1b-hybrid-1to3": (2048, 16, 16, 128, 5632, 64000),
     }
     for name, row in table.items():
         c = linear_lm_config(name)
