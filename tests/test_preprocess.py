@@ -391,8 +391,14 @@ def run_tool(*args, wait=True):
          "error: --vocab-file /no/vocab.json: no such file"),
         (["--tokenizer-type", "NullTokenizer"], 1,
          "error: --vocab-size is required for --tokenizer-type NullTokenizer"),
+        # a flag the chosen tokenizer does not read is refused, not ignored
+        (["--tokenizer-type", "ByteLevelTokenizer", "--vocab-size", "100"], 1,
+         "error: --vocab-size is not used by --tokenizer-type ByteLevelTokenizer (it reads no files)"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER, "--merge-file", "m"],
+         1, "error: --merge-file is not used by --tokenizer-type HuggingFaceTokenizer (it reads --tokenizer-model)"),
     ],
-    ids=["missing-input", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size"],
+    ids=["missing-input", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size",
+         "unused-vocab-size", "unused-merge-file"],
 )
 def test_cli_errors(tmp_path, args, rc, message):
     base = ["--input", pp.BUNDLED_CORPUS, "--output-prefix", str(tmp_path / "d")]

@@ -300,6 +300,9 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
         ", ".join(p + ".{bin,idx}" for p in final_prefixes.values()),
     )
 
+    if not config.append_eod:
+        logger.warning("no --append-eod: the documents are stored without an EOD between them, so training "
+                       "reads them as one running text (and --reset-attention-mask finds no document starts)")
     stats = _Stats(config.json_keys, config.log_interval, config.input)
     outputs = _AtomicOutputs(final_prefixes, dtype)
     pool = None
