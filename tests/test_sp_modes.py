@@ -217,6 +217,13 @@ def _check_staged(rank, seed):
         recv.wait()
         send.wait()
         errs["pair"] = {"recv": float((buf - (peer + 1)).abs().max())}
+        # megatron-core's pipeline hook: rank 0 exchanges with its next stage, rank 1 with its previous
+        got = torch.full((4, 2), float("nan"))
+        sent = torch.full((4, 2), 10.0 + rank)
+        kw = (dict(tensor_send_next=sent, tensor_recv_next=got) if rank == 0 else
+              dict(tensor_send_prev=sent, tensor_recv_prev=got))
+        comm.ring_exchange(group=dist.group.WORLD, prev_pipeline_rank=peer, next_pipeline_rank=peer, **kw)
+        errs["ring_exchange"] = {"recv": float((got - (10 + peer)).abs().max())}
     finally:
         comm.staged_p2p = real
     return errs
@@ -361,7 +368,7 @@ def test_lasp_ring_staged_through_host_memory(two_ranks):
     seed, results = two_ranks
     for rank_results in results:
         _assert_all_close(rank_results["staged"], f"staged point-to-point, seed {seed}")
-        assert len(rank_results["staged"]) == 3
+        assert len(rank_results["staged"]) == 4
 
 
 def test_bad_inputs_across_ranks(two_ranks):

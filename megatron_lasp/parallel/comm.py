@@ -13,11 +13,13 @@ Point-to-point (:func:`send_state`, :func:`recv_state`): the one way the package
 from rank to rank. gloo cannot send or receive CUDA tensors ("Bad address"), while its
 collectives accept them; so on a gloo group a CUDA tensor goes through a pinned host buffer, which
 lets several ranks share one GPU (``--distributed-backend gloo``) as a correctness check. On NCCL,
-and for CPU tensors, they are plain ``isend`` / ``irecv``.
+and for CPU tensors, they are plain ``isend`` / ``irecv``. megatron-core's pipeline stages take
+the same route through :func:`ring_exchange` (:func:`pipeline_ring_exchange`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import List, Optional
 
@@ -42,6 +44,8 @@ __all__ = [
     "send_state",
     "recv_state",
     "staged_p2p",
+    "ring_exchange",
+    "pipeline_ring_exchange",
 ]
 
 
@@ -319,3 +323,36 @@ def recv_state(out: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], 
         return dist.irecv(out, src=src, group=group)
     host = _host_buffer(out)
     return _StagedWork(dist.irecv(host, src=src, group=group), host, out)
+
+
+def ring_exchange(*, tensor_send_prev=None, tensor_recv_prev=None, tensor_send_next=None, tensor_recv_next=None,
+                  group=None, prev_pipeline_rank=None, next_pipeline_rank=None) -> None:
+    """megatron-core's pipeline exchange (``torch.distributed.ring_exchange``, what its
+    ``use_ring_exchange_p2p`` calls) through :func:`send_state` / :func:`recv_state`: posts every
+    receive, then every send, and returns when all are done (the ranks are global ranks)."""
+    works = []
+    for out, src in ((tensor_recv_prev, prev_pipeline_rank), (tensor_recv_next, next_pipeline_rank)):
+        if out is not None:
+            works.append(recv_state(out, src, group))
+    for x, dst in ((tensor_send_prev, prev_pipeline_rank), (tensor_send_next, next_pipeline_rank)):
+        if x is not None:
+            works.append(send_state(x, dst, group))
+    for work in works:
+        work.wait()
+
+
+@contextlib.contextmanager
+def pipeline_ring_exchange():
+    """Provide ``torch.distributed.ring_exchange`` (:func:`ring_exchange`) inside the context, for
+    megatron-core's pipeline schedules with ``config.use_ring_exchange_p2p`` (its hook for a custom
+    point-to-point): on a gloo group with CUDA tensors its own ``isend`` / ``irecv`` fail."""
+    had = hasattr(dist, "ring_exchange")
+    previous = getattr(dist, "ring_exchange", None)
+    dist.ring_exchange = ring_exchange
+    try:
+        yield
+    finally:
+        if had:
+            dist.ring_exchange = previous
+        else:
+            del dist.ring_exchange
