@@ -44,10 +44,10 @@ rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
+# scontrol: one line per node, many of them (a reader that stops early gets SIGPIPE)
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] || exit 1
-echo 127.0.0.1
-echo 127.0.0.1
+for i in $(seq 1 20000); do echo 127.0.0.1; done
 """
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \| grad norm: (\S+) \|")
@@ -94,6 +94,7 @@ def test_sbatch_two_nodes_equal_one_launcher(tmp_path):
     finally:
         if nodes.poll() is None:  # a hang: stop both "nodes" (their launchers and workers)
             os.killpg(nodes.pid, signal.SIGKILL)
+    assert os.path.exists(logs / "node1.err"), f"srun never ran (exit {nodes.returncode}): {launcher_log[-3000:]}"
     node_logs = {i: (logs / f"node{i}.out").read_text() + (logs / f"node{i}.err").read_text() for i in (0, 1)}
     detail = launcher_log[-2000:] + "".join(f"\n--- node {i}\n{t[-3000:]}" for i, t in node_logs.items())
     assert nodes.returncode == 0, detail
