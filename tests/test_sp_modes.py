@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.parallel import gather_sequence, initialize_parallel, lightning_attn_sp, split_sequence
 from megatron_lasp.parallel import lasp as lasp_module
+from megatron_lasp.parallel import hop as hop_module
 from megatron_lasp.testing import spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
@@ -132,7 +133,8 @@ def _check_layers_and_order(world_size, seed):
 
     events = []
     names = ("_post_recv", "_post_send", "lightning_attn_fwd_phases", "lightning_attn_bwd_phases")
-    real = {name: getattr(lasp_module, name) for name in names}
+    owner = {name: hop_module if name.startswith("_post") else lasp_module for name in names}
+    real = {name: getattr(owner[name], name) for name in names}
 
     class _Work:
         def __init__(self, work):
@@ -170,14 +172,14 @@ def _check_layers_and_order(world_size, seed):
     fakes = dict(_post_recv=post, _post_send=send, lightning_attn_fwd_phases=phases("lightning_attn_fwd_phases", ""),
                  lightning_attn_bwd_phases=phases("lightning_attn_bwd_phases", "_bwd"))
     for name, fn in fakes.items():
-        setattr(lasp_module, name, fn)
+        setattr(owner[name], name, fn)
     try:
         x = split_sequence(q.float(), group).requires_grad_(True)
         y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
         y.backward(split_sequence(do.float(), group))
     finally:
         for name, fn in real.items():
-            setattr(lasp_module, name, fn)
+            setattr(owner[name], name, fn)
     err = _rel(gather_sequence(x.grad, group), x_ref.grad)
     return err, events
 
@@ -188,8 +190,8 @@ def _check_bidirectional(rank):
     ok = []
     for numel in (16, 1 << 20):  # a small and a 4 MiB state
         mine = torch.full((numel,), float(rank + 1))
-        buf, recv = lasp_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
-        send = lasp_module._post_send(mine, peer, dist.group.WORLD)
+        buf, recv = hop_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
+        send = hop_module._post_send(mine, peer, dist.group.WORLD)
         recv.wait()
         send.wait()
         ok.append(bool((buf == peer + 1).all()))
