@@ -33,6 +33,7 @@ __all__ = [
     "with_entry_state",
     "SliceTransform",
     "SliceFunction",
+    "window_documents",
     "all_gather_flat",
     "reduce_scatter_flat",
 ]
@@ -221,6 +222,35 @@ class SliceDocs:
         """``[B, H]``: ``lam^C`` for the rows of slice ``j`` without a boundary, 0 for the others."""
         through = (self.prev[j] == self.last[j]).to(dec.across.dtype)  # [B]
         return through[:, None] * dec.across[None]
+
+
+def window_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, lo: int, hi: int):
+    """The packed documents of the tokens ``[lo, hi)`` of every row of ``[B, T]``, for a kernel run
+    on that window alone (a chunk of a slice: ``models/chunked.py``).
+
+    Returns:
+        ``(cu_seqlens, keep)``: the window's document starts laid end to end (``[B (hi - lo)]``
+        rows, int64 on the CPU), and ``keep`` ``[B, 1, 1, 1]`` fp32 (0 where a document starts
+        exactly at the window's first token: the state carried into the window must not reach it)
+        or None when every row keeps it. ``(None, None)`` without documents. (A host sync: the
+        kernel's ``cu_seqlens`` are host values.)
+    """
+    if cu_seqlens is None:
+        return None, None
+    L = hi - lo
+    local = {b * L for b in range(B + 1)}
+    keep = [1.0] * B
+    for start in set(cu_seqlens.detach().cpu().tolist()):
+        b, t = divmod(start, T)
+        if b >= B or not lo <= t < hi:
+            continue
+        if t > lo:
+            local.add(b * L + t - lo)
+        elif t > 0:
+            keep[b] = 0.0
+    cu = torch.tensor(sorted(local), dtype=torch.int64)
+    keep_t = None if all(k == 1.0 for k in keep) else torch.tensor(keep, dtype=torch.float32).view(B, 1, 1, 1)
+    return cu, keep_t
 
 
 @dataclasses.dataclass(frozen=True)
