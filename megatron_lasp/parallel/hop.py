@@ -14,7 +14,9 @@ its own slice's contribution and passes the result on at once. :class:`StateHop`
 
 On CUDA, step 2 runs on a side stream, so the caller's work queued after it (LASP's output pass)
 does not wait for the incoming state: the chain of W-1 hops overlaps every rank's output pass. On
-the CPU (gloo) the steps run in order on the host.
+the CPU (gloo) the steps run in order on the host. The point-to-point itself is
+``comm.send_state`` / ``comm.recv_state`` (on a gloo group a CUDA state goes through pinned host
+memory: ranks sharing a GPU; same results, no overlap to speak of).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.parallel.comm import GroupInfo
+from megatron_lasp.parallel.comm import GroupInfo, recv_state, send_state
 
 __all__ = ["StateHop"]
 
@@ -47,14 +49,15 @@ def _post_recv(shape, dtype, device, src: Optional[int], group) -> Tuple[Optiona
     if src is None:
         return None, None
     buf = torch.empty(shape, dtype=dtype, device=device)
-    return buf, dist.irecv(buf, src=src, group=group)
+    return buf, recv_state(buf, src, group)
 
 
 def _post_send(x: torch.Tensor, dst: Optional[int], group) -> Optional[dist.Work]:
     """Post the send of ``x`` to global rank ``dst`` (None: nothing)."""
     # The caller waits after its remaining local work. On NCCL the wait only orders the current
     # stream after the send; the receiver posted its receive before its own kernel.
-    return None if dst is None else dist.isend(x.contiguous(), dst=dst, group=group)
+    # (A gloo group stages a CUDA state through host memory: then the send itself waits here.)
+    return None if dst is None else send_state(x, dst, group)
 
 
 @contextlib.contextmanager

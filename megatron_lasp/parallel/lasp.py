@@ -14,7 +14,10 @@ On CUDA, steps 3 (wait, combine, send) run on a side stream, so the output pass 
 not wait for ``S_in`` either: the chain of W-1 hops overlaps every rank's output pass, and the
 last rank ends after about ``max(kernel, state pass + hops)`` instead of ``kernel + hops``. On the
 CPU (gloo) the steps run in this order on the host; results are bitwise those of the one-pass
-schedule.
+schedule. On a gloo group with CUDA tensors (ranks sharing a GPU) each hop goes through pinned
+host memory (``comm.send_state`` / ``comm.recv_state``): same results, no overlap to speak of.
+The hop is :class:`megatron_lasp.parallel.hop.StateHop` and the slice's factors
+:class:`megatron_lasp.parallel.comm.SliceTransform` (shared with the chunked layer).
 
 Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, the
 state-gradient pass gives the local part of ``dS_in``; wait, send ``dS_in = lam^C dS +
