@@ -16,7 +16,7 @@ from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.parallel import gather_sequence, initialize_parallel, lightning_attn_sp, split_sequence
 from megatron_lasp.parallel import lasp as lasp_module
 from megatron_lasp.parallel import hop as hop_module
-from megatron_lasp.testing import spawn
+from megatron_lasp.testing import attention_inputs, check_slopes, rel_err, spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = 1e-5
@@ -24,28 +24,12 @@ POISON = TritonOptions(poison_outputs=True)  # NaN-filled triton kernel buffers 
 
 
 def _slopes(H: int, decay: bool) -> torch.Tensor:
-    if not decay:
-        return torch.zeros(H)
     # ALiBi-like spread plus one strong head whose lam^C underflows to 0 in fp32
-    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
-    s[-1] = 5.0
-    return s
+    return check_slopes(H, strong_head=True) if decay else torch.zeros(H)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _full_inputs(seed, B, T, H, Dk, Dv):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    return q, k, v, do
+_rel = rel_err
+_full_inputs = attention_inputs
 
 
 def _reference(q, k, v, do, slopes):

@@ -107,8 +107,7 @@ class StateHop:
             The received state (None on the first rank of the chain); use it after :meth:`join`.
         """
         with _on_side(self._side, local, self.received, keep):
-            if self._recv is not None:
-                self._recv.wait()
+            self.wait()
             if self.dst is not None:
                 out = local
                 if keep is not None:
@@ -116,6 +115,14 @@ class StateHop:
                 if self.received is not None:
                     out = out.add_(carry(self.received))
                 self._send = _post_send(out, self.dst, self.info.group)
+        return self.received
+
+    def wait(self) -> Optional[torch.Tensor]:
+        """Wait for the received state now, on the current stream (a schedule without overlap);
+        returns it. :meth:`pass_on` waits by itself."""
+        if self._recv is not None:
+            self._recv.wait()
+            self._recv = None
         return self.received
 
     def join(self) -> None:

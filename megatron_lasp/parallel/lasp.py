@@ -58,32 +58,40 @@ __all__ = ["lasp_attention"]
 class _LaspFunction(SliceFunction):
     @staticmethod
     def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
-                triton_options=None):
+                triton_options=None, overlap: bool = True):
         B, C, H, Dk = q.shape
         # 1. post the receive of S_in
         hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=True)
+        if not overlap:
+            hop.wait()
         # 2. the state-only pass: S_loc before any output is computed
         s_loc, finish = lightning_attn_fwd_phases(q, k, v, slopes, backend,
                                                   doc_ids=None if docs is None else docs.local,
                                                   triton_options=triton_options)
         tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
-        # 3. wait for S_in, send S_out on at once (side stream on CUDA)
-        s_in = hop.pass_on(s_loc, tr)
-        # 4. the output pass while the state travels
-        o, saved = finish()
+        if overlap:
+            # 3. wait for S_in, send S_out on at once (side stream on CUDA)
+            s_in = hop.pass_on(s_loc, tr)
+            # 4. the output pass while the state travels
+            o, saved = finish()
+        else:
+            o, saved = finish()
+            s_in = hop.pass_on(s_loc, tr)
         hop.join()
         # 5. the entering state's term
         if s_in is not None:
             add_state_term(o, q, s_in, tr.w_in)
         hop.finish()
-        SliceFunction.keep(ctx, saved, (q, k, v, slopes, s_in), (info, docs))
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, s_in), (info, docs, overlap))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, s_in), saved, (info, docs) = SliceFunction.restore(ctx)
+        (q, k, v, slopes, s_in), saved, (info, docs, overlap) = SliceFunction.restore(ctx)
         B, C, H, Dk = q.shape
         hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=False)
+        if not overlap:
+            hop.wait()
         if s_in is not None:
             saved = with_entry_state(saved, s_in, slopes, docs)
         # 1. the state-gradient pass: the local part of dS_in first
@@ -91,19 +99,23 @@ class _LaspFunction(SliceFunction):
         tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
         # 2. wait for dS, send dS_in on at once (side stream on CUDA); the kernel's dS_0 is for
         # the slice's first document
-        ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
-        # 3. the slice's gradients while the state gradient travels
-        dq, dk, dv = finish()
+        if overlap:
+            ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
+            # 3. the slice's gradients while the state gradient travels
+            dq, dk, dv = finish()
+        else:
+            dq, dk, dv = finish()
+            ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
         hop.join()
         if ds is not None:
             add_state_term(dk, v, ds.transpose(-1, -2), tr.w_out)
             add_state_term(dv, k, ds, tr.w_out)
         hop.finish()
-        return _LaspFunction.input_grads(dq, dk, dv)
+        return _LaspFunction.input_grads(dq, dk, dv) + (None,)
 
 
 def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                   docs: Optional[SliceDocs] = None, triton_options=None):
+                   docs: Optional[SliceDocs] = None, triton_options=None, *, overlap: bool = True):
     """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
 
     Args:
@@ -114,8 +126,11 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
         docs: packed documents (:class:`megatron_lasp.parallel.comm.SliceDocs`), or None.
         triton_options: the triton backend's :class:`megatron_lasp.ops.lightning_attn.TritonOptions`,
             or None.
+        overlap: the schedule above; False waits for the incoming state (gradient) before the
+            kernel and sends after it, so each rank waits for every kernel before it (the same
+            results: the baseline that ``benchmarks/gpu_check_sp.py`` times the overlap against).
 
     Returns:
         ``o [B, C, H, Dv]``, this rank's slice of the output.
     """
-    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)
+    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options, overlap)
