@@ -202,3 +202,36 @@ def test_bad_gate_inputs():
     o, _, saved = lightning_attn_fwd(q, q, q, None, g=torch.zeros(1, 4, 2), backend="torch")
     with pytest.raises(ValueError, match="slopes=None for per-token gates"):
         lightning_attn_bwd(q, q, q, torch.zeros(2), o, saved=saved)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("docs", [False, True], ids=["nodocs", "docs"])
+def test_gpu_kernels_match_fp64(dtype, docs):
+    """The CUDA kernels (bf16, fp32) against the torch backend in fp64, every output and gradient
+    incl. dg, with a span of g = -20 and (docs) packed documents crossing blocks and segments."""
+    B, T, H, D = 2, 3000, 4, 128
+    leaves, do, dht = _inputs(B, T, H, D, D, "strong", seed=5)
+    leaves = [x.cuda() for x in leaves]
+    leaves[0], leaves[1] = leaves[0] * D ** -0.25, leaves[1] * D ** -0.25
+    do, dht = do.cuda(), dht.cuda()
+    cu = torch.tensor([0, 1, 700, 2048, 2049, 3100, 4096, 6000], device="cuda") if docs else None
+
+    def run(backend, cast):
+        xs = [cast(x).detach().clone().requires_grad_() for x in leaves[:3]]
+        g = leaves[3].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        h0 = leaves[4].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        o, s = chunk_lightning_attn(*xs, None, h0, True, backend=backend, cu_seqlens=cu, g=g,
+                                    triton_options=POISON if backend == "triton" else None)
+        torch.autograd.backward((o, s), (cast(do), dht.to(s.dtype)))
+        return [o, s] + [x.grad for x in xs] + [g.grad, h0.grad]
+
+    ref = run("torch", lambda x: x.double())
+    got = run("triton", lambda x: x.to(dtype))
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
+    assert max(errs.values()) < tol, errs
