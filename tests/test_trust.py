@@ -300,12 +300,11 @@ def test_flag_validation(extra, world, needle, capsys):
 
 def test_pipeline_must_divide_layers():
     from megatron_lasp.training.arguments import ArgumentError, parse_args
-    from megatron_lasp.training.loop import model_config_from_args
+    from megatron_lasp.training.loop import model_config_from_run
 
-    args = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
-    args.padded_vocab_size = 128
+    config = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
     with pytest.raises(ArgumentError, match=r"--pipeline-model-parallel-size \(3\) must divide the number of layers \(2\)"):
-        model_config_from_args(args)
+        model_config_from_run(config)
 
 
 def test_messages_name_existing_flags():
