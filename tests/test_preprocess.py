@@ -367,7 +367,8 @@ def test_output_prefix_that_cannot_be_written(tmp_path):
             preprocess_data(PreprocessConfig(src, str(prefix), {"tokenizer_type": "ByteLevelTokenizer"}, force=True))
     (tmp_path / "d_text_document.idx").mkdir()
     with pytest.raises(ValueError, match="d_text_document.idx is a directory; choose another prefix"):
-        preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"}, force=True))
+        preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"},
+                                         force=True))
     assert sorted(os.listdir(tmp_path)) == ["d_text_document.idx", "file", "in.jsonl"]
 
 
@@ -398,8 +399,8 @@ def run_tool(*args, wait=True):
         (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER, "--merge-file", "m"],
          1, "error: --merge-file is not used by --tokenizer-type HuggingFaceTokenizer (it reads --tokenizer-model)"),
     ],
-    ids=["missing-input", "input-is-dir", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size",
-         "unused-vocab-size", "unused-merge-file"],
+    ids=["missing-input", "input-is-dir", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab",
+         "null-no-size", "unused-vocab-size", "unused-merge-file"],
 )
 def test_cli_errors(tmp_path, args, rc, message):
     base = ["--input", pp.BUNDLED_CORPUS, "--output-prefix", str(tmp_path / "d")]
