@@ -5,10 +5,10 @@
   flags and meaning. Every rank checks after each step and the ranks agree (one small all-reduce),
   so all of them save the same iteration and stop together.
 - :class:`LauncherWatchdog`: a worker whose launcher (torchrun) died exits instead of training on.
-- :func:`record_clean_error`: a one-line error that a worker has already printed is also written
-  to torchrun's error file (``TORCHELASTIC_ERROR_FILE``), marked as such: plain torchrun shows the
-  line in its failure report instead of a link, and ``python -m megatron_lasp.training.launch``
-  shows nothing more than the line.
+- :func:`record_clean_error`: under ``python -m megatron_lasp.training.launch`` (torchrun with one
+  line for clean errors), a one-line error that a worker has already printed is also written to
+  torchrun's error file (``TORCHELASTIC_ERROR_FILE``), marked as such, so that the launcher adds
+  nothing to it. Plain torchrun is left as it is (the line, then its own report).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ PROG = "pretrain_linear_lm.py"
 
 CLEAN_ERROR_KEY = "megatron_lasp_clean_error"
 """Key of torchrun's error file marking an error already printed as one line (not a crash)."""
+
+LAUNCHER_ENV = "MEGATRON_LASP_LAUNCHER"
+"""Set by ``megatron_lasp.training.launch`` for its workers: they mark their clean errors."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 """What ``--exit-signal-handler`` catches (SLURM and torchrun send SIGTERM; Ctrl-C is SIGINT)."""
@@ -103,7 +106,7 @@ def is_launched() -> bool:
 def record_clean_error(message: str, code: int) -> None:
     """Write ``message`` (one line, already printed) to torchrun's error file, marked clean."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
+    if not path or not os.environ.get(LAUNCHER_ENV):
         return
     data = {
         "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}},

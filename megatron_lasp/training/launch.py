@@ -14,11 +14,12 @@ says so in one line and exits 128 + the signal number.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import List, Optional
 
-from megatron_lasp.training.interrupts import CLEAN_ERROR_KEY
+from megatron_lasp.training.interrupts import CLEAN_ERROR_KEY, LAUNCHER_ENV
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
+    os.environ[LAUNCHER_ENV] = "1"  # the workers mark the errors they printed as one line
     try:
         run(args)
     except ChildFailedError as err:
