@@ -423,4 +423,5 @@ def test_settings_refuse_flags_the_type_does_not_read():
         for extra in set(values) - set(reads):
             flag = "--" + extra.replace("_", "-")
             with pytest.raises(ValueError, match=f"^{flag} is not used by --tokenizer-type {kind} "):
-                TokenizerSettings(tokenizer_type=kind, **{k: values[k] for k in reads}, **{extra: values[extra]}).check_flags()
+                settings = dict({k: values[k] for k in reads}, **{extra: values[extra]})
+                TokenizerSettings(tokenizer_type=kind, **settings).check_flags()

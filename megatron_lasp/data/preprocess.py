@@ -282,6 +282,8 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
         PreprocessError: existing outputs without ``force``, a bad line under ``strict``, or no
             valid document at all.
     """
+    if os.path.isdir(config.input):
+        raise ValueError(f"--input {config.input} is a directory; give the jsonl file")
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"--input {config.input}: no such file")
     final_prefixes = {k: output_prefix_for_key(config.output_prefix, k) for k in config.json_keys}

@@ -17,8 +17,9 @@ RNG states.
 A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
 file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest
 (``megatron_lasp.atomic``). Every rank must see the directory rank 0 creates (on several nodes,
-``--save`` on a shared file system): each save checks it first and refuses otherwise. :func:`save_weights_only` writes the same layout with the weights
-alone (the Hugging Face converter's output).
+``--save`` on a shared file system): each save checks it first and refuses otherwise.
+:func:`save_weights_only` writes the same layout with the weights alone (the Hugging Face
+converter's output).
 
 No run loses another's work: rank 0 holds a lock file in ``--save`` for the whole run (a second
 run on it refuses to start; the lock of a dead run is reported and taken over); a ``--save``
@@ -686,7 +687,8 @@ def _check_shared(root: str, tmp: str, marker: Optional[str]) -> None:
     blind = [r for r, (seen, _) in enumerate(views) if not seen]
     if blind:
         hosts = ", ".join(sorted({views[r][1] for r in blind}))
-        raise CheckpointError(f"--save {root}: rank(s) {', '.join(map(str, blind[:8]))}{' ...' if len(blind) > 8 else ''} "
+        ranks = ", ".join(map(str, blind[:8])) + (" ..." if len(blind) > 8 else "")
+        raise CheckpointError(f"--save {root}: rank(s) {ranks} "
                               f"on {hosts} do not see {tmp}, which rank 0 created on {views[0][1]}: --save must be on "
                               "a file system every node shares, at the same path (docs/LAUNCH.md)")
 
