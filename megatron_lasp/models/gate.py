@@ -103,7 +103,10 @@ class LinearAttentionGate(MegatronModule):
             tp_group=tp_group,
         )
         if self.kind == "mamba2":
-            a_log, dt_bias = mamba2_gate_init(heads)
+            if config.perform_initialization:
+                a_log, dt_bias = mamba2_gate_init(heads)
+            else:  # the values come from a checkpoint (megatron-core's convention for its weights)
+                a_log, dt_bias = torch.empty(heads), torch.empty(heads)
             mine = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
             device = None if config.use_cpu_initialization else torch.cuda.current_device()
             self.A_log = torch.nn.Parameter(a_log[mine].to(device=device, dtype=config.params_dtype))
