@@ -147,6 +147,45 @@ def _global_name(name: str, offset: int, tied: bool = False) -> str:
     return f"{prefix}{int(idx) + offset}.{rest}"
 
 
+def _assert_spec_classes(model) -> None:
+    """The built layers and MLPs are the classes the specs name (nothing swapped after the build)."""
+    from megatron_lasp.models.chunked import LinearTransformerLayer
+    from megatron_lasp.models.mlp import LinearLMMLP
+
+    assert model.decoder.layers and all(type(layer) is LinearTransformerLayer for layer in model.decoder.layers)
+    assert all(type(layer.mlp) is LinearLMMLP for layer in model.decoder.layers)
+
+
+def test_specs_name_the_classes_that_run(monkeypatch):
+    """The layer spec names LinearTransformerLayer and the MLP spec LinearLMMLP, in both forms of
+    megatron-core's MLP spec (a ModuleSpec in 0.16, a partial of ``MLP.as_mlp_submodule`` in 0.19)."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    from megatron_lasp.models import specs
+    from megatron_lasp.models.chunked import LinearTransformerLayer
+    from megatron_lasp.models.mlp import LinearLMMLP
+
+    spec = specs.get_linear_lm_layer_spec(_config(Layout()))
+    assert spec.module is LinearTransformerLayer
+    assert spec.submodules.mlp.module is LinearLMMLP
+    assert spec.submodules.mlp.submodules.linear_fc1 is not None
+
+    def as_mlp_submodule(cls, submodules, **kwargs):  # the 0.19 builder's shape
+        return cls, submodules, kwargs
+
+    monkeypatch.setattr(MLP, "as_mlp_submodule", classmethod(as_mlp_submodule), raising=False)
+    subs = MLPSubmodules(linear_fc1="fc1", linear_fc2="fc2")
+    monkeypatch.setattr(specs, "get_mlp_module_spec_for_backend",
+                        lambda backend: functools.partial(MLP.as_mlp_submodule, submodules=subs))
+    built = specs.glu_mlp_spec(None)
+    assert built(config="c") == (LinearLMMLP, subs, {"config": "c"})
+    monkeypatch.setattr(specs, "get_mlp_module_spec_for_backend", lambda backend: "something else")
+    with pytest.raises(TypeError, match="unexpected MLP spec"):
+        specs.glu_mlp_spec(None)
+
+
 def _reference(variant: str):
     """TP=1 / SP=1 / PP=1 run of the full batch: (loss, full params, grads, slopes per layer).
 
@@ -156,6 +195,7 @@ def _reference(variant: str):
 
     torch.manual_seed(SEED)
     model = build_linear_lm(_config(Layout(variant=variant)), VOCAB)
+    _assert_spec_classes(model)
     ids, labels = _batch()
     loss = model(ids, labels=labels).float().mean()
     loss.backward()

@@ -114,7 +114,7 @@ class StateCarry:
     want_final: bool = True
     final: Optional[torch.Tensor] = None
     cut: bool = False
-    """The first backward pass of a sequence-parallel chunk (``memory.py``): the projection output
+    """The first backward pass of a sequence-parallel chunk (``chunked.py``): the projection output
     (``mixed``) and the attention output (``o``, ``[b, s, h, d]``) become leaves that collect
     their gradients, q is kept (``q``), and no gradient reaches q, k, v."""
     mixed: Optional[torch.Tensor] = None
@@ -201,7 +201,7 @@ class LinearSelfAttention(MegatronModule):
     @contextlib.contextmanager
     def carrying(self, carry: StateCarry):
         """Within the block, the attention runs on a piece of the sequence that continues from
-        ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``memory.py``).
+        ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``chunked.py``).
 
         The caller owns the sequence-parallel exchange (no collective runs inside).
         """

@@ -145,7 +145,7 @@ class LinearLMConfig(TransformerConfig):
     the tensors kept anyway right before their backward; no matmul is recomputed. Needs
     recompute_granularity 'selective' (--recompute-modules elementwise)."""
 
-    # ---- long-context memory (megatron_lasp/models/loss.py, memory.py) ------------------------
+    # ---- long-context memory (megatron_lasp/models/loss.py, offload.py, chunked.py) ----------
     fused_linear_cross_entropy: bool = True
     """Output layer + cross-entropy chunked over tokens, never holding the [tokens, vocab] logits
     (--no-fused-linear-cross-entropy: megatron-core's output layer and vocab-parallel loss)."""
@@ -158,7 +158,7 @@ class LinearLMConfig(TransformerConfig):
     """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
     kept, and each layer runs (forward, recompute and backward) in chunks of this many tokens,
     the attention's state carried from chunk to chunk, also across the ranks of a lasp group
-    (memory.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
+    (chunked.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
     (--recompute-chunk-size). Needs recompute_granularity None (it
     replaces it)."""
 
