@@ -717,6 +717,13 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     return state
 
 
+def _let_rank_zero_print() -> None:
+    # every rank fails together; torchrun stops the others at the first exit, which must not
+    # come before rank 0 has printed the line
+    if not arguments_mod.is_rank_zero():
+        time.sleep(1.0)
+
+
 def cli_main(argv: Optional[List[str]] = None) -> int:
     """``pretrain_linear_lm.py``: :func:`main` with every way it ends as an exit status, and a clean
     end as one line on stderr (no traceback): 0 done (or stopped on request, saved), 1 training
@@ -726,9 +733,11 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
         main(argv)
     except StartupError as err:  # already printed (rank 0)
         record_clean_error(f"{PROG}: error: {err.message}", err.code)
+        _let_rank_zero_print()
         return err.code
     except arguments_mod.UsageError as err:  # argparse's own, already printed (rank 0)
         record_clean_error(err.message, 2)
+        _let_rank_zero_print()
         return 2
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
