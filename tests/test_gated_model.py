@@ -274,3 +274,52 @@ def test_flags():
     with pytest.raises(ArgumentError, match="--gate-logit-normalizer"):
         parse_config(base + ["--linear-attention-gate", "gla", "--gate-logit-normalizer", "-1"])
     assert flag_of_field("linear_attention_gate") == "--linear-attention-gate"
+
+
+# ---------------------------------------------------------------------------------------------
+# training through the loop: layouts, checkpoints (the gate is part of the recorded architecture)
+
+TRAIN = [
+    "--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3", "--lr-warmup-iters", "1",
+    "--log-interval", "2", "--eval-interval", "0", "--seed", "7", "--make-vocab-size-divisible-by", "64",
+]
+
+
+def _train(rank, world_size, configs):
+    """``main(TRAIN + extra)`` per extra: the per-iteration losses, or the startup error's text."""
+    from megatron_lasp.training import main
+    from megatron_lasp.training.loop import StartupError
+
+    out = []
+    for extra in configs:
+        try:
+            out.append(list(main(TRAIN + list(extra), destroy=False).losses))
+        except StartupError as err:
+            out.append(err.message)
+    return out
+
+
+def test_gated_training_layouts_and_checkpoints(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    gate = ["--linear-attention-gate", "mamba2"]
+    (single,) = spawn(_train, 1, ([gate + ["--save", ckpt, "--save-interval", "3"],
+                                   gate + ["--load", ckpt, "--finetune", "--train-iters", "2"],
+                                   ["--linear-attention-gate", "gla", "--load", ckpt],
+                                   ["--load", ckpt]],), timeout=300)
+    want, resumed, other_gate, no_gate = single
+    assert all(math.isfinite(x) for x in want) and len(set(want)) == 3, want
+    assert all(math.isfinite(x) for x in resumed), resumed
+    for refused in (other_gate, no_gate):
+        assert isinstance(refused, str) and "linear_attention_gate=mamba2" in refused, refused
+        assert "--linear-attention-gate" in refused, refused
+    configs = {
+        "dp2-torch": gate + ["--ddp-impl", "torch"],
+        "dp2-fsdp": gate + ["--ddp-impl", "fsdp"],
+        "tp2-sp": gate + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    }
+    for rank_losses in spawn(_train, 2, (list(configs.values()),), timeout=420):
+        for name, losses in zip(configs, rank_losses):
+            assert len(losses) == len(want), (name, losses)
+            for g, w in zip(losses, want):
+                assert abs(g - w) <= 2e-5 * abs(w), (name, losses, want)
