@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.atomic import check_directory_path
+from megatron_lasp.atomic import check_directory_path, describe_ranks, ranks_not_seeing
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
 from megatron_lasp.parallel.layout import sequence_slice_bounds
 
@@ -262,6 +262,9 @@ def build_datasets(settings: DataSettings, tokenizer) -> list:
     """Build the (train, valid, test) datasets with megatron-core's BlendedMegatronDatasetBuilder.
 
     Every rank builds (megatron-core builds on rank 0 first, then the others read its index cache).
+    An index cache that some ranks do not see (node-local disks) would make them fail: then every
+    rank builds its indices in memory instead (the same indices; each rank pays the build), with a
+    warning. Collective.
 
     Returns:
         three datasets (or None for a split with no samples), each indexable by sample number and
@@ -271,12 +274,21 @@ def build_datasets(settings: DataSettings, tokenizer) -> list:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+    cache = index_cache_path(settings)
+    if cache and dist.is_initialized() and dist.get_world_size() > 1:
+        blind, host0 = ranks_not_seeing(cache)
+        if blind:
+            if dist.get_rank() == 0:
+                logger.warning("the index cache %s (on %s) is not seen by %s: every rank builds its sample indices "
+                               "without a cache; put --data-cache-path on a file system all nodes share to build "
+                               "them once", cache, host0, describe_ranks(blind))
+            cache = None
     config = GPTDatasetConfig(
         random_seed=settings.seed,
         sequence_length=settings.seq_length,
         blend=settings.data_blend,
         split=settings.split,
-        path_to_cache=index_cache_path(settings),
+        path_to_cache=cache,
         tokenizer=tokenizer.as_megatron_tokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,
