@@ -16,8 +16,10 @@ RNG states.
 
 A save is atomic: it is written to ``iter_XXXXXXX.tmp`` and renamed once complete, and the tracker
 file is replaced afterwards, so a crash mid-save leaves the previous checkpoint as the latest
-(``megatron_lasp.atomic``). :func:`save_weights_only` writes the same layout with the weights
-alone (the Hugging Face converter's output).
+(``megatron_lasp.atomic``). Every rank must see the directory rank 0 creates (on several nodes,
+``--save`` on a shared file system): each save checks it first and refuses otherwise.
+:func:`save_weights_only` writes the same layout with the weights alone (the Hugging Face
+converter's output).
 
 No run loses another's work: rank 0 holds a lock file in ``--save`` for the whole run (a second
 run on it refuses to start; the lock of a dead run is reported and taken over); a ``--save``
@@ -53,7 +55,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.atomic import fresh_directory, replace_directory, write_json, write_text_atomic
+from megatron_lasp.atomic import (describe_ranks, fresh_directory, ranks_not_seeing, replace_directory, write_json,
+                                  write_text_atomic)
 from megatron_lasp.data.tokenizer import TokenizerSettings
 from megatron_lasp.training.optim import fsdp_reshard, torch_optimizers, unwrap_model
 
@@ -662,6 +665,17 @@ def _begin_save(root: str, iteration: int) -> str:
     return fresh_directory(_temporary_name(root, iteration))
 
 
+def _check_shared(root: str, tmp: str) -> None:
+    """Every rank must see the directory rank 0 just created (``--save`` shared by all nodes);
+    otherwise shards would land on several disks and no node would hold the checkpoint.
+    Collective; all ranks raise together."""
+    blind, host0 = ranks_not_seeing(tmp)
+    if blind:
+        raise CheckpointError(f"--save {root}: {describe_ranks(blind)} do not see {tmp}, which rank 0 created on "
+                              f"{host0}: --save must be on a file system every node shares, at the same path "
+                              "(docs/LAUNCH.md)")
+
+
 def _temporary_name(root: str, iteration: int) -> str:
     return checkpoint_name(root, iteration) + ".tmp"
 
@@ -690,7 +704,7 @@ def save_checkpoint(state) -> str:
     rank = dist.get_rank()
     if rank == 0:
         _begin_save(root, state.iteration)
-    dist.barrier()
+    _check_shared(root, _temporary_name(root, state.iteration))
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=False, with_optimizer=True, with_rng=True)
         dist_checkpointing.save(sd, _temporary_name(root, state.iteration))

@@ -1,221 +1,63 @@
-"""Activation memory for long sequences: layer-input offloading and a chunked per-layer recompute.
+"""The whole-layer chunked recompute (``recompute_chunk_size`` / ``--recompute-chunk-size``).
 
-With full activation recompute the decoder keeps one tensor per layer between forward and
-backward, the layer input ``[s, b, hidden]`` (2 bytes x hidden a token in bf16: 64 KiB a token for
-TNL-1B's 16 x 2048), and backward needs one layer's recompute working set at a time.
+:class:`LinearTransformerLayer` is megatron-core's ``TransformerLayer`` with its own checkpoint,
+which keeps only the layer input (the tensor :mod:`megatron_lasp.models.offload` can move to the
+host). On one GPU (its tokens one contiguous piece of the sequence) the whole layer runs in chunks
+of that many tokens, forward and backward: the linear attention carries its recurrent state
+``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP carries it from rank to rank.
+Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB a chunk for
+TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
+its entry state and back-propagates it with the gradient of its outputs and of the state it
+passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
+documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.comm.window_documents`),
+and the carried state is zeroed for a row whose document starts at the chunk's first token. So a
+layer's working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for
+TNL-1B) exists for one chunk at a time, whatever the sequence length.
 
-- :class:`LayerInputOffloader` (``offload_layer_inputs`` / ``--cpu-offloading``): saved-tensor hooks
-  active during the decoder's forward move every saved CUDA tensor of at least ``min_bytes`` (with
-  recompute: the layer inputs) to pinned host memory on a side stream, overlapped with the next
-  layer's forward; backward waits for the copy back of the layer it needs and starts the copy of
-  the layer before it, so at most two layer inputs are on the GPU. On CPU the same code path runs
-  with plain host copies (what the tests check).
-  megatron-core's own ``cpu_offloading`` does not apply: it needs Transformer Engine and refuses
-  activation recompute, which these lengths need; its ``fine_grained_activation_offloading``
-  offloads module inputs of a non-recomputed layer.
-- :class:`LinearTransformerLayer` (``recompute_chunk_size`` / ``--recompute-chunk-size``):
-  megatron-core's ``TransformerLayer`` with its own checkpoint, which keeps only the layer input.
-  On one GPU (its tokens one contiguous piece of the sequence) the whole layer runs in chunks of
-  that many tokens, forward and backward: the linear attention carries its recurrent state
-  ``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP carries it from rank to rank.
-  Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB a chunk for
-  TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
-  its entry state and back-propagates it with the gradient of its outputs and of the state it
-  passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
-  documents: each chunk gets its own ``cu_seqlens``, and the carried state is zeroed for a row
-  whose document starts at the chunk's first token. So a layer's working set (projections,
-  attention, norms, MLP and their gradients, ~100 KB a token for TNL-1B) exists for one chunk at a
-  time, whatever the sequence length.
-  On a rank of a ``lasp`` group (:class:`_ChunkedLaspLayer`) the state entering the rank's slice
-  comes from the previous rank: forward first computes the slice's local state chunk by chunk
-  (k / v projections only) and passes it on, then runs the chunks from the received state;
-  backward first goes down to the attention output chunk by chunk (keeping ``dO``) and passes the
-  state gradient back, then runs the attention backward chunk by chunk: one more q / k / v
-  projection in forward and in backward (~7% of a step). Packed documents: the chunks' document
-  plans as on one GPU, the slice's state passed on only for rows without a document start in the
-  slice, and the state gradient taken only from the tokens before a row's first start.
-  With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
-  mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
-  GLU, projection, residual) in chunks.
-  Apart from those projections, no more compute than megatron-core's full recompute. With the
-  flag off the layer is megatron-core's unchanged.
+On a rank of a ``lasp`` group (:class:`_ChunkedLaspLayer`) the state entering the rank's slice
+comes from the previous rank: forward first computes the slice's local state chunk by chunk (k / v
+projections only) and passes it on, then runs the chunks from the received state; backward first
+goes down to the attention output chunk by chunk (keeping ``dO``) and passes the state gradient
+back, then runs the attention backward chunk by chunk: one more q / k / v projection in forward and
+in backward (~7% of a step). The hop and the slice's plan are the sequence-parallel modes' own
+(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.comm.SliceTransform`
+from :class:`~megatron_lasp.parallel.comm.SliceDocs`): the slice's state crosses it only for rows
+without a document start in it, and the state gradient comes only from the tokens before a row's
+first start.
+
+With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
+mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
+GLU, projection, residual) in chunks. Apart from those projections, no more compute than
+megatron-core's full recompute. With the flag off the layer is megatron-core's unchanged.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
+from typing import List
 
 import torch
-
-__all__ = ["LayerInputOffloader", "LinearTransformerLayer", "chunk_slices"]
-
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_lasp.models.attention import StateCarry
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
-from megatron_lasp.parallel.comm import group_info, local_state, recv_state, send_state
+from megatron_lasp.parallel.comm import (
+    SliceDecays,
+    SliceDocs,
+    SliceTransform,
+    group_info,
+    local_state,
+    window_documents,
+)
+from megatron_lasp.parallel.hop import StateHop
+
+__all__ = ["LinearTransformerLayer", "chunk_slices"]
 
 
 def chunk_slices(n: int, chunk: int):
     """``slice`` objects covering ``range(n)`` in pieces of ``chunk``."""
     return [slice(i, min(n, i + chunk)) for i in range(0, n, chunk)]
 
-
-# ----------------------------------------------------------------------------------------------
-# offloading
-
-
-class _Packed:
-    """One offloaded tensor: its host copy and, around backward, its device copy."""
-
-    __slots__ = ("host", "device", "shape", "dtype", "offloaded", "loaded", "gpu", "group", "index")
-
-    def __init__(self, host, device, shape, dtype, offloaded, group, index):
-        self.host, self.device, self.shape, self.dtype = host, device, shape, dtype
-        self.offloaded, self.loaded, self.gpu = offloaded, None, None
-        self.group, self.index = group, index
-
-
-class LayerInputOffloader:
-    """Saved-tensor hooks that keep large saved tensors in (pinned) host memory between forward and
-    backward; see the module docstring.
-
-    Use::
-
-        off = LayerInputOffloader()
-        with off.hooks():          # around the model's forward
-            with off.active():     # around the part whose saved tensors move (the decoder)
-                ...
-            off.finish_forward()   # starts the copy back of the last one
-
-    ``stats`` counts the tensors and bytes moved (for tests and logs).
-    """
-
-    def __init__(self, min_bytes: int = 1 << 20):
-        self.min_bytes = min_bytes
-        self._active = False
-        self._stream = None
-        self._group: Optional[List[_Packed]] = None
-        self.stats = {"offloaded": 0, "bytes": 0, "reloaded": 0}
-
-    # -- contexts
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    class _Active:
-        def __init__(self, owner):
-            self.owner = owner
-
-        def __enter__(self):
-            self.owner._active = True
-            self.owner._group = []
-
-        def __exit__(self, *exc):
-            self.owner._active = False
-            return False
-
-    def active(self):
-        return LayerInputOffloader._Active(self)
-
-    def finish_forward(self) -> None:
-        """Start bringing back the last offloaded tensor (backward needs it first)."""
-        group, self._group = self._group, None
-        if group:
-            self._prefetch(group[-1])
-
-    # -- hooks
-    def _side_stream(self, device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        return self._stream
-
-    def _pack(self, t: torch.Tensor):
-        if not self._active or self._group is None or t.numel() * t.element_size() < self.min_bytes:
-            return t
-        if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
-            return t  # weights stay where they are
-        if t.is_cuda:
-            side = self._side_stream(t.device)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(t.device))
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            with torch.cuda.stream(side):
-                side.wait_event(ready)
-                host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(side)
-            t.record_stream(side)  # its memory is not reused before the copy is done
-        elif t.device.type == "cpu":
-            host, done = t.detach().clone(), None  # CPU: a plain copy, same code path
-        else:
-            return t
-        packed = _Packed(host, t.device, t.shape, t.dtype, done, self._group, len(self._group))
-        self._group.append(packed)
-        self.stats["offloaded"] += 1
-        self.stats["bytes"] += t.numel() * t.element_size()
-        return packed
-
-    def _prefetch(self, p: _Packed) -> None:
-        if p.gpu is not None or p.host is None:  # already on its way, or used
-            return
-        if p.device.type != "cuda":
-            p.gpu = p.host
-            return
-        current = torch.cuda.current_stream(p.device)
-        p.gpu = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # allocated on the compute stream
-        allocated = torch.cuda.Event()
-        allocated.record(current)
-        side = self._side_stream(p.device)
-        with torch.cuda.stream(side):
-            side.wait_event(allocated)
-            side.wait_event(p.offloaded)
-            p.gpu.copy_(p.host, non_blocking=True)
-            p.loaded = torch.cuda.Event()
-            p.loaded.record(side)
-
-    def _unpack(self, p):
-        if not isinstance(p, _Packed):
-            return p
-        first = p.host is not None
-        if p.gpu is None:
-            self._prefetch(p)
-        if p.loaded is not None:
-            torch.cuda.current_stream(p.device).wait_event(p.loaded)
-        t = p.gpu  # kept until autograd releases the saved tensor (after this node's backward)
-        p.loaded, p.host = None, None
-        if not first:
-            return t
-        self.stats["reloaded"] += 1
-        if p.index > 0:
-            self._prefetch(p.group[p.index - 1])  # overlaps with this layer's recompute + backward
-        return t
-
-
-# ----------------------------------------------------------------------------------------------
-# chunked recompute
-
-
-def _chunk_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, sl: slice):
-    """Packed documents of the rows' tokens ``sl`` of ``[B, T]``: ``(cu_seqlens of the chunk laid
-    end to end [B x len], keep [B, 1, 1, 1] fp32 or None)``; ``keep[b]`` is 0 where a document
-    starts exactly at the chunk's first token (the carried state must not reach it)."""
-    if cu_seqlens is None:
-        return None, None
-    L = sl.stop - sl.start
-    local = {b * L for b in range(B + 1)}
-    keep = [1.0] * B
-    for start in set(cu_seqlens.detach().cpu().tolist()):
-        b, t = divmod(start, T)
-        if b >= B or not sl.start <= t < sl.stop:
-            continue
-        if t > sl.start:
-            local.add(b * L + t - sl.start)
-        elif t > 0:
-            keep[b] = 0.0
-    cu = torch.tensor(sorted(local), dtype=torch.int64)
-    keep_t = None if all(k == 1.0 for k in keep) else torch.tensor(keep, dtype=torch.float32).view(B, 1, 1, 1)
-    return cu, keep_t
 
 
 class _ParamGrads:
@@ -262,7 +104,7 @@ class _ChunkedLayer(torch.autograd.Function):
         psp = kwargs.get("packed_seq_params")
         cu = None if psp is None else psp.cu_seqlens_q
         slices = chunk_slices(T, chunk)
-        plans = [_chunk_documents(cu, B, T, sl) for sl in slices]
+        plans = [window_documents(cu, B, T, sl.start, sl.stop) for sl in slices]
         with torch.no_grad():
             out, states = _run_chunks(layer, x, slices, plans, kwargs, None)
         ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.params = layer, kwargs, slices, plans, states, params
@@ -296,11 +138,6 @@ class _ChunkedLayer(torch.autograd.Function):
         return (None, None, None, grad_x, *sums.sums)
 
 
-def _decay(slopes: torch.Tensor, length: int) -> torch.Tensor:
-    """``lam^length`` as ``[1, H, 1, 1]`` (a state carried across ``length`` tokens)."""
-    return state_decay(slopes, length).view(1, -1, 1, 1)
-
-
 class _ChunkedLaspLayer(torch.autograd.Function):
     """The whole layer in chunks on a rank of a LASP group: this rank's slice is cut into chunks
     as on one GPU, and the state entering the slice comes from the previous rank. The passes
@@ -330,39 +167,42 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         psp = kwargs.get("packed_seq_params")
         cu = None if psp is None else psp.cu_seqlens_q
         start = info.rank * C  # the slice's first position in the rows of the whole sequence
-        plans = [_chunk_documents(cu, B, C * info.size, slice(start + sl.start, start + sl.stop)) for sl in slices]
-        across, first = _slice_documents(cu, B, C, info, slopes)
+        plans = [window_documents(cu, B, C * info.size, start + sl.start, start + sl.stop) for sl in slices]
+        docs = None if cu is None else SliceDocs.of(cu, B, C, info.rank, info.size, x.device)
+        tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
         with torch.no_grad():
-            s_loc = None
+            s_loc = None  # (1) the slice's own state, chunk by chunk
             for sl, (cu_c, keep) in zip(slices, plans):
                 _, q, k, v = attn.qkv(layer.input_layernorm(x[sl]))
                 if cu_c is None:
-                    part = local_state(k.transpose(0, 1), v.transpose(0, 1),
-                                       decay_powers(slopes, sl.stop - sl.start, reverse=True))
-                    s_loc = part if s_loc is None else s_loc * _decay(slopes, sl.stop - sl.start) + part
+                    L = sl.stop - sl.start
+                    part = local_state(k.transpose(0, 1), v.transpose(0, 1), decay_powers(slopes, L, reverse=True))
+                    s_loc = part if s_loc is None else s_loc * state_decay(slopes, L).view(1, -1, 1, 1) + part
                 else:  # the kernel restarts the state at the chunk's documents
                     _, s_loc = chunk_lightning_attn(
                         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
                         initial_state=_entry(s_loc, (cu_c, keep)), output_final_state=True,
                         backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                     )
-            s_in = _state_hop(s_loc, across, info, forward=True)
-            out, states = _run_chunks(layer, x, slices, plans, kwargs, s_in)
+            # (2) S_in from the previous rank, T(S_in) + S_loc to the next
+            hop = StateHop(s_loc.shape, s_loc.dtype, s_loc.device, info, forward=True)
+            s_in = hop.pass_on(s_loc, tr)
+            hop.finish()
+            out, states = _run_chunks(layer, x, slices, plans, kwargs, s_in)  # (3)
         ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.info = layer, kwargs, slices, plans, states, info
-        ctx.params = params
-        ctx.across, ctx.first = across, first
+        ctx.params, ctx.transform = params, tr
         ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        layer, attn = ctx.layer, ctx.layer.self_attention
+        layer, attn, tr = ctx.layer, ctx.layer.self_attention, ctx.transform
         slopes = attn.slopes
         kept = [None] * len(ctx.slices)
         sums = _ParamGrads(list(ctx.params))
         ds_loc = None
-        for i in reversed(range(len(ctx.slices))):  # 1. down to o and the projection output
+        for i in reversed(range(len(ctx.slices))):  # (1) down to o and the projection output
             sl, plan = ctx.slices[i], ctx.plans[i]
             piece = x[sl].detach().requires_grad_(True)
             entry = _entry(ctx.states[i], plan)
@@ -371,17 +211,16 @@ class _ChunkedLaspLayer(torch.autograd.Function):
                 y = layer._forward_mlp(mid)
             # the residual's gradient, dO, and the gate's share of the projection's (None without a gate)
             d_residual, d_o, d_mixed = sums.grad([y], [grad_out[sl]], [piece, carry.o, carry.mixed])
-            a = decay_powers(slopes, sl.stop - sl.start) * state_decay(slopes, sl.start)[:, None]  # [H, L]
-            if ctx.first is not None:  # only the tokens before the row's first document start
-                pos = torch.arange(sl.start, sl.stop, device=a.device)
-                a = a[None] * (pos[None, :] < ctx.first[:, None].to(a.device))[:, None, :]  # [B, H, L]
-            part = local_state(carry.q.transpose(0, 1), d_o, a)
+            # dS_in's share of this chunk: only the tokens the entering state reaches (w_in)
+            part = local_state(carry.q.transpose(0, 1), d_o, tr.w_in[..., sl])
             ds_loc = part if ds_loc is None else ds_loc + part
             kept[i] = (d_o, d_mixed, d_residual)
             del y, mid, carry, piece
-        d_state = _state_hop(ds_loc, ctx.across, ctx.info, forward=False)
+        hop = StateHop(ds_loc.shape, ds_loc.dtype, ds_loc.device, ctx.info, forward=False)  # (2)
+        d_state = hop.pass_on(ds_loc, tr.transpose)
+        hop.finish()
         grad_x = torch.empty_like(x)
-        for i in reversed(range(len(ctx.slices))):  # 3. the attention, projection and input norm
+        for i in reversed(range(len(ctx.slices))):  # (3) the attention, projection and input norm
             sl, (cu_c, keep) = ctx.slices[i], ctx.plans[i]
             d_o, d_mixed, d_residual = kept[i]
             kept[i] = None
@@ -417,40 +256,6 @@ def _entry(state, plan):
     if state is None or keep is None:
         return state
     return state * keep.to(state.device)
-
-
-def _slice_documents(cu_seqlens, B: int, C: int, info, slopes):
-    """``(D [B|1, H, 1, 1], first [B] or None)`` of this rank's slice of ``C`` tokens per row: the
-    factor carrying a state across it (``lam^C``, 0 for a row with a document start in the slice)
-    and, with documents, each row's first document start in slice positions (``C``: none)."""
-    across = _decay(slopes, C)
-    if cu_seqlens is None:
-        return across, None
-    T = C * info.size
-    lo = info.rank * C
-    first = [C] * B
-    for start in cu_seqlens.detach().cpu().tolist():
-        b, t = divmod(start, T)
-        if b < B and lo <= t < lo + C and t > 0:
-            first[b] = min(first[b], t - lo)
-    first_t = torch.tensor(first, dtype=torch.int64)
-    crossed = (first_t == C).to(torch.float32).to(across.device).view(B, 1, 1, 1)
-    return across * crossed, first_t
-
-
-def _state_hop(local, across, info, forward: bool):
-    """The LASP hop of one pass: receive the state (forward: from the previous rank) or the state
-    gradient (backward: from the next), send ``local + across * received`` on; returns the received
-    one (None at the end of the chain)."""
-    src, dst = (info.prev, info.next) if forward else (info.next, info.prev)
-    received = None
-    if src is not None:
-        received = torch.empty_like(local, memory_format=torch.contiguous_format)
-        recv_state(received, src, info.group).wait()
-    if dst is not None:
-        out = local if received is None else local + across * received
-        send_state(out, dst, info.group).wait()
-    return received
 
 
 class _ChunkedMlpCheckpoint(torch.autograd.Function):
