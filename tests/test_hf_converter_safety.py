@@ -31,22 +31,25 @@ TO_HF, TO_CKPT = "convert_checkpoint_to_hf.py", "convert_hf_to_checkpoint.py"
 def _make_sources(rank, world_size, root):
     import torch
 
-    from megatron_lasp.hf import convert
     from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
+    from megatron_lasp.hf.from_hf import convert_hf_to_checkpoint
+    from megatron_lasp.hf.mapping import CONFIG_FIELDS
     from megatron_lasp.hf.modeling_linear_lm import LaspLinearLMForCausalLM
+    from megatron_lasp.hf.to_hf import write_hf_directory
+    from megatron_lasp.hf.tokenizer import tokenizer_from_settings
 
     settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER}
-    tokenizer = convert.tokenizer_from_settings(settings)
+    tokenizer = tokenizer_from_settings(settings)
     config = LaspLinearLMConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=48)
-    fields = {hf: getattr(config, hf) for _, hf in convert._CONFIG_FIELDS}
+    fields = {hf: getattr(config, hf) for _, hf in CONFIG_FIELDS}
     fields["vocab_size"] = config.vocab_size
     torch.manual_seed(0)
     tensors = LaspLinearLMForCausalLM(config).state_dict()
     for name, max_shard in (("hf", 10**9), ("hf_sharded", 40_000)):
         os.makedirs(os.path.join(root, name))
-        convert.write_hf_directory(os.path.join(root, name), tensors, fields, tokenizer, max_shard_size=max_shard)
-    convert.convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), iteration=2)
+        write_hf_directory(os.path.join(root, name), tensors, fields, tokenizer, max_shard_size=max_shard)
+    convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), iteration=2)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +234,7 @@ def test_missing_iteration_lists_those_that_exist(work, capsys):
     before = _snapshot(work)
     for flag in ("--ckpt-step", "--iteration"):
         _fails(capsys, TO_HF, ["--load", str(ckpt), flag, "7", "--save", str(work / "out")],
-               f"iteration 7 not found in {ckpt} (available: 1, 2, 3; choose one with --ckpt-step)")
+               f"iteration 7 not found in {ckpt} (saved iterations: 1, 2, 3; choose one with --ckpt-step)")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("banana\n")
     _fails(capsys, TO_HF, ["--load", str(ckpt), "--save", str(work / "out")],
            ["expected an iteration number", "1, 2, 3"])

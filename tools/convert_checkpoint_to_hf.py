@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lasp.hf.cli import run_tool, tool_parser  # noqa: E402
-from megatron_lasp.hf.convert import DTYPES, convert_checkpoint_to_hf  # noqa: E402
+from megatron_lasp.hf.files import DTYPES  # noqa: E402
 
 PROG = "convert_checkpoint_to_hf.py"
 
@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
 
     def work(settings):
+        # imported once the flags are read: torch and megatron-core take seconds to load
+        from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf
+
         convert_checkpoint_to_hf(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
                                  max_shard_size=args.max_shard_size, dtype=args.dtype, force=args.force)
         return f"wrote {args.save}"

@@ -1,7 +1,7 @@
 """The command-line frame of the conversion tools (``tools/convert_checkpoint_to_hf.py``,
 ``tools/convert_hf_to_checkpoint.py``): their common flags and how they report.
 
-Standard library only at module level (as :mod:`megatron_lasp.hf.convert`): a tool parses and
+Standard library only at module level (as :mod:`megatron_lasp.hf.files`): a tool parses and
 checks its flags before torch or megatron-core are imported.
 """
 
@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 
-from megatron_lasp.hf.convert import ConversionError
+from megatron_lasp.hf.files import ConversionError
 
 __all__ = ["run_tool", "tool_parser"]
 

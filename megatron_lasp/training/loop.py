@@ -35,7 +35,8 @@ from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import logging_utils
-from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
+from megatron_lasp.training import checkpointing
+from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord, SaveLock
 from megatron_lasp.training.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -70,9 +71,8 @@ PROG = "pretrain_linear_lm.py"
 
 def _user_errors():
     from megatron_lasp.data.preprocess import PreprocessError
-    from megatron_lasp.training.checkpointing import CheckpointError
 
-    return (arguments_mod.ArgumentError, CheckpointError, data_mod.DataError, PreprocessError,
+    return (arguments_mod.ArgumentError, checkpointing.CheckpointError, data_mod.DataError, PreprocessError,
             FileNotFoundError, ValueError)
 
 
@@ -82,13 +82,12 @@ def _fail(message: str, print_here: bool) -> StartupError:
     return StartupError(message)
 
 
-def _agreed(fn: Callable[[], object]) -> object:
-    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together.
+def _agreed(fn: Callable[[], object], save_lock: Optional[SaveLock] = None) -> object:
+    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together
+    (``save_lock`` released, which ``fn`` may have taken).
 
     The first failing rank's message is printed once, by rank 0. Returns ``fn()``.
     """
-    from megatron_lasp.training import checkpointing
-
     result, error = None, None
     try:
         result = fn()
@@ -100,7 +99,8 @@ def _agreed(fn: Callable[[], object]) -> object:
         dist.all_gather_object(errors, error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
-        checkpointing.release_save_lock()
+        if save_lock is not None:
+            save_lock.release()
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise _fail(first, rank == 0)
     return result
@@ -130,6 +130,8 @@ class TrainState:
     grad_norms: List[float] = field(default_factory=list)
     """The global gradient norm of every iteration run by this process (before clipping)."""
     tokenizer: object = None
+    save_lock: Optional[SaveLock] = None
+    """Held on ``--save`` by rank 0 for the run (released by :func:`main`)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +470,7 @@ def check_before_save(state: TrainState) -> None:
 
 
 def _last_checkpoint_hint(args) -> str:
-    from megatron_lasp.training.checkpointing import list_iterations
-
-    its = list_iterations(args.save) if args.save else []
+    its = checkpointing.list_iterations(args.save) if args.save else []
     return f"last good checkpoint: iteration {its[-1]}, untouched" if its else "no checkpoint saved"
 
 
@@ -512,8 +512,11 @@ def _checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:
 # entry point
 
 
-def setup(argv: Optional[List[str]] = None) -> TrainState:
+def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None) -> TrainState:
     """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
+
+    Rank 0 takes ``save_lock`` (default: a new one, kept in the state) on ``--save``; the
+    caller releases it, on failure too.
 
     Raises:
         SystemExit(2): a bad flag (argparse's one-line ``error:`` message).
@@ -522,8 +525,8 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
 
     from megatron_lasp.data.tokenizer import TokenizerSettings
     from megatron_lasp.parallel.state import init_distributed, initialize_parallel
-    from megatron_lasp.training import checkpointing
 
+    save_lock = save_lock if save_lock is not None else SaveLock()
     parser = arguments_mod.build_parser()
     args = parser.parse_args(argv)  # argparse's own errors: one line on rank 0, exit 2
     try:
@@ -539,11 +542,11 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         args.padded_vocab_size = data_mod.padded_vocab_size(
             tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         model_config = model_config_from_args(args)
-        checkpoint = checkpointing.prepare_run(_checkpoint_settings(args), model_config)
+        checkpoint = checkpointing.prepare_run(_checkpoint_settings(args), model_config, save_lock)
         skip_splits = data_mod.check_data(_data_settings(args), tokenizer)
         return tokenizer, model_config, checkpoint, skip_splits
 
-    tokenizer, model_config, checkpoint, skip_splits = _agreed(prepare)
+    tokenizer, model_config, checkpoint, skip_splits = _agreed(prepare, save_lock)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         setattr(args, name, getattr(model_config, name))
     # what the checks resolved (a weights-only checkpoint loads as with --finetune), in args.json too
@@ -591,12 +594,12 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     )
     state = TrainState(args=args, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
-                       layout=layout, tokenizer=tokenizer)
+                       layout=layout, tokenizer=tokenizer, save_lock=save_lock)
     if args.load:
         try:
             checkpointing.load_checkpoint(state)
         except checkpointing.CheckpointError as err:  # past the checks: this rank alone may see it
-            checkpointing.release_save_lock()
+            save_lock.release()
             raise _fail(str(err), True) from None
     logger.info(
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
@@ -619,12 +622,12 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
     """
     from megatron_lasp.parallel.state import destroy_parallel
-    from megatron_lasp.training import checkpointing
 
     _logging_setup()
+    save_lock = SaveLock()
     try:
-        state = setup(argv)
-        watchdog = LauncherWatchdog.start_if_launched()
+        state = setup(argv, save_lock)
+        watchdog = LauncherWatchdog.start_if_launched(save_lock)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:
             save_fn = watchdog.guard(save_fn)
@@ -636,7 +639,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
             if watchdog is not None:
                 watchdog.stop()
     finally:
-        checkpointing.release_save_lock()
+        save_lock.release()
         if destroy:
             destroy_parallel()
     return state
@@ -654,18 +657,20 @@ class LauncherWatchdog:
     POLL_S = 1.0
     SAVE_GRACE_S = 300.0
 
-    def __init__(self) -> None:
+    def __init__(self, save_lock: Optional[SaveLock] = None) -> None:
         self._parent = os.getppid()
+        self._save_lock = save_lock
         self._saving = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
 
     @classmethod
-    def start_if_launched(cls) -> Optional["LauncherWatchdog"]:
-        """Start the watchdog under torchrun (``TORCHELASTIC_RUN_ID`` set); None otherwise."""
+    def start_if_launched(cls, save_lock: Optional[SaveLock] = None) -> Optional["LauncherWatchdog"]:
+        """Start the watchdog under torchrun (``TORCHELASTIC_RUN_ID`` set); None otherwise.
+        ``save_lock`` is released before the worker exits."""
         if "TORCHELASTIC_RUN_ID" not in os.environ:
             return None
-        dog = cls()
+        dog = cls(save_lock)
         dog._thread.start()
         return dog
 
@@ -686,7 +691,6 @@ class LauncherWatchdog:
                 print(f"{PROG}: error: the launcher (parent pid {self._parent}) is gone: this worker exits "
                       "(the last complete checkpoint is kept)", file=sys.stderr, flush=True)
                 self._saving.acquire(timeout=self.SAVE_GRACE_S)
-                from megatron_lasp.training import checkpointing
-
-                checkpointing.release_save_lock()
+                if self._save_lock is not None:
+                    self._save_lock.release()
                 os._exit(1)
