@@ -11,8 +11,8 @@ examples/data/README.md; or run examples/run_tiny_cpu.sh, which does both)::
         --lr 1e-3 --lr-warmup-iters 10 --log-interval 10 --eval-interval 50 --eval-iters 2 \\
         --save runs/tiny --save-interval 50 --load runs/tiny
 
-GPU, TNL-1B with LASP, TP2 x SP2 on 4 GPUs: examples/run_tnl1b_4gpu.sh; multi-node:
-examples/run_multinode.sh. ``--help`` lists every flag.
+GPU, TNL-1B with LASP, TP2 x SP2 on 4 GPUs: examples/run_tnl1b_4gpu.sh; multi-node under SLURM:
+examples/multinode.sbatch (docs/LAUNCH.md). ``--help`` lists every flag.
 """
 
 import sys

@@ -20,8 +20,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning,ignore::FutureWarning}"
 
 echo "== 1/3 tokenize the bundled corpus" >&2
+# --force: a re-run of the quickstart re-tokenizes into its own run directory (preprocess_data.py
+# refuses to replace existing outputs without it).
 "$PY" tools/preprocess_data.py --input examples/data/corpus.jsonl --output-prefix "$RUN_DIR/data/corpus" \
-  "${TOKENIZER[@]}" --append-eod --workers 2
+  "${TOKENIZER[@]}" --append-eod --workers 2 --force
 
 echo "== 2/3 pretrain a tiny LASP model on $NPROC CPU ranks (SP=$NPROC, mode $SP_MODE)" >&2
 rm -rf "$RUN_DIR/ckpt" "$RUN_DIR/hf"

@@ -16,7 +16,25 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-__all__ = ["atomic_directory", "fresh_directory", "replace_directory", "write_json", "write_text_atomic"]
+__all__ = ["atomic_directory", "check_directory_path", "fresh_directory", "replace_directory", "write_json",
+           "write_text_atomic"]
+
+
+def check_directory_path(path: str, label: str) -> None:
+    """Raise ``ValueError`` if the directory ``path`` (existing or still to be created) cannot be one.
+
+    Its nearest existing ancestor must be a directory: below a file, ``makedirs`` fails late with
+    a bare ``NotADirectoryError`` or ``FileExistsError``.
+
+    Args:
+        path: the directory that will hold outputs.
+        label: what named it, to begin the message with (``--output-prefix out/my``).
+    """
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    if not os.path.isdir(current):
+        raise ValueError(f"{label}: {current} is a file, not a directory; choose a path in a directory")
 
 
 def fsync_directory(path: str) -> None:

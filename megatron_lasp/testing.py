@@ -12,6 +12,10 @@
 Each rank gets torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT`` on a free port). If any rank raises, dies or the whole run exceeds ``timeout``,
 the other ranks are killed and an ``AssertionError`` carries the failing ranks' tracebacks.
+
+On a machine with CUDA each rank's current device is ``rank % device_count``: the ranks share the
+GPUs over gloo (``megatron_lasp.parallel.state.local_device``), so a test can spawn more ranks than
+there are GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ def _worker(fn, rank, world_size, port, args, results, env, init_process_group, 
 
         if init_process_group:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+            import torch
+
+            if torch.cuda.is_available():
+                from megatron_lasp.parallel.state import local_device
+
+                torch.cuda.set_device(local_device("gloo", rank, torch.cuda.device_count()))
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException:  # report everything, including assertion failures, to the parent

@@ -196,6 +196,39 @@ def _check_bidirectional(rank):
     return ok
 
 
+def _check_staged(rank, seed):
+    """The point-to-point of states through a host buffer (what a gloo group does with CUDA tensors,
+    ranks sharing a GPU), forced on here: the LASP ring gives the same results, and a pair sends
+    both ways at once."""
+    from megatron_lasp.parallel import comm
+
+    real = comm.staged_p2p
+    comm.staged_p2p = lambda x, group: True
+    try:
+        shape = (2, 74, 4, 16, 8)
+        errs = {f"lasp-staged-{i}": _compare(seed + i, shape, decay, "lasp", dist.group.WORLD)
+                for i, decay in enumerate((True, False))}
+        peer = 1 - rank
+        mine = torch.full((3, 5), float(rank + 1))
+        buf = torch.full((3, 5), float("nan"))
+        recv = comm.recv_state(buf, peer, dist.group.WORLD)
+        assert torch.isnan(buf).all()  # staged: nothing lands in ``buf`` before wait()
+        send = comm.send_state(mine, peer, dist.group.WORLD)
+        recv.wait()
+        send.wait()
+        errs["pair"] = {"recv": float((buf - (peer + 1)).abs().max())}
+        # megatron-core's pipeline hook: rank 0 exchanges with its next stage, rank 1 with its previous
+        got = torch.full((4, 2), float("nan"))
+        sent = torch.full((4, 2), 10.0 + rank)
+        kw = (dict(tensor_send_next=sent, tensor_recv_next=got) if rank == 0 else
+              dict(tensor_send_prev=sent, tensor_recv_prev=got))
+        comm.ring_exchange(group=dist.group.WORLD, prev_pipeline_rank=peer, next_pipeline_rank=peer, **kw)
+        errs["ring_exchange"] = {"recv": float((got - (10 + peer)).abs().max())}
+    finally:
+        comm.staged_p2p = real
+    return errs
+
+
 def _expect_error(fn, *needles):
     try:
         fn()
@@ -269,6 +302,7 @@ def _two_ranks(rank, world_size, seed):
         bidirectional=_check_bidirectional(rank),
         bad_inputs=_check_bad_inputs(rank),
         triton=_check_triton(seed + 2000),
+        staged=_check_staged(rank, seed + 3000),
     )
 
 
@@ -328,6 +362,13 @@ def test_lasp_layers_and_overlap_order(two_ranks):
 def test_simultaneous_send_recv_between_a_pair(two_ranks):
     _, results = two_ranks
     assert [r["bidirectional"] for r in results] == [[True, True], [True, True]]
+
+
+def test_lasp_ring_staged_through_host_memory(two_ranks):
+    seed, results = two_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["staged"], f"staged point-to-point, seed {seed}")
+        assert len(rank_results["staged"]) == 4
 
 
 def test_bad_inputs_across_ranks(two_ranks):

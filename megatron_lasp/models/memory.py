@@ -52,11 +52,9 @@ __all__ = ["LayerInputOffloader", "LinearTransformerLayer", "chunk_slices"]
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-import torch.distributed as dist
-
 from megatron_lasp.models.attention import StateCarry
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
-from megatron_lasp.parallel.comm import group_info, local_state
+from megatron_lasp.parallel.comm import group_info, local_state, recv_state, send_state
 
 
 def chunk_slices(n: int, chunk: int):
@@ -447,11 +445,11 @@ def _state_hop(local, across, info, forward: bool):
     src, dst = (info.prev, info.next) if forward else (info.next, info.prev)
     received = None
     if src is not None:
-        received = torch.empty_like(local)
-        dist.recv(received, src=src, group=info.group)
+        received = torch.empty_like(local, memory_format=torch.contiguous_format)
+        recv_state(received, src, info.group).wait()
     if dst is not None:
         out = local if received is None else local + across * received
-        dist.send(out.contiguous(), dst=dst, group=info.group)
+        send_state(out, dst, info.group).wait()
     return received
 
 

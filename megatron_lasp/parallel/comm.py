@@ -8,10 +8,18 @@ Packed documents (:class:`SliceDocs`): the same factors, masked per row by "same
 (the state entering slice ``j`` reaches only the tokens before its first boundary, a token enters
 the state leaving it only after its last boundary, and the state crosses a slice only if it has no
 boundary). See ``megatron_lasp/parallel/README.md``.
+
+Point-to-point (:func:`send_state`, :func:`recv_state`): the one way the package sends a state
+from rank to rank. gloo cannot send or receive CUDA tensors ("Bad address"), while its
+collectives accept them; so on a gloo group a CUDA tensor goes through a pinned host buffer, which
+lets several ranks share one GPU (``--distributed-backend gloo``) as a correctness check. On NCCL,
+and for CPU tensors, they are plain ``isend`` / ``irecv``. megatron-core's pipeline stages take
+the same route through :func:`ring_exchange` (:func:`pipeline_ring_exchange`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import List, Optional
 
@@ -33,6 +41,11 @@ __all__ = [
     "with_entry_state",
     "all_gather_flat",
     "reduce_scatter_flat",
+    "send_state",
+    "recv_state",
+    "staged_p2p",
+    "ring_exchange",
+    "pipeline_ring_exchange",
 ]
 
 
@@ -237,3 +250,109 @@ def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.Proces
     """Sum-reduce-scatter of 1-d ``inp`` (``W`` equal parts, in group order) into 1-d ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# point-to-point of states
+
+
+def staged_p2p(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether a send / receive of ``x`` on ``group`` must go through host memory: a CUDA tensor on
+    a gloo group (gloo's point-to-point takes host tensors only)."""
+    return x.is_cuda and dist.get_backend(group) == "gloo"
+
+
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=like.is_cuda)
+
+
+class _StagedWork:
+    """The work of a staged send / receive: ``wait()`` waits for the host transfer and, for a
+    receive, copies the host buffer into the device tensor on the current stream."""
+
+    def __init__(self, work: dist.Work, host: torch.Tensor, out: Optional[torch.Tensor]):
+        self._work, self._host, self._out = work, host, out
+
+    def wait(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._out is not None:
+                self._out.copy_(self._host)  # a blocking copy: the host buffer may go right after
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def send_state(x: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start sending ``x`` to global rank ``dst`` of ``group``; returns the work (``wait()``).
+
+    Args:
+        x: the tensor (any shape; sent contiguous).
+        dst: the receiver's global rank.
+        group: the process group both ranks belong to.
+        staged: go through a host buffer (pinned for CUDA tensors); default :func:`staged_p2p`.
+            A staged send copies ``x`` to the host before returning (that copy waits for the work
+            queued on the current stream that produces ``x``).
+    """
+    x = x.contiguous()
+    if not (staged_p2p(x, group) if staged is None else staged):
+        return dist.isend(x, dst=dst, group=group)
+    host = _host_buffer(x)
+    host.copy_(x)
+    return _StagedWork(dist.isend(host, dst=dst, group=group), host, None)
+
+
+def recv_state(out: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start receiving into ``out`` from global rank ``src`` of ``group``; returns the work.
+
+    ``out`` holds the received values once ``wait()`` has returned (staged: the copy from the host
+    buffer runs inside ``wait()``, on the stream current there).
+
+    Args:
+        out: a contiguous tensor of the sent shape and dtype.
+        src: the sender's global rank.
+        group: the process group both ranks belong to.
+        staged: as in :func:`send_state`.
+    """
+    assert out.is_contiguous(), "recv_state: out must be contiguous"
+    if not (staged_p2p(out, group) if staged is None else staged):
+        return dist.irecv(out, src=src, group=group)
+    host = _host_buffer(out)
+    return _StagedWork(dist.irecv(host, src=src, group=group), host, out)
+
+
+def ring_exchange(*, tensor_send_prev=None, tensor_recv_prev=None, tensor_send_next=None, tensor_recv_next=None,
+                  group=None, prev_pipeline_rank=None, next_pipeline_rank=None) -> None:
+    """megatron-core's pipeline exchange (``torch.distributed.ring_exchange``, what its
+    ``use_ring_exchange_p2p`` calls) through :func:`send_state` / :func:`recv_state`: posts every
+    receive, then every send, and returns when all are done (the ranks are global ranks)."""
+    works = []
+    for out, src in ((tensor_recv_prev, prev_pipeline_rank), (tensor_recv_next, next_pipeline_rank)):
+        if out is not None:
+            works.append(recv_state(out, src, group))
+    for x, dst in ((tensor_send_prev, prev_pipeline_rank), (tensor_send_next, next_pipeline_rank)):
+        if x is not None:
+            works.append(send_state(x, dst, group))
+    for work in works:
+        work.wait()
+
+
+@contextlib.contextmanager
+def pipeline_ring_exchange():
+    """Provide ``torch.distributed.ring_exchange`` (:func:`ring_exchange`) inside the context, for
+    megatron-core's pipeline schedules with ``config.use_ring_exchange_p2p`` (its hook for a custom
+    point-to-point): on a gloo group with CUDA tensors its own ``isend`` / ``irecv`` fail."""
+    had = hasattr(dist, "ring_exchange")
+    previous = getattr(dist, "ring_exchange", None)
+    dist.ring_exchange = ring_exchange
+    try:
+        yield
+    finally:
+        if had:
+            dist.ring_exchange = previous
+        else:
+            del dist.ring_exchange

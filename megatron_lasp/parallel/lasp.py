@@ -14,7 +14,8 @@ On CUDA, steps 3 (wait, combine, send) run on a side stream, so the output pass 
 not wait for ``S_in`` either: the chain of W-1 hops overlaps every rank's output pass, and the
 last rank ends after about ``max(kernel, state pass + hops)`` instead of ``kernel + hops``. On the
 CPU (gloo) the steps run in this order on the host; results are bitwise those of the one-pass
-schedule.
+schedule. On a gloo group with CUDA tensors (ranks sharing a GPU) each hop goes through pinned
+host memory (``comm.send_state`` / ``comm.recv_state``): same results, no overlap to speak of.
 
 Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, the
 state-gradient pass gives the local part of ``dS_in``; wait, send ``dS_in = lam^C dS +
@@ -44,6 +45,8 @@ from megatron_lasp.parallel.comm import (
     SliceDocs,
     add_state_term,
     group_info,
+    recv_state,
+    send_state,
     state_dtype,
     with_entry_state,
 )
@@ -57,13 +60,14 @@ def _post_recv(shape, dtype, device, src: Optional[int], group) -> tuple[Optiona
     if src is None:
         return None, None
     buf = torch.empty(shape, dtype=dtype, device=device)
-    return buf, dist.irecv(buf, src=src, group=group)
+    return buf, recv_state(buf, src, group)
 
 
 def _post_send(x: torch.Tensor, dst: Optional[int], group) -> Optional[dist.Work]:
     # The caller waits after its remaining local work. On NCCL the wait only orders the current
     # stream after the send; the receiver posted its receive before its own kernel.
-    return None if dst is None else dist.isend(x.contiguous(), dst=dst, group=group)
+    # (A gloo group stages a CUDA state through host memory: then the send itself waits here.)
+    return None if dst is None else send_state(x, dst, group)
 
 
 def _side_stream(device: torch.device):

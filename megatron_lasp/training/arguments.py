@@ -20,7 +20,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from megatron_lasp.parallel.layout import check_sequence_split
-from megatron_lasp.parallel.state import validate_parallel_sizes
+from megatron_lasp.parallel.state import local_device, resolve_backend, validate_parallel_sizes
 
 DDP_IMPLS = ("megatron", "torch", "fsdp")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZeRO-1: shard the optimizer state over the data x sequence-parallel group "
                    "(with --ddp-impl megatron; GPU only)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
-                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU)")
+                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU); gloo with CUDA lets "
+                        "several ranks share a GPU (a correctness check of a layout, not a fast path)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30, help="collective timeout")
 
     g = p.add_argument_group("training")
@@ -441,6 +442,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.kernel_backend = "triton" if on_gpu else "torch"
     if args.distributed_backend == "nccl" and not on_gpu:
         raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+    if on_gpu:  # NCCL wants a GPU per process; gloo lets ranks share them (state.local_device)
+        import torch
+
+        try:
+            local_device(resolve_backend(args.distributed_backend), 0, torch.cuda.device_count(),
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
     if args.recompute_granularity == "full" and args.recompute_method is None:
         args.recompute_method = "uniform"
         if args.recompute_num_layers is None:

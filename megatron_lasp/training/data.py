@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lasp.atomic import check_directory_path
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
 from megatron_lasp.parallel.layout import sequence_slice_bounds
 
@@ -159,13 +160,28 @@ def _check_pair(prefix: str, vocab: int) -> np.ndarray:
     return lengths
 
 
+def _check_cache_path(settings: DataSettings) -> None:
+    """The index cache's directory must be one (megatron-core's ``makedirs`` fails late and on rank 0 only)."""
+    if settings.data_cache_path:
+        path, label = settings.data_cache_path, f"--data-cache-path {settings.data_cache_path}"
+    elif settings.data_blend and not settings.mock_data:
+        path = _default_cache_base(settings.data_blend[0])
+        label = f"the index cache {path} (next to --data-path; or pass --data-cache-path)"
+    else:
+        return
+    try:
+        check_directory_path(path, label)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
 def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     """Check the ``--data-path`` datasets before megatron-core builds its indices; no collectives.
 
-    Checks every ``.bin``/``.idx`` pair (sizes, dtype, token ids) and the ``--split``: a split that
-    receives no tokens would make megatron-core's ``GPTDataset`` loop forever, so an empty split
-    this run uses (train; valid when ``--eval-interval`` > 0) is an error and an unused empty one
-    is skipped with a warning.
+    Checks that the index cache can be a directory, every ``.bin``/``.idx`` pair (sizes, dtype,
+    token ids) and the ``--split``: a split that receives no tokens would make megatron-core's
+    ``GPTDataset`` loop forever, so an empty split this run uses (train; valid when
+    ``--eval-interval`` > 0) is an error and an unused empty one is skipped with a warning.
 
     Returns:
         the splits to skip (``DataSettings.skip_splits``).
@@ -178,6 +194,7 @@ def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
         parse_and_normalize_split,
     )
 
+    _check_cache_path(settings)
     skip: List[int] = []
     if settings.mock_data or not settings.data_blend:
         return ()
@@ -203,6 +220,10 @@ def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     return tuple(skip)
 
 
+def _default_cache_base(prefixes: Sequence[str]) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+
+
 def index_cache_path(settings: DataSettings) -> Optional[str]:
     """Where megatron-core caches the sample indices: keyed on the data files (path, size, mtime).
 
@@ -217,7 +238,7 @@ def index_cache_path(settings: DataSettings) -> Optional[str]:
         for ext in (".bin", ".idx"):
             st = os.stat(prefix + ext)
             key.update(f"{os.path.abspath(prefix + ext)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    base = settings.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    base = settings.data_cache_path or _default_cache_base(prefixes)
     return os.path.join(base, f"{os.path.basename(prefixes[0])}-{key.hexdigest()[:16]}")
 
 

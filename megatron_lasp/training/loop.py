@@ -524,7 +524,7 @@ def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None
     from megatron.core import parallel_state as mpu
 
     from megatron_lasp.data.tokenizer import TokenizerSettings
-    from megatron_lasp.parallel.state import init_distributed, initialize_parallel
+    from megatron_lasp.parallel.state import init_distributed, initialize_parallel, pipeline_p2p_staged
 
     save_lock = save_lock if save_lock is not None else SaveLock()
     parser = arguments_mod.build_parser()
@@ -570,6 +570,7 @@ def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None
     model = wrap_data_parallel(model, optim, groups, model_config)
     model_config.no_sync_func = no_sync_func(model, optim.ddp_impl)
     model_config.finalize_model_grads_func = None
+    model_config.use_ring_exchange_p2p = pipeline_p2p_staged(groups)  # gloo + CUDA: through host memory
     optimizer = build_optimizer(model, optim, groups, facts, model_config, shared)
     scheduler = build_scheduler(optimizer, optim)
 

@@ -1,0 +1,110 @@
+"""Multi-node launch on one machine: examples/multinode.sbatch as two "nodes" equals one launcher.
+
+The sbatch script runs as SLURM would run it, with ``srun`` and ``scontrol`` replaced by small
+stand-ins: ``srun`` starts examples/run_multinode.sh twice (two torchrun launchers, ``--nnodes 2
+--nproc-per-node 1``, c10d rendezvous on localhost, gloo), one per "node". A tiny LASP run (SP=2
+across the two nodes) must log the losses and grad norms of the same job started by one
+``torchrun --nproc-per-node 2``, and leave one complete checkpoint in the shared ``--save``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+JOB = [
+    "--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3", "--log-interval", "1",
+    "--eval-interval", "0", "--seed", "5", "--make-vocab-size-divisible-by", "64",
+    "--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp",
+]
+
+# srun: one copy of the command per node, each with its node's SLURM variables and log files.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  SLURM_NODEID=$i SLURM_PROCID=$i "$@" > "$FAKE_SLURM_LOGS/node$i.out" 2> "$FAKE_SLURM_LOGS/node$i.err" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] || exit 1
+echo 127.0.0.1
+echo 127.0.0.1
+"""
+
+STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \| grad norm: (\S+) \|")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steps(text):
+    """[(iteration, lm loss, grad norm)] as logged (the strings: equal runs log equal digits)."""
+    return [m.groups() for m in STEP.finditer(text)]
+
+
+def _write_tool(directory, name, text):
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+
+
+def test_sbatch_two_nodes_equal_one_launcher(tmp_path):
+    bin_dir, logs, save = tmp_path / "bin", tmp_path / "logs", tmp_path / "shared" / "ckpt"
+    bin_dir.mkdir()
+    logs.mkdir()
+    _write_tool(bin_dir, "srun", FAKE_SRUN)
+    _write_tool(bin_dir, "scontrol", FAKE_SCONTROL)
+    common = dict(os.environ, PYTHON=PYTHON, PYTHONPATH=REPO, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(common, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_LOGS=str(logs),
+               SLURM_SUBMIT_DIR=REPO, SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+               GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()), RDZV_TIMEOUT="240", SAVE=str(save),
+               JOB_FLAGS=" ".join(JOB))
+    nodes = subprocess.Popen(["bash", os.path.join(REPO, "examples", "multinode.sbatch")], env=env,
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    # The reference runs meanwhile: one launcher, two workers on this "node".
+    one = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), os.path.join(REPO, "pretrain_linear_lm.py"), *JOB],
+                         env=common, cwd=str(tmp_path), capture_output=True, text=True, timeout=420)
+    try:
+        launcher_log, _ = nodes.communicate(timeout=420)
+    finally:
+        if nodes.poll() is None:  # a hang: stop both "nodes" (their launchers and workers)
+            os.killpg(nodes.pid, signal.SIGKILL)
+    node_logs = {i: (logs / f"node{i}.out").read_text() + (logs / f"node{i}.err").read_text() for i in (0, 1)}
+    detail = launcher_log[-2000:] + "".join(f"\n--- node {i}\n{t[-3000:]}" for i, t in node_logs.items())
+    assert nodes.returncode == 0, detail
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "2 nodes x 1 GPUs, rendezvous 127.0.0.1:" in launcher_log, launcher_log
+
+    want = _steps(one.stdout)
+    assert [s[0] for s in want] == ["1", "2", "3"], one.stdout[-3000:]
+    # Global rank 0 logs; the rendezvous decides which node holds it.
+    per_node = {i: _steps(t) for i, t in node_logs.items()}
+    assert sorted(len(s) for s in per_node.values()) == [0, 3], detail
+    got = per_node[0] or per_node[1]
+    assert got == want, f"two nodes {got} != one launcher {want}"
+    assert "world 2 = TP 1 x SP 2" in node_logs[0] + node_logs[1], detail
+
+    # One checkpoint in the shared --save: the tracker and the shards of both ranks.
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    shards = sorted(n for n in os.listdir(save / "iter_0000003") if n.endswith(".distcp"))
+    assert {n.split("_")[2] for n in shards} == {"0", "1"}, shards
