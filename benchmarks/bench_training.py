@@ -181,10 +181,10 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
     _logging_setup()
     total = warmup + steps + profile_steps
     state = setup(argv + ["--train-iters", str(total), "--log-interval", str(10 ** 6), "--eval-interval", "0"])
-    args = state.args
+    train_cfg, peak_flops = state.config.training, state.config.logging.peak_flops
     _annotate_loss_and_optimizer(state)
     rank0 = _is_logging_rank(state.groups)
-    result = {"argv": argv, "world_size": dist.get_world_size(), "tokens_per_step": args.global_batch_size * args.seq_length}
+    result = {"argv": argv, "world_size": dist.get_world_size(), "tokens_per_step": train_cfg.global_batch_size * train_cfg.seq_length}
     losses = []
     for _ in range(warmup):
         losses.append(train_step(state)[0])
@@ -197,12 +197,12 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
     sync()
     elapsed = time.perf_counter() - start
     peak = logging_utils.memory_gib()
-    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
+    flops_token = logging_utils.flops_per_token(state.model_config, state.padded_vocab_size)
     tokens_s = result["tokens_per_step"] * steps / elapsed
     tflops = flops_token * tokens_s / result["world_size"] / 1e12
     result.update(
         ms_per_step=1000.0 * elapsed / steps, tokens_per_s=tokens_s, tflops_per_gpu=tflops,
-        mfu=tflops * 1e12 / args.peak_flops, peak_flops=args.peak_flops, flops_per_token=flops_token,
+        mfu=tflops * 1e12 / peak_flops, peak_flops=peak_flops, flops_per_token=flops_token,
         peak_mem_gib=peak, max_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
         fused=bool(state.model_config.fused), recompute_granularity=state.model_config.recompute_granularity,
         recompute_modules=list(state.model_config.recompute_modules or []),

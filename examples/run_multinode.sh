@@ -24,10 +24,22 @@ fi
 MASTER="${MASTER:-localhost:29500}"
 SAVE="${SAVE:-runs/multinode}"
 if [ -n "${JOB_FLAGS:-}" ]; then
+  if [ -n "${DATA:-}${TOKENIZER:-}" ]; then
+    echo "run_multinode.sh: DATA and TOKENIZER belong to the default job; with JOB_FLAGS put --data-path and the" \
+      "tokenizer flags in JOB_FLAGS" >&2
+    exit 2
+  fi
   read -r -a JOB <<< "$JOB_FLAGS"
 else
   if [ -n "${DATA:-}" ]; then
+    if [ -z "${TOKENIZER:-}" ]; then
+      echo "run_multinode.sh: DATA needs TOKENIZER (the tokenizer directory it was preprocessed with)" >&2
+      exit 2
+    fi
     DATA_ARGS=(--data-path "$DATA" --split 990,9,1 --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER")
+  elif [ -n "${TOKENIZER:-}" ]; then
+    echo "run_multinode.sh: TOKENIZER without DATA would be ignored (mock data); set DATA too" >&2
+    exit 2
   else
     DATA_ARGS=(--mock-data)
   fi

@@ -83,7 +83,7 @@ def _train_and_save(rank, world_size, roots, seed):
         state = main(common + flags + ["--save", roots[name]], destroy=False)
         model = unwrap_model(state.model).eval()
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, state.args.vocab_size_tokenizer, (2, SEQ), generator=gen)
+        ids = torch.randint(0, state.tokenizer.vocab_size, (2, SEQ), generator=gen)
         groups = state.groups
         chunk = SEQ // groups.cp.size()
         with torch.no_grad():

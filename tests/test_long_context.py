@@ -406,15 +406,14 @@ def test_training_loop_chunked_recompute_on_two_ranks(layout):
     ],
 )
 def test_flag_errors(extra, message):
-    """The flags' rules (validate_args) and the model config's (built from the flags, its errors
+    """The flags' rules (parse_config) and the model config's (built from the flags, its errors
     naming the flags)."""
-    from megatron_lasp.training.arguments import ArgumentError, build_parser, validate_args
-    from megatron_lasp.training.loop import model_config_from_args
+    from megatron_lasp.training.arguments import ArgumentError, parse_config
+    from megatron_lasp.training.loop import model_config_from_run
 
-    args = build_parser().parse_args(["--mock-data", "--seq-length", "64", "--train-iters", "1",
-                                      "--model-preset", "tiny"] + extra)
     with pytest.raises(ArgumentError, match=message):
-        model_config_from_args(validate_args(args))
+        model_config_from_run(parse_config(["--mock-data", "--seq-length", "64", "--train-iters", "1",
+                                            "--model-preset", "tiny"] + extra))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ stand-ins: ``srun`` starts examples/run_multinode.sh twice (two torchrun launche
 --nproc-per-node 1``, c10d rendezvous on localhost, gloo), one per "node". A tiny LASP run (SP=2
 across the two nodes) must log the losses and grad norms of the same job started by one
 ``torchrun --nproc-per-node 2``, and leave one complete checkpoint in the shared ``--save``.
+
+Also: a ``--save`` that one rank does not see (node-local disks) is refused at the save, and the
+launch scripts refuse settings they would otherwise ignore.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import socket
 import stat
 import subprocess
 import sys
+
+from megatron_lasp.testing import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -39,10 +44,10 @@ rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
+# scontrol: one line per node, many of them (a reader that stops early gets SIGPIPE)
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] || exit 1
-echo 127.0.0.1
-echo 127.0.0.1
+for i in $(seq 1 20000); do echo 127.0.0.1; done
 """
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \| grad norm: (\S+) \|")
@@ -89,6 +94,7 @@ def test_sbatch_two_nodes_equal_one_launcher(tmp_path):
     finally:
         if nodes.poll() is None:  # a hang: stop both "nodes" (their launchers and workers)
             os.killpg(nodes.pid, signal.SIGKILL)
+    assert os.path.exists(logs / "node1.err"), f"srun never ran (exit {nodes.returncode}): {launcher_log[-3000:]}"
     node_logs = {i: (logs / f"node{i}.out").read_text() + (logs / f"node{i}.err").read_text() for i in (0, 1)}
     detail = launcher_log[-2000:] + "".join(f"\n--- node {i}\n{t[-3000:]}" for i, t in node_logs.items())
     assert nodes.returncode == 0, detail
@@ -108,3 +114,50 @@ def test_sbatch_two_nodes_equal_one_launcher(tmp_path):
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     shards = sorted(n for n in os.listdir(save / "iter_0000003") if n.endswith(".distcp"))
     assert {n.split("_")[2] for n in shards} == {"0", "1"}, shards
+
+
+def test_launcher_refuses_settings_it_would_ignore(tmp_path):
+    """run_multinode.sh (and the sbatch outside SLURM): a setting that would not take effect is an error
+    before anything starts."""
+    script = os.path.join(REPO, "examples", "run_multinode.sh")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    base.update(PYTHON="false")  # nothing may be launched
+    cases = [
+        ({"NNODES": "2"}, "set MASTER=host:port"),
+        ({"JOB_FLAGS": "--mock-data", "DATA": "/data/x_text_document"}, "with JOB_FLAGS put --data-path"),
+        ({"DATA": "/data/x_text_document"}, "DATA needs TOKENIZER"),
+        ({"TOKENIZER": "/tok"}, "TOKENIZER without DATA would be ignored"),
+    ]
+    outside = subprocess.run(["bash", os.path.join(REPO, "examples", "multinode.sbatch")], env=base,
+                             capture_output=True, text=True, timeout=30, cwd=str(tmp_path))
+    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr, outside.stderr
+    for extra, message in cases:
+        env = {k: v for k, v in base.items() if k not in ("NNODES", "MASTER", "JOB_FLAGS", "DATA", "TOKENIZER")}
+        proc = subprocess.run(["bash", script], env=dict(env, **extra), capture_output=True, text=True, timeout=30,
+                              cwd=str(tmp_path))
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _save_with_a_blind_rank(rank, world_size, save):
+    """Rank 1 plays a node whose --save is a different (local) directory than rank 0's."""
+    from megatron_lasp.checkpoint import io
+    from megatron_lasp.checkpoint.layout import CheckpointError
+    from megatron_lasp.training import main
+
+    if rank == 1:
+        io._visible = lambda path: False
+    try:
+        main(JOB + ["--train-iters", "1", "--save", save, "--save-interval", "1"], destroy=False)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def test_save_not_shared_by_all_ranks_is_refused(tmp_path):
+    save = tmp_path / "ckpt"
+    messages = spawn(_save_with_a_blind_rank, 2, (str(save),), timeout=300)
+    assert messages[0] == messages[1] and messages[0] is not None, messages
+    assert f"--save {save}: rank(s) 1 on " in messages[0] and "iter_0000001.tmp, which rank 0 created" in messages[0]
+    assert "a file system every node shares" in messages[0]
+    assert not (save / "latest_checkpointed_iteration.txt").exists() and not (save / "iter_0000001").exists()

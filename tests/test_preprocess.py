@@ -367,7 +367,8 @@ def test_output_prefix_that_cannot_be_written(tmp_path):
             preprocess_data(PreprocessConfig(src, str(prefix), {"tokenizer_type": "ByteLevelTokenizer"}, force=True))
     (tmp_path / "d_text_document.idx").mkdir()
     with pytest.raises(ValueError, match="d_text_document.idx is a directory; choose another prefix"):
-        preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"}, force=True))
+        preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"},
+                                         force=True))
     assert sorted(os.listdir(tmp_path)) == ["d_text_document.idx", "file", "in.jsonl"]
 
 
@@ -382,6 +383,7 @@ def run_tool(*args, wait=True):
     [
         (["--input", "/no/such.jsonl", "--tokenizer-type", "ByteLevelTokenizer"], 1,
          "error: --input /no/such.jsonl: no such file"),
+        (["--input", REPO, "--tokenizer-type", "ByteLevelTokenizer"], 1, f"error: --input {REPO} is a directory"),
         (["--tokenizer-type", "NoSuchTokenizer"], 2, "invalid choice: 'NoSuchTokenizer'"),
         (["--tokenizer-type", "HuggingFaceTokenizer"], 1,
          "error: --tokenizer-model is required for --tokenizer-type HuggingFaceTokenizer"),
@@ -391,8 +393,14 @@ def run_tool(*args, wait=True):
          "error: --vocab-file /no/vocab.json: no such file"),
         (["--tokenizer-type", "NullTokenizer"], 1,
          "error: --vocab-size is required for --tokenizer-type NullTokenizer"),
+        # a flag the chosen tokenizer does not read is refused, not ignored
+        (["--tokenizer-type", "ByteLevelTokenizer", "--vocab-size", "100"], 1,
+         "error: --vocab-size is not used by --tokenizer-type ByteLevelTokenizer (it reads no files)"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER, "--merge-file", "m"],
+         1, "error: --merge-file is not used by --tokenizer-type HuggingFaceTokenizer (it reads --tokenizer-model)"),
     ],
-    ids=["missing-input", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size"],
+    ids=["missing-input", "input-is-dir", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab",
+         "null-no-size", "unused-vocab-size", "unused-merge-file"],
 )
 def test_cli_errors(tmp_path, args, rc, message):
     base = ["--input", pp.BUNDLED_CORPUS, "--output-prefix", str(tmp_path / "d")]
@@ -423,6 +431,16 @@ def test_cli_existing_output_and_file_parent(tmp_path):
     assert code == 0, stderr
     _, docs = read_dataset(os.path.join(out, "d_text_document"))
     assert [bytes(d).decode() for d in docs] == [f"document {i}" for i in range(5)]
+
+
+def test_cli_repeated_json_keys_add_up():
+    spec = importlib.util.spec_from_file_location("preprocess_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--input", "x", "--output-prefix", "y", "--tokenizer-type", "ByteLevelTokenizer"]
+    assert tool.get_args(base).json_keys == ["text"]
+    assert tool.get_args(base + ["--json-keys", "text", "--json-keys", "title"]).json_keys == ["text", "title"]
+    assert tool.get_args(base + ["--json-keys", "a", "b"]).json_keys == ["a", "b"]
 
 
 def test_cli_run_strict_and_sigterm(tmp_path, bundled_prefix):

@@ -232,7 +232,8 @@ def test_data_problems_are_one_line(tmp_path):
         assert r[name][:2] == ("startup", 2), (name, r[name])
         assert all(n in r[name][2] for n in needles), (name, r[name][2])
 
-    startup("cache_in_file", f"--data-cache-path {tmp_path / 'a_file' / 'c'}: {tmp_path / 'a_file'} is a file")
+    startup("cache_in_file", f"--data-cache-path {tmp_path / 'a_file' / 'c'}: {tmp_path / 'a_file'} is a file, not a "
+                             "directory")
     startup("default_cache_file", f"{beside_file / 'index-cache'} is a file", "--data-cache-path")
     startup("valid_empty", "--split 999,1,0", "valid split", small, "--eval-interval 0")
     startup("foreign", foreign + ".bin", "different preprocessing runs", "tools/preprocess_data.py")
@@ -300,12 +301,11 @@ def test_flag_validation(extra, world, needle, capsys):
 
 def test_pipeline_must_divide_layers():
     from megatron_lasp.training.arguments import ArgumentError, parse_args
-    from megatron_lasp.training.loop import model_config_from_args
+    from megatron_lasp.training.loop import model_config_from_run
 
-    args = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
-    args.padded_vocab_size = 128
+    config = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
     with pytest.raises(ArgumentError, match=r"--pipeline-model-parallel-size \(3\) must divide the number of layers \(2\)"):
-        model_config_from_args(args)
+        model_config_from_run(config)
 
 
 def test_messages_name_existing_flags():

@@ -41,7 +41,11 @@ run_logged() {
     line="$(grep -E '^ *(Collecting|Downloading|Installing|Building|Preparing|Obtaining)' "$log" \
             | tail -n 1 | sed -e 's/^ *//' | cut -c1-110 || true)"
     line="${line:-working}"
-    if [ "$line" = "$last" ]; then say "  [$((SECONDS - start))s] $line (still)"; else say "  [$((SECONDS - start))s] $line"; fi
+    if [ "$line" = "$last" ]; then
+      say "  [$((SECONDS - start))s] $line (still)"
+    else
+      say "  [$((SECONDS - start))s] $line"
+    fi
     last="$line"
   done
   trap - INT TERM

@@ -52,7 +52,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="jsonl file, one JSON document per line")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
+    # extend: a repeated --json-keys adds keys (a plain nargs="+" would keep the last one silently)
+    group.add_argument("--json-keys", nargs="+", action="extend", default=None,
                        help="keys to tokenize; one dataset per key (default: text)")
     group.add_argument("--strict", action="store_true",
                        help="fail on the first bad line instead of skipping and counting it")
@@ -68,7 +69,9 @@ def get_args(argv=None):
     group.add_argument("--chunk-size", type=int, default=64, help="documents per worker task (default 64)")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="log progress every N lines, 0 for never (default 10000)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.json_keys = args.json_keys or ["text"]
+    return args
 
 
 def main(argv=None) -> int:

@@ -282,6 +282,8 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
         PreprocessError: existing outputs without ``force``, a bad line under ``strict``, or no
             valid document at all.
     """
+    if os.path.isdir(config.input):
+        raise ValueError(f"--input {config.input} is a directory; give the jsonl file")
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"--input {config.input}: no such file")
     final_prefixes = {k: output_prefix_for_key(config.output_prefix, k) for k in config.json_keys}
@@ -300,6 +302,9 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
         ", ".join(p + ".{bin,idx}" for p in final_prefixes.values()),
     )
 
+    if not config.append_eod:
+        logger.warning("no --append-eod: the documents are stored without an EOD between them, so training "
+                       "reads them as one running text (and --reset-attention-mask finds no document starts)")
     stats = _Stats(config.json_keys, config.log_interval, config.input)
     outputs = _AtomicOutputs(final_prefixes, dtype)
     pool = None

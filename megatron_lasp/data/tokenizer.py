@@ -743,12 +743,40 @@ class TokenizerSettings:
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_flags(self) -> "TokenizerSettings":
+        """Refuse a setting that ``tokenizer_type`` does not read (it would be ignored silently).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: naming the flag to drop and the flags this type reads.
+        """
+        reads = TOKENIZER_FLAGS_READ.get(self.tokenizer_type)
+        if reads is None:  # unknown or unset type: build_tokenizer says what is missing
+            return self
+        for key in TOKENIZER_SETTING_KEYS[1:]:
+            if getattr(self, key) is not None and key not in reads:
+                flag = "--" + key.replace("_", "-")
+                wanted = " and ".join("--" + k.replace("_", "-") for k in reads) or "no files"
+                raise ValueError(f"{flag} is not used by --tokenizer-type {self.tokenizer_type} (it reads {wanted}); "
+                                 f"drop {flag} or choose the tokenizer type that reads it")
+        return self
+
     def build(self) -> Tokenizer:
         return build_tokenizer(**self.as_dict())
 
 
 TOKENIZER_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(TokenizerSettings))
 """The field names of :class:`TokenizerSettings`, in order."""
+
+TOKENIZER_FLAGS_READ = {
+    "HuggingFaceTokenizer": ("tokenizer_model",),
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "ByteLevelTokenizer": (),
+    "NullTokenizer": ("vocab_size",),
+}
+"""The :class:`TokenizerSettings` fields each ``--tokenizer-type`` reads (the others must be unset)."""
 
 TOKENIZER_PATH_KEYS = ("tokenizer_model", "vocab_file", "merge_file")
 """The fields of :class:`TokenizerSettings` that name files (what a tokenizer is read from)."""
@@ -760,5 +788,10 @@ def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
 
 
 def tokenizer_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers)."""
-    return TokenizerSettings.from_mapping(args).as_dict()
+    """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers).
+
+    Raises:
+        ValueError: a tokenizer flag that ``--tokenizer-type`` does not read
+            (:meth:`TokenizerSettings.check_flags`).
+    """
+    return TokenizerSettings.from_mapping(args).check_flags().as_dict()

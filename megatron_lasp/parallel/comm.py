@@ -278,7 +278,8 @@ class _StagedWork:
             self._work.wait()
             self._work = None
             if self._out is not None:
-                self._out.copy_(self._host)  # a blocking copy: the host buffer may go right after
+                with torch.no_grad():  # megatron-core receives into leaves that require grad
+                    self._out.copy_(self._host)  # blocking: the host buffer may go right after
         return True
 
     def is_completed(self) -> bool:
@@ -301,7 +302,8 @@ def send_state(x: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup], *,
     if not (staged_p2p(x, group) if staged is None else staged):
         return dist.isend(x, dst=dst, group=group)
     host = _host_buffer(x)
-    host.copy_(x)
+    with torch.no_grad():
+        host.copy_(x)
     return _StagedWork(dist.isend(host, dst=dst, group=group), host, None)
 
 

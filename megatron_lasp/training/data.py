@@ -161,16 +161,14 @@ def _check_pair(prefix: str, vocab: int) -> np.ndarray:
 
 
 def _check_cache_path(settings: DataSettings) -> None:
-    """The index cache's directory must be one (megatron-core's ``makedirs`` fails late and on rank 0 only)."""
-    if settings.data_cache_path:
-        path, label = settings.data_cache_path, f"--data-cache-path {settings.data_cache_path}"
-    elif settings.data_blend and not settings.mock_data:
-        path = _default_cache_base(settings.data_blend[0])
-        label = f"the index cache {path} (next to --data-path; or pass --data-cache-path)"
-    else:
+    """The default index cache (next to the data) must be able to be a directory: megatron-core's
+    ``makedirs`` would fail late and on rank 0 only. (A given ``--data-cache-path`` is checked with
+    the flags.)"""
+    if settings.data_cache_path or settings.mock_data or not settings.data_blend:
         return
+    path = _default_cache_base(settings.data_blend[0])
     try:
-        check_directory_path(path, label)
+        check_directory_path(path, f"the index cache {path} (next to --data-path; or pass --data-cache-path)")
     except ValueError as err:
         raise DataError(str(err)) from None
 
