@@ -334,6 +334,68 @@ def test_damaged_sharded_hf_directory_is_named(work, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# the model's own tokenizer; the right kind of directory
+
+
+def test_export_with_another_tokenizer_is_refused(work, capsys):
+    """Tokenizer flags naming another tokenizer than the checkpoint recorded: one line naming both
+    and the flag that allows it; nothing written."""
+    ckpt, out = work / "ckpt", work / "out"
+    recorded = json.loads((ckpt / "iter_0000002" / "config.json").read_text())["tokenizer"]["tokenizer_model"]
+    before = _snapshot(work)
+    _fails(capsys, TO_HF, ["--load", str(ckpt), "--save", str(out), "--tokenizer-type", "NullTokenizer",
+                           "--vocab-size", "100"],
+           ["(--tokenizer-type NullTokenizer --vocab-size 100)",
+            f"(--tokenizer-type HuggingFaceTokenizer --tokenizer-model {recorded})", "--allow-other-tokenizer"])
+    assert _snapshot(work) == before and not out.exists()
+
+
+def test_recorded_tokenizer_check(tmp_path):
+    """The recorded tokenizer passes at another path when its files are the same; another one, a
+    copy with other contents, or one whose recorded files are gone, is refused."""
+    from megatron_lasp.hf.files import ConversionError
+    from megatron_lasp.hf.tokenizer import check_recorded_tokenizer, tokenizer_from_settings
+
+    recorded = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER}
+    copy = tmp_path / "copy"
+    shutil.copytree(TOKENIZER, copy)
+    moved = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(copy)}
+    check_recorded_tokenizer(recorded, recorded, tokenizer_from_settings(recorded))
+    check_recorded_tokenizer(moved, recorded, tokenizer_from_settings(moved))
+    check_recorded_tokenizer(moved, None, tokenizer_from_settings(moved))  # nothing recorded: nothing to compare
+    null = {"tokenizer_type": "NullTokenizer", "vocab_size": 100}
+    with pytest.raises(ConversionError, match="another tokenizer than the one the checkpoint recorded"):
+        check_recorded_tokenizer(null, recorded, tokenizer_from_settings(null))
+    with open(copy / "tokenizer.json", "a") as f:  # other file contents: not provably the same tokenizer
+        f.write("\n")
+    with pytest.raises(ConversionError, match="another tokenizer"):
+        check_recorded_tokenizer(moved, recorded, tokenizer_from_settings(moved))
+    gone = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tmp_path / "gone")}
+    with pytest.raises(ConversionError, match="not readable here"):
+        check_recorded_tokenizer(recorded, gone, tokenizer_from_settings(recorded))
+
+
+def test_import_with_a_larger_tokenizer_is_refused(work, capsys):
+    """HF -> checkpoint checks the tokenizer's ids against the embedding rows, as the export does."""
+    out = work / "out"
+    before = _snapshot(work)
+    _fails(capsys, TO_CKPT, ["--load", str(work / "hf"), "--save", str(out), "--tokenizer-type", "NullTokenizer",
+                             "--vocab-size", "4000"],
+           ["tokenizer has 4001 ids but the model's vocabulary has 2048 rows", "tokenizer flags"])
+    assert _snapshot(work) == before and not out.exists()
+
+
+def test_wrong_kind_of_directory_names_the_other_converter(work, capsys):
+    before = _snapshot(work)
+    _fails(capsys, TO_HF, ["--load", str(work / "hf"), "--save", str(work / "out")],
+           [f"{work / 'hf'} is a Hugging Face model directory", "tools/convert_hf_to_checkpoint.py"])
+    for ckpt in (work / "ckpt", work / "ckpt" / "iter_0000002"):
+        _fails(capsys, TO_CKPT, ["--load", str(ckpt), "--save", str(work / "out")],
+               [f"{ckpt} is a megatron-lasp checkpoint", "tools/convert_checkpoint_to_hf.py"])
+    assert _snapshot(work) == before and not (work / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
 # the real scripts: exit status and stderr of a process
 
 

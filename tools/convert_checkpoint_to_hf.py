@@ -20,7 +20,9 @@ code and a model card (README.md). It is written beside --save and renamed into 
 Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: missing
 checkpoint directory or iteration, a damaged checkpoint file (named, with the other iterations),
 a --save that is, contains or lies inside the checkpoint or the tokenizer, a non-empty --save
-without --force, an unusable tokenizer), 2 on bad flags.
+without --force, an unusable tokenizer, tokenizer flags naming another tokenizer than the one the
+checkpoint recorded (without --allow-other-tokenizer), a Hugging Face directory as --load), 2 on
+bad flags.
 """
 
 import os
@@ -43,6 +45,9 @@ def get_args(argv=None):
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file; above it the weights are sharded with an index (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (default: as saved)")
+    parser.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="export with tokenizer flags that name another tokenizer than the checkpoint recorded "
+                             "(refused without it: right only when both give the same token ids)")
     return parser.parse_args(argv)
 
 
@@ -54,7 +59,8 @@ def main(argv=None) -> int:
         from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf
 
         convert_checkpoint_to_hf(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
-                                 max_shard_size=args.max_shard_size, dtype=args.dtype, force=args.force)
+                                 max_shard_size=args.max_shard_size, dtype=args.dtype, force=args.force,
+                                 allow_other_tokenizer=args.allow_other_tokenizer)
         return f"wrote {args.save}"
 
     return run_tool(PROG, args, work)

@@ -17,7 +17,8 @@ The iteration recorded is the source checkpoint's (from config.json; --iteration
 
 Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: a missing,
 corrupt or truncated config.json / safetensors file (named), weights that do not fit config.json,
-a --save that is, contains or lies inside the HF directory, a non-empty --save without --force),
+a --save that is, contains or lies inside the HF directory, a non-empty --save without --force,
+a tokenizer with more ids than the model's vocabulary rows, a megatron-lasp checkpoint as --load),
 2 on bad flags.
 """
 

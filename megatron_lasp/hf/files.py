@@ -6,7 +6,8 @@ one line before torch or megatron-core load).
 - the checkpoint to convert (:func:`resolve_checkpoint`, through
   :mod:`megatron_lasp.checkpoint.resolve`, the reader training uses too);
 - the target (:func:`check_target`, :func:`atomic_directory`): never the source, inside it or
-  around it; replaced only with ``--force``, atomically.
+  around it; replaced only with ``--force``, atomically;
+- a source of the wrong kind (:func:`directory_kind`): each converter names the other one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from megatron_lasp import atomic
-from megatron_lasp.checkpoint.layout import TRACKER_FILENAME, checkpoint_name
+from megatron_lasp.checkpoint.layout import TRACKER_FILENAME, checkpoint_name, iteration_of_directory
 from megatron_lasp.checkpoint.resolve import resolve_iteration, split_iteration_directory
 
 MODEL_CODE_FILES = ("configuration_linear_lm.py", "modeling_linear_lm.py")
@@ -41,10 +42,27 @@ HF_CONFIG_KEYS = (
     "output_gate", "add_bias_linear", "tie_word_embeddings",
 )
 """The ``config.json`` entries the weight layout depends on."""
+TO_HF_TOOL = "tools/convert_checkpoint_to_hf.py"
+TO_CHECKPOINT_TOOL = "tools/convert_hf_to_checkpoint.py"
 
 
 class ConversionError(RuntimeError):
     """A user error (bad path, missing iteration, unusable input); the message says which."""
+
+
+def directory_kind(path: str) -> Optional[str]:
+    """What ``path`` holds: ``"checkpoint"`` (a tracker file or ``iter_*`` directories, or one
+    ``iter_*`` directory itself), ``"hf"`` (``config.json`` beside safetensors files) or None."""
+    if not os.path.isdir(path):
+        return None
+    names = set(os.listdir(path))
+    if TRACKER_FILENAME in names or any(iteration_of_directory(name) is not None for name in names):
+        return "checkpoint"
+    if iteration_of_directory(path) is not None and names & {"metadata.json", ".metadata"}:
+        return "checkpoint"
+    if HF_CONFIG in names and names & {SAFETENSORS_SINGLE, SAFETENSORS_INDEX}:
+        return "hf"
+    return None
 
 
 def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, int, str]:
@@ -59,6 +77,9 @@ def resolve_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[
     """
     if not os.path.isdir(load_dir):
         raise ConversionError(f"checkpoint directory {load_dir} does not exist")
+    if directory_kind(load_dir) == "hf":
+        raise ConversionError(f"{load_dir} is a Hugging Face model directory, not a megatron-lasp checkpoint: "
+                              f"convert it with {TO_CHECKPOINT_TOOL}")
     load_dir, iteration = split_iteration_directory(load_dir, iteration, error=ConversionError)
     iteration = resolve_iteration(load_dir, iteration, error=ConversionError)
     if iteration is None:
@@ -70,6 +91,9 @@ def read_hf_config(load_dir: str) -> Dict[str, Any]:
     """An exported directory's ``config.json`` (checked to be this model type, with :data:`HF_CONFIG_KEYS`)."""
     if not os.path.isdir(load_dir):
         raise ConversionError(f"HF model directory {load_dir} does not exist")
+    if directory_kind(load_dir) == "checkpoint":
+        raise ConversionError(f"{load_dir} is a megatron-lasp checkpoint, not a Hugging Face model directory: "
+                              f"convert it with {TO_HF_TOOL}")
     path = os.path.join(load_dir, HF_CONFIG)
     if not os.path.isfile(path):
         raise ConversionError(f"{load_dir} has no config.json: not a Hugging Face model directory")

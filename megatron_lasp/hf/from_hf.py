@@ -22,7 +22,7 @@ from megatron_lasp.data.tokenizer import TokenizerSettings
 from megatron_lasp.hf.files import ConversionError, atomic_directory, check_no_overlap, check_target, read_hf_config
 from megatron_lasp.hf.mapping import check_hf_tensors, hf_to_megatron_state_dict, megatron_config_kwargs
 from megatron_lasp.hf.safetensors_io import load_safetensors
-from megatron_lasp.hf.tokenizer import tokenizer_from_settings, tokenizer_paths
+from megatron_lasp.hf.tokenizer import check_vocabulary, tokenizer_from_settings, tokenizer_paths
 from megatron_lasp.models import LinearLMConfig, build_linear_lm
 from megatron_lasp.parallel.state import initialize_parallel
 
@@ -88,6 +88,7 @@ def convert_hf_to_checkpoint(
     sources.update(tokenizer_paths(tokenizer_settings))
     check_target(save_dir, force, sources)
     tokenizer = tokenizer_from_settings(tokenizer_settings) if tokenizer_settings else None
+    check_vocabulary(tokenizer, hf_config["vocab_size"])  # before reading the weights
     hf_tensors, files = load_safetensors(load_dir, with_files=True)
     check_hf_tensors(hf_tensors, files, hf_config, load_dir)
 

@@ -43,6 +43,8 @@ from megatron_lasp.hf.mapping import hf_config_kwargs, megatron_to_hf_state_dict
 from megatron_lasp.hf.model_card import model_card
 from megatron_lasp.hf.safetensors_io import save_safetensors
 from megatron_lasp.hf.tokenizer import (
+    check_recorded_tokenizer,
+    check_vocabulary,
     complete_tokenizer_config,
     saved_tokenizer_settings,
     tokenizer_from_settings,
@@ -114,6 +116,7 @@ def convert_checkpoint_to_hf(
     max_shard_size: Any = "5GB",
     dtype: str = "auto",
     force: bool = False,
+    allow_other_tokenizer: bool = False,
 ) -> str:
     """Convert a megatron-lasp checkpoint into a Hugging Face model directory.
 
@@ -126,6 +129,8 @@ def convert_checkpoint_to_hf(
         max_shard_size: bytes or a size string ("5GB") per safetensors file.
         dtype: 'auto' (as saved) or a dtype name to cast the weights to.
         force: replace a non-empty ``save_dir``.
+        allow_other_tokenizer: export with ``tokenizer_settings`` that are not the recorded
+            tokenizer's (refused otherwise: :func:`~megatron_lasp.hf.tokenizer.check_recorded_tokenizer`).
 
     Returns:
         ``save_dir``.
@@ -139,11 +144,15 @@ def convert_checkpoint_to_hf(
     load_dir, iteration, path = resolve_checkpoint(load_dir, iteration)
     sources = {"checkpoint directory": load_dir}
     check_no_overlap(save_dir, sources)
+    recorded = saved_tokenizer_settings(load_dir, iteration)
+    given = tokenizer_settings
     if tokenizer_settings is None:
-        tokenizer_settings = saved_tokenizer_settings(load_dir, iteration)
+        tokenizer_settings = recorded
     sources.update(tokenizer_paths(tokenizer_settings))
     check_target(save_dir, force, sources)
     tokenizer = tokenizer_from_settings(tokenizer_settings) if tokenizer_settings else None
+    if given is not None and not allow_other_tokenizer:
+        check_recorded_tokenizer(given, recorded, tokenizer)
     check_checkpoint_files(load_dir, iteration, error=ConversionError)
 
     try:
@@ -156,11 +165,7 @@ def convert_checkpoint_to_hf(
             first = f"{CONFIG_FILENAME} does not describe a model ({type(err).__name__}: {first})"
         raise ConversionError(f"cannot load {path}: {first}; {other_iterations(load_dir, iteration)}") from None
     vocab_rows = model.embedding.word_embeddings.weight.shape[0]
-    if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
-        raise ConversionError(
-            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab_rows} rows: "
-            "wrong tokenizer"
-        )
+    check_vocabulary(tokenizer, vocab_rows)
     hf_kwargs = hf_config_kwargs(config, vocab_rows)
     tensors = megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
     if dtype != "auto":

@@ -1,11 +1,13 @@
 """The tokenizer side of a conversion: building the one a checkpoint recorded (or the flags
-name), the files it reads (never to be overwritten), and the exported tokenizer's settings for
-batched generation."""
+name), the checks that it is the model's (:func:`check_recorded_tokenizer`,
+:func:`check_vocabulary`: both directions), the files it reads (never to be overwritten), and the
+exported tokenizer's settings for batched generation."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from typing import Any, Dict, Optional
 
 from transformers import AutoTokenizer
@@ -71,3 +73,57 @@ def saved_tokenizer_settings(root: str, iteration: int) -> Optional[Dict[str, An
     if not saved.get("tokenizer_type"):
         return None
     return TokenizerSettings.from_mapping(saved).as_dict()
+
+
+def describe_tokenizer(settings: Optional[Dict[str, Any]]) -> str:
+    """A tokenizer's settings as the flags that give them (``--tokenizer-type X --tokenizer-model P``)."""
+    values = asdict(TokenizerSettings.from_mapping(settings or {}))
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items() if value is not None)
+
+
+def _same_settings(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    def norm(settings):
+        values = asdict(TokenizerSettings.from_mapping(settings))
+        return {k: os.path.realpath(v) if k in TOKENIZER_PATH_KEYS and v else v for k, v in values.items()}
+
+    return norm(a) == norm(b)
+
+
+def check_recorded_tokenizer(given: Dict[str, Any], recorded: Optional[Dict[str, Any]], tokenizer) -> None:
+    """Refuse exporting with another tokenizer than the checkpoint recorded: the export would read
+    other token ids than the model was trained on, and generate garbage without a word.
+
+    The same settings (paths resolved), or a recorded tokenizer that builds here with the same
+    identity (type, size, EOD, file contents: a copy elsewhere), pass.
+
+    Args:
+        given: the settings the tokenizer flags give.
+        recorded: the checkpoint's (:func:`saved_tokenizer_settings`; None: unrecorded, nothing to check).
+        tokenizer: the tokenizer ``given`` built.
+
+    Raises:
+        ConversionError: another tokenizer (both named, and the flag that allows it).
+    """
+    if recorded is None or _same_settings(given, recorded):
+        return
+    try:
+        if tokenizer_from_settings(recorded).unique_identifiers == tokenizer.unique_identifiers:
+            return
+        where = ""
+    except ConversionError as err:
+        where = f", not readable here ({err})"
+    raise ConversionError(
+        f"the tokenizer flags ({describe_tokenizer(given)}) name another tokenizer than the one the checkpoint "
+        f"recorded ({describe_tokenizer(recorded)}{where}): the export would read other token ids than the model "
+        "was trained on; drop the tokenizer flags to use the recorded one, or add --allow-other-tokenizer if both "
+        "give the same ids"
+    )
+
+
+def check_vocabulary(tokenizer, rows: int) -> None:
+    """Refuse a tokenizer with more ids than the model's embedding has rows (``rows``)."""
+    if tokenizer is not None and tokenizer.vocab_size > rows:
+        raise ConversionError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {rows} rows: "
+            "wrong tokenizer; pass the model's own tokenizer flags"
+        )
