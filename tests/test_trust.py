@@ -318,7 +318,7 @@ def test_messages_name_existing_flags():
     launcher = {"--nproc-per-node"}
     import glob
 
-    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops")
+    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops", "checkpoint")
              for f in glob.glob(os.path.join(REPO, "megatron_lasp", sub, "**", "*.py"), recursive=True)]
     assert len(files) > 10
     for rel in files:
