@@ -424,7 +424,7 @@ def test_flag_errors(extra, message):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_loss_bf16_and_cuda_offload():
     from megatron_lasp.models.loss import linear_cross_entropy
-    from megatron_lasp.models.memory import LayerInputOffloader
+    from megatron_lasp.models.offload import LayerInputOffloader
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(5)

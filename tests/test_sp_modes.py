@@ -15,7 +15,8 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.parallel import gather_sequence, initialize_parallel, lightning_attn_sp, split_sequence
 from megatron_lasp.parallel import lasp as lasp_module
-from megatron_lasp.testing import spawn
+from megatron_lasp.parallel import hop as hop_module
+from megatron_lasp.testing import attention_inputs, check_slopes, rel_err, spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = 1e-5
@@ -23,28 +24,12 @@ POISON = TritonOptions(poison_outputs=True)  # NaN-filled triton kernel buffers 
 
 
 def _slopes(H: int, decay: bool) -> torch.Tensor:
-    if not decay:
-        return torch.zeros(H)
     # ALiBi-like spread plus one strong head whose lam^C underflows to 0 in fp32
-    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
-    s[-1] = 5.0
-    return s
+    return check_slopes(H, strong_head=True) if decay else torch.zeros(H)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _full_inputs(seed, B, T, H, Dk, Dv):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    return q, k, v, do
+_rel = rel_err
+_full_inputs = attention_inputs
 
 
 def _reference(q, k, v, do, slopes):
@@ -132,7 +117,8 @@ def _check_layers_and_order(world_size, seed):
 
     events = []
     names = ("_post_recv", "_post_send", "lightning_attn_fwd_phases", "lightning_attn_bwd_phases")
-    real = {name: getattr(lasp_module, name) for name in names}
+    owner = {name: hop_module if name.startswith("_post") else lasp_module for name in names}
+    real = {name: getattr(owner[name], name) for name in names}
 
     class _Work:
         def __init__(self, work):
@@ -170,14 +156,14 @@ def _check_layers_and_order(world_size, seed):
     fakes = dict(_post_recv=post, _post_send=send, lightning_attn_fwd_phases=phases("lightning_attn_fwd_phases", ""),
                  lightning_attn_bwd_phases=phases("lightning_attn_bwd_phases", "_bwd"))
     for name, fn in fakes.items():
-        setattr(lasp_module, name, fn)
+        setattr(owner[name], name, fn)
     try:
         x = split_sequence(q.float(), group).requires_grad_(True)
         y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
         y.backward(split_sequence(do.float(), group))
     finally:
         for name, fn in real.items():
-            setattr(lasp_module, name, fn)
+            setattr(owner[name], name, fn)
     err = _rel(gather_sequence(x.grad, group), x_ref.grad)
     return err, events
 
@@ -188,8 +174,8 @@ def _check_bidirectional(rank):
     ok = []
     for numel in (16, 1 << 20):  # a small and a 4 MiB state
         mine = torch.full((numel,), float(rank + 1))
-        buf, recv = lasp_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
-        send = lasp_module._post_send(mine, peer, dist.group.WORLD)
+        buf, recv = hop_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
+        send = hop_module._post_send(mine, peer, dist.group.WORLD)
         recv.wait()
         send.wait()
         ok.append(bool((buf == peer + 1).all()))

@@ -13,12 +13,19 @@
     ``linear_proj`` / ``linear_fc2`` = ``TERowParallelLinear``, final norm = ``TENorm``. The
     attention-output ``GroupRMSNorm`` stays local (a per-head norm has no TE module).
 
-The MLP spec comes from megatron-core's ``get_mlp_module_spec_for_backend``, which returns what
-the installed version's ``TransformerLayer`` expects (a ``ModuleSpec`` in 0.16, a builder in 0.19).
+The specs name the classes that run: the layer is :class:`~megatron_lasp.models.chunked.LinearTransformerLayer`
+(megatron-core's ``TransformerLayer`` plus the optional chunked recompute), the MLP
+:class:`~megatron_lasp.models.mlp.LinearLMMLP` (megatron-core's ``MLP`` with the fused GLU). The MLP
+spec comes from megatron-core's ``get_mlp_module_spec_for_backend``, in the form the installed
+version's ``TransformerLayer`` expects (a ``ModuleSpec`` in 0.16, a builder in 0.19), with its
+class replaced by ours (:func:`glu_mlp_spec`). Both subclasses keep megatron-core's parameter
+names, so checkpoints do not depend on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -27,13 +34,17 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
+from megatron_lasp.models.chunked import LinearTransformerLayer
 from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.gate import GateSubmodules, LinearAttentionGate
+from megatron_lasp.models.mlp import LinearLMMLP
 from megatron_lasp.models.norms import RMSNorm
 
-__all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_provider"]
+__all__ = ["get_linear_lm_layer_spec", "get_linear_lm_block_spec", "get_backend_provider", "glu_mlp_spec"]
 
 
 def get_backend_provider(config: LinearLMConfig):
@@ -48,8 +59,23 @@ def get_backend_provider(config: LinearLMConfig):
     return LocalSpecProvider()
 
 
+def glu_mlp_spec(backend):
+    """megatron-core's dense MLP spec for ``backend`` with :class:`LinearLMMLP` as its class.
+
+    0.16 gives ``ModuleSpec(module=MLP, ...)``; 0.19 gives ``partial(MLP.as_mlp_submodule, ...)``
+    (a classmethod, so the same partial bound to our subclass builds it).
+    """
+    spec = get_mlp_module_spec_for_backend(backend)
+    if isinstance(spec, ModuleSpec) and spec.module is MLP:
+        return dataclasses.replace(spec, module=LinearLMMLP)
+    if isinstance(spec, functools.partial) and getattr(spec.func, "__self__", None) is MLP:
+        method = getattr(LinearLMMLP, spec.func.__name__)
+        return functools.partial(method, *spec.args, **spec.keywords)
+    raise TypeError(f"unexpected MLP spec from megatron-core's get_mlp_module_spec_for_backend: {spec!r}")
+
+
 def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
-    """The ``TransformerLayer`` spec of one linear-attention layer (same for every layer)."""
+    """The :class:`LinearTransformerLayer` spec of one linear-attention layer (same for every layer)."""
     backend = get_backend_provider(config)
     te = config.transformer_impl == "transformer_engine"
     attention = ModuleSpec(
@@ -57,16 +83,19 @@ def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
         submodules=LinearAttentionSubmodules(
             linear_qkv=backend.column_parallel_layer_norm_linear() if te else backend.column_parallel_linear(),
             linear_proj=backend.row_parallel_linear(),
+            gate=ModuleSpec(
+                module=LinearAttentionGate, submodules=GateSubmodules(linear=backend.column_parallel_linear())
+            ) if config.gated else None,
         ),
     )
     return ModuleSpec(
-        module=TransformerLayer,
+        module=LinearTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if te else RMSNorm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=IdentityOp if te else RMSNorm,
-            mlp=get_mlp_module_spec_for_backend(backend),
+            mlp=glu_mlp_spec(backend),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -21,11 +21,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
 from megatron_lasp.parallel.comm import (
     GroupInfo,
     SliceDecays,
     SliceDocs,
+    SliceFunction,
+    SliceTransform,
     add_state_term,
     all_gather_flat,
     group_info,
@@ -42,67 +44,54 @@ def _views(row: torch.Tensor, shape_k, shape_v):
     return row[:nk].view(shape_k), row[nk:].view(shape_v)
 
 
-class _AllGatherFunction(torch.autograd.Function):
+class _AllGatherFunction(SliceFunction):
     @staticmethod
     def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
-        B, C, H = q.shape[:3]
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
         all_gather_flat(kv, packed, info.group)
         kv = kv.view(info.size, packed.numel())
-        dec = SliceDecays.of(slopes, C)
+        transforms = _transforms(slopes, q.shape[1], docs, info)
         s_in = None
         for j in range(info.rank):
-            s_j = local_state(*_views(kv[j], k.shape, v.shape), _w_out(dec, docs, j))
-            s_in = s_j if s_in is None else s_in.mul_(_across(dec, docs, j, H).to(s_j.dtype)).add_(s_j)
-        if s_in is not None and docs is not None:
-            s_in.mul_(_keep_in(docs, info.rank, B).to(s_in.dtype))
+            s_j = local_state(*_views(kv[j], k.shape, v.shape), transforms[j].w_out)
+            s_in = s_j if s_in is None else transforms[j](s_in).add_(s_j)
+        if s_in is not None:  # the kernel's initial state feeds the slice's first document
+            s_in = transforms[info.rank].keep(s_in)
         o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend,
                                          doc_ids=None if docs is None else docs.local,
                                          triton_options=triton_options)
-        saved.save_to(ctx, q, k, v, slopes, kv)
-        ctx.meta = (info, docs)
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, kv), (info, docs))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, kv), saved = LightningAttnSaved.restore_from(ctx)
-        info, docs = ctx.meta
-        B, C, H = q.shape[:3]
+        (q, k, v, slopes, kv), saved, (info, docs) = SliceFunction.restore(ctx)
         dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
-        if docs is not None and info.rank > 0:
-            ds_in.mul_(_keep_in(docs, info.rank, B).to(ds_in.dtype))
+        transforms = _transforms(slopes, q.shape[1], docs, info)
+        if info.rank > 0:
+            ds_in = transforms[info.rank].keep(ds_in)
         grads = torch.zeros_like(kv)
         grads[info.rank] = torch.cat([dk.reshape(-1), dv.reshape(-1)])
-        dec = SliceDecays.of(slopes, C)
         g = ds_in
         for j in range(info.rank - 1, -1, -1):
             k_j, v_j = _views(kv[j], k.shape, v.shape)
             dk_j, dv_j = _views(grads[j], k.shape, v.shape)
-            w_j = _w_out(dec, docs, j)
-            add_state_term(dk_j, v_j, g.transpose(-1, -2), w_j)
-            add_state_term(dv_j, k_j, g, w_j)
+            add_state_term(dk_j, v_j, g.transpose(-1, -2), transforms[j].w_out)
+            add_state_term(dv_j, k_j, g, transforms[j].w_out)
             if j > 0:
-                g = g * _across(dec, docs, j, H).to(g.dtype)
+                g = transforms[j].transpose(g)
         mine = torch.empty_like(kv[0])
         reduce_scatter_flat(mine, grads.view(-1), info.group)
         dk, dv = _views(mine, k.shape, v.shape)
-        return dq, dk, dv, None, None, None, None, None
+        return _AllGatherFunction.input_grads(dq, dk, dv)
 
 
-def _w_out(dec: SliceDecays, docs: Optional[SliceDocs], j: int) -> torch.Tensor:
-    return dec.b if docs is None else docs.w_out(dec, j)
-
-
-def _across(dec: SliceDecays, docs: Optional[SliceDocs], j: int, H: int) -> torch.Tensor:
-    if docs is None:
-        return dec.across.view(1, H, 1, 1)
-    return docs.across(dec)[j][:, :, None, None]
-
-
-def _keep_in(docs: SliceDocs, rank: int, B: int) -> torch.Tensor:
-    return docs.keep_in(rank).view(B, 1, 1, 1)
+def _transforms(slopes, C: int, docs: Optional[SliceDocs], info: GroupInfo) -> list:
+    """The :class:`SliceTransform` of this slice and the slices before it (their token weights ``w_out`` used)."""
+    dec = SliceDecays.of(slopes, C)
+    return [SliceTransform.of(dec, docs, j) for j in range(info.rank + 1)]
 
 
 def allgather_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,

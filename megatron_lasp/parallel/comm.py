@@ -39,6 +39,9 @@ __all__ = [
     "decayed_prefix",
     "decayed_suffix",
     "with_entry_state",
+    "SliceTransform",
+    "SliceFunction",
+    "window_documents",
     "all_gather_flat",
     "reduce_scatter_flat",
     "send_state",
@@ -130,36 +133,33 @@ def local_state(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return torch.einsum("bthk,bthv->bhkv", kw, v.to(sdt))
 
 
-def _across(across: torch.Tensor, j: int) -> torch.Tensor:
-    """The factor carrying a state through slice ``j``, shaped to multiply ``[B, H, Dk, Dv]``."""
-    a = across if across.dim() == 1 else across[j]  # [H] or per slice and row [W, B, H]
-    return a.view(-1, a.shape[-1], 1, 1) if a.dim() == 2 else a.view(1, -1, 1, 1)
+def decayed_prefix(states: List[torch.Tensor], transforms: List["SliceTransform"], upto: int) -> Optional[torch.Tensor]:
+    """State entering slice ``upto``: ``T_{upto-1}(... T_1(states[0]) + states[1] ...) + states[upto-1]``.
 
-
-def decayed_prefix(states: List[torch.Tensor], across: torch.Tensor, upto: int) -> Optional[torch.Tensor]:
-    """State entering slice ``upto``: ``sum_{j < upto} lam^(C (upto-1-j)) states[j]`` (None if ``upto == 0``).
+    With fixed decay that is ``sum_{j < upto} lam^(C (upto-1-j)) states[j]``; None if ``upto == 0``.
 
     Args:
         states: per-slice local states ``[B, H, Dk, Dv]`` in group order.
-        across: ``[H]``, ``lam^C``; or ``[W, B, H]``, the factor of each slice and row (with
-            documents: 0 for a slice that holds a boundary).
+        transforms: per-slice :class:`SliceTransform` in group order (how slice ``j`` carries a
+            state through it).
         upto: index of the slice whose incoming state is wanted.
     """
     carry = None
     for j in range(upto):
-        carry = states[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(states[j])
+        carry = states[j].clone() if carry is None else transforms[j](carry).add_(states[j])
     return carry
 
 
-def decayed_suffix(grads: List[torch.Tensor], across: torch.Tensor, after: int) -> Optional[torch.Tensor]:
-    """Gradient of the state leaving slice ``after``: ``sum_{j > after} lam^(C (j-after-1)) grads[j]``.
+def decayed_suffix(grads: List[torch.Tensor], transforms: List["SliceTransform"], after: int) -> Optional[torch.Tensor]:
+    """Gradient of the state leaving slice ``after``: the mirror of :func:`decayed_prefix`.
 
     ``grads[j]`` is slice ``j``'s own contribution to the gradient of the state entering it
-    (``(diag(a) Q_j)^T dO_j``). None if ``after`` is the last slice.
+    (``(diag(a) Q_j)^T dO_j``); with fixed decay the result is
+    ``sum_{j > after} lam^(C (j-after-1)) grads[j]``. None if ``after`` is the last slice.
     """
     carry = None
     for j in range(len(grads) - 1, after, -1):
-        carry = grads[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(grads[j])
+        carry = grads[j].clone() if carry is None else transforms[j].transpose(carry).add_(grads[j])
     return carry
 
 
@@ -231,10 +231,116 @@ class SliceDocs:
         """``[B, H, C]``: ``b`` masked to the tokens of the slice's last document."""
         return dec.b[None] * (self.slice(j) == self.last[j][:, None]).to(dec.b.dtype)[:, None]
 
-    def across(self, dec: SliceDecays) -> torch.Tensor:
-        """``[W, B, H]``: ``lam^C`` for the slices without a boundary, 0 for the others."""
-        through = (self.prev == self.last).to(dec.across.dtype)  # [W, B]
-        return through[:, :, None] * dec.across[None, None]
+    def across(self, dec: SliceDecays, j: int) -> torch.Tensor:
+        """``[B, H]``: ``lam^C`` for the rows of slice ``j`` without a boundary, 0 for the others."""
+        through = (self.prev[j] == self.last[j]).to(dec.across.dtype)  # [B]
+        return through[:, None] * dec.across[None]
+
+
+def window_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, lo: int, hi: int):
+    """The packed documents of the tokens ``[lo, hi)`` of every row of ``[B, T]``, for a kernel run
+    on that window alone (a chunk of a slice: ``models/chunked.py``).
+
+    Returns:
+        ``(cu_seqlens, keep)``: the window's document starts laid end to end (``[B (hi - lo)]``
+        rows, int64 on the CPU), and ``keep`` ``[B, 1, 1, 1]`` fp32 (0 where a document starts
+        exactly at the window's first token: the state carried into the window must not reach it)
+        or None when every row keeps it. ``(None, None)`` without documents. (A host sync: the
+        kernel's ``cu_seqlens`` are host values.)
+    """
+    if cu_seqlens is None:
+        return None, None
+    L = hi - lo
+    local = {b * L for b in range(B + 1)}
+    keep = [1.0] * B
+    for start in set(cu_seqlens.detach().cpu().tolist()):
+        b, t = divmod(start, T)
+        if b >= B or not lo <= t < hi:
+            continue
+        if t > lo:
+            local.add(b * L + t - lo)
+        elif t > 0:
+            keep[b] = 0.0
+    cu = torch.tensor(sorted(local), dtype=torch.int64)
+    keep_t = None if all(k == 1.0 for k in keep) else torch.tensor(keep, dtype=torch.float32).view(B, 1, 1, 1)
+    return cu, keep_t
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceTransform:
+    """How one slice acts on the state that crosses it: the one per-slice plan of every mode.
+
+    The state entering the slice reaches its token ``t`` with weight ``w_in[.., t]``, token ``t``
+    enters the state leaving the slice with weight ``w_out[.., t]``, and a state that crosses the
+    whole slice is carried by :meth:`__call__` (its gradient by :meth:`transpose`). For scalar
+    decay the carry is a per-row, per-head factor (``lam^C``, 0 for a row with a document start in
+    the slice); an op with a matrix-valued transition (a delta rule) replaces the carry, and the
+    modes' schedule stays the same.
+
+    Attributes:
+        w_in: ``[H, C]`` (fp32; ``[B, H, C]`` per row with documents), ``a`` masked (None
+            where not needed).
+        w_out: ``[H, C]`` or ``[B, H, C]``, ``b`` masked (None where not needed).
+        across: ``[1, H]`` or ``[B, H]``, the factor of a state crossing the slice.
+        keep_in: ``[B, 1, 1, 1]`` or None: 0 for a row whose slice starts with a document (the
+            kernel's gradient of its initial state then belongs to another document).
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    across: torch.Tensor
+    keep_in: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, dec: SliceDecays, docs: Optional[SliceDocs], j: int, weights: bool = True) -> "SliceTransform":
+        """The transform of slice ``j`` from its decay factors and, with documents, the document
+        plan; ``weights=False`` leaves ``w_in`` / ``w_out`` None (a slice only carried through)."""
+        if docs is None:
+            return cls(dec.a, dec.b, dec.across.view(1, -1))
+        B = docs.full.shape[0]
+        keep = docs.keep_in(j).to(dec.a.dtype).view(B, 1, 1, 1)
+        across = docs.across(dec, j)
+        if not weights:
+            return cls(None, None, across, keep)
+        return cls(docs.w_in(dec, j), docs.w_out(dec, j), across, keep)
+
+    def __call__(self, state: torch.Tensor) -> torch.Tensor:
+        """The state ``[B, H, Dk, Dv]`` after crossing the slice (a new tensor)."""
+        return state * self.across[:, :, None, None].to(state.dtype)
+
+    def transpose(self, d_state: torch.Tensor) -> torch.Tensor:
+        """The gradient of the state entering the slice from that of the state leaving it (scalar
+        decay: the same factor)."""
+        return self(d_state)
+
+    def keep(self, d_state: torch.Tensor) -> torch.Tensor:
+        """In place: ``d_state`` (the kernel's gradient of its initial state) zeroed where the slice
+        starts with a document."""
+        return d_state if self.keep_in is None else d_state.mul_(self.keep_in.to(d_state.dtype))
+
+
+class SliceFunction(torch.autograd.Function):
+    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, info, backend,
+    docs, triton_options)``: the save / restore tail they share."""
+
+    N_INPUTS = 8
+
+    @staticmethod
+    def keep(ctx, saved: LightningAttnSaved, tensors, meta) -> None:
+        """Keep the kernel's record, ``tensors`` (saved for backward) and ``meta`` (anything else) on ``ctx``."""
+        saved.save_to(ctx, *tensors)
+        ctx.mode_meta = meta
+
+    @staticmethod
+    def restore(ctx):
+        """``(tensors, saved, meta)`` as given to :meth:`keep`."""
+        tensors, saved = LightningAttnSaved.restore_from(ctx)
+        return tensors, saved, ctx.mode_meta
+
+    @classmethod
+    def input_grads(cls, dq, dk, dv) -> tuple:
+        """The backward's return value: the gradients of q, k, v, None for the other inputs."""
+        return (dq, dk, dv) + (None,) * (cls.N_INPUTS - 3)
 
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:

@@ -25,11 +25,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
 from megatron_lasp.parallel.comm import (
     GroupInfo,
     SliceDecays,
     SliceDocs,
+    SliceFunction,
+    SliceTransform,
     add_state_term,
     all_gather_flat,
     decayed_prefix,
@@ -48,43 +50,42 @@ def _all_gather_states(x: torch.Tensor, info: GroupInfo) -> list[torch.Tensor]:
     return list(out.view((info.size,) + tuple(x.shape)).unbind(0))
 
 
-class _Lasp2Function(torch.autograd.Function):
+class _Lasp2Function(SliceFunction):
     @staticmethod
     def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
-        C = q.shape[1]
         o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend,
                                              doc_ids=None if docs is None else docs.local,
                                              triton_options=triton_options)
         states = _all_gather_states(s_loc, info)
-        dec = SliceDecays.of(slopes, C)
-        across = dec.across if docs is None else docs.across(dec)
-        s_in = decayed_prefix(states, across.to(s_loc.dtype), info.rank)
+        transforms = _transforms(slopes, q.shape[1], docs, info)
+        s_in = decayed_prefix(states, transforms, info.rank)
         if s_in is not None:
-            add_state_term(o, q, s_in, dec.a if docs is None else docs.w_in(dec, info.rank))
-        saved.save_to(ctx, q, k, v, slopes, s_in)
-        ctx.meta = (info, docs)
+            add_state_term(o, q, s_in, transforms[info.rank].w_in)
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, s_in), (info, docs))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, s_in), saved = LightningAttnSaved.restore_from(ctx)
-        info, docs = ctx.meta
-        B, C = q.shape[:2]
+        (q, k, v, slopes, s_in), saved, (info, docs) = SliceFunction.restore(ctx)
         if s_in is not None:
             saved = with_entry_state(saved, s_in, slopes, docs)
         dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
-        if docs is not None:  # the kernel's dS_0 is for the slice's first document
-            g_loc.mul_(docs.keep_in(info.rank).to(g_loc.dtype).view(B, 1, 1, 1))
-        grads = _all_gather_states(g_loc, info)
-        dec = SliceDecays.of(slopes, C)
-        across = dec.across if docs is None else docs.across(dec)
-        ds = decayed_suffix(grads, across.to(g_loc.dtype), info.rank)
+        transforms = _transforms(slopes, q.shape[1], docs, info)
+        mine = transforms[info.rank]
+        grads = _all_gather_states(mine.keep(g_loc), info)  # the kernel's dS_0 is for the slice's first document
+        ds = decayed_suffix(grads, transforms, info.rank)
         if ds is not None:
-            w_out = dec.b if docs is None else docs.w_out(dec, info.rank)
-            add_state_term(dk, v, ds.transpose(-1, -2), w_out)
-            add_state_term(dv, k, ds, w_out)
-        return dq, dk, dv, None, None, None, None, None
+            add_state_term(dk, v, ds.transpose(-1, -2), mine.w_out)
+            add_state_term(dv, k, ds, mine.w_out)
+        return _Lasp2Function.input_grads(dq, dk, dv)
+
+
+def _transforms(slopes, C: int, docs: Optional[SliceDocs], info: GroupInfo) -> list:
+    """Every slice's :class:`SliceTransform` in group order (fixed decay: computed locally; the
+    token weights of this rank's only)."""
+    dec = SliceDecays.of(slopes, C)
+    return [SliceTransform.of(dec, docs, j, weights=j == info.rank) for j in range(info.size)]
 
 
 def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,

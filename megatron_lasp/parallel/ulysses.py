@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, group_info
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, SliceFunction, group_info
 
 __all__ = ["ulysses_attention"]
 
@@ -59,7 +59,7 @@ def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Ten
     return out
 
 
-class _UlyssesFunction(torch.autograd.Function):
+class _UlyssesFunction(SliceFunction):
     @staticmethod
     def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
@@ -70,18 +70,16 @@ class _UlyssesFunction(torch.autograd.Function):
         oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, doc_ids=doc_ids,
                                           triton_options=triton_options)
         (o,) = _heads_to_seq((oh,), info)
-        saved.save_to(ctx, qh, kh, vh, slopes_h)
-        ctx.info = info
+        SliceFunction.keep(ctx, saved, (qh, kh, vh, slopes_h), info)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (qh, kh, vh, slopes_h), saved = LightningAttnSaved.restore_from(ctx)
-        info = ctx.info
+        (qh, kh, vh, slopes_h), saved, info = SliceFunction.restore(ctx)
         (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
         dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved)
         dq, dk, dv = _heads_to_seq((dqh, dkh, dvh), info)
-        return dq, dk, dv, None, None, None, None, None
+        return _UlyssesFunction.input_grads(dq, dk, dv)
 
 
 def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
