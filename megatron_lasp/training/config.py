@@ -65,6 +65,10 @@ class ModelOptions:
     """Per-head decay slopes of linear attention."""
     decay_layer_eps: Optional[float] = None
     """Epsilon of the tnl depth scaling of the decay."""
+    linear_attention_gate: Optional[str] = None
+    """Per-token gate of linear attention (none, mamba2, gla)."""
+    gate_logit_normalizer: Optional[float] = None
+    """Divisor of the gla gate's log-sigmoid."""
     qk_feature_map: Optional[str] = None
     """Feature map on q and k."""
     v_feature_map: Optional[str] = None
@@ -90,7 +94,7 @@ class ModelOptions:
 
     OVERRIDES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
                  "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout", "decay_type",
-                 "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
+                 "decay_layer_eps", "linear_attention_gate", "gate_logit_normalizer", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
                  "glu_type", "share_embeddings_and_output_weights", "init_method_std")
 
     def __post_init__(self) -> None:
@@ -99,6 +103,28 @@ class ModelOptions:
                        if getattr(self, n) is None]
             if missing:
                 raise ArgumentError(f"{', '.join(missing)} required without --model-preset")
+        gate = self.gate()
+        if gate != "none":
+            fixed = [f for f, v in (("--decay-type", self.decay_type), ("--decay-layer-eps", self.decay_layer_eps))
+                     if v is not None]
+            if fixed:
+                raise ArgumentError(f"{' and '.join(fixed)} set the fixed decay, which the per-token gate "
+                                    f"({gate}) replaces: drop {' and '.join(fixed)}")
+        if self.gate_logit_normalizer is not None and gate != "gla":
+            raise ArgumentError("--gate-logit-normalizer is read by --linear-attention-gate gla only: drop it "
+                                "or add --linear-attention-gate gla")
+
+    def gate(self) -> str:
+        """The linear attention's per-token gate: the flag's, else the preset's, else 'none'."""
+        if self.linear_attention_gate is not None:
+            return self.linear_attention_gate
+        if self.model_preset is not None:
+            from megatron_lasp.models.config import PRESETS
+
+            preset = PRESETS.get(self.model_preset)
+            if preset is not None:
+                return preset.fields.get("linear_attention_gate", "none")
+        return "none"
 
     def overrides(self) -> Dict[str, Any]:
         """The ``LinearLMConfig`` fields given on the command line (those not None)."""
@@ -140,6 +166,23 @@ class MemoryOptions:
             raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
         if self.recompute_method is not None and self.recompute_granularity != "full":
             raise ArgumentError("--recompute-method needs --recompute-granularity full")
+        if self.recompute_num_layers is not None and self.recompute_granularity != "full":
+            raise ArgumentError("--recompute-num-layers needs --recompute-granularity full")
+
+    def check_layers(self, layers_per_stage: int) -> None:
+        """The rules that need the model's depth: megatron-core's uniform recompute steps through a
+        stage's layers ``recompute_num_layers`` at a time (a count that does not divide them runs
+        past the last layer), block recompute takes the first ``recompute_num_layers``."""
+        n = self.recompute_num_layers
+        if self.recompute_granularity != "full" or self.recompute_chunk_size or n is None:
+            return
+        if self.recompute_method == "uniform" and layers_per_stage % n:
+            raise ArgumentError(f"--recompute-num-layers ({n}) must divide the layers per pipeline stage "
+                                f"({layers_per_stage}) with --recompute-method uniform; change it, or use "
+                                "--recompute-method block to recompute the first N layers of each stage")
+        if self.recompute_method == "block" and n > layers_per_stage:
+            raise ArgumentError(f"--recompute-num-layers ({n}) must be at most the layers per pipeline stage "
+                                f"({layers_per_stage}) with --recompute-method block")
 
 
 @dataclass(frozen=True)
@@ -197,6 +240,10 @@ class TrainingOptions:
     """fp16 mixed precision with dynamic loss scaling."""
     exit_interval: Optional[int] = None
     """Stop (after saving) when the iteration is a multiple of this."""
+    exit_signal_handler: bool = False
+    """On SIGTERM / SIGINT: finish the step, save, exit 0."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and stop once the run has been up this many minutes."""
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -296,6 +343,8 @@ class CheckpointOptions:
     """On resume, this run's LR schedule wins."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, the checkpoint's LR schedule wins."""
+    overwrite_checkpoints: bool = False
+    """Let ``--finetune`` / ``--ckpt-step`` save into their ``--load`` directory over its checkpoints."""
     check_for_spiky_loss: bool = False
     """Stop without saving on a loss spike."""
     spiky_loss_factor: float = 10.0
@@ -374,7 +423,7 @@ class RunConfig:
             mock_data=d.mock_data, data_blend=d.data_blend, split=d.split, data_cache_path=d.data_cache_path,
             seq_length=t.seq_length, eod_mask_loss=d.eod_mask_loss, seed=t.seed, train_iters=t.train_iters,
             global_batch_size=t.global_batch_size, eval_interval=lg.eval_interval, eval_iters=lg.eval_iters,
-            skip_splits=tuple(skip_splits),
+            skip_splits=tuple(skip_splits), reset_attention_mask=d.reset_attention_mask,
         )
 
     def flags(self, **resolved: Any) -> Dict[str, Any]:
