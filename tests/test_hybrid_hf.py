@@ -37,13 +37,14 @@ def _train(rank, world_size, root):
 
 
 def _convert(rank, world_size, root, hf_dir, back_dir):
-    from megatron_lasp.hf import convert
-    from megatron_lasp.training.checkpointing import load_model_for_inference
+    from megatron_lasp.checkpoint.io import load_model_for_inference
+    from megatron_lasp.hf.from_hf import convert_hf_to_checkpoint
+    from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf
 
     ids = torch.randint(0, 100, (2, SEQ), generator=torch.Generator().manual_seed(0))
     original, config, _ = load_model_for_inference(root, device="cpu")
-    convert.convert_checkpoint_to_hf(root, hf_dir)
-    convert.convert_hf_to_checkpoint(hf_dir, back_dir)
+    convert_checkpoint_to_hf(root, hf_dir)
+    convert_hf_to_checkpoint(hf_dir, back_dir)
     back, back_config, _ = load_model_for_inference(back_dir, device="cpu")
     with torch.no_grad():
         return dict(ids=ids, logits=original(ids), back=back(ids), pattern=back_config.hybrid_layer_pattern,

@@ -35,7 +35,8 @@ from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import logging_utils
 from megatron_lasp.training.interrupts import PROG, LauncherWatchdog, StopRequests, record_clean_error
-from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
+from megatron_lasp.training import checkpointing
+from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord, SaveLock
 from megatron_lasp.training.config import RunConfig
 from megatron_lasp.training.optim import (
     build_optimizer,
@@ -76,9 +77,8 @@ class StartupError(SystemExit):
 
 def _user_errors():
     from megatron_lasp.data.preprocess import PreprocessError
-    from megatron_lasp.training.checkpointing import CheckpointError
 
-    return (arguments_mod.ArgumentError, CheckpointError, data_mod.DataError, PreprocessError,
+    return (arguments_mod.ArgumentError, checkpointing.CheckpointError, data_mod.DataError, PreprocessError,
             FileNotFoundError, ValueError)
 
 
@@ -88,13 +88,12 @@ def _fail(message: str, print_here: bool) -> StartupError:
     return StartupError(message)
 
 
-def _agreed(fn: Callable[[], object]) -> object:
-    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together.
+def _agreed(fn: Callable[[], object], save_lock: Optional[SaveLock] = None) -> object:
+    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together
+    (``save_lock`` released, which ``fn`` may have taken).
 
     The first failing rank's message is printed once, by rank 0. Returns ``fn()``.
     """
-    from megatron_lasp.training import checkpointing
-
     result, error = None, None
     try:
         result = fn()
@@ -106,7 +105,8 @@ def _agreed(fn: Callable[[], object]) -> object:
         dist.all_gather_object(errors, error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
-        checkpointing.release_save_lock()
+        if save_lock is not None:
+            save_lock.release()
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise _fail(first, rank == 0)
     return result
@@ -150,6 +150,8 @@ class TrainState:
     """The ``lm loss`` of every iteration run by this process (on the logging rank; NaN elsewhere)."""
     grad_norms: List[float] = field(default_factory=list)
     """The global gradient norm of every iteration run by this process (before clipping)."""
+    save_lock: Optional[SaveLock] = None
+    """Held on ``--save`` by rank 0 for the run (released by :func:`main`)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,9 +500,7 @@ def check_before_save(state: TrainState) -> None:
 
 
 def _last_checkpoint_hint(save: Optional[str]) -> str:
-    from megatron_lasp.training.checkpointing import list_iterations
-
-    its = list_iterations(save) if save else []
+    its = checkpointing.list_iterations(save) if save else []
     return f"last good checkpoint: iteration {its[-1]}, untouched" if its else "no checkpoint saved"
 
 
@@ -558,12 +558,10 @@ def refuse_overwrite(checkpoint: CheckpointSettings, allowed: bool) -> None:
     Raises:
         ArgumentError: naming the iterations at risk and the flags that avoid it.
     """
-    from megatron_lasp.training.checkpointing import list_iterations
-
     save, load = checkpoint.save, checkpoint.load
     if allowed or not save or not load or os.path.abspath(save) != os.path.abspath(load):
         return
-    found = list_iterations(save)
+    found = checkpointing.list_iterations(save)
     start = 0 if checkpoint.finetune else checkpoint.load_iteration
     at_risk = [it for it in found if start is not None and it > start]
     if not at_risk:
@@ -581,8 +579,11 @@ def refuse_overwrite(checkpoint: CheckpointSettings, allowed: bool) -> None:
         "or add --overwrite-checkpoints")
 
 
-def setup(argv: Optional[List[str]] = None) -> TrainState:
+def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None) -> TrainState:
     """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
+
+    Rank 0 takes ``save_lock`` (default: a new one, kept in the state) on ``--save``; the
+    caller releases it, on failure too.
 
     Raises:
         SystemExit(2): a bad flag (argparse's one-line ``error:`` message).
@@ -590,8 +591,8 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     from megatron.core import parallel_state as mpu
 
     from megatron_lasp.parallel.state import init_distributed, initialize_parallel, pipeline_p2p_staged
-    from megatron_lasp.training import checkpointing
 
+    save_lock = save_lock if save_lock is not None else SaveLock()
     try:
         # argparse's own errors: one line on rank 0, exit 2; the rest the same on every rank:
         # each exits, rank 0 prints
@@ -606,12 +607,13 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
         padded = data_mod.padded_vocab_size(tokenizer.vocab_size, run.model.make_vocab_size_divisible_by,
                                             run.parallel.tensor_model_parallel_size)
         model_config = model_config_from_run(run)
-        checkpoint = checkpointing.prepare_run(_checkpoint_settings(run, tokenizer.vocab_size, padded), model_config)
+        checkpoint = checkpointing.prepare_run(_checkpoint_settings(run, tokenizer.vocab_size, padded), model_config,
+                                               save_lock)
         refuse_overwrite(checkpoint, run.checkpoint.overwrite_checkpoints)
         skip_splits = data_mod.check_data(run.data_settings(), tokenizer)
         return run, tokenizer, padded, model_config, checkpoint, skip_splits
 
-    config, tokenizer, padded_vocab_size, model_config, checkpoint, skip_splits = _agreed(prepare)
+    config, tokenizer, padded_vocab_size, model_config, checkpoint, skip_splits = _agreed(prepare, save_lock)
     # args.json records the model's sizes and what the checks resolved (a weights-only checkpoint
     # loads as with --finetune)
     resolved = {name: getattr(model_config, name)
@@ -663,12 +665,13 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
     )
     state = TrainState(config=config, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
-                       layout=layout, tokenizer=tokenizer, padded_vocab_size=padded_vocab_size)
+                       layout=layout, tokenizer=tokenizer, padded_vocab_size=padded_vocab_size,
+                       save_lock=save_lock)
     if checkpoint.load:
         try:
             checkpointing.load_checkpoint(state)
         except checkpointing.CheckpointError as err:  # past the checks: this rank alone may see it
-            checkpointing.release_save_lock()
+            save_lock.release()
             raise _fail(str(err), True) from None
     logger.info(
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
@@ -691,16 +694,16 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
     """
     from megatron_lasp.parallel.state import destroy_parallel
-    from megatron_lasp.training import checkpointing
 
     start = time.monotonic()
     _logging_setup()
     stops = None
+    save_lock = SaveLock()
     try:
-        state = setup(argv)
+        state = setup(argv, save_lock)
         train_cfg = state.config.training
         stops = StopRequests(train_cfg.exit_signal_handler, train_cfg.exit_duration_in_mins, start).install()
-        watchdog = LauncherWatchdog.start_if_launched(checkpointing.release_save_lock)
+        watchdog = LauncherWatchdog.start_if_launched(save_lock.release)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:
             save_fn = watchdog.guard(save_fn)
@@ -714,7 +717,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     finally:
         if stops is not None:
             stops.uninstall()
-        checkpointing.release_save_lock()
+        save_lock.release()
         if destroy:
             destroy_parallel()
     return state
