@@ -337,6 +337,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     state = None
     try:
         state = setup(argv, start)
+        state.stops.install()
         watchdog = LauncherWatchdog.start_if_launched(checkpointing.release_save_lock)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:

@@ -125,7 +125,8 @@ class TrainState:
     padded_vocab_size: int
     """Rows of the embedding table (the tokenizer's vocabulary padded for TP)."""
     stops: StopRequests
-    """When to save and stop early (signals, time limit); installed from the moment the flags are read."""
+    """When to save and stop early (signals, time limit); ``main`` installs its signal handlers once
+    start-up is over (before, a signal ends the process as usual: there is nothing to save yet)."""
     iteration: int = 0
     """Optimizer steps done (restored by a resume)."""
     consumed_train_samples: int = 0
@@ -311,12 +312,8 @@ def setup(argv: Optional[List[str]] = None, start: Optional[float] = None) -> Tr
         config = arguments_mod.parse_config(argv)
     except arguments_mod.ArgumentError as err:
         raise _fail(str(err), arguments_mod.is_rank_zero()) from None
-    stops = StopRequests(config.training.exit_signal_handler, config.training.exit_duration_in_mins, start).install()
-    try:
-        return _build(config, stops)
-    except BaseException:
-        stops.uninstall()
-        raise
+    return _build(config, StopRequests(config.training.exit_signal_handler, config.training.exit_duration_in_mins,
+                                       start))
 
 
 def _build(config: RunConfig, stops: StopRequests) -> TrainState:
