@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
-from megatron_lasp.training import logging_utils
+from megatron_lasp.training import checkpointing, logging_utils
 from megatron_lasp.training.interrupts import PROG, LauncherWatchdog, StopRequests, record_clean_error
 from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
 from megatron_lasp.training.startup import (  # noqa: F401 - setup, model_config_from_run: re-exported for callers
@@ -301,9 +301,7 @@ def check_before_save(state: TrainState) -> None:
 
 
 def _last_checkpoint_hint(save: Optional[str]) -> str:
-    from megatron_lasp.training.checkpointing import list_iterations
-
-    its = list_iterations(save) if save else []
+    its = checkpointing.list_iterations(save) if save else []
     return f"last good checkpoint: iteration {its[-1]}, untouched" if its else "no checkpoint saved"
 
 
@@ -330,15 +328,15 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
     """
     from megatron_lasp.parallel.state import destroy_parallel
-    from megatron_lasp.training import checkpointing
 
     start = time.monotonic()
     _logging_setup()
     state = None
+    save_lock = checkpointing.SaveLock()
     try:
-        state = setup(argv, start)
+        state = setup(argv, save_lock, start)
         state.stops.install()
-        watchdog = LauncherWatchdog.start_if_launched(checkpointing.release_save_lock)
+        watchdog = LauncherWatchdog.start_if_launched(save_lock.release)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:
             save_fn = watchdog.guard(save_fn)
@@ -352,7 +350,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     finally:
         if state is not None:
             state.stops.uninstall()
-        checkpointing.release_save_lock()
+        save_lock.release()
         if destroy:
             destroy_parallel()
     return state

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
-from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
+from megatron_lasp.training import checkpointing
+from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord, SaveLock
 from megatron_lasp.training.config import RunConfig
 from megatron_lasp.training.interrupts import PROG, StopRequests
 from megatron_lasp.training.optim import (
@@ -60,9 +61,8 @@ class StartupError(SystemExit):
 
 def _user_errors():
     from megatron_lasp.data.preprocess import PreprocessError
-    from megatron_lasp.training.checkpointing import CheckpointError
 
-    return (arguments_mod.ArgumentError, CheckpointError, data_mod.DataError, PreprocessError,
+    return (arguments_mod.ArgumentError, checkpointing.CheckpointError, data_mod.DataError, PreprocessError,
             FileNotFoundError, ValueError)
 
 
@@ -72,13 +72,12 @@ def _fail(message: str, print_here: bool) -> StartupError:
     return StartupError(message)
 
 
-def _agreed(fn: Callable[[], object]) -> object:
-    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together.
+def _agreed(fn: Callable[[], object], save_lock: Optional[SaveLock] = None) -> object:
+    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together
+    (``save_lock`` released, which ``fn`` may have taken).
 
     The first failing rank's message is printed once, by rank 0. Returns ``fn()``.
     """
-    from megatron_lasp.training import checkpointing
-
     result, error = None, None
     try:
         result = fn()
@@ -90,7 +89,8 @@ def _agreed(fn: Callable[[], object]) -> object:
         dist.all_gather_object(errors, error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
-        checkpointing.release_save_lock()
+        if save_lock is not None:
+            save_lock.release()
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise _fail(first, rank == 0)
     return result
@@ -137,6 +137,8 @@ class TrainState:
     """The ``lm loss`` of every iteration run by this process (on the logging rank; NaN elsewhere)."""
     grad_norms: List[float] = field(default_factory=list)
     """The global gradient norm of every iteration run by this process (before clipping)."""
+    save_lock: Optional[SaveLock] = None
+    """Held on ``--save`` by rank 0 for the run (released by ``loop.main``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,12 +273,10 @@ def refuse_overwrite(checkpoint: CheckpointSettings, allowed: bool) -> None:
     Raises:
         ArgumentError: naming the iterations at risk and the flags that avoid it.
     """
-    from megatron_lasp.training.checkpointing import list_iterations
-
     save, load = checkpoint.save, checkpoint.load
     if allowed or not save or not load or os.path.abspath(save) != os.path.abspath(load):
         return
-    found = list_iterations(save)
+    found = checkpointing.list_iterations(save)
     start = 0 if checkpoint.finetune else checkpoint.load_iteration
     at_risk = [it for it in found if start is not None and it > start]
     if not at_risk:
@@ -294,11 +294,14 @@ def refuse_overwrite(checkpoint: CheckpointSettings, allowed: bool) -> None:
         "or add --overwrite-checkpoints")
 
 
-def setup(argv: Optional[List[str]] = None, start: Optional[float] = None) -> TrainState:
+def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None,
+          start: Optional[float] = None) -> TrainState:
     """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
 
     Args:
         argv: the flags (default ``sys.argv[1:]``).
+        save_lock: taken by rank 0 on ``--save`` (default: a new one, kept in the state); the
+            caller releases it, on failure too.
         start: ``time.monotonic()`` when the run started (``--exit-duration-in-mins`` counts from
             it; default now).
 
@@ -312,16 +315,15 @@ def setup(argv: Optional[List[str]] = None, start: Optional[float] = None) -> Tr
         config = arguments_mod.parse_config(argv)
     except arguments_mod.ArgumentError as err:
         raise _fail(str(err), arguments_mod.is_rank_zero()) from None
-    return _build(config, StopRequests(config.training.exit_signal_handler, config.training.exit_duration_in_mins,
-                                       start))
+    stops = StopRequests(config.training.exit_signal_handler, config.training.exit_duration_in_mins, start)
+    return _build(config, stops, save_lock if save_lock is not None else SaveLock())
 
 
-def _build(config: RunConfig, stops: StopRequests) -> TrainState:
+def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> TrainState:
     """:func:`setup` once the flags are read."""
     from megatron.core import parallel_state as mpu
 
     from megatron_lasp.parallel.state import init_distributed, initialize_parallel, pipeline_p2p_staged
-    from megatron_lasp.training import checkpointing
 
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
 
@@ -331,12 +333,13 @@ def _build(config: RunConfig, stops: StopRequests) -> TrainState:
         padded = data_mod.padded_vocab_size(tokenizer.vocab_size, run.model.make_vocab_size_divisible_by,
                                             run.parallel.tensor_model_parallel_size)
         model_config = model_config_from_run(run)
-        checkpoint = checkpointing.prepare_run(_checkpoint_settings(run, tokenizer.vocab_size, padded), model_config)
+        checkpoint = checkpointing.prepare_run(_checkpoint_settings(run, tokenizer.vocab_size, padded), model_config,
+                                               save_lock)
         refuse_overwrite(checkpoint, run.checkpoint.overwrite_checkpoints)
         skip_splits = data_mod.check_data(run.data_settings(), tokenizer)
         return run, tokenizer, padded, model_config, checkpoint, skip_splits
 
-    config, tokenizer, padded_vocab_size, model_config, checkpoint, skip_splits = _agreed(prepare)
+    config, tokenizer, padded_vocab_size, model_config, checkpoint, skip_splits = _agreed(prepare, save_lock)
     # args.json records the model's sizes and what the checks resolved (a weights-only checkpoint
     # loads as with --finetune)
     resolved = {name: getattr(model_config, name)
@@ -388,12 +391,13 @@ def _build(config: RunConfig, stops: StopRequests) -> TrainState:
     )
     state = TrainState(config=config, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
-                       layout=layout, tokenizer=tokenizer, padded_vocab_size=padded_vocab_size, stops=stops)
+                       layout=layout, tokenizer=tokenizer, padded_vocab_size=padded_vocab_size, stops=stops,
+                       save_lock=save_lock)
     if checkpoint.load:
         try:
             checkpointing.load_checkpoint(state)
         except checkpointing.CheckpointError as err:  # past the checks: this rank alone may see it
-            checkpointing.release_save_lock()
+            save_lock.release()
             raise _fail(str(err), True) from None
     logger.info(
         "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
