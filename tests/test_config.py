@@ -289,7 +289,18 @@ def _cli(argv, tmp_path, signum=None, launcher=None):
     return code, out_path.read_text(), lines
 
 
+def _launcher():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["-m", "megatron_lasp.training.launch", "--nproc-per-node", "2", "--master-port", str(port)]
+
+
 def test_exit_signal_handler_saves_and_exits_zero(tmp_path):
+    """Without a launcher the run exits 0; under torchrun (forwarding SIGTERM to both workers, SP 2)
+    both ranks save the same iteration and the launcher says so in one line."""
     import signal
 
     d = tmp_path / "run"
@@ -298,6 +309,16 @@ def test_exit_signal_handler_saves_and_exits_zero(tmp_path):
     assert code == 0, (code, out[-2000:], err)
     saved = int((d / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= saved < 100000 and f"exiting at iteration {saved}: received SIGTERM" in out, out[-2000:]
+
+    d2 = tmp_path / "run2"
+    argv = BASE + ["--train-iters", "100000", "--save", str(d2), "--exit-signal-handler", "--sequence-parallel-size", "2"]
+    code, out, err = _cli(argv, tmp_path, signal.SIGTERM, launcher=_launcher())
+    assert code == 128 + signal.SIGTERM, (code, err)
+    saved = int((d2 / "latest_checkpointed_iteration.txt").read_text())
+    assert f"exiting at iteration {saved}: received SIGTERM" in out, out[-2000:]
+    assert sorted(p.name for p in (d2 / f"iter_{saved:07d}").glob("__*_0.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ours = [ln for ln in err if ln.startswith("launch:")]
+    assert len(ours) == 1 and "SIGTERM" in ours[0] and not any("Traceback" in ln for ln in err), err
 
 
 def test_ctrl_c_without_the_handler_is_one_line(tmp_path):
@@ -312,7 +333,7 @@ def test_ctrl_c_without_the_handler_is_one_line(tmp_path):
 def test_launcher_reports_a_clean_error_in_one_line(tmp_path):
     """Under ``python -m megatron_lasp.training.launch`` (torchrun's flags) a bad flag on 2 workers is
     one line and exit status 2, not torchrun's ChildFailedError report."""
-    launcher = ["-m", "megatron_lasp.training.launch", "--nproc-per-node", "2", "--master-port", "0"]
+    launcher = _launcher()
     code, out, err = _cli(BASE + ["--eval-interval", "5", "--split", "100,0,0"], tmp_path, launcher=launcher)
     errors = [ln for ln in err if "error" in ln.lower()]
     assert code == 2, (code, err)

@@ -25,6 +25,8 @@ CONFIG_FIELDS = (
     ("layernorm_epsilon", "rms_norm_eps"),
     ("decay_type", "decay_type"),
     ("decay_layer_eps", "decay_layer_eps"),
+    ("linear_attention_gate", "linear_attention_gate"),
+    ("gate_logit_normalizer", "gate_logit_normalizer"),
     ("qk_feature_map", "qk_feature_map"),
     ("v_feature_map", "v_feature_map"),
     ("output_gate", "output_gate"),
@@ -194,7 +196,7 @@ RENAME, SPLIT_HEADS, SPLIT_HALVES, SPLIT_GROUPS = _Rename(), _SplitHeads(), _Spl
 PARAMETER_MAP = (
     # (megatron-lasp TP=1 name, HF name, transform, HF shape, present when); {L}: the layer,
     # {part}: the pieces of a split; shapes in V vocabulary rows, h hidden, W heads x head_dim,
-    # F intermediate size.
+    # F intermediate size, H heads.
     ("embedding.word_embeddings.weight", "model.embed_tokens.weight", RENAME, ("V", "h"), "always"),
     ("decoder.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_norm.weight", RENAME, ("h",), "always"),
     ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_HEADS,
@@ -203,6 +205,12 @@ PARAMETER_MAP = (
      (("W", "h"), ("K", "h"), ("K", "h")), "softmax"),
     ("decoder.layers.{L}.self_attention.linear_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
      ("h", "W"), "always"),
+    ("decoder.layers.{L}.self_attention.gate.linear.weight", "model.layers.{L}.attn.decay_proj.weight", RENAME,
+     ("H", "h"), "gated"),
+    ("decoder.layers.{L}.self_attention.gate.linear.bias", "model.layers.{L}.attn.decay_proj.bias", RENAME,
+     ("H",), "gla"),
+    ("decoder.layers.{L}.self_attention.gate.A_log", "model.layers.{L}.attn.A_log", RENAME, ("H",), "mamba2"),
+    ("decoder.layers.{L}.self_attention.gate.dt_bias", "model.layers.{L}.attn.dt_bias", RENAME, ("H",), "mamba2"),
     ("decoder.layers.{L}.mlp.linear_fc1.weight", "model.layers.{L}.mlp.{part}_proj.weight", SPLIT_HALVES,
      ("F", "h"), "always"),
     ("decoder.layers.{L}.mlp.linear_fc2.weight", "model.layers.{L}.mlp.down_proj.weight", RENAME, ("h", "F"), "always"),
@@ -221,9 +229,11 @@ PARAMETER_MAP = (
 )
 """The parameter mapping, in the HF files' order; "bias" rows exist with ``add_bias_linear``,
 "untied" ones without ``tie_word_embeddings`` (a tied model may or may not store them: they are
-dropped when present); "linear" / "softmax" rows only in the layers of that kind (a hybrid's
-``layer_types``), "-bias" ones with ``add_bias_linear`` too. A row's shape is one per piece where
-the pieces differ (a softmax layer's q and its k, v under GQA)."""
+dropped when present); "gated" rows with a per-token gate (``linear_attention_gate`` not 'none'),
+"mamba2" / "gla" rows with that gate (its ``A_log`` / ``dt_bias``, its projection's bias); "linear" /
+"softmax" rows only in the layers of that kind (a hybrid's ``layer_types``; the gate rows are
+linear-layer rows too), "-bias" ones with ``add_bias_linear`` too. A row's shape is one per piece
+where the pieces differ (a softmax layer's q and its k, v under GQA)."""
 
 
 def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[Tuple[str, List[str], Any, tuple]]:
@@ -232,16 +242,20 @@ def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[
     ``with_optional`` adds the rows a tied model may store."""
     sizes = {
         "V": hf_config["vocab_size"], "h": hf_config["hidden_size"], "F": hf_config["intermediate_size"],
-        "W": hf_config["num_attention_heads"] * hf_config["head_dim"], "K": _kv_heads(hf_config) * hf_config["head_dim"],
+        "W": hf_config["num_attention_heads"] * hf_config["head_dim"], "H": hf_config["num_attention_heads"],
+        "K": _kv_heads(hf_config) * hf_config["head_dim"],
     }
     bias = hf_config["add_bias_linear"]
+    gate = hf_config.get("linear_attention_gate", "none")  # exports before the gate have none
     kinds = _layer_kinds(hf_config)
 
     def present(when: str, layer) -> bool:
         kind = None if layer is None else ("softmax" if kinds[layer] == SOFTMAX_SYMBOL else "linear")
+        linear = kind == "linear"
         return {"always": True, "bias": bias, "untied": with_optional or not hf_config["tie_word_embeddings"],
-                "linear": kind == "linear", "softmax": kind == "softmax", "linear-bias": bias and kind == "linear",
-                "softmax-bias": bias and kind == "softmax"}[when]
+                "linear": linear, "softmax": kind == "softmax", "linear-bias": bias and linear,
+                "softmax-bias": bias and kind == "softmax", "gated": gate != "none" and linear,
+                "mamba2": gate == "mamba2" and linear, "gla": gate == "gla" and linear}[when]
 
     layer_rows = [row for row in PARAMETER_MAP if "{L}" in row[0]]
     first = PARAMETER_MAP.index(layer_rows[0])
