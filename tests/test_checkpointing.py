@@ -248,6 +248,20 @@ def test_architecture_check_names_the_flag(tmp_path):
     assert check() is None
     assert check(**RECOMPUTE_OLD_CONFIG, recompute_granularity="selective", kernel_backend="triton",
                  hidden_dropout=0.1) is None
+    assert check(linear_attention_gate="gla").endswith("change --linear-attention-gate to match")
+    gated = config
+    config = linear_lm_config("tiny", use_cpu_initialization=True, linear_attention_gate="mamba2")
+    assert check() is None
+    assert check(linear_attention_gate="none").endswith("change --linear-attention-gate to match")
+    # a checkpoint from before the gate existed records no gate: its model had none
+    (tmp_path / "iter_0000001" / "config.json").write_text(json.dumps(dict(
+        json.loads((tmp_path / "iter_0000001" / "config.json").read_text()),
+        model={k: v for k, v in config_dict(gated, run)["model"].items()
+               if k not in ("linear_attention_gate", "gate_logit_normalizer")})))
+    with pytest.raises(CheckpointError, match="checkpoint has linear_attention_gate=none but this run has "
+                                              "linear_attention_gate=mamba2"):
+        check_architecture(str(tmp_path), run, config, FIELD_NAMES, 1)
+    config = gated
     assert check(num_layers=3).endswith("checkpoint has num_layers=3 but this run has num_layers=2; change --num-layers to match")
     assert check(kv_channels=8).endswith("change --kv-channels to match")
     assert check(output_gate=False).endswith("output_gate=True; change --no-output-gate to match")

@@ -42,7 +42,10 @@ VARIANTS = {
         add_bias_linear=True,
     ),
     "nodecay-identity-v": dict(decay_type="none", v_feature_map="identity", num_layers=3),
+    "gate-mamba2": dict(linear_attention_gate="mamba2"),
+    "gate-gla-bias": dict(linear_attention_gate="gla", gate_logit_normalizer=8.0, add_bias_linear=True),
 }
+GATE = ["--linear-attention-gate", "mamba2"]  # the TP=2 run (and its round trip) is a gated model
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +77,7 @@ def _train_and_save(rank, world_size, roots, seed):
     import torch.distributed as dist
 
     layouts = {
-        "tp2": ["--tensor-model-parallel-size", "2"],
+        "tp2": ["--tensor-model-parallel-size", "2"] + GATE,
         "sp2": ["--sequence-parallel-size", "2"],
         "pp2": ["--pipeline-model-parallel-size", "2"],
     }
@@ -136,7 +139,7 @@ def _convert_all(rank, world_size, paths, seed):
     from megatron_lasp.training.optim import unwrap_model
 
     state = setup([
-        "--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--mock-data",
+        *GATE, "--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--mock-data",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", paths["hf_tp2"],
         "--make-vocab-size-divisible-by", "8", "--load", paths["back"], "--finetune",
     ])

@@ -107,10 +107,18 @@ def model_fields(config) -> Dict[str, Any]:
     return out
 
 
+LATER_FIELDS = {"linear_attention_gate": "none", "gate_logit_normalizer": 16.0}
+"""Architecture fields newer than some checkpoints, with the value the models of those checkpoints
+have (so that, e.g., a gated run refuses a checkpoint saved before the gate existed by its field)."""
+
+
 def architecture_fields(model: Mapping[str, Any]) -> Dict[str, Any]:
     """config.json's ``model`` section without :data:`RUNTIME_CONFIG_FIELDS` (which checkpoints
-    saved before some of them were runtime fields record): ``LinearLMConfig`` keyword arguments."""
-    return {name: value for name, value in model.items() if name not in RUNTIME_CONFIG_FIELDS}
+    saved before some of them were runtime fields record), :data:`LATER_FIELDS` filled in where
+    absent: ``LinearLMConfig`` keyword arguments."""
+    fields = dict(LATER_FIELDS)
+    fields.update((name, value) for name, value in model.items() if name not in RUNTIME_CONFIG_FIELDS)
+    return fields
 
 
 def config_dict(config, run: RunRecord) -> Dict[str, Any]:

@@ -25,6 +25,8 @@ CONFIG_FIELDS = (
     ("layernorm_epsilon", "rms_norm_eps"),
     ("decay_type", "decay_type"),
     ("decay_layer_eps", "decay_layer_eps"),
+    ("linear_attention_gate", "linear_attention_gate"),
+    ("gate_logit_normalizer", "gate_logit_normalizer"),
     ("qk_feature_map", "qk_feature_map"),
     ("v_feature_map", "v_feature_map"),
     ("output_gate", "output_gate"),
@@ -137,13 +139,19 @@ RENAME, SPLIT_HEADS, SPLIT_HALVES = _Rename(), _SplitHeads(), _SplitHalves()
 PARAMETER_MAP = (
     # (megatron-lasp TP=1 name, HF name, transform, HF shape, present when); {L}: the layer,
     # {part}: the pieces of a split; shapes in V vocabulary rows, h hidden, W heads x head_dim,
-    # F intermediate size.
+    # F intermediate size, H heads.
     ("embedding.word_embeddings.weight", "model.embed_tokens.weight", RENAME, ("V", "h"), "always"),
     ("decoder.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_norm.weight", RENAME, ("h",), "always"),
     ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_HEADS,
      ("W", "h"), "always"),
     ("decoder.layers.{L}.self_attention.linear_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
      ("h", "W"), "always"),
+    ("decoder.layers.{L}.self_attention.gate.linear.weight", "model.layers.{L}.attn.decay_proj.weight", RENAME,
+     ("H", "h"), "gated"),
+    ("decoder.layers.{L}.self_attention.gate.linear.bias", "model.layers.{L}.attn.decay_proj.bias", RENAME,
+     ("H",), "gla"),
+    ("decoder.layers.{L}.self_attention.gate.A_log", "model.layers.{L}.attn.A_log", RENAME, ("H",), "mamba2"),
+    ("decoder.layers.{L}.self_attention.gate.dt_bias", "model.layers.{L}.attn.dt_bias", RENAME, ("H",), "mamba2"),
     ("decoder.layers.{L}.mlp.linear_fc1.weight", "model.layers.{L}.mlp.{part}_proj.weight", SPLIT_HALVES,
      ("F", "h"), "always"),
     ("decoder.layers.{L}.mlp.linear_fc2.weight", "model.layers.{L}.mlp.down_proj.weight", RENAME, ("h", "F"), "always"),
@@ -160,7 +168,8 @@ PARAMETER_MAP = (
 )
 """The parameter mapping, in the HF files' order; "bias" rows exist with ``add_bias_linear``,
 "untied" ones without ``tie_word_embeddings`` (a tied model may or may not store them: they are
-dropped when present)."""
+dropped when present); "gated" rows with a per-token gate (``linear_attention_gate`` not 'none'),
+"mamba2" / "gla" rows with that gate (its ``A_log`` / ``dt_bias``, its projection's bias)."""
 
 
 def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[Tuple[str, List[str], Any, tuple]]:
@@ -169,10 +178,12 @@ def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[
     ``with_optional`` adds the rows a tied model may store."""
     sizes = {
         "V": hf_config["vocab_size"], "h": hf_config["hidden_size"], "F": hf_config["intermediate_size"],
-        "W": hf_config["num_attention_heads"] * hf_config["head_dim"],
+        "W": hf_config["num_attention_heads"] * hf_config["head_dim"], "H": hf_config["num_attention_heads"],
     }
+    gate = hf_config.get("linear_attention_gate", "none")  # exports before the gate have none
     present = {"always": True, "bias": hf_config["add_bias_linear"],
-               "untied": with_optional or not hf_config["tie_word_embeddings"]}
+               "untied": with_optional or not hf_config["tie_word_embeddings"],
+               "gated": gate != "none", "mamba2": gate == "mamba2", "gla": gate == "gla"}
     layer_rows = [row for row in PARAMETER_MAP if "{L}" in row[0]]
     first = PARAMETER_MAP.index(layer_rows[0])
     rows = [(row, None) for row in PARAMETER_MAP[:first]]

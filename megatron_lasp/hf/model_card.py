@@ -51,11 +51,17 @@ def model_card(
     heads, head_dim = c["num_attention_heads"], c["head_dim"]
     maps = f"q, k: {c['qk_feature_map']}; v: {c['v_feature_map']}"
     gate = "sigmoid output gate" if c["output_gate"] else "no output gate"
+    kind = c.get("linear_attention_gate", "none")
+    if kind == "none":
+        decay = f"fixed decay per head (decay_type `{c['decay_type']}`)"
+    else:
+        decay = {"mamba2": "per-token decay per head, Mamba2 gate (`-exp(A_log) softplus(x W + dt_bias)`)",
+                 "gla": f"per-token decay per head, GLA gate (`logsigmoid(x W + b) / {c['gate_logit_normalizer']:g}`)"}[kind]
     rows = [
         ("layers", c["num_hidden_layers"]),
         ("hidden size", c["hidden_size"]),
-        ("token mixer", f"causal linear attention, {heads} heads x {head_dim} channels, fixed decay per head "
-                        f"(decay_type `{c['decay_type']}`), feature maps {maps}, {gate}, RMSNorm over groups of "
+        ("token mixer", f"causal linear attention, {heads} heads x {head_dim} channels, {decay}, "
+                        f"feature maps {maps}, {gate}, RMSNorm over groups of "
                         f"{c['attention_norm_group_size']} head(s)"),
         ("MLP", f"{c['glu_type'].upper()}, {c['intermediate_size']} channels"),
         ("vocabulary", f"{c['vocab_size']} rows" + (f" ({tokenizer.vocab_size} tokenizer ids)" if tokenizer else "")),
