@@ -9,6 +9,12 @@ Packed documents (:class:`SliceDocs`): the same factors, masked per row by "same
 the state leaving it only after its last boundary, and the state crosses a slice only if it has no
 boundary). See ``megatron_lasp/parallel/README.md``.
 
+The one per-slice plan (:class:`SliceTransform`): what a slice does to a state, its token weights
+and its carry, from the decay factors (:class:`SliceDecays`: a fixed decay per head, or per-token
+gates per row and head) and the document plan; the modes, the chunked layer
+(``models/chunked.py``) and the one state hop (``hop.py``) take it. :class:`SliceFunction` is the
+modes' shared autograd tail, :func:`slice_gate_grad` the gates' gradient of a slice.
+
 Point-to-point (:func:`send_state`, :func:`recv_state`): the one way the package sends a state
 from rank to rank. gloo cannot send or receive CUDA tensors ("Bad address"), while its
 collectives accept them; so on a gloo group a CUDA tensor goes through a pinned host buffer, which
@@ -27,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
+from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad
+from megatron_lasp.ops.lightning_attn.triton_chunk import triton_gate_dots
 
 __all__ = [
     "GroupInfo",
@@ -42,6 +50,7 @@ __all__ = [
     "SliceTransform",
     "SliceFunction",
     "window_documents",
+    "slice_gate_grad",
     "all_gather_flat",
     "reduce_scatter_flat",
     "send_state",
@@ -86,12 +95,18 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class SliceDecays:
-    """Decay factors of one slice of ``length`` tokens, fp32.
+    """Decay factors of one slice of ``length`` tokens, fp32 (fp64 for fp64 gates).
+
+    Fixed decay (:meth:`of`): one set per head. Per-token gates (:meth:`from_gates`): one per row
+    and head, from the slice's own cumulative gate (``gate.SliceGate``: ``a_t = exp(G_t)``,
+    ``b_t = exp(G_{C-1} - G_t)``, ``across = exp(G_{C-1})``, ``G_t = sum_{u <= t} g_u``, each
+    summed from its own end so no ``exp`` of a large number is taken).
 
     Attributes:
-        a: ``[H, C]``, ``lam^(t+1)``.
-        b: ``[H, C]``, ``lam^(C-1-t)``.
-        across: ``[H]``, ``lam^C`` (the decay of a state carried across the slice; may underflow to 0).
+        a: ``[H, C]`` or ``[B, H, C]``, ``lam^(t+1)``.
+        b: ``[H, C]`` or ``[B, H, C]``, ``lam^(C-1-t)``.
+        across: ``[H]`` or ``[B, H]``, ``lam^C`` (the decay of a state carried across the slice;
+            may underflow to 0).
     """
 
     a: torch.Tensor
@@ -105,6 +120,23 @@ class SliceDecays:
             decay_powers(slopes, length, reverse=True),
             state_decay(slopes, length),
         )
+
+    @classmethod
+    def from_gates(cls, g: torch.Tensor) -> "SliceDecays":
+        """From this slice's gates ``g [B, C, H]`` (log-decays ``<= 0``)."""
+        gate = SliceGate.of(g)
+        return cls(gate.a, gate.b, gate.across)
+
+    @classmethod
+    def for_slice(cls, slopes: Optional[torch.Tensor], g: Optional[torch.Tensor], length: int) -> "SliceDecays":
+        """:meth:`of` for a fixed decay (``slopes``), :meth:`from_gates` for per-token gates (``g``)."""
+        return cls.of(slopes, length) if g is None else cls.from_gates(g)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the factors are per row (per-token gates)."""
+        return self.a.dim() == 3
+
 
 
 def _token_weights(w: torch.Tensor) -> torch.Tensor:
@@ -163,18 +195,24 @@ def decayed_suffix(grads: List[torch.Tensor], transforms: List["SliceTransform"]
     return carry
 
 
-def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torch.Tensor,
-                     docs: Optional["SliceDocs"] = None) -> LightningAttnSaved:
+def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: Optional[torch.Tensor],
+                     docs: Optional["SliceDocs"] = None, dec: Optional[SliceDecays] = None) -> LightningAttnSaved:
     """The kernel's cached segment states as if the forward had started from ``s_in``.
 
-    The state entering the span starting at token ``n * span`` gains ``lam^(n span) s_in``; with
-    documents, only while that state is still in the document ``s_in`` belongs to (the kernel
-    reads the entering state of span 0 for the slice's first document).
+    The state entering the span starting at token ``n * span`` gains ``lam^(n span) s_in`` (per-token
+    gates, ``slopes=None``: ``a_{n span - 1} s_in`` from the slice's :class:`SliceDecays` ``dec``,
+    1 for the first span); with documents, only while that state is still in the document ``s_in``
+    belongs to (the kernel reads the entering state of span 0 for the slice's first document).
     """
     sdt = saved.states.dtype
     n_spans = saved.states.shape[2]
-    starts = torch.arange(n_spans, device=slopes.device) * saved.span
-    w = torch.exp(-slopes.to(sdt)[:, None] * starts.to(sdt)[None, :])[None]  # [1, H, N]
+    device = saved.states.device
+    starts = torch.arange(n_spans, device=device) * saved.span
+    if slopes is not None:
+        w = torch.exp(-slopes.to(sdt)[:, None] * starts.to(sdt)[None, :])[None]  # [1, H, N]
+    else:
+        a = dec.a.to(sdt)  # [B, H, C]
+        w = torch.cat([torch.ones_like(a[..., :1]), a[..., starts[1:] - 1]], dim=-1)  # [B, H, N]
     if docs is not None:
         entry_docs = docs.local[:, (starts - 1).clamp(min=0)]  # [B, N]
         w = w * (entry_docs == docs.prev[docs.rank][:, None]).to(sdt)[:, None]  # [B, H, N]
@@ -225,16 +263,18 @@ class SliceDocs:
 
     def w_in(self, dec: SliceDecays, j: int) -> torch.Tensor:
         """``[B, H, C]``: ``a`` masked to the tokens of the entering state's document."""
-        return dec.a[None] * (self.slice(j) == self.prev[j][:, None]).to(dec.a.dtype)[:, None]
+        a = dec.a if dec.gated else dec.a[None]
+        return a * (self.slice(j) == self.prev[j][:, None]).to(dec.a.dtype)[:, None]
 
     def w_out(self, dec: SliceDecays, j: int) -> torch.Tensor:
         """``[B, H, C]``: ``b`` masked to the tokens of the slice's last document."""
-        return dec.b[None] * (self.slice(j) == self.last[j][:, None]).to(dec.b.dtype)[:, None]
+        b = dec.b if dec.gated else dec.b[None]
+        return b * (self.slice(j) == self.last[j][:, None]).to(dec.b.dtype)[:, None]
 
     def across(self, dec: SliceDecays, j: int) -> torch.Tensor:
         """``[B, H]``: ``lam^C`` for the rows of slice ``j`` without a boundary, 0 for the others."""
         through = (self.prev[j] == self.last[j]).to(dec.across.dtype)  # [B]
-        return through[:, None] * dec.across[None]
+        return through[:, None] * (dec.across if dec.gated else dec.across[None])
 
 
 def window_documents(cu_seqlens: Optional[torch.Tensor], B: int, T: int, lo: int, hi: int):
@@ -296,7 +336,7 @@ class SliceTransform:
         """The transform of slice ``j`` from its decay factors and, with documents, the document
         plan; ``weights=False`` leaves ``w_in`` / ``w_out`` None (a slice only carried through)."""
         if docs is None:
-            return cls(dec.a, dec.b, dec.across.view(1, -1))
+            return cls(dec.a, dec.b, dec.across if dec.gated else dec.across.view(1, -1))
         B = docs.full.shape[0]
         keep = docs.keep_in(j).to(dec.a.dtype).view(B, 1, 1, 1)
         across = docs.across(dec, j)
@@ -320,10 +360,11 @@ class SliceTransform:
 
 
 class SliceFunction(torch.autograd.Function):
-    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, info, backend,
-    docs, triton_options)``: the save / restore tail they share."""
+    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, g, info, backend,
+    docs, triton_options)`` (``slopes`` for a fixed decay, ``g`` for per-token gates): the save /
+    restore tail they share."""
 
-    N_INPUTS = 8
+    N_INPUTS = 9
 
     @staticmethod
     def keep(ctx, saved: LightningAttnSaved, tensors, meta) -> None:
@@ -338,9 +379,41 @@ class SliceFunction(torch.autograd.Function):
         return tensors, saved, ctx.mode_meta
 
     @classmethod
-    def input_grads(cls, dq, dk, dv) -> tuple:
-        """The backward's return value: the gradients of q, k, v, None for the other inputs."""
-        return (dq, dk, dv) + (None,) * (cls.N_INPUTS - 3)
+    def input_grads(cls, dq, dk, dv, dg=None) -> tuple:
+        """The backward's return value: the gradients of q, k, v (and g), None for the other inputs."""
+        return (dq, dk, dv, None, dg) + (None,) * (cls.N_INPUTS - 5)
+
+
+def slice_gate_grad(g: torch.Tensor, q, dq, k, dk, docs: Optional[SliceDocs], s_out: Optional[torch.Tensor] = None,
+                    ds_out: Optional[torch.Tensor] = None, backend: str = "torch",
+                    final_term: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dg [B, C, H]`` (in ``g``'s dtype) of a slice from its total gradients (``gate.gate_grad``:
+    ``dg_s = sum_{t >= s, same document} (q_t . dq_t - k_t . dk_t) + [s in the last document]
+    <dS_out, S_out>``).
+
+    Args:
+        g: the slice's gates ``[B, C, H]``.
+        q, dq, k, dk: ``[B, C, H, Dk]``, the slice's inputs and their total gradients (the terms of
+            the state entering it and of the state leaving it included).
+        docs: the document plan (the sums restart at the slice's own document starts).
+        s_out, ds_out: the state leaving the slice and its gradient ``[B, H, Dk, Dv]``, or None
+            (the last slice).
+        backend: "triton" forms the row dots ``q . dq - k . dk`` in the kernel that the op uses.
+        final_term: ``<dS_out, S_out>`` ``[B, H]`` when the caller has it directly (instead of
+            ``s_out`` / ``ds_out``).
+    """
+    doc_ids = None if docs is None else docs.local
+    dots = triton_gate_dots(q, dq, k, dk) if backend == "triton" else None
+    if dots is None:
+        cdt = state_dtype(q.dtype)
+        dots = (torch.einsum("bthd,bthd->bth", q.to(cdt), dq.to(cdt))
+                - torch.einsum("bthd,bthd->bth", k.to(cdt), dk.to(cdt)))
+    if ds_out is not None:
+        final_term = (s_out.to(dots.dtype) * ds_out.to(dots.dtype)).sum((-1, -2))
+    if final_term is not None:
+        dots = dots.clone()
+        dots[:, -1] += final_term.to(dots.dtype)
+    return gate_grad(q, dq, k, dk, doc_ids, dots=dots).to(g.dtype)
 
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
