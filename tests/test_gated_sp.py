@@ -60,7 +60,8 @@ def _check(rank, world_size, seed):
             cu = edge_cu_seqlens(B, world_size, C, seed=seed + C) if packed else None
             for mode in MODES:
                 key = f"{mode}-B{B}-C{C}-sp{world_size}-fp64{'-packed' if packed else ''}"
-                results[key] = (_compare(seed + 10 * i, B, C, 4, 16, 8, mode, group, cu, torch.float64), TOL[torch.float64])
+                errs = _compare(seed + 10 * i, B, C, 4, 16, 8, mode, group, cu, torch.float64)
+                results[key] = (errs, TOL[torch.float64])
     for mode in MODES:  # fp32 activations, fp32 states
         cu = edge_cu_seqlens(1, world_size, 45, seed=seed)
         results[f"{mode}-fp32-packed"] = (_compare(seed + 99, 1, 45, 4, 16, 16, mode, group, cu, torch.float32),

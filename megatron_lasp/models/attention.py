@@ -94,6 +94,13 @@ def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
 _FEATURE_MAPS = {"silu": F.silu, "identity": None}
 
 
+def _core_extra(cu_seqlens, g) -> tuple:
+    """The core's optional positional arguments (none for the plain fixed-decay case, as before)."""
+    if g is not None:
+        return (cu_seqlens, g)
+    return () if cu_seqlens is None else (cu_seqlens,)
+
+
 @dataclass
 class LinearAttentionSubmodules:
     """Submodules of :class:`LinearSelfAttention` (classes or ``ModuleSpec``)."""
@@ -219,9 +226,24 @@ class LinearSelfAttention(MegatronModule):
             self._slopes_by_device[device] = torch.tensor(self._slope_values, dtype=torch.float32, device=device)
         return self._slopes_by_device[device]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def gates(self, hidden_states: torch.Tensor, mixed: torch.Tensor) -> Optional[torch.Tensor]:
+        """The per-token log-decays ``g [s, b, heads on this TP rank]`` (``<= 0``) of a gated
+        variant, computed from the layer's (normed) input and the projection output; None for the
+        fixed per-head decay (:attr:`slopes`), this class. Every path (the sequence-parallel modes,
+        the chunked recompute of ``chunked.py``) takes the decay from here."""
+        return None
+
+    def _decay(self, g: Optional[torch.Tensor]) -> dict:
+        """The op's decay arguments: ``slopes`` (fixed) or ``g`` in the op's ``[b, s, h]`` layout."""
+        if g is None:
+            return dict(slopes=self.slopes)
+        return dict(slopes=None, g=g.transpose(0, 1).contiguous())
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None,
+                   g: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sequence-parallel kernel on ``[s, b, h, d]`` views -> o ``[s, b, h, d]``.
 
+        ``g``: :meth:`gates`' per-token log-decays ``[s, b, h]``, or None (the fixed decay).
         The first call checks that the SP ranks agree on the shapes (one small collective and a
         host sync); every rank runs the same layers in the same order, so later calls skip it.
         Inside :meth:`carrying`, the kernel starts from and returns the carried state instead.
@@ -230,7 +252,7 @@ class LinearSelfAttention(MegatronModule):
         if carry is not None:
             with torch.no_grad() if carry.cut else contextlib.nullcontext():
                 o, carry.final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **self._decay(g),
                     initial_state=carry.initial, output_final_state=carry.want_final,
                     backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
                 )
@@ -238,12 +260,14 @@ class LinearSelfAttention(MegatronModule):
                 carry.q = q.detach()
                 o = carry.o = o.requires_grad_(True)
             return o.transpose(0, 1)
+        decay = self._decay(g)
         o = lightning_attn_sp(
             q.transpose(0, 1),
             k.transpose(0, 1),
             v.transpose(0, 1),
-            self.slopes,
+            decay["slopes"],
             self.sp_group,
+            g=decay.get("g"),
             mode=self.config.sequence_parallel_mode,
             backend=self.config.kernel_backend,
             validate=None if not self._sp_checked else False,
@@ -283,18 +307,18 @@ class LinearSelfAttention(MegatronModule):
             self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
         )
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None, g=None) -> torch.Tensor:
         """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
-        return self._attention(*self._feature_maps(q, k, v), cu_seqlens)
+        return self._attention(*self._feature_maps(q, k, v), cu_seqlens, g)
 
-    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
+    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None, g=None):
         """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
         q, k, v, sg = self._fused_features(mixed)
-        o = self._attention(q, k, v, cu_seqlens)
+        o = self._attention(q, k, v, cu_seqlens, g)
         return (o, sg) if sg is not None else o
 
-    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, cu_seqlens=None):
-        extra = () if cu_seqlens is None else (cu_seqlens,)
+    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, cu_seqlens=None, g=None):
+        extra = _core_extra(cu_seqlens, g)
         if self.recompute_core:
             out = tensor_parallel.checkpoint(self._core_fused, False, mixed, *extra)
         else:
@@ -336,14 +360,15 @@ class LinearSelfAttention(MegatronModule):
         mixed, _ = self.linear_qkv(hidden_states)
         if self._carry is not None and self._carry.cut:
             mixed = self._carry.mixed = mixed.detach().requires_grad_(True)
+        g = self.gates(hidden_states, mixed)  # before the input norm's output may be discarded
         if self.recompute_elementwise:
             fused_ops.discard_until_backward(hidden_states, mixed)  # the input norm's output, if tagged
         if self.fused:
-            return self._forward_fused(hidden_states, mixed, cu_seqlens)
+            return self._forward_fused(hidden_states, mixed, cu_seqlens, g)
         s, b = mixed.shape[:2]
         mixed = self._split(mixed)
         q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
-        extra = () if cu_seqlens is None else (cu_seqlens,)
+        extra = _core_extra(cu_seqlens, g)
         if self.recompute_core:
             o = tensor_parallel.checkpoint(self._core, False, q, k, v, *extra)
         else:

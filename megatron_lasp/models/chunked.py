@@ -23,7 +23,10 @@ in backward (~7% of a step). The hop and the slice's plan are the sequence-paral
 (:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.comm.SliceTransform`
 from :class:`~megatron_lasp.parallel.comm.SliceDocs`): the slice's state crosses it only for rows
 without a document start in it, and the state gradient comes only from the tokens before a row's
-first start.
+first start. Per-token gates (:meth:`LinearSelfAttention.gates` not None): each chunk's kernel
+applies the chunk's gates (the carried state decays by them), the slice's local state comes from
+the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
+(:meth:`SliceDecays.from_gates <megatron_lasp.parallel.comm.SliceDecays.from_gates>`).
 
 With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
 mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
@@ -169,21 +172,27 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         start = info.rank * C  # the slice's first position in the rows of the whole sequence
         plans = [window_documents(cu, B, C * info.size, start + sl.start, start + sl.stop) for sl in slices]
         docs = None if cu is None else SliceDocs.of(cu, B, C, info.rank, info.size, x.device)
-        tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
         with torch.no_grad():
-            s_loc = None  # (1) the slice's own state, chunk by chunk
+            s_loc, gates = None, []  # (1) the slice's own state, chunk by chunk
             for sl, (cu_c, keep) in zip(slices, plans):
-                _, q, k, v = attn.qkv(layer.input_layernorm(x[sl]))
-                if cu_c is None:
+                h = layer.input_layernorm(x[sl])
+                mixed, q, k, v = attn.qkv(h)
+                g = attn.gates(h, mixed)  # per-token gates [s, b, heads], or None (fixed decay)
+                if g is not None:
+                    gates.append(g)
+                if cu_c is None and g is None:
                     L = sl.stop - sl.start
                     part = local_state(k.transpose(0, 1), v.transpose(0, 1), decay_powers(slopes, L, reverse=True))
                     s_loc = part if s_loc is None else s_loc * state_decay(slopes, L).view(1, -1, 1, 1) + part
-                else:  # the kernel restarts the state at the chunk's documents
+                else:  # the kernel restarts the state at the chunk's documents and applies the gates
                     _, s_loc = chunk_lightning_attn(
-                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **attn._decay(g),
                         initial_state=_entry(s_loc, (cu_c, keep)), output_final_state=True,
                         backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                     )
+            # the slice's transform: its own cumulative gate with per-token gates
+            g_slice = torch.cat(gates).transpose(0, 1) if gates else None  # [B, C, heads]
+            tr = SliceTransform.of(SliceDecays.for_slice(slopes, g_slice, C), docs, info.rank)
             # (2) S_in from the previous rank, T(S_in) + S_loc to the next
             hop = StateHop(s_loc.shape, s_loc.dtype, s_loc.device, info, forward=True)
             s_in = hop.pass_on(s_loc, tr)
@@ -198,7 +207,6 @@ class _ChunkedLaspLayer(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         layer, attn, tr = ctx.layer, ctx.layer.self_attention, ctx.transform
-        slopes = attn.slopes
         kept = [None] * len(ctx.slices)
         sums = _ParamGrads(list(ctx.params))
         ds_loc = None
@@ -229,9 +237,10 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             if entry is not None:
                 entry = entry.detach().requires_grad_(True)
             with torch.enable_grad():
-                mixed, q, k, v = attn.qkv(layer.input_layernorm(piece))
+                h = layer.input_layernorm(piece)
+                mixed, q, k, v = attn.qkv(h)
                 o, final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **attn._decay(attn.gates(h, mixed)),
                     initial_state=_entry(entry, (cu_c, keep)), output_final_state=d_state is not None,
                     backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                 )

@@ -123,7 +123,9 @@ class _LaspFunction(SliceFunction):
             add_state_term(dk, v, ds.transpose(-1, -2), tr.w_out)
             add_state_term(dv, k, ds, tr.w_out)
         hop.finish()
-        dg = None if g is None else slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+        dg = None
+        if g is not None and ctx.needs_input_grad[4]:
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
         return _LaspFunction.input_grads(dq, dk, dv, dg)
 
 

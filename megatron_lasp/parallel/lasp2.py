@@ -99,7 +99,9 @@ class _Lasp2Function(SliceFunction):
         if ds is not None:
             add_state_term(dk, v, ds.transpose(-1, -2), mine.w_out)
             add_state_term(dv, k, ds, mine.w_out)
-        dg = None if g is None else slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+        dg = None
+        if g is not None and ctx.needs_input_grad[4]:
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
         return _Lasp2Function.input_grads(dq, dk, dv, dg)
 
 
