@@ -290,7 +290,7 @@ def _test_gates(attn, hidden_states, mixed):
 
 def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated=False):
     sp = world_size
-    """SP=2: the chunked recompute (whole layer under lasp, MLP half under ulysses) against
+    """SP=1, 2, 4: the chunked recompute (whole layer under lasp, MLP half under ulysses) against
     megatron-core's full recompute of the same layout: (gradient error, loss error, whole layer?).
     ``fusion``: the fused elementwise kernels (the GPU default; Triton's interpreter on CPU)."""
     logging.disable(logging.WARNING)
@@ -360,9 +360,9 @@ def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated
 
 
 @pytest.mark.parametrize("fusion, sp, gated", [(False, 2, False), (True, 2, False), (False, 4, False),
-                                               (False, 2, True), (False, 4, True)],
+                                               (False, 1, True), (False, 2, True), (False, 4, True)],
                          ids=["torch-path-sp2", "fused-interpreter-sp2", "torch-path-sp4",
-                              "gated-sp2", "gated-sp4"])
+                              "gated-sp1", "gated-sp2", "gated-sp4"])
 def test_chunked_recompute_under_sequence_parallelism(fusion, sp, gated):
     env = {"TRITON_INTERPRET": "1"} if fusion else None
     modes = ("lasp", "ulysses") if sp == 2 and not fusion else ("lasp",)
