@@ -32,7 +32,7 @@ rm -rf "$RUN_DIR/ckpt" "$RUN_DIR/hf"
   --sequence-parallel-size "$NPROC" --sequence-parallel-mode "$SP_MODE" \
   --data-path "$RUN_DIR/data/corpus_text_document" --split 98,2,0 "${TOKENIZER[@]}" \
   --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
-  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 6 --clip-grad 1.0 \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters "$((TRAIN_ITERS / 10))" --clip-grad 1.0 \
   --log-interval 10 --eval-interval "$TRAIN_ITERS" --eval-iters 2 \
   --save "$RUN_DIR/ckpt" --save-interval "$TRAIN_ITERS"
 

@@ -56,8 +56,8 @@ else
     --save-interval 500 --load "$SAVE"
   )
 fi
-# --node-rank is left out on purpose: the c10d rendezvous ignores it and numbers the nodes in the
-# order they join, so global rank 0 (logging, the checkpoint tracker) may be on any node.
+# --node-rank is left out on purpose: the c10d rendezvous ignores it and numbers the nodes itself,
+# so global rank 0 (logging, the checkpoint tracker) may be on any node.
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER" --rdzv-id "$RDZV_ID" \

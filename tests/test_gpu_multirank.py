@@ -208,6 +208,9 @@ LAYOUTS = {
     "sp2": ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
 }
+# PP initializes each stage's weights from its own RNG state: PP = 2 and its reference start from
+# the same weights, those of the DP = 1 checkpoint at step 10, as a fine-tune (fresh optimizer).
+REFERENCE = {"dp2": "dp1", "sp2": "dp1", "pp2": "pp1-ft"}
 SAVE_AT = 10
 
 
@@ -222,7 +225,7 @@ def _train(rank, world_size, runs: dict) -> dict:
     out = {}
     for name, extra in runs.items():
         t0 = time.time()
-        out[name] = dict(_history(main(TRAIN + extra)), seconds=time.time() - t0)
+        out[name] = dict(_history(main(TRAIN + extra, destroy=False)), seconds=time.time() - t0)
     return out
 
 
@@ -231,15 +234,22 @@ def _save_args(root, name):
 
 
 def _resume_args(root, name):
-    return ["--load", os.path.join(root, name), "--save", os.path.join(root, name)]
+    return ["--load", os.path.join(root, name)]
+
+
+def _finetune_args(root):
+    return ["--load", os.path.join(root, "from-dp1"), "--finetune"]
 
 
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
-    """One-rank runs (reference, a reordered reference for the bf16 noise, a save at DP = 1, the
-    resume of the DP = 2 save), two-rank runs (DP = 2, SP = 2, the save at DP = 2, the resume of the
+    """One-rank runs (reference, a reordered reference for the bf16 noise, a save at DP = 1, a
+    fine-tune from it (PP's reference), the resume of the DP = 2 save), two-rank runs (DP = 2, SP = 2, the save at DP = 2, the resume of the
     DP = 1 save); PP = 2 in its own spawn (a failure there does not hide the others)."""
-    root = str(tmp_path_factory.mktemp("train"))
+    return _training_runs(str(tmp_path_factory.mktemp("train")))
+
+
+def _training_runs(root: str) -> dict:
     out = {}
     t0 = time.time()
     try:
@@ -247,6 +257,7 @@ def training(tmp_path_factory):
             "dp1": [],
             "dp1-reordered": ["--cross-entropy-chunk-size", "1000"],
             "dp1-save": _save_args(root, "from-dp1"),
+            "pp1-ft": _finetune_args(root),
         },), timeout=900, init_process_group=False)[0])
         out.update(spawn(_train, 2, ({
             "dp2": LAYOUTS["dp2"],
@@ -259,7 +270,7 @@ def training(tmp_path_factory):
     except AssertionError as e:
         out["error"] = str(e)
     try:
-        out.update(spawn(_train, 2, ({"pp2": LAYOUTS["pp2"]},), timeout=600, init_process_group=False)[0])
+        out.update(spawn(_train, 2, ({"pp2": LAYOUTS["pp2"] + _finetune_args(root)},), timeout=600, init_process_group=False)[0])
     except AssertionError as e:
         out["pp2-error"] = str(e)
     out["seconds"] = time.time() - t0
@@ -289,7 +300,7 @@ def _tolerance(training):
 def test_training_layout_matches_one_rank(layout, training):
     key = "pp2-error" if layout == "pp2" else "error"
     assert key not in training, training.get(key)
-    ref, got = training["dp1"], training[layout]
+    ref, got = training[REFERENCE[layout]], training[layout]
     assert len(got["loss"]) == len(ref["loss"]) == STEPS, training
     assert all(math.isfinite(x) for x in got["loss"] + got["grad_norm"]), got
     loss_tol, norm_tol = _tolerance(training)
@@ -297,7 +308,7 @@ def test_training_layout_matches_one_rank(layout, training):
               "step1_loss_rel": _max_rel(got["loss"][:1], ref["loss"][:1]),
               "step1_grad_norm_rel": _max_rel(got["grad_norm"][:1], ref["grad_norm"][:1]),
               "loss_tol": loss_tol, "grad_norm_tol": norm_tol}
-    _report(f"train/{layout}-vs-dp1", record)
+    _report(f"train/{layout}-vs-{REFERENCE[layout]}", record)
     assert record["step1_loss_rel"] <= 2e-3 and record["step1_grad_norm_rel"] <= 2e-2, record
     assert record["loss_max_rel"] <= loss_tol and record["grad_norm_max_rel"] <= norm_tol, record
 

@@ -281,13 +281,6 @@ def test_offload_and_chunked_recompute_same_grads(model_results):
                 assert whole == (key == "memory tp1"), (key, name, whole)
 
 
-def _test_gates(attn, hidden_states, mixed):
-    """A per-token gate for the tests (the model has none yet): GLA-like, from each head's q rows
-    of the projection, so its gradient reaches ``linear_qkv``."""
-    q = attn._split(mixed)[:, :, :, 0]  # [s, b, h, d]
-    return -0.3 * torch.nn.functional.softplus(4.0 * q.mean(-1))
-
-
 def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated=False):
     sp = world_size
     """SP=1, 2, 4: the chunked recompute (whole layer under lasp, MLP half under ulysses) against
@@ -298,13 +291,10 @@ def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated
     from model_utils import full_grads, sharded_loss
 
     from megatron_lasp.models import build_linear_lm, linear_lm_config
-    from megatron_lasp.models.attention import LinearSelfAttention
     from megatron_lasp.parallel import initialize_parallel
 
     groups = initialize_parallel(1, sp, 1, seed=SEED)
-    fixed_decay = LinearSelfAttention.gates
-    if gated:  # per-token gates through every path: the modes, megatron's recompute, the chunks
-        LinearSelfAttention.gates = _test_gates
+    gate = dict(linear_attention_gate="mamba2") if gated else {}  # per-token gates through every path
     full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -326,7 +316,7 @@ def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated
                             "chunked 20": dict(recompute_chunk_size=20),
                             "chunked 7 + offload": dict(recompute_chunk_size=7, offload_layer_inputs=True)}.items():
             config = linear_lm_config("tiny", context_parallel_size=sp, sequence_parallel_mode=mode,
-                                      use_cpu_initialization=True, fusion=fusion, **extra)
+                                      use_cpu_initialization=True, fusion=fusion, **gate, **extra)
             torch.manual_seed(SEED)
             model = build_linear_lm(config, VOCAB, pg_collection=groups)
             model.offload_min_bytes = 1024
@@ -347,7 +337,6 @@ def _sp_chunked(rank, world_size, fusion=False, modes=("lasp", "ulysses"), gated
         else:
             plain_grads = base_grads
     if gated:  # a negative control: the gates change the gradients
-        LinearSelfAttention.gates = fixed_decay  # the class's own (None: the fixed decay)
         config = linear_lm_config("tiny", context_parallel_size=sp, sequence_parallel_mode=modes[0],
                                   use_cpu_initialization=True, fusion=fusion, **full)
         torch.manual_seed(SEED)

@@ -434,7 +434,7 @@ def test_sharded_equals_single_process(layout_results, layout):
 
 
 def _param_count(name: str, tied: bool) -> int:
-    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU) + final norm."""
+    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU (+ gate)) + final norm."""
     from megatron_lasp.models import PRESETS
 
     preset = PRESETS[name]
@@ -442,6 +442,8 @@ def _param_count(name: str, tied: bool) -> int:
     V, h, L, H, F = preset.vocab_size, f["hidden_size"], f["num_layers"], f["num_attention_heads"], f["ffn_hidden_size"]
     D = h // H
     per_layer = 2 * h + 4 * H * D * h + H * D + H * D * h + 3 * h * F
+    gate = f.get("linear_attention_gate", "none")
+    per_layer += {"none": 0, "mamba2": H * h + 2 * H, "gla": H * h + H}[gate]  # W, then A_log + dt_bias / b_g
     return V * h * (1 if tied else 2) + L * per_layer + h
 
 
@@ -511,6 +513,8 @@ def test_config_defaults_and_presets():
         "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
         "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
         "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
+        "tnl-1b-mamba2": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-1b-gla": (2048, 16, 16, 128, 5632, 64000),
     }
     for name, row in table.items():
         c = linear_lm_config(name)

@@ -23,7 +23,7 @@ in backward (~7% of a step). The hop and the slice's plan are the sequence-paral
 (:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.comm.SliceTransform`
 from :class:`~megatron_lasp.parallel.comm.SliceDocs`): the slice's state crosses it only for rows
 without a document start in it, and the state gradient comes only from the tokens before a row's
-first start. Per-token gates (:meth:`LinearSelfAttention.gates` not None): each chunk's kernel
+first start. Per-token gates (``linear_attention_gate``, the attention's ``gate``): each chunk's kernel
 applies the chunk's gates (the carried state decays by them), the slice's local state comes from
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
 (:meth:`SliceDecays.from_gates <megatron_lasp.parallel.comm.SliceDecays.from_gates>`).
@@ -177,7 +177,7 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             for sl, (cu_c, keep) in zip(slices, plans):
                 h = layer.input_layernorm(x[sl])
                 mixed, q, k, v = attn.qkv(h)
-                g = attn.gates(h, mixed)  # per-token gates [s, b, heads], or None (fixed decay)
+                g = None if attn.gate is None else attn.gate(h)  # per-token gates [s, b, heads]
                 if g is not None:
                     gates.append(g)
                 if cu_c is None and g is None:
@@ -240,7 +240,8 @@ class _ChunkedLaspLayer(torch.autograd.Function):
                 h = layer.input_layernorm(piece)
                 mixed, q, k, v = attn.qkv(h)
                 o, final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **attn._decay(attn.gates(h, mixed)),
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                    **attn._decay(None if attn.gate is None else attn.gate(h)),
                     initial_state=_entry(entry, (cu_c, keep)), output_final_state=d_state is not None,
                     backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                 )

@@ -2,9 +2,11 @@
 
 The config owns the model's rules: ``__post_init__`` checks the new fields and how the heads split
 over the tensor- and sequence-parallel groups, with ``ValueError`` messages that name the config
-fields to change (the training CLI maps field names to its flags). Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
-TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets); :func:`linear_lm_config` builds a config from a
-preset plus overrides, and :func:`preset_vocab_size` gives the preset's vocabulary.
+fields to change (the training CLI maps field names to its flags). Presets (``tiny``,
+``tnl-385m``, ``tnl-1b``, ``tnl-7b``; ``tnl-1b-mamba2`` / ``tnl-1b-gla``: TNL-1B with a per-token
+gate) follow the TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets);
+:func:`linear_lm_config` builds a config from a preset plus overrides, and
+:func:`preset_vocab_size` gives the preset's vocabulary.
 
 Fields of ``TransformerConfig`` whose defaults differ here (TNL-style model): ``normalization``
 (RMSNorm), ``gated_linear_unit`` (True; ``activation_func`` is set from ``glu_type``),
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lasp.models.gate import GATES
 from megatron_lasp.ops.lightning_attn.utils import BACKENDS, MAX_HEAD_DIM
 from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
@@ -30,6 +33,7 @@ __all__ = [
     "LinearLMConfig",
     "PRESETS",
     "DECAY_TYPES",
+    "GATES",
     "FEATURE_MAPS",
     "GLU_TYPES",
     "TRANSFORMER_IMPLS",
@@ -120,6 +124,13 @@ class LinearLMConfig(TransformerConfig):
     decay_layer_eps: float = 1e-5
     """The epsilon of the 'tnl' depth scaling, keeping the last layer's decay non-zero
     (--decay-layer-eps)."""
+    linear_attention_gate: str = "none"
+    """Per-token, per-head log-decay learned from the input (``gate.py``): 'none' (the fixed decay
+    of ``decay_type``, the fast path), 'mamba2' (``-exp(A_log) * softplus(x W_dt + dt_bias)``) or
+    'gla' (``logsigmoid(x W_g + b_g) / gate_logit_normalizer``); a gate replaces the fixed decay
+    (--linear-attention-gate)."""
+    gate_logit_normalizer: float = 16.0
+    """The 'gla' gate's divisor of the log-sigmoid (16 as published; --gate-logit-normalizer)."""
     qk_feature_map: str = "silu"
     """Feature map on q and k: 'silu' (TNL) or 'identity' (--qk-feature-map)."""
     v_feature_map: str = "silu"
@@ -185,6 +196,7 @@ class LinearLMConfig(TransformerConfig):
             "sequence_parallel_mode": SEQUENCE_PARALLEL_MODES,
             "kernel_backend": (None, *BACKENDS),
             "decay_type": DECAY_TYPES,
+            "linear_attention_gate": GATES,
             "qk_feature_map": FEATURE_MAPS,
             "v_feature_map": FEATURE_MAPS,
             "glu_type": GLU_TYPES,
@@ -198,6 +210,14 @@ class LinearLMConfig(TransformerConfig):
                 raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.transformer_impl == "transformer_engine" and not te_available():
             raise ValueError(TE_MISSING_MESSAGE)
+        if self.gated and self.transformer_impl == "transformer_engine":
+            # TE fuses the input norm into linear_qkv: the gate projection would see the un-normed input
+            raise ValueError(
+                f"linear_attention_gate {self.linear_attention_gate} needs transformer_impl local "
+                "(Transformer Engine fuses the input norm into the q/k/v projection only)"
+            )
+        if not (self.gate_logit_normalizer > 0.0 and math.isfinite(self.gate_logit_normalizer)):
+            raise ValueError(f"gate_logit_normalizer must be a finite number > 0, got {self.gate_logit_normalizer}")
         if (
             self.recompute_granularity == "selective"
             and "layernorm" in (self.recompute_modules or [])
@@ -264,6 +284,11 @@ class LinearLMConfig(TransformerConfig):
         return bool(self.fusion)
 
     @property
+    def gated(self) -> bool:
+        """Whether the linear attention has a per-token gate (``linear_attention_gate != 'none'``)."""
+        return self.linear_attention_gate != "none"
+
+    @property
     def qkv_parts(self) -> int:
         """Parts of the fused input projection per head: q, k, v (+ the gate)."""
         return 4 if self.output_gate else 3
@@ -283,6 +308,15 @@ PRESETS: Dict[str, _Preset] = {
     ),
     "tnl-1b": _Preset(
         64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632)
+    ),
+    # TNL-1B with a per-token gate instead of the fixed decay (the same flag works on every preset)
+    "tnl-1b-mamba2": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_gate="mamba2")
+    ),
+    "tnl-1b-gla": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_gate="gla")
     ),
     "tnl-7b": _Preset(
         64000, dict(num_layers=30, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)

@@ -40,6 +40,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
 from megatron_lasp.models.chunked import LinearTransformerLayer
 from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.gate import GateSubmodules, LinearAttentionGate
 from megatron_lasp.models.mlp import LinearLMMLP
 from megatron_lasp.models.norms import RMSNorm
 
@@ -82,6 +83,9 @@ def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
         submodules=LinearAttentionSubmodules(
             linear_qkv=backend.column_parallel_layer_norm_linear() if te else backend.column_parallel_linear(),
             linear_proj=backend.row_parallel_linear(),
+            gate=ModuleSpec(
+                module=LinearAttentionGate, submodules=GateSubmodules(linear=backend.column_parallel_linear())
+            ) if config.gated else None,
         ),
     )
     return ModuleSpec(

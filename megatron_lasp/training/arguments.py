@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GLU_TYPES, PRESETS, TRANSFORMER_IMPLS
+    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GATES, GLU_TYPES, PRESETS, TRANSFORMER_IMPLS
     from megatron_lasp.ops.lightning_attn.utils import BACKENDS
 
     g = p.add_argument_group("model")
@@ -134,6 +134,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="per-head decay slopes of linear attention (default tnl)")
     g.add_argument("--decay-layer-eps", type=float, default=None,
                    help="epsilon of the tnl depth scaling of the decay (default 1e-5)")
+    g.add_argument("--linear-attention-gate", choices=GATES, default=None,
+                   help="per-token decay learned from the input instead of the fixed per-head decay: "
+                        "mamba2 (dt / A_log) or gla (log-sigmoid); default none")
+    g.add_argument("--gate-logit-normalizer", type=float, default=None,
+                   help="with --linear-attention-gate gla: divisor of the log-sigmoid (default 16)")
     g.add_argument("--qk-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on q and k (default silu)")
     g.add_argument("--v-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on v (default silu)")
     g.add_argument("--no-output-gate", dest="output_gate", action="store_const", const=False, default=None,
@@ -372,6 +377,7 @@ RANGES: Dict[str, str] = {
     # real numbers
     "lr": "finite>=0", "min_lr": "finite>=0", "weight_decay": "finite>=0", "clip_grad": "finite>=0",
     "init_method_std": "finite>=0", "decay_layer_eps": "finite>=0", "hidden_dropout": "[0,1)",
+    "gate_logit_normalizer": "finite>0",
     "adam_beta1": "[0,1)", "adam_beta2": "[0,1)", "adam_eps": "finite>0", "peak_flops": "finite>0",
     "spiky_loss_factor": ">1",
 }

@@ -65,6 +65,10 @@ class ModelOptions:
     """Per-head decay slopes of linear attention."""
     decay_layer_eps: Optional[float] = None
     """Epsilon of the tnl depth scaling of the decay."""
+    linear_attention_gate: Optional[str] = None
+    """Per-token gate of linear attention (none, mamba2, gla)."""
+    gate_logit_normalizer: Optional[float] = None
+    """Divisor of the gla gate's log-sigmoid."""
     qk_feature_map: Optional[str] = None
     """Feature map on q and k."""
     v_feature_map: Optional[str] = None
@@ -90,7 +94,7 @@ class ModelOptions:
 
     OVERRIDES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
                  "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout", "decay_type",
-                 "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
+                 "decay_layer_eps", "linear_attention_gate", "gate_logit_normalizer", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
                  "glu_type", "share_embeddings_and_output_weights", "init_method_std")
 
     def __post_init__(self) -> None:
@@ -99,6 +103,28 @@ class ModelOptions:
                        if getattr(self, n) is None]
             if missing:
                 raise ArgumentError(f"{', '.join(missing)} required without --model-preset")
+        gate = self.gate()
+        if gate != "none":
+            fixed = [f for f, v in (("--decay-type", self.decay_type), ("--decay-layer-eps", self.decay_layer_eps))
+                     if v is not None]
+            if fixed:
+                raise ArgumentError(f"{' and '.join(fixed)} set the fixed decay, which the per-token gate "
+                                    f"({gate}) replaces: drop {' and '.join(fixed)}")
+        if self.gate_logit_normalizer is not None and gate != "gla":
+            raise ArgumentError("--gate-logit-normalizer is read by --linear-attention-gate gla only: drop it "
+                                "or add --linear-attention-gate gla")
+
+    def gate(self) -> str:
+        """The linear attention's per-token gate: the flag's, else the preset's, else 'none'."""
+        if self.linear_attention_gate is not None:
+            return self.linear_attention_gate
+        if self.model_preset is not None:
+            from megatron_lasp.models.config import PRESETS
+
+            preset = PRESETS.get(self.model_preset)
+            if preset is not None:
+                return preset.fields.get("linear_attention_gate", "none")
+        return "none"
 
     def overrides(self) -> Dict[str, Any]:
         """The ``LinearLMConfig`` fields given on the command line (those not None)."""

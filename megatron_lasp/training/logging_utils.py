@@ -7,8 +7,10 @@ FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per t
 - ``6 * P_matmul``: every weight matrix is used in one multiply-add (2 FLOPs) per token forward
   and twice as much backward (input and weight gradients). ``P_matmul`` counts the weights that
   multiply activations: per layer the fused q/k/v(/gate) projection ``h x parts * H * d``, the
-  output projection ``H * d x h`` and the GLU channel mixer ``3 * h * f``; plus the output layer
-  ``h x V``. Embedding lookups and norms are not matmuls and are not counted.
+  output projection ``H * d x h`` and the GLU channel mixer ``3 * h * f``, and with a per-token gate
+  (``linear_attention_gate``) its projection ``h x H``; plus the output layer ``h x V``. Embedding
+  lookups, norms and the gate's elementwise math (softplus / log-sigmoid, the decay factors inside
+  the kernel) are not matmuls and are not counted.
 - ``3 * L * H * (...)``: the chunked linear attention, forward cost per token and head with chunk
   size ``B`` and head dim ``d``: intra-chunk ``Q K^T`` and ``(Q K^T) V`` over a full ``B`` block
   (``2 * 2 * B * d``; the causal half is computed and masked), inter-chunk ``Q S`` and the state
@@ -37,7 +39,7 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -
 
     Args:
         config: the model config (``num_layers, hidden_size, num_attention_heads, kv_channels,
-            ffn_hidden_size``, optional ``output_gate``).
+            ffn_hidden_size``, optional ``output_gate``, ``linear_attention_gate``).
         vocab_size: padded vocabulary size (output layer width).
         chunk_size: the attention kernel's block size (default :data:`DEFAULT_CHUNK_SIZE`).
     """
@@ -46,7 +48,8 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -
     f = config.ffn_hidden_size
     parts = 4 if getattr(config, "output_gate", False) else 3
     glu = 3 if getattr(config, "gated_linear_unit", True) else 2
-    per_layer = h * parts * H * d + H * d * h + glu * h * f
+    gate = 0 if getattr(config, "linear_attention_gate", "none") in (None, "none") else h * H
+    per_layer = h * parts * H * d + H * d * h + glu * h * f + gate
     matmul_params = L * per_layer + h * vocab_size
     B = chunk_size or DEFAULT_CHUNK_SIZE
     attention = 3 * L * H * (4 * B * d + 4 * d * d)
