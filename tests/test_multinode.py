@@ -6,12 +6,14 @@ stand-ins: ``srun`` starts examples/run_multinode.sh twice (two torchrun launche
 across the two nodes) must log the losses and grad norms of the same job started by one
 ``torchrun --nproc-per-node 2``, and leave one complete checkpoint in the shared ``--save``.
 
-Also: a ``--save`` that one rank does not see (node-local disks) is refused at the save, and the
+Also: an index cache that one rank does not see (node-local disks) makes every rank build its own
+indices, with a warning; a ``--save`` that one rank does not see is refused at the save; the
 launch scripts refuse settings they would otherwise ignore.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -139,23 +141,57 @@ def test_launcher_refuses_settings_it_would_ignore(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def _save_with_a_blind_rank(rank, world_size, save):
-    """Rank 1 plays a node whose --save is a different (local) directory than rank 0's."""
-    from megatron_lasp.training import checkpointing, main
+def _with_a_blind_rank(rank, world_size, prefix, cache_root, save):
+    """Rank 1 plays a node whose disk at the shared paths is its own: the index cache (datasets built
+    with it blind, then with all ranks seeing the cache) and --save (a training run that saves)."""
+    import logging
 
-    if rank == 1:
-        checkpointing._visible = lambda path: False
+    from megatron_lasp import atomic
+    from megatron_lasp.data.tokenizer import build_tokenizer
+    from megatron_lasp.training import checkpointing, data, main
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron_lasp.training.data").addHandler(handler)
+    sees = atomic._sees
+    samples = {}
+    for name, blind in (("blind", True), ("shared", False)):
+        settings = data.DataSettings(
+            mock_data=False, data_blend=([prefix], None), split="100,0,0",
+            data_cache_path=os.path.join(cache_root, name), seq_length=32, eod_mask_loss=False, seed=5,
+            train_iters=4, global_batch_size=4, eval_interval=0, eval_iters=0, skip_splits=(1, 2))
+        atomic._sees = (lambda path: False) if blind and rank == 1 else sees
+        train, _, _ = data.build_datasets(settings, build_tokenizer("ByteLevelTokenizer"))
+        samples[name] = [train[i]["tokens"].tolist() for i in range(4)]
+    atomic._sees = (lambda path: False) if rank == 1 else sees
     try:
         main(JOB + ["--train-iters", "1", "--save", save, "--save-interval", "1"], destroy=False)
+        message = None
     except checkpointing.CheckpointError as err:
-        return str(err)
-    return None
+        message = str(err)
+    return samples, warnings, message
 
 
-def test_save_not_shared_by_all_ranks_is_refused(tmp_path):
-    save = tmp_path / "ckpt"
-    messages = spawn(_save_with_a_blind_rank, 2, (str(save),), timeout=300)
-    assert messages[0] == messages[1] and messages[0] is not None, messages
-    assert f"--save {save}: rank(s) 1 on " in messages[0] and "iter_0000001.tmp, which rank 0 created" in messages[0]
-    assert "a file system every node shares" in messages[0]
+def test_directories_not_shared_by_all_ranks(tmp_path):
+    """An index cache one rank does not see: every rank builds its indices (the same samples), with
+    a warning. A --save one rank does not see: the save is refused on every rank, nothing committed."""
+    from megatron_lasp.data.preprocess import PreprocessConfig, preprocess_data
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}" + " more" * (i % 7)}) + "\n" for i in range(200)))
+    prefix = preprocess_data(PreprocessConfig(str(src), str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"},
+                                              append_eod=True)).output_prefixes["text"]
+    cache_root, save = tmp_path / "cache", tmp_path / "ckpt"
+    (s0, warnings0, m0), (s1, _, m1) = spawn(_with_a_blind_rank, 2, (prefix, str(cache_root), str(save)), timeout=400)
+
+    assert s0["blind"] == s1["blind"] == s0["shared"] == s1["shared"], (s0, s1)
+    assert any("is not seen by rank(s) 1 on" in w and "builds its sample indices without a cache" in w
+               for w in warnings0), warnings0
+    assert not any(f.endswith(".npy") for _, _, files in os.walk(cache_root / "blind") for f in files)
+    assert any(f.endswith(".npy") for _, _, files in os.walk(cache_root / "shared") for f in files)
+
+    assert m0 == m1 and m0 is not None, (m0, m1)
+    assert f"--save {save}: rank(s) 1 on " in m0 and "iter_0000001.tmp, which rank 0 created" in m0
+    assert "a file system every node shares" in m0
     assert not (save / "latest_checkpointed_iteration.txt").exists() and not (save / "iter_0000001").exists()

@@ -5,7 +5,9 @@ This file is copied, unchanged, into every exported model directory next to
 
 The fields mirror the megatron-lasp ``LinearLMConfig`` (``megatron_lasp/models/config.py``):
 ``decay_type`` / ``decay_layer_eps`` choose the per-head decay slopes (``lambda_h =
-exp(-slope_h)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
+exp(-slope_h)``), or ``linear_attention_gate`` a per-token decay learned from the input (``mamba2``:
+``g = -exp(A_log) * softplus(x W + dt_bias)``; ``gla``: ``g = logsigmoid(x W + b) /
+gate_logit_normalizer``; ``lambda_t = exp(g_t)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
 sigmoid gate, ``attention_norm_group_size`` the heads per RMSNorm group on the attention output,
 ``glu_type`` the MLP (``sglu``: ``(W1 x) * (W2 x)``; ``swiglu``: ``silu(W1 x) * (W2 x)``).
 """
@@ -16,6 +18,7 @@ __all__ = ["LaspLinearLMConfig"]
 
 _CHOICES = {
     "decay_type": ("tnl", "alibi", "none"),
+    "linear_attention_gate": ("none", "mamba2", "gla"),
     "qk_feature_map": ("silu", "identity"),
     "v_feature_map": ("silu", "identity"),
     "glu_type": ("sglu", "swiglu"),
@@ -35,6 +38,10 @@ class LaspLinearLMConfig(PretrainedConfig):
         rms_norm_eps: epsilon of every RMSNorm.
         decay_type: 'tnl' (ALiBi slopes x ``(1 - l / (L - 1) + decay_layer_eps)``), 'alibi' or 'none'.
         decay_layer_eps: epsilon of the 'tnl' depth scaling.
+        linear_attention_gate: 'none' (the fixed decay above), 'mamba2' or 'gla': a per-token,
+            per-head log-decay computed from the block's normed input (``decay_proj``, and
+            ``A_log`` / ``dt_bias`` for 'mamba2'), replacing the fixed decay.
+        gate_logit_normalizer: the 'gla' gate's divisor of the log-sigmoid.
         qk_feature_map: 'silu' or 'identity', applied to q and k.
         v_feature_map: 'silu' or 'identity', applied to v.
         output_gate: multiply the normalised attention output by ``sigmoid(g_proj x)``.
@@ -61,6 +68,8 @@ class LaspLinearLMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         decay_type: str = "tnl",
         decay_layer_eps: float = 1e-5,
+        linear_attention_gate: str = "none",
+        gate_logit_normalizer: float = 16.0,
         qk_feature_map: str = "silu",
         v_feature_map: str = "silu",
         output_gate: bool = True,
@@ -92,6 +101,8 @@ class LaspLinearLMConfig(PretrainedConfig):
                 f"attention_norm_group_size ({attention_norm_group_size}) must divide num_attention_heads "
                 f"({num_attention_heads})"
             )
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.vocab_size = vocab_size
@@ -103,6 +114,8 @@ class LaspLinearLMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.decay_type = decay_type
         self.decay_layer_eps = decay_layer_eps
+        self.linear_attention_gate = linear_attention_gate
+        self.gate_logit_normalizer = gate_logit_normalizer
         self.qk_feature_map = qk_feature_map
         self.v_feature_map = v_feature_map
         self.output_gate = output_gate

@@ -16,6 +16,15 @@ the identity (SGLU) or SiLU (SwiGLU). ``LinAttn`` is causal linear attention wit
     o_t = sum_{s <= t} lambda^(t - s) (q_t . k_s) v_s
         = q_t S_t  with  S_t = lambda S_{t-1} + k_t^T v_t   (state [Dk, Dv], fp32)
 
+With ``config.linear_attention_gate`` the decay is learned per token and head instead,
+``S_t = exp(g_t) S_{t-1} + k_t^T v_t`` with the log-decay ``g_t <= 0`` computed (fp32) from the
+block's normed input ``x'``::
+
+    mamba2:  g_t = -exp(A_log) * softplus(decay_proj x'_t + dt_bias)
+    gla:     g_t = logsigmoid(decay_proj x'_t) / gate_logit_normalizer      (decay_proj with bias)
+
+Generation applies each new token's gate to the state in the recurrent step (still O(1) per token).
+
 Prompts run the chunked form (:func:`chunk_linear_attention`, quadratic only inside blocks of
 ``config.chunk_size`` tokens), which also returns the final state; generation then advances the
 state one token at a time (:func:`recurrent_linear_attention`): O(1) memory and work per token.
@@ -141,26 +150,33 @@ def recurrent_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    slopes: torch.Tensor,
+    slopes: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token recurrence ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (fp32).
 
     Args:
         q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``.
-        slopes: ``[H]``, ``lambda_h = exp(-slopes[h])``.
+        slopes: ``[H]``, ``lambda_h = exp(-slopes[h])``; None with ``g``.
         initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
+        g: per-token log-decays ``[B, H, T]`` (``lambda_t = exp(g_t)``) instead of ``slopes``.
 
     Returns:
         ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32)``.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
+    if g is None:
+        lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
+    else:
+        lam_t = torch.exp(g.float()).view(B, H, T, 1, 1)
     state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     qf, kf, vf = q.float(), k.float(), v.float()
     outs = []
     for t in range(T):
+        if g is not None:
+            lam = lam_t[:, :, t]
         state = lam * state + kf[:, :, t, :, None] * vf[:, :, t, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], state))
     return torch.stack(outs, dim=2).to(q.dtype), state
@@ -174,6 +190,7 @@ def chunk_linear_attention(
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     doc_ids: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked (block-parallel) form of :func:`recurrent_linear_attention`, same arguments/returns.
 
@@ -186,24 +203,40 @@ def chunk_linear_attention(
     All arithmetic is fp32; the work is quadratic only inside a block. ``doc_ids [B, T]`` (the
     document of each token, non-decreasing per row) masks every factor by "same document": the
     state restarts at each document start; ``initial_state`` feeds each row's first document.
+
+    Per-token gates ``g [B, H, T]`` (``slopes=None``): with ``c_i`` the block's inclusive
+    cumulative sum of ``g``, ``lambda^(i-j)`` becomes ``exp(c_i - c_j)`` (formed only for ``i >=
+    j``, so no ``exp`` of a positive number), ``lambda^(i+1)`` becomes ``exp(c_i)``,
+    ``lambda^(n-1-i)`` becomes ``exp(c_last - c_i)`` and ``lambda^n`` becomes ``exp(c_last)``.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
     state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     C = max(1, min(chunk_size, T))
     idx = torch.arange(C, device=q.device, dtype=torch.float32)
     diff = idx[:, None] - idx[None, :]
-    decay_full = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
-    decay_in_full = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)  # [H, C, 1]: lambda^(i+1)
+    if g is None:
+        s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
+        decay_full = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
+        decay_in_full = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)  # [H, C, 1]: lambda^(i+1)
+    else:
+        gf = g.float()
     qf, kf, vf = q.float(), k.float(), v.float()
     outs = []
     for start in range(0, T, C):
         n = min(C, T - start)
         qc, kc, vc = qf[:, :, start : start + n], kf[:, :, start : start + n], vf[:, :, start : start + n]
-        mask, decay_in = decay_full[:, :n, :n], decay_in_full[:, :n]
-        decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
-        across = torch.exp(-s * n)
+        if g is None:
+            mask, decay_in = decay_full[:, :n, :n], decay_in_full[:, :n]
+            decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
+            across = torch.exp(-s * n)
+        else:
+            c = gf[:, :, start : start + n].cumsum(-1)  # [B, H, n]
+            pair = (c[..., :, None] - c[..., None, :]).masked_fill(diff[:n, :n] < 0, float("-inf"))
+            mask = pair.exp()  # [B, H, n, n]
+            decay_in = c.exp().unsqueeze(-1)  # [B, H, n, 1]
+            decay_out = (c[..., -1:] - c).exp().unsqueeze(-1)  # [B, H, n, 1]
+            across = c[..., -1].exp().view(B, H, 1, 1)
         if doc_ids is not None:  # same-document masks; e: the document of the entering state
             d = doc_ids[:, start : start + n]
             e, last = doc_ids[:, max(start - 1, 0)], d[:, -1]
@@ -407,6 +440,21 @@ class LaspLinearAttention(nn.Module):
         self.v_map = _FEATURE_MAPS[config.v_feature_map]
         # Python floats, not a buffer: never loaded, cast, or created on the meta device.
         self.slope_values = layer_slope_values(config, layer_idx)
+        self.gate = getattr(config, "linear_attention_gate", "none")
+        self.decay_proj = None
+        if self.gate != "none":  # the per-token decay replaces the slopes
+            self.gate_logit_normalizer = float(config.gate_logit_normalizer)
+            self.decay_proj = nn.Linear(config.hidden_size, self.num_heads, bias=self.gate == "gla")
+            if self.gate == "mamba2":
+                self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+                self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token log-decays ``g [B, T, H]`` fp32 of the normed input ``x [B, T, hidden]``."""
+        raw = self.decay_proj(x).float()
+        if self.gate == "mamba2":
+            return -torch.exp(self.A_log.float()) * F.softplus(raw + self.dt_bias.float())
+        return F.logsigmoid(raw) / self.gate_logit_normalizer
 
     def forward(
         self,
@@ -422,15 +470,23 @@ class LaspLinearAttention(nn.Module):
             q, k = self.qk_map(q), self.qk_map(k)
         if self.v_map is not None:
             v = self.v_map(v)
-        if token_mask is not None:  # padded positions add nothing to the state
+        g = slopes = None
+        if self.decay_proj is not None:
+            g = self.log_decay(x)
+        if token_mask is not None:  # padded positions add nothing to the state (nor decay it)
             v = v * token_mask[:, :, None, None].to(v.dtype)
+            if g is not None:
+                g = g * token_mask[:, :, None].to(g.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        slopes = torch.tensor(self.slope_values, dtype=torch.float64, device=x.device).float()
+        if g is None:
+            slopes = torch.tensor(self.slope_values, dtype=torch.float64, device=x.device).float()
+        else:
+            g = g.transpose(1, 2)  # [B, H, T]
         initial_state = cache.get_state(self.layer_idx) if cache is not None else None
         if initial_state is not None and T == 1:
-            o, state = recurrent_linear_attention(q, k, v, slopes, initial_state)
+            o, state = recurrent_linear_attention(q, k, v, slopes, initial_state, g=g)
         else:
-            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size, doc_ids)
+            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size, doc_ids, g=g)
         if cache is not None:
             cache.set_state(self.layer_idx, state)
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
@@ -481,6 +537,21 @@ class LaspLinearLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LaspDecoderLayer"]
     supports_gradient_checkpointing = True
     _is_stateful = True  # a recurrent state cannot be rolled back (no assisted generation)
+
+    def _init_weights(self, module):
+        """transformers' default, plus the Mamba2 recipe for a gated layer's ``A_log`` / ``dt_bias``:
+        ``A = exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in [1e-3, 1e-1]
+        (floored at 1e-4); weights loaded from a checkpoint are left alone."""
+        super()._init_weights(module)
+        if isinstance(module, LaspLinearAttention) and module.gate == "mamba2":
+            heads = module.num_heads
+            dt = torch.exp(torch.rand(heads, dtype=torch.float64) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            a = torch.empty(heads, dtype=torch.float64).uniform_(1.0, 16.0)
+            for param, values in ((module.A_log, torch.log(a)), (module.dt_bias, dt + torch.log(-torch.expm1(-dt)))):
+                if not getattr(param, "_is_hf_initialized", False):
+                    with torch.no_grad():
+                        param.copy_(values.to(param.dtype))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -5,6 +5,6 @@ calls :func:`load_model_for_inference`.
 """
 
 from megatron_lasp.training.checkpointing import load_model_for_inference
-from megatron_lasp.training.loop import TrainingError, main
+from megatron_lasp.training.loop import TrainingError, cli_main, main
 
-__all__ = ["TrainingError", "load_model_for_inference", "main"]
+__all__ = ["TrainingError", "cli_main", "load_model_for_inference", "main"]

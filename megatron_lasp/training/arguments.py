@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import re
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS, TokenizerSettings
@@ -41,6 +43,8 @@ from megatron_lasp.training.config import (
     RunConfig,
     TrainingOptions,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ArgumentError", "RunConfig", "build_parser", "config_error", "flag_of_field", "parse_args",
            "parse_config", "with_world_size"]
@@ -75,11 +79,23 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class UsageError(SystemExit):
+    """A flag argparse itself refused (unknown, bad type or choice); already printed (rank 0).
+    ``message`` is the line, the exit status is 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error on rank 0 only (no usage text; ``--help`` has it)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if is_rank_zero() else None)
+        line = f"{self.prog}: error: {message} (see --help)"
+        if is_rank_zero():
+            print(line, file=sys.stderr, flush=True)
+        raise UsageError(line)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -301,8 +317,18 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (implies --no-load-optim --no-load-rng)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let a run that does not continue --load's latest checkpoint (--finetune, a weights-only "
+                   "checkpoint, --ckpt-step before the latest) save into the same directory: the iterations it "
+                   "reaches are replaced and the tracker follows it (refused without this flag)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, if --save) when the iteration is a multiple of this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGINT (Ctrl-C; torchrun and SLURM send SIGTERM) finish the step, save "
+                   "(if --save) and exit 0; a second signal stops at once")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (if --save) and exit 0 after the first step that ends this many minutes after "
+                   "start-up; set it below the job's time limit by more than a step and a save")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, use this run's LR/weight-decay schedule flags instead of the checkpoint's")
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
@@ -316,7 +342,9 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (0: never)")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help=f"validate every N iterations (0: never; default {DEFAULT_EVAL_INTERVAL}); needs a "
+                   "validation share in --split")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="print a log line every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here (needs tensorboard)")
@@ -371,7 +399,7 @@ RANGES: Dict[str, str] = {
     "micro_batch_size": "positive", "global_batch_size": "positive", "train_iters": "positive", "seed": ">=0",
     # schedules and intervals
     "lr_warmup_iters": ">=0", "lr_decay_iters": "positive", "save_interval": "positive", "ckpt_step": ">=0",
-    "exit_interval": "positive", "eval_interval": ">=0", "eval_iters": "positive", "log_interval": "positive",
+    "exit_interval": "positive", "exit_duration_in_mins": "finite>0", "eval_interval": ">=0", "eval_iters": "positive", "log_interval": "positive",
     # timeouts
     "distributed_timeout_minutes": "positive",
     # real numbers
@@ -382,6 +410,9 @@ RANGES: Dict[str, str] = {
     "spiky_loss_factor": ">1",
 }
 """Every numeric flag's destination -> its rule in ``_RULES`` (an unset optional flag, None, passes)."""
+
+DEFAULT_EVAL_INTERVAL = 1000
+"""``--eval-interval`` when not given (not given and no validation share in ``--split``: no evaluation)."""
 
 REQUIRED = ("train_iters", "seq_length")
 """Flags without a default that every run needs."""
@@ -434,6 +465,16 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
     """Fill the values that follow from other flags or from the machine, and refuse the flags this
     machine cannot run. Modifies ``args``."""
     args.split = normalize_split(args.split)
+    shares = [float(x) for x in args.split.split(",")]
+    if len(shares) < 2 or shares[1] == 0:
+        if args.eval_interval:
+            raise ArgumentError(f"--eval-interval {args.eval_interval} asks for evaluation, but --split {args.split} "
+                                "gives the validation set no share; give it one (e.g. --split 98,2,0) or pass "
+                                "--eval-interval 0")
+        if args.eval_interval is None and is_rank_zero():
+            logger.warning("--split %s gives the validation set no share: this run does not evaluate", args.split)
+    if args.eval_interval is None:
+        args.eval_interval = DEFAULT_EVAL_INTERVAL
     args.data_blend = parse_data_path(args.data_path) if args.data_path else None
     if not args.tokenizer_type and args.mock_data:
         args.tokenizer_type = "NullTokenizer"

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.atomic import fresh_directory, replace_directory, write_json, write_text_atomic
+from megatron_lasp.atomic import (describe_ranks, fresh_directory, ranks_not_seeing, replace_directory, write_json,
+                                  write_text_atomic)
 from megatron_lasp.data.tokenizer import TokenizerSettings
 from megatron_lasp.training.optim import fsdp_reshard, torch_optimizers, unwrap_model
 
@@ -662,35 +663,15 @@ def _begin_save(root: str, iteration: int) -> str:
     return fresh_directory(_temporary_name(root, iteration))
 
 
-def _mark(directory: str) -> str:
-    """Write a file of a name unique to this save into ``directory`` (rank 0); returns the name."""
-    name = f".visible-{socket.gethostname()}-{os.getpid()}-{random.SystemRandom().getrandbits(48):012x}"
-    with open(os.path.join(directory, name), "w"):
-        pass
-    return name
-
-
-def _visible(path: str) -> bool:
-    return os.path.isfile(path)
-
-
-def _check_shared(root: str, tmp: str, marker: Optional[str]) -> None:
-    """Every rank must see the directory rank 0 just created and marked (``--save`` shared by all
-    nodes); otherwise shards would land on several disks and no node would hold the checkpoint.
-    Collective; all ranks raise together. Rank 0 removes the mark."""
-    names = [marker]
-    dist.broadcast_object_list(names, src=0)
-    views = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (_visible(os.path.join(tmp, names[0])), socket.gethostname()))
-    if dist.get_rank() == 0:
-        os.remove(os.path.join(tmp, names[0]))
-    blind = [r for r, (seen, _) in enumerate(views) if not seen]
+def _check_shared(root: str, tmp: str) -> None:
+    """Every rank must see the directory rank 0 just created (``--save`` shared by all nodes);
+    otherwise shards would land on several disks and no node would hold the checkpoint.
+    Collective; all ranks raise together."""
+    blind, host0 = ranks_not_seeing(tmp)
     if blind:
-        hosts = ", ".join(sorted({views[r][1] for r in blind}))
-        ranks = ", ".join(map(str, blind[:8])) + (" ..." if len(blind) > 8 else "")
-        raise CheckpointError(f"--save {root}: rank(s) {ranks} "
-                              f"on {hosts} do not see {tmp}, which rank 0 created on {views[0][1]}: --save must be on "
-                              "a file system every node shares, at the same path (docs/LAUNCH.md)")
+        raise CheckpointError(f"--save {root}: {describe_ranks(blind)} do not see {tmp}, which rank 0 created on "
+                              f"{host0}: --save must be on a file system every node shares, at the same path "
+                              "(docs/LAUNCH.md)")
 
 
 def _temporary_name(root: str, iteration: int) -> str:
@@ -719,10 +700,9 @@ def save_checkpoint(state) -> str:
     run = state.checkpoint.run
     root = state.checkpoint.save
     rank = dist.get_rank()
-    marker = None
     if rank == 0:
-        marker = _mark(_begin_save(root, state.iteration))
-    _check_shared(root, _temporary_name(root, state.iteration), marker)
+        _begin_save(root, state.iteration)
+    _check_shared(root, _temporary_name(root, state.iteration))
     with _fsdp_context(state) as full_map:
         sd = _sharded_state_dict(state, full_map, for_loading=False, with_optimizer=True, with_rng=True)
         dist_checkpointing.save(sd, _temporary_name(root, state.iteration))

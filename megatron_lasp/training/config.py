@@ -166,6 +166,23 @@ class MemoryOptions:
             raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
         if self.recompute_method is not None and self.recompute_granularity != "full":
             raise ArgumentError("--recompute-method needs --recompute-granularity full")
+        if self.recompute_num_layers is not None and self.recompute_granularity != "full":
+            raise ArgumentError("--recompute-num-layers needs --recompute-granularity full")
+
+    def check_layers(self, layers_per_stage: int) -> None:
+        """The rules that need the model's depth: megatron-core's uniform recompute steps through a
+        stage's layers ``recompute_num_layers`` at a time (a count that does not divide them runs
+        past the last layer), block recompute takes the first ``recompute_num_layers``."""
+        n = self.recompute_num_layers
+        if self.recompute_granularity != "full" or self.recompute_chunk_size or n is None:
+            return
+        if self.recompute_method == "uniform" and layers_per_stage % n:
+            raise ArgumentError(f"--recompute-num-layers ({n}) must divide the layers per pipeline stage "
+                                f"({layers_per_stage}) with --recompute-method uniform; change it, or use "
+                                "--recompute-method block to recompute the first N layers of each stage")
+        if self.recompute_method == "block" and n > layers_per_stage:
+            raise ArgumentError(f"--recompute-num-layers ({n}) must be at most the layers per pipeline stage "
+                                f"({layers_per_stage}) with --recompute-method block")
 
 
 @dataclass(frozen=True)
@@ -223,6 +240,10 @@ class TrainingOptions:
     """fp16 mixed precision with dynamic loss scaling."""
     exit_interval: Optional[int] = None
     """Stop (after saving) when the iteration is a multiple of this."""
+    exit_signal_handler: bool = False
+    """On SIGTERM / SIGINT: finish the step, save, exit 0."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and stop once the run has been up this many minutes."""
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -322,6 +343,8 @@ class CheckpointOptions:
     """On resume, this run's LR schedule wins."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, the checkpoint's LR schedule wins."""
+    overwrite_checkpoints: bool = False
+    """Let ``--finetune`` / ``--ckpt-step`` save into their ``--load`` directory over its checkpoints."""
     check_for_spiky_loss: bool = False
     """Stop without saving on a loss spike."""
     spiky_loss_factor: float = 10.0
@@ -400,7 +423,7 @@ class RunConfig:
             mock_data=d.mock_data, data_blend=d.data_blend, split=d.split, data_cache_path=d.data_cache_path,
             seq_length=t.seq_length, eod_mask_loss=d.eod_mask_loss, seed=t.seed, train_iters=t.train_iters,
             global_batch_size=t.global_batch_size, eval_interval=lg.eval_interval, eval_iters=lg.eval_iters,
-            skip_splits=tuple(skip_splits),
+            skip_splits=tuple(skip_splits), reset_attention_mask=d.reset_attention_mask,
         )
 
     def flags(self, **resolved: Any) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training log lines (Megatron's format), throughput / FLOPs / MFU, tensorboard scalars.
+"""Training log lines (Megatron's format), throughput / FLOPs / MFU, tensorboard scalars, and a
+readable start-up (:func:`quiet_megatron_core`).
 
 FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per trained token:
 
@@ -21,14 +22,66 @@ So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+MEGATRON_CORE_WARNINGS = (
+    r"(Transformer Engine and Apex are|Apex is|Transformer Engine is) not installed",
+    r"full scope is deprecated",
+)
+"""megatron-core's import-time warnings (``warnings.warn`` message prefixes) that every process
+repeats at start-up: the missing optional accelerators (one line of ours says it instead) and a
+deprecation inside its own config defaults."""
+
+
+class MegatronCoreLogFilter(logging.Filter):
+    """Condense megatron-core's INFO start-up records: drop the Megatron-FSDP detection notes, the
+    per-file index reading and the index-cache lines (a ``Build and save`` line stays: building
+    can take a while), and cut the dataset builder's config dump (a line of ~1,500 characters)
+    to the split sizes. Warnings and errors pass unchanged."""
+
+    DROP = ("megatron.core.distributed.fsdp", "megatron.core.datasets.indexed_dataset",
+            "megatron.core.datasets.blended_megatron_dataset_config")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if record.levelno > logging.INFO or not name.startswith("megatron.core."):
+            return True
+        if name.startswith(self.DROP):
+            return False
+        if name.startswith("megatron.core.datasets.") and name.endswith("_dataset_builder"):
+            message = record.getMessage()
+            if " and config=" in message:
+                record.msg, record.args = message.split(" and config=")[0], ()
+            return True
+        if name == "megatron.core.datasets.gpt_dataset":
+            return record.getMessage().startswith("Build and save")
+        return True
+
+
+def quiet_megatron_core() -> None:
+    """Keep megatron-core's start-up notes from burying the first lines of a run: silence
+    :data:`MEGATRON_CORE_WARNINGS` (logging one line instead where an accelerator is missing) and
+    put :class:`MegatronCoreLogFilter` on the root logger's handlers. Called by the training entry
+    point once it has configured logging; the library itself never changes these settings."""
+    for pattern in MEGATRON_CORE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MegatronCoreLogFilter) for f in handler.filters):
+            handler.addFilter(MegatronCoreLogFilter())
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        logger.info("%s not installed: megatron-core uses its torch fallbacks", " and ".join(missing))
+
 
 DEFAULT_CHUNK_SIZE = 64
 """Chunk (block) size assumed for the attention FLOPs (the kernels' block) unless one is given."""

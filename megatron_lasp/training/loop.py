@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import sys
-import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, List, Optional
@@ -34,6 +34,7 @@ from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import logging_utils
+from megatron_lasp.training.interrupts import PROG, LauncherWatchdog, StopRequests, record_clean_error
 from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
 from megatron_lasp.training.config import RunConfig
 from megatron_lasp.training.optim import (
@@ -71,9 +72,6 @@ class StartupError(SystemExit):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(code)
         self.message = message
-
-
-PROG = "pretrain_linear_lm.py"
 
 
 def _user_errors():
@@ -159,6 +157,8 @@ class TrainState:
 
 
 def _logging_setup() -> None:
+    """Log to stdout (INFO on rank 0, warnings elsewhere) unless the caller configured logging;
+    condense megatron-core's start-up notes either way (``logging_utils.quiet_megatron_core``)."""
     rank = int(os.environ.get("RANK", "0"))
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -166,6 +166,7 @@ def _logging_setup() -> None:
             format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
             stream=sys.stdout,
         )
+    logging_utils.quiet_megatron_core()
 
 
 def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
@@ -220,6 +221,7 @@ def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
         raise arguments_mod.ArgumentError(
             f"--pipeline-model-parallel-size ({pp}) must divide the number of layers ({model_config.num_layers}); "
             "change it or --num-layers")
+    memory.check_layers(model_config.num_layers // pp)
     return model_config
 
 
@@ -378,8 +380,10 @@ def _is_logging_rank(groups) -> bool:
             and groups.dp.rank() == 0)
 
 
-def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None) -> TrainState:
-    """Run iterations until ``--train-iters`` (or ``--exit-interval``); log, evaluate and save."""
+def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None,
+          stops: Optional[StopRequests] = None) -> TrainState:
+    """Run iterations until ``--train-iters`` (or ``--exit-interval``, or ``stops`` says so: a signal
+    with ``--exit-signal-handler``, ``--exit-duration-in-mins``); log, evaluate and save."""
     train_cfg, log_cfg, ckpt_cfg = state.config.training, state.config.logging, state.config.checkpoint
     train_iters = train_cfg.train_iters
     logging_rank = _is_logging_rank(state.groups)
@@ -431,7 +435,10 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
             if log_cfg.eval_interval and it % log_cfg.eval_interval == 0 and it < train_iters:
                 _run_eval(state, logging_rank, writer, "iteration", it)
                 watch.lap()
-            exiting = train_cfg.exit_interval is not None and it % train_cfg.exit_interval == 0
+            stop = stops.check() if stops is not None else None
+            if stop is None and train_cfg.exit_interval is not None and it % train_cfg.exit_interval == 0:
+                stop = f"--exit-interval {train_cfg.exit_interval}"
+            exiting = stop is not None
             if save_fn and ckpt_cfg.save and (
                 (ckpt_cfg.save_interval and it % ckpt_cfg.save_interval == 0) or it == train_iters or exiting
             ):
@@ -439,7 +446,8 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
                 save_fn(state)
                 watch.lap()
             if exiting:
-                logger.info("exiting at iteration %d (--exit-interval %d)", it, train_cfg.exit_interval)
+                saved = f", saved to {ckpt_cfg.save}" if save_fn and ckpt_cfg.save else ""
+                logger.info("exiting at iteration %d: %s%s", it, stop, saved)
                 break
         if log_cfg.eval_interval and state.iteration == train_iters:
             _run_eval(state, logging_rank, writer, "end of training, iteration", state.iteration)
@@ -538,6 +546,38 @@ def _checkpoint_settings(config: RunConfig, vocab_size_tokenizer: int, padded_vo
     )
 
 
+def refuse_overwrite(checkpoint: CheckpointSettings, allowed: bool) -> None:
+    """Refuse a run that would save over checkpoints it did not write: ``--save`` is its ``--load``
+    directory but the run does not continue its latest checkpoint (``--finetune`` or a weights-only
+    checkpoint restart at iteration 0; ``--ckpt-step`` branches from an earlier one), unless
+    ``allowed`` (``--overwrite-checkpoints``).
+
+    Raises:
+        ArgumentError: naming the iterations at risk and the flags that avoid it.
+    """
+    from megatron_lasp.training.checkpointing import list_iterations
+
+    save, load = checkpoint.save, checkpoint.load
+    if allowed or not save or not load or os.path.abspath(save) != os.path.abspath(load):
+        return
+    found = list_iterations(save)
+    start = 0 if checkpoint.finetune else checkpoint.load_iteration
+    at_risk = [it for it in found if start is not None and it > start]
+    if not at_risk:
+        return
+    if checkpoint.ckpt_step is not None and not checkpoint.finetune:
+        why = f"--ckpt-step {checkpoint.ckpt_step} branches from iteration {checkpoint.ckpt_step}"
+    elif checkpoint.load_weights_only:
+        why = (f"iteration {checkpoint.load_iteration} holds weights only, so the run restarts at iteration 0 "
+               "(as with --finetune)")
+    else:
+        why = "--finetune restarts at iteration 0"
+    raise arguments_mod.ArgumentError(
+        f"{why}, but --save {save} is its --load directory and holds iterations "
+        f"{', '.join(map(str, at_risk))} that this run's saves would overwrite; give another --save, "
+        "or add --overwrite-checkpoints")
+
+
 def setup(argv: Optional[List[str]] = None) -> TrainState:
     """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
 
@@ -564,6 +604,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainState:
                                             run.parallel.tensor_model_parallel_size)
         model_config = model_config_from_run(run)
         checkpoint = checkpointing.prepare_run(_checkpoint_settings(run, tokenizer.vocab_size, padded), model_config)
+        refuse_overwrite(checkpoint, run.checkpoint.overwrite_checkpoints)
         skip_splits = data_mod.check_data(run.data_settings(), tokenizer)
         return run, tokenizer, padded, model_config, checkpoint, skip_splits
 
@@ -649,72 +690,64 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     from megatron_lasp.parallel.state import destroy_parallel
     from megatron_lasp.training import checkpointing
 
+    start = time.monotonic()
     _logging_setup()
+    stops = None
     try:
         state = setup(argv)
-        watchdog = LauncherWatchdog.start_if_launched()
+        train_cfg = state.config.training
+        stops = StopRequests(train_cfg.exit_signal_handler, train_cfg.exit_duration_in_mins, start).install()
+        watchdog = LauncherWatchdog.start_if_launched(checkpointing.release_save_lock)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:
             save_fn = watchdog.guard(save_fn)
         try:
-            train(state, save_fn=save_fn)
+            train(state, save_fn=save_fn, stops=stops)
         except data_mod.DataError as err:
             raise TrainingError(str(err)) from None
         finally:
             if watchdog is not None:
                 watchdog.stop()
     finally:
+        if stops is not None:
+            stops.uninstall()
         checkpointing.release_save_lock()
         if destroy:
             destroy_parallel()
     return state
 
 
-class LauncherWatchdog:
-    """Exit this worker when its launcher (torchrun, the parent process) dies.
+def _let_rank_zero_print() -> None:
+    # every rank fails together; torchrun stops the others at the first exit, which must not
+    # come before rank 0 has printed the line
+    if not arguments_mod.is_rank_zero():
+        time.sleep(1.0)
 
-    Killing torchrun alone would leave the workers training and saving unsupervised. A daemon
-    thread polls the parent pid; when the parent is gone it waits for a save in progress to
-    finish (saves are atomic anyway: an interrupted one leaves only an ``iter_*.tmp``), then
-    ends the process with exit status 1.
-    """
 
-    POLL_S = 1.0
-    SAVE_GRACE_S = 300.0
-
-    def __init__(self) -> None:
-        self._parent = os.getppid()
-        self._saving = threading.Lock()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
-
-    @classmethod
-    def start_if_launched(cls) -> Optional["LauncherWatchdog"]:
-        """Start the watchdog under torchrun (``TORCHELASTIC_RUN_ID`` set); None otherwise."""
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            return None
-        dog = cls()
-        dog._thread.start()
-        return dog
-
-    def guard(self, save_fn: Callable[[TrainState], object]) -> Callable[[TrainState], object]:
-        """``save_fn`` that the watchdog does not interrupt."""
-        def guarded(state: TrainState):
-            with self._saving:
-                return save_fn(state)
-
-        return guarded
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.POLL_S):
-            if os.getppid() != self._parent:
-                print(f"{PROG}: error: the launcher (parent pid {self._parent}) is gone: this worker exits "
-                      "(the last complete checkpoint is kept)", file=sys.stderr, flush=True)
-                self._saving.acquire(timeout=self.SAVE_GRACE_S)
-                from megatron_lasp.training import checkpointing
-
-                checkpointing.release_save_lock()
-                os._exit(1)
+def cli_main(argv: Optional[List[str]] = None) -> int:
+    """``pretrain_linear_lm.py``: :func:`main` with every way it ends as an exit status, and a clean
+    end as one line on stderr (no traceback): 0 done (or stopped on request, saved), 1 training
+    stopped (non-finite loss, data), 2 a user mistake, 130 interrupted (Ctrl-C without
+    ``--exit-signal-handler``). Under torchrun the line also goes to its error file."""
+    try:
+        main(argv)
+    except StartupError as err:  # already printed (rank 0)
+        record_clean_error(f"{PROG}: error: {err.message}", err.code)
+        _let_rank_zero_print()
+        return err.code
+    except arguments_mod.UsageError as err:  # argparse's own, already printed (rank 0)
+        record_clean_error(err.message, 2)
+        _let_rank_zero_print()
+        return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        record_clean_error(f"error: {err}", 1)
+        return 1
+    except KeyboardInterrupt:
+        message = (f"{PROG}: interrupted; nothing saved since the last checkpoint (add --exit-signal-handler to "
+                   "save on Ctrl-C / SIGTERM)")
+        if arguments_mod.is_rank_zero():
+            print(f"\n{message}", file=sys.stderr, flush=True)
+        record_clean_error(message, 130)
+        return 130
+    return 0
