@@ -15,20 +15,11 @@ import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
-from megatron_lasp.testing import attention_inputs, edge_cu_seqlens, rel_err, spawn
+from megatron_lasp.testing import attention_inputs, check_gates, edge_cu_seqlens, rel_err, spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 NAMES = ("o", "dq", "dk", "dv", "dg")
-
-
-def _gates(seed: int, B: int, T: int, H: int) -> torch.Tensor:
-    """``[B, T, H]`` fp64 log-decays <= 0: head 0 none, the last head strong, the others mixed."""
-    gen = torch.Generator().manual_seed(seed)
-    g = -torch.nn.functional.softplus(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) * 0.3
-    g[..., 0] = 0.0
-    g[..., -1] = g[..., -1] * 20.0
-    return g
 
 
 def _run(q, k, v, g, do, fn):
@@ -41,7 +32,7 @@ def _run(q, k, v, g, do, fn):
 def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, backend="torch"):
     world = dist.get_world_size(group)
     q, k, v, do = attention_inputs(seed, B, C * world, H, Dk, Dv)
-    g = _gates(seed + 1, B, C * world, H)
+    g = check_gates(seed + 1, B, C * world, H)
     ref = _run(q, k, v, g, do, lambda a, b, c, d: chunk_lightning_attn(a, b, c, None, g=d, backend="torch",
                                                                         cu_seqlens=cu)[0])
     local = [split_sequence(x.to(dtype), group) for x in (q, k, v, g, do)]
