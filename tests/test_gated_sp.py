@@ -74,14 +74,14 @@ def _check(rank, world_size, seed):
     # carry is used from 3 ranks on)
     control = None
     if world_size > 2:
-        from megatron_lasp.parallel import comm
+        from megatron_lasp.parallel import slices
 
-        real = comm.SliceTransform.__call__
-        comm.SliceTransform.__call__ = lambda self, state: state.clone()
+        real = slices.SliceTransform.__call__
+        slices.SliceTransform.__call__ = lambda self, state: state.clone()
         try:
             control = max(_compare(seed, 1, 37, 4, 16, 8, "lasp", group, None, torch.float64).values())
         finally:
-            comm.SliceTransform.__call__ = real
+            slices.SliceTransform.__call__ = real
     # slopes and g together: the same one-line error on every rank
     try:
         lightning_attn_sp(*local, slopes, group, "lasp", "torch", g=torch.zeros(1, 33, 4, dtype=torch.float64))

@@ -9,7 +9,7 @@ Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB 
 TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
 its entry state and back-propagates it with the gradient of its outputs and of the state it
 passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
-documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.comm.window_documents`),
+documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.slices.window_documents`),
 and the carried state is zeroed for a row whose document starts at the chunk's first token. So a
 layer's working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for
 TNL-1B) exists for one chunk at a time, whatever the sequence length.
@@ -20,13 +20,13 @@ projections only) and passes it on, then runs the chunks from the received state
 goes down to the attention output chunk by chunk (keeping ``dO``) and passes the state gradient
 back, then runs the attention backward chunk by chunk: one more q / k / v projection in forward and
 in backward (~7% of a step). The hop and the slice's plan are the sequence-parallel modes' own
-(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.comm.SliceTransform`
-from :class:`~megatron_lasp.parallel.comm.SliceDocs`): the slice's state crosses it only for rows
+(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.slices.SliceTransform`
+from :class:`~megatron_lasp.parallel.slices.SliceDocs`): the slice's state crosses it only for rows
 without a document start in it, and the state gradient comes only from the tokens before a row's
 first start. Per-token gates (``linear_attention_gate``, the attention's ``gate``): each chunk's kernel
 applies the chunk's gates (the carried state decays by them), the slice's local state comes from
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
-(:meth:`SliceDecays.from_gates <megatron_lasp.parallel.comm.SliceDecays.from_gates>`).
+(:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
 With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
 mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
@@ -44,11 +44,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_lasp.models.attention import StateCarry
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
-from megatron_lasp.parallel.comm import (
+from megatron_lasp.parallel.comm import group_info
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
     SliceTransform,
-    group_info,
     local_state,
     window_documents,
 )

@@ -17,7 +17,7 @@ CPU (gloo) the steps run in this order on the host; results are bitwise those of
 schedule. On a gloo group with CUDA tensors (ranks sharing a GPU) each hop goes through pinned
 host memory (``comm.send_state`` / ``comm.recv_state``): same results, no overlap to speak of.
 The hop is :class:`megatron_lasp.parallel.hop.StateHop` and the slice's factors
-:class:`megatron_lasp.parallel.comm.SliceTransform` (shared with the chunked layer).
+:class:`megatron_lasp.parallel.slices.SliceTransform` (shared with the chunked layer).
 
 Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, the
 state-gradient pass gives the local part of ``dS_in``; wait, send ``dS_in = lam^C dS +
@@ -43,16 +43,14 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd_phases, lightning_attn_fwd_phases
-from megatron_lasp.parallel.comm import (
-    GroupInfo,
+from megatron_lasp.parallel.comm import GroupInfo, group_info, state_dtype
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
     SliceFunction,
     SliceTransform,
     add_state_term,
-    group_info,
     slice_gate_grad,
-    state_dtype,
     with_entry_state,
 )
 from megatron_lasp.parallel.hop import StateHop
@@ -138,7 +136,7 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
         slopes: ``[H]`` fp32, the fixed decay; None with ``g``.
         group: the sequence-parallel group.
         backend: kernel backend.
-        docs: packed documents (:class:`megatron_lasp.parallel.comm.SliceDocs`), or None.
+        docs: packed documents (:class:`megatron_lasp.parallel.slices.SliceDocs`), or None.
         triton_options: the triton backend's :class:`megatron_lasp.ops.lightning_attn.TritonOptions`,
             or None.
         g: per-token gates ``[B, C, H]`` (log-decays ``<= 0``, this rank's slice) with

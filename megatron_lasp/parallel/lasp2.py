@@ -30,17 +30,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import (
-    GroupInfo,
+from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
     SliceFunction,
     SliceTransform,
     add_state_term,
-    all_gather_flat,
     decayed_prefix,
     decayed_suffix,
-    group_info,
     slice_gate_grad,
     with_entry_state,
 )

@@ -27,7 +27,8 @@ from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
 from megatron_lasp.ops.lightning_attn.gate import check_gate
-from megatron_lasp.parallel.comm import SliceDocs, all_gather_flat
+from megatron_lasp.parallel.comm import all_gather_flat
+from megatron_lasp.parallel.slices import SliceDocs
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
 from megatron_lasp.parallel.ulysses import ulysses_attention

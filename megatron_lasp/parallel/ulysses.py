@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, SliceFunction, group_info
+from megatron_lasp.parallel.comm import GroupInfo, group_info
+from megatron_lasp.parallel.slices import SliceDocs, SliceFunction
 
 __all__ = ["ulysses_attention"]
 
