@@ -27,6 +27,14 @@ selective elementwise recompute)::
 
     python benchmarks/bench_training.py --plot docs/benchmarks/training/training_bench.json   # PNG only
 
+The gated layers against the fixed decay (the MFU of a TNL-1B-size gated model at 128K, the gate's
+projection counted in the FLOPs)::
+
+    python benchmarks/bench_training.py --out docs/benchmarks/training_gated --preset tnl-1b \
+        --seq-length 131072 --steps 3 --warmup 2 --common "--recompute-granularity full" \
+        --config "fixed=" --config "mamba2=--linear-attention-gate mamba2" \
+        --config "gla=--linear-attention-gate gla"
+
 Flags after ``--common`` apply to every configuration (e.g. ``--common "--context-parallel-size 2"``
 with ``--nproc 2``). A configuration that fails (out of memory, say) is recorded with its error
 and the others still run.

@@ -150,6 +150,35 @@ def test_two_phase_split_and_slice_gate(backend, monkeypatch):
     assert _rel(dg_loc, gate_grad(q, dq0, k, dk0, docs)) < 1e-6
 
 
+def test_gate_without_grad_and_state_only_loss():
+    """A gate that needs no gradient gets none; a loss on the final state alone (no output
+    gradient) still gives every gradient, dg included; the backward recomputes without ``saved``."""
+    leaves, do, dht = _inputs(1, 50, 2, 8, 8, "mixed", seed=9)
+    q, k, v, g, h0 = (x.double().requires_grad_() for x in leaves)
+    g.requires_grad_(False)
+    o, s = chunk_lightning_attn(q, k, v, None, h0, True, backend="torch", g=g)
+    s.mul(dht.double()).sum().backward()
+    assert g.grad is None and q.grad is not None
+    gr = g.detach().clone().requires_grad_()
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+    _, s_ref = naive_recurrent_lightning_attn(xs[0], xs[1], xs[2], None, xs[3], True, g=gr)
+    s_ref.mul(dht.double()).sum().backward()
+    ys = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+    gt = g.detach().clone().requires_grad_()
+    _, s2 = chunk_lightning_attn(ys[0], ys[1], ys[2], None, ys[3], True, backend="torch", g=gt)
+    s2.mul(dht.double()).sum().backward()
+    assert xs[0].grad is None and float(ys[0].grad.abs().max()) == 0.0  # q does not reach the final state
+    for a, b in zip(ys[1:] + [gt], xs[1:] + [gr]):
+        assert _rel(a.grad, b.grad) < 1e-10
+    grads = lightning_attn_bwd(*(x.detach() for x in (q, k, v)), None, do.double(), d_final_state=dht.double(),
+                               initial_state=h0.detach(), backend="torch", g=g)
+    o, s, saved = lightning_attn_fwd(*(x.detach() for x in (q, k, v)), None, h0.detach(), True, "torch", g=g)
+    again = lightning_attn_bwd(*(x.detach() for x in (q, k, v)), None, do.double(), saved=saved,
+                               d_final_state=dht.double())
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+
+
 def test_slice_gate_matches_products_of_exp():
     """log a / log b / log across against products of exp(g) token by token, documents included."""
     B, C, H = 2, 9, 3

@@ -62,8 +62,8 @@ def _local_state_kernel(
     (REVERSE: in the document of the state entering the segment).
 
     GATED (per-token gates): GC [B*H, TP] fp32 holds the gates' cumulative sums restarted every BT
-    tokens; lam^n becomes exp of a sum of gates, chained block by block: the forward accumulator
-    is rescaled by each block's total, the backward weight carries the earlier blocks' totals.
+    tokens; lam^n becomes exp of a sum of gates, chained block by block from the weights' anchor
+    (the segment's end, REVERSE: its start): g_off carries the totals of the blocks already visited.
     The program of the first tile also writes the segment's total log-decay to SEGLOG [B*H, NS].
     """
     i_xz, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -94,8 +94,18 @@ def _local_state_kernel(
         else:
             d_ref = tl.load(d_base + seg_start + seg_len - 1)
     acc = tl.full([BX, BZ], 0.0, dtype=tl.float32)
+    if GATED:
+        last_r0 = (seg_len - 1) // BT * BT
     for r0 in range(0, seg_len, BT):
-        r = r0 + tl.arange(0, BT)
+        if GATED:
+            # blocks visited from the weights' anchor: the segment start (REVERSE) or its end
+            if REVERSE:
+                rs = r0
+            else:
+                rs = last_r0 - r0
+        else:
+            rs = r0
+        r = rs + tl.arange(0, BT)
         valid = r < seg_len
         rows = (seg_start + r).to(tl.int64)
         y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
@@ -104,12 +114,11 @@ def _local_state_kernel(
                     mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
         if GATED:
             gb = tl.load(g_base + seg_start + r)  # [BT] block-local cumulative sums (0-padded past T)
-            g_last = tl.load(g_base + seg_start + r0 + BT - 1)  # the block's total
+            g_last = tl.load(g_base + seg_start + rs + BT - 1)  # the block's total
             if REVERSE:
-                w = tl.where(valid, tl.exp(g_off + gb), 0.0)
+                w = tl.where(valid, tl.exp(g_off + gb), 0.0)  # exp(G_r), G from the segment start
             else:
-                w = tl.where(valid, tl.exp(g_last - gb), 0.0)
-                acc = acc * tl.exp(g_last)
+                w = tl.where(valid, tl.exp(g_off + (g_last - gb)), 0.0)  # exp(G_last - G_r)
             g_off += g_last
         elif REVERSE:
             w = tl.where(valid, tl.exp(-s * (r + 1).to(tl.float32)), 0.0)  # [BT]
