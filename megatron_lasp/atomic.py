@@ -2,7 +2,7 @@
 
 A directory is written complete under a temporary name beside its target and renamed into place
 at the end, so a reader (or a crash) sees the old directory or the new one, never a partial one.
-Training checkpoints (``megatron_lasp.training.checkpointing``, one ``iter_XXXXXXX`` at a time,
+Training checkpoints (``megatron_lasp.checkpoint.io``, one ``iter_XXXXXXX`` at a time,
 every rank writing into the same temporary directory) and the Hugging Face converters (the whole
 output directory) both use it. A directory that the ranks of several nodes share must be on a
 file system they all see: :func:`ranks_not_seeing` checks it (collective; torch.distributed is

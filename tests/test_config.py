@@ -289,7 +289,18 @@ def _cli(argv, tmp_path, signum=None, launcher=None):
     return code, out_path.read_text(), lines
 
 
+def _launcher():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["-m", "megatron_lasp.training.launch", "--nproc-per-node", "2", "--master-port", str(port)]
+
+
 def test_exit_signal_handler_saves_and_exits_zero(tmp_path):
+    """Without a launcher the run exits 0; under torchrun (forwarding SIGTERM to both workers, SP 2)
+    both ranks save the same iteration and the launcher says so in one line."""
     import signal
 
     d = tmp_path / "run"
@@ -298,6 +309,16 @@ def test_exit_signal_handler_saves_and_exits_zero(tmp_path):
     assert code == 0, (code, out[-2000:], err)
     saved = int((d / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= saved < 100000 and f"exiting at iteration {saved}: received SIGTERM" in out, out[-2000:]
+
+    d2 = tmp_path / "run2"
+    argv = BASE + ["--train-iters", "100000", "--save", str(d2), "--exit-signal-handler", "--sequence-parallel-size", "2"]
+    code, out, err = _cli(argv, tmp_path, signal.SIGTERM, launcher=_launcher())
+    assert code == 128 + signal.SIGTERM, (code, err)
+    saved = int((d2 / "latest_checkpointed_iteration.txt").read_text())
+    assert f"exiting at iteration {saved}: received SIGTERM" in out, out[-2000:]
+    assert sorted(p.name for p in (d2 / f"iter_{saved:07d}").glob("__*_0.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ours = [ln for ln in err if ln.startswith("launch:")]
+    assert len(ours) == 1 and "SIGTERM" in ours[0] and not any("Traceback" in ln for ln in err), err
 
 
 def test_ctrl_c_without_the_handler_is_one_line(tmp_path):
@@ -312,9 +333,50 @@ def test_ctrl_c_without_the_handler_is_one_line(tmp_path):
 def test_launcher_reports_a_clean_error_in_one_line(tmp_path):
     """Under ``python -m megatron_lasp.training.launch`` (torchrun's flags) a bad flag on 2 workers is
     one line and exit status 2, not torchrun's ChildFailedError report."""
-    launcher = ["-m", "megatron_lasp.training.launch", "--nproc-per-node", "2", "--master-port", "0"]
+    launcher = _launcher()
     code, out, err = _cli(BASE + ["--eval-interval", "5", "--split", "100,0,0"], tmp_path, launcher=launcher)
     errors = [ln for ln in err if "error" in ln.lower()]
     assert code == 2, (code, err)
     assert len(errors) == 1 and "--eval-interval 5 asks for evaluation" in errors[0], err
     assert not any("ChildFailedError" in ln or "Traceback" in ln for ln in err), err
+
+
+# ----------------------------------------------------------------------------------------------
+# a readable start-up
+
+
+def test_megatron_core_start_up_notes_are_condensed():
+    import logging
+    import warnings
+
+    from megatron_lasp.training.logging_utils import MegatronCoreLogFilter, quiet_megatron_core
+
+    def record(name, level, msg):
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    keep = MegatronCoreLogFilter()
+    dump = record("megatron.core.datasets.blended_megatron_dataset_builder", logging.INFO,
+                  "Building GPTDataset splits with sizes=[48, 24, 8] and config=GPTDatasetConfig(" + "x" * 1500 + ")")
+    assert keep.filter(dump) and dump.getMessage() == "Building GPTDataset splits with sizes=[48, 24, 8]"
+    assert not keep.filter(record("megatron.core.datasets.indexed_dataset", logging.INFO, "\tExtract the sequence lengths"))
+    assert not keep.filter(record("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", logging.INFO,
+                                  "Using Megatron-FSDP without Transformer Engine."))
+    assert keep.filter(record("megatron.core.datasets.gpt_dataset", logging.INFO, "Build and save the GPTDataset train indices"))
+    assert not keep.filter(record("megatron.core.datasets.gpt_dataset", logging.INFO, "\tLoad the sample index from x.npy"))
+    # warnings, our own records and megatron-core's other notes pass unchanged
+    assert keep.filter(record("megatron.core.datasets.indexed_dataset", logging.WARNING, "something odd"))
+    assert keep.filter(record("megatron_lasp.training.loop", logging.INFO, "training: 3 iterations"))
+    assert keep.filter(record("megatron.core.optimizer_param_scheduler", logging.INFO, "> learning rate decay style"))
+    handlers = {h: list(h.filters) for h in logging.getLogger().handlers}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_megatron_core()
+            warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+                          UserWarning)
+            warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning)
+            warnings.warn("something else", UserWarning)
+        assert [str(w.message) for w in caught] == ["something else"]
+    finally:
+        for handler, filters in handlers.items():
+            handler.filters[:] = filters

@@ -228,6 +228,8 @@ def test_bad_gate_inputs():
         chunk_lightning_attn(q, q, q, None, backend="torch")
     with pytest.raises(ValueError, match=r"g must be a float tensor \[B, T, H\]"):
         chunk_lightning_attn(q, q, q, None, g=torch.zeros(1, 4), backend="torch")
+    with pytest.raises(ValueError, match="positive values"):
+        chunk_lightning_attn(q, q, q, None, g=torch.full((1, 4, 2), 0.1), backend="torch")
     o, _, saved = lightning_attn_fwd(q, q, q, None, g=torch.zeros(1, 4, 2), backend="torch")
     with pytest.raises(ValueError, match="slopes=None for per-token gates"):
         lightning_attn_bwd(q, q, q, torch.zeros(2), o, saved=saved)

@@ -94,7 +94,7 @@ def test_checkpoint_misuse_is_refused_and_recoverable(ckpt, tmp_path):
     blocker.write_text("x")
     before = {k: _snapshot(v) for k, v in d.items()}
 
-    from megatron_lasp.training.checkpointing import SaveLock
+    from megatron_lasp.checkpoint.lock import SaveLock
 
     held = SaveLock(d["locked"]).acquire()  # another "run" holds --save
     try:
@@ -164,7 +164,7 @@ def _two_rank_lock(rank, world_size, save):
 
 
 def test_lock_refusal_is_agreed_by_every_rank(tmp_path):
-    from megatron_lasp.training.checkpointing import SaveLock
+    from megatron_lasp.checkpoint.lock import SaveLock
 
     save = str(tmp_path / "busy")
     held = SaveLock(save).acquire()
@@ -318,7 +318,7 @@ def test_messages_name_existing_flags():
     launcher = {"--nproc-per-node"}
     import glob
 
-    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops")
+    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops", "checkpoint")
              for f in glob.glob(os.path.join(REPO, "megatron_lasp", sub, "**", "*.py"), recursive=True)]
     assert len(files) > 10
     for rel in files:
@@ -378,7 +378,7 @@ def test_workers_exit_when_the_launcher_dies(tmp_path):
             os.kill(p, signal.SIGKILL)
     from argparse import Namespace
 
-    from megatron_lasp.training.checkpointing import resolve_load
+    from megatron_lasp.checkpoint.io import resolve_load
 
     args = Namespace(load=str(save), save=str(save), ckpt_step=None)
     assert resolve_load(args) >= 3  # the tracker names a complete, undamaged checkpoint

@@ -374,8 +374,8 @@ def chunk_lightning_attn(
             only the first document of each row; the final state is the last document's.
             Values are checked when the tensor is on the CPU (on a GPU, only shape and dtype:
             a value check would synchronise the host).
-        g: ``[B, T, H]`` float log-decays (``<= 0``; the fixed decay is ``g = -slopes``); a
-            gradient flows to it when it requires one.
+        g: ``[B, T, H]`` float log-decays (``<= 0``, checked when on the CPU; the fixed decay is
+            ``g = -slopes``); a gradient flows to it when it requires one.
         triton_options: see :func:`lightning_attn_fwd`.
 
     Returns:

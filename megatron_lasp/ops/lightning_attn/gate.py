@@ -30,7 +30,8 @@ __all__ = ["check_gate", "block_cumsum", "SliceGate", "gate_grad", "reverse_cums
 
 
 def check_gate(g, q: torch.Tensor, slopes) -> None:
-    """Raise ``ValueError`` unless exactly one of ``slopes`` / ``g`` is given and ``g`` fits ``q``."""
+    """Raise ``ValueError`` unless exactly one of ``slopes`` / ``g`` is given and ``g`` fits ``q``
+    (shape, device; values ``<= 0`` when on the CPU)."""
     if (g is None) == (slopes is None):
         raise ValueError("lightning attention: give either slopes [H] (fixed decay) or g [B, T, H] "
                          "(per-token log-decay) with slopes=None, not both and not neither")
@@ -42,6 +43,10 @@ def check_gate(g, q: torch.Tensor, slopes) -> None:
                          f"(<= 0), got {getattr(g, 'shape', type(g))}")
     if g.device != q.device:
         raise ValueError(f"lightning attention: g is on {g.device} but q is on {q.device}; move all inputs to one device")
+    # Values only on the CPU: on a GPU the check would synchronise the host (as for cu_seqlens).
+    if g.device.type == "cpu" and bool((g.detach() > 0).any()):
+        raise ValueError("lightning attention: g holds positive values; it must be a log-decay <= 0 "
+                         "(e.g. -softplus(x) or logsigmoid(x))")
 
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
