@@ -27,6 +27,7 @@ __all__ = [
     "group_info",
     "state_dtype",
     "all_gather_flat",
+    "gather_rows",
     "reduce_scatter_flat",
     "send_state",
     "recv_state",
@@ -66,6 +67,17 @@ def group_info(group: dist.ProcessGroup) -> GroupInfo:
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and their gradients are fp32 whatever the activations (fp64 for fp64 inputs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_rows(values, group: dist.ProcessGroup, device: torch.device) -> list:
+    """Every rank's ``values`` (a list of ints, the same length on every rank) in group order, with
+    one small all-gather on ``device`` (the CPU unless it is a GPU): how the entry points check
+    that the ranks agree on their inputs."""
+    device = device if device.type == "cuda" else torch.device("cpu")
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    out = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.int64, device=device)
+    all_gather_flat(out, mine, group)
+    return out.view(-1, mine.numel()).tolist()
 
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:

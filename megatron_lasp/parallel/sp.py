@@ -27,7 +27,7 @@ from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
 from megatron_lasp.ops.lightning_attn.gate import check_gate
-from megatron_lasp.parallel.comm import all_gather_flat
+from megatron_lasp.parallel.comm import gather_rows
 from megatron_lasp.parallel.slices import SliceDocs
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
@@ -67,11 +67,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
     mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated)] + _cu_fingerprint(cu_seqlens)
-    device = q.device if q.device.type == "cuda" else torch.device("cpu")
-    sig = torch.tensor(mine, dtype=torch.int64, device=device)
-    out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
-    all_gather_flat(out, sig, group)
-    rows = out.view(-1, len(mine)).tolist()
+    rows = gather_rows(mine, group, q.device)
     if any(row != rows[0] for row in rows):
 
         def describe(row):
