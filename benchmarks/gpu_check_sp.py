@@ -1,7 +1,8 @@
 """GPU check of the sequence-parallel modes: exactness at real shapes, and LASP's overlap.
 
 1. Exactness: for every mode and for fp32 and bf16 (triton backend, NaN-poisoned kernel buffers),
-   without and with packed documents (global ``cu_seqlens``: starts on and next to slice edges, a
+   with the fixed decay and with per-token gates (``g``, dg compared too), without and with packed
+   documents (global ``cu_seqlens``: starts on and next to slice edges, a
    document over every rank, length-1 documents, random starts),
    one sequence of ``W x C`` tokens (B1 H16 D128, plus a ragged batch-2 shape) is split over the
    ``W`` ranks; the output and dq, dk, dv are compared (relative Frobenius error, max over ranks)
@@ -43,7 +44,13 @@ from megatron_lasp.parallel.comm import group_info  # noqa: E402
 from megatron_lasp.parallel.hop import StateHop  # noqa: E402
 from megatron_lasp.parallel.lasp import lasp_attention  # noqa: E402
 from megatron_lasp.parallel.state import init_distributed  # noqa: E402
-from megatron_lasp.testing import attention_inputs, check_slopes, edge_cu_seqlens, rel_err  # noqa: E402
+from megatron_lasp.testing import (  # noqa: E402
+    attention_inputs,
+    check_gates,
+    check_slopes,
+    edge_cu_seqlens,
+    rel_err,
+)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 POISON = TritonOptions(poison_outputs=True)  # NaN-filled kernel buffers in the exactness check
@@ -55,9 +62,20 @@ def max_over_ranks(x: float, device) -> float:
     return t.item()
 
 
-def run_full(q, k, v, do, slopes, dtype, backend, cu_seqlens=None):
-    leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend, cu_seqlens=cu_seqlens, triton_options=POISON)
+def _leaves(q, k, v, g, dtype, sl=slice(None)):
+    """q, k, v in ``dtype`` and g (fp32; fp64 for fp64) as fresh leaves, sliced along the tokens."""
+    leaves = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
+    if g is not None:
+        gdt = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves.append(g[:, sl].detach().to(gdt).clone().requires_grad_(True))
+    return leaves
+
+
+def run_full(q, k, v, do, slopes, g, dtype, backend, cu_seqlens=None):
+    """The one-GPU run of the whole sequence: ``[o, dq, dk, dv(, dg)]``."""
+    leaves = _leaves(q, k, v, g, dtype)
+    decay = dict(slopes=slopes) if g is None else dict(slopes=None, g=leaves[3])
+    o, _ = chunk_lightning_attn(*leaves[:3], **decay, backend=backend, cu_seqlens=cu_seqlens, triton_options=POISON)
     o.backward(do.to(dtype))
     return [o.detach()] + [x.grad for x in leaves]
 
@@ -69,31 +87,35 @@ def check_exactness(args, device, backend):
         T = W * C
         slopes = check_slopes(H, zero_head=True).to(device)
         q, k, v, do = (x.float().to(device) for x in attention_inputs(B * 1000 + C, B, T, H, D, D))
+        gates = check_gates(B * 1000 + C + 1, B, T, H).to(device)
         sl = slice(rank * C, (rank + 1) * C)
-        for packed, dtype in [(p_, d_) for p_ in (False, True) for d_ in (torch.float32, torch.bfloat16)]:
+        cases = [(p_, d_, g_) for g_ in (False, True) for p_ in (False, True) for d_ in (torch.float32, torch.bfloat16)]
+        for packed, dtype, gated in cases:
             cu = edge_cu_seqlens(B, W, C, seed=C).to(device) if packed else None
+            g = gates if gated else None
             if dtype == torch.float32:
-                ref64 = run_full(q, k, v, do, slopes, torch.float64, "torch", cu)
-            single = run_full(q, k, v, do, slopes, dtype, backend, cu)
+                ref64 = run_full(q, k, v, do, slopes, g, torch.float64, "torch", cu)
+            single = run_full(q, k, v, do, slopes, g, dtype, backend, cu)
             for mode in SEQUENCE_PARALLEL_MODES:
                 if mode == "ulysses" and H % W:
                     continue
-                local = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend, cu_seqlens=cu,
-                                      triton_options=POISON)
+                local = _leaves(q, k, v, g, dtype, sl)
+                decay = dict(slopes=slopes) if g is None else dict(slopes=None, g=local[3])
+                o = lightning_attn_sp(*local[:3], group=dist.group.WORLD, mode=mode, backend=backend, **decay,
+                                      cu_seqlens=cu, triton_options=POISON)
                 o.backward(do[:, sl].to(dtype))
                 got = [o.detach()] + [x.grad for x in local]
-                names = ("o", "dq", "dk", "dv")
+                names = ("o", "dq", "dk", "dv", "dg")
                 err64 = {n: max_over_ranks(rel_err(g, r[:, sl]), device) for n, g, r in zip(names, got, ref64)}
                 err1 = {n: max_over_ranks(rel_err(g, r[:, sl]), device) for n, g, r in zip(names, got, single)}
                 worst = max(err64.values())
                 ok = worst < TOL[dtype]
-                rows.append(dict(shape=[B, T, H, D], local_len=C, dtype=str(dtype), mode=mode, ok=ok,
+                rows.append(dict(shape=[B, T, H, D], local_len=C, dtype=str(dtype), mode=mode, ok=ok, gated=gated,
                                  packed_documents=None if cu is None else int(cu.numel() - 1),
                                  err_vs_fp64=err64, err_vs_single_gpu_same_dtype=err1))
                 if rank == 0:
                     print(f"{'ok ' if ok else 'BAD'} {mode:>9} {str(dtype):>14} B{B} T{T} H{H} D{D}"
-                          f"{' packed' if packed else ''}: "
+                          f"{' packed' if packed else ''}{' gated' if gated else ''}: "
                           f"vs fp64 max {worst:.2e}, vs 1 GPU max {max(err1.values()):.2e}", flush=True)
     return rows
 

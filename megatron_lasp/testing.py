@@ -224,3 +224,16 @@ def edge_cu_seqlens(B: int, W: int, C: int, seed: int):
     cuts += [b * T + c for b in range(1, B) for c in (0, 5)]
     cu = sorted(set(c for c in cuts if 0 < c < B * T) | {0, B * T})
     return torch.tensor(cu, dtype=torch.int32)
+
+
+def check_gates(seed: int, B: int, T: int, H: int):
+    """Per-token log-decays ``g [B, T, H]`` fp64 (``<= 0``) for the parity checks: head 0 without
+    decay (a leak across a document boundary cannot hide), the last head strong (its carry
+    underflows), the others ``-0.3 softplus(N(0, 1))``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) * 0.3
+    g[..., 0] = 0.0
+    g[..., -1] = g[..., -1] * 20.0
+    return g

@@ -339,3 +339,44 @@ def test_launcher_reports_a_clean_error_in_one_line(tmp_path):
     assert code == 2, (code, err)
     assert len(errors) == 1 and "--eval-interval 5 asks for evaluation" in errors[0], err
     assert not any("ChildFailedError" in ln or "Traceback" in ln for ln in err), err
+
+
+# ----------------------------------------------------------------------------------------------
+# a readable start-up
+
+
+def test_megatron_core_start_up_notes_are_condensed():
+    import logging
+    import warnings
+
+    from megatron_lasp.training.logging_utils import MegatronCoreLogFilter, quiet_megatron_core
+
+    def record(name, level, msg):
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    keep = MegatronCoreLogFilter()
+    dump = record("megatron.core.datasets.blended_megatron_dataset_builder", logging.INFO,
+                  "Building GPTDataset splits with sizes=[48, 24, 8] and config=GPTDatasetConfig(" + "x" * 1500 + ")")
+    assert keep.filter(dump) and dump.getMessage() == "Building GPTDataset splits with sizes=[48, 24, 8]"
+    assert not keep.filter(record("megatron.core.datasets.indexed_dataset", logging.INFO, "\tExtract the sequence lengths"))
+    assert not keep.filter(record("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", logging.INFO,
+                                  "Using Megatron-FSDP without Transformer Engine."))
+    assert keep.filter(record("megatron.core.datasets.gpt_dataset", logging.INFO, "Build and save the GPTDataset train indices"))
+    assert not keep.filter(record("megatron.core.datasets.gpt_dataset", logging.INFO, "\tLoad the sample index from x.npy"))
+    # warnings, our own records and megatron-core's other notes pass unchanged
+    assert keep.filter(record("megatron.core.datasets.indexed_dataset", logging.WARNING, "something odd"))
+    assert keep.filter(record("megatron_lasp.training.loop", logging.INFO, "training: 3 iterations"))
+    assert keep.filter(record("megatron.core.optimizer_param_scheduler", logging.INFO, "> learning rate decay style"))
+    handlers = {h: list(h.filters) for h in logging.getLogger().handlers}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_megatron_core()
+            warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+                          UserWarning)
+            warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning)
+            warnings.warn("something else", UserWarning)
+        assert [str(w.message) for w in caught] == ["something else"]
+    finally:
+        for handler, filters in handlers.items():
+            handler.filters[:] = filters

@@ -168,6 +168,12 @@ LAYOUTS = [  # (id, tp, sp, mode, tp sequence parallel, extra config)
     ("tp1-recompute-chunked", 1, 1, "lasp", False, dict(recompute_chunk_size=8)),
     ("tp1-recompute-elementwise", 1, 1, "lasp", False,
      dict(recompute_granularity="selective", recompute_elementwise=True)),
+    # the gates under sequence parallelism: every mode, and the chunked recompute under lasp
+    ("sp2-lasp", 1, 2, "lasp", False, {}),
+    ("sp2-lasp2", 1, 2, "lasp2", False, {}),
+    ("sp2-ulysses", 1, 2, "ulysses", False, {}),
+    ("sp2-allgather", 1, 2, "allgather", False, {}),
+    ("sp2-lasp-recompute-chunked", 1, 2, "lasp", False, dict(recompute_chunk_size=8)),
 ]
 
 

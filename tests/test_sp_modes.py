@@ -261,8 +261,12 @@ def _check_bad_inputs(rank):
         (dict(k=torch.zeros(2, 9, 4, 8)), ("k must have q's shape",)),
         (dict(q=torch.zeros(8, 4, 8)), ("4-d",)),
         (dict(backend="cuda"), ("unknown backend",)),
+        (dict(slopes=None), ("either slopes", "or g")),
+        (dict(g=torch.zeros(2, 8, 4)), ("not both",)),
+        (dict(slopes=None, g=torch.zeros(2, 8, 3)), ("g must be a float tensor [B, T, H]",)),
     ],
-    ids=["mode", "int-dtype", "mixed-dtype", "slopes-shape", "slopes-grad", "k-shape", "q-3d", "backend"],
+    ids=["mode", "int-dtype", "mixed-dtype", "slopes-shape", "slopes-grad", "k-shape", "q-3d", "backend",
+         "no-decay", "slopes-and-g", "g-shape"],
 )
 def test_bad_inputs_local(case, needles):
     args = dict(q=torch.zeros(2, 8, 4, 8), k=torch.zeros(2, 8, 4, 8), v=torch.zeros(2, 8, 4, 8),

@@ -244,9 +244,6 @@ class LinearSelfAttention(MegatronModule):
         """
         carry = self._carry
         decay = self._decay(g)
-        if carry is None and g is not None:
-            # one sequence-parallel rank (LinearLMConfig's rule until the modes take g)
-            carry = StateCarry(want_final=False)
         if carry is not None:
             with torch.no_grad() if carry.cut else contextlib.nullcontext():
                 o, carry.final = chunk_lightning_attn(
@@ -264,6 +261,7 @@ class LinearSelfAttention(MegatronModule):
             v.transpose(0, 1),
             decay["slopes"],
             self.sp_group,
+            g=decay["g"],
             mode=self.config.sequence_parallel_mode,
             backend=self.config.kernel_backend,
             validate=None if not self._sp_checked else False,

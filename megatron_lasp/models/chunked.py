@@ -9,7 +9,7 @@ Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB 
 TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
 its entry state and back-propagates it with the gradient of its outputs and of the state it
 passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
-documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.comm.window_documents`),
+documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.slices.window_documents`),
 and the carried state is zeroed for a row whose document starts at the chunk's first token. So a
 layer's working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for
 TNL-1B) exists for one chunk at a time, whatever the sequence length.
@@ -20,10 +20,13 @@ projections only) and passes it on, then runs the chunks from the received state
 goes down to the attention output chunk by chunk (keeping ``dO``) and passes the state gradient
 back, then runs the attention backward chunk by chunk: one more q / k / v projection in forward and
 in backward (~7% of a step). The hop and the slice's plan are the sequence-parallel modes' own
-(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.comm.SliceTransform`
-from :class:`~megatron_lasp.parallel.comm.SliceDocs`): the slice's state crosses it only for rows
+(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.slices.SliceTransform`
+from :class:`~megatron_lasp.parallel.slices.SliceDocs`): the slice's state crosses it only for rows
 without a document start in it, and the state gradient comes only from the tokens before a row's
-first start.
+first start. Per-token gates (``linear_attention_gate``, the attention's ``gate``): each chunk's kernel
+applies the chunk's gates (the carried state decays by them), the slice's local state comes from
+the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
+(:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
 With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
 mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
@@ -41,11 +44,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_lasp.models.attention import StateCarry
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
-from megatron_lasp.parallel.comm import (
+from megatron_lasp.parallel.comm import group_info
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
     SliceTransform,
-    group_info,
     local_state,
     window_documents,
 )
@@ -169,21 +172,27 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         start = info.rank * C  # the slice's first position in the rows of the whole sequence
         plans = [window_documents(cu, B, C * info.size, start + sl.start, start + sl.stop) for sl in slices]
         docs = None if cu is None else SliceDocs.of(cu, B, C, info.rank, info.size, x.device)
-        tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
         with torch.no_grad():
-            s_loc = None  # (1) the slice's own state, chunk by chunk
+            s_loc, gates = None, []  # (1) the slice's own state, chunk by chunk
             for sl, (cu_c, keep) in zip(slices, plans):
-                _, q, k, v = attn.qkv(layer.input_layernorm(x[sl]))
-                if cu_c is None:
+                h = layer.input_layernorm(x[sl])
+                mixed, q, k, v = attn.qkv(h)
+                g = None if attn.gate is None else attn.gate(h)  # per-token gates [s, b, heads]
+                if g is not None:
+                    gates.append(g)
+                if cu_c is None and g is None:
                     L = sl.stop - sl.start
                     part = local_state(k.transpose(0, 1), v.transpose(0, 1), decay_powers(slopes, L, reverse=True))
                     s_loc = part if s_loc is None else s_loc * state_decay(slopes, L).view(1, -1, 1, 1) + part
-                else:  # the kernel restarts the state at the chunk's documents
+                else:  # the kernel restarts the state at the chunk's documents and applies the gates
                     _, s_loc = chunk_lightning_attn(
-                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **attn._decay(g),
                         initial_state=_entry(s_loc, (cu_c, keep)), output_final_state=True,
                         backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                     )
+            # the slice's transform: its own cumulative gate with per-token gates
+            g_slice = torch.cat(gates).transpose(0, 1) if gates else None  # [B, C, heads]
+            tr = SliceTransform.of(SliceDecays.for_slice(slopes, g_slice, C), docs, info.rank)
             # (2) S_in from the previous rank, T(S_in) + S_loc to the next
             hop = StateHop(s_loc.shape, s_loc.dtype, s_loc.device, info, forward=True)
             s_in = hop.pass_on(s_loc, tr)
@@ -198,7 +207,6 @@ class _ChunkedLaspLayer(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         layer, attn, tr = ctx.layer, ctx.layer.self_attention, ctx.transform
-        slopes = attn.slopes
         kept = [None] * len(ctx.slices)
         sums = _ParamGrads(list(ctx.params))
         ds_loc = None
@@ -229,9 +237,11 @@ class _ChunkedLaspLayer(torch.autograd.Function):
             if entry is not None:
                 entry = entry.detach().requires_grad_(True)
             with torch.enable_grad():
-                mixed, q, k, v = attn.qkv(layer.input_layernorm(piece))
+                h = layer.input_layernorm(piece)
+                mixed, q, k, v = attn.qkv(h)
                 o, final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes,
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                    **attn._decay(None if attn.gate is None else attn.gate(h)),
                     initial_state=_entry(entry, (cu_c, keep)), output_final_state=d_state is not None,
                     backend=attn.config.kernel_backend, cu_seqlens=cu_c,
                 )

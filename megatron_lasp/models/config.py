@@ -282,11 +282,6 @@ class LinearLMConfig(TransformerConfig):
                 f"linear_attention_gate {self.linear_attention_gate} needs transformer_impl local "
                 "(Transformer Engine fuses the input norm into the q/k/v projection only)"
             )
-        if self.gated and self.context_parallel_size > 1:
-            raise ValueError(
-                f"linear_attention_gate {self.linear_attention_gate} runs on one sequence-parallel rank "
-                f"for now: set context_parallel_size 1 (got {self.context_parallel_size})"
-            )
         if not (self.gate_logit_normalizer > 0.0 and math.isfinite(self.gate_logit_normalizer)):
             raise ValueError(f"gate_logit_normalizer must be a finite number > 0, got {self.gate_logit_normalizer}")
         if (

@@ -8,7 +8,7 @@ its own slice's contribution and passes the result on at once. :class:`StateHop`
 1. ``StateHop(...)`` posts the receive before the caller's local work, so the sender never waits;
 2. :meth:`StateHop.pass_on` waits for the received state and sends
    ``keep * local + transform(received)`` on (``transform``: how this slice carries a state
-   through it, :class:`megatron_lasp.parallel.comm.SliceTransform`);
+   through it, :class:`megatron_lasp.parallel.slices.SliceTransform`);
 3. :meth:`StateHop.join` makes the current stream wait for the received state before the caller
    uses it; :meth:`StateHop.finish` waits for the send.
 
@@ -100,7 +100,7 @@ class StateHop:
         Args:
             local: this slice's own contribution ``[B, H, Dk, Dv]`` (overwritten).
             carry: a callable ``state -> state`` carrying the received state through this slice
-                (a :class:`megatron_lasp.parallel.comm.SliceTransform` or its transpose).
+                (a :class:`megatron_lasp.parallel.slices.SliceTransform` or its transpose).
             keep: ``[B, 1, 1, 1]`` factor of ``local`` or None.
 
         Returns:

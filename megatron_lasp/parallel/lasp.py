@@ -17,7 +17,7 @@ CPU (gloo) the steps run in this order on the host; results are bitwise those of
 schedule. On a gloo group with CUDA tensors (ranks sharing a GPU) each hop goes through pinned
 host memory (``comm.send_state`` / ``comm.recv_state``): same results, no overlap to speak of.
 The hop is :class:`megatron_lasp.parallel.hop.StateHop` and the slice's factors
-:class:`megatron_lasp.parallel.comm.SliceTransform` (shared with the chunked layer).
+:class:`megatron_lasp.parallel.slices.SliceTransform` (shared with the chunked layer).
 
 Backward, the mirror: post the receive of ``dS`` (the gradient of ``S_out``) from rank r+1, the
 state-gradient pass gives the local part of ``dS_in``; wait, send ``dS_in = lam^C dS +
@@ -30,6 +30,10 @@ Packed documents: the kernel restarts the state at the slice's own boundaries, s
 state since the slice's last boundary; ``S_in`` reaches only the tokens before the first boundary
 (``a`` masked) and crosses the slice only if it has none (``lam^C`` -> 0); the backward mirrors it
 (``b`` masked to the last document, ``dS_in`` kept only if the slice starts inside the document).
+
+Per-token gates (``g``, ``slopes=None``): the same schedule with the slice's own transform
+(``a``, ``b`` and the carry from its cumulative gate); ``S_out`` is kept for ``dg``, formed from the
+slice's total gradients and ``<dS, S_out>`` (``parallel/README.md``, "Per-token gates").
 """
 
 from __future__ import annotations
@@ -39,15 +43,14 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd_phases, lightning_attn_fwd_phases
-from megatron_lasp.parallel.comm import (
-    GroupInfo,
+from megatron_lasp.parallel.comm import GroupInfo, group_info, state_dtype
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
     SliceFunction,
     SliceTransform,
     add_state_term,
-    group_info,
-    state_dtype,
+    slice_gate_grad,
     with_entry_state,
 )
 from megatron_lasp.parallel.hop import StateHop
@@ -56,8 +59,10 @@ __all__ = ["lasp_attention"]
 
 
 class _LaspFunction(SliceFunction):
+    N_INPUTS = SliceFunction.N_INPUTS + 1  # overlap
+
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None, overlap: bool = True):
         B, C, H, Dk = q.shape
         # 1. post the receive of S_in
@@ -65,10 +70,11 @@ class _LaspFunction(SliceFunction):
         if not overlap:
             hop.wait()
         # 2. the state-only pass: S_loc before any output is computed
-        s_loc, finish = lightning_attn_fwd_phases(q, k, v, slopes, backend,
+        s_loc, finish = lightning_attn_fwd_phases(q, k, v, slopes, backend, g=g,
                                                   doc_ids=None if docs is None else docs.local,
                                                   triton_options=triton_options)
-        tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
+        dec = SliceDecays.for_slice(slopes, g, C)
+        tr = SliceTransform.of(dec, docs, info.rank)
         if overlap:
             # 3. wait for S_in, send S_out on at once (side stream on CUDA)
             s_in = hop.pass_on(s_loc, tr)
@@ -82,50 +88,59 @@ class _LaspFunction(SliceFunction):
         if s_in is not None:
             add_state_term(o, q, s_in, tr.w_in)
         hop.finish()
-        SliceFunction.keep(ctx, saved, (q, k, v, slopes, s_in), (info, docs, overlap))
+        # per-token gates: dg needs the state leaving the slice (s_loc became it when sent on)
+        s_out = s_loc if g is not None and info.next is not None else None
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, s_in, s_out), (info, docs, overlap))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, s_in), saved, (info, docs, overlap) = SliceFunction.restore(ctx)
+        (q, k, v, slopes, g, s_in, s_out), saved, (info, docs, overlap) = SliceFunction.restore(ctx)
         B, C, H, Dk = q.shape
         hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=False)
         if not overlap:
             hop.wait()
+        dec = SliceDecays.for_slice(slopes, g, C)
+        tr = SliceTransform.of(dec, docs, info.rank)
         if s_in is not None:
-            saved = with_entry_state(saved, s_in, slopes, docs)
+            saved = with_entry_state(saved, s_in, slopes, docs, dec)
         # 1. the state-gradient pass: the local part of dS_in first
         ds_loc, finish = lightning_attn_bwd_phases(q, k, v, slopes, do, saved=saved)
-        tr = SliceTransform.of(SliceDecays.of(slopes, C), docs, info.rank)
         # 2. wait for dS, send dS_in on at once (side stream on CUDA); the kernel's dS_0 is for
         # the slice's first document
         if overlap:
             ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
             # 3. the slice's gradients while the state gradient travels
-            dq, dk, dv = finish()
+            grads = finish()
         else:
-            dq, dk, dv = finish()
+            grads = finish()
             ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
+        dq, dk, dv = grads[:3]
         hop.join()
         if ds is not None:
             add_state_term(dk, v, ds.transpose(-1, -2), tr.w_out)
             add_state_term(dv, k, ds, tr.w_out)
         hop.finish()
-        return _LaspFunction.input_grads(dq, dk, dv) + (None,)
+        dg = None
+        if g is not None and ctx.needs_input_grad[4]:
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+        return _LaspFunction.input_grads(dq, dk, dv, dg)
 
 
 def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                   docs: Optional[SliceDocs] = None, triton_options=None, *, overlap: bool = True):
+                   docs: Optional[SliceDocs] = None, triton_options=None, *, g=None, overlap: bool = True):
     """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
 
     Args:
         q, k: ``[B, C, H, Dk]``; v: ``[B, C, H, Dv]``: this rank's slice of the sequence.
-        slopes: ``[H]`` fp32.
+        slopes: ``[H]`` fp32, the fixed decay; None with ``g``.
         group: the sequence-parallel group.
         backend: kernel backend.
-        docs: packed documents (:class:`megatron_lasp.parallel.comm.SliceDocs`), or None.
+        docs: packed documents (:class:`megatron_lasp.parallel.slices.SliceDocs`), or None.
         triton_options: the triton backend's :class:`megatron_lasp.ops.lightning_attn.TritonOptions`,
             or None.
+        g: per-token gates ``[B, C, H]`` (log-decays ``<= 0``, this rank's slice) with
+            ``slopes=None``; its gradient flows when it requires one.
         overlap: the schedule above; False waits for the incoming state (gradient) before the
             kernel and sends after it, so each rank waits for every kernel before it (the same
             results: the baseline that ``benchmarks/gpu_check_sp.py`` times the overlap against).
@@ -133,4 +148,4 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
     Returns:
         ``o [B, C, H, Dv]``, this rank's slice of the output.
     """
-    return _LaspFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options, overlap)
+    return _LaspFunction.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options, overlap)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens, doc_ids_from_cu_seqlens
 from megatron_lasp.ops.softmax_attn import softmax_attn
-from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info, reduce_scatter_flat
+from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, gather_rows, group_info, reduce_scatter_flat
 from megatron_lasp.parallel.softmax_balanced import balance_plan, balanced_attention
 from megatron_lasp.parallel.sp import _cu_fingerprint, _validate_default
 from megatron_lasp.parallel.ulysses import _heads_to_seq, _seq_to_heads
@@ -117,11 +117,7 @@ def _check_across_group(q, k, v, mode: str, group, cu_seqlens) -> None:
     """One small all-gather: every rank must pass the same shapes, dtype, mode and documents."""
     mine = [*q.shape, *k.shape[2:], v.shape[-1], SOFTMAX_SP_MODES.index(mode), _dtype_code(q.dtype),
             *_cu_fingerprint(cu_seqlens)]
-    device = q.device if q.device.type == "cuda" else torch.device("cpu")
-    sig = torch.tensor(mine, dtype=torch.int64, device=device)
-    out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
-    all_gather_flat(out, sig, group)
-    rows = out.view(-1, len(mine)).tolist()
+    rows = gather_rows(mine, group, q.device)
     if any(row != rows[0] for row in rows):
         raise ValueError(
             "softmax_attn_sp: the ranks of the sequence-parallel group disagree on the inputs (every rank "
