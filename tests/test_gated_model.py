@@ -350,8 +350,12 @@ def test_gated_training_layouts_and_checkpoints(tmp_path):
         "dp2-torch": gate + ["--ddp-impl", "torch"],
         "dp2-fsdp": gate + ["--ddp-impl", "fsdp"],
         "tp2-sp": gate + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "sp2-lasp": gate + ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp"],
+        "sp2-lasp2": gate + ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp2"],
+        "sp2-lasp-chunked": gate + ["--sequence-parallel-size", "2", "--recompute-granularity", "full",
+                                    "--recompute-chunk-size", "16"],
     }
-    for rank_losses in spawn(_train, 2, (list(configs.values()),), timeout=420):
+    for rank_losses in spawn(_train, 2, (list(configs.values()),), timeout=600):
         for name, losses in zip(configs, rank_losses):
             assert len(losses) == len(want), (name, losses)
             for g, w in zip(losses, want):
