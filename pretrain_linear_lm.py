@@ -11,17 +11,16 @@ examples/data/README.md; or run examples/run_tiny_cpu.sh, which does both)::
         --lr 1e-3 --lr-warmup-iters 10 --log-interval 10 --eval-interval 50 --eval-iters 2 \\
         --save runs/tiny --save-interval 50 --load runs/tiny
 
-GPU, TNL-1B with LASP, TP2 x SP2 on 4 GPUs: examples/run_tnl1b_4gpu.sh; multi-node:
-examples/run_multinode.sh. ``--help`` lists every flag.
+GPU, TNL-1B with LASP, TP2 x SP2 on 4 GPUs: examples/run_tnl1b_4gpu.sh; multi-node under SLURM:
+examples/multinode.sbatch (docs/LAUNCH.md). ``--help`` lists every flag.
+
+Exit status: 0 done (or stopped on request, checkpoint saved: ``--exit-signal-handler``,
+``--exit-duration-in-mins``), 1 training stopped (non-finite loss), 2 a bad flag or input, 130 Ctrl-C.
 """
 
 import sys
 
-from megatron_lasp.training import TrainingError, main
+from megatron_lasp.training import cli_main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    sys.exit(cli_main())

@@ -14,7 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_lasp", "megatron_lasp.*"]),
-    package_data={"megatron_lasp": ["**/*.md"]},
+    # the docs beside the code, and the exported model card's text, which the converter reads at run time
+    package_data={"megatron_lasp": ["**/*.md", "hf/templates/model_card.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

@@ -12,6 +12,8 @@ do, dq, dk, dv (backward) moved once, over the device-to-device copy bandwidth m
     PYTHONPATH=. python benchmarks/bench_kernels.py --impl fla --fla-autotune pruned --out $OUT/kernels_bench_fla
     # packed documents: bf16 errors with boundaries and the time overhead of boundaries vs none
     PYTHONPATH=. python benchmarks/bench_kernels.py --packed --out $OUT/kernels
+    # per-token gates: ours gated, ours fixed-decay, fla g_gamma and fla per-token g, one run
+    PYTHONPATH=. python benchmarks/bench_kernels.py --gated --out $OUT/kernels   # kernels_gated.json + .png
     # anywhere, the plot from the JSON files:
     python benchmarks/bench_kernels.py --plot docs/benchmarks/kernels_bench.json docs/benchmarks/kernels_bench_fla.json
 
@@ -356,6 +358,184 @@ def plot(paths, out_png):
     fig.savefig(out_png, dpi=120)
 
 
+GATED_SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128)]
+GATED_TARGET_VS_FIXED = 1.25
+
+
+def _fla_config_rank(c):
+    """Which fla autotune configs to keep first: tiles of 64 or 128 (then 32, then smaller; what
+    Hopper favours at D = 128), 4 or 8 warps, 2 or 3 stages; fla's order otherwise (sort is stable)."""
+    tiles = [v for k, v in c.kwargs.items() if k.startswith("B") and isinstance(v, int) and k in ("BK", "BV", "BT")]
+    far = sum(0 if v >= 64 else 1 if v == 32 else 2 for v in tiles)
+    return far, c.num_warps not in (4, 8), c.num_stages not in (2, 3)
+
+
+def bound_fla_autotune(max_configs: int) -> int:
+    """Keep at most ``max_configs`` launch configs in every autotuned fla kernel (ranked by
+    :func:`_fla_config_rank`), so that its autotuning takes seconds, not minutes. Call after
+    importing fla's ops, before their first call. Returns the number of kernels bounded."""
+    from triton.runtime.autotuner import Autotuner
+
+    n = 0
+    seen = set()
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fla.") or mod is None:
+            continue
+        for obj in list(vars(mod).values()):
+            # a kernel is an Autotuner, possibly under @triton.heuristics: follow the .fn chain
+            for _ in range(4):
+                if isinstance(obj, Autotuner):
+                    if len(obj.configs) > max_configs and id(obj) not in seen:
+                        ranked = sorted(obj.configs, key=_fla_config_rank)
+                        obj.configs = ranked[:max_configs]
+                        n += 1
+                    seen.add(id(obj))
+                    break
+                obj = getattr(obj, "fn", None)
+                if obj is None:
+                    break
+    return n
+
+
+def make_gates(B, T, H):
+    """Learned-gate-like log-decays: -softplus(x) scaled per head from 1e-3 to 1."""
+    import torch
+
+    scale = torch.logspace(-3, 0, H, device="cuda")
+    return -torch.nn.functional.softplus(torch.randn(B, T, H, device="cuda")) * scale
+
+
+def gated(args):
+    """Per-token gates, one run: ours gated, ours fixed-decay, fla's chunk_simple_gla with g_gamma
+    and (forced past its Hopper guard) with per-token g; fla's g checked against fp64."""
+    import torch
+    import triton
+
+    from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+    import fla
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    bounded = bound_fla_autotune(args.fla_configs)
+    forced = False
+    if not getattr(fla_chunk_o, "TRITON_ABOVE_3_7_1", True):
+        # fla 0.6.0 refuses its gated backward on Hopper with Triton 3.4-3.7 (its issue #640);
+        # forced here, and its numbers checked against fp64 below.
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+        forced = True
+    meta = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__, fla=getattr(fla, "__version__", "?"),
+                fla_autotune=f"at most {args.fla_configs} configs per kernel ({bounded} kernels bounded)",
+                fla_g_forced=forced, target_vs_fixed=GATED_TARGET_VS_FIXED,
+                gates="-softplus(randn) * logspace(-3, 0, H) per head, fp32")
+    torch.manual_seed(0)
+    rows = []
+    for B, T, H, D in GATED_SHAPES:
+        inputs = make_inputs(B, T, H, D)
+        q, k, v, h0, slopes, do, dht = inputs
+        g_leaf = make_gates(B, T, H).requires_grad_(True)
+        impls = {
+            "ours_gated": lambda q_, k_, v_, h_, s_: chunk_lightning_attn(q_, k_, v_, None, h_, True, backend="triton",
+                                                                         g=g_leaf),
+            "ours_fixed": lambda q_, k_, v_, h_, s_: chunk_lightning_attn(q_, k_, v_, s_, h_, True, backend="triton"),
+            "fla_g_gamma": lambda q_, k_, v_, h_, s_: chunk_simple_gla(q_, k_, v_, g_gamma=-s_, scale=1.0,
+                                                                      initial_state=h_, output_final_state=True),
+            "fla_g": lambda q_, k_, v_, h_, s_: chunk_simple_gla(q_, k_, v_, g=g_leaf, scale=1.0, initial_state=h_,
+                                                                output_final_state=True),
+        }
+        row = dict(B=B, T=T, H=H, D=D, dtype="bf16")
+        for name, fn in impls.items():
+            try:
+                row[f"{name}_fwd_ms"], row[f"{name}_fwd_bwd_ms"] = time_fn(fn, inputs)
+            except Exception as e:  # fla refusing or failing: recorded, the run goes on
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"T={T} {name}: " + " ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
+                                                for k_, v_ in row.items() if k_.startswith(name)), flush=True)
+        if "ours_gated_fwd_bwd_ms" in row:
+            fb = row["ours_gated_fwd_bwd_ms"]
+            row["gated_vs_fixed"] = fb / row.get("ours_fixed_fwd_bwd_ms", float("nan"))
+            fla_best = min([row[f"{n}_fwd_bwd_ms"] for n in ("fla_g_gamma", "fla_g") if f"{n}_fwd_bwd_ms" in row],
+                           default=float("nan"))
+            row["gated_vs_fla_fastest"] = fb / fla_best
+        if T == GATED_SHAPES[0][1]:
+            row["fla_g_errors_vs_fp64"], row["ours_gated_errors_vs_fp64"] = _gated_errors(
+                q, k, v, h0, g_leaf.detach(), do, dht)
+            print(f"T={T} errors vs fp64: fla g {row['fla_g_errors_vs_fp64']} ours {row['ours_gated_errors_vs_fp64']}",
+                  flush=True)
+        rows.append(row)
+        with open(args.out + "_gated.json", "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        del inputs, q, k, v, h0, do, dht, g_leaf, impls
+        torch.cuda.empty_cache()
+
+
+def _gated_errors(q, k, v, h0, g, do, dht):
+    """Relative errors (o, final state, dq, dk, dv, dg, dh0) of fla's per-token g path and of ours
+    (bf16) against our torch backend in fp64 (itself checked against the token-by-token recurrence)."""
+    import torch
+
+    from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
+
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "d_initial_state"]
+
+    def grads(fn, cast):
+        leaves = [cast(x).detach().clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        o, ht = fn(*leaves)
+        torch.autograd.backward((o, ht), (do.to(o.dtype), dht.to(ht.dtype)))
+        return [o.detach(), ht.detach()] + [x.grad for x in leaves]
+
+    def rel(a, b):
+        if a is None or not torch.isfinite(a).all():
+            return float("nan")
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    ref = grads(lambda q_, k_, v_, g_, h_: chunk_lightning_attn(q_, k_, v_, None, h_, True, backend="torch", g=g_),
+                lambda x: x.double())
+    out = []
+    for fn in (lambda q_, k_, v_, g_, h_: chunk_simple_gla(q_, k_, v_, g=g_, scale=1.0, initial_state=h_,
+                                                           output_final_state=True),
+               lambda q_, k_, v_, g_, h_: chunk_lightning_attn(q_, k_, v_, None, h_, True, backend="triton", g=g_)):
+        try:
+            got = grads(fn, lambda x: x)
+            out.append({n: rel(a, b) for n, a, b in zip(names, got, ref)})
+            del got
+        except Exception as e:
+            out.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+    del ref
+    torch.cuda.empty_cache()
+    return out[0], out[1]
+
+
+def plot_gated(path, out_png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    labels = [f"T{r['T'] // 1024}K" for r in rows]
+    names = [("ours_gated", "ours, per-token g"), ("ours_fixed", "ours, fixed decay"),
+             ("fla_g_gamma", "fla chunk_simple_gla g_gamma"), ("fla_g", "fla chunk_simple_gla g (forced)")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(names)
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+        for i, (n, label) in enumerate(names):
+            vals = [r.get(f"{n}_{key}", float("nan")) for r in rows]
+            ax.bar([x + i * width for x in range(len(rows))], vals, width, label=label)
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], labels)
+        ax.set_ylabel("ms (median)")
+        ax.set_yscale("log")
+        ax.set_title(f"gated linear attention {title}, bf16 B1 H16 D128, {data['meta']['device']}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="kernels_bench", help="output path prefix (PREFIX.json)")
@@ -369,10 +549,17 @@ def main():
     parser.add_argument("--packed", action="store_true",
                         help="packed documents (cu_seqlens) at T=32K and 8K: bf16/fp32 errors vs fp64 and the time "
                         "overhead of boundaries vs none (PREFIX_packed.json)")
+    parser.add_argument("--gated", action="store_true",
+                        help="per-token gates: ours gated and fixed-decay, fla g_gamma and per-token g (PREFIX_gated.json)")
+    parser.add_argument("--fla-configs", type=int, default=3, help="--gated: autotune configs kept per fla kernel")
     parser.add_argument("--plot", nargs="+", default=None, help="JSON files to plot (writes the first's .png)")
     args = parser.parse_args()
     if args.plot:
+        if args.plot[0].endswith("_gated.json"):
+            return plot_gated(args.plot[0], args.plot[0].rsplit(".", 1)[0] + ".png")
         return plot(args.plot, args.plot[0].rsplit(".", 1)[0] + ".png")
+    if args.gated:
+        return gated(args)
     if args.sweep:
         return sweep(args)
     if args.graph:

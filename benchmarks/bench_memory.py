@@ -80,7 +80,12 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     f = p.fields
     L, h, ffn, V = f["num_layers"], f["hidden_size"], f["ffn_hidden_size"], p.vocab_size
     V = int(math.ceil(V / (128 * tp)) * 128 * tp)
-    params = 2 * V * h + L * (4 * h * h + h * h + 3 * h * ffn + 3 * h) + h
+    # a hybrid's softmax layers: q and G key/value heads, no gate or output norm
+    S = (f.get("hybrid_layer_pattern") or "").count("*")
+    H = f["num_attention_heads"]
+    Gd = (f.get("num_query_groups") or H) * (h // H)  # key/value width
+    params = (2 * V * h + (L - S) * (4 * h * h + h * h + 3 * h * ffn + 3 * h)
+              + S * (h * (h + 2 * Gd) + h * h + 3 * h * ffn + 2 * h) + h)
     a = 2  # bf16
     T = seq / sp  # tokens of this rank
     tok = T / tp  # tokens of this rank's activations with TP sequence parallelism (tp=1: T)
@@ -111,9 +116,24 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         chunk = default_chunk_size(V // tp)
         out["output layer + loss"] = (V / tp * h * 4 * 2 + min(chunk, T) * V / tp * (4 + a)
                                       + 2 * h * a * T)
+    if S:
+        # a softmax layer never runs in chunks (no state to carry): its attention half over the
+        # whole slice (x, norm, qkv, roped q k, o, mid; the flash kernel keeps no [T, T] matrix),
+        # its MLP half chunked like the linear layers' under --recompute-chunk-size; with the
+        # all-gather over P > 1 ranks, the gathered K and V of the group's tokens, their
+        # gradients and the reduce-scatter's send buffer
+        soft_saved = (6 * h + 3 * Gd) * a
+        soft_grads = (4 * h + 4 * Gd) * a
+        if chunked:
+            soft = (soft_saved + soft_grads + 2 * h * a) * tok
+        else:
+            soft = (max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads) + 2 * h * a) * tok
+        if sp > 1:
+            soft += 6 * Gd / tp * a * seq
+        out["softmax layer working set"] = soft
     # the loss phase and the layer phase do not overlap: the peak is the larger one
     loss_phase = out["output layer + loss"]
-    layer_phase = out["layer recompute working set"]
+    layer_phase = max(out["layer recompute working set"], out.get("softmax layer working set", 0.0))
     out["total"] = out["weights+grads+optimizer"] + out["saved layer inputs"] + max(loss_phase, layer_phase)
     out["params"] = params
     return out

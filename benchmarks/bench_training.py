@@ -10,7 +10,8 @@ matplotlib, ``OUT/training_bench.png``.
 Reported per configuration: ms per step, tokens/s, TFLOP/s/GPU and MFU (the training log line's
 FLOP count, ``logging_utils.flops_per_token``, against ``--peak-flops``: 989e12, the H100/H200 dense
 bf16 peak), peak allocated GiB, the per-step losses, and the GPU time per step by category:
-matmul, lightning attention (its Triton kernels), fused elementwise (our Triton kernels), other
+matmul, lightning attention (its Triton kernels), softmax attention (a hybrid's flash / cuDNN / flex
+kernels), fused elementwise (our Triton kernels), other
 Triton, elementwise (torch's elementwise and reduction kernels), copies (copies, fills, casts,
 concatenation), loss (non-matmul kernels of the cross entropy, forward and backward), optimizer
 (non-matmul kernels under the optimizer step), communication (NCCL), other; plus "idle", the step
@@ -26,6 +27,21 @@ selective elementwise recompute)::
         --config "fused-selective=--recompute-granularity selective --recompute-modules core_attn elementwise"
 
     python benchmarks/bench_training.py --plot docs/benchmarks/training/training_bench.json   # PNG only
+
+A hybrid against the pure linear model (one H200, TNL-1B sizes, 32K; the MFU counts the softmax
+layers' FLOPs)::
+
+    python benchmarks/bench_training.py --out $OUT/hybrid_32k --preset tnl-1b --seq-length 32768 \
+        --common "--recompute-granularity selective --recompute-modules core_attn elementwise" \
+        --config "linear=" --config "hybrid-1to7=--hybrid-layer-pattern LLLLLLL*LLLLLLL* --num-query-groups 4"
+
+The gated layers against the fixed decay (the MFU of a TNL-1B-size gated model at 128K, the gate's
+projection counted in the FLOPs)::
+
+    python benchmarks/bench_training.py --out docs/benchmarks/training_gated --preset tnl-1b \
+        --seq-length 131072 --steps 3 --warmup 2 --common "--recompute-granularity full" \
+        --config "fixed=" --config "mamba2=--linear-attention-gate mamba2" \
+        --config "gla=--linear-attention-gate gla"
 
 Flags after ``--common`` apply to every configuration (e.g. ``--common "--context-parallel-size 2"``
 with ``--nproc 2``). A configuration that fails (out of memory, say) is recorded with its error
@@ -50,11 +66,12 @@ sys.path.insert(0, REPO)
 
 from megatron_lasp.atomic import write_text_atomic  # noqa: E402
 
-CATEGORIES = ("matmul", "lightning_attn", "fused_triton", "other_triton", "elementwise", "copies", "loss",
-              "optimizer", "communication", "other")
+CATEGORIES = ("matmul", "lightning_attn", "softmax_attn", "fused_triton", "other_triton", "elementwise", "copies",
+              "loss", "optimizer", "communication", "other")
 
 _MATMUL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|gemv|splitk|wgmma|matmul|sm90_|sm80_", re.I)
 _COPY = re.compile(r"copy|memcpy|memset|fill|cat_|catarray|to_copy|direct_copy|index|gather|scatter", re.I)
+_SOFTMAX_ATTN = re.compile(r"flash|fmha|efficient_attention|sdpa|flex_attention|varlen_attn", re.I)
 _ELEMENTWISE = re.compile(r"elementwise|vectorized|unrolled|reduce|softmax|norm|pointwise|launch_", re.I)
 
 
@@ -72,6 +89,8 @@ def classify(name: str, scope: str, attn: set, fused: set) -> str:
     """The category of one GPU kernel, from its name and the scope ("loss", "optimizer" or "")."""
     if "nccl" in name.lower():
         return "communication"
+    if _SOFTMAX_ATTN.search(name):  # a hybrid's softmax layers (flash / cuDNN / flex kernels)
+        return "softmax_attn"
     if _MATMUL.search(name):
         return "matmul"
     if any(n in name for n in attn):
@@ -181,10 +200,10 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
     _logging_setup()
     total = warmup + steps + profile_steps
     state = setup(argv + ["--train-iters", str(total), "--log-interval", str(10 ** 6), "--eval-interval", "0"])
-    args = state.args
+    train_cfg, peak_flops = state.config.training, state.config.logging.peak_flops
     _annotate_loss_and_optimizer(state)
     rank0 = _is_logging_rank(state.groups)
-    result = {"argv": argv, "world_size": dist.get_world_size(), "tokens_per_step": args.global_batch_size * args.seq_length}
+    result = {"argv": argv, "world_size": dist.get_world_size(), "tokens_per_step": train_cfg.global_batch_size * train_cfg.seq_length}
     losses = []
     for _ in range(warmup):
         losses.append(train_step(state)[0])
@@ -197,12 +216,13 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
     sync()
     elapsed = time.perf_counter() - start
     peak = logging_utils.memory_gib()
-    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
+    flops_token = logging_utils.flops_per_token(state.model_config, state.padded_vocab_size,
+                                                 seq_length=train_cfg.seq_length)
     tokens_s = result["tokens_per_step"] * steps / elapsed
     tflops = flops_token * tokens_s / result["world_size"] / 1e12
     result.update(
         ms_per_step=1000.0 * elapsed / steps, tokens_per_s=tokens_s, tflops_per_gpu=tflops,
-        mfu=tflops * 1e12 / args.peak_flops, peak_flops=args.peak_flops, flops_per_token=flops_token,
+        mfu=tflops * 1e12 / peak_flops, peak_flops=peak_flops, flops_per_token=flops_token,
         peak_mem_gib=peak, max_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
         fused=bool(state.model_config.fused), recompute_granularity=state.model_config.recompute_granularity,
         recompute_modules=list(state.model_config.recompute_modules or []),

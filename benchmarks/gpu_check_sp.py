@@ -1,7 +1,8 @@
 """GPU check of the sequence-parallel modes: exactness at real shapes, and LASP's overlap.
 
 1. Exactness: for every mode and for fp32 and bf16 (triton backend, NaN-poisoned kernel buffers),
-   without and with packed documents (global ``cu_seqlens``: starts on and next to slice edges, a
+   with the fixed decay and with per-token gates (``g``, dg compared too), without and with packed
+   documents (global ``cu_seqlens``: starts on and next to slice edges, a
    document over every rank, length-1 documents, random starts),
    one sequence of ``W x C`` tokens (B1 H16 D128, plus a ragged batch-2 shape) is split over the
    ``W`` ranks; the output and dq, dk, dv are compared (relative Frobenius error, max over ranks)
@@ -11,9 +12,10 @@
    - ``local``: the kernel on the local slice alone (no communication: the floor),
    - ``lasp``: ``lightning_attn_sp(mode="lasp")`` (receive posted first, state-only pass, wait and
      send on a side stream, output pass meanwhile),
-   - ``lasp_serial``: LASP without overlap, written here: wait for the state, then run the kernel
-     with it as initial state, then send (each rank waits for all the kernels before it),
-   - ``chain``: the state hops alone (W-1 sequential hops per pass, no compute),
+   - ``lasp_serial``: LASP without overlap (``lasp_attention(..., overlap=False)``): wait for the
+     state, run the kernel, then send (each rank waits for all the kernels before it),
+   - ``chain``: the state hops alone (``parallel.hop.StateHop``, W-1 sequential hops per pass, no
+     compute),
    and a torch.profiler trace of one ``lasp`` step on the last rank (Chrome trace next to the
    JSON) with the time its communication kernels run concurrently with compute kernels.
    Overlap shows as ``lasp ~ local + chain`` while ``lasp_serial ~ W x local``.
@@ -36,32 +38,22 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lasp.ops.lightning_attn import (  # noqa: E402
-    LightningAttnSaved,
-    TritonOptions,
-    chunk_lightning_attn,
-    lightning_attn_bwd,
-    lightning_attn_fwd,
-)
+from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn  # noqa: E402
 from megatron_lasp.parallel import SEQUENCE_PARALLEL_MODES, lightning_attn_sp  # noqa: E402
 from megatron_lasp.parallel.comm import group_info  # noqa: E402
+from megatron_lasp.parallel.hop import StateHop  # noqa: E402
+from megatron_lasp.parallel.lasp import lasp_attention  # noqa: E402
 from megatron_lasp.parallel.state import init_distributed  # noqa: E402
+from megatron_lasp.testing import (  # noqa: E402
+    attention_inputs,
+    check_gates,
+    check_slopes,
+    edge_cu_seqlens,
+    rel_err,
+)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 POISON = TritonOptions(poison_outputs=True)  # NaN-filled kernel buffers in the exactness check
-
-
-def alibi_slopes(H: int) -> torch.Tensor:
-    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
-    s[0] = 0.0  # one head without decay
-    return s
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def max_over_ranks(x: float, device) -> float:
@@ -70,30 +62,20 @@ def max_over_ranks(x: float, device) -> float:
     return t.item()
 
 
-def full_inputs(B, T, H, D, device, seed):
-    """The same full sequence on every rank (generated on the CPU, then moved)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g) * D ** -0.5
-    k = torch.randn(B, T, H, D, generator=g) * D ** -0.5
-    v = torch.randn(B, T, H, D, generator=g)
-    do = torch.randn(B, T, H, D, generator=g)
-    return [x.to(device) for x in (q, k, v, do)]
+def _leaves(q, k, v, g, dtype, sl=slice(None)):
+    """q, k, v in ``dtype`` and g (fp32; fp64 for fp64) as fresh leaves, sliced along the tokens."""
+    leaves = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
+    if g is not None:
+        gdt = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves.append(g[:, sl].detach().to(gdt).clone().requires_grad_(True))
+    return leaves
 
 
-def packed_cu_seqlens(B, T, W, C, device, seed):
-    """Document starts over the B*T tokens: on slice edges, one token either side, a document
-    spanning every rank, length-1 documents and random starts (the same on every rank)."""
-    g = torch.Generator().manual_seed(seed)
-    cuts = [j * C for j in range(1, W)] + [j * C + 1 for j in range(1, W)] + [C // 2, C // 2 + 1, T - 1]
-    cuts += torch.randint(1, B * T, (4 * W,), generator=g).tolist()
-    cuts += [b * T + c for b in range(1, B) for c in (0, 5)]
-    cu = sorted(set(c for c in cuts if 0 < c < B * T) | {0, B * T})
-    return torch.tensor(cu, dtype=torch.int32, device=device)
-
-
-def run_full(q, k, v, do, slopes, dtype, backend, cu_seqlens=None):
-    leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-    o, _ = chunk_lightning_attn(*leaves, slopes, backend=backend, cu_seqlens=cu_seqlens, triton_options=POISON)
+def run_full(q, k, v, do, slopes, g, dtype, backend, cu_seqlens=None):
+    """The one-GPU run of the whole sequence: ``[o, dq, dk, dv(, dg)]``."""
+    leaves = _leaves(q, k, v, g, dtype)
+    decay = dict(slopes=slopes) if g is None else dict(slopes=None, g=leaves[3])
+    o, _ = chunk_lightning_attn(*leaves[:3], **decay, backend=backend, cu_seqlens=cu_seqlens, triton_options=POISON)
     o.backward(do.to(dtype))
     return [o.detach()] + [x.grad for x in leaves]
 
@@ -103,79 +85,47 @@ def check_exactness(args, device, backend):
     rows = []
     for B, C, H, D in args.check_shapes:
         T = W * C
-        slopes = alibi_slopes(H).to(device)
-        q, k, v, do = full_inputs(B, T, H, D, device, seed=B * 1000 + C)
+        slopes = check_slopes(H, zero_head=True).to(device)
+        q, k, v, do = (x.float().to(device) for x in attention_inputs(B * 1000 + C, B, T, H, D, D))
+        gates = check_gates(B * 1000 + C + 1, B, T, H).to(device)
         sl = slice(rank * C, (rank + 1) * C)
-        for packed, dtype in [(p_, d_) for p_ in (False, True) for d_ in (torch.float32, torch.bfloat16)]:
-            cu = packed_cu_seqlens(B, T, W, C, device, seed=C) if packed else None
+        cases = [(p_, d_, g_) for g_ in (False, True) for p_ in (False, True) for d_ in (torch.float32, torch.bfloat16)]
+        for packed, dtype, gated in cases:
+            cu = edge_cu_seqlens(B, W, C, seed=C).to(device) if packed else None
+            g = gates if gated else None
             if dtype == torch.float32:
-                ref64 = run_full(q, k, v, do, slopes, torch.float64, "torch", cu)
-            single = run_full(q, k, v, do, slopes, dtype, backend, cu)
+                ref64 = run_full(q, k, v, do, slopes, g, torch.float64, "torch", cu)
+            single = run_full(q, k, v, do, slopes, g, dtype, backend, cu)
             for mode in SEQUENCE_PARALLEL_MODES:
                 if mode == "ulysses" and H % W:
                     continue
-                local = [x[:, sl].detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
-                o = lightning_attn_sp(*local, slopes, dist.group.WORLD, mode, backend, cu_seqlens=cu,
-                                      triton_options=POISON)
+                local = _leaves(q, k, v, g, dtype, sl)
+                decay = dict(slopes=slopes) if g is None else dict(slopes=None, g=local[3])
+                o = lightning_attn_sp(*local[:3], group=dist.group.WORLD, mode=mode, backend=backend, **decay,
+                                      cu_seqlens=cu, triton_options=POISON)
                 o.backward(do[:, sl].to(dtype))
                 got = [o.detach()] + [x.grad for x in local]
-                names = ("o", "dq", "dk", "dv")
-                err64 = {n: max_over_ranks(rel(g, r[:, sl]), device) for n, g, r in zip(names, got, ref64)}
-                err1 = {n: max_over_ranks(rel(g, r[:, sl]), device) for n, g, r in zip(names, got, single)}
+                names = ("o", "dq", "dk", "dv", "dg")
+                err64 = {n: max_over_ranks(rel_err(g, r[:, sl]), device) for n, g, r in zip(names, got, ref64)}
+                err1 = {n: max_over_ranks(rel_err(g, r[:, sl]), device) for n, g, r in zip(names, got, single)}
                 worst = max(err64.values())
                 ok = worst < TOL[dtype]
-                rows.append(dict(shape=[B, T, H, D], local_len=C, dtype=str(dtype), mode=mode, ok=ok,
+                rows.append(dict(shape=[B, T, H, D], local_len=C, dtype=str(dtype), mode=mode, ok=ok, gated=gated,
                                  packed_documents=None if cu is None else int(cu.numel() - 1),
                                  err_vs_fp64=err64, err_vs_single_gpu_same_dtype=err1))
                 if rank == 0:
                     print(f"{'ok ' if ok else 'BAD'} {mode:>9} {str(dtype):>14} B{B} T{T} H{H} D{D}"
-                          f"{' packed' if packed else ''}: "
+                          f"{' packed' if packed else ''}{' gated' if gated else ''}: "
                           f"vs fp64 max {worst:.2e}, vs 1 GPU max {max(err1.values()):.2e}", flush=True)
     return rows
 
 
-class _SerialLasp(torch.autograd.Function):
-    """LASP without overlap: the kernel waits for the incoming state (for the comparison only)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, slopes, info, backend):
-        B, C, H, D = q.shape
-        s_in = None
-        if info.prev is not None:
-            s_in = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
-            dist.recv(s_in, src=info.prev, group=info.group)
-        o, s_out, saved = lightning_attn_fwd(q, k, v, slopes, s_in, info.next is not None, backend)
-        if info.next is not None:
-            dist.send(s_out, dst=info.next, group=info.group)
-        saved.save_to(ctx, q, k, v, slopes)
-        ctx.info = info
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        (q, k, v, slopes), saved = LightningAttnSaved.restore_from(ctx)
-        info = ctx.info
-        B, C, H, D = q.shape
-        ds = None
-        if info.next is not None:
-            ds = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
-            dist.recv(ds, src=info.next, group=info.group)
-        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, saved=saved, d_final_state=ds)
-        if info.prev is not None:
-            dist.send(ds_in.contiguous(), dst=info.prev, group=info.group)
-        return dq, dk, dv, None, None, None
-
-
-def _chain(state, info):
-    """W-1 sequential hops forward then backward, no compute."""
-    if info.prev is not None:
-        dist.recv(state, src=info.prev, group=info.group)
-    if info.next is not None:
-        dist.send(state, dst=info.next, group=info.group)
-    if info.next is not None:
-        dist.recv(state, src=info.next, group=info.group)
-    if info.prev is not None:
-        dist.send(state, dst=info.prev, group=info.group)
+def _chain(shape, info, device):
+    """W-1 sequential hops forward then backward, no compute (the package's hop)."""
+    for forward in (True, False):
+        hop = StateHop(shape, torch.float32, device, info, forward=forward)
+        hop.pass_on(torch.zeros(shape, device=device), lambda s: s)
+        hop.finish()
 
 
 def _time(fn, device, warmup, iters):
@@ -236,7 +186,7 @@ def check_overlap(args, device, backend, out_dir):
     info = group_info(group)
     B, C, H, D = 1, args.overlap_len, 16 if device.type == "cuda" else 4, 128 if device.type == "cuda" else 16
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    slopes = alibi_slopes(H).to(device)
+    slopes = check_slopes(H, zero_head=True).to(device)
     torch.manual_seed(rank)
     q, k, v, do = (torch.randn(B, C, H, D, device=device, dtype=dtype) * 0.1 for _ in range(4))
     leaves = [x.requires_grad_(True) for x in (q, k, v)]
@@ -252,13 +202,12 @@ def check_overlap(args, device, backend, out_dir):
     variants = {
         "local": lambda a, b, c: chunk_lightning_attn(a, b, c, slopes, backend=backend)[0],
         "lasp": lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, "lasp", backend, validate=False),
-        "lasp_serial": lambda a, b, c: _SerialLasp.apply(a, b, c, slopes, info, backend),
+        "lasp_serial": lambda a, b, c: lasp_attention(a, b, c, slopes, group, backend, overlap=False),
     }
     for name, attn in variants.items():
         fwd_ms, total_ms = _time(step(attn), device, args.warmup, args.iters)
         results[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=total_ms)
-    state = torch.zeros(B, H, D, D, device=device)
-    chain_ms = _time(lambda mark: (_chain(state, info), mark()), device, args.warmup, args.iters)[1]
+    chain_ms = _time(lambda mark: (_chain((B, H, D, D), info, device), mark()), device, args.warmup, args.iters)[1]
     results["chain"] = dict(fwd_bwd_ms=chain_ms)
     results["lasp_exposed_ms"] = results["lasp"]["fwd_bwd_ms"] - results["local"]["fwd_bwd_ms"]
     results["serial_exposed_ms"] = results["lasp_serial"]["fwd_bwd_ms"] - results["local"]["fwd_bwd_ms"]

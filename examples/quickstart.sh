@@ -20,8 +20,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning,ignore::FutureWarning}"
 
 echo "== 1/3 tokenize the bundled corpus" >&2
+# --force: a re-run of the quickstart re-tokenizes into its own run directory (preprocess_data.py
+# refuses to replace existing outputs without it).
 "$PY" tools/preprocess_data.py --input examples/data/corpus.jsonl --output-prefix "$RUN_DIR/data/corpus" \
-  "${TOKENIZER[@]}" --append-eod --workers 2
+  "${TOKENIZER[@]}" --append-eod --workers 2 --force
 
 echo "== 2/3 pretrain a tiny LASP model on $NPROC CPU ranks (SP=$NPROC, mode $SP_MODE)" >&2
 rm -rf "$RUN_DIR/ckpt" "$RUN_DIR/hf"
@@ -30,7 +32,7 @@ rm -rf "$RUN_DIR/ckpt" "$RUN_DIR/hf"
   --sequence-parallel-size "$NPROC" --sequence-parallel-mode "$SP_MODE" \
   --data-path "$RUN_DIR/data/corpus_text_document" --split 98,2,0 "${TOKENIZER[@]}" \
   --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
-  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 6 --clip-grad 1.0 \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters "$((TRAIN_ITERS / 10))" --clip-grad 1.0 \
   --log-interval 10 --eval-interval "$TRAIN_ITERS" --eval-iters 2 \
   --save "$RUN_DIR/ckpt" --save-interval "$TRAIN_ITERS"
 

@@ -2,21 +2,81 @@
 
 A directory is written complete under a temporary name beside its target and renamed into place
 at the end, so a reader (or a crash) sees the old directory or the new one, never a partial one.
-Training checkpoints (``megatron_lasp.training.checkpointing``, one ``iter_XXXXXXX`` at a time,
+Training checkpoints (``megatron_lasp.checkpoint.io``, one ``iter_XXXXXXX`` at a time,
 every rank writing into the same temporary directory) and the Hugging Face converters (the whole
-output directory) both use it.
+output directory) both use it. A directory that the ranks of several nodes share must be on a
+file system they all see: :func:`ranks_not_seeing` checks it (collective; torch.distributed is
+imported only there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Tuple
 
-__all__ = ["atomic_directory", "fresh_directory", "replace_directory", "write_json", "write_text_atomic"]
+__all__ = ["atomic_directory", "check_directory_path", "fresh_directory", "ranks_not_seeing", "replace_directory",
+           "write_json", "write_text_atomic"]
+
+
+def check_directory_path(path: str, label: str) -> None:
+    """Raise ``ValueError`` if the directory ``path`` (existing or still to be created) cannot be one.
+
+    Its nearest existing ancestor must be a directory: below a file, ``makedirs`` fails late with
+    a bare ``NotADirectoryError`` or ``FileExistsError``.
+
+    Args:
+        path: the directory that will hold outputs.
+        label: what named it, to begin the message with (``--output-prefix out/my``).
+    """
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    if not os.path.isdir(current):
+        raise ValueError(f"{label}: {current} is a file, not a directory; choose a path in a directory")
+
+
+def _sees(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def ranks_not_seeing(directory: str) -> Tuple[List[Tuple[int, str]], str]:
+    """The ranks that do not see ``directory`` as global rank 0 does. Collective (default group).
+
+    Rank 0 creates ``directory`` if missing and a file of a name unique to this call in it; every
+    rank looks for that file; rank 0 removes it. Ranks whose nodes mount another file system there
+    (node-local disks) do not find it.
+
+    Returns:
+        ``([(rank, host), ...] of the ranks that do not see it, rank 0's host)``; the same on every rank.
+    """
+    import torch.distributed as dist
+
+    head = [None]
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        name = f".visible-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
+        with open(os.path.join(directory, name), "w"):
+            pass
+        head = [(name, socket.gethostname())]
+    dist.broadcast_object_list(head, src=0)
+    name, host0 = head[0]
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (_sees(os.path.join(directory, name)), socket.gethostname()))
+    if dist.get_rank() == 0:
+        os.remove(os.path.join(directory, name))
+    return [(rank, host) for rank, (seen, host) in enumerate(views) if not seen], host0
+
+
+def describe_ranks(ranks: List[Tuple[int, str]]) -> str:
+    """``rank(s) 1, 3 on node7`` for a message (at most 8 ranks named)."""
+    numbers = ", ".join(str(r) for r, _ in ranks[:8]) + (" ..." if len(ranks) > 8 else "")
+    return f"rank(s) {numbers} on {', '.join(sorted({host for _, host in ranks}))}"
 
 
 def fsync_directory(path: str) -> None:

@@ -1,4 +1,5 @@
-"""Run a function on N spawned gloo ranks inside a test.
+"""Run a function on N spawned gloo ranks inside a test, and the inputs and error measure of the
+sequence-parallel checks (the CPU tests and ``benchmarks/gpu_check_sp.py`` share them).
 
     from megatron_lasp.testing import spawn
 
@@ -12,6 +13,10 @@
 Each rank gets torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT`` on a free port). If any rank raises, dies or the whole run exceeds ``timeout``,
 the other ranks are killed and an ``AssertionError`` carries the failing ranks' tracebacks.
+
+On a machine with CUDA each rank's current device is ``rank % device_count``: the ranks share the
+GPUs over gloo (``megatron_lasp.parallel.state.local_device``), so a test can spawn more ranks than
+there are GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def _worker(fn, rank, world_size, port, args, results, env, init_process_group, 
 
         if init_process_group:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+            import torch
+
+            if torch.cuda.is_available():
+                from megatron_lasp.parallel.state import local_device
+
+                torch.cuda.set_device(local_device("gloo", rank, torch.cuda.device_count()))
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException:  # report everything, including assertion failures, to the parent
@@ -154,3 +165,75 @@ def spawn(
         missing = sorted(set(range(world_size)) - set(values))
         raise AssertionError(f"{fn.__name__} timed out after {timeout:.0f}s; ranks {missing} did not finish")
     return [values[r] for r in range(world_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and errors of the sequence-parallel checks
+
+
+def check_slopes(H: int, *, zero_head: bool = False, strong_head: bool = False):
+    """ALiBi-like decay slopes ``[H]`` fp32 (``2^(-8 (h+1) / H)``) for the parity checks.
+
+    Args:
+        zero_head: head 0 without decay (a state that leaks across a document boundary cannot
+            hide behind underflow there).
+        strong_head: the last head's slope 5.0 (``lam^C`` underflows to 0 in fp32).
+    """
+    import torch
+
+    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    if zero_head:
+        s[0] = 0.0
+    if strong_head:
+        s[-1] = 5.0
+    return s
+
+
+def rel_err(a, b) -> float:
+    """Relative Frobenius error ``|a - b| / |b|`` in fp64; inf when ``a`` is not finite."""
+    import torch
+
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def attention_inputs(seed: int, B: int, T: int, H: int, Dk: int, Dv: int):
+    """``(q, k, v, do)`` fp64 on the CPU: ``[B, T, H, Dk]`` q, k scaled by ``Dk^-0.5``, ``[B, T, H, Dv]`` v, do."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
+    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
+    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+def edge_cu_seqlens(B: int, W: int, C: int, seed: int):
+    """Global document starts (int32 ``[N + 1]``, CPU) over the ``B W C`` tokens of ``B`` rows of
+    ``W`` slices of ``C``: on every slice edge and one token after it, a document over every rank,
+    length-1 documents, random starts, and starts at and near each row's beginning."""
+    import torch
+
+    T = W * C
+    g = torch.Generator().manual_seed(seed)
+    cuts = [j * C for j in range(1, W)] + [j * C + 1 for j in range(1, W)] + [C // 2, C // 2 + 1, T - 1]
+    cuts += torch.randint(1, B * T, (4 * W,), generator=g).tolist()
+    cuts += [b * T + c for b in range(1, B) for c in (0, 5)]
+    cu = sorted(set(c for c in cuts if 0 < c < B * T) | {0, B * T})
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def check_gates(seed: int, B: int, T: int, H: int):
+    """Per-token log-decays ``g [B, T, H]`` fp64 (``<= 0``) for the parity checks: head 0 without
+    decay (a leak across a document boundary cannot hide), the last head strong (its carry
+    underflows), the others ``-0.3 softplus(N(0, 1))``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) * 0.3
+    g[..., 0] = 0.0
+    g[..., -1] = g[..., -1] * 20.0
+    return g

@@ -1,4 +1,4 @@
-"""Checkpoints (``megatron_lasp.training.checkpointing``): exact resume, layout, resharding, safety.
+"""Checkpoints (``megatron_lasp.checkpoint``): exact resume, layout, resharding, safety.
 
 One 2-rank spawn runs the save/resume scenarios in sequence (the process groups are re-created
 between runs); the parent checks files and loads the results on a single process.
@@ -94,7 +94,7 @@ def test_checkpoint_layout_is_megatron_like(scenarios):
 def _inference_weights(rank, world_size, dirs):
     import torch
 
-    from megatron_lasp.training import load_model_for_inference
+    from megatron_lasp.checkpoint.io import load_model_for_inference
 
     out = []
     for d in dirs:
@@ -188,8 +188,8 @@ def _recompute_runs(rank, world_size, root):
 
 
 def _inference_and_export(rank, world_size, root):
-    from megatron_lasp.hf.convert import convert_checkpoint_to_hf
-    from megatron_lasp.training import load_model_for_inference
+    from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf
+    from megatron_lasp.checkpoint.io import load_model_for_inference
 
     out = {}
     for iteration in (2, 4):
@@ -225,7 +225,9 @@ def test_architecture_check_names_the_flag(tmp_path):
     """A changed field names its flag (arguments.flag_of_field); runtime fields, even recorded, are not compared."""
     from megatron_lasp.data.tokenizer import TokenizerSettings
     from megatron_lasp.models import linear_lm_config
-    from megatron_lasp.training.checkpointing import CheckpointError, RunRecord, check_architecture, config_dict
+    from megatron_lasp.checkpoint.layout import CheckpointError
+    from megatron_lasp.checkpoint.record import RunRecord, check_architecture, config_dict
+    from megatron_lasp.training.checkpointing import FIELD_NAMES
 
     run = RunRecord(vocab_size_tokenizer=100, padded_vocab_size=128, seq_length=64,
                     tokenizer=TokenizerSettings("NullTokenizer", vocab_size=100))
@@ -238,7 +240,7 @@ def test_architecture_check_names_the_flag(tmp_path):
         (tmp_path / "iter_0000001").mkdir(exist_ok=True)
         (tmp_path / "iter_0000001" / "config.json").write_text(json.dumps(saved))
         try:
-            check_architecture(str(tmp_path), run, config, 1)
+            check_architecture(str(tmp_path), run, config, FIELD_NAMES, 1)
         except CheckpointError as err:
             return str(err)
         return None
@@ -246,6 +248,20 @@ def test_architecture_check_names_the_flag(tmp_path):
     assert check() is None
     assert check(**RECOMPUTE_OLD_CONFIG, recompute_granularity="selective", kernel_backend="triton",
                  hidden_dropout=0.1) is None
+    assert check(linear_attention_gate="gla").endswith("change --linear-attention-gate to match")
+    gated = config
+    config = linear_lm_config("tiny", use_cpu_initialization=True, linear_attention_gate="mamba2")
+    assert check() is None
+    assert check(linear_attention_gate="none").endswith("change --linear-attention-gate to match")
+    # a checkpoint from before the gate existed records no gate: its model had none
+    (tmp_path / "iter_0000001" / "config.json").write_text(json.dumps(dict(
+        json.loads((tmp_path / "iter_0000001" / "config.json").read_text()),
+        model={k: v for k, v in config_dict(gated, run)["model"].items()
+               if k not in ("linear_attention_gate", "gate_logit_normalizer")})))
+    with pytest.raises(CheckpointError, match="checkpoint has linear_attention_gate=none but this run has "
+                                              "linear_attention_gate=mamba2"):
+        check_architecture(str(tmp_path), run, config, FIELD_NAMES, 1)
+    config = gated
     assert check(num_layers=3).endswith("checkpoint has num_layers=3 but this run has num_layers=2; change --num-layers to match")
     assert check(kv_channels=8).endswith("change --kv-channels to match")
     assert check(output_gate=False).endswith("output_gate=True; change --no-output-gate to match")

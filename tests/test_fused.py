@@ -184,16 +184,15 @@ def test_selective_elementwise_recompute_is_exact(interpreter_results, fusion):
 
 def test_recompute_flags_are_validated():
     from megatron_lasp.models import linear_lm_config
-    from megatron_lasp.training.arguments import ArgumentError, build_parser, validate_args
+    from megatron_lasp.training.arguments import ArgumentError, parse_config
 
     with pytest.raises(ValueError, match="recompute_granularity selective"):
         linear_lm_config("tiny", use_cpu_initialization=True, recompute_elementwise=True)
-    args = build_parser().parse_args(["--model-preset", "tiny", "--mock-data", "--seq-length", "64",
-                                      "--train-iters", "1", "--recompute-modules", "elementwise"])
+    base = ["--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--train-iters", "1"]
     with pytest.raises(ArgumentError, match="--recompute-granularity selective"):
-        validate_args(args)
-    assert build_parser().parse_args(["--no-fusion"]).fusion is False
-    assert build_parser().parse_args([]).fusion is None
+        parse_config(base + ["--recompute-modules", "elementwise"])
+    assert parse_config(base + ["--no-fusion"]).model.fusion is False
+    assert parse_config(base).model.fusion is None
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -263,8 +263,9 @@ def _chunked_vs_full(rank, world_size, sp):
             "--lr", "3e-4", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "0", "--bf16",
             "--ddp-impl", "megatron", "--use-distributed-optimizer", "--recompute-granularity", "full",
             "--sequence-parallel-size", str(sp), "--sequence-parallel-mode", "lasp"]
-    full = main(base)
-    chunked = main(base + ["--recompute-chunk-size", "3000"])
+    # destroy=False: a second main() that re-creates the process group hangs on several ranks
+    full = main(base, destroy=False)
+    chunked = main(base + ["--recompute-chunk-size", "3000"], destroy=False)
     return {"full": {"loss": full.losses, "grad_norm": full.grad_norms},
             "chunked": {"loss": chunked.losses, "grad_norm": chunked.grad_norms}}
 

@@ -42,7 +42,10 @@ VARIANTS = {
         add_bias_linear=True,
     ),
     "nodecay-identity-v": dict(decay_type="none", v_feature_map="identity", num_layers=3),
+    "gate-mamba2": dict(linear_attention_gate="mamba2"),
+    "gate-gla-bias": dict(linear_attention_gate="gla", gate_logit_normalizer=8.0, add_bias_linear=True),
 }
+GATE = ["--linear-attention-gate", "mamba2"]  # the TP=2 run (and its round trip) is a gated model
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +77,7 @@ def _train_and_save(rank, world_size, roots, seed):
     import torch.distributed as dist
 
     layouts = {
-        "tp2": ["--tensor-model-parallel-size", "2"],
+        "tp2": ["--tensor-model-parallel-size", "2"] + GATE,
         "sp2": ["--sequence-parallel-size", "2"],
         "pp2": ["--pipeline-model-parallel-size", "2"],
     }
@@ -83,7 +86,7 @@ def _train_and_save(rank, world_size, roots, seed):
         state = main(common + flags + ["--save", roots[name]], destroy=False)
         model = unwrap_model(state.model).eval()
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, state.args.vocab_size_tokenizer, (2, SEQ), generator=gen)
+        ids = torch.randint(0, state.tokenizer.vocab_size, (2, SEQ), generator=gen)
         groups = state.groups
         chunk = SEQ // groups.cp.size()
         with torch.no_grad():
@@ -105,8 +108,10 @@ def _convert_all(rank, world_size, paths, seed):
     """Single process: every conversion, the reloads, and the directly built variants."""
     import importlib.util
 
-    from megatron_lasp.hf import convert
-    from megatron_lasp.training.checkpointing import load_model_for_inference
+    from megatron_lasp.checkpoint.io import load_model_for_inference
+    from megatron_lasp.hf import mapping
+    from megatron_lasp.hf.from_hf import convert_hf_to_checkpoint
+    from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf, write_hf_directory
 
     result = {}
     # checkpoint -> HF through the CLI's main (tokenizer from the checkpoint), and through the API
@@ -115,14 +120,14 @@ def _convert_all(rank, world_size, paths, seed):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     result["cli_rc"] = cli.main(["--load", paths["tp2"], "--save", paths["hf_tp2"], "--max-shard-size", "40KB"])
-    convert.convert_checkpoint_to_hf(  # an iteration directory given directly
+    convert_checkpoint_to_hf(  # an iteration directory given directly
         os.path.join(paths["sp2"], "iter_0000001"), paths["hf_sp2"],
         tokenizer_settings={"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER},
     )
-    convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2"])
-    convert.convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2_bf16"], dtype="bfloat16")
+    convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2"])
+    convert_checkpoint_to_hf(paths["pp2"], paths["hf_pp2_bf16"], dtype="bfloat16")
     # HF -> checkpoint, and both checkpoints back at TP=1 through the training package
-    convert.convert_hf_to_checkpoint(paths["hf_tp2"], paths["back"])
+    convert_hf_to_checkpoint(paths["hf_tp2"], paths["back"])
     original, _, _ = load_model_for_inference(paths["tp2"], device="cpu")
     back, _, saved_back = load_model_for_inference(paths["back"], device="cpu")
     result["original"] = {k: v.clone() for k, v in original.state_dict().items() if not k.endswith("_extra_state")}
@@ -134,7 +139,7 @@ def _convert_all(rank, world_size, paths, seed):
     from megatron_lasp.training.optim import unwrap_model
 
     state = setup([
-        "--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--mock-data",
+        *GATE, "--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--mock-data",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", paths["hf_tp2"],
         "--make-vocab-size-divisible-by", "8", "--load", paths["back"], "--finetune",
     ])
@@ -155,12 +160,12 @@ def _convert_all(rank, world_size, paths, seed):
         ids = torch.randint(0, 128, (2, SEQ))
         with torch.no_grad():
             logits = model(ids)
-        hf_kwargs = convert.hf_config_kwargs(config, 128)
-        tensors = convert.megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
+        hf_kwargs = mapping.hf_config_kwargs(config, 128)
+        tensors = mapping.megatron_to_hf_state_dict(model.state_dict(), hf_kwargs)
         directory = os.path.join(paths["variants"], name)
         os.makedirs(directory)
-        convert.write_hf_directory(directory, tensors, hf_kwargs)
-        inverse = convert.hf_to_megatron_state_dict(tensors, hf_kwargs)
+        write_hf_directory(directory, tensors, hf_kwargs)
+        inverse = mapping.hf_to_megatron_state_dict(tensors, hf_kwargs)
         expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         if config.share_embeddings_and_output_weights:
             expected.pop("output_layer.weight", None)
@@ -573,14 +578,14 @@ def test_slopes_match_megatron_definition():
 
 
 def test_converter_model_type_is_the_configs():
-    from megatron_lasp.hf import convert
+    from megatron_lasp.hf import files
     from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
 
-    assert convert.MODEL_TYPE == LaspLinearLMConfig.model_type  # the converter avoids importing transformers
+    assert files.MODEL_TYPE == LaspLinearLMConfig.model_type  # the converter avoids importing transformers
 
 
 def test_parse_size():
-    from megatron_lasp.hf.convert import ConversionError, parse_size
+    from megatron_lasp.hf.files import ConversionError, parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
     assert parse_size("40KB") == 40000 and parse_size("123") == 123 and parse_size("1.5MB") == 1500000

@@ -31,22 +31,25 @@ TO_HF, TO_CKPT = "convert_checkpoint_to_hf.py", "convert_hf_to_checkpoint.py"
 def _make_sources(rank, world_size, root):
     import torch
 
-    from megatron_lasp.hf import convert
     from megatron_lasp.hf.configuration_linear_lm import LaspLinearLMConfig
+    from megatron_lasp.hf.from_hf import convert_hf_to_checkpoint
+    from megatron_lasp.hf.mapping import CONFIG_FIELDS
     from megatron_lasp.hf.modeling_linear_lm import LaspLinearLMForCausalLM
+    from megatron_lasp.hf.to_hf import write_hf_directory
+    from megatron_lasp.hf.tokenizer import tokenizer_from_settings
 
     settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER}
-    tokenizer = convert.tokenizer_from_settings(settings)
+    tokenizer = tokenizer_from_settings(settings)
     config = LaspLinearLMConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=48)
-    fields = {hf: getattr(config, hf) for _, hf in convert._CONFIG_FIELDS}
+    fields = {hf: getattr(config, hf) for _, hf in CONFIG_FIELDS}
     fields["vocab_size"] = config.vocab_size
     torch.manual_seed(0)
     tensors = LaspLinearLMForCausalLM(config).state_dict()
     for name, max_shard in (("hf", 10**9), ("hf_sharded", 40_000)):
         os.makedirs(os.path.join(root, name))
-        convert.write_hf_directory(os.path.join(root, name), tensors, fields, tokenizer, max_shard_size=max_shard)
-    convert.convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), iteration=2)
+        write_hf_directory(os.path.join(root, name), tensors, fields, tokenizer, max_shard_size=max_shard)
+    convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), iteration=2)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +234,7 @@ def test_missing_iteration_lists_those_that_exist(work, capsys):
     before = _snapshot(work)
     for flag in ("--ckpt-step", "--iteration"):
         _fails(capsys, TO_HF, ["--load", str(ckpt), flag, "7", "--save", str(work / "out")],
-               f"iteration 7 not found in {ckpt} (available: 1, 2, 3; choose one with --ckpt-step)")
+               f"iteration 7 not found in {ckpt} (saved iterations: 1, 2, 3; choose one with --ckpt-step)")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("banana\n")
     _fails(capsys, TO_HF, ["--load", str(ckpt), "--save", str(work / "out")],
            ["expected an iteration number", "1, 2, 3"])
@@ -328,6 +331,68 @@ def test_damaged_sharded_hf_directory_is_named(work, capsys):
     _fails(capsys, TO_CKPT, ["--load", str(hf), "--save", str(work / "out")],
            f"{hf / 'model.safetensors.index.json'} is not a safetensors index")
     assert set(_snapshot(work)) == set(before) and not (work / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's own tokenizer; the right kind of directory
+
+
+def test_export_with_another_tokenizer_is_refused(work, capsys):
+    """Tokenizer flags naming another tokenizer than the checkpoint recorded: one line naming both
+    and the flag that allows it; nothing written."""
+    ckpt, out = work / "ckpt", work / "out"
+    recorded = json.loads((ckpt / "iter_0000002" / "config.json").read_text())["tokenizer"]["tokenizer_model"]
+    before = _snapshot(work)
+    _fails(capsys, TO_HF, ["--load", str(ckpt), "--save", str(out), "--tokenizer-type", "NullTokenizer",
+                           "--vocab-size", "100"],
+           ["(--tokenizer-type NullTokenizer --vocab-size 100)",
+            f"(--tokenizer-type HuggingFaceTokenizer --tokenizer-model {recorded})", "--allow-other-tokenizer"])
+    assert _snapshot(work) == before and not out.exists()
+
+
+def test_recorded_tokenizer_check(tmp_path):
+    """The recorded tokenizer passes at another path when its files are the same; another one, a
+    copy with other contents, or one whose recorded files are gone, is refused."""
+    from megatron_lasp.hf.files import ConversionError
+    from megatron_lasp.hf.tokenizer import check_recorded_tokenizer, tokenizer_from_settings
+
+    recorded = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER}
+    copy = tmp_path / "copy"
+    shutil.copytree(TOKENIZER, copy)
+    moved = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(copy)}
+    check_recorded_tokenizer(recorded, recorded, tokenizer_from_settings(recorded))
+    check_recorded_tokenizer(moved, recorded, tokenizer_from_settings(moved))
+    check_recorded_tokenizer(moved, None, tokenizer_from_settings(moved))  # nothing recorded: nothing to compare
+    null = {"tokenizer_type": "NullTokenizer", "vocab_size": 100}
+    with pytest.raises(ConversionError, match="another tokenizer than the one the checkpoint recorded"):
+        check_recorded_tokenizer(null, recorded, tokenizer_from_settings(null))
+    with open(copy / "tokenizer.json", "a") as f:  # other file contents: not provably the same tokenizer
+        f.write("\n")
+    with pytest.raises(ConversionError, match="another tokenizer"):
+        check_recorded_tokenizer(moved, recorded, tokenizer_from_settings(moved))
+    gone = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tmp_path / "gone")}
+    with pytest.raises(ConversionError, match="not readable here"):
+        check_recorded_tokenizer(recorded, gone, tokenizer_from_settings(recorded))
+
+
+def test_import_with_a_larger_tokenizer_is_refused(work, capsys):
+    """HF -> checkpoint checks the tokenizer's ids against the embedding rows, as the export does."""
+    out = work / "out"
+    before = _snapshot(work)
+    _fails(capsys, TO_CKPT, ["--load", str(work / "hf"), "--save", str(out), "--tokenizer-type", "NullTokenizer",
+                             "--vocab-size", "4000"],
+           ["tokenizer has 4001 ids but the model's vocabulary has 2048 rows", "tokenizer flags"])
+    assert _snapshot(work) == before and not out.exists()
+
+
+def test_wrong_kind_of_directory_names_the_other_converter(work, capsys):
+    before = _snapshot(work)
+    _fails(capsys, TO_HF, ["--load", str(work / "hf"), "--save", str(work / "out")],
+           [f"{work / 'hf'} is a Hugging Face model directory", "tools/convert_hf_to_checkpoint.py"])
+    for ckpt in (work / "ckpt", work / "ckpt" / "iter_0000002"):
+        _fails(capsys, TO_CKPT, ["--load", str(ckpt), "--save", str(work / "out")],
+               [f"{ckpt} is a megatron-lasp checkpoint", "tools/convert_checkpoint_to_hf.py"])
+    assert _snapshot(work) == before and not (work / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------

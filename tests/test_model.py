@@ -147,6 +147,45 @@ def _global_name(name: str, offset: int, tied: bool = False) -> str:
     return f"{prefix}{int(idx) + offset}.{rest}"
 
 
+def _assert_spec_classes(model) -> None:
+    """The built layers and MLPs are the classes the specs name (nothing swapped after the build)."""
+    from megatron_lasp.models.chunked import LinearTransformerLayer
+    from megatron_lasp.models.mlp import LinearLMMLP
+
+    assert model.decoder.layers and all(type(layer) is LinearTransformerLayer for layer in model.decoder.layers)
+    assert all(type(layer.mlp) is LinearLMMLP for layer in model.decoder.layers)
+
+
+def test_specs_name_the_classes_that_run(monkeypatch):
+    """The layer spec names LinearTransformerLayer and the MLP spec LinearLMMLP, in both forms of
+    megatron-core's MLP spec (a ModuleSpec in 0.16, a partial of ``MLP.as_mlp_submodule`` in 0.19)."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    from megatron_lasp.models import specs
+    from megatron_lasp.models.chunked import LinearTransformerLayer
+    from megatron_lasp.models.mlp import LinearLMMLP
+
+    spec = specs.get_linear_lm_layer_spec(_config(Layout()))
+    assert spec.module is LinearTransformerLayer
+    assert spec.submodules.mlp.module is LinearLMMLP
+    assert spec.submodules.mlp.submodules.linear_fc1 is not None
+
+    def as_mlp_submodule(cls, submodules, **kwargs):  # the 0.19 builder's shape
+        return cls, submodules, kwargs
+
+    monkeypatch.setattr(MLP, "as_mlp_submodule", classmethod(as_mlp_submodule), raising=False)
+    subs = MLPSubmodules(linear_fc1="fc1", linear_fc2="fc2")
+    monkeypatch.setattr(specs, "get_mlp_module_spec_for_backend",
+                        lambda backend: functools.partial(MLP.as_mlp_submodule, submodules=subs))
+    built = specs.glu_mlp_spec(None)
+    assert built(config="c") == (LinearLMMLP, subs, {"config": "c"})
+    monkeypatch.setattr(specs, "get_mlp_module_spec_for_backend", lambda backend: "something else")
+    with pytest.raises(TypeError, match="unexpected MLP spec"):
+        specs.glu_mlp_spec(None)
+
+
 def _reference(variant: str):
     """TP=1 / SP=1 / PP=1 run of the full batch: (loss, full params, grads, slopes per layer).
 
@@ -156,6 +195,7 @@ def _reference(variant: str):
 
     torch.manual_seed(SEED)
     model = build_linear_lm(_config(Layout(variant=variant)), VOCAB)
+    _assert_spec_classes(model)
     ids, labels = _batch()
     loss = model(ids, labels=labels).float().mean()
     loss.backward()
@@ -394,15 +434,21 @@ def test_sharded_equals_single_process(layout_results, layout):
 
 
 def _param_count(name: str, tied: bool) -> int:
-    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU) + final norm."""
+    """Closed form: embeddings + L x (2 norms + qkvu + out norm + proj + GLU (+ gate)) + final norm; a
+    hybrid's softmax layers: 2 norms + q and G key/value heads + proj + GLU."""
     from megatron_lasp.models import PRESETS
 
     preset = PRESETS[name]
     f = preset.fields
     V, h, L, H, F = preset.vocab_size, f["hidden_size"], f["num_layers"], f["num_attention_heads"], f["ffn_hidden_size"]
     D = h // H
+    G = f.get("num_query_groups") or H
+    softmax_layers = (f.get("hybrid_layer_pattern") or "").count("*")
     per_layer = 2 * h + 4 * H * D * h + H * D + H * D * h + 3 * h * F
-    return V * h * (1 if tied else 2) + L * per_layer + h
+    gate = f.get("linear_attention_gate", "none")
+    per_layer += {"none": 0, "mamba2": H * h + 2 * H, "gla": H * h + H}[gate]  # W, then A_log + dt_bias / b_g
+    per_softmax_layer = 2 * h + (H + 2 * G) * D * h + H * D * h + 3 * h * F
+    return V * h * (1 if tied else 2) + (L - softmax_layers) * per_layer + softmax_layers * per_softmax_layer + h
 
 
 def test_extras(layout_results):
@@ -471,6 +517,10 @@ def test_config_defaults_and_presets():
         "tnl-385m": (1024, 24, 8, 128, 2816, 64000),
         "tnl-1b": (2048, 16, 16, 128, 5632, 64000),
         "tnl-7b": (4096, 30, 32, 128, 11008, 64000),
+        "tnl-1b-hybrid-1to7": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-1b-hybrid-1to3": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-1b-mamba2": (2048, 16, 16, 128, 5632, 64000),
+        "tnl-1b-gla": (2048, 16, 16, 128, 5632, 64000),
     }
     for name, row in table.items():
         c = linear_lm_config(name)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import TritonOptions, naive_recurrent_lightning_attn
 from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
-from megatron_lasp.testing import spawn
+from megatron_lasp.testing import attention_inputs, check_slopes, rel_err, spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = 1e-5
@@ -23,17 +23,12 @@ POISON = TritonOptions(poison_outputs=True)  # NaN-filled triton kernel buffers 
 
 
 def _slopes(H):
-    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
-    s[0] = 0.0  # no decay: a state that leaks across a boundary cannot hide behind underflow
-    s[-1] = 5.0  # lam^C underflows to 0 in fp32
-    return s
+    # head 0 without decay: a state that leaks across a boundary cannot hide behind underflow;
+    # the last head's lam^C underflows to 0 in fp32
+    return check_slopes(H, zero_head=True, strong_head=True)
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+_rel = rel_err
 
 
 def _boundary_sets(W, C, B, rng):
@@ -73,12 +68,8 @@ def _per_document_reference(q, k, v, do, slopes, cu):
 
 
 def _compare(seed, B, C, world, mode, cu, group, backend="torch", H=4, Dk=16, Dv=8):
-    g = torch.Generator().manual_seed(seed)
     T = C * world
-    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    q, k, v, do = attention_inputs(seed, B, T, H, Dk, Dv)
     slopes = _slopes(H)
     o_ref, grads_ref = _per_document_reference(q, k, v, do, slopes, cu)
     local = [split_sequence(x.float(), group).requires_grad_(True) for x in (q, k, v)]

@@ -213,3 +213,35 @@ def _bad_world(rank, world_size):
 
 def test_initialize_rejects_bad_world():
     assert all(spawn(_bad_world, 2))
+
+
+def test_local_device_shares_gpus_under_gloo_only():
+    from megatron_lasp.parallel.state import local_device
+
+    assert [local_device("gloo", r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [local_device("gloo", r, 2, 4) for r in range(4)] == [0, 1, 0, 1]
+    assert [local_device("nccl", r, 2, 2) for r in range(2)] == [0, 1]
+    assert local_device("gloo", 3, 0) is None and local_device("nccl", 0, 0) is None
+    for args in (("nccl", 0, 1, 2), ("nccl", 1, 1)):
+        with pytest.raises(ValueError, match="2 processes on this node but 1 visible GPU.*--distributed-backend gloo"):
+            local_device(*args)
+
+
+@pytest.mark.parametrize("backend", [None, "nccl", "gloo"])
+def test_more_ranks_than_gpus_needs_gloo(backend, monkeypatch):
+    """On a (faked) one-GPU node with 2 local ranks, NCCL (the default there) is a one-line flag
+    error that names the gloo backend; gloo passes."""
+    from megatron_lasp.training import arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("MEGATRON_LASP_DIST_BACKEND", raising=False)
+    argv = ["--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--train-iters", "1"]
+    argv += ["--distributed-backend", backend] if backend else []
+    if backend == "gloo":
+        arguments.parse_config(argv)
+        return
+    with pytest.raises(arguments.ArgumentError, match="2 processes on this node but 1 visible GPU") as err:
+        arguments.parse_config(argv)
+    assert "\n" not in str(err.value)

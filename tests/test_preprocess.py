@@ -92,6 +92,46 @@ def test_round_trip(kind, tmp_path, gpt2_settings):
     assert result.num_bad_lines == 0
 
 
+@pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "GPT2BPETokenizer", "ByteLevelTokenizer"])
+def test_literal_eod_text_is_not_a_boundary(kind, tmp_path, gpt2_settings):
+    """A document that quotes the EOD token's text stays one document: its only EOD is the appended one."""
+    settings = {"HuggingFaceTokenizer": BUNDLED_TOKENIZER, "GPT2BPETokenizer": gpt2_settings,
+                "ByteLevelTokenizer": {"tokenizer_type": "ByteLevelTokenizer"}}[kind]
+    texts = [f"before {ENDOFTEXT} after", ENDOFTEXT, f"a{ENDOFTEXT}{ENDOFTEXT}b", "plain"]
+    src = write_lines(tmp_path / "in.jsonl", jsonl({"text": t} for t in texts))
+    result = preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), settings, append_eod=True))
+    tok = build_tokenizer(**settings)
+    _, docs = read_dataset(result.output_prefixes["text"])
+    assert len(docs) == len(texts) and result.num_bad_lines == 0
+    for text, ids in zip(texts, docs):
+        assert [i for i, t in enumerate(ids) if t == tok.eod] == [len(ids) - 1], (text, ids)
+        assert tok.detokenize(ids[:-1]) == text
+    if kind == "HuggingFaceTokenizer":  # the control: the library's default reads the EOD from the text
+        from tokenizers import Tokenizer as LibraryTokenizer
+
+        plain = LibraryTokenizer.from_file(os.path.join(pp.BUNDLED_TOKENIZER, "tokenizer.json"))
+        assert tok.eod in plain.encode(texts[0], add_special_tokens=False).ids
+
+
+def test_eod_not_marked_special_is_reported(tmp_path):
+    """A tokenizer.json whose EOD is an ordinary added token cannot keep its text as text: the line
+    is reported (skipped, or the run stops under --strict), never split."""
+    with open(os.path.join(pp.BUNDLED_TOKENIZER, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    for added in spec["added_tokens"]:
+        added["special"] = False
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    settings = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tok_dir)}
+    src = write_lines(tmp_path / "in.jsonl", jsonl({"text": t} for t in ["plain", f"x {ENDOFTEXT} y", "more"]))
+    result = preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), settings, append_eod=True))
+    assert result.documents == 2 and result.bad_lines == {"tokenizer error": 1}
+    assert result.bad_examples[0][0] == 2 and "mark that token" in result.bad_examples[0][1]
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: tokenizer error.*EOD"):
+        preprocess_data(PreprocessConfig(src, str(tmp_path / "s"), settings, strict=True))
+
+
 def test_no_eod_and_int32_for_large_vocab(tmp_path):
     rng = random.Random(3)
     texts = [" ".join(str(rng.randrange(70000)) for _ in range(rng.randint(1, 20))) for _ in range(30)]
@@ -255,7 +295,7 @@ def test_failure_mid_write_leaves_previous_output(tmp_path, monkeypatch, workers
 
     monkeypatch.setattr(IndexedDatasetBuilder, "add_document", failing_add_document)
     cfg = PreprocessConfig(src, os.path.join(out, "d"), {"tokenizer_type": "ByteLevelTokenizer"}, workers=workers,
-                           chunk_size=4)
+                           chunk_size=4, force=True)
     with pytest.raises(OSError, match="simulated"):
         preprocess_data(cfg)
     assert len(calls) == 50
@@ -267,7 +307,7 @@ def test_worker_failure_and_interrupt_leave_previous_output(tmp_path, monkeypatc
     previous = make_previous_output(out)
     src = write_lines(tmp_path / "in.jsonl", jsonl({"text": f"document {i}"} for i in range(200)))
     cfg = PreprocessConfig(src, os.path.join(out, "d"), {"tokenizer_type": "ByteLevelTokenizer"}, workers=2,
-                           chunk_size=4)
+                           chunk_size=4, force=True)
     encode_line = pp._encode_line
 
     def failing_encode_line(line):  # runs in the forked workers
@@ -300,6 +340,38 @@ def test_worker_failure_and_interrupt_leave_previous_output(tmp_path, monkeypatc
     assert len(docs) == 200 and bytes(docs[199]).decode() == "document 199"
 
 
+def test_existing_output_needs_force(tmp_path):
+    out = str(tmp_path / "out")
+    previous = make_previous_output(out)
+    src = write_lines(tmp_path / "in.jsonl", jsonl({"text": f"document {i}"} for i in range(10)))
+    cfg = PreprocessConfig(src, os.path.join(out, "d"), {"tokenizer_type": "ByteLevelTokenizer"})
+    with pytest.raises(PreprocessError, match=r"d_text_document\.bin, .*d_text_document\.idx exist "
+                                              r"\(use --force to replace them\)"):
+        preprocess_data(cfg)
+    assert_untouched(out, previous)
+    os.remove(os.path.join(out, "d_text_document.bin"))  # one half of a pair is refused too
+    with pytest.raises(PreprocessError, match=r"d_text_document\.idx exists \(use --force to replace it\)"):
+        preprocess_data(cfg)
+    cfg.force = True
+    result = preprocess_data(cfg)
+    _, docs = read_dataset(result.output_prefixes["text"])
+    assert [bytes(d).decode() for d in docs] == [f"document {i}" for i in range(10)]
+
+
+def test_output_prefix_that_cannot_be_written(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", jsonl({"text": "x"} for _ in range(3)))
+    (tmp_path / "file").write_text("not a directory")
+    for prefix in (tmp_path / "file" / "d", tmp_path / "file" / "sub" / "d"):
+        with pytest.raises(ValueError, match=f"--output-prefix {prefix}: {tmp_path / 'file'} is a file, not a "
+                                             "directory"):
+            preprocess_data(PreprocessConfig(src, str(prefix), {"tokenizer_type": "ByteLevelTokenizer"}, force=True))
+    (tmp_path / "d_text_document.idx").mkdir()
+    with pytest.raises(ValueError, match="d_text_document.idx is a directory; choose another prefix"):
+        preprocess_data(PreprocessConfig(src, str(tmp_path / "d"), {"tokenizer_type": "ByteLevelTokenizer"},
+                                         force=True))
+    assert sorted(os.listdir(tmp_path)) == ["d_text_document.idx", "file", "in.jsonl"]
+
+
 def run_tool(*args, wait=True):
     proc = subprocess.Popen([sys.executable, TOOL, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -311,6 +383,7 @@ def run_tool(*args, wait=True):
     [
         (["--input", "/no/such.jsonl", "--tokenizer-type", "ByteLevelTokenizer"], 1,
          "error: --input /no/such.jsonl: no such file"),
+        (["--input", REPO, "--tokenizer-type", "ByteLevelTokenizer"], 1, f"error: --input {REPO} is a directory"),
         (["--tokenizer-type", "NoSuchTokenizer"], 2, "invalid choice: 'NoSuchTokenizer'"),
         (["--tokenizer-type", "HuggingFaceTokenizer"], 1,
          "error: --tokenizer-model is required for --tokenizer-type HuggingFaceTokenizer"),
@@ -320,8 +393,14 @@ def run_tool(*args, wait=True):
          "error: --vocab-file /no/vocab.json: no such file"),
         (["--tokenizer-type", "NullTokenizer"], 1,
          "error: --vocab-size is required for --tokenizer-type NullTokenizer"),
+        # a flag the chosen tokenizer does not read is refused, not ignored
+        (["--tokenizer-type", "ByteLevelTokenizer", "--vocab-size", "100"], 1,
+         "error: --vocab-size is not used by --tokenizer-type ByteLevelTokenizer (it reads no files)"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", pp.BUNDLED_TOKENIZER, "--merge-file", "m"],
+         1, "error: --merge-file is not used by --tokenizer-type HuggingFaceTokenizer (it reads --tokenizer-model)"),
     ],
-    ids=["missing-input", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab", "null-no-size"],
+    ids=["missing-input", "input-is-dir", "unknown-type", "hf-no-model", "hf-missing-model", "gpt2-missing-vocab",
+         "null-no-size", "unused-vocab-size", "unused-merge-file"],
 )
 def test_cli_errors(tmp_path, args, rc, message):
     base = ["--input", pp.BUNDLED_CORPUS, "--output-prefix", str(tmp_path / "d")]
@@ -331,6 +410,37 @@ def test_cli_errors(tmp_path, args, rc, message):
     if rc == 1:
         assert len(stderr.strip().splitlines()) == 1, stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_existing_output_and_file_parent(tmp_path):
+    out = str(tmp_path / "out")
+    previous = make_previous_output(out)
+    src = write_lines(tmp_path / "in.jsonl", jsonl({"text": f"document {i}"} for i in range(5)))
+    (tmp_path / "file").write_text("")
+    base = ["--input", src, "--tokenizer-type", "ByteLevelTokenizer"]
+    refused = run_tool(*base, "--output-prefix", os.path.join(out, "d"), wait=False)
+    below_file = run_tool(*base, "--output-prefix", str(tmp_path / "file" / "d"), "--force", wait=False)
+    for proc, message in ((refused, "exist (use --force to replace them)"),
+                          (below_file, f"{tmp_path / 'file'} is a file, not a directory")):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "preprocess_data.py: error: --output-prefix" in stderr, stderr
+        assert message in stderr, stderr
+    assert_untouched(out, previous)
+    stdout, stderr, code = run_tool(*base, "--output-prefix", os.path.join(out, "d"), "--force")
+    assert code == 0, stderr
+    _, docs = read_dataset(os.path.join(out, "d_text_document"))
+    assert [bytes(d).decode() for d in docs] == [f"document {i}" for i in range(5)]
+
+
+def test_cli_repeated_json_keys_add_up():
+    spec = importlib.util.spec_from_file_location("preprocess_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--input", "x", "--output-prefix", "y", "--tokenizer-type", "ByteLevelTokenizer"]
+    assert tool.get_args(base).json_keys == ["text"]
+    assert tool.get_args(base + ["--json-keys", "text", "--json-keys", "title"]).json_keys == ["text", "title"]
+    assert tool.get_args(base + ["--json-keys", "a", "b"]).json_keys == ["a", "b"]
 
 
 def test_cli_run_strict_and_sigterm(tmp_path, bundled_prefix):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.parallel import gather_sequence, initialize_parallel, lightning_attn_sp, split_sequence
 from megatron_lasp.parallel import lasp as lasp_module
-from megatron_lasp.testing import spawn
+from megatron_lasp.parallel import hop as hop_module
+from megatron_lasp.testing import attention_inputs, check_slopes, rel_err, spawn
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = 1e-5
@@ -23,28 +24,12 @@ POISON = TritonOptions(poison_outputs=True)  # NaN-filled triton kernel buffers 
 
 
 def _slopes(H: int, decay: bool) -> torch.Tensor:
-    if not decay:
-        return torch.zeros(H)
     # ALiBi-like spread plus one strong head whose lam^C underflows to 0 in fp32
-    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
-    s[-1] = 5.0
-    return s
+    return check_slopes(H, strong_head=True) if decay else torch.zeros(H)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _full_inputs(seed, B, T, H, Dk, Dv):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    k = torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64) * Dk ** -0.5
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
-    return q, k, v, do
+_rel = rel_err
+_full_inputs = attention_inputs
 
 
 def _reference(q, k, v, do, slopes):
@@ -132,7 +117,8 @@ def _check_layers_and_order(world_size, seed):
 
     events = []
     names = ("_post_recv", "_post_send", "lightning_attn_fwd_phases", "lightning_attn_bwd_phases")
-    real = {name: getattr(lasp_module, name) for name in names}
+    owner = {name: hop_module if name.startswith("_post") else lasp_module for name in names}
+    real = {name: getattr(owner[name], name) for name in names}
 
     class _Work:
         def __init__(self, work):
@@ -170,14 +156,14 @@ def _check_layers_and_order(world_size, seed):
     fakes = dict(_post_recv=post, _post_send=send, lightning_attn_fwd_phases=phases("lightning_attn_fwd_phases", ""),
                  lightning_attn_bwd_phases=phases("lightning_attn_bwd_phases", "_bwd"))
     for name, fn in fakes.items():
-        setattr(lasp_module, name, fn)
+        setattr(owner[name], name, fn)
     try:
         x = split_sequence(q.float(), group).requires_grad_(True)
         y = model(x, lambda a, b, c: lightning_attn_sp(a, b, c, slopes, group, mode="lasp"))
         y.backward(split_sequence(do.float(), group))
     finally:
         for name, fn in real.items():
-            setattr(lasp_module, name, fn)
+            setattr(owner[name], name, fn)
     err = _rel(gather_sequence(x.grad, group), x_ref.grad)
     return err, events
 
@@ -188,12 +174,45 @@ def _check_bidirectional(rank):
     ok = []
     for numel in (16, 1 << 20):  # a small and a 4 MiB state
         mine = torch.full((numel,), float(rank + 1))
-        buf, recv = lasp_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
-        send = lasp_module._post_send(mine, peer, dist.group.WORLD)
+        buf, recv = hop_module._post_recv((numel,), torch.float32, mine.device, peer, dist.group.WORLD)
+        send = hop_module._post_send(mine, peer, dist.group.WORLD)
         recv.wait()
         send.wait()
         ok.append(bool((buf == peer + 1).all()))
     return ok
+
+
+def _check_staged(rank, seed):
+    """The point-to-point of states through a host buffer (what a gloo group does with CUDA tensors,
+    ranks sharing a GPU), forced on here: the LASP ring gives the same results, and a pair sends
+    both ways at once."""
+    from megatron_lasp.parallel import comm
+
+    real = comm.staged_p2p
+    comm.staged_p2p = lambda x, group: True
+    try:
+        shape = (2, 74, 4, 16, 8)
+        errs = {f"lasp-staged-{i}": _compare(seed + i, shape, decay, "lasp", dist.group.WORLD)
+                for i, decay in enumerate((True, False))}
+        peer = 1 - rank
+        mine = torch.full((3, 5), float(rank + 1))
+        buf = torch.full((3, 5), float("nan"))
+        recv = comm.recv_state(buf, peer, dist.group.WORLD)
+        assert torch.isnan(buf).all()  # staged: nothing lands in ``buf`` before wait()
+        send = comm.send_state(mine, peer, dist.group.WORLD)
+        recv.wait()
+        send.wait()
+        errs["pair"] = {"recv": float((buf - (peer + 1)).abs().max())}
+        # megatron-core's pipeline hook: rank 0 exchanges with its next stage, rank 1 with its previous
+        got = torch.full((4, 2), float("nan"))
+        sent = torch.full((4, 2), 10.0 + rank)
+        kw = (dict(tensor_send_next=sent, tensor_recv_next=got) if rank == 0 else
+              dict(tensor_send_prev=sent, tensor_recv_prev=got))
+        comm.ring_exchange(group=dist.group.WORLD, prev_pipeline_rank=peer, next_pipeline_rank=peer, **kw)
+        errs["ring_exchange"] = {"recv": float((got - (10 + peer)).abs().max())}
+    finally:
+        comm.staged_p2p = real
+    return errs
 
 
 def _expect_error(fn, *needles):
@@ -242,8 +261,12 @@ def _check_bad_inputs(rank):
         (dict(k=torch.zeros(2, 9, 4, 8)), ("k must have q's shape",)),
         (dict(q=torch.zeros(8, 4, 8)), ("4-d",)),
         (dict(backend="cuda"), ("unknown backend",)),
+        (dict(slopes=None), ("either slopes", "or g")),
+        (dict(g=torch.zeros(2, 8, 4)), ("not both",)),
+        (dict(slopes=None, g=torch.zeros(2, 8, 3)), ("g must be a float tensor [B, T, H]",)),
     ],
-    ids=["mode", "int-dtype", "mixed-dtype", "slopes-shape", "slopes-grad", "k-shape", "q-3d", "backend"],
+    ids=["mode", "int-dtype", "mixed-dtype", "slopes-shape", "slopes-grad", "k-shape", "q-3d", "backend",
+         "no-decay", "slopes-and-g", "g-shape"],
 )
 def test_bad_inputs_local(case, needles):
     args = dict(q=torch.zeros(2, 8, 4, 8), k=torch.zeros(2, 8, 4, 8), v=torch.zeros(2, 8, 4, 8),
@@ -269,6 +292,7 @@ def _two_ranks(rank, world_size, seed):
         bidirectional=_check_bidirectional(rank),
         bad_inputs=_check_bad_inputs(rank),
         triton=_check_triton(seed + 2000),
+        staged=_check_staged(rank, seed + 3000),
     )
 
 
@@ -328,6 +352,13 @@ def test_lasp_layers_and_overlap_order(two_ranks):
 def test_simultaneous_send_recv_between_a_pair(two_ranks):
     _, results = two_ranks
     assert [r["bidirectional"] for r in results] == [[True, True], [True, True]]
+
+
+def test_lasp_ring_staged_through_host_memory(two_ranks):
+    seed, results = two_ranks
+    for rank_results in results:
+        _assert_all_close(rank_results["staged"], f"staged point-to-point, seed {seed}")
+        assert len(rank_results["staged"]) == 4
 
 
 def test_bad_inputs_across_ranks(two_ranks):

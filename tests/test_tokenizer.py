@@ -251,8 +251,8 @@ def test_bundled_tokenizer(tmp_path):
     for text in FIXED_TEXTS + [random_text(rng, 80) for _ in range(30)]:
         ids = tok.tokenize(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
-        if ENDOFTEXT not in text:
-            assert tok.detokenize(ids) == text, repr(text)
+        assert tok.eod not in ids, repr(text)  # a literal <|endoftext|> stays text
+        assert tok.detokenize(ids) == text, repr(text)
     # The bundled tokenizer compresses its own corpus' words.
     assert len(tok.tokenize("Weather for Northwick")) <= 5
     # Given as the file itself: same tokenizer, side files ignored only if absent.
@@ -411,3 +411,17 @@ def test_hf_invalid_tokenizer_json(tmp_path):
     tok = HuggingFaceTokenizer(str(tmp_path))  # the JSON has a vocabulary ...
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         tok.tokenize("a")  # ... but the `tokenizers` library cannot load it
+
+
+def test_settings_refuse_flags_the_type_does_not_read():
+    from megatron_lasp.data.tokenizer import TOKENIZER_FLAGS_READ, TokenizerSettings
+
+    values = {"tokenizer_model": "tok", "vocab_file": "v.json", "merge_file": "m.txt", "vocab_size": 10}
+    for kind, reads in TOKENIZER_FLAGS_READ.items():
+        ok = TokenizerSettings(tokenizer_type=kind, **{k: values[k] for k in reads})
+        assert ok.check_flags() is ok
+        for extra in set(values) - set(reads):
+            flag = "--" + extra.replace("_", "-")
+            with pytest.raises(ValueError, match=f"^{flag} is not used by --tokenizer-type {kind} "):
+                settings = dict({k: values[k] for k in reads}, **{extra: values[extra]})
+                TokenizerSettings(tokenizer_type=kind, **settings).check_flags()

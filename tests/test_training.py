@@ -310,3 +310,31 @@ def test_flops_formula_matches_counted_flops():
     assert m["weights_fwd"] > 0 and m["attention_fwd"] > 0
     assert m["weights_bwd"] == 2 * m["weights_fwd"]
     assert m["formula"] == m["weights_fwd"] + m["weights_bwd"] + 3 * m["attention_fwd"]
+
+
+def _pipeline_staged(rank, world_size):
+    """PP = 2 with megatron-core's own point-to-point, then through its ``use_ring_exchange_p2p``
+    hook with every exchange staged through host memory (what gloo + CUDA takes, forced here)."""
+    import torch.distributed as dist
+
+    from megatron_lasp.parallel import comm, state
+
+    extra = ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4", "--train-iters", "3"]
+    plain = _run_configs(rank, world_size, [extra])[0]
+    calls = []
+
+    def traced(**kwargs):
+        calls.append(sorted(k for k, v in kwargs.items() if v is not None))
+        return comm.ring_exchange(**kwargs)
+
+    comm.staged_p2p = lambda x, group: True
+    state.pipeline_p2p_staged = lambda groups: groups.pp.size() > 1
+    dist.ring_exchange = traced
+    staged = _run_configs(rank, world_size, [extra])[0]
+    return plain, staged, len(calls)
+
+
+def test_pipeline_exchange_staged_through_host_memory():
+    for rank, (plain, staged, calls) in enumerate(spawn(_pipeline_staged, 2, (), timeout=420)):
+        _assert_losses_equal(staged, plain, f"rank {rank}: PP=2 staged")
+        assert calls > 0, "megatron-core did not call ring_exchange"

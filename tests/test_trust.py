@@ -94,7 +94,7 @@ def test_checkpoint_misuse_is_refused_and_recoverable(ckpt, tmp_path):
     blocker.write_text("x")
     before = {k: _snapshot(v) for k, v in d.items()}
 
-    from megatron_lasp.training.checkpointing import SaveLock
+    from megatron_lasp.checkpoint.lock import SaveLock
 
     held = SaveLock(d["locked"]).acquire()  # another "run" holds --save
     try:
@@ -164,7 +164,7 @@ def _two_rank_lock(rank, world_size, save):
 
 
 def test_lock_refusal_is_agreed_by_every_rank(tmp_path):
-    from megatron_lasp.training.checkpointing import SaveLock
+    from megatron_lasp.checkpoint.lock import SaveLock
 
     save = str(tmp_path / "busy")
     held = SaveLock(save).acquire()
@@ -180,13 +180,13 @@ def test_lock_refusal_is_agreed_by_every_rank(tmp_path):
 # data
 
 
-def _dataset(tmp_path, name, texts, tokenizer):
+def _dataset(tmp_path, name, texts, tokenizer, force=False):
     from megatron_lasp.data.preprocess import PreprocessConfig, preprocess_data
 
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return preprocess_data(PreprocessConfig(str(src), str(tmp_path / name), tokenizer,
-                                            append_eod=True)).output_prefixes["text"]
+    return preprocess_data(PreprocessConfig(str(src), str(tmp_path / name), tokenizer, append_eod=True,
+                                            force=force)).output_prefixes["text"]
 
 
 def test_data_problems_are_one_line(tmp_path):
@@ -204,9 +204,17 @@ def test_data_problems_are_one_line(tmp_path):
     with open(truncated + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(small + ".bin") - 10)
     cache = str(tmp_path / "cache")
-    real = [a for a in BASE if a != "--mock-data"] + ["--tokenizer-type", "ByteLevelTokenizer",
-                                                      "--data-cache-path", cache]
+    no_cache = [a for a in BASE if a != "--mock-data"] + ["--tokenizer-type", "ByteLevelTokenizer"]
+    real = no_cache + ["--data-cache-path", cache]
+    (tmp_path / "a_file").write_text("")
+    beside_file = tmp_path / "beside"  # the default cache, index-cache/ next to the data, is a file there
+    beside_file.mkdir()
+    shutil.copy(small + ".bin", beside_file / "d.bin")
+    shutil.copy(small + ".idx", beside_file / "d.idx")
+    (beside_file / "index-cache").write_text("")
     cases = [
+        ("cache_in_file", real + ["--data-path", small, "--data-cache-path", str(tmp_path / "a_file" / "c")]),
+        ("default_cache_file", no_cache + ["--data-path", str(beside_file / "d")]),
         # 300 documents, the default --split 969,30,1: the test split is empty and unused -> skipped
         ("default_split", real + ["--data-path", small, "--eval-interval", "1", "--eval-iters", "1"]),
         ("valid_empty", real + ["--data-path", small, "--split", "999,1,0", "--eval-interval", "1"]),
@@ -224,6 +232,9 @@ def test_data_problems_are_one_line(tmp_path):
         assert r[name][:2] == ("startup", 2), (name, r[name])
         assert all(n in r[name][2] for n in needles), (name, r[name][2])
 
+    startup("cache_in_file", f"--data-cache-path {tmp_path / 'a_file' / 'c'}: {tmp_path / 'a_file'} is a file, not a "
+                             "directory")
+    startup("default_cache_file", f"{beside_file / 'index-cache'} is a file", "--data-cache-path")
     startup("valid_empty", "--split 999,1,0", "valid split", small, "--eval-interval 0")
     startup("foreign", foreign + ".bin", "different preprocessing runs", "tools/preprocess_data.py")
     startup("truncated", truncated + ".bin", "truncated")
@@ -243,7 +254,7 @@ def test_index_cache_is_keyed_on_the_files(tmp_path):
     first = index_cache_path(args)
     assert index_cache_path(args) == first and first.startswith(str(tmp_path / "c"))
     time.sleep(0.01)
-    _dataset(tmp_path, "d", ["second version"] * 20, byte)  # re-preprocessed into the same prefix
+    _dataset(tmp_path, "d", ["second version"] * 20, byte, force=True)  # re-preprocessed into the same prefix
     assert index_cache_path(args) != first
 
 
@@ -290,12 +301,11 @@ def test_flag_validation(extra, world, needle, capsys):
 
 def test_pipeline_must_divide_layers():
     from megatron_lasp.training.arguments import ArgumentError, parse_args
-    from megatron_lasp.training.loop import model_config_from_args
+    from megatron_lasp.training.loop import model_config_from_run
 
-    args = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
-    args.padded_vocab_size = 128
+    config = parse_args(BASE + ["--pipeline-model-parallel-size", "3"], world_size=3)
     with pytest.raises(ArgumentError, match=r"--pipeline-model-parallel-size \(3\) must divide the number of layers \(2\)"):
-        model_config_from_args(args)
+        model_config_from_run(config)
 
 
 def test_messages_name_existing_flags():
@@ -308,7 +318,7 @@ def test_messages_name_existing_flags():
     launcher = {"--nproc-per-node"}
     import glob
 
-    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops")
+    files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops", "checkpoint")
              for f in glob.glob(os.path.join(REPO, "megatron_lasp", sub, "**", "*.py"), recursive=True)]
     assert len(files) > 10
     for rel in files:
@@ -368,7 +378,7 @@ def test_workers_exit_when_the_launcher_dies(tmp_path):
             os.kill(p, signal.SIGKILL)
     from argparse import Namespace
 
-    from megatron_lasp.training.checkpointing import resolve_load
+    from megatron_lasp.checkpoint.io import resolve_load
 
     args = Namespace(load=str(save), save=str(save), ckpt_step=None)
     assert resolve_load(args) >= 3  # the tracker names a complete, undamaged checkpoint

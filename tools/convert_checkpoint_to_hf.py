@@ -20,7 +20,9 @@ code and a model card (README.md). It is written beside --save and renamed into 
 Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: missing
 checkpoint directory or iteration, a damaged checkpoint file (named, with the other iterations),
 a --save that is, contains or lies inside the checkpoint or the tokenizer, a non-empty --save
-without --force, an unusable tokenizer), 2 on bad flags.
+without --force, an unusable tokenizer, tokenizer flags naming another tokenizer than the one the
+checkpoint recorded (without --allow-other-tokenizer), a Hugging Face directory as --load), 2 on
+bad flags.
 """
 
 import os
@@ -29,7 +31,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lasp.hf.cli import run_tool, tool_parser  # noqa: E402
-from megatron_lasp.hf.convert import DTYPES, convert_checkpoint_to_hf  # noqa: E402
+from megatron_lasp.hf.files import DTYPES  # noqa: E402
 
 PROG = "convert_checkpoint_to_hf.py"
 
@@ -43,6 +45,9 @@ def get_args(argv=None):
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file; above it the weights are sharded with an index (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (default: as saved)")
+    parser.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="export with tokenizer flags that name another tokenizer than the checkpoint recorded "
+                             "(refused without it: right only when both give the same token ids)")
     return parser.parse_args(argv)
 
 
@@ -50,8 +55,12 @@ def main(argv=None) -> int:
     args = get_args(argv)
 
     def work(settings):
+        # imported once the flags are read: torch and megatron-core take seconds to load
+        from megatron_lasp.hf.to_hf import convert_checkpoint_to_hf
+
         convert_checkpoint_to_hf(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
-                                 max_shard_size=args.max_shard_size, dtype=args.dtype, force=args.force)
+                                 max_shard_size=args.max_shard_size, dtype=args.dtype, force=args.force,
+                                 allow_other_tokenizer=args.allow_other_tokenizer)
         return f"wrote {args.save}"
 
     return run_tool(PROG, args, work)

@@ -17,7 +17,8 @@ The iteration recorded is the source checkpoint's (from config.json; --iteration
 
 Exit status: 0 on success, 1 on a user error (one line on stderr, nothing written: a missing,
 corrupt or truncated config.json / safetensors file (named), weights that do not fit config.json,
-a --save that is, contains or lies inside the HF directory, a non-empty --save without --force),
+a --save that is, contains or lies inside the HF directory, a non-empty --save without --force,
+a tokenizer with more ids than the model's vocabulary rows, a megatron-lasp checkpoint as --load),
 2 on bad flags.
 """
 
@@ -27,7 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lasp.hf.cli import run_tool, tool_parser  # noqa: E402
-from megatron_lasp.hf.convert import ConversionError, convert_hf_to_checkpoint, read_hf_config  # noqa: E402
+from megatron_lasp.hf.files import ConversionError, read_hf_config  # noqa: E402
 
 PROG = "convert_hf_to_checkpoint.py"
 
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
 
     def work(settings):
         check_layout(read_hf_config(args.load), args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        # imported once the flags and the directory are checked: torch and megatron-core take seconds to load
+        from megatron_lasp.hf.from_hf import convert_hf_to_checkpoint
+
         convert_hf_to_checkpoint(args.load, args.save, iteration=args.iteration, tokenizer_settings=settings,
                                  force=args.force)
         return f"wrote {args.save} (weights only: load it with --finetune, or --no-load-optim --no-load-rng)"

@@ -17,13 +17,21 @@ GPT-2 BPE files, two keys, abort on the first bad line::
         --json-keys text summary --tokenizer-type GPT2BPETokenizer \
         --vocab-file gpt2/vocab.json --merge-file gpt2/merges.txt --append-eod --strict
 
+Existing outputs are never replaced silently: the run stops with an error before any work unless
+``--force`` is given (then the new files replace them at the end, and a failed run leaves them as
+they were). Re-tokenizing in place::
+
+    python tools/preprocess_data.py --input my.jsonl --output-prefix out/my \
+        --tokenizer-type ByteLevelTokenizer --append-eod --force
+
 No tokenizer files (UTF-8 bytes, EOD = 256)::
 
     python tools/preprocess_data.py --input my.jsonl --output-prefix out/my \
         --tokenizer-type ByteLevelTokenizer --append-eod
 
 Exit status: 0 on success (bad lines are skipped and reported), 1 on a user error (missing
-input or tokenizer file, a bad line under --strict, no valid document), 2 on bad flags,
+input or tokenizer file, existing outputs without --force, an output prefix inside a file, a bad
+line under --strict, no valid document), 2 on bad flags,
 130/143 when interrupted; nothing half-written is left in any failure.
 """
 
@@ -44,7 +52,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="jsonl file, one JSON document per line")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
+    # extend: a repeated --json-keys adds keys (a plain nargs="+" would keep the last one silently)
+    group.add_argument("--json-keys", nargs="+", action="extend", default=None,
                        help="keys to tokenize; one dataset per key (default: text)")
     group.add_argument("--strict", action="store_true",
                        help="fail on the first bad line instead of skipping and counting it")
@@ -53,12 +62,16 @@ def get_args(argv=None):
     group.add_argument("--output-prefix", required=True,
                        help="writes <prefix>_<key>_document.bin/.idx; directories are created")
     group.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
+    group.add_argument("--force", action="store_true",
+                       help="replace existing <prefix>_<key>_document.bin/.idx (at the end of a successful run only)")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     group.add_argument("--chunk-size", type=int, default=64, help="documents per worker task (default 64)")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="log progress every N lines, 0 for never (default 10000)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.json_keys = args.json_keys or ["text"]
+    return args
 
 
 def main(argv=None) -> int:
@@ -81,9 +94,10 @@ def main(argv=None) -> int:
             chunk_size=args.chunk_size,
             log_interval=args.log_interval,
             strict=args.strict,
+            force=args.force,
         )
         result = preprocess_data(config)
-    except (FileNotFoundError, ValueError, PreprocessError) as e:
+    except (OSError, ValueError, PreprocessError) as e:  # OSError: e.g. no permission, disk full
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,6 +12,8 @@ Guarantees:
   ``chunk_size`` documents are in flight, so inputs larger than memory work.
 * Order: documents are written in input order whatever ``workers`` is; the output with
   N workers is byte-identical to the output with one.
+* No silent replacement: outputs that already exist are an error unless ``force`` (``--force``),
+  checked before any work; an output prefix inside a file is an error.
 * Atomic: everything is written to temporary files next to the outputs and renamed at the end;
   on any error or interrupt the temporary files are removed and earlier outputs stay untouched.
   (The final renames, two per key, are separate steps: only a crash between them, e.g. SIGKILL,
@@ -37,6 +39,7 @@ from typing import Any, Deque, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
+from megatron_lasp.atomic import check_directory_path
 from megatron_lasp.data.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class PreprocessConfig:
     """Log progress every this many input lines (0: never)."""
     strict: bool = False
     """Abort on the first bad line instead of skipping it."""
+    force: bool = False
+    """Replace outputs that already exist (otherwise they are an error)."""
 
     def __post_init__(self) -> None:
         self.json_keys = tuple(self.json_keys)
@@ -191,6 +196,21 @@ def _read_chunks(path: str, chunk_size: int):
             yield chunk
 
 
+def _check_outputs(config: PreprocessConfig, final_prefixes: Dict[str, str]) -> None:
+    """Refuse outputs that cannot be written or, without ``force``, that already exist."""
+    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
+    check_directory_path(out_dir, f"--output-prefix {config.output_prefix}")
+    paths = [prefix + ext for prefix in final_prefixes.values() for ext in (".bin", ".idx")]
+    for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"--output-prefix {config.output_prefix}: {path} is a directory; choose another prefix")
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not config.force:
+        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise PreprocessError(f"--output-prefix {config.output_prefix}: {', '.join(existing)} {verb} "
+                              f"(use --force to replace {them})")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -258,11 +278,16 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
 
     Raises:
         FileNotFoundError: the input or a tokenizer file does not exist.
-        ValueError: bad settings (tokenizer flags, keys, ...).
-        PreprocessError: a bad line under ``strict``, or no valid document at all.
+        ValueError: bad settings (tokenizer flags, keys, an output prefix inside a file, ...).
+        PreprocessError: existing outputs without ``force``, a bad line under ``strict``, or no
+            valid document at all.
     """
+    if os.path.isdir(config.input):
+        raise ValueError(f"--input {config.input} is a directory; give the jsonl file")
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"--input {config.input}: no such file")
+    final_prefixes = {k: output_prefix_for_key(config.output_prefix, k) for k in config.json_keys}
+    _check_outputs(config, final_prefixes)
     tokenizer = build_tokenizer(**config.tokenizer)
     tokenizer.load()  # a missing package or an unloadable file fails here, not on every line
     # Imported after the checks above: importing megatron.core takes seconds.
@@ -271,13 +296,15 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessResult:
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    final_prefixes = {k: output_prefix_for_key(config.output_prefix, k) for k in config.json_keys}
     logger.info(
         "preprocessing %s with %r (dtype %s), keys %s, %d worker(s) -> %s",
         config.input, tokenizer, np.dtype(dtype).name, ",".join(config.json_keys), config.workers,
         ", ".join(p + ".{bin,idx}" for p in final_prefixes.values()),
     )
 
+    if not config.append_eod:
+        logger.warning("no --append-eod: the documents are stored without an EOD between them, so training "
+                       "reads them as one running text (and --reset-attention-mask finds no document starts)")
     stats = _Stats(config.json_keys, config.log_interval, config.input)
     outputs = _AtomicOutputs(final_prefixes, dtype)
     pool = None
@@ -415,7 +442,7 @@ def bundled_tokenizer_settings() -> Dict[str, Any]:
     return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": BUNDLED_TOKENIZER}
 
 
-def preprocess_bundled_corpus(output_prefix: str, workers: int = 1) -> str:
+def preprocess_bundled_corpus(output_prefix: str, workers: int = 1, force: bool = False) -> str:
     """Tokenize the bundled corpus with the bundled tokenizer (EOD appended).
 
     Same as ``tools/preprocess_data.py --input examples/data/corpus.jsonl --output-prefix
@@ -425,6 +452,7 @@ def preprocess_bundled_corpus(output_prefix: str, workers: int = 1) -> str:
     Args:
         output_prefix: where to write (``<output_prefix>_text_document.bin/.idx``).
         workers: tokenizer processes.
+        force: replace existing outputs (``--force``).
 
     Returns:
         the dataset prefix to pass as ``--data-path`` / in a ``GPTDatasetConfig`` blend.
@@ -440,5 +468,6 @@ def preprocess_bundled_corpus(output_prefix: str, workers: int = 1) -> str:
         tokenizer=bundled_tokenizer_settings(),
         append_eod=True,
         workers=workers,
+        force=force,
     )
     return preprocess_data(config).output_prefixes["text"]

@@ -15,7 +15,8 @@ Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``,
 (one past the largest id), ``eod`` (the end-of-document id appended by ``--append-eod``),
 ``save_pretrained(directory)`` (writes files that ``transformers.AutoTokenizer`` loads, for the
 HF converter) and ``as_megatron_tokenizer()`` (what megatron-core's ``GPTDatasetConfig.tokenizer``
-wants). Special tokens are never added by ``tokenize``: documents are separated by EOD only.
+wants). Special tokens are never added by ``tokenize``, nor read from the text (a literal
+``<|endoftext|>`` in a document is encoded as text): documents are separated by EOD only.
 
 Typical use::
 
@@ -162,11 +163,36 @@ class _LibraryTokenizer(Tokenizer):
     _vocab_size: int
     _eod: int
 
+    @staticmethod
+    def _encode_specials_as_text(model: Any) -> Any:
+        """Make ``model.encode`` treat special tokens in the input as text (returns ``model``).
+
+        Document text is data: a literal ``<|endoftext|>`` in it must not become the EOD id, or
+        preprocessing would cut the document there (packed-document training then restarts the
+        attention state in the middle of it). EOD is appended by id only.
+        """
+        if not hasattr(model, "encode_special_tokens"):
+            raise ImportError("the `tokenizers` package is too old to encode special tokens as text "
+                              "(Tokenizer.encode_special_tokens); upgrade it: pip install -U tokenizers")
+        model.encode_special_tokens = True
+        return model
+
     def _model(self) -> Any:
         raise NotImplementedError
 
     def tokenize(self, text: str) -> List[int]:
-        return self._model().encode(text, add_special_tokens=False).ids
+        """Encode ``text`` as text: special tokens written in it (``<|endoftext|>``) stay text.
+
+        Raises:
+            ValueError: the text still encodes to the EOD id (an EOD token that the tokenizer.json
+                does not mark special); it would end the document in the middle.
+        """
+        ids = self._model().encode(text, add_special_tokens=False).ids
+        if self._eod in ids:
+            raise ValueError(f"the text holds the EOD token's text, which this tokenizer encodes as the EOD id "
+                             f"{self._eod}: it would split the document; mark that token \"special\": true in the "
+                             "tokenizer.json's added_tokens")
+        return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model().decode([int(i) for i in ids], skip_special_tokens=False)
@@ -272,9 +298,10 @@ class HuggingFaceTokenizer(_LibraryTokenizer):
                     "(vocab_size and eod work without it)"
                 ) from e
             try:
-                self._tok_cache = _HFTokenizer.from_file(self._json_path)
+                model = _HFTokenizer.from_file(self._json_path)
             except Exception as e:
                 raise ValueError(f"--tokenizer-model {self._json_path}: not a valid tokenizer.json ({e})") from e
+            self._tok_cache = self._encode_specials_as_text(model)
         return self._tok_cache
 
     def load(self) -> None:
@@ -371,7 +398,7 @@ class GPT2BPETokenizer(_LibraryTokenizer):
             model = BPE.from_file(vocab_file, merge_file)
         except Exception as e:
             raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a GPT-2 BPE pair ({e})") from e
-        self._tok = _HFTokenizer(model)
+        self._tok = self._encode_specials_as_text(_HFTokenizer(model))
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         self._tok.decoder = decoders.ByteLevel()
         self._vocab_file, self._merge_file = vocab_file, merge_file
@@ -416,8 +443,9 @@ class ByteLevelTokenizer(Tokenizer):
 
     ``save_pretrained`` writes a ``tokenizer.json`` (a merge-free byte-level BPE over GPT-2's byte
     characters, with ``<|endoftext|>`` as added token 256) and a ``tokenizer_config.json``, so that
-    ``transformers.AutoTokenizer`` gives the same ids. One difference: the HF files turn a literal
-    ``<|endoftext|>`` inside text into id 256, ``tokenize`` here keeps it as 13 bytes.
+    ``transformers.AutoTokenizer`` gives the same ids. One difference: ``AutoTokenizer`` on the
+    HF files turns a literal ``<|endoftext|>`` inside text into id 256, ``tokenize`` here (and
+    :class:`HuggingFaceTokenizer` on the same files) keeps it as 13 bytes.
     """
 
     tokenizer_type = "ByteLevelTokenizer"
@@ -715,12 +743,40 @@ class TokenizerSettings:
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_flags(self) -> "TokenizerSettings":
+        """Refuse a setting that ``tokenizer_type`` does not read (it would be ignored silently).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: naming the flag to drop and the flags this type reads.
+        """
+        reads = TOKENIZER_FLAGS_READ.get(self.tokenizer_type)
+        if reads is None:  # unknown or unset type: build_tokenizer says what is missing
+            return self
+        for key in TOKENIZER_SETTING_KEYS[1:]:
+            if getattr(self, key) is not None and key not in reads:
+                flag = "--" + key.replace("_", "-")
+                wanted = " and ".join("--" + k.replace("_", "-") for k in reads) or "no files"
+                raise ValueError(f"{flag} is not used by --tokenizer-type {self.tokenizer_type} (it reads {wanted}); "
+                                 f"drop {flag} or choose the tokenizer type that reads it")
+        return self
+
     def build(self) -> Tokenizer:
         return build_tokenizer(**self.as_dict())
 
 
 TOKENIZER_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(TokenizerSettings))
 """The field names of :class:`TokenizerSettings`, in order."""
+
+TOKENIZER_FLAGS_READ = {
+    "HuggingFaceTokenizer": ("tokenizer_model",),
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "ByteLevelTokenizer": (),
+    "NullTokenizer": ("vocab_size",),
+}
+"""The :class:`TokenizerSettings` fields each ``--tokenizer-type`` reads (the others must be unset)."""
 
 TOKENIZER_PATH_KEYS = ("tokenizer_model", "vocab_file", "merge_file")
 """The fields of :class:`TokenizerSettings` that name files (what a tokenizer is read from)."""
@@ -732,5 +788,10 @@ def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
 
 
 def tokenizer_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers)."""
-    return TokenizerSettings.from_mapping(args).as_dict()
+    """The keyword arguments of :func:`build_tokenizer` held by ``args`` (picklable, for workers).
+
+    Raises:
+        ValueError: a tokenizer flag that ``--tokenizer-type`` does not read
+            (:meth:`TokenizerSettings.check_flags`).
+    """
+    return TokenizerSettings.from_mapping(args).check_flags().as_dict()

@@ -1,1 +1,1 @@
-"""Hugging Face export/import of the linear LM (``convert``) and its pure-PyTorch HF model code."""
+"""Hugging Face export/import of the linear LM (``to_hf``, ``from_hf``) and its pure-PyTorch HF model code."""

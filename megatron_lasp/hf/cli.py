@@ -1,7 +1,7 @@
 """The command-line frame of the conversion tools (``tools/convert_checkpoint_to_hf.py``,
 ``tools/convert_hf_to_checkpoint.py``): their common flags and how they report.
 
-Standard library only at module level (as :mod:`megatron_lasp.hf.convert`): a tool parses and
+No torch at import (as :mod:`megatron_lasp.hf.files`): a tool parses and
 checks its flags before torch or megatron-core are imported.
 """
 
@@ -12,7 +12,8 @@ import logging
 import sys
 import warnings
 
-from megatron_lasp.hf.convert import ConversionError
+from megatron_lasp.data.tokenizer import TokenizerSettings, add_tokenizer_args
+from megatron_lasp.hf.files import ConversionError
 
 __all__ = ["run_tool", "tool_parser"]
 
@@ -20,8 +21,6 @@ __all__ = ["run_tool", "tool_parser"]
 def tool_parser(prog: str, doc: str, load_help: str, save_help: str) -> argparse.ArgumentParser:
     """The command-line tools' parser: ``--load``, ``--save``, ``--force`` and the tokenizer flags
     (none by default: each tool has its default tokenizer); each tool adds its own flags."""
-    from megatron_lasp.data.tokenizer import add_tokenizer_args
-
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--load", required=True, help=load_help)
     parser.add_argument("--save", required=True, help=save_help)
@@ -36,8 +35,6 @@ def run_tool(prog: str, args: argparse.Namespace, work) -> int:
     or None): progress at INFO (megatron-core's import-time notices hidden), the line ``work``
     returns printed on success (exit status 0), a :class:`ConversionError` as one line on stderr
     (exit status 1)."""
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_lasp").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")

@@ -5,17 +5,27 @@ This file is copied, unchanged, into every exported model directory next to
 
 The fields mirror the megatron-lasp ``LinearLMConfig`` (``megatron_lasp/models/config.py``):
 ``decay_type`` / ``decay_layer_eps`` choose the per-head decay slopes (``lambda_h =
-exp(-slope_h)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
+exp(-slope_h)``), or ``linear_attention_gate`` a per-token decay learned from the input (``mamba2``:
+``g = -exp(A_log) * softplus(x W + dt_bias)``; ``gla``: ``g = logsigmoid(x W + b) /
+gate_logit_normalizer``; ``lambda_t = exp(g_t)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
 sigmoid gate, ``attention_norm_group_size`` the heads per RMSNorm group on the attention output,
 ``glu_type`` the MLP (``sglu``: ``(W1 x) * (W2 x)``; ``swiglu``: ``silu(W1 x) * (W2 x)``).
+Hybrid models: ``layer_types`` (transformers' convention, as in Qwen3-Next) names each layer
+``"linear_attention"`` or ``"full_attention"`` (causal softmax attention with RoPE, ``rope_theta``,
+and ``num_key_value_heads`` key/value heads); megatron-lasp's ``hybrid_layer_pattern`` writes them
+as ``L`` and ``*``.
 """
 
 from transformers import PretrainedConfig
 
-__all__ = ["LaspLinearLMConfig"]
+__all__ = ["LaspLinearLMConfig", "LAYER_TYPES"]
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+"""The values of ``layer_types``."""
 
 _CHOICES = {
     "decay_type": ("tnl", "alibi", "none"),
+    "linear_attention_gate": ("none", "mamba2", "gla"),
     "qk_feature_map": ("silu", "identity"),
     "v_feature_map": ("silu", "identity"),
     "glu_type": ("sglu", "swiglu"),
@@ -35,6 +45,10 @@ class LaspLinearLMConfig(PretrainedConfig):
         rms_norm_eps: epsilon of every RMSNorm.
         decay_type: 'tnl' (ALiBi slopes x ``(1 - l / (L - 1) + decay_layer_eps)``), 'alibi' or 'none'.
         decay_layer_eps: epsilon of the 'tnl' depth scaling.
+        linear_attention_gate: 'none' (the fixed decay above), 'mamba2' or 'gla': a per-token,
+            per-head log-decay computed from the block's normed input (``decay_proj``, and
+            ``A_log`` / ``dt_bias`` for 'mamba2'), replacing the fixed decay.
+        gate_logit_normalizer: the 'gla' gate's divisor of the log-sigmoid.
         qk_feature_map: 'silu' or 'identity', applied to q and k.
         v_feature_map: 'silu' or 'identity', applied to v.
         output_gate: multiply the normalised attention output by ``sigmoid(g_proj x)``.
@@ -45,10 +59,17 @@ class LaspLinearLMConfig(PretrainedConfig):
         chunk_size: block length of the chunked (parallel) form used for prompts.
         initializer_range: std of the normal init of fresh weights.
         use_cache: return the recurrent-state cache by default.
+        layer_types: one of :data:`LAYER_TYPES` per layer (None: every layer linear).
+        num_key_value_heads: key/value heads of the full-attention layers (default: the heads).
+        rope_theta: RoPE base of the full-attention layers.
     """
 
     model_type = "lasp_linear_lm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def layer_type(self, layer_idx: int) -> str:
+        """``"linear_attention"`` or ``"full_attention"``: the kind of layer ``layer_idx``."""
+        return LAYER_TYPES[0] if self.layer_types is None else self.layer_types[layer_idx]
 
     def __init__(
         self,
@@ -61,6 +82,8 @@ class LaspLinearLMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         decay_type: str = "tnl",
         decay_layer_eps: float = 1e-5,
+        linear_attention_gate: str = "none",
+        gate_logit_normalizer: float = 16.0,
         qk_feature_map: str = "silu",
         v_feature_map: str = "silu",
         output_gate: bool = True,
@@ -74,6 +97,9 @@ class LaspLinearLMConfig(PretrainedConfig):
         bos_token_id: int = None,
         eos_token_id: int = None,
         pad_token_id: int = None,
+        layer_types: list = None,
+        num_key_value_heads: int = None,
+        rope_theta: float = 10000.0,
         **kwargs,
     ):
         for name, allowed in _CHOICES.items():
@@ -92,6 +118,18 @@ class LaspLinearLMConfig(PretrainedConfig):
                 f"attention_norm_group_size ({attention_norm_group_size}) must divide num_attention_heads "
                 f"({num_attention_heads})"
             )
+        if layer_types is not None:
+            layer_types = list(layer_types)
+            if len(layer_types) != num_hidden_layers or set(layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name each of the {num_hidden_layers} layers one of "
+                                 f"{', '.join(LAYER_TYPES)}, got {layer_types}")
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads != 0:
+            raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
+                             f"({num_attention_heads})")
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.vocab_size = vocab_size
@@ -103,6 +141,8 @@ class LaspLinearLMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.decay_type = decay_type
         self.decay_layer_eps = decay_layer_eps
+        self.linear_attention_gate = linear_attention_gate
+        self.gate_logit_normalizer = gate_logit_normalizer
         self.qk_feature_map = qk_feature_map
         self.v_feature_map = v_feature_map
         self.output_gate = output_gate
@@ -113,6 +153,9 @@ class LaspLinearLMConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.layer_types = layer_types
+        self.num_key_value_heads = num_key_value_heads
+        self.rope_theta = rope_theta
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id

@@ -16,11 +16,25 @@ the identity (SGLU) or SiLU (SwiGLU). ``LinAttn`` is causal linear attention wit
     o_t = sum_{s <= t} lambda^(t - s) (q_t . k_s) v_s
         = q_t S_t  with  S_t = lambda S_{t-1} + k_t^T v_t   (state [Dk, Dv], fp32)
 
+With ``config.linear_attention_gate`` the decay is learned per token and head instead,
+``S_t = exp(g_t) S_{t-1} + k_t^T v_t`` with the log-decay ``g_t <= 0`` computed (fp32) from the
+block's normed input ``x'``::
+
+    mamba2:  g_t = -exp(A_log) * softplus(decay_proj x'_t + dt_bias)
+    gla:     g_t = logsigmoid(decay_proj x'_t) / gate_logit_normalizer      (decay_proj with bias)
+
+Generation applies each new token's gate to the state in the recurrent step (still O(1) per token).
+
 Prompts run the chunked form (:func:`chunk_linear_attention`, quadratic only inside blocks of
 ``config.chunk_size`` tokens), which also returns the final state; generation then advances the
 state one token at a time (:func:`recurrent_linear_attention`): O(1) memory and work per token.
 The states live in :class:`LaspLinearLMCache` (one ``[B, H, Dk, Dv]`` fp32 tensor per layer),
 passed as ``cache`` (``past_key_values`` is accepted too) and returned in the output.
+
+Hybrid models (``config.layer_types``): a ``"full_attention"`` layer replaces the token mixer by
+causal softmax attention with RoPE (``rope_theta``, rotate-half convention, positions counted from
+the row's first token) and ``num_key_value_heads`` key/value heads (GQA); its keys and values go to
+a transformers ``DynamicLayer`` of the same cache, while the linear layers keep their O(1) state.
 
 Padding: positions where ``attention_mask`` is 0 contribute nothing to the state (their value
 vectors are zeroed), so left-padded batches give the same tokens as unpadded single prompts.
@@ -29,7 +43,8 @@ Packed documents: ``cu_seqlens`` (flash-attention's document starts over the ``B
 the rows laid end to end; ``cu_seq_lens_q`` from transformers' packing collator is read too) or
 ``position_ids`` that restart at 0 (a token at position 0 after the row start begins a document)
 restart the state at every document start, so each document gives the logits it gives alone. A
-cache / the state from earlier calls feeds only the first document of each row.
+cache / the state from earlier calls feeds only the first document of each row (the softmax layers
+likewise: their cached keys belong to each row's first document).
 """
 
 from __future__ import annotations
@@ -61,7 +76,7 @@ def _check_transformers_version(version: str) -> None:
 _check_transformers_version(transformers.__version__)
 
 from transformers import GenerationMixin, PreTrainedModel  # noqa: E402
-from transformers.cache_utils import Cache  # noqa: E402
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
@@ -77,6 +92,7 @@ __all__ = [
     "LaspLinearLMForCausalLM",
     "LaspLinearLMModel",
     "LaspLinearLMPreTrainedModel",
+    "LaspSoftmaxAttention",
     "alibi_slopes",
     "chunk_linear_attention",
     "layer_slope_values",
@@ -141,26 +157,33 @@ def recurrent_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    slopes: torch.Tensor,
+    slopes: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token recurrence ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (fp32).
 
     Args:
         q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``.
-        slopes: ``[H]``, ``lambda_h = exp(-slopes[h])``.
+        slopes: ``[H]``, ``lambda_h = exp(-slopes[h])``; None with ``g``.
         initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
+        g: per-token log-decays ``[B, H, T]`` (``lambda_t = exp(g_t)``) instead of ``slopes``.
 
     Returns:
         ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32)``.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
+    if g is None:
+        lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
+    else:
+        lam_t = torch.exp(g.float()).view(B, H, T, 1, 1)
     state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     qf, kf, vf = q.float(), k.float(), v.float()
     outs = []
     for t in range(T):
+        if g is not None:
+            lam = lam_t[:, :, t]
         state = lam * state + kf[:, :, t, :, None] * vf[:, :, t, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], state))
     return torch.stack(outs, dim=2).to(q.dtype), state
@@ -174,6 +197,7 @@ def chunk_linear_attention(
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     doc_ids: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked (block-parallel) form of :func:`recurrent_linear_attention`, same arguments/returns.
 
@@ -186,24 +210,40 @@ def chunk_linear_attention(
     All arithmetic is fp32; the work is quadratic only inside a block. ``doc_ids [B, T]`` (the
     document of each token, non-decreasing per row) masks every factor by "same document": the
     state restarts at each document start; ``initial_state`` feeds each row's first document.
+
+    Per-token gates ``g [B, H, T]`` (``slopes=None``): with ``c_i`` the block's inclusive
+    cumulative sum of ``g``, ``lambda^(i-j)`` becomes ``exp(c_i - c_j)`` (formed only for ``i >=
+    j``, so no ``exp`` of a positive number), ``lambda^(i+1)`` becomes ``exp(c_i)``,
+    ``lambda^(n-1-i)`` becomes ``exp(c_last - c_i)`` and ``lambda^n`` becomes ``exp(c_last)``.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
     state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     C = max(1, min(chunk_size, T))
     idx = torch.arange(C, device=q.device, dtype=torch.float32)
     diff = idx[:, None] - idx[None, :]
-    decay_full = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
-    decay_in_full = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)  # [H, C, 1]: lambda^(i+1)
+    if g is None:
+        s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
+        decay_full = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
+        decay_in_full = torch.exp(-s[:, 0] * (idx + 1)).unsqueeze(-1)  # [H, C, 1]: lambda^(i+1)
+    else:
+        gf = g.float()
     qf, kf, vf = q.float(), k.float(), v.float()
     outs = []
     for start in range(0, T, C):
         n = min(C, T - start)
         qc, kc, vc = qf[:, :, start : start + n], kf[:, :, start : start + n], vf[:, :, start : start + n]
-        mask, decay_in = decay_full[:, :n, :n], decay_in_full[:, :n]
-        decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
-        across = torch.exp(-s * n)
+        if g is None:
+            mask, decay_in = decay_full[:, :n, :n], decay_in_full[:, :n]
+            decay_out = torch.exp(-s[:, 0] * (n - 1 - idx[:n])).unsqueeze(-1)  # [H, n, 1]: lambda^(n-1-i)
+            across = torch.exp(-s * n)
+        else:
+            c = gf[:, :, start : start + n].cumsum(-1)  # [B, H, n]
+            pair = (c[..., :, None] - c[..., None, :]).masked_fill(diff[:n, :n] < 0, float("-inf"))
+            mask = pair.exp()  # [B, H, n, n]
+            decay_in = c.exp().unsqueeze(-1)  # [B, H, n, 1]
+            decay_out = (c[..., -1:] - c).exp().unsqueeze(-1)  # [B, H, n, 1]
+            across = c[..., -1].exp().view(B, H, 1, 1)
         if doc_ids is not None:  # same-document masks; e: the document of the entering state
             d = doc_ids[:, start : start + n]
             e, last = doc_ids[:, max(start - 1, 0)], d[:, -1]
@@ -274,11 +314,14 @@ class LaspLinearLMCache(Cache):
     """Per-layer recurrent states of the linear LM: O(1) memory in the sequence length.
 
     ``cache.get_state(i)`` / ``cache.set_state(i, S)`` read and write layer ``i``'s ``[B, H, Dk,
-    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far.
+    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far. A hybrid's
+    full-attention layers (``full_attention[i]``) hold transformers' ``DynamicLayer`` instead,
+    filled by ``cache.update(keys, values, i)`` (``[B, Hkv, T, D]``).
     """
 
-    def __init__(self, num_layers: int):
-        layers = [_RecurrentStateLayer() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, full_attention: Optional[List[bool]] = None):
+        full_attention = full_attention or [False] * num_layers
+        layers = [DynamicLayer() if full else _RecurrentStateLayer() for full in full_attention]
         try:
             super().__init__(layers=layers)
         except TypeError:  # transformers versions whose Cache() takes no layers
@@ -314,7 +357,7 @@ class LaspLinearLMCache(Cache):
 
     @property
     def is_linear(self) -> List[bool]:
-        return [True] * len(self.layers)
+        return [isinstance(layer, _RecurrentStateLayer) for layer in self.layers]
 
     @property
     def is_sliding(self) -> List[bool]:
@@ -334,12 +377,19 @@ class LaspLinearLMCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return all(layer.state is not None for layer in self.layers)
+        return all(_filled(layer) is not None for layer in self.layers)
 
     @property
     def batch_size(self) -> int:
-        sizes = {layer.state.shape[0] for layer in self.layers if layer.state is not None}
+        sizes = {_filled(layer).shape[0] for layer in self.layers if _filled(layer) is not None}
         return sizes.pop() if len(sizes) == 1 else -1
+
+
+def _filled(layer) -> Optional[torch.Tensor]:
+    """A cache layer's tensor with the batch first (the state, or the keys), None while empty."""
+    if isinstance(layer, _RecurrentStateLayer):
+        return layer.state
+    return layer.keys if layer.is_initialized else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +457,21 @@ class LaspLinearAttention(nn.Module):
         self.v_map = _FEATURE_MAPS[config.v_feature_map]
         # Python floats, not a buffer: never loaded, cast, or created on the meta device.
         self.slope_values = layer_slope_values(config, layer_idx)
+        self.gate = getattr(config, "linear_attention_gate", "none")
+        self.decay_proj = None
+        if self.gate != "none":  # the per-token decay replaces the slopes
+            self.gate_logit_normalizer = float(config.gate_logit_normalizer)
+            self.decay_proj = nn.Linear(config.hidden_size, self.num_heads, bias=self.gate == "gla")
+            if self.gate == "mamba2":
+                self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+                self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token log-decays ``g [B, T, H]`` fp32 of the normed input ``x [B, T, hidden]``."""
+        raw = self.decay_proj(x).float()
+        if self.gate == "mamba2":
+            return -torch.exp(self.A_log.float()) * F.softplus(raw + self.dt_bias.float())
+        return F.logsigmoid(raw) / self.gate_logit_normalizer
 
     def forward(
         self,
@@ -422,21 +487,82 @@ class LaspLinearAttention(nn.Module):
             q, k = self.qk_map(q), self.qk_map(k)
         if self.v_map is not None:
             v = self.v_map(v)
-        if token_mask is not None:  # padded positions add nothing to the state
+        g = slopes = None
+        if self.decay_proj is not None:
+            g = self.log_decay(x)
+        if token_mask is not None:  # padded positions add nothing to the state (nor decay it)
             v = v * token_mask[:, :, None, None].to(v.dtype)
+            if g is not None:
+                g = g * token_mask[:, :, None].to(g.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        slopes = torch.tensor(self.slope_values, dtype=torch.float64, device=x.device).float()
+        if g is None:
+            slopes = torch.tensor(self.slope_values, dtype=torch.float64, device=x.device).float()
+        else:
+            g = g.transpose(1, 2)  # [B, H, T]
         initial_state = cache.get_state(self.layer_idx) if cache is not None else None
         if initial_state is not None and T == 1:
-            o, state = recurrent_linear_attention(q, k, v, slopes, initial_state)
+            o, state = recurrent_linear_attention(q, k, v, slopes, initial_state, g=g)
         else:
-            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size, doc_ids)
+            o, state = chunk_linear_attention(q, k, v, slopes, initial_state, self.chunk_size, doc_ids, g=g)
         if cache is not None:
             cache.set_state(self.layer_idx, state)
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x).view(heads))
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (rotate-half convention): ``x [B, H, T, D]`` at ``positions [T]``, angles in fp32."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=x.device) / D))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [T, D]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LaspSoftmaxAttention(nn.Module):
+    """A hybrid's full-attention token mixer: ``[B, T, hidden] -> [B, T, hidden]``.
+
+    Causal softmax attention, RoPE on q and k, ``num_key_value_heads`` key/value heads; the keys
+    and values of earlier tokens come from (and the new ones go to) the cache's ``DynamicLayer``.
+    """
+
+    def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        bias = config.add_bias_linear
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, cache=None, token_mask=None, doc_ids=None, key_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        past = cache.layers[self.layer_idx].get_seq_length() if cache is not None else 0
+        positions = torch.arange(past, past + T, device=x.device)
+        q, k = _rotate(q, positions, self.rope_theta), _rotate(k, positions, self.rope_theta)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        Tk = k.shape[2]
+        # query i (position past + i) reads key j <= past + i; padded keys and other documents never
+        allowed = torch.arange(Tk, device=x.device)[None, :] <= positions[:, None]  # [T, Tk]
+        allowed = allowed[None].expand(B, T, Tk)
+        if key_mask is not None and key_mask.shape[-1] == Tk:
+            allowed = allowed & key_mask[:, None, :].bool()
+        if doc_ids is not None:  # earlier calls' keys belong to each row's first document
+            k_docs = torch.cat([doc_ids[:, :1].expand(B, Tk - T), doc_ids], dim=1)
+            allowed = allowed & (doc_ids[:, :, None] == k_docs[:, None, :])
+        allowed = allowed | (torch.arange(Tk, device=x.device)[None, :] == positions[:, None])[None]  # no empty rows
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class LaspMLP(nn.Module):
@@ -463,12 +589,14 @@ class LaspDecoderLayer(nn.Module):
     def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
         super().__init__()
         self.input_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = LaspLinearAttention(config, layer_idx)
+        full = config.layer_type(layer_idx) == "full_attention"
+        self.attn = (LaspSoftmaxAttention if full else LaspLinearAttention)(config, layer_idx)
         self.mlp_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LaspMLP(config)
 
-    def forward(self, x, cache=None, token_mask=None, doc_ids=None):
-        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask, doc_ids=doc_ids)
+    def forward(self, x, cache=None, token_mask=None, doc_ids=None, key_mask=None):
+        kwargs = {"key_mask": key_mask} if isinstance(self.attn, LaspSoftmaxAttention) else {}
+        h = x + self.attn(self.input_norm(x), cache=cache, token_mask=token_mask, doc_ids=doc_ids, **kwargs)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -481,6 +609,21 @@ class LaspLinearLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LaspDecoderLayer"]
     supports_gradient_checkpointing = True
     _is_stateful = True  # a recurrent state cannot be rolled back (no assisted generation)
+
+    def _init_weights(self, module):
+        """transformers' default, plus the Mamba2 recipe for a gated layer's ``A_log`` / ``dt_bias``:
+        ``A = exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in [1e-3, 1e-1]
+        (floored at 1e-4); weights loaded from a checkpoint are left alone."""
+        super()._init_weights(module)
+        if isinstance(module, LaspLinearAttention) and module.gate == "mamba2":
+            heads = module.num_heads
+            dt = torch.exp(torch.rand(heads, dtype=torch.float64) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            a = torch.empty(heads, dtype=torch.float64).uniform_(1.0, 16.0)
+            for param, values in ((module.A_log, torch.log(a)), (module.dt_bias, dt + torch.log(-torch.expm1(-dt)))):
+                if not getattr(param, "_is_hf_initialized", False):
+                    with torch.no_grad():
+                        param.copy_(values.to(param.dtype))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -592,21 +735,24 @@ class LaspLinearLMModel(LaspLinearLMPreTrainedModel):
                 )
             cache = None  # an empty key/value cache made by generic code: replace it
         if cache is None and use_cache:
-            cache = LaspLinearLMCache(self.config.num_hidden_layers)
-        token_mask = None
+            cache = LaspLinearLMCache(self.config.num_hidden_layers, [
+                self.config.layer_type(i) == "full_attention" for i in range(self.config.num_hidden_layers)])
+        token_mask = key_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:]
             if bool(token_mask.all()):
                 token_mask = None
+            if not bool(attention_mask.all()):
+                key_mask = attention_mask  # the softmax layers' keys: cached and new
         doc_ids = _document_ids(cu_seqlens, position_ids, x.shape[0], T, x.device)
         hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(x)
             if checkpointing:
-                x = self._gradient_checkpointing_func(layer.__call__, x, None, token_mask, doc_ids)
+                x = self._gradient_checkpointing_func(layer.__call__, x, None, token_mask, doc_ids, key_mask)
             else:
-                x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids)
+                x = layer(x, cache=cache, token_mask=token_mask, doc_ids=doc_ids, key_mask=key_mask)
         x = self.norm(x)
         if hidden is not None:
             hidden.append(x)

@@ -35,7 +35,7 @@ Builder API (what the training loop calls)::
   ``recompute_num_layers``) recomputes whole layers; ``'selective'`` with ``'core_attn'`` in
   ``recompute_modules`` (megatron-core's default) recomputes the linear-attention core (feature
   maps + kernel + SP communication).
-- Long sequences (``loss.py``, ``memory.py``, ``docs/MEMORY.md``): the output layer + loss run
+- Long sequences (``loss.py``, ``offload.py``, ``chunked.py``, ``docs/MEMORY.md``): the output layer + loss run
   chunked over tokens by default (``fused_linear_cross_entropy``; pass ``loss_mask=`` to get the
   gradients computed in forward), ``offload_layer_inputs`` keeps the recompute checkpoints in
   pinned host memory, ``recompute_chunk_size`` recomputes each layer with its MLP half in chunks.

@@ -4,6 +4,8 @@ Per layer, on activations ``[s, b, hidden]`` (``s``: this rank's tokens)::
 
     q, k, v, u = split(linear_qkv(x))              # ColumnParallelLinear, heads split over TP
     o = lightning_attn_sp(phi(q), phi(k), psi(v), slopes, sp_group, mode)   # causal, decayed
+    # or, with linear_attention_gate (gate.py): g = gate(x) [s, b, h] and
+    # o = lightning_attn_sp(phi(q), phi(k), psi(v), None, sp_group, mode, g=g)
     o = GroupRMSNorm(o) * sigmoid(u)               # norm per head (group), optional gate
     out = linear_proj(o)                           # RowParallelLinear
 
@@ -45,6 +47,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_lasp.models.config import LinearLMConfig
+from megatron_lasp.models.gate import GateSubmodules, LinearAttentionGate
 from megatron_lasp.models.norms import GroupRMSNorm
 from megatron_lasp.ops import fused as fused_ops
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
@@ -102,6 +105,9 @@ class LinearAttentionSubmodules:
     """Fused q, k, v (+ gate) projection: a column-parallel linear (or TE layernorm-linear)."""
     linear_proj: Union[ModuleSpec, type] = None
     """Output projection: a row-parallel linear."""
+    gate: Union[ModuleSpec, type, None] = None
+    """The per-token gate (:class:`~megatron_lasp.models.gate.LinearAttentionGate`), built only
+    with ``config.linear_attention_gate != 'none'``."""
 
 
 @dataclass
@@ -114,10 +120,12 @@ class StateCarry:
     want_final: bool = True
     final: Optional[torch.Tensor] = None
     cut: bool = False
-    """The first backward pass of a sequence-parallel chunk (``memory.py``): the projection output
+    """The first backward pass of a sequence-parallel chunk (``chunked.py``): the projection output
     (``mixed``) and the attention output (``o``, ``[b, s, h, d]``) become leaves that collect
     their gradients, q is kept (``q``), and no gradient reaches q, k, v."""
     mixed: Optional[torch.Tensor] = None
+    g: Optional[torch.Tensor] = None
+    """With a gate: its output ``[s, b, h]``, a leaf like ``mixed`` under ``cut``."""
     o: Optional[torch.Tensor] = None
     q: Optional[torch.Tensor] = None
 
@@ -192,6 +200,12 @@ class LinearSelfAttention(MegatronModule):
             tp_comm_buffer_name="proj",
             tp_group=self.tp_group,
         )
+        self.gate = None
+        if config.gated:
+            gate_spec = submodules.gate or ModuleSpec(
+                module=LinearAttentionGate, submodules=GateSubmodules(linear=tensor_parallel.ColumnParallelLinear)
+            )
+            self.gate = build_module(gate_spec, config=config, tp_group=self.tp_group)
         head_slice = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
         self._slope_values = tuple(layer_slopes(config, layer_number)[head_slice].tolist())
         self._slopes_by_device = {}
@@ -201,7 +215,7 @@ class LinearSelfAttention(MegatronModule):
     @contextlib.contextmanager
     def carrying(self, carry: StateCarry):
         """Within the block, the attention runs on a piece of the sequence that continues from
-        ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``memory.py``).
+        ``carry.initial`` and sets ``carry.final`` (a layer run chunk by chunk, ``chunked.py``).
 
         The caller owns the sequence-parallel exchange (no collective runs inside).
         """
@@ -219,20 +233,23 @@ class LinearSelfAttention(MegatronModule):
             self._slopes_by_device[device] = torch.tensor(self._slope_values, dtype=torch.float32, device=device)
         return self._slopes_by_device[device]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g=None, cu_seqlens=None) -> torch.Tensor:
         """The sequence-parallel kernel on ``[s, b, h, d]`` views -> o ``[s, b, h, d]``.
+
+        ``g``: the per-token log-decays ``[s, b, h]`` fp32 of a gated layer (None: the fixed slopes).
 
         The first call checks that the SP ranks agree on the shapes (one small collective and a
         host sync); every rank runs the same layers in the same order, so later calls skip it.
         Inside :meth:`carrying`, the kernel starts from and returns the carried state instead.
         """
         carry = self._carry
+        decay = self._decay(g)
         if carry is not None:
             with torch.no_grad() if carry.cut else contextlib.nullcontext():
                 o, carry.final = chunk_lightning_attn(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.slopes,
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), decay["slopes"],
                     initial_state=carry.initial, output_final_state=carry.want_final,
-                    backend=self.config.kernel_backend, cu_seqlens=cu_seqlens,
+                    backend=self.config.kernel_backend, cu_seqlens=cu_seqlens, g=decay["g"],
                 )
             if carry.cut:
                 carry.q = q.detach()
@@ -242,8 +259,9 @@ class LinearSelfAttention(MegatronModule):
             q.transpose(0, 1),
             k.transpose(0, 1),
             v.transpose(0, 1),
-            self.slopes,
+            decay["slopes"],
             self.sp_group,
+            g=decay["g"],
             mode=self.config.sequence_parallel_mode,
             backend=self.config.kernel_backend,
             validate=None if not self._sp_checked else False,
@@ -251,6 +269,12 @@ class LinearSelfAttention(MegatronModule):
         )
         self._sp_checked = True
         return o.transpose(0, 1)
+
+    def _decay(self, g: Optional[torch.Tensor]) -> dict:
+        """The op's decay keywords: ``slopes`` (fixed) or ``g`` as ``[b, s, h]`` (gated)."""
+        if g is None:
+            return {"slopes": self.slopes, "g": None}
+        return {"slopes": None, "g": g.transpose(0, 1)}
 
     def qkv(self, hidden_states: torch.Tensor):
         """``(mixed, q, k, v)``: the projection of the normed input and the kernel's inputs
@@ -283,22 +307,23 @@ class LinearSelfAttention(MegatronModule):
             self.config.qk_feature_map == "silu", self.config.v_feature_map == "silu",
         )
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views -> o ``[s, b, h, d]``."""
-        return self._attention(*self._feature_maps(q, k, v), cu_seqlens)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g=None, cu_seqlens=None) -> torch.Tensor:
+        """Feature maps + sequence-parallel kernel: ``[s, b, h, d]`` views (``g [s, b, h]`` or None)
+        -> o ``[s, b, h, d]``."""
+        return self._attention(*self._feature_maps(q, k, v), g, cu_seqlens)
 
-    def _core_fused(self, mixed: torch.Tensor, cu_seqlens=None):
+    def _core_fused(self, mixed: torch.Tensor, g=None, cu_seqlens=None):
         """Fused feature maps + gate sigmoid, then the kernel: ``mixed`` -> ``(o [s, b, h, d], sg or None)``."""
         q, k, v, sg = self._fused_features(mixed)
-        o = self._attention(q, k, v, cu_seqlens)
+        o = self._attention(q, k, v, g, cu_seqlens)
         return (o, sg) if sg is not None else o
 
-    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, cu_seqlens=None):
+    def _forward_fused(self, hidden_states: torch.Tensor, mixed: torch.Tensor, g=None, cu_seqlens=None):
         extra = () if cu_seqlens is None else (cu_seqlens,)
         if self.recompute_core:
-            out = tensor_parallel.checkpoint(self._core_fused, False, mixed, *extra)
+            out = tensor_parallel.checkpoint(self._core_fused, False, mixed, g, *extra)
         else:
-            out = self._core_fused(mixed, *extra)
+            out = self._core_fused(mixed, g, *extra)
         o, sg = out if self.parts == 4 else (out, None)
         y = fused_ops.norm_gate(o, sg, self.out_norm.weight, self.out_norm.group_size, self.out_norm.eps,
                                 recompute=self.recompute_elementwise)
@@ -334,20 +359,23 @@ class LinearSelfAttention(MegatronModule):
             if cu_seqlens is None:
                 raise ValueError("LinearSelfAttention: packed_seq_params needs cu_seqlens_q (the document starts)")
         mixed, _ = self.linear_qkv(hidden_states)
+        g = self.gate(hidden_states) if self.gate is not None else None
         if self._carry is not None and self._carry.cut:
             mixed = self._carry.mixed = mixed.detach().requires_grad_(True)
-        if self.recompute_elementwise:
-            fused_ops.discard_until_backward(hidden_states, mixed)  # the input norm's output, if tagged
+            if g is not None:
+                g = self._carry.g = g.detach().requires_grad_(True)
+        if self.recompute_elementwise:  # the input norm's output, if tagged
+            fused_ops.discard_until_backward(hidden_states, mixed, *(() if g is None else (g,)))
         if self.fused:
-            return self._forward_fused(hidden_states, mixed, cu_seqlens)
+            return self._forward_fused(hidden_states, mixed, g, cu_seqlens)
         s, b = mixed.shape[:2]
         mixed = self._split(mixed)
         q, k, v = mixed[:, :, :, 0], mixed[:, :, :, 1], mixed[:, :, :, 2]
         extra = () if cu_seqlens is None else (cu_seqlens,)
         if self.recompute_core:
-            o = tensor_parallel.checkpoint(self._core, False, q, k, v, *extra)
+            o = tensor_parallel.checkpoint(self._core, False, q, k, v, g, *extra)
         else:
-            o = self._core(q, k, v, *extra)
+            o = self._core(q, k, v, g, *extra)
         o_pre = o
         o = self.out_norm(o)
         if self.parts == 4:

@@ -2,9 +2,11 @@
 
 The config owns the model's rules: ``__post_init__`` checks the new fields and how the heads split
 over the tensor- and sequence-parallel groups, with ``ValueError`` messages that name the config
-fields to change (the training CLI maps field names to its flags). Presets (``tiny``, ``tnl-385m``, ``tnl-1b``, ``tnl-7b``) follow the
-TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets); :func:`linear_lm_config` builds a config from a
-preset plus overrides, and :func:`preset_vocab_size` gives the preset's vocabulary.
+fields to change (the training CLI maps field names to its flags). Presets (``tiny``,
+``tnl-385m``, ``tnl-1b``, ``tnl-7b``; ``tnl-1b-mamba2`` / ``tnl-1b-gla``: TNL-1B with a per-token
+gate) follow the TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets);
+:func:`linear_lm_config` builds a config from a preset plus overrides, and
+:func:`preset_vocab_size` gives the preset's vocabulary.
 
 Fields of ``TransformerConfig`` whose defaults differ here (TNL-style model): ``normalization``
 (RMSNorm), ``gated_linear_unit`` (True; ``activation_func`` is set from ``glu_type``),
@@ -23,13 +25,17 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lasp.models.gate import GATES
 from megatron_lasp.ops.lightning_attn.utils import BACKENDS, MAX_HEAD_DIM
+from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
+from megatron_lasp.parallel.softmax import SOFTMAX_SP_MODES
 from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
 
 __all__ = [
     "LinearLMConfig",
     "PRESETS",
     "DECAY_TYPES",
+    "GATES",
     "FEATURE_MAPS",
     "GLU_TYPES",
     "TRANSFORMER_IMPLS",
@@ -39,6 +45,9 @@ __all__ = [
     "TE_MISSING_MESSAGE",
     "sglu_identity",
     "check_head_split",
+    "check_softmax_head_split",
+    "LINEAR_LAYER",
+    "SOFTMAX_LAYER",
 ]
 
 DECAY_TYPES = ("tnl", "alibi", "none")
@@ -84,6 +93,40 @@ def check_head_split(
     return local_heads
 
 
+LINEAR_LAYER, SOFTMAX_LAYER = "L", "*"
+LAYER_SYMBOLS = (LINEAR_LAYER, SOFTMAX_LAYER)
+"""The characters of ``hybrid_layer_pattern``."""
+
+
+def check_softmax_head_split(
+    num_attention_heads: int,
+    num_query_groups: Optional[int],
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    softmax_sequence_parallel_mode: str = "allgather",
+) -> None:
+    """The rule of how the softmax layers' query and key/value heads split over TP and SP.
+
+    Raises:
+        ValueError: naming the fields, when the key/value heads do not divide the query heads or
+            the tensor-parallel size, or (ulysses) the heads per tensor-parallel rank do not divide
+            the sequence-parallel size.
+    """
+    groups = num_query_groups or num_attention_heads
+    tp, sp = tensor_model_parallel_size, context_parallel_size
+    if num_attention_heads % groups != 0 or groups % tp != 0:
+        raise ValueError(
+            f"num_query_groups ({groups}) must divide num_attention_heads ({num_attention_heads}) and be "
+            f"divisible by tensor_model_parallel_size ({tp}) (the softmax layers' key/value heads)"
+        )
+    if softmax_sequence_parallel_mode == "ulysses" and (groups // tp) % sp != 0:
+        raise ValueError(
+            f"softmax_sequence_parallel_mode ulysses needs the key/value heads per tensor-parallel rank "
+            f"({groups // tp}) to be divisible by context_parallel_size ({sp}); use "
+            "softmax_sequence_parallel_mode allgather or change num_query_groups"
+        )
+
+
 def sglu_identity(x: torch.Tensor) -> torch.Tensor:
     """The "activation" of SGLU: none, so that the MLP computes ``(W1 x) * (W2 x)``."""
     return x
@@ -120,6 +163,13 @@ class LinearLMConfig(TransformerConfig):
     decay_layer_eps: float = 1e-5
     """The epsilon of the 'tnl' depth scaling, keeping the last layer's decay non-zero
     (--decay-layer-eps)."""
+    linear_attention_gate: str = "none"
+    """Per-token, per-head log-decay learned from the input (``gate.py``): 'none' (the fixed decay
+    of ``decay_type``, the fast path), 'mamba2' (``-exp(A_log) * softplus(x W_dt + dt_bias)``) or
+    'gla' (``logsigmoid(x W_g + b_g) / gate_logit_normalizer``); a gate replaces the fixed decay
+    (--linear-attention-gate)."""
+    gate_logit_normalizer: float = 16.0
+    """The 'gla' gate's divisor of the log-sigmoid (16 as published; --gate-logit-normalizer)."""
     qk_feature_map: str = "silu"
     """Feature map on q and k: 'silu' (TNL) or 'identity' (--qk-feature-map)."""
     v_feature_map: str = "silu"
@@ -145,7 +195,23 @@ class LinearLMConfig(TransformerConfig):
     the tensors kept anyway right before their backward; no matmul is recomputed. Needs
     recompute_granularity 'selective' (--recompute-modules elementwise)."""
 
-    # ---- long-context memory (megatron_lasp/models/loss.py, memory.py) ------------------------
+    # ---- hybrid models: softmax-attention layers among the linear ones (softmax_attention.py) --
+    hybrid_layer_pattern: Optional[str] = None
+    """One character per layer, each layer with its MLP: 'L' linear attention, '*' softmax
+    attention (megatron-core's hybrid symbol), e.g. 'LLL*LLL*'; None: every layer linear
+    (--hybrid-layer-pattern). The softmax layers use num_query_groups key/value heads (GQA) and
+    RoPE (rotary_base); the linear layers keep one key/value head per head."""
+    softmax_sequence_parallel_mode: str = "allgather"
+    """How the softmax layers run over the sequence-parallel group: 'allgather' (K and V gathered),
+    'allgather-balanced' (the same with the causal work evened out over the ranks) or 'ulysses'
+    (all-to-all to head shards) (--softmax-sequence-parallel-mode)."""
+    softmax_kernel: str = "auto"
+    """The softmax layers' library kernel: auto, sdpa, flex, varlen or math
+    (megatron_lasp/ops/softmax_attn) (--softmax-kernel)."""
+    rotary_base: float = 10000.0
+    """RoPE base of the softmax layers (--rotary-base)."""
+
+    # ---- long-context memory (megatron_lasp/models/loss.py, offload.py, chunked.py) ----------
     fused_linear_cross_entropy: bool = True
     """Output layer + cross-entropy chunked over tokens, never holding the [tokens, vocab] logits
     (--no-fused-linear-cross-entropy: megatron-core's output layer and vocab-parallel loss)."""
@@ -158,7 +224,7 @@ class LinearLMConfig(TransformerConfig):
     """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
     kept, and each layer runs (forward, recompute and backward) in chunks of this many tokens,
     the attention's state carried from chunk to chunk, also across the ranks of a lasp group
-    (memory.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
+    (chunked.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
     (--recompute-chunk-size). Needs recompute_granularity None (it
     replaces it)."""
 
@@ -166,14 +232,23 @@ class LinearLMConfig(TransformerConfig):
         self._check_linear_lm_fields()
         self.gated_linear_unit = True
         self.activation_func = sglu_identity if self.glu_type == "sglu" else F.silu
+        if self.is_hybrid:
+            # layers of two kinds have differently shaped weights: checkpoint them per layer
+            # (megatron-core stacks homogeneous layers into one tensor per weight)
+            self.hetereogenous_dist_checkpoint = True
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         super().__post_init__()
-        if self.num_query_groups not in (None, self.num_attention_heads):
+        if self.num_query_groups not in (None, self.num_attention_heads) and not self.is_hybrid:
             raise ValueError(
                 f"num_query_groups ({self.num_query_groups}) must equal num_attention_heads "
-                f"({self.num_attention_heads}): linear attention has one key/value head per head"
+                f"({self.num_attention_heads}): linear attention has one key/value head per head "
+                "(grouped-query attention is for the softmax layers of a hybrid_layer_pattern)"
             )
+        if self.is_hybrid:
+            check_softmax_head_split(self.num_attention_heads, self.num_query_groups,
+                                     self.tensor_model_parallel_size, self.context_parallel_size,
+                                     self.softmax_sequence_parallel_mode)
         if self.kv_channels > MAX_HEAD_DIM:
             raise ValueError(
                 f"head dim kv_channels ({self.kv_channels}) exceeds the kernels' limit "
@@ -185,11 +260,14 @@ class LinearLMConfig(TransformerConfig):
             "sequence_parallel_mode": SEQUENCE_PARALLEL_MODES,
             "kernel_backend": (None, *BACKENDS),
             "decay_type": DECAY_TYPES,
+            "linear_attention_gate": GATES,
             "qk_feature_map": FEATURE_MAPS,
             "v_feature_map": FEATURE_MAPS,
             "glu_type": GLU_TYPES,
             "transformer_impl": TRANSFORMER_IMPLS,
             "normalization": ("RMSNorm",),
+            "softmax_sequence_parallel_mode": SOFTMAX_SP_MODES,
+            "softmax_kernel": SOFTMAX_KERNELS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -198,6 +276,14 @@ class LinearLMConfig(TransformerConfig):
                 raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.transformer_impl == "transformer_engine" and not te_available():
             raise ValueError(TE_MISSING_MESSAGE)
+        if self.gated and self.transformer_impl == "transformer_engine":
+            # TE fuses the input norm into linear_qkv: the gate projection would see the un-normed input
+            raise ValueError(
+                f"linear_attention_gate {self.linear_attention_gate} needs transformer_impl local "
+                "(Transformer Engine fuses the input norm into the q/k/v projection only)"
+            )
+        if not (self.gate_logit_normalizer > 0.0 and math.isfinite(self.gate_logit_normalizer)):
+            raise ValueError(f"gate_logit_normalizer must be a finite number > 0, got {self.gate_logit_normalizer}")
         if (
             self.recompute_granularity == "selective"
             and "layernorm" in (self.recompute_modules or [])
@@ -208,6 +294,7 @@ class LinearLMConfig(TransformerConfig):
                 "recompute_modules layernorm needs transformer_impl transformer_engine; with the "
                 "local implementation use core_attn and/or mlp (or recompute_granularity full)"
             )
+        self._check_hybrid_fields()
         if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
             raise ValueError(
                 f"cross_entropy_chunk_size ({self.cross_entropy_chunk_size}) and recompute_chunk_size "
@@ -246,6 +333,28 @@ class LinearLMConfig(TransformerConfig):
                 f"or set kv_channels"
             )
 
+    def _check_hybrid_fields(self) -> None:
+        pattern = self.hybrid_layer_pattern
+        if pattern is None:
+            return
+        if not isinstance(pattern, str) or set(pattern) - set(LAYER_SYMBOLS) or len(pattern) != self.num_layers:
+            raise ValueError(
+                f"hybrid_layer_pattern must have one character per layer ({self.num_layers}), each "
+                f"'L' (linear attention) or '*' (softmax attention), got {pattern!r}"
+            )
+        if not (self.rotary_base > 0 and math.isfinite(self.rotary_base)):
+            raise ValueError(f"rotary_base must be a finite number > 0, got {self.rotary_base}")
+
+    @property
+    def layer_kinds(self) -> str:
+        """One character per layer: 'L' linear, '*' softmax (all 'L' without a pattern)."""
+        return self.hybrid_layer_pattern or LINEAR_LAYER * self.num_layers
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer is a softmax-attention layer."""
+        return SOFTMAX_LAYER in (self.hybrid_layer_pattern or "")
+
     @property
     def head_dim(self) -> int:
         """Channels per head (``kv_channels``)."""
@@ -262,6 +371,11 @@ class LinearLMConfig(TransformerConfig):
         if self.fusion is None:
             return torch.cuda.is_available()
         return bool(self.fusion)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the linear attention has a per-token gate (``linear_attention_gate != 'none'``)."""
+        return self.linear_attention_gate != "none"
 
     @property
     def qkv_parts(self) -> int:
@@ -283,6 +397,25 @@ PRESETS: Dict[str, _Preset] = {
     ),
     "tnl-1b": _Preset(
         64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632)
+    ),
+    # Hybrids of TNL-1B's size: one softmax-attention layer in eight (MiniMax-01's ratio) or in four
+    # (Qwen3-Next's, Kimi Linear's), each the last of its group; GQA with 4 key/value heads.
+    "tnl-1b-hybrid-1to7": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    hybrid_layer_pattern="LLLLLLL*" * 2, num_query_groups=4)
+    ),
+    "tnl-1b-hybrid-1to3": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    hybrid_layer_pattern="LLL*" * 4, num_query_groups=4)
+    ),
+    # TNL-1B with a per-token gate instead of the fixed decay (the same flag works on every preset)
+    "tnl-1b-mamba2": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_gate="mamba2")
+    ),
+    "tnl-1b-gla": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_gate="gla")
     ),
     "tnl-7b": _Preset(
         64000, dict(num_layers=30, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)

@@ -8,20 +8,18 @@ norm's output and the GLU product are freed once the matmul that reads them has 
 recomputed right before its backward. Any other case, and fusion and that recompute both off,
 runs megatron-core's own ``forward``: a run with fusion off is the unmodified megatron-core MLP.
 
-The class is swapped in after the model is built (:func:`use_linear_lm_mlp`), so it does not
-depend on the form of megatron-core's MLP spec (a ``ModuleSpec`` in 0.16, a builder later).
+The layer spec names it (``specs.glu_mlp_spec``, in the form the installed megatron-core expects).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 
 from megatron_lasp.models.config import sglu_identity
 from megatron_lasp.ops import fused as fused_ops
 
-__all__ = ["LinearLMMLP", "use_linear_lm_mlp"]
+__all__ = ["LinearLMMLP"]
 
 
 class LinearLMMLP(MLP):
@@ -57,10 +55,3 @@ class LinearLMMLP(MLP):
             fused_ops.discard_until_backward(y, out)
         return out, out_bias
 
-
-def use_linear_lm_mlp(model: torch.nn.Module) -> torch.nn.Module:
-    """Make every plain megatron-core ``MLP`` of ``model`` a :class:`LinearLMMLP` (in place)."""
-    for module in model.modules():
-        if type(module) is MLP:
-            module.__class__ = LinearLMMLP
-    return model

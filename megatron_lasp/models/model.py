@@ -11,13 +11,10 @@ from typing import Optional
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from megatron.core.transformer.transformer_layer import TransformerLayer
-
 from megatron_lasp import platform
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.loss import linear_cross_entropy
-from megatron_lasp.models.memory import LayerInputOffloader, LinearTransformerLayer
-from megatron_lasp.models.mlp import use_linear_lm_mlp
+from megatron_lasp.models.offload import LayerInputOffloader
 from megatron_lasp.models.specs import get_linear_lm_block_spec
 
 __all__ = ["LinearLM", "build_linear_lm"]
@@ -159,10 +156,6 @@ def build_linear_lm(
     if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
         pp_rank = pg_collection.pp.rank()
     spec = get_linear_lm_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    for layer_spec in spec.layer_specs:
-        # the same layer, with the chunked recompute of memory.py when recompute_chunk_size > 0
-        if layer_spec.module is TransformerLayer:
-            layer_spec.module = LinearTransformerLayer
     model = LinearLM(
         config=config,
         transformer_layer_spec=spec,
@@ -176,6 +169,5 @@ def build_linear_lm(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
-    use_linear_lm_mlp(model)  # the fused (and recomputable) GLU product
     logger.debug("built LinearLM stage with %d layers", len(model.decoder.layers))
     return model

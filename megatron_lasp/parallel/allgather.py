@@ -12,6 +12,10 @@ Packed documents: every rank knows the document ids of the whole sequence (from 
 ``cu_seqlens``), so the prefix slices' states use ``b`` masked to their last document and the
 factor of a slice holding a boundary is 0; ``S_in`` enters the kernel only if this slice starts
 inside the document it belongs to.
+
+Per-token gates (``g``): the gates are all-gathered too (the earlier slices' ``b`` and carries);
+``dg`` of a slice needs ``<dS_out, S_out>``, which the ranks after it form from their prefix
+states and sum into its owner with one reduce-scatter of ``W x B x H`` numbers.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import (
-    GroupInfo,
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info, reduce_scatter_flat
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
+    SliceFunction,
+    SliceTransform,
     add_state_term,
-    all_gather_flat,
-    group_info,
     local_state,
-    reduce_scatter_flat,
+    slice_gate_grad,
 )
 
 __all__ = ["allgather_attention"]
@@ -42,70 +46,80 @@ def _views(row: torch.Tensor, shape_k, shape_v):
     return row[:nk].view(shape_k), row[nk:].view(shape_v)
 
 
-class _AllGatherFunction(torch.autograd.Function):
+class _AllGatherFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
-        B, C, H = q.shape[:3]
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
         all_gather_flat(kv, packed, info.group)
         kv = kv.view(info.size, packed.numel())
-        dec = SliceDecays.of(slopes, C)
-        s_in = None
+        gates = None
+        if g is not None:  # every slice's gates, for the carries and weights of the slices before this one
+            gates = torch.empty(info.size * g.numel(), dtype=g.dtype, device=g.device)
+            all_gather_flat(gates, g.contiguous().view(-1), info.group)
+            gates = gates.view((info.size,) + tuple(g.shape))
+        transforms = _transforms(slopes, gates, q.shape[1], docs, info)
+        s_in, prefix = None, []
         for j in range(info.rank):
-            s_j = local_state(*_views(kv[j], k.shape, v.shape), _w_out(dec, docs, j))
-            s_in = s_j if s_in is None else s_in.mul_(_across(dec, docs, j, H).to(s_j.dtype)).add_(s_j)
-        if s_in is not None and docs is not None:
-            s_in.mul_(_keep_in(docs, info.rank, B).to(s_in.dtype))
-        o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend,
+            s_j = local_state(*_views(kv[j], k.shape, v.shape), transforms[j].w_out)
+            s_in = s_j if s_in is None else transforms[j](s_in).add_(s_j)
+            prefix.append(s_in)
+        # per-token gates: dg of slice j needs the state leaving it (its gradient is formed here)
+        prefix = torch.stack(prefix) if g is not None and prefix else None
+        if s_in is not None:  # the kernel's initial state feeds the slice's first document
+            s_in = transforms[info.rank].keep(s_in)
+        o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend, g=g,
                                          doc_ids=None if docs is None else docs.local,
                                          triton_options=triton_options)
-        saved.save_to(ctx, q, k, v, slopes, kv)
-        ctx.meta = (info, docs)
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, kv, gates, prefix), (info, docs))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, kv), saved = LightningAttnSaved.restore_from(ctx)
-        info, docs = ctx.meta
-        B, C, H = q.shape[:3]
-        dq, dk, dv, ds_in = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
-        if docs is not None and info.rank > 0:
-            ds_in.mul_(_keep_in(docs, info.rank, B).to(ds_in.dtype))
+        (q, k, v, slopes, g, kv, gates, prefix), saved, (info, docs) = SliceFunction.restore(ctx)
+        grads_local = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
+        dq, dk, dv, ds_in = grads_local[:4]
+        transforms = _transforms(slopes, gates, q.shape[1], docs, info)
+        if info.rank > 0:
+            ds_in = transforms[info.rank].keep(ds_in)
         grads = torch.zeros_like(kv)
         grads[info.rank] = torch.cat([dk.reshape(-1), dv.reshape(-1)])
-        dec = SliceDecays.of(slopes, C)
-        g = ds_in
+        # per-token gates: <dS_out_j, S_out_j> of every slice j, this rank's share
+        finals = None if g is None else torch.zeros((info.size,) + tuple(ds_in.shape[:2]), dtype=ds_in.dtype,
+                                                    device=ds_in.device)
+        grad_j = ds_in  # the gradient of the state leaving slice j (from this rank's tokens)
         for j in range(info.rank - 1, -1, -1):
             k_j, v_j = _views(kv[j], k.shape, v.shape)
             dk_j, dv_j = _views(grads[j], k.shape, v.shape)
-            w_j = _w_out(dec, docs, j)
-            add_state_term(dk_j, v_j, g.transpose(-1, -2), w_j)
-            add_state_term(dv_j, k_j, g, w_j)
+            add_state_term(dk_j, v_j, grad_j.transpose(-1, -2), transforms[j].w_out)
+            add_state_term(dv_j, k_j, grad_j, transforms[j].w_out)
+            if finals is not None:
+                finals[j] = (grad_j * prefix[j].to(grad_j.dtype)).sum((-1, -2))
             if j > 0:
-                g = g * _across(dec, docs, j, H).to(g.dtype)
+                grad_j = transforms[j].transpose(grad_j)
         mine = torch.empty_like(kv[0])
         reduce_scatter_flat(mine, grads.view(-1), info.group)
         dk, dv = _views(mine, k.shape, v.shape)
-        return dq, dk, dv, None, None, None, None, None
+        dg = None
+        if g is not None:
+            final = torch.empty_like(finals[0])
+            reduce_scatter_flat(final.view(-1), finals.view(-1), info.group)
+            has_next = info.rank < info.size - 1
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, backend=saved.backend, final_term=final if has_next else None)
+        return _AllGatherFunction.input_grads(dq, dk, dv, dg)
 
 
-def _w_out(dec: SliceDecays, docs: Optional[SliceDocs], j: int) -> torch.Tensor:
-    return dec.b if docs is None else docs.w_out(dec, j)
-
-
-def _across(dec: SliceDecays, docs: Optional[SliceDocs], j: int, H: int) -> torch.Tensor:
-    if docs is None:
-        return dec.across.view(1, H, 1, 1)
-    return docs.across(dec)[j][:, :, None, None]
-
-
-def _keep_in(docs: SliceDocs, rank: int, B: int) -> torch.Tensor:
-    return docs.keep_in(rank).view(B, 1, 1, 1)
+def _transforms(slopes, gates, C: int, docs: Optional[SliceDocs], info: GroupInfo) -> list:
+    """The :class:`SliceTransform` of this slice and the slices before it (their token weights
+    ``w_out`` used); ``gates``: every slice's gates ``[W, B, C, H]`` (per-token gates) or None."""
+    if gates is None:
+        dec = SliceDecays.of(slopes, C)
+        return [SliceTransform.of(dec, docs, j) for j in range(info.rank + 1)]
+    return [SliceTransform.of(SliceDecays.from_gates(gates[j]), docs, j) for j in range(info.rank + 1)]
 
 
 def allgather_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                        docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
+                        docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
     """All-gather baseline over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _AllGatherFunction.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)
+    return _AllGatherFunction.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options)

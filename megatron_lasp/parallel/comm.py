@@ -1,38 +1,39 @@
-"""Helpers shared by the sequence-parallel modes: peers, state dtype, decay factors, state terms.
+"""Communication of the sequence-parallel modes: the group and its peers, the state dtype, the
+collectives, and the point-to-point of states.
 
-Notation (``parallel/README.md``, per head): a rank holds a contiguous slice of ``C`` tokens; ``lam = exp(-slope)``;
-``a_t = lam^(t+1)`` is the weight of the state entering the slice at its token ``t`` and
-``b_t = lam^(C-1-t)`` the weight of token ``t`` in the state leaving the slice.
+Point-to-point (:func:`send_state`, :func:`recv_state`): the one way the package sends a state
+from rank to rank. gloo cannot send or receive CUDA tensors ("Bad address"), while its
+collectives accept them; so on a gloo group a CUDA tensor goes through a pinned host buffer, which
+lets several ranks share one GPU (``--distributed-backend gloo``) as a correctness check. On NCCL,
+and for CPU tensors, they are plain ``isend`` / ``irecv``. megatron-core's pipeline stages take
+the same route through :func:`ring_exchange` (:func:`pipeline_ring_exchange`).
 
-Packed documents (:class:`SliceDocs`): the same factors, masked per row by "same document"
-(the state entering slice ``j`` reaches only the tokens before its first boundary, a token enters
-the state leaving it only after its last boundary, and the state crosses a slice only if it has no
-boundary). See ``megatron_lasp/parallel/README.md``.
+What a slice does to a state (decay factors, documents, the per-slice transform, the modes'
+autograd tail) is :mod:`megatron_lasp.parallel.slices`; the LASP hop is :mod:`megatron_lasp.parallel.hop`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
 
 __all__ = [
     "GroupInfo",
-    "SliceDocs",
     "group_info",
     "state_dtype",
-    "SliceDecays",
-    "add_state_term",
-    "local_state",
-    "decayed_prefix",
-    "decayed_suffix",
-    "with_entry_state",
     "all_gather_flat",
+    "gather_rows",
     "reduce_scatter_flat",
+    "send_state",
+    "recv_state",
+    "staged_p2p",
+    "ring_exchange",
+    "pipeline_ring_exchange",
 ]
 
 
@@ -68,160 +69,15 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class SliceDecays:
-    """Decay factors of one slice of ``length`` tokens, fp32.
-
-    Attributes:
-        a: ``[H, C]``, ``lam^(t+1)``.
-        b: ``[H, C]``, ``lam^(C-1-t)``.
-        across: ``[H]``, ``lam^C`` (the decay of a state carried across the slice; may underflow to 0).
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    across: torch.Tensor
-
-    @classmethod
-    def of(cls, slopes: torch.Tensor, length: int) -> "SliceDecays":
-        return cls(
-            decay_powers(slopes, length),
-            decay_powers(slopes, length, reverse=True),
-            state_decay(slopes, length),
-        )
-
-
-def _token_weights(w: torch.Tensor) -> torch.Tensor:
-    """``[H, T]`` -> ``[1, T, H, 1]``; per-row ``[B, H, T]`` -> ``[B, T, H, 1]``."""
-    return (w[None] if w.dim() == 2 else w).transpose(1, 2)[..., None]
-
-
-def add_state_term(out: torch.Tensor, x: torch.Tensor, state: torch.Tensor, w: torch.Tensor) -> None:
-    """In place: ``out[b, t, h] += w[(b,) h, t] * x[b, t, h] @ state[b, h]``.
-
-    Args:
-        out: ``[B, T, H, Do]``, any float dtype.
-        x: ``[B, T, H, Di]``.
-        state: ``[B, H, Di, Do]`` (fp32; cast to ``x``'s dtype for the matmul, as the kernels do
-            for low-precision inputs).
-        w: ``[H, T]`` fp32 per-token weights, or ``[B, H, T]`` (per row, with documents).
-    """
-    term = torch.matmul(x.transpose(1, 2), state.to(x.dtype))  # [B, H, T, Do]
-    out.add_(term.transpose(1, 2) * _token_weights(w))
-
-
-def local_state(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_t w[(b,) h, t] k_t^T v_t`` in the state dtype: ``[B, H, Dk, Dv]`` from k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``."""
-    sdt = state_dtype(k.dtype)
-    kw = k.to(sdt) * _token_weights(w).to(sdt)
-    return torch.einsum("bthk,bthv->bhkv", kw, v.to(sdt))
-
-
-def _across(across: torch.Tensor, j: int) -> torch.Tensor:
-    """The factor carrying a state through slice ``j``, shaped to multiply ``[B, H, Dk, Dv]``."""
-    a = across if across.dim() == 1 else across[j]  # [H] or per slice and row [W, B, H]
-    return a.view(-1, a.shape[-1], 1, 1) if a.dim() == 2 else a.view(1, -1, 1, 1)
-
-
-def decayed_prefix(states: List[torch.Tensor], across: torch.Tensor, upto: int) -> Optional[torch.Tensor]:
-    """State entering slice ``upto``: ``sum_{j < upto} lam^(C (upto-1-j)) states[j]`` (None if ``upto == 0``).
-
-    Args:
-        states: per-slice local states ``[B, H, Dk, Dv]`` in group order.
-        across: ``[H]``, ``lam^C``; or ``[W, B, H]``, the factor of each slice and row (with
-            documents: 0 for a slice that holds a boundary).
-        upto: index of the slice whose incoming state is wanted.
-    """
-    carry = None
-    for j in range(upto):
-        carry = states[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(states[j])
-    return carry
-
-
-def decayed_suffix(grads: List[torch.Tensor], across: torch.Tensor, after: int) -> Optional[torch.Tensor]:
-    """Gradient of the state leaving slice ``after``: ``sum_{j > after} lam^(C (j-after-1)) grads[j]``.
-
-    ``grads[j]`` is slice ``j``'s own contribution to the gradient of the state entering it
-    (``(diag(a) Q_j)^T dO_j``). None if ``after`` is the last slice.
-    """
-    carry = None
-    for j in range(len(grads) - 1, after, -1):
-        carry = grads[j].clone() if carry is None else carry.mul_(_across(across, j)).add_(grads[j])
-    return carry
-
-
-def with_entry_state(saved: LightningAttnSaved, s_in: torch.Tensor, slopes: torch.Tensor,
-                     docs: Optional["SliceDocs"] = None) -> LightningAttnSaved:
-    """The kernel's cached segment states as if the forward had started from ``s_in``.
-
-    The state entering the span starting at token ``n * span`` gains ``lam^(n span) s_in``; with
-    documents, only while that state is still in the document ``s_in`` belongs to (the kernel
-    reads the entering state of span 0 for the slice's first document).
-    """
-    sdt = saved.states.dtype
-    n_spans = saved.states.shape[2]
-    starts = torch.arange(n_spans, device=slopes.device) * saved.span
-    w = torch.exp(-slopes.to(sdt)[:, None] * starts.to(sdt)[None, :])[None]  # [1, H, N]
-    if docs is not None:
-        entry_docs = docs.local[:, (starts - 1).clamp(min=0)]  # [B, N]
-        w = w * (entry_docs == docs.prev[docs.rank][:, None]).to(sdt)[:, None]  # [B, H, N]
-    states = saved.states + w[:, :, :, None, None] * s_in.to(sdt)[:, :, None]
-    return dataclasses.replace(saved, states=states)
-
-
-@dataclasses.dataclass(frozen=True)
-class SliceDocs:
-    """Packed documents seen from the slices of a sequence-parallel group (all on the device).
-
-    Built from the global ``cu_seqlens`` (the same tensor on every rank) without a host sync.
-    Document ids are global; ``prev[0]`` is the first token's (the initial-state convention).
-
-    Attributes:
-        rank, size, length: this rank, the group size and the slice length ``C``.
-        full: ``[B, W C]`` int32 document ids of the whole sequence.
-        local: ``[B, C]``, this rank's slice of ``full`` (what the kernel gets).
-        prev: ``[W, B]``, the document of the token before each slice.
-        first, last: ``[W, B]``, the documents of each slice's first and last tokens.
-    """
-
-    rank: int
-    size: int
-    length: int
-    full: torch.Tensor
-    local: torch.Tensor
-    prev: torch.Tensor
-    first: torch.Tensor
-    last: torch.Tensor
-
-    @classmethod
-    def of(cls, cu_seqlens: torch.Tensor, B: int, C: int, rank: int, size: int, device) -> "SliceDocs":
-        from megatron_lasp.ops.lightning_attn import doc_ids_from_cu_seqlens
-
-        full = doc_ids_from_cu_seqlens(cu_seqlens, B, C * size, device)
-        starts = torch.arange(size, device=device) * C
-        return cls(rank, size, C, full, full[:, rank * C:(rank + 1) * C].contiguous(),
-                   full[:, (starts - 1).clamp(min=0)].t(), full[:, starts].t(), full[:, starts + C - 1].t())
-
-    def slice(self, j: int) -> torch.Tensor:
-        """``[B, C]`` document ids of slice ``j``."""
-        return self.full[:, j * self.length:(j + 1) * self.length]
-
-    def keep_in(self, j: int) -> torch.Tensor:
-        """``[B]`` bool: the state entering slice ``j`` reaches its first token (no boundary there)."""
-        return self.first[j] == self.prev[j]
-
-    def w_in(self, dec: SliceDecays, j: int) -> torch.Tensor:
-        """``[B, H, C]``: ``a`` masked to the tokens of the entering state's document."""
-        return dec.a[None] * (self.slice(j) == self.prev[j][:, None]).to(dec.a.dtype)[:, None]
-
-    def w_out(self, dec: SliceDecays, j: int) -> torch.Tensor:
-        """``[B, H, C]``: ``b`` masked to the tokens of the slice's last document."""
-        return dec.b[None] * (self.slice(j) == self.last[j][:, None]).to(dec.b.dtype)[:, None]
-
-    def across(self, dec: SliceDecays) -> torch.Tensor:
-        """``[W, B, H]``: ``lam^C`` for the slices without a boundary, 0 for the others."""
-        through = (self.prev == self.last).to(dec.across.dtype)  # [W, B]
-        return through[:, :, None] * dec.across[None, None]
+def gather_rows(values, group: dist.ProcessGroup, device: torch.device) -> list:
+    """Every rank's ``values`` (a list of ints, the same length on every rank) in group order, with
+    one small all-gather on ``device`` (the CPU unless it is a GPU): how the entry points check
+    that the ranks agree on their inputs."""
+    device = device if device.type == "cuda" else torch.device("cpu")
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    out = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.int64, device=device)
+    all_gather_flat(out, mine, group)
+    return out.view(-1, mine.numel()).tolist()
 
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
@@ -237,3 +93,111 @@ def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.Proces
     """Sum-reduce-scatter of 1-d ``inp`` (``W`` equal parts, in group order) into 1-d ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# point-to-point of states
+
+
+def staged_p2p(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether a send / receive of ``x`` on ``group`` must go through host memory: a CUDA tensor on
+    a gloo group (gloo's point-to-point takes host tensors only)."""
+    return x.is_cuda and dist.get_backend(group) == "gloo"
+
+
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=like.is_cuda)
+
+
+class _StagedWork:
+    """The work of a staged send / receive: ``wait()`` waits for the host transfer and, for a
+    receive, copies the host buffer into the device tensor on the current stream."""
+
+    def __init__(self, work: dist.Work, host: torch.Tensor, out: Optional[torch.Tensor]):
+        self._work, self._host, self._out = work, host, out
+
+    def wait(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._out is not None:
+                with torch.no_grad():  # megatron-core receives into leaves that require grad
+                    self._out.copy_(self._host)  # blocking: the host buffer may go right after
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def send_state(x: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start sending ``x`` to global rank ``dst`` of ``group``; returns the work (``wait()``).
+
+    Args:
+        x: the tensor (any shape; sent contiguous).
+        dst: the receiver's global rank.
+        group: the process group both ranks belong to.
+        staged: go through a host buffer (pinned for CUDA tensors); default :func:`staged_p2p`.
+            A staged send copies ``x`` to the host before returning (that copy waits for the work
+            queued on the current stream that produces ``x``).
+    """
+    x = x.contiguous()
+    if not (staged_p2p(x, group) if staged is None else staged):
+        return dist.isend(x, dst=dst, group=group)
+    host = _host_buffer(x)
+    with torch.no_grad():
+        host.copy_(x)
+    return _StagedWork(dist.isend(host, dst=dst, group=group), host, None)
+
+
+def recv_state(out: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *,
+               staged: Optional[bool] = None):
+    """Start receiving into ``out`` from global rank ``src`` of ``group``; returns the work.
+
+    ``out`` holds the received values once ``wait()`` has returned (staged: the copy from the host
+    buffer runs inside ``wait()``, on the stream current there).
+
+    Args:
+        out: a contiguous tensor of the sent shape and dtype.
+        src: the sender's global rank.
+        group: the process group both ranks belong to.
+        staged: as in :func:`send_state`.
+    """
+    assert out.is_contiguous(), "recv_state: out must be contiguous"
+    if not (staged_p2p(out, group) if staged is None else staged):
+        return dist.irecv(out, src=src, group=group)
+    host = _host_buffer(out)
+    return _StagedWork(dist.irecv(host, src=src, group=group), host, out)
+
+
+def ring_exchange(*, tensor_send_prev=None, tensor_recv_prev=None, tensor_send_next=None, tensor_recv_next=None,
+                  group=None, prev_pipeline_rank=None, next_pipeline_rank=None) -> None:
+    """megatron-core's pipeline exchange (``torch.distributed.ring_exchange``, what its
+    ``use_ring_exchange_p2p`` calls) through :func:`send_state` / :func:`recv_state`: posts every
+    receive, then every send, and returns when all are done (the ranks are global ranks)."""
+    works = []
+    for out, src in ((tensor_recv_prev, prev_pipeline_rank), (tensor_recv_next, next_pipeline_rank)):
+        if out is not None:
+            works.append(recv_state(out, src, group))
+    for x, dst in ((tensor_send_prev, prev_pipeline_rank), (tensor_send_next, next_pipeline_rank)):
+        if x is not None:
+            works.append(send_state(x, dst, group))
+    for work in works:
+        work.wait()
+
+
+@contextlib.contextmanager
+def pipeline_ring_exchange():
+    """Provide ``torch.distributed.ring_exchange`` (:func:`ring_exchange`) inside the context, for
+    megatron-core's pipeline schedules with ``config.use_ring_exchange_p2p`` (its hook for a custom
+    point-to-point): on a gloo group with CUDA tensors its own ``isend`` / ``irecv`` fail."""
+    had = hasattr(dist, "ring_exchange")
+    previous = getattr(dist, "ring_exchange", None)
+    dist.ring_exchange = ring_exchange
+    try:
+        yield
+    finally:
+        if had:
+            dist.ring_exchange = previous
+        else:
+            del dist.ring_exchange

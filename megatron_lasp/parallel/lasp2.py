@@ -16,6 +16,10 @@ Packed documents: the factor ``lam^C`` of a slice holding a boundary is 0, so th
 combination stops at the nearest slice before this one that holds a boundary (whose ``S_loc`` is
 the state since its last boundary); ``a`` and ``b`` are masked per row as in LASP-1, and each
 rank zeroes its ``G`` when its slice starts with a boundary.
+
+Per-token gates (``g``): the carry of each slice (``exp`` of its cumulative gate, per row and
+head) travels in the same all-gather as its state; ``dg`` from the slice's total gradients and
+``<dS, S_out>`` (``parallel/README.md``, "Per-token gates").
 """
 
 from __future__ import annotations
@@ -25,69 +29,92 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import (
-    GroupInfo,
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info
+from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
+    SliceFunction,
+    SliceTransform,
     add_state_term,
-    all_gather_flat,
     decayed_prefix,
     decayed_suffix,
-    group_info,
+    slice_gate_grad,
     with_entry_state,
 )
 
 __all__ = ["lasp2_attention"]
 
 
-def _all_gather_states(x: torch.Tensor, info: GroupInfo) -> list[torch.Tensor]:
-    """All ranks' ``[B, H, Dk, Dv]`` states in group order, with one all-gather."""
-    out = torch.empty(info.size * x.numel(), dtype=x.dtype, device=x.device)
-    all_gather_flat(out, x.contiguous().view(-1), info.group)
-    return list(out.view((info.size,) + tuple(x.shape)).unbind(0))
+def _all_gather_states(x: torch.Tensor, info: GroupInfo, extra: Optional[torch.Tensor] = None):
+    """All ranks' ``[B, H, Dk, Dv]`` states in group order, with one all-gather; with ``extra``
+    (a small tensor in the state's dtype, e.g. the slice's carry factors) also all ranks' ``extra``."""
+    n = x.numel()
+    flat = x.contiguous().view(-1) if extra is None else torch.cat([x.reshape(-1), extra.reshape(-1)])
+    out = torch.empty(info.size * flat.numel(), dtype=x.dtype, device=x.device)
+    all_gather_flat(out, flat, info.group)
+    rows = out.view(info.size, flat.numel())
+    states = list(rows[:, :n].reshape((info.size,) + tuple(x.shape)).unbind(0))
+    if extra is None:
+        return states
+    return states, list(rows[:, n:].reshape((info.size,) + tuple(extra.shape)).unbind(0))
 
 
-class _Lasp2Function(torch.autograd.Function):
+class _Lasp2Function(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
-        C = q.shape[1]
-        o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend,
+        o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend, g=g,
                                              doc_ids=None if docs is None else docs.local,
                                              triton_options=triton_options)
-        states = _all_gather_states(s_loc, info)
-        dec = SliceDecays.of(slopes, C)
-        across = dec.across if docs is None else docs.across(dec)
-        s_in = decayed_prefix(states, across.to(s_loc.dtype), info.rank)
+        transforms, mine = _transforms(slopes, g, q.shape[1], docs, info)
+        if g is None:
+            states = _all_gather_states(s_loc, info)
+        else:  # the other slices' carries travel with their states
+            states, across = _all_gather_states(s_loc, info, mine.across.to(s_loc.dtype))
+            transforms = [SliceTransform(None, None, a) for a in across]
+        s_in = decayed_prefix(states, transforms, info.rank)
         if s_in is not None:
-            add_state_term(o, q, s_in, dec.a if docs is None else docs.w_in(dec, info.rank))
-        saved.save_to(ctx, q, k, v, slopes, s_in)
-        ctx.meta = (info, docs)
+            add_state_term(o, q, s_in, mine.w_in)
+        s_out = None
+        if g is not None and info.next is not None:  # dg needs the state leaving the slice
+            s_out = s_loc if s_in is None else mine(s_in).add_(s_loc)
+        across = None if g is None else torch.stack([t.across for t in transforms])
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, s_in, s_out, across), (info, docs))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, slopes, s_in), saved = LightningAttnSaved.restore_from(ctx)
-        info, docs = ctx.meta
-        B, C = q.shape[:2]
+        (q, k, v, slopes, g, s_in, s_out, across), saved, (info, docs) = SliceFunction.restore(ctx)
+        transforms, mine = _transforms(slopes, g, q.shape[1], docs, info)
+        if across is not None:
+            transforms = [SliceTransform(None, None, a) for a in across.unbind(0)]
         if s_in is not None:
-            saved = with_entry_state(saved, s_in, slopes, docs)
-        dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
-        if docs is not None:  # the kernel's dS_0 is for the slice's first document
-            g_loc.mul_(docs.keep_in(info.rank).to(g_loc.dtype).view(B, 1, 1, 1))
-        grads = _all_gather_states(g_loc, info)
-        dec = SliceDecays.of(slopes, C)
-        across = dec.across if docs is None else docs.across(dec)
-        ds = decayed_suffix(grads, across.to(g_loc.dtype), info.rank)
+            saved = with_entry_state(saved, s_in, slopes, docs, SliceDecays.for_slice(slopes, g, q.shape[1]))
+        dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)[:4]
+        grads = _all_gather_states(mine.keep(g_loc), info)  # the kernel's dS_0 is for the slice's first document
+        ds = decayed_suffix(grads, transforms, info.rank)
         if ds is not None:
-            w_out = dec.b if docs is None else docs.w_out(dec, info.rank)
-            add_state_term(dk, v, ds.transpose(-1, -2), w_out)
-            add_state_term(dv, k, ds, w_out)
-        return dq, dk, dv, None, None, None, None, None
+            add_state_term(dk, v, ds.transpose(-1, -2), mine.w_out)
+            add_state_term(dv, k, ds, mine.w_out)
+        dg = None
+        if g is not None and ctx.needs_input_grad[4]:
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+        return _Lasp2Function.input_grads(dq, dk, dv, dg)
+
+
+def _transforms(slopes, g, C: int, docs: Optional[SliceDocs], info: GroupInfo):
+    """``(every slice's SliceTransform in group order, this slice's)``. A fixed decay gives every
+    slice's carry locally (the token weights of this rank's only); per-token gates only this
+    slice's (the others' come with their states)."""
+    dec = SliceDecays.for_slice(slopes, g, C)
+    mine = SliceTransform.of(dec, docs, info.rank)
+    if g is not None:
+        return None, mine
+    return [mine if j == info.rank else SliceTransform.of(dec, docs, j, weights=False) for j in range(info.size)], mine
 
 
 def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                    docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
+                    docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
     """LASP-2 over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _Lasp2Function.apply(q, k, v, slopes, group_info(group), backend, docs, triton_options)
+    return _Lasp2Function.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options)

@@ -1,7 +1,8 @@
 """``lightning_attn_sp``: lightning attention over a sequence split across a process group.
 
 One entry point for the four sequence-parallel modes (one module each, same interface
-``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options) -> o``):
+``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options, *, g=None) -> o``; a fixed
+decay per head (``slopes``) or per-token gates (``g``, ``slopes=None``)):
 
 - ``lasp`` (:mod:`.lasp`): LASP-1, the state passed rank to rank, communication overlapped with
   the intra-slice work;
@@ -25,7 +26,9 @@ from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
 from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
-from megatron_lasp.parallel.comm import SliceDocs, all_gather_flat
+from megatron_lasp.ops.lightning_attn.gate import check_gate
+from megatron_lasp.parallel.comm import gather_rows
+from megatron_lasp.parallel.slices import SliceDocs
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
 from megatron_lasp.parallel.ulysses import ulysses_attention
@@ -43,7 +46,7 @@ SEQUENCE_PARALLEL_MODES = tuple(SP_MODES)
 
 VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "n_cu_seqlens", "cu_seqlens_hash")
+_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "gated", "n_cu_seqlens", "cu_seqlens_hash")
 
 
 def _validate_default() -> bool:
@@ -59,16 +62,12 @@ def _cu_fingerprint(cu_seqlens: Optional[torch.Tensor]) -> list:
     return [cu.numel(), int(((cu * weights) % 1000003).sum())]
 
 
-def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None) -> None:
-    """One small all-gather: every rank must hold the same shapes, dtype, mode and documents."""
+def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None, gated: bool = False) -> None:
+    """One small all-gather: every rank must hold the same shapes, dtype, mode, decay kind and documents."""
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode)] + _cu_fingerprint(cu_seqlens)
-    device = q.device if q.device.type == "cuda" else torch.device("cpu")
-    sig = torch.tensor(mine, dtype=torch.int64, device=device)
-    out = torch.empty(dist.get_world_size(group) * len(mine), dtype=torch.int64, device=device)
-    all_gather_flat(out, sig, group)
-    rows = out.view(-1, len(mine)).tolist()
+    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated)] + _cu_fingerprint(cu_seqlens)
+    rows = gather_rows(mine, group, q.device)
     if any(row != rows[0] for row in rows):
 
         def describe(row):
@@ -81,7 +80,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
         raise ValueError(
             "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
-            f"dtype, with one mode and the same global cu_seqlens): {table}"
+            f"dtype, with one mode, all with slopes or all with g, and the same global cu_seqlens): {table}"
         )
 
 
@@ -89,11 +88,12 @@ def lightning_attn_sp(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    slopes: torch.Tensor,
-    group: Optional[dist.ProcessGroup],
+    slopes: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
     mode: str = "lasp",
     backend: Optional[str] = None,
     *,
+    g: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     validate: Optional[bool] = None,
     triton_options: Optional[TritonOptions] = None,
@@ -102,13 +102,17 @@ def lightning_attn_sp(
 
     Rank ``i`` of ``group`` holds tokens ``[i C, (i+1) C)`` (see :mod:`megatron_lasp.parallel.layout`).
     The result equals ``chunk_lightning_attn`` on the whole sequence, sliced; gradients flow to
-    q, k and v.
+    q, k and v (and ``g``).
 
     Args:
         q, k: ``[B, C, H, Dk]``; v: ``[B, C, H, Dv]``: this rank's slice (fp32, fp16, bf16; fp64
             with the torch backend).
         slopes: ``[H]`` float, decay ``lam_h = exp(-slopes[h])``, the same on every rank; treated
-            as a constant (must not require grad).
+            as a constant (must not require grad). None with ``g``.
+        g: per-token gates instead of ``slopes``: this rank's slice ``[B, C, H]`` of the float
+            log-decays ``g[b, t, h] <= 0`` (``S_t = exp(g_t) S_{t-1} + k_t^T v_t``; ``g = -slopes``
+            is the fixed decay); the state crossing a slice boundary decays by the slice's own
+            cumulative gate. Its gradient flows when it requires one.
         group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
         mode: "lasp", "lasp2", "ulysses" or "allgather".
         backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
@@ -129,6 +133,7 @@ def lightning_attn_sp(
 
     Raises:
         ValueError: unknown mode or backend, bad shapes/dtypes/devices, slopes that require grad,
+            both or neither of slopes and g,
             ranks that disagree (when validating), heads not divisible by the group size (ulysses).
     """
     if mode not in SP_MODES:
@@ -137,7 +142,8 @@ def lightning_attn_sp(
         raise ValueError(f"lightning_attn_sp: q must be a tensor, got {type(q).__name__}")
     backend = resolve_backend(backend, q.device)
     check_inputs(q, k, v, slopes, None, backend)
-    if slopes.requires_grad:
+    check_gate(g, q, slopes)
+    if slopes is not None and slopes.requires_grad:
         raise ValueError("lightning_attn_sp: slopes must not require grad (the decay is a fixed per-layer "
                          "constant here: register it as a buffer or pass slopes.detach())")
     if validate is None:
@@ -148,11 +154,11 @@ def lightning_attn_sp(
         check_cu_seqlens(cu_seqlens, B * C * world, q.device, values=True if validate else None,
                          where="lightning_attn_sp")
     if world == 1:
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend, cu_seqlens=cu_seqlens,
+        return chunk_lightning_attn(q, k, v, slopes, backend=backend, g=g, cu_seqlens=cu_seqlens,
                                     triton_options=triton_options)[0]
     if validate:
-        _check_across_group(q, v, mode, group, cu_seqlens)
+        _check_across_group(q, v, mode, group, cu_seqlens, gated=g is not None)
     docs = None
     if cu_seqlens is not None:
         docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)
-    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options)
+    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options, g=g)

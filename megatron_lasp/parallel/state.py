@@ -15,6 +15,12 @@ fields used by this package are ``tp``, ``cp`` (the LASP group), ``dp`` (without
 ``dp_cp`` (data x sequence: parameter gradients are reduced over it), ``pp`` and ``mp`` (TP x PP);
 every one is a ``torch.distributed.ProcessGroup`` that contains this rank (``group.rank()``,
 ``group.size()``).
+
+Devices: under NCCL each local rank owns GPU ``LOCAL_RANK`` (NCCL refuses two ranks on one
+device). Under gloo with CUDA, ranks may outnumber the GPUs and share them (``LOCAL_RANK %
+device_count``): gloo's collectives take CUDA tensors and the package's point-to-point stages them
+through host memory (:func:`megatron_lasp.parallel.comm.send_state`), so every layout runs on one
+GPU, slowly, to check it before renting several.
 """
 
 from __future__ import annotations
@@ -83,6 +89,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BACKEND_ENV = "MEGATRON_LASP_DIST_BACKEND"
+"""Environment variable naming the default torch.distributed backend ("nccl" or "gloo")."""
+
+
+def resolve_backend(backend: Optional[str] = None) -> str:
+    """``backend``, else ``$MEGATRON_LASP_DIST_BACKEND``, else NCCL with CUDA and gloo without."""
+    backend = backend or os.environ.get(BACKEND_ENV)
+    return backend or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_device(backend: str, local_rank: int, device_count: int, local_world_size: int = 1) -> Optional[int]:
+    """The GPU index of a local rank (None without GPUs).
+
+    NCCL: the rank's own GPU, ``local_rank``. gloo: ``local_rank % device_count`` (ranks share GPUs).
+
+    Raises:
+        ValueError: NCCL with more local ranks (``max(local_rank + 1, local_world_size)``) than GPUs.
+    """
+    if device_count < 1:
+        return None
+    if backend != "nccl":
+        return local_rank % device_count
+    ranks = max(local_rank + 1, local_world_size)
+    if ranks > device_count:
+        raise ValueError(
+            f"{ranks} processes on this node but {device_count} visible GPU(s): the nccl backend needs one "
+            f"GPU per process; start at most {device_count} per node (torchrun --nproc-per-node), or use the "
+            f"gloo backend (--distributed-backend gloo) to let ranks share GPUs (a correctness check, not a "
+            f"fast path)")
+    return local_rank
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
     """Initialise the default process group if it is not initialised yet.
 
@@ -93,19 +131,24 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         backend: "nccl" or "gloo"; default NCCL when CUDA is available, gloo otherwise; the
             environment variable ``MEGATRON_LASP_DIST_BACKEND`` overrides the default.
         timeout_minutes: collective timeout.
+
+    Sets this process's CUDA device (:func:`local_device`: its own GPU under NCCL, shared under gloo).
+
+    Raises:
+        ValueError: NCCL without CUDA, or with more processes on the node than GPUs.
     """
     if dist.is_initialized():
         return
-    backend = backend or os.environ.get("MEGATRON_LASP_DIST_BACKEND")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend)
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("the nccl backend needs CUDA devices; use the gloo backend on CPU")
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        device = local_device(backend, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(),
+                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
@@ -132,7 +175,9 @@ def initialize_parallel(
         megatron-core's ``ProcessGroupCollection`` of this rank (every group of its parallel state).
 
     On a machine without CUDA this also enters the CPU platform layer
-    (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`.
+    (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`; on gloo with CUDA
+    it provides megatron-core's pipeline hook ``torch.distributed.ring_exchange``
+    (:func:`megatron_lasp.parallel.comm.pipeline_ring_exchange`, see :func:`pipeline_p2p_staged`).
 
     Raises:
         ValueError: when the sizes do not divide the world size (the message names the argument).
@@ -148,6 +193,10 @@ def initialize_parallel(
     if _PLATFORM is None:
         _PLATFORM = contextlib.ExitStack()
         _PLATFORM.enter_context(platform.cpu_platform())
+        if torch.cuda.is_available() and dist.get_backend() == "gloo":
+            from megatron_lasp.parallel.comm import pipeline_ring_exchange
+
+            _PLATFORM.enter_context(pipeline_ring_exchange())
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
@@ -171,6 +220,12 @@ def initialize_parallel(
         dist.get_backend(),
     )
     return groups
+
+
+def pipeline_p2p_staged(groups: ProcessGroupCollection) -> bool:
+    """Whether megatron-core's pipeline point-to-point must take ``config.use_ring_exchange_p2p``
+    (:func:`megatron_lasp.parallel.comm.ring_exchange`, through host memory): PP > 1 on gloo with CUDA."""
+    return groups.pp.size() > 1 and torch.cuda.is_available() and dist.get_backend(groups.pp) == "gloo"
 
 
 def current_groups() -> ProcessGroupCollection:

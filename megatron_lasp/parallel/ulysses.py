@@ -5,7 +5,9 @@ sequence for ``H / W`` heads (``[B, W C, H / W, D]``, rank r gets heads ``[r H/W
 the kernel runs on the whole sequence, a second all-to-all returns the output to sequence shards.
 Backward mirrors it: dO to head shards, the kernel backward, dQ, dK, dV back to sequence shards.
 q, k and v (and dq, dk, dv) travel packed in one all-to-all. Packed documents: the kernel gets the
-document ids of the whole sequence (every rank has them from the global ``cu_seqlens``).
+document ids of the whole sequence (every rank has them from the global ``cu_seqlens``). Per-token
+gates: ``g [B, C, H]`` goes to head shards in an all-to-all of its own (its dtype kept), the
+kernel's ``dg`` comes back the same way (the kernel runs the whole sequence: its ``dg`` is total).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.ops.lightning_attn import LightningAttnSaved, lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, SliceDocs, group_info
+from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
+from megatron_lasp.parallel.comm import GroupInfo, group_info
+from megatron_lasp.parallel.slices import SliceDocs, SliceFunction
 
 __all__ = ["ulysses_attention"]
 
@@ -59,33 +62,39 @@ def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Ten
     return out
 
 
-class _UlyssesFunction(torch.autograd.Function):
+class _UlyssesFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
         hl = q.shape[2] // info.size
         qh, kh, vh = _seq_to_heads((q, k, v), info)
-        slopes_h = slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
+        if g is None:
+            gh, slopes_h = None, slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
+        else:  # the gates in their own all-to-all (their dtype kept), as a tensor of width 1
+            (gh,) = _seq_to_heads((g[..., None],), info)
+            gh, slopes_h = gh[..., 0].contiguous(), None
         doc_ids = None if docs is None else docs.full
-        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, doc_ids=doc_ids,
+        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, g=gh, doc_ids=doc_ids,
                                           triton_options=triton_options)
         (o,) = _heads_to_seq((oh,), info)
-        saved.save_to(ctx, qh, kh, vh, slopes_h)
-        ctx.info = info
+        SliceFunction.keep(ctx, saved, (qh, kh, vh, slopes_h), (info, None if g is None else g.dtype))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (qh, kh, vh, slopes_h), saved = LightningAttnSaved.restore_from(ctx)
-        info = ctx.info
+        (qh, kh, vh, slopes_h), saved, (info, g_dtype) = SliceFunction.restore(ctx)
         (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
-        dqh, dkh, dvh, _ = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved)
-        dq, dk, dv = _heads_to_seq((dqh, dkh, dvh), info)
-        return dq, dk, dv, None, None, None, None, None
+        grads = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved)
+        dq, dk, dv = _heads_to_seq(grads[:3], info)
+        dg = None
+        if g_dtype is not None:
+            (dg,) = _heads_to_seq((grads[4][..., None],), info)
+            dg = dg[..., 0].to(g_dtype)
+        return _UlyssesFunction.input_grads(dq, dk, dv, dg)
 
 
 def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                      docs: Optional[SliceDocs] = None, triton_options=None) -> torch.Tensor:
+                      docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
     """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
 
     Raises:
@@ -97,4 +106,4 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
             f"ulysses: the heads of q ({q.shape[2]}) must be divisible by the sequence-parallel group "
             f"size ({info.size}): every rank runs whole heads; use another mode or change the sizes"
         )
-    return _UlyssesFunction.apply(q, k, v, slopes, info, backend, docs, triton_options)
+    return _UlyssesFunction.apply(q, k, v, slopes, g, info, backend, docs, triton_options)

@@ -1,26 +1,53 @@
-"""Command-line flags of ``pretrain_linear_lm.py`` (Megatron-LM names where the concept exists).
+"""Command-line flags of ``pretrain_linear_lm.py`` (Megatron-LM names where the concept exists),
+parsed once into the run's :class:`~megatron_lasp.training.config.RunConfig`.
 
-:func:`build_parser` returns the parser, :func:`parse_args` parses and validates: every user
-mistake ends in argparse's one-line ``error: ...`` and exit status 2, naming the flag to change.
-:func:`validate_args` checks the flags (once, before the process group exists); the checks that
-need the world size (parallel sizes, batch divisibility) are in :func:`validate_world_size`, run
-once the process group exists (or from :func:`parse_args` with ``world_size``).
+The argparse namespace never leaves this module. :func:`parse_config` parses and checks, in this
+order: argparse's own checks (types, choices), the range of every numeric flag and path
+(:data:`RANGES`, one table), the values that follow from others or from the machine (defaults
+such as ``--ddp-impl``, flags that need a GPU), the rules between flags (the config records'
+``__post_init__``) and the files the flags name. Every user mistake is an :class:`ArgumentError`
+naming the flag to change; :func:`parse_args` turns it into argparse's one-line ``error: ...`` and
+exit status 2. The checks that need the world size (parallel sizes, batch divisibility) are in
+:func:`with_world_size`, run once the process group exists.
 
 The library's errors (the model config, the parallel layout) name config fields, not flags;
 :func:`config_error` turns one into a CLI error, naming flags through :func:`flag_of_field`.
+
+Why one module over 600 lines: a flag, its range and the way it becomes the run config are read
+and changed together; about 200 of the lines are the flag definitions, one function per group.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import logging
+import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
+from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS, TokenizerSettings
 from megatron_lasp.parallel.layout import check_sequence_split
-from megatron_lasp.parallel.state import validate_parallel_sizes
+from megatron_lasp.parallel.state import local_device, resolve_backend, validate_parallel_sizes
+from megatron_lasp.training.config import (
+    ArgumentError,
+    CheckpointOptions,
+    DataOptions,
+    LoggingOptions,
+    MemoryOptions,
+    ModelOptions,
+    OptimizerOptions,
+    ParallelOptions,
+    RunConfig,
+    TrainingOptions,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ArgumentError", "RunConfig", "build_parser", "config_error", "flag_of_field", "parse_args",
+           "parse_config", "with_world_size"]
 
 DDP_IMPLS = ("megatron", "torch", "fsdp")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -47,42 +74,61 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_
 """Fields that must match between a checkpoint and the run that resumes it."""
 
 
-class ArgumentError(ValueError):
-    """A user mistake in the flags; the message names the flag to change."""
-
-
 def is_rank_zero() -> bool:
     """Whether this process prints user errors: global rank 0 (torchrun's ``RANK``), or no launcher."""
     return os.environ.get("RANK", "0") == "0"
+
+
+class UsageError(SystemExit):
+    """A flag argparse itself refused (unknown, bad type or choice); already printed (rank 0).
+    ``message`` is the line, the exit status is 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error on rank 0 only (no usage text; ``--help`` has it)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if is_rank_zero() else None)
+        line = f"{self.prog}: error: {message} (see --help)"
+        if is_rank_zero():
+            print(line, file=sys.stderr, flush=True)
+        raise UsageError(line)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default once, where it says something: not for switches (flags without a
+    value), not for an unset default (None, ''), not where the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.nargs == 0 or default is None or default is argparse.SUPPRESS or default == ""
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pretrain_linear_lm.py`` (every flag documented in ``--help``)."""
-    from megatron_lasp.data.tokenizer import add_tokenizer_args
-
-    from megatron_lasp.models.config import (
-        DECAY_TYPES,
-        FEATURE_MAPS,
-        GLU_TYPES,
-        PRESETS,
-        TRANSFORMER_IMPLS,
-    )
-    from megatron_lasp.ops.lightning_attn.utils import BACKENDS
-    from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
-
     p = _Parser(
         prog="pretrain_linear_lm.py",
         description="Pretrain a linear-attention LM (TransNormerLLM style) with LASP sequence "
         "parallelism on megatron-core. Flags follow Megatron-LM where the concept exists.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
+    for add in (_add_model_flags, _add_memory_flags, _add_fusion_flags, _add_parallel_flags, _add_training_flags,
+                _add_optimizer_flags, _add_data_flags, _add_checkpoint_flags, _add_logging_flags):
+        add(p)
+    return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GATES, GLU_TYPES, PRESETS, TRANSFORMER_IMPLS
+    from megatron_lasp.ops.lightning_attn.utils import BACKENDS
+    from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
 
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=tuple(PRESETS), default=None,
@@ -94,7 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-channels", type=int, default=None,
                    help="channels per head (default --hidden-size / --num-attention-heads)")
     g.add_argument("--num-query-groups", type=int, default=None,
-                   help="accepted for Megatron compatibility; must equal --num-attention-heads")
+                   help="key/value heads of the softmax layers of a --hybrid-layer-pattern (GQA); without "
+                   "softmax layers it must equal --num-attention-heads")
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="one character per layer, each layer with its MLP: L linear attention, * softmax "
+                   "attention (megatron-core's hybrid symbol), e.g. LLL*LLL*; default: every layer L (presets "
+                   "tnl-1b-hybrid-1to7 and tnl-1b-hybrid-1to3 set one)")
+    g.add_argument("--rotary-base", type=float, default=None,
+                   help="RoPE base of the softmax layers (default 10000)")
+    g.add_argument("--softmax-kernel", choices=SOFTMAX_KERNELS, default="auto",
+                   help="the softmax layers' library kernel: auto (GPU: SDPA's flash/cuDNN, flex_attention with "
+                   "packed documents; CPU: SDPA), sdpa, flex, varlen or math")
     g.add_argument("--normalization", choices=("RMSNorm",), default=None, help="pre-norm type")
     g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True, default=None,
                    help="biases on the linear layers (default: none)")
@@ -105,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-head decay slopes of linear attention (default tnl)")
     g.add_argument("--decay-layer-eps", type=float, default=None,
                    help="epsilon of the tnl depth scaling of the decay (default 1e-5)")
+    g.add_argument("--linear-attention-gate", choices=GATES, default=None,
+                   help="per-token decay learned from the input instead of the fixed per-head decay: "
+                        "mamba2 (dt / A_log) or gla (log-sigmoid); default none")
+    g.add_argument("--gate-logit-normalizer", type=float, default=None,
+                   help="with --linear-attention-gate gla: divisor of the log-sigmoid (default 16)")
     g.add_argument("--qk-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on q and k (default silu)")
     g.add_argument("--v-feature-map", choices=FEATURE_MAPS, default=None, help="feature map on v (default silu)")
     g.add_argument("--no-output-gate", dest="output_gate", action="store_const", const=False, default=None,
@@ -132,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="with --recompute-granularity full: layers per recompute unit / block")
 
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("long-context memory")
     g.add_argument("--no-fused-linear-cross-entropy", dest="fused_linear_cross_entropy", action="store_false",
                    help="use megatron-core's output layer + vocab-parallel cross entropy (holds the "
@@ -150,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without packed documents; with TP sequence parallelism or the other modes only the "
                    "MLP half is chunked); 0: megatron-core's recompute")
 
+
+def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion and selective recompute")
     g.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
                    help="run the plain PyTorch elementwise ops instead of the fused Triton kernels "
@@ -164,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "kernel, megatron-core's default), mlp (the whole MLP), elementwise (norm, gate and "
                    "GLU outputs: freed after the forward, recomputed before their backward; no matmul)")
 
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_lasp.parallel.softmax import SOFTMAX_SP_MODES
+    from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
@@ -173,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence-parallel (LASP) group size = megatron-core's context-parallel size")
     g.add_argument("--sequence-parallel-mode", choices=SEQUENCE_PARALLEL_MODES, default="lasp",
                    help="how linear attention is parallelised over the sequence-parallel group")
+    g.add_argument("--softmax-sequence-parallel-mode", choices=SOFTMAX_SP_MODES, default="allgather",
+                   help="how the softmax layers of a --hybrid-layer-pattern are parallelised over the same group "
+                   "and slices: allgather (K and V gathered; any head count), allgather-balanced (the same, "
+                   "the heavier rank of each pair r, W-1-r handing its last queries to the other so that the "
+                   "causal work is even) or ulysses (all-to-all to head shards; key/value heads per TP rank "
+                   "divisible by the group size)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's TP sequence parallelism (activation sharding inside the TP group); "
                    "unrelated to --sequence-parallel-mode")
@@ -184,9 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZeRO-1: shard the optimizer state over the data x sequence-parallel group "
                    "(with --ddp-impl megatron; GPU only)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
-                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU)")
+                   help="torch.distributed backend (default nccl with CUDA, gloo on CPU); gloo with CUDA lets "
+                        "several ranks share a GPU (a correctness check of a layout, not a fast path)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30, help="collective timeout")
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per DP rank")
     g.add_argument("--global-batch-size", type=int, default=None,
@@ -198,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16 mixed precision with dynamic loss scaling (--ddp-impl megatron only)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global grad norm (0: off)")
 
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
@@ -208,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_lasp.data.tokenizer import add_tokenizer_args
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -231,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="NullTokenizer / --mock-data without a tokenizer: number of ordinary ids (EOD = this value)")
 
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory for checkpoints (iter_XXXXXXX/ + tracker file)")
     g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint; it must hold "
@@ -239,15 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="with --load: load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true",
-                   help="load only the weights (needed when TP/PP/SP/DP sizes or --ddp-impl changed)")
+                   help="load only the weights, not the optimizer state and LR schedule (weights and optimizer "
+                   "state load at other TP/PP/SP/DP sizes; needed between --ddp-impl megatron and torch / fsdp, and for megatron's "
+                   "distributed optimizer saved without --dist-ckpt-optim-fully-reshardable at other TP/PP sizes)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save megatron's distributed-optimizer state in the fully reshardable format "
                    "(loadable at other TP/PP sizes; slower) instead of dp_reshardable")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (implies --no-load-optim --no-load-rng)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let a run that does not continue --load's latest checkpoint (--finetune, a weights-only "
+                   "checkpoint, --ckpt-step before the latest) save into the same directory: the iterations it "
+                   "reaches are replaced and the tracker follows it (refused without this flag)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, if --save) when the iteration is a multiple of this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGINT (Ctrl-C; torchrun and SLURM send SIGTERM) finish the step, save "
+                   "(if --save) and exit 0; a second signal stops at once")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (if --save) and exit 0 after the first step that ends this many minutes after "
+                   "start-up; set it below the job's time limit by more than a step and a save")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, use this run's LR/weight-decay schedule flags instead of the checkpoint's")
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
@@ -258,18 +357,318 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spiky-loss-factor", type=float, default=10.0,
                    help="with --check-for-spiky-loss: how many times the lowest loss counts as a spike")
 
+
+def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (0: never)")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help=f"validate every N iterations (0: never; default {DEFAULT_EVAL_INTERVAL}); needs a "
+                   "validation share in --split")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="print a log line every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here (needs tensorboard)")
     g.add_argument("--peak-flops", type=float, default=989e12,
                    help="peak bf16 FLOP/s per GPU for MFU (H100/H200 dense: 989e12)")
-    return p
+
+# ----------------------------------------------------------------------------------------------
+# ranges: every numeric flag and path flag, checked at parse time in this one table
 
 
-def _error(parser: argparse.ArgumentParser, message: str):
-    parser.error(message)
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _finite_non_negative(v) -> bool:
+    return 0 <= v < math.inf
+
+
+def _finite_positive(v) -> bool:
+    return 0 < v < math.inf
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+def _above_one(v) -> bool:
+    return 1 < v < math.inf
+
+
+_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "positive": (_positive, "must be positive"),
+    ">=0": (_non_negative, "must be >= 0"),
+    "finite>=0": (_finite_non_negative, "must be a finite number >= 0"),
+    "finite>0": (_finite_positive, "must be a finite number > 0"),
+    "[0,1)": (_fraction, "must be in [0, 1)"),
+    ">1": (_above_one, "must be > 1"),
+}
+
+RANGES: Dict[str, str] = {
+    # sizes and counts
+    "num_layers": "positive", "hidden_size": "positive", "num_attention_heads": "positive",
+    "ffn_hidden_size": "positive", "kv_channels": "positive", "num_query_groups": "positive",
+    "attention_norm_group_size": "positive", "seq_length": "positive", "make_vocab_size_divisible_by": "positive",
+    "vocab_size": "positive", "recompute_num_layers": "positive", "recompute_chunk_size": ">=0",
+    "cross_entropy_chunk_size": ">=0", "tensor_model_parallel_size": "positive",
+    "pipeline_model_parallel_size": "positive", "context_parallel_size": "positive",
+    "micro_batch_size": "positive", "global_batch_size": "positive", "train_iters": "positive", "seed": ">=0",
+    # schedules and intervals
+    "lr_warmup_iters": ">=0", "lr_decay_iters": "positive", "save_interval": "positive", "ckpt_step": ">=0",
+    "exit_interval": "positive", "exit_duration_in_mins": "finite>0", "eval_interval": ">=0", "eval_iters": "positive", "log_interval": "positive",
+    # timeouts
+    "distributed_timeout_minutes": "positive",
+    # real numbers
+    "lr": "finite>=0", "min_lr": "finite>=0", "weight_decay": "finite>=0", "clip_grad": "finite>=0",
+    "init_method_std": "finite>=0", "decay_layer_eps": "finite>=0", "hidden_dropout": "[0,1)",
+    "gate_logit_normalizer": "finite>0",
+    "adam_beta1": "[0,1)", "adam_beta2": "[0,1)", "adam_eps": "finite>0", "peak_flops": "finite>0",
+    "spiky_loss_factor": ">1",
+}
+"""Every numeric flag's destination -> its rule in ``_RULES`` (an unset optional flag, None, passes)."""
+
+DEFAULT_EVAL_INTERVAL = 1000
+"""``--eval-interval`` when not given (not given and no validation share in ``--split``: no evaluation)."""
+
+REQUIRED = ("train_iters", "seq_length")
+"""Flags without a default that every run needs."""
+
+DIRECTORY_FLAGS = ("save", "load", "data_cache_path", "tensorboard_dir")
+"""Flags naming a directory (it or a parent being a file is refused at parse time)."""
+
+
+def _flag(dest: str) -> str:
+    return flag_of_field(dest) or "--" + dest.replace("_", "-")
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Check every numeric flag against :data:`RANGES` and every directory flag; raise
+    :class:`ArgumentError` for the first one out of range."""
+    for dest in REQUIRED:
+        value = getattr(args, dest)
+        if value is None or value < 1:
+            raise ArgumentError(f"{_flag(dest)} is required and must be positive")
+    for dest, rule in RANGES.items():
+        value = getattr(args, dest)
+        ok, what = _RULES[rule]
+        if value is not None and not ok(value):
+            raise ArgumentError(f"{_flag(dest)} {what}, got {value}")
+    for dest in DIRECTORY_FLAGS:
+        path = getattr(args, dest)
+        if not path:
+            continue
+        if os.path.isfile(path):
+            raise ArgumentError(f"{_flag(dest)} {path} is a file; give a directory")
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ArgumentError(f"{_flag(dest)} {path}: {parent} is a file, not a directory (the path is not "
+                                "writable)")
+
+
+# ----------------------------------------------------------------------------------------------
+# from the flags to the run config
+
+
+def default_on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
+    """Fill the values that follow from other flags or from the machine, and refuse the flags this
+    machine cannot run. Modifies ``args``."""
+    args.split = normalize_split(args.split)
+    shares = [float(x) for x in args.split.split(",")]
+    if len(shares) < 2 or shares[1] == 0:
+        if args.eval_interval:
+            raise ArgumentError(f"--eval-interval {args.eval_interval} asks for evaluation, but --split {args.split} "
+                                "gives the validation set no share; give it one (e.g. --split 98,2,0) or pass "
+                                "--eval-interval 0")
+        if args.eval_interval is None and is_rank_zero():
+            logger.warning("--split %s gives the validation set no share: this run does not evaluate", args.split)
+    if args.eval_interval is None:
+        args.eval_interval = DEFAULT_EVAL_INTERVAL
+    args.data_blend = parse_data_path(args.data_path) if args.data_path else None
+    if not args.tokenizer_type and args.mock_data:
+        args.tokenizer_type = "NullTokenizer"
+        if args.vocab_size is None:
+            # the preset's vocabulary (EOD included) for realistic mock runs, else 1024 ids
+            args.vocab_size = _preset_vocab(args.model_preset) - 1
+    if args.ddp_impl is None:
+        args.ddp_impl = "megatron" if on_gpu else "torch"
+    if args.kernel_backend is None:
+        args.kernel_backend = "triton" if on_gpu else "torch"
+    if not on_gpu:
+        if args.ddp_impl == "megatron":
+            raise ArgumentError("--ddp-impl megatron (megatron-core DDP and optimizer) needs CUDA; "
+                                "on CPU use --ddp-impl torch or --ddp-impl fsdp")
+        if args.bf16 or args.fp16:
+            raise ArgumentError(f"{'--bf16' if args.bf16 else '--fp16'}: mixed precision needs a GPU; "
+                                "drop the flag (CPU runs train in fp32)")
+        if args.distributed_backend == "nccl":
+            raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+    else:  # NCCL wants a GPU per process; gloo lets ranks share them (state.local_device)
+        import torch
+
+        try:
+            local_device(resolve_backend(args.distributed_backend), 0, torch.cuda.device_count(),
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        args.recompute_method = "uniform"
+        if args.recompute_num_layers is None:
+            args.recompute_num_layers = 1
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False  # as megatron-core: TP sequence parallelism needs TP > 1
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.finetune:
+        args.no_load_optim = args.no_load_rng = True
+
+
+_Record = TypeVar("_Record")
+
+
+def _record(cls: Type[_Record], args: argparse.Namespace, **values: Any) -> _Record:
+    """The config record ``cls`` from the flags of the same names (``values`` override)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def _as_tuple(value: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
+    return None if value is None else tuple(value)
+
+
+def _config_from_namespace(args: argparse.Namespace) -> RunConfig:
+    """The frozen run config of the (checked, filled) flags; the records check their rules."""
+    return RunConfig(
+        model=_record(ModelOptions, args),
+        memory=_record(MemoryOptions, args, recompute_modules=_as_tuple(args.recompute_modules)),
+        parallel=_record(ParallelOptions, args),
+        training=_record(TrainingOptions, args),
+        optimizer=_record(OptimizerOptions, args),
+        data=_record(DataOptions, args, tokenizer=TokenizerSettings.from_mapping(args),
+                     data_path=_as_tuple(args.data_path)),
+        checkpoint=_record(CheckpointOptions, args),
+        logging=_record(LoggingOptions, args),
+    )
+
+
+def _check_files(config: RunConfig) -> None:
+    """The files and packages the flags name exist."""
+    if config.data.data_blend:
+        for prefix in config.data.data_blend[0]:
+            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise ArgumentError(f"--data-path: dataset file {missing[0]} not found "
+                                    "(give the prefix without .bin/.idx; see tools/preprocess_data.py)")
+    for key in TOKENIZER_PATH_KEYS:
+        path = getattr(config.data.tokenizer, key)
+        if path and not os.path.exists(path):
+            raise ArgumentError(f"{flag_of_field(key)}: {path} not found")
+    ckpt = config.checkpoint
+    same_dir = bool(ckpt.load and ckpt.save and os.path.abspath(ckpt.load) == os.path.abspath(ckpt.save))
+    if ckpt.load and not os.path.isdir(ckpt.load) and not same_dir:
+        # --load DIR --save DIR (auto-resume) may start before DIR exists
+        raise ArgumentError(f"--load: directory {ckpt.load} not found")
+    if config.logging.tensorboard_dir:
+        from megatron_lasp.training.logging_utils import tensorboard_available
+
+        if not tensorboard_available():
+            raise ArgumentError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
+                                "(or pip install -e .[tensorboard]); or drop the flag")
+
+
+def parse_config(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> RunConfig:
+    """The run config of ``argv`` (default ``sys.argv[1:]``), checked.
+
+    The model's own rules (heads over TP/SP, Transformer Engine installed, ...) are checked when
+    its config is built (``model_config_from_run``, errors through :func:`config_error`).
+
+    Args:
+        argv: the flags.
+        world_size: number of processes; when given, :func:`with_world_size` follows.
+
+    Raises:
+        SystemExit(2): argparse's own errors (unknown flag, bad type or choice), printed.
+        ArgumentError: any other mistake in the flags.
+    """
+    args = build_parser().parse_args(argv)
+    check_ranges(args)
+    _fill_defaults(args, default_on_gpu())
+    config = _config_from_namespace(args)
+    _check_files(config)
+    if world_size is not None:
+        config = with_world_size(config, world_size)
+    return config
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> RunConfig:
+    """:func:`parse_config` as a command line does it: a user mistake prints a one-line
+    ``error:`` (rank 0) and exits with status 2."""
+    try:
+        return parse_config(argv, world_size)
+    except ArgumentError as err:
+        build_parser().error(str(err))
+
+
+def with_world_size(config: RunConfig, world_size: int) -> RunConfig:
+    """``config`` with the values that need the number of processes: the data-parallel and world
+    sizes, the global batch (if not given) and the micro-batches per step.
+
+    Raises:
+        ArgumentError: sizes that do not fit the world, the heads or the sequence length that do
+            not split over the groups, a global batch that does not divide.
+    """
+    from megatron_lasp.models.config import PRESETS, SOFTMAX_LAYER, check_head_split, check_softmax_head_split
+
+    par, train = config.parallel, config.training
+    tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+    preset = PRESETS[config.model.model_preset].fields if config.model.model_preset is not None else {}
+
+    def model_field(name):
+        value = getattr(config.model, name)
+        return preset.get(name) if value is None else value
+
+    heads = model_field("num_attention_heads")
+    try:
+        dp = validate_parallel_sizes(world_size, tp, cp, par.pipeline_model_parallel_size)
+        check_head_split(heads, tp, cp, par.sequence_parallel_mode)
+        if SOFTMAX_LAYER in (model_field("hybrid_layer_pattern") or ""):
+            check_softmax_head_split(heads, model_field("num_query_groups"), tp, cp,
+                                     par.softmax_sequence_parallel_mode)
+        check_sequence_split(train.seq_length, cp, "seq_length")
+    except ValueError as err:
+        raise config_error(err) from None
+    mbs = train.micro_batch_size
+    gbs = train.global_batch_size if train.global_batch_size is not None else mbs * dp
+    if gbs % (mbs * dp) != 0:
+        raise ArgumentError(
+            f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size "
+            f"({mbs}) x data-parallel size ({dp}) = {mbs * dp}"
+        )
+    if par.sequence_parallel and train.seq_length // cp % tp:
+        raise ArgumentError(
+            f"--sequence-parallel needs the tokens per sequence-parallel rank "
+            f"({train.seq_length // cp}) to be divisible by --tensor-model-parallel-size ({tp})"
+        )
+    return dataclasses.replace(
+        config,
+        parallel=dataclasses.replace(par, world_size=world_size, data_parallel_size=dp),
+        training=dataclasses.replace(train, global_batch_size=gbs, num_micro_batches=gbs // (mbs * dp)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# flag names and parsing helpers
 
 
 _FLAGS: Optional[dict] = None
@@ -286,33 +685,6 @@ def flag_of_field(name: str) -> Optional[str]:
     return _FLAGS.get(name)
 
 
-_Settings = TypeVar("_Settings")
-
-
-def settings_from_args(cls: Type[_Settings], args: argparse.Namespace, **values: Any) -> _Settings:
-    """The settings dataclass ``cls`` (fields named as flag destinations) from the parsed flags.
-
-    Each field takes ``args``'s value of the same name; ``values`` give the fields that are not a
-    flag (or override one). A field with a default that ``args`` lacks keeps its default.
-    """
-    for f in dataclasses.fields(cls):
-        if f.name not in values and hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    return cls(**values)
-
-
-def recorded_flags(args: argparse.Namespace) -> Dict[str, Any]:
-    """The flags (and the values filled in from them) as a checkpoint's ``args.json`` records them:
-    JSON types only, sorted by name."""
-    out = {}
-    for key, value in sorted(vars(args).items()):
-        if isinstance(value, (bool, int, float, str)) or value is None:
-            out[key] = value
-        elif isinstance(value, (list, tuple)):
-            out[key] = json.loads(json.dumps(value, default=str))
-    return out
-
-
 def config_error(err: Exception) -> ArgumentError:
     """A library error (model config, parallel sizes, layout) as a one-line CLI error: its first
     line, with every config field name replaced by its flag (:func:`flag_of_field`)."""
@@ -323,201 +695,6 @@ def config_error(err: Exception) -> ArgumentError:
         return flag_of_field(match.group(0)) or match.group(0)
 
     return ArgumentError(re.sub(r"(?<![\w-])[a-z][a-z0-9_]*(?![\w-])", flag, line))
-
-
-def default_on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Fill defaults that depend on others and check the flags; raise :class:`ArgumentError`.
-
-    The model's own rules (heads over TP/SP, Transformer Engine installed, ...) are checked when
-    its config is built (``model_config_from_args``, errors through :func:`config_error`).
-
-    Args:
-        args: parsed flags (modified in place: defaults filled, ``data_blend`` parsed).
-        world_size: number of processes; when given, :func:`validate_world_size` follows.
-
-    Returns:
-        ``args``.
-    """
-    on_gpu = default_on_gpu()
-    if args.train_iters is None or args.train_iters < 1:
-        raise ArgumentError("--train-iters is required and must be positive")
-    if args.seq_length is None or args.seq_length < 1:
-        raise ArgumentError("--seq-length is required and must be positive")
-    if args.model_preset is None:
-        missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads")
-                   if getattr(args, n) is None]
-        if missing:
-            raise ArgumentError(f"{', '.join(missing)} required without --model-preset")
-    for name in ("micro_batch_size", "log_interval", "eval_iters", "make_vocab_size_divisible_by"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_interval", "exit_interval", "global_batch_size", "lr_decay_iters"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("eval_interval", "lr_warmup_iters", "ckpt_step"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
-        value = getattr(args, name)
-        if not (value >= 0 and value < float("inf")):
-            raise ArgumentError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    if not args.adam_eps > 0:
-        raise ArgumentError(f"--adam-eps must be positive, got {args.adam_eps}")
-    args.split = normalize_split(args.split)
-    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are exclusive")
-    if not args.spiky_loss_factor > 1:
-        raise ArgumentError(f"--spiky-loss-factor must be > 1, got {args.spiky_loss_factor}")
-
-    # long-context memory: how the flags spell the chunked recompute (the sizes' own rules are
-    # the model config's, checked when it is built)
-    if args.recompute_chunk_size > 0 and args.recompute_granularity != "full":
-        raise ArgumentError("--recompute-chunk-size needs --recompute-granularity full")
-    if args.recompute_chunk_size > 0 and (args.recompute_method not in (None, "uniform")
-                                          or args.recompute_num_layers not in (None, 1)):
-        raise ArgumentError("--recompute-chunk-size recomputes one layer at a time: drop --recompute-method "
-                            "block / --recompute-num-layers > 1")
-    if args.cpu_offloading and args.recompute_granularity != "full":
-        raise ArgumentError("--cpu-offloading moves the layer inputs saved for recompute: add "
-                            "--recompute-granularity full")
-
-    # data
-    if args.mock_data and args.data_path:
-        raise ArgumentError("give either --data-path or --mock-data, not both")
-    if not args.mock_data and not args.data_path:
-        raise ArgumentError("no training data: give --data-path PREFIX [...] or --mock-data")
-    args.data_blend = None
-    if args.data_path:
-        args.data_blend = parse_data_path(args.data_path)
-        for prefix in args.data_blend[0]:
-            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-            if missing:
-                raise ArgumentError(f"--data-path: dataset file {missing[0]} not found "
-                                    "(give the prefix without .bin/.idx; see tools/preprocess_data.py)")
-    if not args.tokenizer_type:
-        if not args.mock_data:
-            raise ArgumentError("--tokenizer-type is required with --data-path")
-        args.tokenizer_type = "NullTokenizer"
-        if args.vocab_size is None:
-            # the preset's vocabulary (EOD included) for realistic mock runs, else 1024 ids
-            args.vocab_size = _preset_vocab(args.model_preset) - 1
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer")
-    from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
-
-    for key in TOKENIZER_PATH_KEYS:
-        path = getattr(args, key)
-        if path and not os.path.exists(path):
-            raise ArgumentError(f"{flag_of_field(key)}: {path} not found")
-
-    # precision and implementations
-    if args.bf16 and args.fp16:
-        raise ArgumentError("--bf16 and --fp16 are exclusive")
-    if args.ddp_impl is None:
-        args.ddp_impl = "megatron" if on_gpu else "torch"
-    if args.ddp_impl == "megatron" and not on_gpu:
-        raise ArgumentError("--ddp-impl megatron (megatron-core DDP and optimizer) needs CUDA; "
-                            "on CPU use --ddp-impl torch or --ddp-impl fsdp")
-    if args.use_distributed_optimizer and args.ddp_impl != "megatron":
-        raise ArgumentError("--use-distributed-optimizer needs --ddp-impl megatron "
-                            "(--ddp-impl fsdp already shards the optimizer state)")
-    if (args.bf16 or args.fp16) and not on_gpu:
-        raise ArgumentError(f"{'--bf16' if args.bf16 else '--fp16'}: mixed precision needs a GPU; "
-                            "drop the flag (CPU runs train in fp32)")
-    if args.fp16 and args.ddp_impl != "megatron":
-        raise ArgumentError("--fp16 (loss scaling) is supported with --ddp-impl megatron only; use --bf16")
-    if args.kernel_backend is None:
-        args.kernel_backend = "triton" if on_gpu else "torch"
-    if args.distributed_backend == "nccl" and not on_gpu:
-        raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
-    if args.recompute_granularity == "full" and args.recompute_method is None:
-        args.recompute_method = "uniform"
-        if args.recompute_num_layers is None:
-            args.recompute_num_layers = 1
-    if args.recompute_modules is not None and args.recompute_granularity != "selective":
-        raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
-    if args.recompute_method is not None and args.recompute_granularity != "full":
-        raise ArgumentError("--recompute-method needs --recompute-granularity full")
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        args.sequence_parallel = False  # as megatron-core: TP sequence parallelism needs TP > 1
-
-    # schedule
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= max(args.lr_decay_iters, 1):
-        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be in [0, --lr-decay-iters "
-                            f"({args.lr_decay_iters}))")
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
-    if args.save_interval is not None and not args.save:
-        raise ArgumentError("--save-interval needs --save DIR")
-    same_dir = bool(args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save))
-    if args.load and not os.path.isdir(args.load) and not same_dir:
-        # --load DIR --save DIR (auto-resume) may start before DIR exists
-        raise ArgumentError(f"--load: directory {args.load} not found")
-    if args.ckpt_step is not None and not args.load:
-        raise ArgumentError("--ckpt-step needs --load DIR")
-    if args.finetune:
-        args.no_load_optim = args.no_load_rng = True
-    if args.tensorboard_dir:
-        from megatron_lasp.training.logging_utils import tensorboard_available
-
-        if not tensorboard_available():
-            raise ArgumentError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
-                                "(or pip install -e .[tensorboard]); or drop the flag")
-
-    if world_size is not None:
-        validate_world_size(args, world_size)
-    return args
-
-
-def validate_world_size(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """The checks that need the number of processes; sets ``data_parallel_size``, ``world_size``,
-    ``num_micro_batches`` (and ``global_batch_size`` if not given). Run after :func:`validate_args`.
-
-    Raises:
-        ArgumentError: sizes that do not fit the world, the heads or the sequence length that do
-            not split over the groups, a global batch that does not divide.
-    """
-    from megatron_lasp.models.config import PRESETS, check_head_split
-
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    heads = args.num_attention_heads
-    if heads is None and args.model_preset is not None:
-        heads = PRESETS[args.model_preset].fields["num_attention_heads"]
-    try:
-        dp = validate_parallel_sizes(world_size, tp, cp, args.pipeline_model_parallel_size)
-        check_head_split(heads, tp, cp, args.sequence_parallel_mode)
-        check_sequence_split(args.seq_length, cp, "seq_length")
-    except ValueError as err:
-        raise config_error(err) from None
-    args.data_parallel_size = dp
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
-        raise ArgumentError(
-            f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
-            f"({args.micro_batch_size}) x data-parallel size ({dp}) = {args.micro_batch_size * dp}"
-        )
-    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-    args.world_size = world_size
-    if args.sequence_parallel and args.seq_length // cp % tp:
-        raise ArgumentError(
-            f"--sequence-parallel needs the tokens per sequence-parallel rank "
-            f"({args.seq_length // cp}) to be divisible by --tensor-model-parallel-size ({tp})"
-        )
-    return args
 
 
 def normalize_split(text: str) -> str:
@@ -542,8 +719,8 @@ def _preset_vocab(preset: Optional[str]) -> int:
 def parse_data_path(tokens: Sequence[str]):
     """``--data-path`` -> megatron-core blend ``([prefix, ...], [weight, ...] or None)``.
 
-    Accepts ``a`` / ``a b`` (equal weights) or ``0.3 a 0.7 b`` (weights, normalised later by
-    megatron-core).
+    Accepts ``a`` / ``a b`` (equal weights) or ``0.3 a 0.7 b`` (positive weights, normalised later
+    by megatron-core).
     """
     tokens = list(tokens)
 
@@ -558,18 +735,9 @@ def parse_data_path(tokens: Sequence[str]):
         if len(tokens) % 2 or not all(is_number(t) for t in tokens[0::2]) or any(is_number(t) for t in tokens[1::2]):
             raise ArgumentError("--data-path: a weighted blend is 'WEIGHT PREFIX [WEIGHT PREFIX ...]'")
         weights = [float(w) for w in tokens[0::2]]
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ArgumentError("--data-path: blend weights must be non-negative and not all zero")
+        bad = [w for w in weights if not _finite_positive(w)]
+        if bad:
+            raise ArgumentError(f"--data-path: blend weights must be finite numbers > 0, got {bad[0]:g}; "
+                                "drop a dataset rather than weigh it 0")
         return list(tokens[1::2]), weights
     return tokens, None
-
-
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Parse and validate; on a user mistake print ``usage`` + a one-line error and exit(2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args, world_size)
-    except ArgumentError as err:
-        _error(parser, str(err))
-    return args

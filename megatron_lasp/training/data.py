@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lasp.atomic import check_directory_path, describe_ranks, ranks_not_seeing
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS
 from megatron_lasp.parallel.layout import sequence_slice_bounds
 
@@ -82,6 +83,8 @@ class DataSettings:
     """Batches per evaluation."""
     skip_splits: Tuple[int, ...] = ()
     """Splits (0 train, 1 valid, 2 test) that get no tokens and are not used (:func:`check_data`)."""
+    reset_attention_mask: bool = False
+    """Packed documents: the data must hold EOD tokens (:func:`check_data` refuses data without)."""
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -133,8 +136,9 @@ def _read_index(prefix: str):
     return np.dtype(dtype), lengths, pointers
 
 
-def _check_pair(prefix: str, vocab: int) -> np.ndarray:
-    """Check ``prefix.bin`` against ``prefix.idx`` (size, dtype) and a sample of its ids; return the lengths."""
+def _check_pair(prefix: str, vocab: int, eod: Optional[int] = None) -> np.ndarray:
+    """Check ``prefix.bin`` against ``prefix.idx`` (size, dtype) and a sample of its ids (with ``eod``:
+    the sample holds that token); return the lengths."""
     dtype, lengths, pointers = _read_index(prefix)
     bin_path = prefix + ".bin"
     expected = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if len(lengths) else 0
@@ -151,6 +155,11 @@ def _check_pair(prefix: str, vocab: int) -> np.ndarray:
         starts = sorted({0, max(0, tokens // 2 - n // 2), max(0, tokens - n)})
         top = max(int(data[a:a + n].max()) for a in starts)
         low = min(int(data[a:a + n].min()) for a in starts)
+        if eod is not None and not any(bool((data[a:a + n] == eod).any()) for a in starts):
+            read = min(tokens, n * len(starts))
+            raise DataError(f"--reset-attention-mask: {bin_path} holds no EOD token (id {eod}) in the {read} tokens "
+                            "read, so its documents would run into each other; preprocess it with --append-eod "
+                            "(tools/preprocess_data.py), or drop --reset-attention-mask")
         if top >= vocab or low < 0:
             bad = top if top >= vocab else low
             raise DataError(f"{bin_path} holds token id {bad}, outside the tokenizer's {vocab} ids: it was "
@@ -159,13 +168,26 @@ def _check_pair(prefix: str, vocab: int) -> np.ndarray:
     return lengths
 
 
+def _check_cache_path(settings: DataSettings) -> None:
+    """The default index cache (next to the data) must be able to be a directory: megatron-core's
+    ``makedirs`` would fail late and on rank 0 only. (A given ``--data-cache-path`` is checked with
+    the flags.)"""
+    if settings.data_cache_path or settings.mock_data or not settings.data_blend:
+        return
+    path = _default_cache_base(settings.data_blend[0])
+    try:
+        check_directory_path(path, f"the index cache {path} (next to --data-path; or pass --data-cache-path)")
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
 def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     """Check the ``--data-path`` datasets before megatron-core builds its indices; no collectives.
 
-    Checks every ``.bin``/``.idx`` pair (sizes, dtype, token ids) and the ``--split``: a split that
-    receives no tokens would make megatron-core's ``GPTDataset`` loop forever, so an empty split
-    this run uses (train; valid when ``--eval-interval`` > 0) is an error and an unused empty one
-    is skipped with a warning.
+    Checks that the index cache can be a directory, every ``.bin``/``.idx`` pair (sizes, dtype,
+    token ids) and the ``--split``: a split that receives no tokens would make megatron-core's
+    ``GPTDataset`` loop forever, so an empty split this run uses (train; valid when
+    ``--eval-interval`` > 0) is an error and an unused empty one is skipped with a warning.
 
     Returns:
         the splits to skip (``DataSettings.skip_splits``).
@@ -178,6 +200,7 @@ def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
         parse_and_normalize_split,
     )
 
+    _check_cache_path(settings)
     skip: List[int] = []
     if settings.mock_data or not settings.data_blend:
         return ()
@@ -185,7 +208,7 @@ def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     used = {0: "training", 1: "evaluation (--eval-interval)" if settings.eval_interval else None, 2: None}
     for prefix in settings.data_blend[0]:
-        lengths = _check_pair(prefix, tokenizer.vocab_size)
+        lengths = _check_pair(prefix, tokenizer.vocab_size, tokenizer.eod if settings.reset_attention_mask else None)
         n = len(lengths)
         for i, bounds in enumerate(matrix):
             if bounds is None or i in skip:
@@ -203,6 +226,10 @@ def check_data(settings: DataSettings, tokenizer) -> Tuple[int, ...]:
     return tuple(skip)
 
 
+def _default_cache_base(prefixes: Sequence[str]) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+
+
 def index_cache_path(settings: DataSettings) -> Optional[str]:
     """Where megatron-core caches the sample indices: keyed on the data files (path, size, mtime).
 
@@ -217,7 +244,7 @@ def index_cache_path(settings: DataSettings) -> Optional[str]:
         for ext in (".bin", ".idx"):
             st = os.stat(prefix + ext)
             key.update(f"{os.path.abspath(prefix + ext)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    base = settings.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    base = settings.data_cache_path or _default_cache_base(prefixes)
     return os.path.join(base, f"{os.path.basename(prefixes[0])}-{key.hexdigest()[:16]}")
 
 
@@ -235,6 +262,9 @@ def build_datasets(settings: DataSettings, tokenizer) -> list:
     """Build the (train, valid, test) datasets with megatron-core's BlendedMegatronDatasetBuilder.
 
     Every rank builds (megatron-core builds on rank 0 first, then the others read its index cache).
+    An index cache that some ranks do not see (node-local disks) would make them fail: then every
+    rank builds its indices in memory instead (the same indices; each rank pays the build), with a
+    warning. Collective.
 
     Returns:
         three datasets (or None for a split with no samples), each indexable by sample number and
@@ -244,12 +274,21 @@ def build_datasets(settings: DataSettings, tokenizer) -> list:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+    cache = index_cache_path(settings)
+    if cache and dist.is_initialized() and dist.get_world_size() > 1:
+        blind, host0 = ranks_not_seeing(cache)
+        if blind:
+            if dist.get_rank() == 0:
+                logger.warning("the index cache %s (on %s) is not seen by %s: every rank builds its sample indices "
+                               "without a cache; put --data-cache-path on a file system all nodes share to build "
+                               "them once", cache, host0, describe_ranks(blind))
+            cache = None
     config = GPTDatasetConfig(
         random_seed=settings.seed,
         sequence_length=settings.seq_length,
         blend=settings.data_blend,
         split=settings.split,
-        path_to_cache=index_cache_path(settings),
+        path_to_cache=cache,
         tokenizer=tokenizer.as_megatron_tokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -1,4 +1,5 @@
-"""Training log lines (Megatron's format), throughput / FLOPs / MFU, tensorboard scalars.
+"""Training log lines (Megatron's format), throughput / FLOPs / MFU, tensorboard scalars, and a
+readable start-up (:func:`quiet_megatron_core`).
 
 FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per trained token:
 
@@ -7,49 +8,126 @@ FLOPs of the linear-attention LM (what ``TFLOP/s/GPU`` and ``MFU`` count), per t
 - ``6 * P_matmul``: every weight matrix is used in one multiply-add (2 FLOPs) per token forward
   and twice as much backward (input and weight gradients). ``P_matmul`` counts the weights that
   multiply activations: per layer the fused q/k/v(/gate) projection ``h x parts * H * d``, the
-  output projection ``H * d x h`` and the GLU channel mixer ``3 * h * f``; plus the output layer
-  ``h x V``. Embedding lookups and norms are not matmuls and are not counted.
+  output projection ``H * d x h`` and the GLU channel mixer ``3 * h * f``, and with a per-token gate
+  (``linear_attention_gate``) its projection ``h x H``; plus the output layer ``h x V``. Embedding
+  lookups, norms and the gate's elementwise math (softplus / log-sigmoid, the decay factors inside
+  the kernel) are not matmuls and are not counted.
 - ``3 * L * H * (...)``: the chunked linear attention, forward cost per token and head with chunk
   size ``B`` and head dim ``d``: intra-chunk ``Q K^T`` and ``(Q K^T) V`` over a full ``B`` block
   (``2 * 2 * B * d``; the causal half is computed and masked), inter-chunk ``Q S`` and the state
   update ``K^T V`` (``2 * 2 * d^2``); backward is counted as twice the forward.
+
+Hybrid models (``hybrid_layer_pattern``): a softmax layer's projections are ``h x (H + 2 G) d``
+(q, and k, v for ``G = num_query_groups`` key/value heads; no gate) and ``H d x h``, counted in
+``P_matmul`` like the rest; its attention adds, per token of a ``N``-token sequence,
+``3 * 2 * H * d * (N + 1)``: forward ``Q K^T`` and ``P V`` against the ``(N + 1) / 2`` keys a
+causal query reads on average (``2 * 2 * d`` FLOPs per key and head), backward twice that. Packed
+documents are counted as whole rows (the model's FLOPs, not the masked work).
 
 So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On CPU MFU is n/a.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
 
+MEGATRON_CORE_WARNINGS = (
+    r"(Transformer Engine and Apex are|Apex is|Transformer Engine is) not installed",
+    r"full scope is deprecated",
+)
+"""megatron-core's import-time warnings (``warnings.warn`` message prefixes) that every process
+repeats at start-up: the missing optional accelerators (one line of ours says it instead) and a
+deprecation inside its own config defaults."""
+
+
+class MegatronCoreLogFilter(logging.Filter):
+    """Condense megatron-core's INFO start-up records: drop the Megatron-FSDP detection notes, the
+    per-file index reading and the index-cache lines (a ``Build and save`` line stays: building
+    can take a while), and cut the dataset builder's config dump (a line of ~1,500 characters)
+    to the split sizes. Warnings and errors pass unchanged."""
+
+    DROP = ("megatron.core.distributed.fsdp", "megatron.core.datasets.indexed_dataset",
+            "megatron.core.datasets.blended_megatron_dataset_config")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if record.levelno > logging.INFO or not name.startswith("megatron.core."):
+            return True
+        if name.startswith(self.DROP):
+            return False
+        if name.startswith("megatron.core.datasets.") and name.endswith("_dataset_builder"):
+            message = record.getMessage()
+            if " and config=" in message:
+                record.msg, record.args = message.split(" and config=")[0], ()
+            return True
+        if name == "megatron.core.datasets.gpt_dataset":
+            return record.getMessage().startswith("Build and save")
+        return True
+
+
+def quiet_megatron_core() -> None:
+    """Keep megatron-core's start-up notes from burying the first lines of a run: silence
+    :data:`MEGATRON_CORE_WARNINGS` (logging one line instead where an accelerator is missing) and
+    put :class:`MegatronCoreLogFilter` on the root logger's handlers. Called by the training entry
+    point once it has configured logging; the library itself never changes these settings."""
+    for pattern in MEGATRON_CORE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MegatronCoreLogFilter) for f in handler.filters):
+            handler.addFilter(MegatronCoreLogFilter())
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        logger.info("%s not installed: megatron-core uses its torch fallbacks", " and ".join(missing))
+
+
 DEFAULT_CHUNK_SIZE = 64
 """Chunk (block) size assumed for the attention FLOPs (the kernels' block) unless one is given."""
 
 
-def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None) -> float:
+def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None,
+                    seq_length: Optional[int] = None) -> float:
     """Training FLOPs per token of the whole model (formula in the module docstring).
 
     Args:
         config: the model config (``num_layers, hidden_size, num_attention_heads, kv_channels,
-            ffn_hidden_size``, optional ``output_gate``).
+            ffn_hidden_size``, optional ``output_gate``, ``linear_attention_gate``,
+            ``hybrid_layer_pattern``, ``num_query_groups``).
         vocab_size: padded vocabulary size (output layer width).
         chunk_size: the attention kernel's block size (default :data:`DEFAULT_CHUNK_SIZE`).
+        seq_length: tokens per sequence; needed by a hybrid's softmax layers (their work per
+            token grows with it), ignored otherwise.
+
+    Raises:
+        ValueError: a hybrid config without ``seq_length``.
     """
     h, L, H = config.hidden_size, config.num_layers, config.num_attention_heads
     d = config.kv_channels or h // H
     f = config.ffn_hidden_size
     parts = 4 if getattr(config, "output_gate", False) else 3
     glu = 3 if getattr(config, "gated_linear_unit", True) else 2
-    per_layer = h * parts * H * d + H * d * h + glu * h * f
-    matmul_params = L * per_layer + h * vocab_size
+    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
+    linear_layers = L - softmax_layers
+    G = getattr(config, "num_query_groups", None) or H
+    gate = 0 if getattr(config, "linear_attention_gate", "none") in (None, "none") else h * H
+    linear_layer = h * parts * H * d + H * d * h + glu * h * f + gate
+    softmax_layer = h * (H + 2 * G) * d + H * d * h + glu * h * f
+    matmul_params = linear_layers * linear_layer + softmax_layers * softmax_layer + h * vocab_size
     B = chunk_size or DEFAULT_CHUNK_SIZE
-    attention = 3 * L * H * (4 * B * d + 4 * d * d)
+    attention = 3 * linear_layers * H * (4 * B * d + 4 * d * d)
+    if softmax_layers:
+        if not seq_length:
+            raise ValueError("flops_per_token: a hybrid model's softmax layers need seq_length")
+        attention += 3 * softmax_layers * 2 * H * d * (seq_length + 1)
     return 6.0 * matmul_params + attention
 
 

@@ -1,8 +1,8 @@
 """The training loop: one code path for every parallel layout.
 
-``main(argv)`` parses the flags, brings up the process groups, builds the model stage of this
-rank, wraps it for data parallelism, builds the optimizer, LR schedule and data, loads a
-checkpoint if asked and runs :func:`train`. Every step goes through megatron-core's pipeline
+``main(argv)`` sets the run up (``startup.setup``: the flags into the run config, the process
+groups, the model stage of this rank, the optimizer, the data, a checkpoint) and runs
+:func:`train`. Every step goes through megatron-core's pipeline
 schedule (``get_forward_backward_func``: ``forward_backward_no_pipelining`` at PP=1, 1F1B
 otherwise), so TP, SP, PP and DP all share it.
 
@@ -17,14 +17,11 @@ the global token mean, whatever the DP, SP and accumulation split.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import math
 import os
 import sys
-import threading
-from dataclasses import dataclass, field
+import time
 from functools import partial
 from typing import Callable, List, Optional
 
@@ -34,17 +31,14 @@ import torch.distributed as dist
 from megatron_lasp import platform
 from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
-from megatron_lasp.training import logging_utils
-from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord
-from megatron_lasp.training.optim import (
-    OptimizerSettings,
-    build_optimizer,
-    build_scheduler,
-    fsdp_reshard,
-    no_sync_func,
-    param_facts,
-    unwrap_model,
-    wrap_data_parallel,
+from megatron_lasp.training import checkpointing, logging_utils
+from megatron_lasp.training.interrupts import PROG, LauncherWatchdog, StopRequests, record_clean_error
+from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
+from megatron_lasp.training.startup import (  # noqa: F401 - setup, model_config_from_run: re-exported for callers
+    StartupError,
+    TrainState,
+    model_config_from_run,
+    setup,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,89 +48,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient norm); the message names the iteration."""
 
 
-class StartupError(SystemExit):
-    """A user mistake found before training (flags, data, checkpoints); already printed (once).
-
-    ``message`` is the one-line error, ``code`` the exit status (2).
-    """
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(code)
-        self.message = message
-
-
-PROG = "pretrain_linear_lm.py"
-
-
-def _user_errors():
-    from megatron_lasp.data.preprocess import PreprocessError
-    from megatron_lasp.training.checkpointing import CheckpointError
-
-    return (arguments_mod.ArgumentError, CheckpointError, data_mod.DataError, PreprocessError,
-            FileNotFoundError, ValueError)
-
-
-def _fail(message: str, print_here: bool) -> StartupError:
-    if print_here:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return StartupError(message)
-
-
-def _agreed(fn: Callable[[], object]) -> object:
-    """Run ``fn`` (no collectives inside) on every rank; if it fails on any rank, all exit together.
-
-    The first failing rank's message is printed once, by rank 0. Returns ``fn()``.
-    """
-    from megatron_lasp.training import checkpointing
-
-    result, error = None, None
-    try:
-        result = fn()
-    except _user_errors() as err:
-        error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    errors = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        checkpointing.release_save_lock()
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        raise _fail(first, rank == 0)
-    return result
-
-
-@dataclass
-class TrainState:
-    """Everything a step reads and writes, and what a checkpoint must restore."""
-
-    args: argparse.Namespace
-    """The parsed flags (with the values filled in from them); the loop's own reads."""
-    checkpoint: CheckpointSettings
-    """What checkpointing reads: where to save, what to load, what saves record."""
-    groups: object  # megatron-core ProcessGroupCollection
-    model: torch.nn.Module
-    model_config: object
-    optimizer: object
-    scheduler: object
-    train_ds: object
-    valid_ds: object
-    layout: data_mod.BatchLayout
-    iteration: int = 0
-    consumed_train_samples: int = 0
-    consumed_valid_samples: int = 0
-    losses: List[float] = field(default_factory=list)
-    """The ``lm loss`` of every iteration run by this process (on the logging rank; NaN elsewhere)."""
-    grad_norms: List[float] = field(default_factory=list)
-    """The global gradient norm of every iteration run by this process (before clipping)."""
-    tokenizer: object = None
-
-
-# ----------------------------------------------------------------------------------------------
-# building
-
-
 def _logging_setup() -> None:
+    """Log to stdout (INFO on rank 0, warnings elsewhere) unless the caller configured logging;
+    condense megatron-core's start-up notes either way (``logging_utils.quiet_megatron_core``)."""
     rank = int(os.environ.get("RANK", "0"))
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -144,97 +58,7 @@ def _logging_setup() -> None:
             format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
             stream=sys.stdout,
         )
-
-
-def model_config_from_args(args: argparse.Namespace):
-    """The model's ``LinearLMConfig`` from the flags (preset + overrides + parallel layout)."""
-    from megatron_lasp.models.config import LinearLMConfig, linear_lm_config
-
-    on_gpu = torch.cuda.is_available()
-    half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    megatron_half = half is not None and args.ddp_impl == "megatron"
-    fields = {name: getattr(args, name) for name in arguments_mod.ARCHITECTURE_FIELDS[:4]
-              if getattr(args, name) is not None}
-    fields.update(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        sequence_parallel_mode=args.sequence_parallel_mode,
-        kernel_backend=args.kernel_backend,
-        transformer_impl=args.transformer_impl,
-        params_dtype=half if megatron_half else torch.float32,
-        bf16=bool(args.bf16 and megatron_half),
-        fp16=bool(args.fp16 and megatron_half),
-        pipeline_dtype=half if (megatron_half or (half is not None and args.ddp_impl == "fsdp")) else torch.float32,
-        use_cpu_initialization=not on_gpu,
-        variable_seq_lengths=False,
-        calculate_per_token_loss=True,
-        recompute_granularity=None if args.recompute_chunk_size else args.recompute_granularity,
-        recompute_method=None if args.recompute_chunk_size else args.recompute_method,
-        recompute_num_layers=None if args.recompute_chunk_size else args.recompute_num_layers,
-        recompute_chunk_size=args.recompute_chunk_size,
-        fused_linear_cross_entropy=args.fused_linear_cross_entropy,
-        cross_entropy_chunk_size=args.cross_entropy_chunk_size,
-        offload_layer_inputs=args.cpu_offloading,
-    )
-    modules = getattr(args, "recompute_modules", None)
-    if modules is not None:
-        fields.update(recompute_modules=[m for m in modules if m != "elementwise"],
-                      recompute_elementwise="elementwise" in modules)
-    if getattr(args, "fusion", None) is False:
-        fields["fusion"] = False
-    if args.init_method_std is not None:
-        fields["init_method_std"] = args.init_method_std
-    if args.bf16 and args.ddp_impl == "torch":
-        fields.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
-    for name in ("kv_channels", "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout",
-                 "decay_type", "decay_layer_eps", "qk_feature_map", "v_feature_map", "output_gate",
-                 "attention_norm_group_size", "glu_type", "share_embeddings_and_output_weights"):
-        if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
-    try:
-        if args.model_preset:
-            config = linear_lm_config(args.model_preset, **fields)
-        else:
-            config = LinearLMConfig(**fields)
-    except (ValueError, TypeError, AssertionError) as err:
-        raise arguments_mod.config_error(err) from None
-    pp = args.pipeline_model_parallel_size
-    if config.num_layers % pp:
-        raise arguments_mod.ArgumentError(
-            f"--pipeline-model-parallel-size ({pp}) must divide the number of layers ({config.num_layers}); "
-            "change it or --num-layers")
-    return config
-
-
-def build_model_stage(config, args: argparse.Namespace, groups) -> torch.nn.Module:
-    """This rank's pipeline stage of the model, on its device, before data-parallel wrapping."""
-    from megatron.core import parallel_state as mpu
-
-    from megatron_lasp.models import build_linear_lm
-
-    model = build_linear_lm(
-        config,
-        args.padded_vocab_size,
-        pre_process=mpu.is_pipeline_first_stage(),
-        post_process=mpu.is_pipeline_last_stage(),
-        pg_collection=groups,
-    )
-    device = platform.default_device()
-    return model.to(device)
-
-
-def _shared_embedding_for_pp(model: torch.nn.Module, args) -> Optional[torch.nn.Parameter]:
-    """The tied embedding/output weight that needs a first/last stage all-reduce, or None."""
-    from megatron.core import parallel_state as mpu
-
-    inner = unwrap_model(model)
-    if args.pipeline_model_parallel_size == 1 or not getattr(inner, "share_embeddings_and_output_weights", False):
-        return None
-    if not (mpu.is_pipeline_first_stage() or mpu.is_pipeline_last_stage()):
-        return None
-    return inner.shared_embedding_or_output_weight()
+    logging_utils.quiet_megatron_core()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,14 +98,14 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    args, groups, layout = state.args, state.groups, state.layout
+    config, groups, layout = state.config, state.groups, state.layout
     device = platform.default_device()
     is_first, is_last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
     batches = data_mod.read_step(dataset, layout, consumed, device)
     scale, total_tokens = 0.0, float("nan")
     if is_last:
         total_tokens = data_mod.global_loss_tokens(batches, groups.dp, device)
-        factor = 1.0 if args.ddp_impl == "megatron" else float(groups.dp_cp.size())
+        factor = 1.0 if config.parallel.ddp_impl == "megatron" else float(groups.dp_cp.size())
         scale = factor / max(total_tokens, 1.0)
     forward_backward = get_forward_backward_func()
     with platform.cuda_factory_redirect():
@@ -290,8 +114,8 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
             data_iterator=iter(batches),  # one micro-batch per forward step
             model=[state.model],
             num_microbatches=layout.num_micro_batches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
+            seq_length=config.training.seq_length,
+            micro_batch_size=config.training.micro_batch_size,
             forward_only=forward_only,
         )
     if not is_last:
@@ -322,9 +146,9 @@ def train_step(state: TrainState) -> tuple:
     next_iteration = state.iteration + 1
     if not math.isfinite(loss):
         raise TrainingError(f"iteration {next_iteration}: lm loss is {loss}; stopping without saving "
-                            f"({_last_checkpoint_hint(state.args)})")
+                            f"({_last_checkpoint_hint(state.checkpoint.save)})")
     applied, grad_norm = state.optimizer.step()
-    if state.args.fp16 and not applied:
+    if state.config.training.fp16 and not applied:
         # dynamic loss scaling: an overflow skips the update and lowers the scale (as Megatron does)
         logger.info("iteration %d: fp16 overflow, update skipped", next_iteration)
         grad_norm = float("nan")
@@ -333,7 +157,7 @@ def train_step(state: TrainState) -> tuple:
     else:
         state.scheduler.step(1)
     state.iteration = next_iteration
-    state.consumed_train_samples += state.args.global_batch_size
+    state.consumed_train_samples += state.config.training.global_batch_size
     return loss, grad_norm
 
 
@@ -343,14 +167,15 @@ def evaluate(state: TrainState) -> Optional[float]:
         return None
     state.model.eval()
     total = 0.0
+    eval_iters = state.config.logging.eval_iters
     with torch.no_grad():
-        for _ in range(state.args.eval_iters):
+        for _ in range(eval_iters):
             total += run_forward_backward(state, state.valid_ds, state.consumed_valid_samples, forward_only=True)
-            state.consumed_valid_samples += state.args.global_batch_size
-    if state.args.ddp_impl == "fsdp":
+            state.consumed_valid_samples += state.config.training.global_batch_size
+    if state.config.parallel.ddp_impl == "fsdp":
         fsdp_reshard(state.model)
     state.model.train()
-    return _broadcast_from_last_stage(total / state.args.eval_iters, state.groups)
+    return _broadcast_from_last_stage(total / eval_iters, state.groups)
 
 
 def _is_logging_rank(groups) -> bool:
@@ -361,27 +186,31 @@ def _is_logging_rank(groups) -> bool:
             and groups.dp.rank() == 0)
 
 
-def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None) -> TrainState:
-    """Run iterations until ``--train-iters`` (or ``--exit-interval``); log, evaluate and save."""
-    args, groups = state.args, state.groups
-    logging_rank = _is_logging_rank(groups)
+def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = None,
+          stops: Optional[StopRequests] = None) -> TrainState:
+    """Run iterations until ``--train-iters`` (or ``--exit-interval``, or ``stops`` says so: a signal
+    with ``--exit-signal-handler``, ``--exit-duration-in-mins``); log, evaluate and save."""
+    train_cfg, log_cfg, ckpt_cfg = state.config.training, state.config.logging, state.config.checkpoint
+    train_iters = train_cfg.train_iters
+    logging_rank = _is_logging_rank(state.groups)
     writer = None
-    if args.tensorboard_dir and logging_rank:
-        writer = logging_utils.TensorboardWriter(args.tensorboard_dir)
-    flops_token = logging_utils.flops_per_token(state.model_config, args.padded_vocab_size)
-    tokens_per_iter = args.global_batch_size * args.seq_length
+    if log_cfg.tensorboard_dir and logging_rank:
+        writer = logging_utils.TensorboardWriter(log_cfg.tensorboard_dir)
+    flops_token = logging_utils.flops_per_token(state.model_config, state.padded_vocab_size,
+                                                 seq_length=train_cfg.seq_length)
+    tokens_per_iter = train_cfg.global_batch_size * train_cfg.seq_length
     on_gpu = torch.cuda.is_available()
     world = dist.get_world_size()
     watch = logging_utils.Stopwatch()
     window_iters, window_loss, window_norm = 0, 0.0, 0.0
-    if state.iteration >= args.train_iters:
+    if state.iteration >= train_iters:
         logger.warning("nothing to do: the checkpoint is at iteration %d and --train-iters is %d "
-                       "(raise --train-iters to train further)", state.iteration, args.train_iters)
+                       "(raise --train-iters to train further)", state.iteration, train_iters)
         if writer:
             writer.close()
         return state
     try:
-        while state.iteration < args.train_iters:
+        while state.iteration < train_iters:
             loss, grad_norm = train_step(state)
             state.losses.append(loss)
             state.grad_norms.append(grad_norm)
@@ -389,16 +218,16 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
             window_loss += loss
             window_norm += grad_norm
             it = state.iteration
-            if it % args.log_interval == 0 or it == args.train_iters:
+            if it % log_cfg.log_interval == 0 or it == train_iters:
                 elapsed = watch.lap()
                 ms = 1000.0 * elapsed / window_iters
                 tokens_s = tokens_per_iter * window_iters / max(elapsed, 1e-9)
                 tflops = flops_token * tokens_s / world / 1e12
-                mfu = tflops * 1e12 / args.peak_flops if on_gpu else None
+                mfu = tflops * 1e12 / log_cfg.peak_flops if on_gpu else None
                 lr = state.optimizer.param_groups[0]["lr"]
                 if logging_rank:
                     line = logging_utils.format_log_line(
-                        iteration=it, train_iters=args.train_iters,
+                        iteration=it, train_iters=train_iters,
                         consumed_samples=state.consumed_train_samples, ms_per_iter=ms, lr=lr,
                         loss=window_loss / window_iters, grad_norm=window_norm / window_iters,
                         tokens_per_s=tokens_s, tflops_per_gpu=tflops, mfu=mfu,
@@ -410,20 +239,24 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
                                             "grad-norm": window_norm / window_iters, "tokens-per-s": tokens_s,
                                             "tflops-per-gpu": tflops}, it)
                 window_iters, window_loss, window_norm = 0, 0.0, 0.0
-            if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
+            if log_cfg.eval_interval and it % log_cfg.eval_interval == 0 and it < train_iters:
                 _run_eval(state, logging_rank, writer, "iteration", it)
                 watch.lap()
-            exiting = args.exit_interval is not None and it % args.exit_interval == 0
-            if save_fn and args.save and (
-                (args.save_interval and it % args.save_interval == 0) or it == args.train_iters or exiting
+            stop = stops.check() if stops is not None else None
+            if stop is None and train_cfg.exit_interval is not None and it % train_cfg.exit_interval == 0:
+                stop = f"--exit-interval {train_cfg.exit_interval}"
+            exiting = stop is not None
+            if save_fn and ckpt_cfg.save and (
+                (ckpt_cfg.save_interval and it % ckpt_cfg.save_interval == 0) or it == train_iters or exiting
             ):
                 check_before_save(state)
                 save_fn(state)
                 watch.lap()
             if exiting:
-                logger.info("exiting at iteration %d (--exit-interval %d)", it, args.exit_interval)
+                saved = f", saved to {ckpt_cfg.save}" if save_fn and ckpt_cfg.save else ""
+                logger.info("exiting at iteration %d: %s%s", it, stop, saved)
                 break
-        if args.eval_interval and state.iteration == args.train_iters:
+        if log_cfg.eval_interval and state.iteration == train_iters:
             _run_eval(state, logging_rank, writer, "end of training, iteration", state.iteration)
     finally:
         if writer:
@@ -439,7 +272,8 @@ def check_before_save(state: TrainState) -> None:
     ``--check-for-spiky-loss`` that loss must also stay below ``--spiky-loss-factor`` x the
     lowest loss of this run. Collective (all ranks decide together).
     """
-    args, iteration = state.args, state.iteration
+    iteration = state.iteration
+    ckpt_cfg = state.config.checkpoint
     bad = torch.zeros(1, dtype=torch.float32, device=platform.default_device())
     for p in unwrap_model(state.model).parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
@@ -447,13 +281,13 @@ def check_before_save(state: TrainState) -> None:
             bad.fill_(1.0)
             break
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    last = _last_checkpoint_hint(args)
+    last = _last_checkpoint_hint(state.checkpoint.save)
     if bad.item():
         raise TrainingError(f"iteration {iteration}: the weights hold NaN/inf; stopping without saving ({last})")
     state.model.eval()
     with torch.no_grad():
         loss = run_forward_backward(state, state.train_ds, state.consumed_train_samples, forward_only=True)
-    if args.ddp_impl == "fsdp":
+    if state.config.parallel.ddp_impl == "fsdp":
         fsdp_reshard(state.model)
     state.model.train()
     loss = _broadcast_from_last_stage(loss, state.groups)
@@ -461,16 +295,14 @@ def check_before_save(state: TrainState) -> None:
         raise TrainingError(f"iteration {iteration}: the weights to be saved give lm loss {loss} on the next "
                             f"batch; stopping without saving ({last})")
     previous = [x for x in state.losses if math.isfinite(x)]
-    if args.check_for_spiky_loss and previous and loss > args.spiky_loss_factor * min(previous):
+    if ckpt_cfg.check_for_spiky_loss and previous and loss > ckpt_cfg.spiky_loss_factor * min(previous):
         raise TrainingError(f"iteration {iteration}: lm loss {loss:.4g} of the weights to be saved is more than "
-                            f"--spiky-loss-factor {args.spiky_loss_factor:g} x the lowest loss {min(previous):.4g}; "
+                            f"--spiky-loss-factor {ckpt_cfg.spiky_loss_factor:g} x the lowest loss {min(previous):.4g}; "
                             f"stopping without saving ({last})")
 
 
-def _last_checkpoint_hint(args) -> str:
-    from megatron_lasp.training.checkpointing import list_iterations
-
-    its = list_iterations(args.save) if args.save else []
+def _last_checkpoint_hint(save: Optional[str]) -> str:
+    its = checkpointing.list_iterations(save) if save else []
     return f"last good checkpoint: iteration {its[-1]}, untouched" if its else "no checkpoint saved"
 
 
@@ -486,128 +318,6 @@ def _run_eval(state, logging_rank, writer, what, it) -> None:
             writer.add_scalars({"validation lm loss": loss, "validation ppl": ppl}, it)
 
 
-# ----------------------------------------------------------------------------------------------
-# settings: what each room reads of the flags, built here from them (the rooms never see argparse)
-
-
-def _optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
-    # --no-fusion turns every fused path off, the optimizer's too
-    return arguments_mod.settings_from_args(OptimizerSettings, args,
-                                            fused_adam=args.fused_adam and args.fusion is not False)
-
-
-def _data_settings(args: argparse.Namespace, skip_splits=()) -> data_mod.DataSettings:
-    return arguments_mod.settings_from_args(data_mod.DataSettings, args, skip_splits=tuple(skip_splits))
-
-
-def _checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-
-    run = arguments_mod.settings_from_args(RunRecord, args, tokenizer=TokenizerSettings.from_mapping(args),
-                                           flags=arguments_mod.recorded_flags(args))
-    return arguments_mod.settings_from_args(CheckpointSettings, args, run=run)
-
-
-# ----------------------------------------------------------------------------------------------
-# entry point
-
-
-def setup(argv: Optional[List[str]] = None) -> TrainState:
-    """Parse flags, initialize the groups, build model / optimizer / data, load a checkpoint.
-
-    Raises:
-        SystemExit(2): a bad flag (argparse's one-line ``error:`` message).
-    """
-    from megatron.core import parallel_state as mpu
-
-    from megatron_lasp.data.tokenizer import TokenizerSettings
-    from megatron_lasp.parallel.state import init_distributed, initialize_parallel
-    from megatron_lasp.training import checkpointing
-
-    parser = arguments_mod.build_parser()
-    args = parser.parse_args(argv)  # argparse's own errors: one line on rank 0, exit 2
-    try:
-        arguments_mod.validate_args(args)  # the same on every rank: each exits, rank 0 prints
-    except arguments_mod.ArgumentError as err:
-        raise _fail(str(err), arguments_mod.is_rank_zero()) from None
-    init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
-
-    def prepare():
-        arguments_mod.validate_world_size(args, dist.get_world_size())
-        tokenizer = data_mod.build_tokenizer(TokenizerSettings.from_mapping(args))
-        args.vocab_size_tokenizer = tokenizer.vocab_size
-        args.padded_vocab_size = data_mod.padded_vocab_size(
-            tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-        model_config = model_config_from_args(args)
-        checkpoint = checkpointing.prepare_run(_checkpoint_settings(args), model_config)
-        skip_splits = data_mod.check_data(_data_settings(args), tokenizer)
-        return tokenizer, model_config, checkpoint, skip_splits
-
-    tokenizer, model_config, checkpoint, skip_splits = _agreed(prepare)
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-        setattr(args, name, getattr(model_config, name))
-    # what the checks resolved (a weights-only checkpoint loads as with --finetune), in args.json too
-    vars(args).update(load_iteration=checkpoint.load_iteration, load_weights_only=checkpoint.load_weights_only,
-                      finetune=checkpoint.finetune, no_load_optim=checkpoint.no_load_optim,
-                      no_load_rng=checkpoint.no_load_rng, skip_splits=list(skip_splits))
-    checkpoint = dataclasses.replace(checkpoint, run=_checkpoint_settings(args).run)
-    optim = _optimizer_settings(args)
-
-    groups = initialize_parallel(
-        args.tensor_model_parallel_size,
-        args.context_parallel_size,
-        args.pipeline_model_parallel_size,
-        backend=args.distributed_backend,
-        seed=args.seed,
-        timeout_minutes=args.distributed_timeout_minutes,
-    )
-    model = build_model_stage(model_config, args, groups)
-    facts = param_facts(model)
-    shared = _shared_embedding_for_pp(model, args)
-    model = wrap_data_parallel(model, optim, groups, model_config)
-    model_config.no_sync_func = no_sync_func(model, optim.ddp_impl)
-    model_config.finalize_model_grads_func = None
-    optimizer = build_optimizer(model, optim, groups, facts, model_config, shared)
-    scheduler = build_scheduler(optimizer, optim)
-
-    first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
-    train_ds = valid_ds = None
-    data = _data_settings(args, skip_splits)
-    if first or last:
-        train_ds, valid_ds, _ = data_mod.build_datasets(data, tokenizer)
-    elif args.pipeline_model_parallel_size > 1:
-        # megatron-core's builder synchronizes all ranks with barriers; middle stages join them
-        train_ds, valid_ds, _ = data_mod.build_datasets(data, tokenizer)
-    layout = data_mod.BatchLayout(
-        micro_batch_size=args.micro_batch_size,
-        num_micro_batches=args.num_micro_batches,
-        dp_rank=groups.dp.rank(),
-        dp_size=groups.dp.size(),
-        sp_rank=groups.cp.rank(),
-        sp_size=groups.cp.size(),
-        needs_data=first or last or args.reset_attention_mask,
-        vocab_size=None if args.mock_data else tokenizer.vocab_size,
-        eod_token=tokenizer.eod if args.reset_attention_mask else None,
-    )
-    state = TrainState(args=args, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
-                       optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
-                       layout=layout, tokenizer=tokenizer)
-    if args.load:
-        try:
-            checkpointing.load_checkpoint(state)
-        except checkpointing.CheckpointError as err:  # past the checks: this rank alone may see it
-            checkpointing.release_save_lock()
-            raise _fail(str(err), True) from None
-    logger.info(
-        "training: %d iterations, global batch %d (micro %d x %d micro-batches x DP %d), seq %d, "
-        "TP %d SP %d (%s) PP %d, ddp %s, optimizer %s, vocab %d (padded %d)",
-        args.train_iters, args.global_batch_size, args.micro_batch_size, args.num_micro_batches,
-        groups.dp.size(), args.seq_length, groups.tp.size(), groups.cp.size(), args.sequence_parallel_mode,
-        groups.pp.size(), args.ddp_impl, optimizer.description, tokenizer.vocab_size, args.padded_vocab_size,
-    )
-    return state
-
-
 def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainState:
     """Train as ``pretrain_linear_lm.py`` does; returns the final :class:`TrainState`.
 
@@ -619,74 +329,65 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
     """
     from megatron_lasp.parallel.state import destroy_parallel
-    from megatron_lasp.training import checkpointing
 
+    start = time.monotonic()
     _logging_setup()
+    state = None
+    save_lock = checkpointing.SaveLock()
     try:
-        state = setup(argv)
-        watchdog = LauncherWatchdog.start_if_launched()
+        state = setup(argv, save_lock, start)
+        state.stops.install()
+        watchdog = LauncherWatchdog.start_if_launched(save_lock.release)
         save_fn = checkpointing.save_checkpoint
         if watchdog is not None:
             save_fn = watchdog.guard(save_fn)
         try:
-            train(state, save_fn=save_fn)
+            train(state, save_fn=save_fn, stops=state.stops)
         except data_mod.DataError as err:
             raise TrainingError(str(err)) from None
         finally:
             if watchdog is not None:
                 watchdog.stop()
     finally:
-        checkpointing.release_save_lock()
+        if state is not None:
+            state.stops.uninstall()
+        save_lock.release()
         if destroy:
             destroy_parallel()
     return state
 
 
-class LauncherWatchdog:
-    """Exit this worker when its launcher (torchrun, the parent process) dies.
+def _let_rank_zero_print() -> None:
+    # every rank fails together; torchrun stops the others at the first exit, which must not
+    # come before rank 0 has printed the line
+    if not arguments_mod.is_rank_zero():
+        time.sleep(1.0)
 
-    Killing torchrun alone would leave the workers training and saving unsupervised. A daemon
-    thread polls the parent pid; when the parent is gone it waits for a save in progress to
-    finish (saves are atomic anyway: an interrupted one leaves only an ``iter_*.tmp``), then
-    ends the process with exit status 1.
-    """
 
-    POLL_S = 1.0
-    SAVE_GRACE_S = 300.0
-
-    def __init__(self) -> None:
-        self._parent = os.getppid()
-        self._saving = threading.Lock()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
-
-    @classmethod
-    def start_if_launched(cls) -> Optional["LauncherWatchdog"]:
-        """Start the watchdog under torchrun (``TORCHELASTIC_RUN_ID`` set); None otherwise."""
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            return None
-        dog = cls()
-        dog._thread.start()
-        return dog
-
-    def guard(self, save_fn: Callable[[TrainState], object]) -> Callable[[TrainState], object]:
-        """``save_fn`` that the watchdog does not interrupt."""
-        def guarded(state: TrainState):
-            with self._saving:
-                return save_fn(state)
-
-        return guarded
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.POLL_S):
-            if os.getppid() != self._parent:
-                print(f"{PROG}: error: the launcher (parent pid {self._parent}) is gone: this worker exits "
-                      "(the last complete checkpoint is kept)", file=sys.stderr, flush=True)
-                self._saving.acquire(timeout=self.SAVE_GRACE_S)
-                from megatron_lasp.training import checkpointing
-
-                checkpointing.release_save_lock()
-                os._exit(1)
+def cli_main(argv: Optional[List[str]] = None) -> int:
+    """``pretrain_linear_lm.py``: :func:`main` with every way it ends as an exit status, and a clean
+    end as one line on stderr (no traceback): 0 done (or stopped on request, saved), 1 training
+    stopped (non-finite loss, data), 2 a user mistake, 130 interrupted (Ctrl-C without
+    ``--exit-signal-handler``). Under torchrun the line also goes to its error file."""
+    try:
+        main(argv)
+    except StartupError as err:  # already printed (rank 0)
+        record_clean_error(f"{PROG}: error: {err.message}", err.code)
+        _let_rank_zero_print()
+        return err.code
+    except arguments_mod.UsageError as err:  # argparse's own, already printed (rank 0)
+        record_clean_error(err.message, 2)
+        _let_rank_zero_print()
+        return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        record_clean_error(f"error: {err}", 1)
+        return 1
+    except KeyboardInterrupt:
+        message = (f"{PROG}: interrupted; nothing saved since the last checkpoint (add --exit-signal-handler to "
+                   "save on Ctrl-C / SIGTERM)")
+        if arguments_mod.is_rank_zero():
+            print(f"\n{message}", file=sys.stderr, flush=True)
+        record_clean_error(message, 130)
+        return 130
+    return 0

@@ -39,6 +39,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+# the wrappers' walk is the checkpoint room's (it unwraps to save); re-exported for the loop
+from megatron_lasp.checkpoint.modules import fsdp_reshard, torch_optimizers, unwrap_model  # noqa: F401
+
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -118,13 +121,6 @@ class OptimizerSettings:
         )
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch DDP / megatron DDP / Float16Module wrappers (FSDP2 wraps in place)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -190,19 +186,6 @@ def wrap_data_parallel(model: torch.nn.Module, settings: OptimizerSettings, grou
         fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown --ddp-impl {impl!r}")
-
-
-def fsdp_reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2 module back in the sharded state.
-
-    A forward without backward (evaluation) leaves the root module's parameters unsharded; the
-    checkpoint code needs the sharded parameters (the ones the optimizer holds).
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def no_sync_func(model: torch.nn.Module, ddp_impl: str):
@@ -335,13 +318,6 @@ class MegatronOptimizer:
             for sub in originals:
                 del sub._set_main_param_and_optimizer_states  # back to the class's method
         restore_adam_steps(self.optimizer)
-
-
-def torch_optimizers(optimizer):
-    """``(sub, inner)`` for each optimizer of a megatron-core optimizer (chained or not): the
-    megatron-core wrapper and the torch optimizer it drives. A torch optimizer is both."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        yield sub, getattr(sub, "optimizer", sub)
 
 
 def describe_optimizer(optimizer) -> str:

@@ -37,17 +37,18 @@ def _plain(t: torch.Tensor) -> bool:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
-def discard_until_backward(out: torch.Tensor, consumer_output: torch.Tensor) -> bool:
+def discard_until_backward(out: torch.Tensor, consumer_output: torch.Tensor, *more_consumer_outputs) -> bool:
     """Free ``out`` (tagged by :func:`mark_recomputable`) until the backward of the op that made
     ``consumer_output`` from it; returns whether it was discarded.
 
     Call it after the consumer's forward, when nothing else will read ``out`` in the forward.
     Untagged tensors, tensors that do not own a dense storage and consumers without an autograd
-    node are left alone.
+    node are left alone. With several consumers (``more_consumer_outputs``: e.g. a gated layer's
+    q/k/v and gate projections of one normed input), the first of their backwards to run refills.
     """
     recompute = getattr(out, _ATTR, None)
-    node = getattr(consumer_output, "grad_fn", None)
-    if recompute is None or node is None or not _plain(out):
+    nodes = [getattr(t, "grad_fn", None) for t in (consumer_output, *more_consumer_outputs)]
+    if recompute is None or None in nodes or not _plain(out):
         return False
     delattr(out, _ATTR)
     nbytes = out.untyped_storage().nbytes()
@@ -66,6 +67,7 @@ def discard_until_backward(out: torch.Tensor, consumer_output: torch.Tensor) -> 
         storage.copy_(values.untyped_storage())
         return None
 
-    node.register_prehook(refill)
+    for node in nodes:
+        node.register_prehook(refill)
     out.untyped_storage().resize_(0)
     return True

@@ -24,6 +24,15 @@ Functional API (no autograd; what the sequence-parallel layers build on):
     By linearity, a layer that adds ``decay_powers(slopes, T)[:, t] * (q_t @ S_in)`` itself can
     run fwd with ``initial_state=None`` and bwd with ``d_final_state=None``.
 
+Per-token gates (data-dependent decay, ``gate.py``): every entry point above takes the keyword
+``g`` (``[B, T, H]`` float log-decays ``<= 0``, ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``) with
+``slopes=None``; the fixed decay is ``g = -slopes``. The backward then also returns ``dg``
+(``lightning_attn_bwd -> (dq, dk, dv, d_initial_state, dg)``, the phases' ``finish() -> (dq, dk,
+dv, dg)``) and ``chunk_lightning_attn`` gives ``g`` its gradient. For the sequence-parallel
+layers: :class:`SliceGate` (how a slice transforms a state crossing it, per row and head, in log
+space, documents included) and :func:`gate_grad` (``dg`` from a slice's total ``dq``, ``dk``, final
+state and its gradient).
+
 Backends: "triton" (CUDA; CPU only under ``TRITON_INTERPRET=1``) and "torch" (chunked pure
 PyTorch, the CPU training path). Default: triton for CUDA tensors, torch otherwise. The triton
 backend takes ``triton_options`` (:class:`TritonOptions`: launch overrides for benchmark sweeps,
@@ -45,6 +54,7 @@ from .chunk import (
     lightning_attn_fwd_phases,
 )
 from .documents import check_cu_seqlens, cu_seqlens_from_position_ids, doc_ids_from_cu_seqlens
+from .gate import SliceGate, block_cumsum, gate_grad, reverse_cumsum_docs
 from .naive import naive_chunk_lightning_attn, naive_recurrent_lightning_attn
 from .utils import MAX_HEAD_DIM, decay_powers, state_decay
 
@@ -64,4 +74,8 @@ __all__ = [
     "check_cu_seqlens",
     "cu_seqlens_from_position_ids",
     "doc_ids_from_cu_seqlens",
+    "SliceGate",
+    "gate_grad",
+    "block_cumsum",
+    "reverse_cumsum_docs",
 ]

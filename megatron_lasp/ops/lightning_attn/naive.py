@@ -9,6 +9,9 @@ They run in fp32 (fp64 when the inputs are fp64), are differentiable through pla
 are written for clarity, not speed: the recurrent form loops over tokens, the chunked form over
 blocks without any state caching.
 
+The recurrent form also takes per-token gates ``g [B, T, H]`` (``S_t = exp(g_t) S_{t-1} + k_t^T v_t``,
+the fixed decay being ``g = -slope``): the ground truth of the gated kernels, ``dg`` included.
+
 Packed documents (``cu_seqlens``, see ``documents.py``): the state is zeroed before the first
 token of every document except a row's first; the initial state feeds only the first document of
 each row and the final state is the one after the row's last document.
@@ -42,16 +45,22 @@ def naive_recurrent_lightning_attn(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    g: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token-by-token recurrence ``S_t = lam S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
 
+    With ``g`` (per-token gates) the factor of token ``t`` is ``exp(g[:, t, h])`` instead of
+    ``lam_h``; ``g`` may require a gradient (plain autograd through the loop).
+
     Args:
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
-        slopes: ``[H]``, decay ``lam_h = exp(-slopes[h])``.
+        slopes: ``[H]``, decay ``lam_h = exp(-slopes[h])``; None with ``g``.
         initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
         output_final_state: also return ``S_T``.
         cu_seqlens: document starts ``[N + 1]`` over the ``B * T`` tokens, or None (one document
             per row); the state restarts at each document start.
+        g: ``[B, T, H]`` log-decays (``<= 0``), or None (fixed decay ``slopes``).
 
     Returns:
         ``(o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32/fp64 or None)``.
@@ -60,7 +69,12 @@ def naive_recurrent_lightning_attn(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
-    lam = torch.exp(-slopes.to(cdt)).view(1, H, 1, 1)
+    if (g is None) == (slopes is None):
+        raise ValueError("naive lightning attention: give slopes or g (with slopes=None)")
+    if g is None:
+        lam = torch.exp(-slopes.to(cdt)).view(1, H, 1, 1)
+    else:
+        lam_t = torch.exp(g.to(cdt))  # [B, T, H]
     if initial_state is None:
         state = q.new_zeros(B, H, Dk, Dv, dtype=cdt)
     else:
@@ -71,7 +85,8 @@ def naive_recurrent_lightning_attn(
         if docs is not None and t > 0:
             keep = (docs[:, t] == docs[:, t - 1]).to(cdt).view(B, 1, 1, 1)
             state = state * keep
-        state = lam * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        decay = lam if g is None else lam_t[:, t, :, None, None]
+        state = decay * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
     o = torch.stack(outs, dim=1).to(q.dtype)
     return o, (state if output_final_state else None)

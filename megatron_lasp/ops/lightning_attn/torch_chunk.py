@@ -42,9 +42,9 @@ def _unblocks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
 def _decays(slopes: torch.Tensor, T: int, block: int, cdt: torch.dtype):
     """Decay factors of the block form (README.md, "Chunked form").
 
-    Returns ``mask [H, BT, BT]`` (lam^(i-j) for i >= j), ``a [H, BT, 1]`` (lam^(i+1)),
-    ``b [H, N, BT, 1]`` (lam^(L_n-1-j), 0 past the block's length L_n) and
-    ``block_decay [H, N]`` (lam^(L_n)).
+    Returns ``mask [1, H, 1, BT, BT]`` (lam^(i-j) for i >= j), ``a [1, H, 1, BT, 1]`` (lam^(i+1)),
+    ``b [1, H, N, BT, 1]`` (lam^(L_n-1-j), 0 past the block's length L_n) and
+    ``block_decay [1, H, N]`` (lam^(L_n)).
     """
     n_blocks = (T + block - 1) // block
     s = slopes.to(cdt).view(-1, 1, 1)
@@ -58,17 +58,37 @@ def _decays(slopes: torch.Tensor, T: int, block: int, cdt: torch.dtype):
     expo = lengths[:, None] - 1 - idx[None, :]  # [N, BT]
     b = torch.where(expo >= 0, torch.exp(-s * expo.clamp(min=0)), torch.zeros((), device=dev, dtype=cdt))
     block_decay = torch.exp(-slopes.to(cdt)[:, None] * lengths[None, :])
-    return mask, a, b.unsqueeze(-1), block_decay
+    return mask[None, :, None], a[None, :, None], b.unsqueeze(-1)[None], block_decay[None]
+
+
+def _gated_decays(gc: torch.Tensor, T: int, block: int):
+    """The factors of :func:`_decays` for per-token gates (README.md, "Per-token gates").
+
+    ``gc [B, H, N * BT]``: the gates' cumulative sums restarted every block (``gate.block_cumsum``,
+    zero past ``T``). Every factor is ``exp`` of a non-positive difference of two of them:
+    ``mask [B, H, N, BT, BT]`` (exp(G_i - G_j), i >= j), ``a [B, H, N, BT, 1]`` (exp(G_i)),
+    ``b [B, H, N, BT, 1]`` (exp(G_last - G_j), 0 past ``T``), ``block_decay [B, H, N]`` (exp(G_last)).
+    """
+    B, H, NB = gc.shape
+    n_blocks = NB // block
+    G = gc.view(B, H, n_blocks, block)
+    last = G[..., -1:]  # padded tokens have gate 0: the last entry is the block's total
+    diff = G[..., :, None] - G[..., None, :]
+    causal = torch.ones(block, block, dtype=torch.bool, device=gc.device).tril()
+    mask = torch.where(causal, torch.exp(diff.clamp(max=0)), torch.zeros((), dtype=gc.dtype, device=gc.device))
+    valid = (torch.arange(NB, device=gc.device) < T).view(n_blocks, block)
+    b = torch.where(valid, torch.exp(last - G), torch.zeros((), dtype=gc.dtype, device=gc.device))
+    return mask, torch.exp(G).unsqueeze(-1), b.unsqueeze(-1), torch.exp(last[..., 0])
 
 
 def _doc_decays(decays, doc_ids: Optional[torch.Tensor], T: int, block: int, cdt: torch.dtype):
-    """The factors of :func:`_decays` masked by the documents, per row (README.md, "Packed documents").
+    """The factors of :func:`_decays` / :func:`_gated_decays` masked by the documents, per row
+    (README.md, "Packed documents"); without ``doc_ids`` the factors unchanged.
 
     Returns ``mask [B|1, H, N|1, BT, BT]``, ``a [B|1, H, N|1, BT, 1]``, ``b [B|1, H, N, BT, 1]``,
-    ``block_decay [B|1, H, N]``; without ``doc_ids`` the unmasked factors, broadcastable alike.
+    ``block_decay [B|1, H, N]``.
     """
     mask, a, b, block_decay = decays
-    mask, a, b, block_decay = mask[None, :, None], a[None, :, None], b[None], block_decay[None]
     if doc_ids is None:
         return mask, a, b, block_decay
     B = doc_ids.shape[0]
@@ -85,6 +105,12 @@ def _doc_decays(decays, doc_ids: Optional[torch.Tensor], T: int, block: int, cdt
     return mask * same, a * into, b * out, block_decay * through
 
 
+def _factors(slopes, gc, doc_ids, T: int, block: int, cdt: torch.dtype):
+    """The block factors of a fixed decay (``slopes``) or of gates (``gc``), documents applied."""
+    decays = _decays(slopes, T, block, cdt) if gc is None else _gated_decays(gc.to(cdt), T, block)
+    return _doc_decays(decays, doc_ids, T, block, cdt)
+
+
 def torch_lightning_attn_fwd_phases(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,6 +119,7 @@ def torch_lightning_attn_fwd_phases(
     initial_state: Optional[torch.Tensor] = None,
     block_size: int = TORCH_BLOCK_SIZE,
     doc_ids: Optional[torch.Tensor] = None,
+    gc: Optional[torch.Tensor] = None,
 ):
     """The forward in two phases: ``(final_state, finish)``, ``finish() -> (o, block_states)``.
 
@@ -100,12 +127,13 @@ def torch_lightning_attn_fwd_phases(
     ``final_state [B, H, Dk, Dv]`` and ``block_states [B, H, N, Dk, Dv]`` (the state entering
     every block) in fp32 (fp64 for fp64 inputs). The first phase (block states and their scan) is all the final state needs; ``finish`` runs
     the output (the intra-block term and the inter term from the cached block states).
+    Per-token gates: ``gc = gate.block_cumsum(g, block_size)`` and ``slopes=None``.
     """
     cdt = _compute_dtype(q.dtype)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
+    mask, a, b, block_decay = _factors(slopes, gc, doc_ids, T, block_size, cdt)
     kb, vb = (_blocks(x, N, block_size, cdt) for x in (k, v))
 
     # Local state of every block, then the sequential scan turns them into entry states in place.
@@ -135,6 +163,7 @@ def torch_lightning_attn_bwd_phases(
     block_states: torch.Tensor,
     block_size: int = TORCH_BLOCK_SIZE,
     doc_ids: Optional[torch.Tensor] = None,
+    gc: Optional[torch.Tensor] = None,
 ):
     """The backward in two phases: ``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)``.
 
@@ -146,7 +175,7 @@ def torch_lightning_attn_bwd_phases(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = (T + block_size - 1) // block_size
-    mask, a, b, block_decay = _doc_decays(_decays(slopes, T, block_size, cdt), doc_ids, T, block_size, cdt)
+    mask, a, b, block_decay = _factors(slopes, gc, doc_ids, T, block_size, cdt)
     qb, dob = (_blocks(x, N, block_size, cdt) for x in (q, do))
 
     # Gradient of the state leaving every block, by the mirror scan from the last block.

@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .gate import block_cumsum
+
 __all__ = ["TritonConfig", "TritonOptions", "triton_config", "triton_lightning_attn_fwd_phases",
-           "triton_lightning_attn_bwd_phases", "KERNEL_NAMES"]
+           "triton_lightning_attn_bwd_phases", "triton_gated_fwd_phases", "triton_gate_dots", "KERNEL_NAMES"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,11 +48,11 @@ __all__ = ["TritonConfig", "TritonOptions", "triton_config", "triton_lightning_a
 
 
 def _local_state_kernel(
-    Y, Z, LOC, SLOPES, DOC, T, H, NS, DX, DZ,
+    Y, Z, LOC, SLOPES, DOC, GC, SEGLOG, T, H, NS, DX, DZ, TP,
     sy_b, sy_t, sy_h, sz_b, sz_t, sz_h,
     SEG, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr, F32_DOT: tl.constexpr, EVEN: tl.constexpr,
-    HAS_DOC: tl.constexpr,
+    HAS_DOC: tl.constexpr, GATED: tl.constexpr,
 ):
     """LOC[bh, g] = sum_{r in segment g} w_r y_r^T z_r, one [BX, BZ] tile.
 
@@ -58,12 +60,21 @@ def _local_state_kernel(
     contribution to the state gradient entering the segment from the left). With HAS_DOC (DOC:
     [B, T] int32 document ids), w_r is 0 unless token r is in the segment's last document
     (REVERSE: in the document of the state entering the segment).
+
+    GATED (per-token gates): GC [B*H, TP] fp32 holds the gates' cumulative sums restarted every BT
+    tokens; lam^n becomes exp of a sum of gates, chained block by block from the weights' anchor
+    (the segment's end, REVERSE: its start): g_off carries the totals of the blocks already visited.
+    The program of the first tile also writes the segment's total log-decay to SEGLOG [B*H, NS].
     """
     i_xz, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_z = (DZ + BZ - 1) // BZ
     i_x, i_z = i_xz // n_z, i_xz % n_z
     i_b, i_h = i_bh // H, i_bh % H
-    s = tl.load(SLOPES + i_h).to(tl.float32)
+    if GATED:
+        g_base = GC + i_bh.to(tl.int64) * TP
+        g_off = 0.0  # sum of the gates of the segment's blocks already visited (<= 0)
+    else:
+        s = tl.load(SLOPES + i_h).to(tl.float32)
     seg_start = i_g * SEG
     seg_len = tl.minimum(SEG, T - seg_start)
     offs_x = i_x * BX + tl.arange(0, BX)
@@ -83,15 +94,33 @@ def _local_state_kernel(
         else:
             d_ref = tl.load(d_base + seg_start + seg_len - 1)
     acc = tl.full([BX, BZ], 0.0, dtype=tl.float32)
+    if GATED:
+        last_r0 = (seg_len - 1) // BT * BT
     for r0 in range(0, seg_len, BT):
-        r = r0 + tl.arange(0, BT)
+        if GATED:
+            # blocks visited from the weights' anchor: the segment start (REVERSE) or its end
+            if REVERSE:
+                rs = r0
+            else:
+                rs = last_r0 - r0
+        else:
+            rs = r0
+        r = rs + tl.arange(0, BT)
         valid = r < seg_len
         rows = (seg_start + r).to(tl.int64)
         y = tl.load(y_base + rows[:, None] * sy_t + offs_x[None, :],
                     mask=valid[:, None] & mask_x[None, :], other=0.0)  # [BT, BX]
         z = tl.load(z_base + rows[:, None] * sz_t + offs_z[None, :],
                     mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
-        if REVERSE:
+        if GATED:
+            gb = tl.load(g_base + seg_start + r)  # [BT] block-local cumulative sums (0-padded past T)
+            g_last = tl.load(g_base + seg_start + rs + BT - 1)  # the block's total
+            if REVERSE:
+                w = tl.where(valid, tl.exp(g_off + gb), 0.0)  # exp(G_r), G from the segment start
+            else:
+                w = tl.where(valid, tl.exp(g_off + (g_last - gb)), 0.0)  # exp(G_last - G_r)
+            g_off += g_last
+        elif REVERSE:
             w = tl.where(valid, tl.exp(-s * (r + 1).to(tl.float32)), 0.0)  # [BT]
         else:
             w = tl.where(valid, tl.exp(-s * (seg_len - 1 - r).to(tl.float32)), 0.0)  # [BT]
@@ -106,25 +135,31 @@ def _local_state_kernel(
     loc = LOC + (i_bh.to(tl.int64) * NS + i_g) * DX * DZ
     tl.store(loc + offs_x[:, None] * DZ + offs_z[None, :], acc,
              mask=(offs_x < DX)[:, None] & (offs_z < DZ)[None, :])
+    if GATED:
+        if i_xz == 0:
+            tl.store(SEGLOG + i_bh.to(tl.int64) * NS + i_g, g_off)
 
 
 def _scan_kernel(
-    LOC, INIT, ENTRY, FINAL, SLOPES, DOC, T, H, NS, NXZ,
+    LOC, INIT, ENTRY, FINAL, SLOPES, DOC, SEGLOG, T, H, NS, NXZ,
     SEG, BLOCK: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DOC: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """ENTRY[bh, g] = state entering segment g; FINAL = state after the last segment.
 
     carry <- lam^(len_g) carry + LOC[g], over g = 0..NS-1 (forward: the KV state), or over
     g = NS-1..0 with REVERSE (the state gradient, entering each segment from its right end; FINAL
     is then the gradient of the initial state). With HAS_DOC the factor is 0 for a segment whose
-    last token is not in the document of the state entering it (a boundary inside).
+    last token is not in the document of the state entering it (a boundary inside). GATED: the
+    factor is exp(SEGLOG[bh, g]), the segment's total log-decay.
     """
     i_e, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     if HAS_DOC:
         d_base = DOC + (i_bh // H).to(tl.int64) * T
-    s = tl.load(SLOPES + i_h).to(tl.float32)
+    if not GATED:
+        s = tl.load(SLOPES + i_h).to(tl.float32)
     offs = i_e * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NXZ
     if HAS_INIT:
@@ -139,7 +174,10 @@ def _scan_kernel(
         base = (i_bh.to(tl.int64) * NS + g) * NXZ
         tl.store(ENTRY + base + offs, carry, mask=mask)
         seg_len = tl.minimum(SEG, T - g * SEG)
-        factor = tl.exp(-s * seg_len.to(tl.float32))
+        if GATED:
+            factor = tl.exp(tl.load(SEGLOG + i_bh.to(tl.int64) * NS + g))
+        else:
+            factor = tl.exp(-s * seg_len.to(tl.float32))
         if HAS_DOC:
             d_entry = tl.load(d_base + tl.maximum(g * SEG - 1, 0))
             d_last = tl.load(d_base + g * SEG + seg_len - 1)
@@ -150,21 +188,26 @@ def _scan_kernel(
 
 
 def _chunk_kernel(
-    X, Y, Z, OUT, ENTRY, SLOPES, DOC, T, H, DX, DZ,
+    X, Y, Z, OUT, ENTRY, SLOPES, DOC, GC, T, H, DX, DZ, TP,
     sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, sz_b, sz_t, sz_h, so_b, so_t, so_h,
     se_bh, se_g, se_x, se_z,
     SEG, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr, F32_DOT: tl.constexpr, EVEN: tl.constexpr,
-    HAS_DOC: tl.constexpr,
+    HAS_DOC: tl.constexpr, GATED: tl.constexpr,
 ):
     """One segment, one BZ-wide tile of out: intra-block term + inter term + state update, fused.
 
     The running state [DXP, BZ] (fp32) lives in registers across the segment's blocks. With
-    HAS_DOC every decay factor of a block is masked by "same document" (README.md).
+    HAS_DOC every decay factor of a block is masked by "same document" (README.md). GATED: the
+    factors are exp of differences of the block-local cumulative sums GC [B*H, TP] (README.md,
+    "Per-token gates"), every exponent <= 0.
     """
     i_z, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    s = tl.load(SLOPES + i_h).to(tl.float32)
+    if GATED:
+        g_base = GC + i_bh.to(tl.int64) * TP
+    else:
+        s = tl.load(SLOPES + i_h).to(tl.float32)
     seg_start = i_g * SEG
     seg_len = tl.minimum(SEG, T - seg_start)
     offs_x = tl.arange(0, DXP)
@@ -211,9 +254,21 @@ def _chunk_kernel(
                     mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
         # a: lam^(i+1), weight of the state entering the block at its token i;
         # b: lam^(L-1-i), weight of token i in the state leaving the block (0 past the block end).
-        w_a = tl.exp(-s * (i_loc.to(tl.float32) + 1.0))
-        w_b = tl.where(valid, tl.exp(-s * (blk_len - 1 - i_loc).to(tl.float32)), 0.0)
-        state_decay = tl.exp(-s * blk_len.to(tl.float32))
+        if GATED:
+            gb = tl.load(g_base + seg_start + blk * BT + i_loc)  # [BT], 0-padded past T
+            g_last = tl.load(g_base + seg_start + blk * BT + BT - 1)  # the block's total
+            w_a = tl.exp(gb)
+            w_b = tl.where(valid, tl.exp(g_last - gb), 0.0)
+            state_decay = tl.exp(g_last)
+            if REVERSE:
+                gdiff = gb[None, :] - gb[:, None]
+            else:
+                gdiff = gb[:, None] - gb[None, :]
+            decay = tl.exp(tl.minimum(gdiff, 0.0))  # [BT, BT], masked below
+        else:
+            w_a = tl.exp(-s * (i_loc.to(tl.float32) + 1.0))
+            w_b = tl.where(valid, tl.exp(-s * (blk_len - 1 - i_loc).to(tl.float32)), 0.0)
+            state_decay = tl.exp(-s * blk_len.to(tl.float32))
         if HAS_DOC:
             # entry: the document of the state entering the block (the first token's for the
             # sequence's first block, which the initial state feeds); last: of its last token.
@@ -236,14 +291,20 @@ def _chunk_kernel(
         if DOT_F32:
             zf = z.to(tl.float32)
             scores = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision=F32_DOT)  # [BT, BT]
-            scores = tl.where(keep, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+            if GATED:
+                scores = tl.where(keep, scores * decay, 0.0)
+            else:
+                scores = tl.where(keep, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
             out = tl.dot(x.to(tl.float32), state, input_precision=F32_DOT) * w_out[:, None]  # [BT, BZ]
             out = tl.dot(scores, zf, acc=out, input_precision=F32_DOT)
             state = tl.dot(tl.trans(y.to(tl.float32)), zf * w_upd[:, None], acc=state * state_decay,
                            input_precision=F32_DOT)  # [DXP, BZ]
         else:
             scores = tl.dot(x, tl.trans(y))
-            scores = tl.where(keep, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+            if GATED:
+                scores = tl.where(keep, scores * decay, 0.0)
+            else:
+                scores = tl.where(keep, scores * tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
             out = tl.dot(x, state.to(z.dtype)) * w_out[:, None]
             out = tl.dot(scores.to(z.dtype), z, acc=out)
             zw = (z.to(tl.float32) * w_upd[:, None]).to(z.dtype)
@@ -252,7 +313,35 @@ def _chunk_kernel(
                  mask=valid[:, None] & mask_z[None, :])
 
 
-_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel)
+def _gate_dot_kernel(
+    Q, DQ, K, DK, OUT, T, H, D,
+    s_b, s_t, s_h, o_b, o_t, o_h,
+    BT: tl.constexpr, DP: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """OUT[b, t, h] = q_t . dq_t - k_t . dk_t (fp32), one block of BT tokens of one head.
+
+    The row sums are a dot with a ones matrix (the kernels avoid tl.sum, see above); the result's
+    first column is stored. q, dq, k, dk share their strides (all contiguous [B, T, H, D]).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = i_t * BT + tl.arange(0, BT)
+    offs = tl.arange(0, DP)
+    valid = rows < T
+    ptr = i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + rows.to(tl.int64)[:, None] * s_t + offs[None, :]
+    m = valid[:, None] & (offs < D)[None, :]
+    q = tl.load(Q + ptr, mask=m, other=0.0).to(tl.float32)
+    dq = tl.load(DQ + ptr, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(K + ptr, mask=m, other=0.0).to(tl.float32)
+    dk = tl.load(DK + ptr, mask=m, other=0.0).to(tl.float32)
+    ones = tl.full([DP, 16], 1.0, tl.float32)
+    r = tl.dot(q * dq - k * dk, ones, input_precision=F32_DOT)  # [BT, 16], every column the row sum
+    cols = tl.arange(0, 16)
+    o_ptr = OUT + i_b.to(tl.int64) * o_b + i_h.to(tl.int64) * o_h + rows.to(tl.int64)[:, None] * o_t + cols[None, :] * 0
+    tl.store(o_ptr, r, mask=valid[:, None] & (cols == 0)[None, :])
+
+
+_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel, _gate_dot_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,7 +352,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         return types.SimpleNamespace(**{fn.__name__.lstrip("_"): InterpretedFunction(fn) for fn in _KERNEL_FNS})
     # Sizes stay unspecialised (one compile serves every T, H, D and segment length); strides keep
     # Triton's divisibility specialisation, which the vectorised loads need.
-    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG"]
+    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG", "TP", "D"]
     jitted = {}
     for fn in _KERNEL_FNS:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
@@ -376,8 +465,10 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final, docs):
-    """Local segment states of y^T z, then the scan: (entry [B, H, NS, DY, DZ], final or None)."""
+def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final, docs, gc=None):
+    """Local segment states of y^T z, then the scan: (entry [B, H, NS, DY, DZ], final or None).
+
+    ``gc``: per-token gates (``[B, H, TP]`` block-local cumulative sums), ``slopes`` then unused."""
     B, T, H, dy = y.shape
     dz = z.shape[-1]
     ns = -(-T // cfg.segment)
@@ -386,10 +477,13 @@ def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final
     loc = _empty((B, H, ns, dy, dz), y.device, torch.float32, cfg.poison)
     grid = (-(-dy // bx) * -(-dz // bz), ns, B * H)
     has_doc = docs is not None
+    gated = gc is not None
+    seglog = torch.empty((B, H, ns), device=y.device, dtype=torch.float32) if gated else slopes
     kern.local_state_kernel[grid](
-        y, z, loc, slopes, docs if has_doc else slopes, T, H, ns, dy, dz, *_strides(y), *_strides(z),
+        y, z, loc, slopes, docs if has_doc else slopes, gc if gated else slopes, seglog,
+        T, H, ns, dy, dz, gc.shape[-1] if gated else 0, *_strides(y), *_strides(z),
         SEG=cfg.segment, BT=cfg.block, BX=bx, BZ=bz, REVERSE=reverse, DOT_F32=dot_f32, F32_DOT=_f32_dot(y),
-        EVEN=(dy % bx == 0 and dz % bz == 0), HAS_DOC=has_doc,
+        EVEN=(dy % bx == 0 and dz % bz == 0), HAS_DOC=has_doc, GATED=gated,
         num_warps=cfg.state_warps, num_stages=cfg.num_stages)
     entry = _empty(loc.shape, y.device, torch.float32, cfg.poison)
     final = _empty((B, H, dy, dz), y.device, torch.float32, cfg.poison) if store_final else entry
@@ -397,13 +491,13 @@ def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final
     block = 1024
     has_init = init is not None
     kern.scan_kernel[(-(-nxz // block), B * H)](
-        loc, init if has_init else loc, entry, final, slopes, docs if has_doc else slopes, T, H, ns, nxz,
+        loc, init if has_init else loc, entry, final, slopes, docs if has_doc else slopes, seglog, T, H, ns, nxz,
         SEG=cfg.segment, BLOCK=block, HAS_INIT=has_init, STORE_FINAL=store_final, REVERSE=reverse,
-        HAS_DOC=has_doc, num_warps=4)
+        HAS_DOC=has_doc, GATED=gated, num_warps=4)
     return entry, (final if store_final else None)
 
 
-def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry, docs):
+def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry, docs, gc=None):
     """out = generic chunk pass (README.md) of x, y, z with the given segment entry states."""
     B, T, H, dx = x.shape
     dz = z.shape[-1]
@@ -415,12 +509,13 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry,
     se_x, se_z = (se[4], se[3]) if transpose_entry else (se[3], se[4])
     grid = (-(-dz // tile), ns, B * H)
     kern.chunk_kernel[grid](
-        x, y, z, out, entry, slopes, docs if docs is not None else slopes, T, H, dx, dz,
+        x, y, z, out, entry, slopes, docs if docs is not None else slopes, gc if gc is not None else slopes,
+        T, H, dx, dz, gc.shape[-1] if gc is not None else 0,
         *_strides(x), *_strides(y), *_strides(z), *_strides(out),
         se[1], se[2], se_x, se_z,
         SEG=cfg.segment, BT=cfg.block, DXP=dxp, BZ=tile,
         REVERSE=reverse, DOT_F32=dot_f32, F32_DOT=_f32_dot(x), EVEN=(dx == dxp and dz % tile == 0),
-        HAS_DOC=docs is not None,
+        HAS_DOC=docs is not None, GATED=gc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -469,24 +564,62 @@ def triton_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, output_fina
 
 
 def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_states, cfg: TritonConfig,
-                                     doc_ids=None):
+                                     doc_ids=None, gc=None):
     """``(d_initial_state, finish)``: the state-gradient pass now, ``finish() -> (dq, dk, dv)``.
 
-    ``entry_states`` and ``cfg``: the forward's (``finish()`` of the forward returned them).
+    ``entry_states`` and ``cfg``: the forward's (``finish()`` of the forward returned them);
+    ``gc``: per-token gates, the forward's cumulative sums (``slopes`` then None).
     """
     q, k, v, do = _contig(q), _contig(k), _contig(v), _contig(do)
     kern, dot_f32 = _triton_setup(q, v)
-    slopes = slopes.float().contiguous()
+    slopes = gc if gc is not None else slopes.float().contiguous()
     dht = None if d_final_state is None else d_final_state.float().contiguous()
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
     # State gradients at segment boundaries, in the reversed frame, from q^T do.
-    dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True, docs)
+    dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True, docs, gc)
 
     def finish():
         # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
-        dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs)
-        dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs)
-        dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs)
+        dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc)
+        dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs, gc)
+        dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc)
         return dq, dk, dv
 
     return dh0, finish
+
+
+def triton_gated_fwd_phases(q, k, v, g, initial_state, doc_ids=None, options: Optional[TritonOptions] = None):
+    """Per-token gates ``g [B, T, H]``: ``(final state, finish)``, ``finish() -> (o, entry_states,
+    config, gc)`` with ``gc [B, H, TP]`` the gates' cumulative sums restarted every ``config.block``
+    tokens (fp32), which the backward takes. The final state is always computed (``dg`` needs it)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    kern, dot_f32 = _triton_setup(q, v)
+    cfg = triton_config(B, T, H, dk, dv, q.device, q.dtype, options)
+    if B * H > 65535 or -(-T // cfg.segment) > 65535:
+        raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
+                         "(CUDA grid limit); split the batch or use backend='torch'")
+    gc = block_cumsum(g, cfg.block, torch.float32).contiguous()
+    init = None if initial_state is None else initial_state.float().contiguous()
+    docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
+    entry, final = _segment_states(kern, k, v, gc, init, cfg, False, dot_f32, True, docs, gc)
+
+    def finish():
+        o = _chunk(kern, q, k, v, entry, gc, cfg, False, dot_f32, False, docs, gc)
+        return o, entry, cfg, gc
+
+    return final, finish
+
+
+def triton_gate_dots(q, dq, k, dk) -> torch.Tensor:
+    """``q_t . dq_t - k_t . dk_t`` per token and head, fp32 ``[B, T, H]`` (the summand of ``dg``)."""
+    q, dq, k, dk = (x.contiguous() for x in (q, dq, k, dk))
+    B, T, H, D = q.shape
+    kern = _kernels(q.device.type == "cpu")
+    out = torch.empty((B, T, H), device=q.device, dtype=torch.float32)
+    bt = 16 if q.device.type == "cpu" else 64
+    kern.gate_dot_kernel[(-(-T // bt), B * H)](
+        q, dq, k, dk, out, T, H, D, *q.stride()[:3], *out.stride(),
+        BT=bt, DP=max(16, _pow2(D)), F32_DOT=_f32_dot(q), num_warps=4)
+    return out

@@ -76,10 +76,12 @@ def check_inputs(q, k, v, slopes, initial_state=None, backend: str = "torch") ->
     if Dk > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM or Dk < 1 or Dv < 1:
         raise ValueError(f"lightning attention: head dims Dk={Dk}, Dv={Dv} unsupported; "
                          f"both must be in [1, {MAX_HEAD_DIM}]")
-    if not isinstance(slopes, torch.Tensor) or slopes.shape != (H,) or not slopes.is_floating_point():
-        raise ValueError(f"lightning attention: slopes must be a float tensor of shape [H] = ({H},), "
-                         f"got {getattr(slopes, 'shape', type(slopes))}")
-    tensors = [("k", k), ("v", v), ("slopes", slopes)]
+    tensors = [("k", k), ("v", v)]
+    if slopes is not None:  # None: per-token gates instead (checked by gate.check_gate)
+        if not isinstance(slopes, torch.Tensor) or slopes.shape != (H,) or not slopes.is_floating_point():
+            raise ValueError(f"lightning attention: slopes must be a float tensor of shape [H] = ({H},), "
+                             f"got {getattr(slopes, 'shape', type(slopes))}")
+        tensors.append(("slopes", slopes))
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or initial_state.shape != (B, H, Dk, Dv):
             raise ValueError(f"lightning attention: initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}, "

@@ -1,13 +1,16 @@
 """The checkpoint directory layout and its integrity check, without torch at import time.
 
-Training (``megatron_lasp.training.checkpointing``) and both Hugging Face converters read and
-write this layout; the converters import it before torch so that argument errors come fast::
+Training and both Hugging Face converters read and write this layout; the converters import it
+before torch so that argument errors come fast::
 
     ROOT/latest_checkpointed_iteration.txt   # the newest complete iteration; written last
     ROOT/iter_0000010/                       # one megatron-core dist_checkpointing directory
         .metadata, metadata.json, *.distcp   # its files (common state: in .metadata's shards
         common.pt                            #   since megatron-core 0.17; common.pt before)
         config.json, args.json               # this project's: the model and the run's flags
+
+Every reader takes the error class it raises (``error=``, default :class:`CheckpointError`):
+training reports :class:`CheckpointError`, the converters their own.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import json
 import os
 import re
 import zipfile
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CONFIG_FILENAME = "config.json"
 ARGS_FILENAME = "args.json"
 COMMON_STATE_FILENAME = "common.pt"
 """megatron-core < 0.17 keeps the common (non-sharded) state here; later versions in the shards."""
+MODEL_TYPE = "megatron-lasp-linear-lm"
+"""``config.json``'s ``model_type``: what tells a checkpoint from other directories."""
+FORMAT_VERSION = 1
+"""``config.json``'s ``format_version`` and the saved ``checkpoint_version``."""
 _ITER_DIR = re.compile(r"iter_(\d{7})$")
 
 
@@ -33,6 +40,12 @@ class CheckpointError(RuntimeError):
 def checkpoint_name(root: str, iteration: int) -> str:
     """``root/iter_0000010``."""
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def iteration_of_directory(path: str) -> Optional[int]:
+    """The iteration an ``iter_XXXXXXX`` directory name stands for, or None for another name."""
+    m = _ITER_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
 
 
 def list_iterations(root: str) -> List[int]:
@@ -55,16 +68,57 @@ def other_iterations(root: str, but: Optional[int] = None) -> str:
     return f"other iterations in {root}: {', '.join(map(str, others))} (choose one with --ckpt-step)"
 
 
-def check_checkpoint_files(root: str, iteration: int) -> None:
-    """Raise :class:`CheckpointError` naming the first missing, empty, truncated or unreadable file.
+def read_tracker(root: str, error: Type[Exception] = CheckpointError) -> Optional[int]:
+    """The iteration ``root``'s tracker file names, or None when there is no tracker file.
+
+    Raises:
+        error: a tracker that does not hold an iteration number (the other iterations listed).
+    """
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise error(f"{path}: expected an iteration number, found {text!r}; {other_iterations(root, -1)}")
+    return int(text)
+
+
+def read_config(root: str, iteration: Optional[int] = None,
+                error: Type[Exception] = CheckpointError) -> Tuple[int, Dict[str, Any]]:
+    """(iteration, ``config.json``) of the given (default: the tracker's) checkpoint under ``root``.
+
+    Raises:
+        error: no tracker, a missing or unreadable ``config.json`` (named, with the other iterations).
+    """
+    if iteration is None:
+        iteration = read_tracker(root, error)
+        if iteration is None:
+            raise error(f"no checkpoint in {root} ({TRACKER_FILENAME} missing)")
+    path = os.path.join(checkpoint_name(root, iteration), CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        raise error(f"{path} is missing: not a megatron-lasp checkpoint, or an incomplete one; "
+                    f"{other_iterations(root, iteration)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not a valid config ({err}); {other_iterations(root, iteration)}") from None
+    return iteration, config
+
+
+def check_checkpoint_files(root: str, iteration: int, error: Type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` naming the first missing, empty, truncated or unreadable file.
 
     Checks ``config.json``, ``args.json``, dist_checkpointing's metadata and common state, and
     every shard file that ``.metadata`` names, to the last byte it names; reads no tensor data.
     """
     path = checkpoint_name(root, iteration)
 
-    def damaged(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} is damaged: {what}; {other_iterations(root, iteration)}")
+    def damaged(what: str) -> Exception:
+        return error(f"checkpoint {path} is damaged: {what}; {other_iterations(root, iteration)}")
 
     for name in (CONFIG_FILENAME, ARGS_FILENAME, "metadata.json", ".metadata"):
         file = os.path.join(path, name)
@@ -79,6 +133,7 @@ def check_checkpoint_files(root: str, iteration: int) -> None:
                 json.load(f)
         except (ValueError, UnicodeDecodeError) as err:
             raise damaged(f"{file} is not valid JSON ({err})") from None
+    # torch only here: the converters call the readers above before torch is imported
     from torch.distributed.checkpoint import FileSystemReader
 
     try:

@@ -1,0 +1,361 @@
+"""The whole-layer chunked recompute (``recompute_chunk_size`` / ``--recompute-chunk-size``).
+
+:class:`LinearTransformerLayer` is megatron-core's ``TransformerLayer`` with its own checkpoint,
+which keeps only the layer input (the tensor :mod:`megatron_lasp.models.offload` can move to the
+host). On one GPU (its tokens one contiguous piece of the sequence) the whole layer runs in chunks
+of that many tokens, forward and backward: the linear attention carries its recurrent state
+``S [b, heads, d, d]`` (fp32) from one chunk to the next, as LASP carries it from rank to rank.
+Forward keeps the state at each chunk start (``heads x d x d x 4`` bytes, 1 MiB a chunk for
+TNL-1B); backward goes through the chunks last to first, recomputes one chunk from its input and
+its entry state and back-propagates it with the gradient of its outputs and of the state it
+passed on (``dS``), which gives the gradient of its entry state for the chunk before. Packed
+documents: each chunk gets its own ``cu_seqlens`` (:func:`megatron_lasp.parallel.slices.window_documents`),
+and the carried state is zeroed for a row whose document starts at the chunk's first token. So a
+layer's working set (projections, attention, norms, MLP and their gradients, ~100 KB a token for
+TNL-1B) exists for one chunk at a time, whatever the sequence length.
+
+On a rank of a ``lasp`` group (:class:`_ChunkedLaspLayer`) the state entering the rank's slice
+comes from the previous rank: forward first computes the slice's local state chunk by chunk (k / v
+projections only) and passes it on, then runs the chunks from the received state; backward first
+goes down to the attention output chunk by chunk (keeping ``dO``) and passes the state gradient
+back, then runs the attention backward chunk by chunk: one more q / k / v projection in forward and
+in backward (~7% of a step). The hop and the slice's plan are the sequence-parallel modes' own
+(:class:`megatron_lasp.parallel.hop.StateHop`, :class:`megatron_lasp.parallel.slices.SliceTransform`
+from :class:`~megatron_lasp.parallel.slices.SliceDocs`): the slice's state crosses it only for rows
+without a document start in it, and the state gradient comes only from the tokens before a row's
+first start. Per-token gates (``linear_attention_gate``, the attention's ``gate``): each chunk's kernel
+applies the chunk's gates (the carried state decays by them), the slice's local state comes from
+the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
+(:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
+
+With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
+mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
+GLU, projection, residual) in chunks. Apart from those projections, no more compute than
+megatron-core's full recompute. With the flag off the layer is megatron-core's unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List
+
+import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_lasp.models.attention import StateCarry
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
+from megatron_lasp.parallel.comm import group_info
+from megatron_lasp.parallel.slices import (
+    SliceDecays,
+    SliceDocs,
+    SliceTransform,
+    local_state,
+    window_documents,
+)
+from megatron_lasp.parallel.hop import StateHop
+
+__all__ = ["LinearTransformerLayer", "chunk_slices"]
+
+
+def chunk_slices(n: int, chunk: int):
+    """``slice`` objects covering ``range(n)`` in pieces of ``chunk``."""
+    return [slice(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+
+
+
+class _ParamGrads:
+    """Gradients of a layer's parameters summed over the chunks of one backward, handed to
+    autograd once (as the chunked Function's gradients of its parameter inputs): a data-parallel
+    wrapper's hooks (torch DDP marks each parameter ready once; megatron-core DDP's bucketing)
+    then see one gradient per parameter and step, as with megatron-core's recompute."""
+
+    def __init__(self, params):
+        self.params = params
+        self.sums = [None] * len(params)
+
+    def grad(self, outputs, grads, inputs):
+        """The gradients of ``inputs`` (None where unused); the parameters' are added to the sums."""
+        inputs = list(inputs)
+        got = torch.autograd.grad(outputs, inputs + self.params, grads, allow_unused=True)
+        for j, g in enumerate(got[len(inputs):]):
+            if g is not None:
+                self.sums[j] = g if self.sums[j] is None else self.sums[j].add_(g)
+        return got[: len(inputs)]
+
+
+def _params(layer) -> List[torch.nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _run_chunks(layer, x, slices, plans, kwargs, state):
+    """The layer's forward chunk by chunk from ``state``: ``(output, the state at each chunk start)``."""
+    out = torch.empty_like(x)
+    states = []
+    for i, (sl, plan) in enumerate(zip(slices, plans)):
+        states.append(state)
+        out[sl], state = layer._forward_chunk(x[sl], state, plan, kwargs, want_final=i + 1 < len(slices))
+    return out, states
+
+
+class _ChunkedLayer(torch.autograd.Function):
+    """The whole layer run chunk by chunk along the sequence, the attention's recurrent state
+    carried from chunk to chunk; see :class:`LinearTransformerLayer`."""
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x, *params):
+        T, B = x.shape[:2]
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        slices = chunk_slices(T, chunk)
+        plans = [window_documents(cu, B, T, sl.start, sl.stop) for sl in slices]
+        with torch.no_grad():
+            out, states = _run_chunks(layer, x, slices, plans, kwargs, None)
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.params = layer, kwargs, slices, plans, states, params
+        ctx.save_for_backward(x)  # the one tensor offloading moves
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        sums = _ParamGrads(list(ctx.params))
+        d_state = None
+        for i in reversed(range(len(ctx.slices))):
+            sl = ctx.slices[i]
+            piece = x[sl].detach().requires_grad_(True)
+            state = ctx.states[i]
+            if state is not None:
+                state = state.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y, final = ctx.layer._forward_chunk(piece, state, ctx.plans[i], ctx.kwargs,
+                                                    want_final=d_state is not None)
+            outputs, grads = [y], [grad_out[sl]]
+            if d_state is not None:
+                outputs.append(final)
+                grads.append(d_state)
+            got = sums.grad(outputs, grads, [piece] + ([state] if state is not None else []))
+            grad_x[sl] = got[0]
+            d_state = got[1] if state is not None else None
+            ctx.states[i] = None
+            del y, final, piece, outputs, got
+        return (None, None, None, grad_x, *sums.sums)
+
+
+class _ChunkedLaspLayer(torch.autograd.Function):
+    """The whole layer in chunks on a rank of a LASP group: this rank's slice is cut into chunks
+    as on one GPU, and the state entering the slice comes from the previous rank. The passes
+    (``docs/MEMORY.md``, "P GPUs with LASP"):
+
+    forward: (1) chunk by chunk the k / v projection and the slice's local state ``S_loc`` (the
+    state its own tokens leave, ``sum_t lam^(C-1-t) k_t^T v_t``, from its last document start on);
+    (2) ``S_in`` from the previous rank, ``D S_in + S_loc`` to the next (``D = lam^C``, 0 for a
+    row with a document start in the slice); (3) the chunked forward of the single-GPU case from
+    ``S_in``.
+    backward: (1) chunk by chunk the layer's backward down to the attention output ``o`` and the
+    projection output (every parameter gradient but the projection's and the input norm's; keeps
+    ``dO``, the gate's gradient and the residual's) and the local state gradient
+    ``dS_loc = sum_t lam^(t+1) q_t^T dO_t`` (tokens before the slice's first document start);
+    (2) ``dS`` from the next rank, ``D dS + dS_loc`` to the previous; (3) chunk by chunk, last to
+    first, the attention backward with the carried state gradient, then the projection and the
+    input norm.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x, *params):
+        attn = layer.self_attention
+        info = group_info(attn.sp_group)
+        slopes = attn.slopes
+        C, B = x.shape[:2]
+        slices = chunk_slices(C, chunk)
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        start = info.rank * C  # the slice's first position in the rows of the whole sequence
+        plans = [window_documents(cu, B, C * info.size, start + sl.start, start + sl.stop) for sl in slices]
+        docs = None if cu is None else SliceDocs.of(cu, B, C, info.rank, info.size, x.device)
+        with torch.no_grad():
+            s_loc, gates = None, []  # (1) the slice's own state, chunk by chunk
+            for sl, (cu_c, keep) in zip(slices, plans):
+                h = layer.input_layernorm(x[sl])
+                mixed, q, k, v = attn.qkv(h)
+                g = None if attn.gate is None else attn.gate(h)  # per-token gates [s, b, heads]
+                if g is not None:
+                    gates.append(g)
+                if cu_c is None and g is None:
+                    L = sl.stop - sl.start
+                    part = local_state(k.transpose(0, 1), v.transpose(0, 1), decay_powers(slopes, L, reverse=True))
+                    s_loc = part if s_loc is None else s_loc * state_decay(slopes, L).view(1, -1, 1, 1) + part
+                else:  # the kernel restarts the state at the chunk's documents and applies the gates
+                    _, s_loc = chunk_lightning_attn(
+                        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), **attn._decay(g),
+                        initial_state=_entry(s_loc, (cu_c, keep)), output_final_state=True,
+                        backend=attn.config.kernel_backend, cu_seqlens=cu_c,
+                    )
+            # the slice's transform: its own cumulative gate with per-token gates
+            g_slice = torch.cat(gates).transpose(0, 1) if gates else None  # [B, C, heads]
+            tr = SliceTransform.of(SliceDecays.for_slice(slopes, g_slice, C), docs, info.rank)
+            # (2) S_in from the previous rank, T(S_in) + S_loc to the next
+            hop = StateHop(s_loc.shape, s_loc.dtype, s_loc.device, info, forward=True)
+            s_in = hop.pass_on(s_loc, tr)
+            hop.finish()
+            out, states = _run_chunks(layer, x, slices, plans, kwargs, s_in)  # (3)
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.plans, ctx.states, ctx.info = layer, kwargs, slices, plans, states, info
+        ctx.params, ctx.transform = params, tr
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, attn, tr = ctx.layer, ctx.layer.self_attention, ctx.transform
+        kept = [None] * len(ctx.slices)
+        sums = _ParamGrads(list(ctx.params))
+        ds_loc = None
+        for i in reversed(range(len(ctx.slices))):  # (1) down to o and the projection output
+            sl, plan = ctx.slices[i], ctx.plans[i]
+            piece = x[sl].detach().requires_grad_(True)
+            entry = _entry(ctx.states[i], plan)
+            with torch.enable_grad(), attn.carrying(StateCarry(entry, False, cut=True)) as carry:
+                mid, _ = layer._forward_attention(piece, **layer._chunk_kwargs(ctx.kwargs, plan))
+                y = layer._forward_mlp(mid)
+            # the residual's gradient, dO, and the gate's share of the projection's (None without a gate)
+            d_residual, d_o, d_mixed = sums.grad([y], [grad_out[sl]], [piece, carry.o, carry.mixed])
+            # dS_in's share of this chunk: only the tokens the entering state reaches (w_in)
+            part = local_state(carry.q.transpose(0, 1), d_o, tr.w_in[..., sl])
+            ds_loc = part if ds_loc is None else ds_loc + part
+            kept[i] = (d_o, d_mixed, d_residual)
+            del y, mid, carry, piece
+        hop = StateHop(ds_loc.shape, ds_loc.dtype, ds_loc.device, ctx.info, forward=False)  # (2)
+        d_state = hop.pass_on(ds_loc, tr.transpose)
+        hop.finish()
+        grad_x = torch.empty_like(x)
+        for i in reversed(range(len(ctx.slices))):  # (3) the attention, projection and input norm
+            sl, (cu_c, keep) = ctx.slices[i], ctx.plans[i]
+            d_o, d_mixed, d_residual = kept[i]
+            kept[i] = None
+            piece = x[sl].detach().requires_grad_(True)
+            entry = ctx.states[i]
+            if entry is not None:
+                entry = entry.detach().requires_grad_(True)
+            with torch.enable_grad():
+                h = layer.input_layernorm(piece)
+                mixed, q, k, v = attn.qkv(h)
+                o, final = chunk_lightning_attn(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                    **attn._decay(None if attn.gate is None else attn.gate(h)),
+                    initial_state=_entry(entry, (cu_c, keep)), output_final_state=d_state is not None,
+                    backend=attn.config.kernel_backend, cu_seqlens=cu_c,
+                )
+            outputs, grads = [o], [d_o]
+            if d_state is not None:
+                outputs.append(final)
+                grads.append(d_state)
+            if d_mixed is not None:
+                outputs.append(mixed)
+                grads.append(d_mixed)
+            got = sums.grad(outputs, grads, [piece] + ([entry] if entry is not None else []))
+            grad_x[sl] = got[0] + d_residual
+            d_state = got[1] if entry is not None else None
+            ctx.states[i] = None
+            del outputs, grads, piece, mixed, q, k, v, o, final, got
+        return (None, None, None, grad_x, *sums.sums)
+
+
+def _entry(state, plan):
+    """The state a chunk starts from: the carried one, zeroed for rows whose document starts at the chunk."""
+    keep = plan[1]
+    if state is None or keep is None:
+        return state
+    return state * keep.to(state.device)
+
+
+class _ChunkedMlpCheckpoint(torch.autograd.Function):
+    """The attention half over the whole sequence, the MLP half in chunks (sequence parallelism)."""
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x, *params):
+        with torch.no_grad():
+            mid, _ = layer._forward_attention(x, **kwargs)
+            out = torch.empty_like(mid)
+            for sl in chunk_slices(mid.shape[0], chunk):
+                out[sl] = layer._forward_mlp(mid[sl])
+        ctx.layer, ctx.chunk, ctx.kwargs, ctx.params = layer, chunk, kwargs, params
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, chunk = ctx.layer, ctx.chunk
+        sums = _ParamGrads(list(ctx.params))
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            mid, _ = layer._forward_attention(x, **ctx.kwargs)
+        mid_d = mid.detach()
+        grad_mid = torch.empty_like(mid_d)
+        for sl in chunk_slices(mid_d.shape[0], chunk):
+            piece = mid_d[sl].detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = layer._forward_mlp(piece)
+            (grad_mid[sl],) = sums.grad([y], [grad_out[sl]], [piece])
+            del y, piece
+        (grad_x,) = sums.grad([mid], [grad_mid], [x])
+        return (None, None, None, grad_x, *sums.sums)
+
+
+class LinearTransformerLayer(TransformerLayer):
+    """megatron-core's ``TransformerLayer``; with ``config.recompute_chunk_size > 0`` (training,
+    gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
+
+    def chunks_whole_layer(self) -> bool:
+        """Whether the whole layer runs in chunks: a linear-attention layer (a softmax layer of a
+        hybrid has no state to carry: its attention runs whole, its MLP in chunks) whose tokens are
+        one contiguous piece of the sequence (no TP sequence parallelism), on one rank or a rank of
+        a ``lasp`` group."""
+        if not hasattr(self.self_attention, "carrying"):
+            return False
+        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+            return False
+        return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
+
+    @staticmethod
+    def _chunk_kwargs(kwargs, plan):
+        """The layer's arguments for one chunk: its own ``cu_seqlens`` with packed documents."""
+        cu = plan[0]
+        if cu is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        psp = copy.copy(kwargs["packed_seq_params"])
+        psp.cu_seqlens_q = psp.cu_seqlens_kv = cu
+        kwargs["packed_seq_params"] = psp
+        return kwargs
+
+    def _forward_chunk(self, x, state, plan, kwargs, want_final):
+        """``(layer output, state after the chunk or None)`` of the chunk ``x`` that starts from ``state``."""
+        kwargs = self._chunk_kwargs(kwargs, plan)
+        state = _entry(state, plan)
+        with self.self_attention.carrying(StateCarry(state, want_final)) as carry:
+            mid, _ = self._forward_attention(x, **kwargs)
+            y = self._forward_mlp(mid)
+        return y, carry.final
+
+    def forward(self, *args, **kwargs):
+        chunk = getattr(self.config, "recompute_chunk_size", 0)
+        if not (chunk > 0 and self.training and torch.is_grad_enabled()):
+            return super().forward(*args, **kwargs)
+        kwargs.pop("dynamic_inference_decode_only", None)
+        if kwargs.get("inference_context") is not None:
+            return super().forward(*args, **kwargs)
+        if args:
+            x, args = args[0], args[1:]
+        else:
+            x = kwargs.pop("hidden_states")
+        if args:
+            raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
+        if not self.chunks_whole_layer():
+            function = _ChunkedMlpCheckpoint
+        elif self.self_attention.sp_group.size() == 1:
+            function = _ChunkedLayer
+        else:
+            function = _ChunkedLaspLayer
+        out = function.apply(self, chunk, kwargs, x, *_params(self))
+        return out, kwargs.get("context")

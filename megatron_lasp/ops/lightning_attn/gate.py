@@ -1,0 +1,185 @@
+"""Per-token gates (data-dependent decay): checks, cumulative log-decays and the gate's gradient.
+
+The gated recurrence (README.md, "Per-token gates"), per batch row ``b`` and head ``h``::
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t,     o_t = q_t S_t,     g_t = g[b, t, h] <= 0
+
+The fixed decay is ``g = -slope``. Everything here works in log space: a decay over a span is
+``exp`` of a sum of gates, and every sum is formed relative to the anchor it is measured from (the
+slice start for ``a``, the slice end for ``b``), so only ``exp`` of non-positive numbers is taken.
+
+What the sequence-parallel modes use (state + how a slice transforms it), for a slice of ``C``
+tokens whose state ``S_in`` comes from the left:
+
+    S_out = across * S_in + S_loc           o_t += a_t q_t S_in         (S_in reaches the first document)
+    dS_in = across * dS_out + dS_loc        dk_t += b_t v_t dS_out^T,   dv_t += b_t k_t dS_out
+
+with :class:`SliceGate` giving ``log a``, ``log b`` and ``log across`` per row and head (documents
+included), and :func:`gate_grad` the gradient of ``g`` from the slice's total ``dq``, ``dk`` and its
+final state and final-state gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+__all__ = ["check_gate", "block_cumsum", "SliceGate", "gate_grad", "reverse_cumsum_docs"]
+
+
+def check_gate(g, q: torch.Tensor, slopes) -> None:
+    """Raise ``ValueError`` unless exactly one of ``slopes`` / ``g`` is given and ``g`` fits ``q``
+    (shape, device; values ``<= 0`` when on the CPU)."""
+    if (g is None) == (slopes is None):
+        raise ValueError("lightning attention: give either slopes [H] (fixed decay) or g [B, T, H] "
+                         "(per-token log-decay) with slopes=None, not both and not neither")
+    if g is None:
+        return
+    B, T, H = q.shape[:3]
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H) or not g.is_floating_point():
+        raise ValueError(f"lightning attention: g must be a float tensor [B, T, H] = {(B, T, H)} of log-decays "
+                         f"(<= 0), got {getattr(g, 'shape', type(g))}")
+    if g.device != q.device:
+        raise ValueError(f"lightning attention: g is on {g.device} but q is on {q.device}; move all inputs to one device")
+    # Values only on the CPU: on a GPU the check would synchronise the host (as for cu_seqlens).
+    if g.device.type == "cpu" and bool((g.detach() > 0).any()):
+        raise ValueError("lightning attention: g holds positive values; it must be a log-decay <= 0 "
+                         "(e.g. -softplus(x) or logsigmoid(x))")
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_cumsum(g: torch.Tensor, block: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inclusive cumulative sum of ``g [B, T, H]`` restarted every ``block`` tokens: ``[B, H, N * block]``.
+
+    Computed in fp32 (fp64 for fp64 ``g``, or ``dtype``); zero-padded past ``T`` (a padded token
+    has gate 0, so the last value of every block is its total log-decay). The kernels form every
+    decay inside a block as ``exp`` of a difference of these (README.md, "Per-token gates").
+    """
+    B, T, H = g.shape
+    n = -(-T // block)
+    x = g.to(dtype or _cdt(g.dtype)).transpose(1, 2)
+    if n * block != T:
+        x = torch.nn.functional.pad(x, (0, n * block - T))
+    return x.reshape(B, H, n, block).cumsum(-1).reshape(B, H, n * block)
+
+
+def _first_last_masks(doc_ids: Optional[torch.Tensor], B: int, C: int, device):
+    """``(in_first [B, 1, C], in_last [B, 1, C], one_doc [B, 1])`` bool, or Nones without documents."""
+    if doc_ids is None:
+        return None, None, None
+    d = doc_ids.long()
+    in_first = (d == d[:, :1])[:, None]
+    in_last = (d == d[:, -1:])[:, None]
+    return in_first, in_last, (d[:, 0] == d[:, -1])[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceGate:
+    """How a slice of ``C`` tokens transforms a state that crosses it, in log space (fp32 or fp64).
+
+    Attributes:
+        log_a: ``[B, H, C]``, ``G_t = sum_{u <= t} g_u``: the log weight of the state entering the
+            slice at token ``t`` (``-inf`` past the slice's first document).
+        log_b: ``[B, H, C]``, ``sum_{u > t} g_u``: the log weight of token ``t`` in the state
+            leaving the slice (``-inf`` before its last document's start).
+        log_across: ``[B, H]``, ``sum_u g_u``: the log-decay of a state carried through the whole
+            slice (``-inf`` if the slice holds a document start past its first token).
+
+    ``a``, ``b``, ``across`` are their ``exp`` (the fixed-decay ``decay_powers`` / ``state_decay``
+    per row). ``log_a`` is summed from the left end, ``log_b`` from the right end, so neither is
+    a difference of two large sums.
+    """
+
+    log_a: torch.Tensor
+    log_b: torch.Tensor
+    log_across: torch.Tensor
+
+    @classmethod
+    def of(cls, g: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> "SliceGate":
+        """From ``g [B, C, H]`` and this slice's ``doc_ids [B, C]`` (or None: one document)."""
+        B, C, H = g.shape
+        x = g.to(_cdt(g.dtype)).transpose(1, 2)  # [B, H, C]
+        log_a = x.cumsum(-1)
+        # exclusive suffix sums: sum_{u > t} g_u, anchored at the right end
+        log_b = torch.nn.functional.pad(x.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+        log_across = log_a[..., -1]
+        in_first, in_last, one_doc = _first_last_masks(doc_ids, B, C, g.device)
+        if in_first is not None:
+            ninf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+            log_a = torch.where(in_first, log_a, ninf)
+            log_b = torch.where(in_last, log_b, ninf)
+            log_across = torch.where(one_doc, log_across, ninf)
+        return cls(log_a, log_b, log_across)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return torch.exp(self.log_a)
+
+    @property
+    def b(self) -> torch.Tensor:
+        return torch.exp(self.log_b)
+
+    @property
+    def across(self) -> torch.Tensor:
+        return torch.exp(self.log_across)
+
+
+def reverse_cumsum_docs(x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y[b, t, h] = sum_{u >= t, doc(u) = doc(t)} x[b, u, h]`` for ``x [B, T, H]`` (fp64 inside).
+
+    The suffix sum restarts at every document end: ``y_t = R_t - R_{e(t)}`` with ``R`` the row's
+    suffix sum and ``e(t)`` the first token of the next document (``R_T = 0``); fp64 keeps the
+    difference exact to the output's precision.
+    """
+    B, T, H = x.shape
+    r = x.double().flip(1).cumsum(1).flip(1)
+    if doc_ids is None:
+        return r.to(x.dtype)
+    d = doc_ids.long()
+    # e(t): the number of tokens of the row whose document is <= doc(t)
+    end = torch.searchsorted(d.contiguous(), d.contiguous(), right=True)  # [B, T], in (t, T]
+    r_pad = torch.nn.functional.pad(r, (0, 0, 0, 1))  # R_T = 0
+    after = torch.gather(r_pad, 1, end[:, :, None].expand(B, T, H))
+    return (r - after).to(x.dtype)
+
+
+def gate_grad(
+    q: torch.Tensor,
+    dq: torch.Tensor,
+    k: torch.Tensor,
+    dk: torch.Tensor,
+    doc_ids: Optional[torch.Tensor] = None,
+    final_state: Optional[torch.Tensor] = None,
+    d_final_state: Optional[torch.Tensor] = None,
+    dots: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The gradient of the gates, ``dg [B, T, H]`` fp32 (fp64 for fp64 inputs).
+
+    ``dg_s = sum_{t >= s, doc(t) = doc(s)} (q_t . dq_t - k_t . dk_t)  +  [s in the last document] <dS_T, S_T>``
+    (README.md, "Gradient of the gates"). ``dq``, ``dk`` must be the total gradients of the slice
+    (initial-state and final-state terms included) and ``final_state`` / ``d_final_state`` its
+    total final state ``S_T`` and its gradient (both None when there is none).
+
+    Args:
+        q, dq, k, dk: ``[B, T, H, Dk]``.
+        doc_ids: ``[B, T]`` document ids, or None.
+        final_state, d_final_state: ``[B, H, Dk, Dv]`` or None.
+        dots: ``q_t . dq_t - k_t . dk_t`` ``[B, T, H]`` when already computed (the triton backend's
+            kernel); ``q``, ``dq``, ``k``, ``dk`` are then not read.
+    """
+    cdt = _cdt(q.dtype)
+    if dots is None:
+        dG = (torch.einsum("bthd,bthd->bth", q.to(cdt), dq.to(cdt))
+              - torch.einsum("bthd,bthd->bth", k.to(cdt), dk.to(cdt)))
+    else:
+        dG = dots.to(cdt)
+    if d_final_state is not None:
+        if final_state is None:
+            raise ValueError("gate_grad: d_final_state needs the final_state it is the gradient of")
+        dG[:, -1] += (final_state.to(cdt) * d_final_state.to(cdt)).sum((-1, -2))
+    return reverse_cumsum_docs(dG, doc_ids)

@@ -1,0 +1,268 @@
+"""Per-token gates (``g [B, T, H]``): every backend against the token-by-token fp64 reference.
+
+o, final state and every gradient (dq, dk, dv, dg, d_initial_state), with packed documents, odd
+lengths and long spans of strong decay (``g = -20`` per token) that must stay finite. Triton runs
+in its CPU interpreter (``TRITON_INTERPRET=1`` through ``monkeypatch``), on small fp32 shapes.
+"""
+
+import pytest
+import torch
+
+from megatron_lasp.ops.lightning_attn import (
+    SliceGate,
+    TritonOptions,
+    chunk_lightning_attn,
+    gate_grad,
+    lightning_attn_bwd,
+    lightning_attn_bwd_phases,
+    lightning_attn_fwd,
+    lightning_attn_fwd_phases,
+    naive_recurrent_lightning_attn,
+    reverse_cumsum_docs,
+)
+from megatron_lasp.ops.lightning_attn.documents import doc_ids_from_cu_seqlens
+
+POISON = TritonOptions(poison_outputs=True)
+TOL = {"torch": 2e-6, "triton": 5e-6}
+# With g = -20 per token a block's cumulative sum reaches ~-1300, whose fp32 rounding (1e-4) enters
+# exp(G_i - G_j) of neighbouring tokens: the relative error of a cumulative sum in fp32, not a bug
+# (a wrong exponent is off by O(1), see test_wrong_exponent_is_caught).
+STRONG_TOL = 1e-4
+NAMES = ("q", "k", "v", "g", "h0")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _gates(B, T, H, kind, gen):
+    """Log-decays per head from none to strong; ``strong``: a long span of g = -20 per token."""
+    scale = torch.tensor([0.0, 0.02, 0.5, 3.0] * H)[:H]
+    g = -torch.rand(B, T, H, generator=gen) * scale
+    if kind == "strong":
+        g[:, T // 4: 3 * T // 4] = -20.0
+    return g
+
+
+def _inputs(B, T, H, Dk, Dv, kind, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, Dk, generator=gen) for _ in range(2))
+    v, do = (torch.randn(B, T, H, Dv, generator=gen) for _ in range(2))
+    h0, dht = (torch.randn(B, H, Dk, Dv, generator=gen) for _ in range(2))
+    return [q, k, v, _gates(B, T, H, kind, gen), h0], do, dht
+
+
+def _run(fn, leaves, do, dht, dtype):
+    xs = [x.to(dtype).requires_grad_() for x in leaves]
+    o, s = fn(*xs)
+    (o.to(dtype) * do.to(dtype)).sum().add((s * dht.to(s.dtype)).sum()).backward()
+    return [o, s] + [x.grad for x in xs]
+
+
+def _reference(leaves, do, dht, cu=None):
+    return _run(lambda q, k, v, g, h0: naive_recurrent_lightning_attn(q, k, v, None, h0, True, cu_seqlens=cu, g=g),
+                leaves, do, dht, torch.float64)
+
+
+def _use(backend, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+BACKENDS = ["torch", "triton"]
+# (B, T, H, Dk, Dv, cu_seqlens or None): T = 1, odd lengths across several blocks and segments,
+# packed documents with boundaries inside blocks, on block edges and one-token documents.
+CASES = {
+    "T1": (1, 1, 2, 8, 8, None),
+    "odd": (2, 75, 4, 16, 8, None),
+    "docs": (2, 70, 3, 8, 12, [0, 5, 16, 17, 48, 70, 71, 96, 140]),
+}
+
+
+@pytest.mark.parametrize("kind", ["mixed", "strong"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_recurrent_reference(backend, case, kind, monkeypatch):
+    _use(backend, monkeypatch)
+    B, T, H, Dk, Dv, cu = CASES[case]
+    cu = None if cu is None else torch.tensor(cu)
+    leaves, do, dht = _inputs(B, T, H, Dk, Dv, kind)
+    ref = _reference(leaves, do, dht, cu)
+    got = _run(lambda q, k, v, g, h0: chunk_lightning_attn(q, k, v, None, h0, True, backend=backend, cu_seqlens=cu,
+                                                           g=g, triton_options=POISON),
+               leaves, do, dht, torch.float32)
+    tol = STRONG_TOL if kind == "strong" else TOL[backend]
+    errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
+    assert max(errs.values()) < tol, errs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_decay_is_the_constant_gate(backend, monkeypatch):
+    """``g = -slopes`` gives the fixed-decay kernel's outputs and gradients."""
+    _use(backend, monkeypatch)
+    B, T, H, D = 1, 40, 2, 8
+    leaves, do, dht = _inputs(B, T, H, D, D, "mixed")
+    slopes = torch.tensor([0.1, 1.0])
+    q, k, v, _, h0 = leaves
+    o, s, saved = lightning_attn_fwd(q, k, v, slopes, h0, True, backend)
+    fixed = (o, s) + lightning_attn_bwd(q, k, v, slopes, do, saved=saved, d_final_state=dht)
+    g = (-slopes).expand(B, T, H).contiguous()
+    o, s, saved = lightning_attn_fwd(q, k, v, None, h0, True, backend, g=g)
+    gated = (o, s) + lightning_attn_bwd(q, k, v, None, do, saved=saved, d_final_state=dht)
+    assert len(gated) == 7 and gated[-1].shape == (B, T, H)
+    for a, b in zip(gated, fixed):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_phase_split_and_slice_gate(backend, monkeypatch):
+    """The modes' split: run the slice with no initial state in two phases, add the entering
+    state's terms through :class:`SliceGate`, and get ``dg`` from the totals by :func:`gate_grad`."""
+    _use(backend, monkeypatch)
+    B, T, H, Dk, Dv = 2, 45, 2, 8, 8
+    cu = torch.tensor([0, 20, 45, 50, 90])
+    leaves, do, dht = _inputs(B, T, H, Dk, Dv, "mixed", seed=3)
+    ref = _reference(leaves, do, dht, cu)
+    q, k, v, g, s_in = leaves
+    docs = doc_ids_from_cu_seqlens(cu, B, T, q.device)
+    sg = SliceGate.of(g, docs)
+    s_loc, finish = lightning_attn_fwd_phases(q, k, v, None, backend, g=g, doc_ids=docs)
+    o, saved = finish()
+    a = sg.a.transpose(1, 2)[..., None]  # [B, T, H, 1]
+    o = o + a * torch.einsum("bthk,bhkv->bthv", q, s_in)
+    s_out = sg.across[..., None, None] * s_in + s_loc
+    dh0_loc, finish = lightning_attn_bwd_phases(q, k, v, None, do, saved=saved)
+    dq, dk, dv, dg_loc = finish()
+    b = sg.b.transpose(1, 2)[..., None]
+    dq = dq + a * torch.einsum("bthv,bhkv->bthk", do, s_in)
+    dk = dk + b * torch.einsum("bthv,bhkv->bthk", v, dht)
+    dv = dv + b * torch.einsum("bthk,bhkv->bthv", k, dht)
+    dh0 = dh0_loc + sg.across[..., None, None] * dht  # across is 0 where a document starts inside
+    dg = gate_grad(q, dq, k, dk, docs, s_out, dht)
+    tol = TOL[backend]
+    for name, x, r in (("o", o, ref[0]), ("final", s_out, ref[1]), ("dq", dq, ref[2]), ("dk", dk, ref[3]),
+                       ("dv", dv, ref[4]), ("dg", dg, ref[5]), ("dh0", dh0, ref[6])):
+        assert _rel(x, r) < tol, (name, _rel(x, r))
+    # the kernel's own dg is the identity on its own terms (no entering state, no final gradient)
+    dq0, dk0 = finish()[:2]
+    assert _rel(dg_loc, gate_grad(q, dq0, k, dk0, docs)) < 1e-6
+
+
+def test_gate_without_grad_and_state_only_loss():
+    """A gate that needs no gradient gets none; a loss on the final state alone (no output
+    gradient) still gives every gradient, dg included; the backward recomputes without ``saved``."""
+    leaves, do, dht = _inputs(1, 50, 2, 8, 8, "mixed", seed=9)
+    q, k, v, g, h0 = (x.double().requires_grad_() for x in leaves)
+    g.requires_grad_(False)
+    o, s = chunk_lightning_attn(q, k, v, None, h0, True, backend="torch", g=g)
+    s.mul(dht.double()).sum().backward()
+    assert g.grad is None and q.grad is not None
+    gr = g.detach().clone().requires_grad_()
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+    _, s_ref = naive_recurrent_lightning_attn(xs[0], xs[1], xs[2], None, xs[3], True, g=gr)
+    s_ref.mul(dht.double()).sum().backward()
+    ys = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+    gt = g.detach().clone().requires_grad_()
+    _, s2 = chunk_lightning_attn(ys[0], ys[1], ys[2], None, ys[3], True, backend="torch", g=gt)
+    s2.mul(dht.double()).sum().backward()
+    assert xs[0].grad is None and float(ys[0].grad.abs().max()) == 0.0  # q does not reach the final state
+    for a, b in zip(ys[1:] + [gt], xs[1:] + [gr]):
+        assert _rel(a.grad, b.grad) < 1e-10
+    grads = lightning_attn_bwd(*(x.detach() for x in (q, k, v)), None, do.double(), d_final_state=dht.double(),
+                               initial_state=h0.detach(), backend="torch", g=g)
+    o, s, saved = lightning_attn_fwd(*(x.detach() for x in (q, k, v)), None, h0.detach(), True, "torch", g=g)
+    again = lightning_attn_bwd(*(x.detach() for x in (q, k, v)), None, do.double(), saved=saved,
+                               d_final_state=dht.double())
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+
+
+def test_slice_gate_matches_products_of_exp():
+    """log a / log b / log across against products of exp(g) token by token, documents included."""
+    B, C, H = 2, 9, 3
+    g = -torch.rand(B, C, H, dtype=torch.float64)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    sg = SliceGate.of(g, docs)
+    lam = torch.exp(g)
+    for b in range(B):
+        first, last = docs[b, 0], docs[b, -1]
+        for t in range(C):
+            a = lam[b, :t + 1].prod(0) if docs[b, t] == first else torch.zeros(H, dtype=lam.dtype)
+            w = lam[b, t + 1:].prod(0) if docs[b, t] == last else torch.zeros(H, dtype=lam.dtype)
+            assert torch.allclose(sg.a[b, :, t], a) and torch.allclose(sg.b[b, :, t], w)
+        across = lam[b].prod(0) if first == last else torch.zeros(H, dtype=lam.dtype)
+        assert torch.allclose(sg.across[b], across)
+
+
+def test_reverse_cumsum_restarts_at_documents():
+    x = torch.arange(1.0, 7.0).view(1, 6, 1)
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    assert reverse_cumsum_docs(x, docs).view(-1).tolist() == [3.0, 2.0, 12.0, 9.0, 5.0, 6.0]
+    assert reverse_cumsum_docs(x, None).view(-1).tolist() == [21.0, 20.0, 18.0, 15.0, 11.0, 6.0]
+
+
+def test_wrong_exponent_is_caught():
+    """Negative control: a gate off by one token (exp(G_{t-1}) for exp(G_t)) fails the tolerance."""
+    leaves, do, dht = _inputs(1, 30, 2, 8, 8, "mixed")
+    ref = _reference(leaves, do, dht)
+    g = leaves[3]
+    shifted = leaves[:3] + [torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], 1), leaves[4]]
+    got = _run(lambda q, k, v, g, h0: chunk_lightning_attn(q, k, v, None, h0, True, backend="torch", g=g),
+               shifted, do, dht, torch.float32)
+    assert _rel(got[0], ref[0]) > 100 * TOL["torch"]
+    # and a dg without its reverse cumulative sum
+    q, k, v, g, h0 = leaves
+    o, s, saved = lightning_attn_fwd(q, k, v, None, h0, True, "torch", g=g)
+    dq, dk, dv, dh0, dg = lightning_attn_bwd(q, k, v, None, do, saved=saved, d_final_state=dht)
+    dG = (q * dq).sum(-1) - (k * dk).sum(-1)
+    assert _rel(dG, ref[5]) > 100 * TOL["torch"] and _rel(dg, ref[5]) < TOL["torch"]
+
+
+def test_bad_gate_inputs():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="either slopes"):
+        chunk_lightning_attn(q, q, q, torch.zeros(2), g=torch.zeros(1, 4, 2), backend="torch")
+    with pytest.raises(ValueError, match="either slopes"):
+        chunk_lightning_attn(q, q, q, None, backend="torch")
+    with pytest.raises(ValueError, match=r"g must be a float tensor \[B, T, H\]"):
+        chunk_lightning_attn(q, q, q, None, g=torch.zeros(1, 4), backend="torch")
+    with pytest.raises(ValueError, match="positive values"):
+        chunk_lightning_attn(q, q, q, None, g=torch.full((1, 4, 2), 0.1), backend="torch")
+    o, _, saved = lightning_attn_fwd(q, q, q, None, g=torch.zeros(1, 4, 2), backend="torch")
+    with pytest.raises(ValueError, match="slopes=None for per-token gates"):
+        lightning_attn_bwd(q, q, q, torch.zeros(2), o, saved=saved)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("docs", [False, True], ids=["nodocs", "docs"])
+def test_gpu_kernels_match_fp64(dtype, docs):
+    """The CUDA kernels (bf16, fp32) against the torch backend in fp64, every output and gradient
+    incl. dg, with a span of g = -20 and (docs) packed documents crossing blocks and segments."""
+    B, T, H, D = 2, 3000, 4, 128
+    leaves, do, dht = _inputs(B, T, H, D, D, "strong", seed=5)
+    leaves = [x.cuda() for x in leaves]
+    leaves[0], leaves[1] = leaves[0] * D ** -0.25, leaves[1] * D ** -0.25
+    do, dht = do.cuda(), dht.cuda()
+    cu = torch.tensor([0, 1, 700, 2048, 2049, 3100, 4096, 6000], device="cuda") if docs else None
+
+    def run(backend, cast):
+        xs = [cast(x).detach().clone().requires_grad_() for x in leaves[:3]]
+        g = leaves[3].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        h0 = leaves[4].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        o, s = chunk_lightning_attn(*xs, None, h0, True, backend=backend, cu_seqlens=cu, g=g,
+                                    triton_options=POISON if backend == "triton" else None)
+        torch.autograd.backward((o, s), (cast(do), dht.to(s.dtype)))
+        return [o, s] + [x.grad for x in xs] + [g.grad, h0.grad]
+
+    ref = run("torch", lambda x: x.double())
+    got = run("triton", lambda x: x.to(dtype))
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
+    assert max(errs.values()) < tol, errs
