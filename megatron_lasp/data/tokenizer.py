@@ -1,5 +1,9 @@
 """Tokenizers shared by preprocessing, training and the HF converter.
 
+Over ~600 lines on purpose: the four tokenizers share one interface, one EOD rule and one
+``save_pretrained`` contract, and their flags (:func:`add_tokenizer_args`, :class:`TokenizerSettings`)
+name exactly what each kind reads; splitting them would spread one contract over several files.
+
 One small interface (:class:`Tokenizer`) over four kinds, named as in Megatron-LM
 (``--tokenizer-type``):
 

@@ -1,5 +1,8 @@
 """Hugging Face model of the megatron-lasp linear LM: pure PyTorch, CPU capable.
 
+Over ~600 lines on purpose: the whole model (attention, cache, layers, generation) ships with every
+export as one self-contained file that its users read and load as a unit.
+
 This file is copied, unchanged, into every exported model directory next to
 ``configuration_linear_lm.py``; it imports only ``torch`` and ``transformers`` (no megatron, no
 Triton), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works anywhere.

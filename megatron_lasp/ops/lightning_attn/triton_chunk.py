@@ -1,5 +1,8 @@
 """The Triton backend of lightning attention: kernels, launch heuristic and the launches.
 
+Over ~600 lines on purpose: each kernel's signature and its launch change together, so the four
+kernels live beside the code that launches them.
+
 ``backend="triton"`` of :mod:`.chunk` (CUDA; CPU tensors run in Triton's interpreter under
 ``TRITON_INTERPRET=1``). Inputs arrive validated. Entry points, mirroring :mod:`.torch_chunk`:
 
