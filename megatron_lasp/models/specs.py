@@ -84,6 +84,22 @@ def glu_mlp_spec(backend):
     raise TypeError(f"unexpected MLP spec from megatron-core's get_mlp_module_spec_for_backend: {spec!r}")
 
 
+def _layer_spec(attention: ModuleSpec, backend, te: bool) -> ModuleSpec:
+    """A :class:`LinearTransformerLayer` around ``attention``: the pre-norms (fused into the next
+    linear with Transformer Engine), the GLU MLP and megatron-core's bias-dropout-add."""
+    return ModuleSpec(
+        module=LinearTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if te else RMSNorm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if te else RMSNorm,
+            mlp=glu_mlp_spec(backend),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
     """The :class:`LinearTransformerLayer` spec of one linear-attention layer (same for every layer)."""
     backend = get_backend_provider(config)
@@ -98,17 +114,7 @@ def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
             ) if config.gated else None,
         ),
     )
-    return ModuleSpec(
-        module=LinearTransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if te else RMSNorm,
-            self_attention=attention,
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if te else RMSNorm,
-            mlp=glu_mlp_spec(backend),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer_spec(attention, backend, te)
 
 
 def get_softmax_layer_spec(config: LinearLMConfig) -> ModuleSpec:
@@ -131,17 +137,7 @@ def get_softmax_layer_spec(config: LinearLMConfig) -> ModuleSpec:
             linear_proj=backend.row_parallel_linear(),
         ),
     )
-    return ModuleSpec(
-        module=LinearTransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if te else RMSNorm,
-            self_attention=attention,
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if te else RMSNorm,
-            mlp=glu_mlp_spec(backend),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer_spec(attention, backend, te)
 
 
 def final_norm_class(config: LinearLMConfig) -> type:

@@ -542,18 +542,23 @@ def _triton_setup(q, v):
     return kern, dot_f32
 
 
+def _forward_setup(q, k, v, options: Optional[TritonOptions]):
+    """A forward's contiguous ``q, k, v``, kernels, dot precision and launch config (grid checked)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    B, T, H, dk = q.shape
+    kern, dot_f32 = _triton_setup(q, v)
+    cfg = triton_config(B, T, H, dk, v.shape[-1], q.device, q.dtype, options)
+    if B * H > 65535 or -(-T // cfg.segment) > 65535:
+        raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
+                         "(CUDA grid limit); split the batch or use backend='torch'")
+    return q, k, v, kern, dot_f32, cfg
+
+
 def triton_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, output_final_state, doc_ids=None,
                                      options: Optional[TritonOptions] = None):
     """``(final state or None, finish)``: the segment states and their scan now, the output in
     ``finish() -> (o, entry_states, config)``; ``entry_states [B, H, NS, Dk, Dv]`` fp32."""
-    q, k, v = _contig(q), _contig(k), _contig(v)
-    B, T, H, dk = q.shape
-    dv = v.shape[-1]
-    kern, dot_f32 = _triton_setup(q, v)
-    cfg = triton_config(B, T, H, dk, dv, q.device, q.dtype, options)
-    if B * H > 65535 or -(-T // cfg.segment) > 65535:
-        raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
-                         "(CUDA grid limit); split the batch or use backend='torch'")
+    q, k, v, kern, dot_f32, cfg = _forward_setup(q, k, v, options)
     slopes = slopes.float().contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
@@ -595,14 +600,7 @@ def triton_gated_fwd_phases(q, k, v, g, initial_state, doc_ids=None, options: Op
     """Per-token gates ``g [B, T, H]``: ``(final state, finish)``, ``finish() -> (o, entry_states,
     config, gc)`` with ``gc [B, H, TP]`` the gates' cumulative sums restarted every ``config.block``
     tokens (fp32), which the backward takes. The final state is always computed (``dg`` needs it)."""
-    q, k, v = _contig(q), _contig(k), _contig(v)
-    B, T, H, dk = q.shape
-    dv = v.shape[-1]
-    kern, dot_f32 = _triton_setup(q, v)
-    cfg = triton_config(B, T, H, dk, dv, q.device, q.dtype, options)
-    if B * H > 65535 or -(-T // cfg.segment) > 65535:
-        raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
-                         "(CUDA grid limit); split the batch or use backend='torch'")
+    q, k, v, kern, dot_f32, cfg = _forward_setup(q, k, v, options)
     gc = block_cumsum(g, cfg.block, torch.float32).contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
