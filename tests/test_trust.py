@@ -438,3 +438,24 @@ def test_no_save_of_blown_up_weights(tmp_path):
         assert not (tmp_path / name).exists()  # nothing written (the lock's directory removed again)
     assert r["no_check"][0] == "ok"  # a high loss alone is no reason to stop without the flag
     assert (tmp_path / "no_check" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def _refused_save(rank, world_size, root):
+    from megatron_lasp.checkpoint import io
+
+    real = io.ranks_not_seeing
+    io.ranks_not_seeing = lambda directory: ([(1, "elsewhere")], "here")  # a rank on another disk
+    try:
+        return _run_cases(rank, world_size, [("save", BASE + ["--save", root, "--save-interval", "1"])])["save"]
+    finally:
+        io.ranks_not_seeing = real
+
+
+def test_refused_save_is_one_line(tmp_path):
+    """A save the checkpoint code refuses (here: a rank that does not see ``--save``) stops training
+    with its one-line message (``cli_main``: exit 1, no traceback)."""
+    root = str(tmp_path / "run")
+    (r,) = spawn(_refused_save, 1, (root,))
+    assert r[0] == "training", r
+    assert r[1].startswith(f"--save {root}: ") and "every node shares" in r[1] and "\n" not in r[1], r
+    assert not os.path.exists(os.path.join(root, "latest_checkpointed_iteration.txt"))

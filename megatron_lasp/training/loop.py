@@ -326,7 +326,8 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         destroy: tear down the process groups at the end (tests that spawn ranks keep them).
 
     Raises:
-        SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm.
+        SystemExit(2): bad flags; :class:`TrainingError`: a non-finite loss or gradient norm, a bad
+        batch, or a save the checkpoint code refused (its one-line message).
     """
     from megatron_lasp.parallel.state import destroy_parallel
 
@@ -343,7 +344,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
             save_fn = watchdog.guard(save_fn)
         try:
             train(state, save_fn=save_fn, stops=state.stops)
-        except data_mod.DataError as err:
+        except (data_mod.DataError, checkpointing.CheckpointError) as err:  # a batch, or a save refused
             raise TrainingError(str(err)) from None
         finally:
             if watchdog is not None:
