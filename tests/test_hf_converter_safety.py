@@ -385,6 +385,19 @@ def test_import_with_a_larger_tokenizer_is_refused(work, capsys):
     assert _snapshot(work) == before and not out.exists()
 
 
+@pytest.mark.parametrize("script", [TO_HF, TO_CKPT])
+def test_unread_tokenizer_flag_is_refused(script, tmp_path, capsys):
+    """A tokenizer flag that nothing would read (no --tokenizer-type, or a type that reads other
+    flags) is one line, before anything is read or written."""
+    load, out = tmp_path / "in", tmp_path / "out"
+    _fails(capsys, script, ["--load", str(load), "--save", str(out), "--tokenizer-type", "HuggingFaceTokenizer",
+                            "--tokenizer-model", str(load), "--vocab-size", "100"],
+           "--vocab-size is not used by --tokenizer-type HuggingFaceTokenizer")
+    _fails(capsys, script, ["--load", str(load), "--save", str(out), "--vocab-file", "vocab.json"],
+           "--vocab-file is used only with --tokenizer-type")
+    assert not out.exists()
+
+
 def test_wrong_kind_of_directory_names_the_other_converter(work, capsys):
     before = _snapshot(work)
     _fails(capsys, TO_HF, ["--load", str(work / "hf"), "--save", str(work / "out")],

@@ -285,8 +285,13 @@ def test_corrupt_tokenizer_file_is_named(tmp_path):
         (["--bf16"], None, "--bf16: mixed precision needs a GPU; drop the flag"),
         (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], None, "exclusive"),
         (["--ckpt-step", "3"], None, "--ckpt-step needs --load"),
+        (["--tokenizer-type", "ByteLevelTokenizer", "--vocab-size", "100"], None,
+         "--vocab-size is not used by --tokenizer-type ByteLevelTokenizer"),
+        (["--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--merge-file", "merges.txt"], None,
+         "--merge-file is not used by --tokenizer-type NullTokenizer"),
     ],
-    ids=["gbs0", "eval-neg", "split-abc", "split-zero", "lr-neg", "fp16-cpu", "bf16-cpu", "sched-both", "step-no-load"],
+    ids=["gbs0", "eval-neg", "split-abc", "split-zero", "lr-neg", "fp16-cpu", "bf16-cpu", "sched-both", "step-no-load",
+         "unread-vocab-size", "unread-merge-file"],
 )
 def test_flag_validation(extra, world, needle, capsys):
     from megatron_lasp.training.arguments import parse_args
@@ -297,6 +302,15 @@ def test_flag_validation(extra, world, needle, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "usage" not in err, err
+
+
+def test_vocab_size_sizes_mock_data():
+    """--vocab-size without a tokenizer type (mock data) or with the null tokenizer is read, so allowed."""
+    from megatron_lasp.training.arguments import parse_args
+
+    for extra in ([], ["--tokenizer-type", "NullTokenizer"]):
+        config = parse_args(BASE + extra + ["--vocab-size", "100"])
+        assert config.data.tokenizer.tokenizer_type == "NullTokenizer" and config.data.tokenizer.vocab_size == 100
 
 
 def test_pipeline_must_divide_layers():

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+from typing import Any, Dict, Optional
 
 from megatron_lasp.data.tokenizer import TokenizerSettings, add_tokenizer_args
 from megatron_lasp.hf.files import ConversionError
@@ -38,7 +39,11 @@ def run_tool(prog: str, args: argparse.Namespace, work) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_lasp").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    settings = TokenizerSettings.from_mapping(args).as_dict() if args.tokenizer_type else None
+    try:
+        settings = _tokenizer_settings(args)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     try:
         message = work(settings)
     except ConversionError as err:
@@ -46,3 +51,20 @@ def run_tool(prog: str, args: argparse.Namespace, work) -> int:
         return 1
     print(message)
     return 0
+
+
+def _tokenizer_settings(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The tokenizer flags' settings (None: none given, the checkpoint's or model's own is used).
+
+    Raises:
+        ValueError: a tokenizer flag that is not read (no ``--tokenizer-type``, or one that does
+            not read it), which would otherwise be ignored silently.
+    """
+    settings = TokenizerSettings.from_mapping(args)
+    if not settings.tokenizer_type:
+        given = [key for key, value in settings.as_dict().items() if value is not None and key != "tokenizer_type"]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} is used only with --tokenizer-type; add --tokenizer-type or drop {flag}")
+        return None
+    return settings.check_flags().as_dict()

@@ -326,6 +326,10 @@ class DataOptions:
             raise ArgumentError("--tokenizer-type is required with --data-path")
         if self.tokenizer.tokenizer_type == "NullTokenizer" and self.tokenizer.vocab_size is None:
             raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer")
+        try:  # a tokenizer flag the type does not read (--vocab-size sizes mock data only as NullTokenizer's)
+            self.tokenizer.check_flags()
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
 
 
 @dataclass(frozen=True)
