@@ -28,6 +28,7 @@ import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
+from megatron_lasp.atomic import check_directory_path
 from megatron_lasp.data.tokenizer import TOKENIZER_PATH_KEYS, TokenizerSettings
 from megatron_lasp.parallel.layout import check_sequence_split
 from megatron_lasp.parallel.state import local_device, resolve_backend, validate_parallel_sizes
@@ -461,12 +462,10 @@ def check_ranges(args: argparse.Namespace) -> None:
             continue
         if os.path.isfile(path):
             raise ArgumentError(f"{_flag(dest)} {path} is a file; give a directory")
-        parent = os.path.dirname(os.path.abspath(path))
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if parent and not os.path.isdir(parent):
-            raise ArgumentError(f"{_flag(dest)} {path}: {parent} is a file, not a directory (the path is not "
-                                "writable)")
+        try:
+            check_directory_path(path, f"{_flag(dest)} {path}")
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------
