@@ -330,6 +330,10 @@ def test_messages_name_existing_flags():
 
     known = {o for a in build_parser()._actions for o in a.option_strings}
     launcher = {"--nproc-per-node"}
+    # training's data errors may point to the preprocessing tool's flags (e.g. --append-eod)
+    with open(os.path.join(REPO, "tools", "preprocess_data.py")) as f:
+        known |= set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", f.read()))
+    assert "--append-eod" in known
     import glob
 
     files = [os.path.relpath(f, REPO) for sub in ("models", "parallel", "training", "ops", "checkpoint")
