@@ -20,7 +20,6 @@ Example (one H200, 32K tokens)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+from megatron_lasp.atomic import save_figure_atomic, write_results  # noqa: E402
 
 
 def _cases(tokens: int, hidden: int, heads: int, ffn: int, device):
@@ -156,9 +155,7 @@ def plot(doc: dict, path: str) -> None:
     ax.set_ylabel("ms, forward + backward")
     ax.set_title(f"fused elementwise ops, {doc['shapes']['tokens'] // 1024}K tokens, bf16, {doc['device']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None) -> int:
@@ -176,14 +173,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the Triton kernels and CUDA-event timing)")
     doc = run(opts)
-    os.makedirs(opts.out, exist_ok=True)
-    path = os.path.join(opts.out, "fused_ops_bench.json")
-    write_text_atomic(path, json.dumps(doc, indent=1))
+    path = write_results(opts.out, "fused_ops_bench", doc, plot)
     print(f"[fused-ops] wrote {path}; totals (ms): {doc['total_ms']}")
-    try:
-        plot(doc, os.path.join(opts.out, "fused_ops_bench.png"))
-    except ImportError:
-        pass
     return 0
 
 

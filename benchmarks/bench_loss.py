@@ -25,7 +25,6 @@ Example (one H200)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+from megatron_lasp.atomic import save_figure_atomic, write_results  # noqa: E402
 
 
 def _impls():
@@ -201,9 +200,7 @@ def plot(doc: dict, path: str) -> None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"output layer + cross entropy, V={doc['shapes']['vocab']} H={doc['shapes']['hidden']} bf16, {doc['device']}")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None) -> int:
@@ -223,15 +220,8 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    doc = run(opts)
-    os.makedirs(opts.out, exist_ok=True)
-    path = os.path.join(opts.out, "loss_bench.json")
-    write_text_atomic(path, json.dumps(doc, indent=1))
+    path = write_results(opts.out, "loss_bench", run(opts), plot)
     print(f"[loss] wrote {path}")
-    try:
-        plot(doc, os.path.join(opts.out, "loss_bench.png"))
-    except ImportError:
-        pass
     return 0
 
 

@@ -38,7 +38,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+from megatron_lasp.atomic import save_figure_atomic, write_text_atomic  # noqa: E402
 
 RUNS = {
     "fused": ["--bf16"],
@@ -92,9 +92,7 @@ def _plot(doc: dict, path: str) -> None:
     b.set_ylabel("absolute loss difference")
     b.set_title("fused vs unfused, against bf16 rounding")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_loss_parity import TOKENIZER, _tokenize, from_logs  # noqa: E402
 
-from megatron_lasp.atomic import write_text_atomic  # noqa: E402
+from megatron_lasp.atomic import save_figure_atomic, write_text_atomic  # noqa: E402
 
 
 def _free_port() -> int:
@@ -104,9 +104,7 @@ def _plot(doc: dict, path: str) -> None:
     b.set_ylabel("absolute loss difference")
     b.set_title("against SP = 1 (sp1-reordered: bf16 noise)")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None) -> int:

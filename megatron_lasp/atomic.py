@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, List, Tuple
 
 __all__ = ["atomic_directory", "check_directory_path", "fresh_directory", "ranks_not_seeing", "replace_directory",
-           "write_json", "write_text_atomic"]
+           "save_figure_atomic", "write_json", "write_results", "write_text_atomic"]
 
 
 def check_directory_path(path: str, label: str) -> None:
@@ -179,3 +179,25 @@ def write_text_atomic(path: str, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def save_figure_atomic(fig: Any, path: str, dpi: int = 110) -> None:
+    """Lay out a matplotlib figure and replace the PNG ``path`` by it (written beside it, then renamed)."""
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str, stem: str, doc: Any, plot: Any = None) -> str:
+    """Write a benchmark's ``doc`` to ``out_dir/stem.json`` and, where matplotlib imports,
+    ``plot(doc, out_dir/stem.png)``; returns the JSON path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem + ".json")
+    write_text_atomic(path, json.dumps(doc, indent=1))
+    if plot is not None:
+        try:
+            plot(doc, os.path.join(out_dir, stem + ".png"))
+        except ImportError:
+            pass
+    return path
