@@ -148,7 +148,8 @@ def _with_a_blind_rank(rank, world_size, prefix, cache_root, save):
 
     from megatron_lasp import atomic
     from megatron_lasp.data.tokenizer import build_tokenizer
-    from megatron_lasp.training import checkpointing, data, main
+    from megatron_lasp.training import data, main
+    from megatron_lasp.training.loop import TrainingError
 
     warnings = []
     handler = logging.Handler()
@@ -168,7 +169,7 @@ def _with_a_blind_rank(rank, world_size, prefix, cache_root, save):
     try:
         main(JOB + ["--train-iters", "1", "--save", save, "--save-interval", "1"], destroy=False)
         message = None
-    except checkpointing.CheckpointError as err:
+    except TrainingError as err:  # the loop's one-line form of the refused save
         message = str(err)
     return samples, warnings, message
 

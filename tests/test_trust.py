@@ -138,7 +138,7 @@ def test_checkpoint_misuse_is_refused_and_recoverable(ckpt, tmp_path):
     startup("nocommon", "common.pt is missing", ": 1 (choose one with --ckpt-step)")
     startup("ckpt_step", "--ckpt-step 7", "saved iterations: 1, 2")
     startup("empty_load", "holds no checkpoint", "drop --load")
-    startup("unwritable", "is not writable", "--save")
+    startup("unwritable", "is a file, not a directory", "--save")
     assert not (blocker / "sub").exists()
     # a converted (weights-only) checkpoint without --finetune: weights loaded, starts at iteration 0
     assert r["weights"][0] == "ok" and len(r["weights"][1]) == 3, r["weights"]
