@@ -492,8 +492,9 @@ def test_cache_holds_fp32_states_and_continues_prefill():
         assert state.shape == (3, config.num_attention_heads, config.head_dim, config.head_dim)
 
 
-def test_left_padded_batch_generates_like_single_prompts():
-    model = _random_hf_model(pad_token_id=0, eos_token_id=None)
+def assert_left_padding_generates_like_single_prompts(model) -> None:
+    """Two prompts of different lengths, left-padded into one batch, generate (greedy) what each
+    generates alone."""
     prompts = [torch.randint(1, 128, (n,)) for n in (9, 14)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(2, width, dtype=torch.long)
@@ -506,6 +507,10 @@ def test_left_padded_batch_generates_like_single_prompts():
         for i, p in enumerate(prompts):
             single = model.generate(p[None], max_new_tokens=6, do_sample=False)
             assert torch.equal(batch[i, width:], single[0, len(p):])
+
+
+def test_left_padded_batch_generates_like_single_prompts():
+    assert_left_padding_generates_like_single_prompts(_random_hf_model(pad_token_id=0, eos_token_id=None))
 
 
 def test_generate_resumes_from_returned_cache():

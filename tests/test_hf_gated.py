@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hf_conversion import assert_left_padding_generates_like_single_prompts
 
 GATES = ("mamba2", "gla")
 TOL = 1e-5
@@ -110,19 +111,7 @@ def test_gated_generation_steps_the_state(gate):
 
 @pytest.mark.parametrize("gate", GATES)
 def test_gated_left_padding_generates_like_single_prompts(gate):
-    model = _model(gate, pad_token_id=0, eos_token_id=None)
-    prompts = [torch.randint(1, 128, (n,)) for n in (9, 14)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        for i, p in enumerate(prompts):
-            single = model.generate(p[None], max_new_tokens=6, do_sample=False)
-            assert torch.equal(batch[i, width:], single[0, len(p):])
+    assert_left_padding_generates_like_single_prompts(_model(gate, pad_token_id=0, eos_token_id=None))
 
 
 def test_gate_config_is_checked():
