@@ -245,3 +245,43 @@ def test_more_ranks_than_gpus_needs_gloo(backend, monkeypatch):
     with pytest.raises(arguments.ArgumentError, match="2 processes on this node but 1 visible GPU") as err:
         arguments.parse_config(argv)
     assert "\n" not in str(err.value)
+
+
+def _uncoalesced(rank, world_size):
+    """megatron-core's reduce-scatter / all-gather pattern through its coalescing manager, the real
+    one and the one-by-one replacement (what gloo + CUDA gets): the same results."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    from megatron_lasp.parallel.comm import uncoalesced_gloo_collectives
+
+    def pattern():
+        grads = [torch.arange(8.0) * (rank + 1) + b for b in range(3)]  # one bucket each
+        shards = [torch.empty(8 // world_size) for _ in grads]
+        with buffers._coalescing_manager(None, async_ops=False) as cm:
+            for out, inp in zip(shards, grads):
+                dist.reduce_scatter_tensor(out, inp)
+        cm.wait()
+        params = [torch.empty(8) for _ in shards]
+        with buffers._coalescing_manager(None, async_ops=False):
+            for out, inp in zip(params, shards):
+                dist.all_gather_into_tensor(out, inp)
+        return torch.stack(params)
+
+    real = buffers._coalescing_manager
+    coalesced = pattern()
+    with uncoalesced_gloo_collectives():
+        replaced = buffers._coalescing_manager is not real
+        one_by_one = pattern()
+        with pytest.raises(RuntimeError, match="overlap_grad_reduce"):
+            buffers._coalescing_manager(None, async_ops=True)
+    restored = buffers._coalescing_manager is real
+    return coalesced.tolist(), one_by_one.tolist(), replaced, restored
+
+
+def test_data_parallel_collectives_uncoalesced_on_gloo():
+    """The replacement megatron-core's DDP uses when ranks share a GPU over gloo (gloo's coalesced
+    collectives crash on CUDA tensors) computes what the coalesced collectives compute."""
+    for coalesced, one_by_one, replaced, restored in spawn(_uncoalesced, 2, ()):
+        want = (sum(torch.arange(8.0) * (r + 1) for r in range(2))[None] + torch.arange(3.0)[:, None] * 2).tolist()
+        assert coalesced == want and one_by_one == want
+        assert replaced and restored

@@ -8,6 +8,11 @@ lets several ranks share one GPU (``--distributed-backend gloo``) as a correctne
 and for CPU tensors, they are plain ``isend`` / ``irecv``. megatron-core's pipeline stages take
 the same route through :func:`ring_exchange` (:func:`pipeline_ring_exchange`).
 
+Coalesced collectives: megatron-core's gradient reduce-scatter and parameter all-gather run inside
+``torch.distributed._coalescing_manager``, which hands a gloo group its ``*_coalesced`` forms;
+with CUDA tensors those crash the process (SIGSEGV in the first step), while the plain forms work.
+:func:`uncoalesced_gloo_collectives` makes them run one by one on gloo groups.
+
 What a slice does to a state (decay factors, documents, the per-slice transform, the modes'
 autograd tail) is :mod:`megatron_lasp.parallel.slices`; the LASP hop is :mod:`megatron_lasp.parallel.hop`.
 """
@@ -34,6 +39,7 @@ __all__ = [
     "staged_p2p",
     "ring_exchange",
     "pipeline_ring_exchange",
+    "uncoalesced_gloo_collectives",
 ]
 
 
@@ -201,3 +207,45 @@ def pipeline_ring_exchange():
             dist.ring_exchange = previous
         else:
             del dist.ring_exchange
+
+
+class _RanOneByOne:
+    """What megatron-core keeps of a coalescing manager when the collectives inside it already ran
+    one by one, synchronously: ``wait()`` has nothing left to wait for."""
+
+    def wait(self) -> None:
+        return None
+
+
+def _coalescing_unless_gloo(real):
+    def manager(group=None, device=None, async_ops=False):
+        if dist.get_backend(group) != "gloo":
+            return real(group, device, async_ops)
+        if async_ops:
+            # the collectives inside would be asynchronous with no handle left to wait on
+            raise RuntimeError("gloo with CUDA tensors runs megatron-core's gradient and parameter collectives "
+                               "one by one and synchronously: turn off overlap_grad_reduce / overlap_param_gather")
+        return contextlib.nullcontext(_RanOneByOne())
+
+    return manager
+
+
+@contextlib.contextmanager
+def uncoalesced_gloo_collectives():
+    """Inside the context, megatron-core's distributed data parallel (gradient reduce-scatter /
+    all-reduce, distributed optimizer all-gather) issues its collectives one by one on gloo groups
+    instead of through ``torch.distributed._coalescing_manager``; NCCL groups are untouched.
+
+    gloo's coalesced collectives (``allgather_into_tensor_coalesced``, ``reduce_scatter_tensor_coalesced``)
+    take host tensors only: given CUDA tensors, as when ranks share a GPU over gloo, they crash the
+    process. The plain collectives accept CUDA tensors. Synchronous collectives only (megatron-core
+    is built here with ``overlap_grad_reduce=False`` and ``overlap_param_gather=False``).
+    """
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    real = buffers._coalescing_manager
+    buffers._coalescing_manager = _coalescing_unless_gloo(real)
+    try:
+        yield
+    finally:
+        buffers._coalescing_manager = real

@@ -177,7 +177,9 @@ def initialize_parallel(
     On a machine without CUDA this also enters the CPU platform layer
     (:func:`megatron_lasp.platform.cpu_platform`) until :func:`destroy_parallel`; on gloo with CUDA
     it provides megatron-core's pipeline hook ``torch.distributed.ring_exchange``
-    (:func:`megatron_lasp.parallel.comm.pipeline_ring_exchange`, see :func:`pipeline_p2p_staged`).
+    (:func:`megatron_lasp.parallel.comm.pipeline_ring_exchange`, see :func:`pipeline_p2p_staged`) and
+    runs megatron-core's data-parallel collectives uncoalesced
+    (:func:`megatron_lasp.parallel.comm.uncoalesced_gloo_collectives`).
 
     Raises:
         ValueError: when the sizes do not divide the world size (the message names the argument).
@@ -194,9 +196,10 @@ def initialize_parallel(
         _PLATFORM = contextlib.ExitStack()
         _PLATFORM.enter_context(platform.cpu_platform())
         if torch.cuda.is_available() and dist.get_backend() == "gloo":
-            from megatron_lasp.parallel.comm import pipeline_ring_exchange
+            from megatron_lasp.parallel.comm import pipeline_ring_exchange, uncoalesced_gloo_collectives
 
             _PLATFORM.enter_context(pipeline_ring_exchange())
+            _PLATFORM.enter_context(uncoalesced_gloo_collectives())
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
