@@ -27,6 +27,12 @@ installed.
 Example (TNL-1B, one H200, about 8 minutes)::
 
     python benchmarks/bench_memory.py --preset tnl-1b --settings chunked --budget-s 470 --out docs/benchmarks
+
+2M tokens, the first 8 layers' inputs in pinned host memory (the model reads
+``--cpu-offloading-num-layers`` and ``--recompute-chunk-size`` from ``--extra``)::
+
+    python benchmarks/bench_memory.py --preset tnl-1b --settings offload --lengths 2097152 \
+        --extra "--cpu-offloading-num-layers 8" --budget-s 560 --candidate-timeout 540 --out docs/benchmarks/memory_2m
 """
 
 from __future__ import annotations
@@ -101,8 +107,8 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     out["weights+grads+optimizer"] = params / tp * (a + 4) + params / tp * 12 / sp
     chunked = setting in ("chunked", "offload")
     moved = (L if offload_layers is None else offload_layers) if setting == "offload" else 0
-    if not 0 <= moved <= L:
-        raise ValueError(f"offload_layers must be between 1 and {L}, got {offload_layers}")
+    if setting == "offload" and not 1 <= moved <= L:
+        raise ValueError(f"--cpu-offloading-num-layers must be between 1 and {L}, got {offload_layers}")
     # the kept inputs (the last L - moved layers), and from the first kept layer's backward on, the
     # moved ones two at a time (the one in use and the one coming back)
     out["saved layer inputs"] = (max(L - moved, 2) if moved else L) * h * a * tok

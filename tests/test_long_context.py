@@ -193,8 +193,9 @@ def test_memory_model_partial_offload_reads_the_bench_flags():
         assert model[n]["host pinned"] == n * layer_input, n
     assert model[15]["total"] == model[16]["total"] == chunked["total"] - 14 * layer_input
     assert model[16]["host pinned"] == 17 * layer_input  # the final norm's input too
-    with pytest.raises(ValueError, match="offload_layers must be between"):
-        bench.memory_model("tnl-1b", seq, "offload", offload_layers=17)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="--cpu-offloading-num-layers must be between 1 and 16"):
+            bench.memory_model("tnl-1b", seq, "offload", offload_layers=bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,22 +594,26 @@ def test_gpu_fused_loss_bf16_and_cuda_offload():
     assert _max_rel(hidden.grad.float(), ref_grads[0]) < 1e-2
     assert _max_rel(weight.grad.float(), ref_grads[1]) < 1e-2
 
-    # offload hooks on CUDA: async copies out and back give the same tensors
-    off = LayerInputOffloader(min_bytes=0)
+    # offload hooks on CUDA: async copies out and back give the same tensors, with every "layer"
+    # (one op here) moved and with the first one only
     xs = [torch.randn(4096, 1024, device=dev, requires_grad=True) for _ in range(3)]
-    with off.hooks():
-        with off.active():
-            y = xs[0]
-            for x in xs[1:]:
-                y = (y * x).sin()
-        off.finish_forward()
-    y.sum().backward()
-    grads = [x.grad.clone() for x in xs]
-    for x in xs:
-        x.grad = None
     y = xs[0]
     for x in xs[1:]:
         y = (y * x).sin()
     y.sum().backward()
-    assert all(torch.equal(g, x.grad) for g, x in zip(grads, xs))
-    assert off.stats["offloaded"] > 0 and off.stats["reloaded"] == off.stats["offloaded"]
+    want = [x.grad.clone() for x in xs]
+    for num_layers in (None, 1):
+        for x in xs:
+            x.grad = None
+        off = LayerInputOffloader(min_bytes=0, num_layers=num_layers)
+        with off.hooks():
+            with off.active():
+                y = xs[0]
+                for i, x in enumerate(xs[1:]):
+                    off.enter_layer(i)
+                    y = (y * x).sin()
+            off.finish_forward()
+        y.sum().backward()
+        assert all(torch.equal(w, x.grad) for w, x in zip(want, xs)), num_layers
+        assert off.stats["offloaded"] > 0 and off.stats["reloaded"] == off.stats["offloaded"], off.stats
+        assert (off.stats["kept"] > 0) == (num_layers is not None), off.stats
