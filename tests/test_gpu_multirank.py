@@ -10,19 +10,20 @@ chunked layer's state hop, megatron-core's pipeline exchange) through pinned hos
 runs the GPU kernels (Triton) on 2 and 4 ranks. What is checked:
 
 - the four sequence-parallel modes at SP = 2 and 4 against the one-rank run of the whole
-  sequence (output, dq, dk, dv), bf16 and fp32, at slice lengths that do not divide into the
-  kernels' blocks; packed documents whose boundaries cross ranks; TP2 x SP2 (strided SP groups).
-  The reference is the torch kernel in fp64 on the whole sequence; fp32 must agree to 1e-5; bf16
-  must be as close to it as the one-rank bf16 run of the same kernels (twice its error, + 1e-3);
+  sequence, every case from a random initial state (output, dq, dk, dv and d(initial state):
+  the first rank's gradient is the whole one, the others' exactly zero), bf16 and fp32, at slice
+  lengths that do not divide into the kernels' blocks; packed documents whose boundaries cross
+  ranks; TP2 x SP2 (strided SP groups). The reference is the torch kernel in fp64 on the whole
+  sequence; fp32 must agree to 1e-5; bf16 must be as close to it as the one-rank bf16 run of the
+  same kernels (twice its error, + 1e-3);
 - the whole-layer chunked recompute (``--recompute-chunk-size``) under lasp at SP = 2;
 - training at TNL-1B width (2 layers, a 4096-id vocabulary), megatron-core DDP + distributed
   optimizer, bf16: DP = 2, SP = 2 (lasp) and PP = 2 each against DP = 1 with the same global batch,
   20 steps; resume at another DP size (2 -> 1 and 1 -> 2) against the uninterrupted run;
 - the default GPU run over 2 ranks under ``torchrun`` (bundled corpus, save, resume).
 
-d(initial state): ``lightning_attn_sp`` starts every sequence from a zero state (no initial-state
-argument); the state entering each rank's slice and its gradient are what the mode checks cover,
-and the kernel's own ``d_initial_state`` is checked in ``tests/test_gpu.py``.
+The mode checks (``_run_case``) run on the CPU too, with the torch kernels, at a small shape
+(``tests/test_sp_initial_state.py``), so their code path is exercised by the CPU suite.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def _run_case(seed, shape, mode, dtype, group, cu=None):
     """One case on this rank: relative errors against the fp64 one-rank run, of the SP run and
-    of the one-rank run in ``dtype`` (the same Triton kernels, whole sequence)."""
+    of the one-rank run in ``dtype`` (the same Triton kernels, whole sequence), from a random fp32
+    initial state ``h0``. The SP run's d(h0) is summed over the group (the first rank holds the
+    whole gradient, the others zeros: ``off_first_rank`` is the largest of theirs, over the group),
+    so every rank returns the same numbers."""
     from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
     from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
 
@@ -68,27 +72,35 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     kernel = "triton" if on_gpu else "torch"
     q, k, v, do = (x.to(dev) for x in _full_inputs(seed, B, C * world, H, D, D))
+    h0 = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dev)
     slopes = _slopes(H, True).to(dev)
     cu = None if cu is None else cu.to(dev)
 
     def whole(dt, backend):
         leaves = [x.to(dt).clone().requires_grad_(True) for x in (q, k, v)]
-        o, _ = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes,
+        s0 = h0.to(torch.float64 if dt == torch.float64 else torch.float32).clone().requires_grad_(True)
+        o, _ = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0,
                                     backend=backend, cu_seqlens=cu)
         o.backward(do.to(dt))
-        return [o.detach()] + [x.grad for x in leaves]
+        return [o.detach()] + [x.grad for x in leaves] + [s0.grad]
 
     ref = whole(torch.float64, "torch")
     one = whole(dtype, kernel)
     local = [split_sequence(x.to(dtype), group).requires_grad_(True) for x in (q, k, v)]
-    o = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, cu_seqlens=cu,
+    s0 = h0.float().clone().requires_grad_(True)
+    o = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0, cu_seqlens=cu,
                           triton_options=TritonOptions(poison_outputs=True))
     o.backward(split_sequence(do.to(dtype), group))
-    got = [gather_sequence(o.detach(), group)] + [gather_sequence(x.grad, group) for x in local]
-    names = ("o", "dq", "dk", "dv")
+    off_first = torch.zeros((), device=dev) if dist.get_rank(group) == 0 else s0.grad.abs().max()
+    dist.all_reduce(off_first, op=dist.ReduceOp.MAX, group=group)
+    dh0 = s0.grad.clone()
+    dist.all_reduce(dh0, group=group)  # the first rank's gradient: the others add zeros
+    got = [gather_sequence(o.detach(), group)] + [gather_sequence(x.grad, group) for x in local] + [dh0]
+    names = ("o", "dq", "dk", "dv", "dh0")
     return {"sp": {n: _rel(a, b) for n, a, b in zip(names, got, ref)},
             "one_rank": {n: _rel(a, b) for n, a, b in zip(names, one, ref)},
-            "sp_vs_one_rank": {n: _rel(a, b) for n, a, b in zip(names, got, one)}}
+            "sp_vs_one_rank": {n: _rel(a, b) for n, a, b in zip(names, got, one)},
+            "off_first_rank": off_first.item()}
 
 
 # slice lengths that are no multiple of the kernels' 64-token blocks; D 64 and 128
@@ -128,9 +140,12 @@ def _strided(rank, world_size, seed):
 
 
 def _check_cases(results: dict) -> list:
-    """The cases that fail: fp32 SP error >= 1e-5; bf16 SP error > 2 x one-rank bf16 error + 1e-3."""
+    """The cases that fail: fp32 SP error >= 1e-5; bf16 SP error > 2 x one-rank bf16 error + 1e-3;
+    a d(initial state) off the group's first rank that is not zero."""
     bad = []
     for key, r in results.items():
+        if r["off_first_rank"] != 0.0:
+            bad.append((key, "dh0 off the first rank", r))
         for name, err in r["sp"].items():
             if "-fp32-" in key + "-":
                 ok = err < FP32_TOL

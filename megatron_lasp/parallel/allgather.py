@@ -16,6 +16,10 @@ inside the document it belongs to.
 Per-token gates (``g``): the gates are all-gathered too (the earlier slices' ``b`` and carries);
 ``dg`` of a slice needs ``<dS_out, S_out>``, which the ranks after it form from their prefix
 states and sum into its owner with one reduce-scatter of ``W x B x H`` numbers.
+
+Initial state ``h0``: the prefix starts from it (the first rank gives it to the kernel); its
+gradient is each rank's ``dS_in`` carried back through slice 0, summed into the first rank in the
+same reduce-scatter (``W x B x H x Dk x Dv`` numbers more).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def _views(row: torch.Tensor, shape_k, shape_v):
 
 class _AllGatherFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
@@ -60,14 +64,14 @@ class _AllGatherFunction(SliceFunction):
             all_gather_flat(gates, g.contiguous().view(-1), info.group)
             gates = gates.view((info.size,) + tuple(g.shape))
         transforms = _transforms(slopes, gates, q.shape[1], docs, info)
-        s_in, prefix = None, []
+        s_in, prefix = h0, []  # the first slice starts from h0 (the group's initial state)
         for j in range(info.rank):
             s_j = local_state(*_views(kv[j], k.shape, v.shape), transforms[j].w_out)
             s_in = s_j if s_in is None else transforms[j](s_in).add_(s_j)
             prefix.append(s_in)
         # per-token gates: dg of slice j needs the state leaving it (its gradient is formed here)
         prefix = torch.stack(prefix) if g is not None and prefix else None
-        if s_in is not None:  # the kernel's initial state feeds the slice's first document
+        if s_in is not None and info.rank > 0:  # the kernel's initial state feeds the slice's first document
             s_in = transforms[info.rank].keep(s_in)
         o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend, g=g,
                                          doc_ids=None if docs is None else docs.local,
@@ -85,9 +89,14 @@ class _AllGatherFunction(SliceFunction):
             ds_in = transforms[info.rank].keep(ds_in)
         grads = torch.zeros_like(kv)
         grads[info.rank] = torch.cat([dk.reshape(-1), dv.reshape(-1)])
-        # per-token gates: <dS_out_j, S_out_j> of every slice j, this rank's share
-        finals = None if g is None else torch.zeros((info.size,) + tuple(ds_in.shape[:2]), dtype=ds_in.dtype,
-                                                    device=ds_in.device)
+        # this rank's shares of what the other slices' owners need, summed there by one
+        # reduce-scatter: per-token gates, <dS_out_j, S_out_j> of every slice j (``finals``); an
+        # initial state wanting a gradient, its gradient from this rank's tokens (to slice 0's owner)
+        need_dh0 = SliceFunction.needs_initial_grad(ctx)
+        BH, n_state = ds_in.shape[0] * ds_in.shape[1], ds_in.numel()
+        width = (BH if g is not None else 0) + (n_state if need_dh0 else 0)
+        shares = None if width == 0 else ds_in.new_zeros(info.size, width)
+        finals = None if g is None else shares[:, :BH].view((info.size,) + tuple(ds_in.shape[:2]))
         grad_j = ds_in  # the gradient of the state leaving slice j (from this rank's tokens)
         for j in range(info.rank - 1, -1, -1):
             k_j, v_j = _views(kv[j], k.shape, v.shape)
@@ -96,18 +105,24 @@ class _AllGatherFunction(SliceFunction):
             add_state_term(dv_j, k_j, grad_j, transforms[j].w_out)
             if finals is not None:
                 finals[j] = (grad_j * prefix[j].to(grad_j.dtype)).sum((-1, -2))
-            if j > 0:
+            if j > 0 or need_dh0:
                 grad_j = transforms[j].transpose(grad_j)
+        if need_dh0:  # grad_j: now the gradient of the state entering slice 0
+            shares[0, width - n_state:] = grad_j.reshape(-1)
         mine = torch.empty_like(kv[0])
         reduce_scatter_flat(mine, grads.view(-1), info.group)
         dk, dv = _views(mine, k.shape, v.shape)
+        summed = None
+        if shares is not None:
+            summed = torch.empty_like(shares[0])
+            reduce_scatter_flat(summed, shares.view(-1), info.group)
         dg = None
         if g is not None:
-            final = torch.empty_like(finals[0])
-            reduce_scatter_flat(final.view(-1), finals.view(-1), info.group)
             has_next = info.rank < info.size - 1
-            dg = slice_gate_grad(g, q, dq, k, dk, docs, backend=saved.backend, final_term=final if has_next else None)
-        return _AllGatherFunction.input_grads(dq, dk, dv, dg)
+            final = summed[:BH].view(ds_in.shape[:2]) if has_next else None
+            dg = slice_gate_grad(g, q, dq, k, dk, docs, backend=saved.backend, final_term=final)
+        dh0 = None if not need_dh0 else summed[width - n_state:].view(ds_in.shape)
+        return _AllGatherFunction.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, ds_in))
 
 
 def _transforms(slopes, gates, C: int, docs: Optional[SliceDocs], info: GroupInfo) -> list:
@@ -120,6 +135,8 @@ def _transforms(slopes, gates, C: int, docs: Optional[SliceDocs], info: GroupInf
 
 
 def allgather_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                        docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
+                        docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
+                        initial_state=None) -> torch.Tensor:
     """All-gather baseline over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _AllGatherFunction.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options)
+    return _AllGatherFunction.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs,
+                                    triton_options)

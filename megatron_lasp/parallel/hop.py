@@ -12,6 +12,11 @@ its own slice's contribution and passes the result on at once. :class:`StateHop`
 3. :meth:`StateHop.join` makes the current stream wait for the received state before the caller
    uses it; :meth:`StateHop.finish` waits for the send.
 
+The ends of the chain: the first rank of a forward chain may start from a given state instead of
+a received one (``entry``: the group's initial state), and the last rank of a backward chain may
+keep what it would send on (``keep_end``: the gradient of that initial state); the ranks between
+them do not change.
+
 On CUDA, step 2 runs on a side stream, so the caller's work queued after it (LASP's output pass)
 does not wait for the incoming state: the chain of W-1 hops overlaps every rank's output pass. On
 the CPU (gloo) the steps run in order on the host. The point-to-point itself is
@@ -84,18 +89,30 @@ class StateHop:
         info: this rank's place in the group.
         forward: True for the state (from the previous rank to the next), False for its gradient
             (from the next rank to the previous).
+        entry: ``[B, H, Dk, Dv]`` (``dtype``), what the first rank of the chain takes as its
+            received state (forward: the group's initial state); None: nothing (zero).
+        keep_end: the last rank of the chain forms ``keep * local + carry(received)`` as well and
+            keeps it as :attr:`end` (backward: the gradient of the group's initial state).
+
+    Attributes:
+        end: see ``keep_end``; None elsewhere.
     """
 
     def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, info: GroupInfo,
-                 forward: bool):
+                 forward: bool, entry: Optional[torch.Tensor] = None, keep_end: bool = False):
         self.info = info
         self.src, self.dst = (info.prev, info.next) if forward else (info.next, info.prev)
         self._send: Optional[dist.Work] = None
         self._side = _side_stream(device)
+        self._keep_end = keep_end and self.dst is None
+        self.end: Optional[torch.Tensor] = None
         self.received, self._recv = _post_recv(shape, dtype, device, self.src, info.group)
+        if self.src is None:
+            self.received = entry
 
     def pass_on(self, local: torch.Tensor, carry=None, keep: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Wait for the received state, send ``keep * local + carry(received)`` on (in place in ``local``).
+        """Wait for the received state, send ``keep * local + carry(received)`` on (in place in
+        ``local``; on the chain's last rank, kept as :attr:`end` with ``keep_end``).
 
         Args:
             local: this slice's own contribution ``[B, H, Dk, Dv]`` (overwritten).
@@ -104,17 +121,20 @@ class StateHop:
             keep: ``[B, 1, 1, 1]`` factor of ``local`` or None.
 
         Returns:
-            The received state (None on the first rank of the chain); use it after :meth:`join`.
+            The received state (``entry`` on the first rank of the chain); use it after :meth:`join`.
         """
         with _on_side(self._side, local, self.received, keep):
             self.wait()
-            if self.dst is not None:
+            if self.dst is not None or self._keep_end:
                 out = local
                 if keep is not None:
                     out = out.mul_(keep)
                 if self.received is not None:
                     out = out.add_(carry(self.received))
-                self._send = _post_send(out, self.dst, self.info.group)
+                if self.dst is None:
+                    self.end = out
+                else:
+                    self._send = _post_send(out, self.dst, self.info.group)
         return self.received
 
     def wait(self) -> Optional[torch.Tensor]:

@@ -34,6 +34,10 @@ state since the slice's last boundary; ``S_in`` reaches only the tokens before t
 Per-token gates (``g``, ``slopes=None``): the same schedule with the slice's own transform
 (``a``, ``b`` and the carry from its cumulative gate); ``S_out`` is kept for ``dg``, formed from the
 slice's total gradients and ``<dS, S_out>`` (``parallel/README.md``, "Per-token gates").
+
+Initial state ``h0``: the first rank's ``S_in`` (its hop starts from it instead of a received
+state); in the backward the first rank keeps the ``dS_in`` it would send to a rank before it, which
+is the gradient of ``h0`` (``parallel/README.md``, "The initial state").
 """
 
 from __future__ import annotations
@@ -62,11 +66,11 @@ class _LaspFunction(SliceFunction):
     N_INPUTS = SliceFunction.N_INPUTS + 1  # overlap
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None, overlap: bool = True):
         B, C, H, Dk = q.shape
-        # 1. post the receive of S_in
-        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=True)
+        # 1. post the receive of S_in (the first rank starts from h0)
+        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=True, entry=h0)
         if not overlap:
             hop.wait()
         # 2. the state-only pass: S_loc before any output is computed
@@ -97,7 +101,9 @@ class _LaspFunction(SliceFunction):
     def backward(ctx, do):
         (q, k, v, slopes, g, s_in, s_out), saved, (info, docs, overlap) = SliceFunction.restore(ctx)
         B, C, H, Dk = q.shape
-        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=False)
+        # the first rank keeps what it would send to a rank before it: the gradient of h0
+        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=False,
+                       keep_end=SliceFunction.needs_initial_grad(ctx))
         if not overlap:
             hop.wait()
         dec = SliceDecays.for_slice(slopes, g, C)
@@ -124,11 +130,13 @@ class _LaspFunction(SliceFunction):
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
             dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
-        return _LaspFunction.input_grads(dq, dk, dv, dg)
+        dh0 = SliceFunction.initial_grad(ctx, info.rank, hop.end, ds_loc)
+        return _LaspFunction.input_grads(dq, dk, dv, dg, dh0)
 
 
 def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                   docs: Optional[SliceDocs] = None, triton_options=None, *, g=None, overlap: bool = True):
+                   docs: Optional[SliceDocs] = None, triton_options=None, *, g=None, initial_state=None,
+                   overlap: bool = True):
     """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
 
     Args:
@@ -141,6 +149,9 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
             or None.
         g: per-token gates ``[B, C, H]`` (log-decays ``<= 0``, this rank's slice) with
             ``slopes=None``; its gradient flows when it requires one.
+        initial_state: ``[B, H, Dk, Dv]`` in the state dtype (fp32; fp64 for fp64 inputs), the
+            state entering the group's first slice, the same on every rank, or None (zero). Its
+            gradient: the whole one on the group's first rank, zeros on the others.
         overlap: the schedule above; False waits for the incoming state (gradient) before the
             kernel and sends after it, so each rank waits for every kernel before it (the same
             results: the baseline that ``benchmarks/gpu_check_sp.py`` times the overlap against).
@@ -148,4 +159,5 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
     Returns:
         ``o [B, C, H, Dv]``, this rank's slice of the output.
     """
-    return _LaspFunction.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options, overlap)
+    return _LaspFunction.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs, triton_options,
+                               overlap)

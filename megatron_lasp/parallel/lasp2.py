@@ -17,6 +17,10 @@ combination stops at the nearest slice before this one that holds a boundary (wh
 the state since its last boundary); ``a`` and ``b`` are masked per row as in LASP-1, and each
 rank zeroes its ``G`` when its slice starts with a boundary.
 
+Initial state ``h0``: every rank has it (the same value), so it is the prefix's start
+(``S_in = T_{r-1}(... T_0(h0) + S_loc_0 ...) + S_loc_{r-1}``) and its gradient the suffix carried
+through slice 0 as well, formed on the first rank from the gathered ``G``: no extra traffic.
+
 Per-token gates (``g``): the carry of each slice (``exp`` of its cumulative gate, per row and
 head) travels in the same all-gather as its state; ``dg`` from the slice's total gradients and
 ``<dS, S_out>`` (``parallel/README.md``, "Per-token gates").
@@ -62,7 +66,7 @@ def _all_gather_states(x: torch.Tensor, info: GroupInfo, extra: Optional[torch.T
 
 class _Lasp2Function(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
         o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend, g=g,
                                              doc_ids=None if docs is None else docs.local,
@@ -73,7 +77,7 @@ class _Lasp2Function(SliceFunction):
         else:  # the other slices' carries travel with their states
             states, across = _all_gather_states(s_loc, info, mine.across.to(s_loc.dtype))
             transforms = [SliceTransform(None, None, a) for a in across]
-        s_in = decayed_prefix(states, transforms, info.rank)
+        s_in = decayed_prefix(states, transforms, info.rank, initial=h0)
         if s_in is not None:
             add_state_term(o, q, s_in, mine.w_in)
         s_out = None
@@ -100,7 +104,10 @@ class _Lasp2Function(SliceFunction):
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
             dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
-        return _Lasp2Function.input_grads(dq, dk, dv, dg)
+        dh0 = None
+        if SliceFunction.needs_initial_grad(ctx) and info.rank == 0:  # the gradient entering slice 0
+            dh0 = decayed_suffix(grads, transforms, -1)
+        return _Lasp2Function.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, g_loc))
 
 
 def _transforms(slopes, g, C: int, docs: Optional[SliceDocs], info: GroupInfo):
@@ -115,6 +122,7 @@ def _transforms(slopes, g, C: int, docs: Optional[SliceDocs], info: GroupInfo):
 
 
 def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                    docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
+                    docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
+                    initial_state=None) -> torch.Tensor:
     """LASP-2 over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _Lasp2Function.apply(q, k, v, slopes, g, group_info(group), backend, docs, triton_options)
+    return _Lasp2Function.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs, triton_options)

@@ -115,18 +115,21 @@ def local_state(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return torch.einsum("bthk,bthv->bhkv", kw, v.to(sdt))
 
 
-def decayed_prefix(states: List[torch.Tensor], transforms: List["SliceTransform"], upto: int) -> Optional[torch.Tensor]:
-    """State entering slice ``upto``: ``T_{upto-1}(... T_1(states[0]) + states[1] ...) + states[upto-1]``.
+def decayed_prefix(states: List[torch.Tensor], transforms: List["SliceTransform"], upto: int,
+                   initial: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """State entering slice ``upto``: ``T_{upto-1}(... T_0(initial) + states[0] ...) + states[upto-1]``.
 
-    With fixed decay that is ``sum_{j < upto} lam^(C (upto-1-j)) states[j]``; None if ``upto == 0``.
+    With fixed decay and no ``initial`` that is ``sum_{j < upto} lam^(C (upto-1-j)) states[j]``;
+    ``initial`` itself (None without it) if ``upto == 0``.
 
     Args:
         states: per-slice local states ``[B, H, Dk, Dv]`` in group order.
         transforms: per-slice :class:`SliceTransform` in group order (how slice ``j`` carries a
             state through it).
         upto: index of the slice whose incoming state is wanted.
+        initial: the state entering slice 0 (the group's initial state), or None (zero).
     """
-    carry = None
+    carry = initial
     for j in range(upto):
         carry = states[j].clone() if carry is None else transforms[j](carry).add_(states[j])
     return carry
@@ -137,7 +140,8 @@ def decayed_suffix(grads: List[torch.Tensor], transforms: List["SliceTransform"]
 
     ``grads[j]`` is slice ``j``'s own contribution to the gradient of the state entering it
     (``(diag(a) Q_j)^T dO_j``); with fixed decay the result is
-    ``sum_{j > after} lam^(C (j-after-1)) grads[j]``. None if ``after`` is the last slice.
+    ``sum_{j > after} lam^(C (j-after-1)) grads[j]``. None if ``after`` is the last slice;
+    ``after = -1`` gives the gradient of the state entering slice 0 (the group's initial state).
     """
     carry = None
     for j in range(len(grads) - 1, after, -1):
@@ -310,11 +314,12 @@ class SliceTransform:
 
 
 class SliceFunction(torch.autograd.Function):
-    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, g, info, backend,
-    docs, triton_options)`` (``slopes`` for a fixed decay, ``g`` for per-token gates): the save /
-    restore tail they share."""
+    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, g, h0, info,
+    backend, docs, triton_options)`` (``slopes`` for a fixed decay, ``g`` for per-token gates,
+    ``h0`` the group's initial state in the state dtype, or None): the save / restore tail they
+    share."""
 
-    N_INPUTS = 9
+    N_INPUTS = 10
 
     @staticmethod
     def keep(ctx, saved: LightningAttnSaved, tensors, meta) -> None:
@@ -329,9 +334,24 @@ class SliceFunction(torch.autograd.Function):
         return tensors, saved, ctx.mode_meta
 
     @classmethod
-    def input_grads(cls, dq, dk, dv, dg=None) -> tuple:
-        """The backward's return value: the gradients of q, k, v (and g), None for the other inputs."""
-        return (dq, dk, dv, None, dg) + (None,) * (cls.N_INPUTS - 5)
+    def input_grads(cls, dq, dk, dv, dg=None, dh0=None) -> tuple:
+        """The backward's return value: the gradients of q, k, v (and g, h0), None for the other inputs."""
+        return (dq, dk, dv, None, dg, dh0) + (None,) * (cls.N_INPUTS - 6)
+
+    @staticmethod
+    def needs_initial_grad(ctx) -> bool:
+        """Whether ``h0`` (input 5) wants a gradient (the same on every rank when validated)."""
+        return ctx.needs_input_grad[5]
+
+    @staticmethod
+    def initial_grad(ctx, rank: int, dh0: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient returned for ``h0``: ``dh0`` (the whole gradient) on the group's first
+        rank, zeros shaped like ``like`` on the others (so the sum over the group, what reduces
+        the gradient of a tensor replicated over it, is the whole gradient); None when ``h0``
+        wants none."""
+        if not ctx.needs_input_grad[5]:
+            return None
+        return dh0 if rank == 0 else torch.zeros_like(like)
 
 
 def slice_gate_grad(g: torch.Tensor, q, dq, k, dk, docs: Optional[SliceDocs], s_out: Optional[torch.Tensor] = None,

@@ -1,8 +1,9 @@
 """``lightning_attn_sp``: lightning attention over a sequence split across a process group.
 
 One entry point for the four sequence-parallel modes (one module each, same interface
-``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options, *, g=None) -> o``; a fixed
-decay per head (``slopes``) or per-token gates (``g``, ``slopes=None``)):
+``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options, *, g=None, initial_state=None)
+-> o``; a fixed decay per head (``slopes``) or per-token gates (``g``, ``slopes=None``), and the
+state entering the whole sequence (``initial_state``, zero by default)):
 
 - ``lasp`` (:mod:`.lasp`): LASP-1, the state passed rank to rank, communication overlapped with
   the intra-slice work;
@@ -27,7 +28,7 @@ from megatron_lasp.ops.lightning_attn.utils import check_inputs, resolve_backend
 from megatron_lasp.parallel.allgather import allgather_attention
 from megatron_lasp.ops.lightning_attn.documents import check_cu_seqlens
 from megatron_lasp.ops.lightning_attn.gate import check_gate
-from megatron_lasp.parallel.comm import gather_rows
+from megatron_lasp.parallel.comm import gather_rows, state_dtype
 from megatron_lasp.parallel.slices import SliceDocs
 from megatron_lasp.parallel.lasp import lasp_attention
 from megatron_lasp.parallel.lasp2 import lasp2_attention
@@ -46,7 +47,9 @@ SEQUENCE_PARALLEL_MODES = tuple(SP_MODES)
 
 VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "gated", "n_cu_seqlens", "cu_seqlens_hash")
+_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "gated", "initial_state", "n_cu_seqlens",
+              "cu_seqlens_hash")
+_INITIAL = ("none", "given", "given, requires grad")
 
 
 def _validate_default() -> bool:
@@ -62,11 +65,22 @@ def _cu_fingerprint(cu_seqlens: Optional[torch.Tensor]) -> list:
     return [cu.numel(), int(((cu * weights) % 1000003).sum())]
 
 
-def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None, gated: bool = False) -> None:
-    """One small all-gather: every rank must hold the same shapes, dtype, mode, decay kind and documents."""
+def _initial_code(initial_state: Optional[torch.Tensor]) -> int:
+    """0: no initial state, 1: one, 2: one that requires grad (its gradient's collectives must run
+    on every rank or on none)."""
+    if initial_state is None:
+        return 0
+    return 2 if initial_state.requires_grad and torch.is_grad_enabled() else 1
+
+
+def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None, gated: bool = False,
+                        initial_state: Optional[torch.Tensor] = None) -> None:
+    """One small all-gather: every rank must hold the same shapes, dtype, mode, decay kind, initial
+    state (given or not, wanting a gradient or not) and documents."""
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated)] + _cu_fingerprint(cu_seqlens)
+    mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated),
+            _initial_code(initial_state)] + _cu_fingerprint(cu_seqlens)
     rows = gather_rows(mine, group, q.device)
     if any(row != rows[0] for row in rows):
 
@@ -74,13 +88,15 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
             named = dict(zip(_SIGNATURE, row))
             named["dtype"] = str(_DTYPES[row[5]]) if 0 <= row[5] < len(_DTYPES) else "?"
             named["mode"] = tuple(SP_MODES)[row[6]]
+            named["initial_state"] = _INITIAL[row[8]]
             return ", ".join(f"{k}={val}" for k, val in named.items())
 
         table = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
         raise ValueError(
             "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
-            f"dtype, with one mode, all with slopes or all with g, and the same global cu_seqlens): {table}"
+            f"dtype, with one mode, all with slopes or all with g, all with an initial_state (all requiring "
+            f"its grad or none) or none, and the same global cu_seqlens): {table}"
         )
 
 
@@ -94,6 +110,7 @@ def lightning_attn_sp(
     backend: Optional[str] = None,
     *,
     g: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     validate: Optional[bool] = None,
     triton_options: Optional[TritonOptions] = None,
@@ -101,8 +118,8 @@ def lightning_attn_sp(
     """Causal lightning attention of a sequence split contiguously over ``group``.
 
     Rank ``i`` of ``group`` holds tokens ``[i C, (i+1) C)`` (see :mod:`megatron_lasp.parallel.layout`).
-    The result equals ``chunk_lightning_attn`` on the whole sequence, sliced; gradients flow to
-    q, k and v (and ``g``).
+    The result equals ``chunk_lightning_attn(q, k, v, slopes, initial_state, g=g, cu_seqlens=...)``
+    on the whole sequence, sliced; gradients flow to q, k and v (and ``g``, ``initial_state``).
 
     Args:
         q, k: ``[B, C, H, Dk]``; v: ``[B, C, H, Dv]``: this rank's slice (fp32, fp16, bf16; fp64
@@ -113,6 +130,14 @@ def lightning_attn_sp(
             log-decays ``g[b, t, h] <= 0`` (``S_t = exp(g_t) S_{t-1} + k_t^T v_t``; ``g = -slopes``
             is the fixed decay); the state crossing a slice boundary decays by the slice's own
             cumulative gate. Its gradient flows when it requires one.
+        initial_state: ``[B, H, Dk, Dv]`` float (fp32; used in the state dtype, fp32 or fp64 for
+            fp64 inputs), the state entering the first token of the whole sequence: the same
+            tensor value on every rank (like ``slopes``; the values are not compared across the
+            ranks), entering on the group's first rank only (with ``cu_seqlens``, only each
+            row's first document). None: zero. Its gradient, when it requires one: the whole
+            gradient on the group's first rank and zeros on the others, so that the sum over
+            the group (what a gradient reduction over the sequence-parallel ranks does for a
+            tensor replicated on them) is the one-device gradient.
         group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
         mode: "lasp", "lasp2", "ulysses" or "allgather".
         backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
@@ -122,7 +147,7 @@ def lightning_attn_sp(
             same tensor on every rank (on the device or the CPU). The state restarts at every
             document start, across ranks too. None: one document per row.
         validate: check with one small all-gather that every rank passes the same shapes, dtype,
-            mode and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
+            mode, kind of decay, presence of ``initial_state`` (and whether it requires grad) and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
             check the values of ``cu_seqlens``. Default: on, unless
             ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
         triton_options: launch overrides and buffer poisoning of the triton backend
@@ -132,8 +157,8 @@ def lightning_attn_sp(
         ``o [B, C, H, Dv]`` in q's dtype: this rank's slice of the output.
 
     Raises:
-        ValueError: unknown mode or backend, bad shapes/dtypes/devices, slopes that require grad,
-            both or neither of slopes and g,
+        ValueError: unknown mode or backend, bad shapes/dtypes/devices (of ``initial_state`` too),
+            slopes that require grad, both or neither of slopes and g,
             ranks that disagree (when validating), heads not divisible by the group size (ulysses).
     """
     if mode not in SP_MODES:
@@ -141,7 +166,7 @@ def lightning_attn_sp(
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"lightning_attn_sp: q must be a tensor, got {type(q).__name__}")
     backend = resolve_backend(backend, q.device)
-    check_inputs(q, k, v, slopes, None, backend)
+    check_inputs(q, k, v, slopes, initial_state, backend)
     check_gate(g, q, slopes)
     if slopes is not None and slopes.requires_grad:
         raise ValueError("lightning_attn_sp: slopes must not require grad (the decay is a fixed per-layer "
@@ -154,11 +179,13 @@ def lightning_attn_sp(
         check_cu_seqlens(cu_seqlens, B * C * world, q.device, values=True if validate else None,
                          where="lightning_attn_sp")
     if world == 1:
-        return chunk_lightning_attn(q, k, v, slopes, backend=backend, g=g, cu_seqlens=cu_seqlens,
+        return chunk_lightning_attn(q, k, v, slopes, initial_state, backend=backend, g=g, cu_seqlens=cu_seqlens,
                                     triton_options=triton_options)[0]
     if validate:
-        _check_across_group(q, v, mode, group, cu_seqlens, gated=g is not None)
+        _check_across_group(q, v, mode, group, cu_seqlens, gated=g is not None, initial_state=initial_state)
     docs = None
     if cu_seqlens is not None:
         docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)
-    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options, g=g)
+    if initial_state is not None:  # the modes take it in the state dtype; autograd casts its gradient back
+        initial_state = initial_state.to(state_dtype(q.dtype))
+    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options, g=g, initial_state=initial_state)

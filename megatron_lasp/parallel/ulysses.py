@@ -8,6 +8,8 @@ q, k and v (and dq, dk, dv) travel packed in one all-to-all. Packed documents: t
 document ids of the whole sequence (every rank has them from the global ``cu_seqlens``). Per-token
 gates: ``g [B, C, H]`` goes to head shards in an all-to-all of its own (its dtype kept), the
 kernel's ``dg`` comes back the same way (the kernel runs the whole sequence: its ``dg`` is total).
+Initial state ``[B, H, Dk, Dv]``: rank r gives the kernel its heads' part; the kernel's gradient of
+it comes back to the first rank in one all-gather of the head parts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, group_info
+from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info
 from megatron_lasp.parallel.slices import SliceDocs, SliceFunction
 
 __all__ = ["ulysses_attention"]
@@ -62,19 +64,29 @@ def _heads_to_seq(xs: Sequence[torch.Tensor], info: GroupInfo) -> List[torch.Ten
     return out
 
 
+def _gather_heads(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """``[B, H / W, Dk, Dv]`` head shards (rank r: heads ``[r H/W, (r+1) H/W)``) -> ``[B, H, Dk, Dv]``
+    on every rank, with one all-gather."""
+    out = torch.empty((info.size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    all_gather_flat(out.view(-1), x.contiguous().view(-1), info.group)
+    return out.transpose(0, 1).reshape(x.shape[0], -1, *x.shape[2:])
+
+
 class _UlyssesFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
+    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
                 triton_options=None):
         hl = q.shape[2] // info.size
+        heads = slice(info.rank * hl, (info.rank + 1) * hl)
         qh, kh, vh = _seq_to_heads((q, k, v), info)
         if g is None:
-            gh, slopes_h = None, slopes[info.rank * hl:(info.rank + 1) * hl].contiguous()
+            gh, slopes_h = None, slopes[heads].contiguous()
         else:  # the gates in their own all-to-all (their dtype kept), as a tensor of width 1
             (gh,) = _seq_to_heads((g[..., None],), info)
             gh, slopes_h = gh[..., 0].contiguous(), None
         doc_ids = None if docs is None else docs.full
-        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, None, False, backend, g=gh, doc_ids=doc_ids,
+        h0h = None if h0 is None else h0[:, heads].contiguous()  # this rank's heads of the initial state
+        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, h0h, False, backend, g=gh, doc_ids=doc_ids,
                                           triton_options=triton_options)
         (o,) = _heads_to_seq((oh,), info)
         SliceFunction.keep(ctx, saved, (qh, kh, vh, slopes_h), (info, None if g is None else g.dtype))
@@ -90,11 +102,15 @@ class _UlyssesFunction(SliceFunction):
         if g_dtype is not None:
             (dg,) = _heads_to_seq((grads[4][..., None],), info)
             dg = dg[..., 0].to(g_dtype)
-        return _UlyssesFunction.input_grads(dq, dk, dv, dg)
+        dh0 = None
+        if SliceFunction.needs_initial_grad(ctx):  # every rank's heads of it, in head order
+            dh0 = _gather_heads(grads[3], info)
+        return _UlyssesFunction.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, dh0))
 
 
 def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
-                      docs: Optional[SliceDocs] = None, triton_options=None, *, g=None) -> torch.Tensor:
+                      docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
+                      initial_state=None) -> torch.Tensor:
     """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
 
     Raises:
@@ -106,4 +122,4 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
             f"ulysses: the heads of q ({q.shape[2]}) must be divisible by the sequence-parallel group "
             f"size ({info.size}): every rank runs whole heads; use another mode or change the sizes"
         )
-    return _UlyssesFunction.apply(q, k, v, slopes, g, info, backend, docs, triton_options)
+    return _UlyssesFunction.apply(q, k, v, slopes, g, initial_state, info, backend, docs, triton_options)
