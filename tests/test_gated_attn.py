@@ -19,8 +19,14 @@ from megatron_lasp.ops.lightning_attn import (
     lightning_attn_fwd_phases,
     naive_recurrent_lightning_attn,
     reverse_cumsum_docs,
+    segment_gate_grad,
 )
 from megatron_lasp.ops.lightning_attn.documents import doc_ids_from_cu_seqlens
+from megatron_lasp.ops.lightning_attn.gate import block_cumsum
+from megatron_lasp.ops.lightning_attn.torch_chunk import (
+    torch_lightning_attn_bwd_phases,
+    torch_lightning_attn_fwd_phases,
+)
 
 POISON = TritonOptions(poison_outputs=True)
 TOL = {"torch": 2e-6, "triton": 5e-6}
@@ -78,6 +84,8 @@ CASES = {
     "T1": (1, 1, 2, 8, 8, None),
     "odd": (2, 75, 4, 16, 8, None),
     "docs": (2, 70, 3, 8, 12, [0, 5, 16, 17, 48, 70, 71, 96, 140]),
+    # documents ending exactly on segment ends (32, 64: the interpreter's segments) and crossing them
+    "edges": (1, 96, 2, 8, 8, [0, 32, 33, 64, 90, 96]),
 }
 
 
@@ -148,6 +156,50 @@ def test_two_phase_split_and_slice_gate(backend, monkeypatch):
     # the kernel's own dg is the identity on its own terms (no entering state, no final gradient)
     dq0, dk0 = finish()[:2]
     assert _rel(dg_loc, gate_grad(q, dq0, k, dk0, docs)) < 1e-6
+
+
+@pytest.mark.parametrize("span", [1, 4, 8, 200])
+def test_segment_gate_grad_any_span(span):
+    """The segment-local dg (README (14)) with segments of 1 token, a few tokens, and one segment
+    longer than the sequence, against the token-by-token fp64 reference: initial state, final-state
+    gradient, documents ending on segment ends, inside them and of one token. Negative control: the
+    boundary term <D_j, S_j> left out."""
+    B, T, H, D = 2, 37, 3, 6
+    cu = torch.tensor([0, 8, 9, 13, 30, 40, 44, 74])  # row starts at 0 and 37; ends on multiples of 4 and 8
+    leaves, do, dht = _inputs(B, T, H, D, D, "mixed", seed=11)
+    ref = _reference(leaves, do, dht, cu)
+    q, k, v, g, h0 = (x.double() for x in leaves)
+    docs = doc_ids_from_cu_seqlens(cu, B, T, q.device)
+    final, finish = torch_lightning_attn_fwd_phases(q, k, v, None, h0, span, docs, block_cumsum(g, span))
+    _, states = finish()
+    _, finish = torch_lightning_attn_bwd_phases(q, k, v, None, do.double(), dht.double(), states, span, docs,
+                                                block_cumsum(g, span), gate_parts=True)
+    dq, dk, dv, dots, d_states = finish()
+    dg = segment_gate_grad(dots, span, states, final, d_states, docs)
+    assert dg.shape == (B, T, H) and dg.dtype == torch.float64
+    assert _rel(dg, ref[5]) < 1e-12
+    no_boundary = segment_gate_grad(dots, span, states, final, torch.zeros_like(d_states), docs)
+    assert _rel(no_boundary, ref[5]) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dg_from_unrounded_dots(backend, monkeypatch):
+    """bf16 inputs: dg comes from q.dq - k.dk formed before dq, dk are rounded to bf16 and summed
+    inside segments, so it is as accurate as the fp32 arithmetic; the same formula from the
+    returned bf16 dq, dk over the whole sequence (the old way) is far less accurate."""
+    _use(backend, monkeypatch)
+    B, T, H, D = 1, 160, 2, 16
+    leaves, do, dht = _inputs(B, T, H, D, D, "mixed", seed=4)
+    leaves[:3] = [x.bfloat16() for x in leaves[:3]]
+    do = do.bfloat16()
+    ref = _reference([x.double() for x in leaves], do.double(), dht)
+    q, k, v, g, h0 = leaves
+    o, s, saved = lightning_attn_fwd(q, k, v, None, h0, True, backend, g=g)
+    dq, dk, dv, dh0, dg = lightning_attn_bwd(q, k, v, None, do, saved=saved, d_final_state=dht)
+    assert dq.dtype == torch.bfloat16 and dg.dtype == torch.float32
+    new = _rel(dg, ref[5])
+    old = _rel(gate_grad(q, dq, k, dk, None, s, dht), ref[5])
+    assert new < 1e-5 and old > 10 * new, (new, old)
 
 
 def test_gate_without_grad_and_state_only_loss():

@@ -54,7 +54,7 @@ from .chunk import (
     lightning_attn_fwd_phases,
 )
 from .documents import check_cu_seqlens, cu_seqlens_from_position_ids, doc_ids_from_cu_seqlens
-from .gate import SliceGate, block_cumsum, gate_grad, reverse_cumsum_docs
+from .gate import SliceGate, block_cumsum, gate_grad, reverse_cumsum_docs, segment_gate_grad
 from .naive import naive_chunk_lightning_attn, naive_recurrent_lightning_attn
 from .utils import MAX_HEAD_DIM, decay_powers, state_decay
 
@@ -76,6 +76,7 @@ __all__ = [
     "doc_ids_from_cu_seqlens",
     "SliceGate",
     "gate_grad",
+    "segment_gate_grad",
     "block_cumsum",
     "reverse_cumsum_docs",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from .documents import check_cu_seqlens, check_doc_ids, doc_ids_from_cu_seqlens
-from .gate import block_cumsum, check_gate, gate_grad
+from .gate import block_cumsum, check_gate, segment_gate_grad
 from .torch_chunk import (
     TORCH_BLOCK_SIZE,
     torch_lightning_attn_bwd_phases,
@@ -25,7 +25,6 @@ from .torch_chunk import (
 )
 from .triton_chunk import (
     TritonOptions,
-    triton_gate_dots,
     triton_gated_fwd_phases,
     triton_lightning_attn_bwd_phases,
     triton_lightning_attn_fwd_phases,
@@ -293,17 +292,19 @@ def _bwd_phases(q, k, v, slopes, do, d_final_state, saved: LightningAttnSaved):
     """``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)`` (``+ (dg,)`` gated), on validated inputs."""
     if saved.backend == "torch":
         dh0, finish = torch_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states, saved.span,
-                                                      doc_ids=saved.doc_ids, gc=saved.gc)
+                                                      doc_ids=saved.doc_ids, gc=saved.gc, gate_parts=saved.gated)
     else:
         dh0, finish = triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states,
-                                                       saved.config, saved.doc_ids, saved.gc)
+                                                       saved.config, saved.doc_ids, saved.gc, gate_parts=saved.gated)
     if not saved.gated:
         return dh0, finish
 
     def gated_finish():
-        dq, dk, dv = finish()
-        dots = triton_gate_dots(q, dq, k, dk) if saved.backend == "triton" else None
-        return dq, dk, dv, gate_grad(q, dq, k, dk, saved.doc_ids, saved.final_state, d_final_state, dots)
+        # dg from segment-local sums (README.md, "Gradient of the gates"): the backends hand over
+        # q.dq - k.dk formed before dq, dk are rounded, and the state gradients at segment ends.
+        dq, dk, dv, dots, d_states = finish()
+        dg = segment_gate_grad(dots, saved.span, saved.states, saved.final_state, d_states, saved.doc_ids)
+        return dq, dk, dv, dg
 
     return dh0, gated_finish
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["check_gate", "block_cumsum", "SliceGate", "gate_grad", "reverse_cumsum_docs"]
+__all__ = ["check_gate", "block_cumsum", "SliceGate", "gate_grad", "segment_gate_grad", "reverse_cumsum_docs"]
 
 
 def check_gate(g, q: torch.Tensor, slopes) -> None:
@@ -203,3 +203,80 @@ def gate_grad(
             raise ValueError("gate_grad: d_final_state needs the final_state it is the gradient of")
         dG[:, -1] += (final_state.to(cdt) * d_final_state.to(cdt)).sum((-1, -2))
     return reverse_cumsum_docs(dG, doc_ids)
+
+
+def _segment_suffix_sums(x: torch.Tensor, span: int, doc_ids: Optional[torch.Tensor]):
+    """``(y, reach)``: ``y[b, h, t] = sum_{u >= t in t's segment, doc(u) = doc(t)} x[b, h, u]`` for
+    ``x [B, H, T]`` (fp64), segments of ``span`` tokens; ``reach [B, 1, T]`` bool: the document of
+    token ``t`` lasts to its segment's last token (None without documents: always)."""
+    B, H, T = x.shape
+    ns = -(-T // span)
+    xp = torch.nn.functional.pad(x.double(), (0, ns * span - T)).view(B, H, ns, span)
+    c = xp.cumsum(-1)
+    # suffix sums inside each segment (contiguous: one scan per segment, all in parallel); fp64
+    # keeps the difference exact to the result's precision
+    y = (c[..., -1:] - c + xp).view(B, H, ns * span)[..., :T]
+    if doc_ids is None:
+        return y, None
+    d = doc_ids.long().contiguous()
+    nxt = torch.searchsorted(d, d, right=True)  # [B, T]: the first token of the next document (or T)
+    t = torch.arange(T, device=x.device)
+    seg_end = ((t // span + 1) * span).clamp(max=T)  # [T]: one past the segment's last token
+    reach = nxt >= seg_end  # [B, T]
+    stop = torch.minimum(nxt, seg_end)  # the sum of t stops before `stop` (inside t's segment unless reach)
+    after = torch.gather(torch.nn.functional.pad(y, (0, 1)), 2, stop[:, None, :].expand(B, H, T))
+    return torch.where(reach[:, None], y, y - after), reach[:, None]
+
+
+def segment_gate_grad(
+    dots: torch.Tensor,
+    span: int,
+    states: torch.Tensor,
+    final_state: torch.Tensor,
+    d_states: torch.Tensor,
+    doc_ids: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The gradient of the gates from segment-local sums, ``dg [B, T, H]`` (README.md, "Gradient of
+    the gates", (14)): the single-device op's form, as accurate as its inputs are.
+
+    For token ``s`` of segment ``j`` (tokens ``[j * span, e_j]``)::
+
+        dg_s = sum_{t in [s, e_j], doc(t) = doc(s)} dots_t  +  [doc(s) = doc(e_j)] c_j <D_j, S_j>
+
+    with ``S_j`` the state after token ``e_j``, ``D_j`` the gradient of the loss through the tokens
+    after ``e_j`` (the final-state gradient for the last segment) and ``c_j`` = 0 where a document
+    starts at ``e_j + 1`` (1 for the last segment). Unlike :func:`gate_grad` no sum runs past a
+    segment, so the rounding of ``dots`` adds up over at most ``span`` tokens.
+
+    Args:
+        dots: ``[B, H, T]`` ``q_t . dq_t - k_t . dk_t`` (total gradients), fp32 or fp64.
+        span: tokens per segment (the last one may be shorter).
+        states: ``[B, H, NS, Dk, Dv]``, the forward state entering each segment (``S_j = states[j + 1]``).
+        final_state: ``[B, H, Dk, Dv]``, the state after the last token (``S_{NS-1}``).
+        d_states: ``[B, H, NS, Dk, Dv]``, ``D_j`` (the backward's state gradient entering segment
+            ``j`` from its right end).
+        doc_ids: ``[B, T]`` document ids, or None.
+        out_dtype: of the result (default: fp32, fp64 for fp64 ``dots``).
+    """
+    B, H, T = dots.shape
+    ns = states.shape[2]
+    if ns != -(-T // span) or d_states.shape[2] != ns:
+        raise ValueError(f"segment_gate_grad: {ns} segment states for T = {T} in segments of {span}")
+    cdt = _cdt(dots.dtype)
+    bnd = torch.empty((B, H, ns), device=dots.device, dtype=torch.float64)
+    if ns > 1:
+        bnd[..., :-1] = torch.einsum("bhnkv,bhnkv->bhn", states[:, :, 1:].to(cdt), d_states[:, :, :-1].to(cdt))
+    bnd[..., -1] = torch.einsum("bhkv,bhkv->bh", final_state.to(cdt), d_states[:, :, -1].to(cdt))
+    y, reach = _segment_suffix_sums(dots, span, doc_ids)
+    if doc_ids is not None:
+        # c_j: the document of the segment's last token goes on into the next segment (the state
+        # gradient D_j is then 0 already; the mask keeps the term exact and independent of it)
+        d = doc_ids.long()
+        ends = torch.arange(1, ns + 1, device=dots.device) * span - 1
+        goes_on = d[:, ends[:-1]] == d[:, ends[:-1] + 1]  # [B, ns - 1]
+        cont = torch.cat([goes_on, torch.ones((B, 1), dtype=torch.bool, device=d.device)], 1)
+        bnd = torch.where(cont[:, None], bnd, 0.0)
+    per_token = bnd[..., None].expand(B, H, ns, span).reshape(B, H, ns * span)[..., :T]
+    term = per_token if reach is None else torch.where(reach, per_token, 0.0)
+    return (y + term).to(out_dtype or cdt).transpose(1, 2)

@@ -164,8 +164,13 @@ def torch_lightning_attn_bwd_phases(
     block_size: int = TORCH_BLOCK_SIZE,
     doc_ids: Optional[torch.Tensor] = None,
     gc: Optional[torch.Tensor] = None,
+    gate_parts: bool = False,
 ):
     """The backward in two phases: ``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)``.
+
+    ``gate_parts``: ``finish() -> (dq, dk, dv, dots, d_states)`` for ``gate.segment_gate_grad`` (with
+    blocks as its segments): ``dots [B, H, T]`` ``q_t . dq_t - k_t . dk_t`` in the compute dtype
+    before dq, dk are rounded, ``d_states [B, H, N, Dk, Dv]`` the gradient of the state leaving each block.
 
     Reuses the forward's ``block_states``; ``dq, dk, dv`` in their input's dtype,
     ``d_initial_state [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 inputs). The first phase is the mirror scan of the state gradient (all ``d_initial_state`` needs);
@@ -197,7 +202,11 @@ def torch_lightning_attn_bwd_phases(
         del scores, dscores
         dk = dk + b * (vb @ dstates.transpose(-1, -2))
         dv = dv + b * (kb @ dstates)
-        return _unblocks(dq, T, q.dtype), _unblocks(dk, T, k.dtype), _unblocks(dv, T, v.dtype)
+        grads = (_unblocks(dq, T, q.dtype), _unblocks(dk, T, k.dtype), _unblocks(dv, T, v.dtype))
+        if not gate_parts:
+            return grads
+        dots = ((qb * dq).sum(-1) - (kb * dk).sum(-1)).reshape(B, H, N * block_size)[..., :T]
+        return grads + (dots, dstates)
 
     return carry, finish
 

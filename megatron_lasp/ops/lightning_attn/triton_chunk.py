@@ -191,12 +191,12 @@ def _scan_kernel(
 
 
 def _chunk_kernel(
-    X, Y, Z, OUT, ENTRY, SLOPES, DOC, GC, T, H, DX, DZ, TP,
+    X, Y, Z, OUT, ENTRY, SLOPES, DOC, GC, W, DOT_OUT, T, H, DX, DZ, TP, SD_Z,
     sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, sz_b, sz_t, sz_h, so_b, so_t, so_h,
-    se_bh, se_g, se_x, se_z,
+    sw_b, sw_t, sw_h, se_bh, se_g, se_x, se_z,
     SEG, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr, F32_DOT: tl.constexpr, EVEN: tl.constexpr,
-    HAS_DOC: tl.constexpr, GATED: tl.constexpr,
+    HAS_DOC: tl.constexpr, GATED: tl.constexpr, DOTS: tl.constexpr = False, DOT_SIGN: tl.constexpr = 1.0,
 ):
     """One segment, one BZ-wide tile of out: intra-block term + inter term + state update, fused.
 
@@ -204,6 +204,11 @@ def _chunk_kernel(
     HAS_DOC every decay factor of a block is masked by "same document" (README.md). GATED: the
     factors are exp of differences of the block-local cumulative sums GC [B*H, TP] (README.md,
     "Per-token gates"), every exponent <= 0.
+
+    DOTS (the gates' gradient): also DOT_OUT[i_z, bh, t] = DOT_SIGN * sum over this tile's columns of
+    W_t * out_t (W: q for the dq pass, k for the dk pass), from the fp32 accumulator before out is
+    rounded to its dtype; DOT_OUT is [n_tiles, B*H, T] fp32 with SD_Z = B*H*T. Off, nothing of it is
+    compiled (the fixed-decay kernel is unchanged).
     """
     i_z, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -229,6 +234,9 @@ def _chunk_kernel(
     if HAS_DOC:
         d_base = DOC + i_b.to(tl.int64) * T
     o_base = OUT + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
+    if DOTS:
+        w_base = W + i_b.to(tl.int64) * sw_b + i_h.to(tl.int64) * sw_h
+        dots_base = DOT_OUT + i_z.to(tl.int64) * SD_Z + i_bh.to(tl.int64) * T
     e_base = ENTRY + i_bh.to(tl.int64) * se_bh + i_g.to(tl.int64) * se_g
     state = tl.load(e_base + offs_x[:, None] * se_x + offs_z[None, :] * se_z,
                     mask=mask_x[:, None] & mask_z[None, :], other=0.0).to(tl.float32)  # [DXP, BZ]
@@ -312,6 +320,15 @@ def _chunk_kernel(
             out = tl.dot(scores.to(z.dtype), z, acc=out)
             zw = (z.to(tl.float32) * w_upd[:, None]).to(z.dtype)
             state = tl.dot(tl.trans(y), zw, acc=state * state_decay)
+        if DOTS:
+            # Row sums as a dot with a ones matrix (no tl.sum, see above), of the unrounded out.
+            w = tl.load(w_base + rows[:, None] * sw_t + offs_z[None, :],
+                        mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
+            ones = tl.full([BZ, 16], DOT_SIGN, tl.float32)
+            rsum = tl.dot(w.to(tl.float32) * out, ones, input_precision=F32_DOT)  # [BT, 16], equal columns
+            cols = tl.arange(0, 16)
+            tl.store(dots_base + rows[:, None] + cols[None, :] * 0, rsum,
+                     mask=valid[:, None] & (cols == 0)[None, :])
         tl.store(o_base + rows[:, None] * so_t + offs_z[None, :], out.to(OUT.dtype.element_ty),
                  mask=valid[:, None] & mask_z[None, :])
 
@@ -355,7 +372,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         return types.SimpleNamespace(**{fn.__name__.lstrip("_"): InterpretedFunction(fn) for fn in _KERNEL_FNS})
     # Sizes stay unspecialised (one compile serves every T, H, D and segment length); strides keep
     # Triton's divisibility specialisation, which the vectorised loads need.
-    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG", "TP", "D"]
+    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG", "TP", "D", "SD_Z"]
     jitted = {}
     for fn in _KERNEL_FNS:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
@@ -500,25 +517,38 @@ def _segment_states(kern, y, z, slopes, init, cfg, reverse, dot_f32, store_final
     return entry, (final if store_final else None)
 
 
-def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry, docs, gc=None):
-    """out = generic chunk pass (README.md) of x, y, z with the given segment entry states."""
+def _chunk_tiles(dz: int, cfg: TritonConfig) -> Tuple[int, int]:
+    """``(tile, n_tiles)``: the width of the chunk kernel's output tile and the tiles across ``dz``."""
+    tile = max(16, min(cfg.tile, _pow2(dz)))
+    return tile, -(-dz // tile)
+
+
+def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry, docs, gc=None,
+           dots_of=None, dots=None, dot_sign=1.0):
+    """out = generic chunk pass (README.md) of x, y, z with the given segment entry states.
+
+    ``dots_of`` (shaped like out) and ``dots`` (``[n_tiles, B*H, T]`` fp32): also write
+    ``dots[i, bh, t] = dot_sign * dots_of_t . out_t`` over the i-th output tile (the kernel's DOTS)."""
     B, T, H, dx = x.shape
     dz = z.shape[-1]
     ns = entry.shape[2]
     out = _empty((B, T, H, dz), x.device, x.dtype, cfg.poison)
-    tile = max(16, min(cfg.tile, _pow2(dz)))
+    tile, n_tiles = _chunk_tiles(dz, cfg)
     dxp = max(16, _pow2(dx))
     se = entry.stride()
     se_x, se_z = (se[4], se[3]) if transpose_entry else (se[3], se[4])
-    grid = (-(-dz // tile), ns, B * H)
+    grid = (n_tiles, ns, B * H)
+    has_dots = dots is not None
     kern.chunk_kernel[grid](
         x, y, z, out, entry, slopes, docs if docs is not None else slopes, gc if gc is not None else slopes,
-        T, H, dx, dz, gc.shape[-1] if gc is not None else 0,
+        dots_of if has_dots else slopes, dots if has_dots else slopes,
+        T, H, dx, dz, gc.shape[-1] if gc is not None else 0, dots.stride(0) if has_dots else 0,
         *_strides(x), *_strides(y), *_strides(z), *_strides(out),
+        *(_strides(dots_of) if has_dots else (0, 0, 0)),
         se[1], se[2], se_x, se_z,
         SEG=cfg.segment, BT=cfg.block, DXP=dxp, BZ=tile,
         REVERSE=reverse, DOT_F32=dot_f32, F32_DOT=_f32_dot(x), EVEN=(dx == dxp and dz % tile == 0),
-        HAS_DOC=docs is not None, GATED=gc is not None,
+        HAS_DOC=docs is not None, GATED=gc is not None, DOTS=has_dots, DOT_SIGN=float(dot_sign),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -572,11 +602,16 @@ def triton_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, output_fina
 
 
 def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_states, cfg: TritonConfig,
-                                     doc_ids=None, gc=None):
+                                     doc_ids=None, gc=None, gate_parts: bool = False):
     """``(d_initial_state, finish)``: the state-gradient pass now, ``finish() -> (dq, dk, dv)``.
 
     ``entry_states`` and ``cfg``: the forward's (``finish()`` of the forward returned them);
     ``gc``: per-token gates, the forward's cumulative sums (``slopes`` then None).
+    ``gate_parts`` (with ``gc``): ``finish() -> (dq, dk, dv, dots, d_states)``, what
+    ``gate.segment_gate_grad`` takes: ``dots [B, H, T]`` fp32 ``q_t . dq_t - k_t . dk_t`` formed in the dq and
+    dk passes from their fp32 accumulators (before dq, dk are rounded to their dtype), and
+    ``d_states [B, H, NS, Dk, Dv]`` fp32 the gradient of the state leaving each segment to the right
+    (the last one's is ``d_final_state``).
     """
     q, k, v, do = _contig(q), _contig(k), _contig(v), _contig(do)
     kern, dot_f32 = _triton_setup(q, v)
@@ -588,6 +623,15 @@ def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_s
 
     def finish():
         # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
+        if gate_parts:
+            # dq pass: + q . dq over its tiles of Dk; dk pass: - k . dk; summed over all tiles below.
+            B, T, H, dk_dim = q.shape
+            n_tiles = _chunk_tiles(dk_dim, cfg)[1]
+            parts = _empty((2, n_tiles, B * H, T), q.device, torch.float32, cfg.poison)
+            dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc, q, parts[0], 1.0)
+            dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs, gc)
+            dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc, k, parts[1], -1.0)
+            return dq, dk, dv, parts.sum((0, 1)).view(B, H, T), dentry
         dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc)
         dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs, gc)
         dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc)
