@@ -27,6 +27,12 @@ installed.
 Example (TNL-1B, one H200, about 8 minutes)::
 
     python benchmarks/bench_memory.py --preset tnl-1b --settings chunked --budget-s 470 --out docs/benchmarks
+
+2M tokens, the first 8 layers' inputs in pinned host memory (the model reads
+``--cpu-offloading-num-layers`` and ``--recompute-chunk-size`` from ``--extra``)::
+
+    python benchmarks/bench_memory.py --preset tnl-1b --settings offload --lengths 2097152 \
+        --extra "--cpu-offloading-num-layers 8" --budget-s 560 --candidate-timeout 540 --out docs/benchmarks/memory_2m
 """
 
 from __future__ import annotations
@@ -70,9 +76,17 @@ def common_flags(preset: str, seq: int, steps: int) -> List[str]:
 
 
 def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
-                 chunk_size: int = 16384, mode: str = "lasp") -> Dict[str, float]:
+                 chunk_size: int = 16384, mode: str = "lasp",
+                 offload_layers: Optional[int] = None) -> Dict[str, float]:
     """Predicted peak bytes of one rank (bf16, megatron DDP + distributed optimizer over sp ranks,
-    micro-batch 1, full recompute): a dict of components and ``total``. See docs/MEMORY.md."""
+    micro-batch 1, full recompute): a dict of GPU components and ``total``, and ``host pinned``
+    (the offloaded layer inputs). See docs/MEMORY.md.
+
+    Args:
+        setting: one of :data:`SETTINGS`.
+        offload_layers: with ``offload``, the layers whose inputs move (``--cpu-offloading-num-layers``,
+            the first of the stage); None: all.
+    """
     from megatron_lasp.models.config import PRESETS
     from megatron_lasp.models.loss import default_chunk_size
 
@@ -91,9 +105,17 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     tok = T / tp  # tokens of this rank's activations with TP sequence parallelism (tp=1: T)
     out = {}
     out["weights+grads+optimizer"] = params / tp * (a + 4) + params / tp * 12 / sp
-    offload = setting == "offload"
     chunked = setting in ("chunked", "offload")
-    out["saved layer inputs"] = (2 if offload else L) * h * a * tok
+    moved = (L if offload_layers is None else offload_layers) if setting == "offload" else 0
+    if setting == "offload" and not 1 <= moved <= L:
+        raise ValueError(f"--cpu-offloading-num-layers must be between 1 and {L}, got {offload_layers}")
+    # the kept inputs (the last L - moved layers), and from the first kept layer's backward on, the
+    # moved ones two at a time (the one in use and the one coming back)
+    out["saved layer inputs"] = (max(L - moved, 2) if moved else L) * h * a * tok
+    # the final norm's input (saved until its backward, right after the loss's); with every layer
+    # offloaded it goes to the host and is the first to come back, at the end of the forward
+    out["final norm input"] = h * a * tok
+    host = (moved + (moved == L)) * h * a * tok
     attn_saved = 14 * h * a  # x, norm, q k v u, phi(q k v), o, norm(o), sigmoid(u), gated, mid
     attn_grads = 8 * h * a  # gradients in the attention backward (d mixed, d q k v)
     mlp_saved = (3 * ffn + 2 * h) * a
@@ -132,11 +154,29 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
             soft += 6 * Gd / tp * a * seq
         out["softmax layer working set"] = soft
     # the loss phase and the layer phase do not overlap: the peak is the larger one
-    loss_phase = out["output layer + loss"]
+    loss_phase = out["output layer + loss"] + out["final norm input"]
     layer_phase = max(out["layer recompute working set"], out.get("softmax layer working set", 0.0))
     out["total"] = out["weights+grads+optimizer"] + out["saved layer inputs"] + max(loss_phase, layer_phase)
+    out["host pinned"] = host
     out["params"] = params
     return out
+
+
+def model_options(extra: str) -> Dict[str, int]:
+    """The :func:`memory_model` arguments that ``--extra``'s training flags change: the chunk of
+    ``--recompute-chunk-size`` and the layers of ``--cpu-offloading-num-layers`` (the last given,
+    as argparse reads them)."""
+    flags = {"--recompute-chunk-size": "chunk_size", "--cpu-offloading-num-layers": "offload_layers"}
+    tokens, options = extra.split(), {}
+    for i, token in enumerate(tokens):
+        name, _, value = token.partition("=")
+        if name in flags:
+            value = value or (tokens[i + 1] if i + 1 < len(tokens) else "")
+            try:
+                options[flags[name]] = int(value)
+            except ValueError:
+                raise ValueError(f"--extra: {name} needs an integer, got {value!r}") from None
+    return options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,15 +268,18 @@ def _run_candidate(args, setting: str, seq: int, timeout: float) -> dict:
     except (OSError, ValueError):
         result = {"seq": seq, "setting": setting, "ok": False, "reason": "child died", "log_tail": tail}
     result["wall_s"] = time.time() - t0
-    pred = memory_model(args.preset, seq, setting)
+    pred = memory_model(args.preset, seq, setting, **model_options(args.extra))
     result["predicted_gib"] = pred["total"] / GIB
+    result["predicted_host_pinned_gib"] = pred["host pinned"] / GIB
     if result.get("peak_allocated_gib"):
         result["prediction_error"] = result["predicted_gib"] / result["peak_allocated_gib"] - 1.0
     if not result["ok"]:
         result["log_tail"] = tail
     status = "ok" if result["ok"] else result.get("reason", "failed")
+    host = (f"; host RSS peak {result.get('host_peak_rss_gib', float('nan')):.1f} GiB "
+            f"(model: {result['predicted_host_pinned_gib']:.1f} pinned)" if setting == "offload" else "")
     print(f"[bench_memory] {setting:8s} seq {seq:>9d}: {status}; peak {result.get('peak_allocated_gib', float('nan')):.1f} GiB "
-          f"(model {result['predicted_gib']:.1f}); {result.get('tokens_per_s', float('nan')):.0f} tokens/s; "
+          f"(model {result['predicted_gib']:.1f}){host}; {result.get('tokens_per_s', float('nan')):.0f} tokens/s; "
           f"{result['wall_s']:.0f} s", flush=True)
     return result
 
@@ -359,6 +402,11 @@ def main(argv=None) -> int:
         p.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     if args.steps < 3:
         p.error("--steps must be >= 3 (the first step is the warm-up)")
+    try:  # the model's reading of --extra, before any candidate runs
+        for setting in settings:
+            memory_model(args.preset, args.start, setting, **model_options(args.extra))
+    except (KeyError, ValueError) as err:
+        p.error(f"--preset {args.preset} / --extra {args.extra!r}: {err}")
     os.makedirs(args.out, exist_ok=True)
     try:
         import torch

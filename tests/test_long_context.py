@@ -5,9 +5,11 @@
   tied embedding, all other parameters, the hidden states entering the loss) within 1e-6, at TP 1
   and 2 (with and without TP sequence parallelism), on the last stage of PP 2, tied and untied,
   with a loss mask (gradients-in-forward mode) and without (recompute-in-backward mode).
-- Offloading the layer inputs (``--cpu-offloading``; on CPU a host copy through the same hooks) and
-  the chunked per-layer recompute (``--recompute-chunk-size``) give the gradients of megatron-core's
-  full recompute.
+- Offloading the layer inputs (``--cpu-offloading``; on CPU a host copy through the same hooks),
+  of all layers or of the first N (``--cpu-offloading-num-layers``), and the chunked per-layer
+  recompute (``--recompute-chunk-size``) give the gradients of megatron-core's full recompute (the
+  offload bit for bit); the offloader moves exactly the first N layers' inputs and frees each copy
+  back after its layer's backward; the memory model of ``benchmarks/bench_memory.py`` reads the flag.
 - The training loop trains the same with the fused loss on or off, with ``--eod-mask-loss`` and
   validation, and with offloading + chunked recompute.
 """
@@ -83,6 +85,117 @@ def test_fused_op_refuses_other_reductions_and_skips_grads_without_autograd():
     with torch.no_grad():
         assert not linear_cross_entropy(hidden, weight, labels, loss_weights=mask).requires_grad
     assert default_chunk_size(64000) == 4096 and default_chunk_size(10) >= 256
+
+
+# ----------------------------------------------------------------------------------------------
+# the offloader alone: which layers move, the order of the copies back, bitwise gradients
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """A layer under full recompute: saves only its input; its backward reports, through
+    ``probe``, how many saved layer inputs then have a device copy."""
+
+    @staticmethod
+    def forward(ctx, x, w, index, probe):
+        ctx.save_for_backward(x, w)
+        ctx.index, ctx.probe = index, probe
+        return torch.tanh(x @ w) + x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        ctx.probe(ctx.index)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            w = w.detach().requires_grad_()
+            y = torch.tanh(x @ w) + x
+        gx, gw = torch.autograd.grad(y, (x, w), grad)
+        return gx, gw, None, None
+
+
+def _offloaded_chain(num_layers, offload):
+    """L checkpointed layers under the offloader moving the first ``offload`` (None: no offloader):
+    (gradients, stats, {layer: saved inputs with a device copy during its backward})."""
+    from megatron_lasp.models.offload import LayerInputOffloader, _Kept, _Packed
+
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(64, 2, 16, generator=gen, requires_grad=True)  # 8 KiB: moved
+    ws = [torch.nn.Parameter(torch.randn(16, 16, generator=gen) * 0.3) for _ in range(num_layers)]
+    off = LayerInputOffloader(min_bytes=4096, num_layers=offload) if offload != 0 else None
+    group, on_device = [], {}
+
+    def probe(index):
+        live = [ref() for ref in group]
+        on_device[index] = sum(isinstance(e, _Kept) or (isinstance(e, _Packed) and e.gpu is not None)
+                               for e in live if e is not None)
+
+    def forward():
+        h = x
+        for i, w in enumerate(ws):
+            if off is not None:
+                off.enter_layer(i)
+            h = _CheckpointedLayer.apply(h, w, i, probe)
+        return h
+
+    if off is None:
+        y = forward()
+    else:
+        with off.hooks():
+            with off.active():
+                y = forward()
+                group.extend(off._group)
+            off.finish_forward()
+    (y * y).sum().backward()
+    return [x.grad] + [w.grad for w in ws], (dict(off.stats) if off else None), on_device
+
+
+@pytest.mark.parametrize("offload", [1, 3, 4, None], ids=lambda n: f"first-{n}-of-4")
+def test_offloader_moves_the_first_layers_and_frees_each_after_its_backward(offload):
+    layers = 4
+    want, _, _ = _offloaded_chain(layers, 0)
+    got, stats, on_device = _offloaded_chain(layers, offload)
+    moved = layers if offload is None else offload
+    assert all(torch.equal(g, w) for g, w in zip(got, want))  # a host copy changes no bit
+    assert stats["offloaded"] == stats["reloaded"] == moved and stats["kept"] == layers - moved, stats
+    assert stats["bytes"] == moved * 64 * 2 * 16 * 4
+    # during layer j's backward: the kept inputs of layers moved..j (the layers after j are done
+    # and freed), the copy back of j and of j - 1 (started by j's backward) for the moved layers
+    for j in range(layers):
+        if j >= moved:
+            want_on_device = j - moved + 1 + (j == moved and moved > 0)
+        else:
+            want_on_device = 1 + (j > 0)
+        assert on_device[j] == want_on_device, (j, on_device)
+    assert max(on_device.values()) == max(layers - moved, min(2, moved))
+
+
+def test_memory_model_partial_offload_reads_the_bench_flags():
+    """benchmarks/bench_memory.py: --extra's --cpu-offloading-num-layers reaches the model; each layer
+    moved takes one layer input from the GPU to the host until two are left on the GPU."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    options = bench.model_options("--recompute-chunk-size 8192 --cpu-offloading-num-layers=3 --cpu-offloading-num-layers 8")
+    assert options == {"chunk_size": 8192, "offload_layers": 8}
+    with pytest.raises(ValueError, match="--cpu-offloading-num-layers needs an integer"):
+        bench.model_options("--cpu-offloading-num-layers x")
+    seq, layer_input = 2**21, 2**21 * 2048 * 2  # TNL-1B: hidden 2048, bf16
+    model = {n: bench.memory_model("tnl-1b", seq, "offload", offload_layers=n) for n in range(1, 17)}
+    assert bench.memory_model("tnl-1b", seq, "offload") == model[16]
+    chunked = bench.memory_model("tnl-1b", seq, "chunked")
+    assert chunked["host pinned"] == 0 and chunked["saved layer inputs"] == 16 * layer_input
+    for n in range(1, 15):
+        assert model[n]["total"] == chunked["total"] - n * layer_input, n
+        assert model[n]["host pinned"] == n * layer_input, n
+    assert model[15]["total"] == model[16]["total"] == chunked["total"] - 14 * layer_input
+    assert model[16]["host pinned"] == 17 * layer_input  # the final norm's input too
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="--cpu-offloading-num-layers must be between 1 and 16"):
+            bench.memory_model("tnl-1b", seq, "offload", offload_layers=bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,17 +288,23 @@ def _memory_variants(groups, tp, tpsp):
     from megatron_lasp.models import build_linear_lm, linear_lm_config
 
     full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    first = dict(offload_layer_inputs=True, offload_num_layers=1)  # layer 0 of 2 moves
     variants = {
         "megatron recompute": (dict(full), False),
         "megatron recompute + offload": (dict(full, offload_layer_inputs=True), False),
+        "megatron recompute + offload 1 of 2": (dict(full, **first), False),
         "chunked recompute": (dict(recompute_chunk_size=5), False),
         "chunked recompute + offload": (dict(recompute_chunk_size=8, offload_layer_inputs=True), False),
+        "chunked recompute + offload 1 of 2": (dict(recompute_chunk_size=8, **first), False),
         "megatron recompute, documents": (dict(full), True),
         "chunked recompute, documents": (dict(recompute_chunk_size=5), True),
         "chunked recompute + offload, documents": (dict(recompute_chunk_size=8, offload_layer_inputs=True), True),
     }
+    same_bits = {"megatron recompute + offload": "megatron recompute",  # a host copy changes no bit
+                 "megatron recompute + offload 1 of 2": "megatron recompute",
+                 "chunked recompute + offload 1 of 2": "chunked recompute + offload"}
     ids, labels, mask = _batch()
-    results, base = {}, {}
+    results, base, every = {}, {}, {}
     for name, (extra, docs) in variants.items():
         config = linear_lm_config("tiny", tensor_model_parallel_size=tp, sequence_parallel=tpsp,
                                   use_cpu_initialization=True, **extra)
@@ -197,6 +316,9 @@ def _memory_variants(groups, tp, tpsp):
         loss, grads, hidden_grad = _run_model(model, groups, ids, labels, mask, fused=True, pass_mask=True, **kwargs)
         stats = dict(model._offloader.stats) if extra.get("offload_layer_inputs") else None
         whole = all(layer.chunks_whole_layer() for layer in model.decoder.layers)
+        every[name] = grads
+        if name in same_bits:
+            stats["same bits"] = all(torch.equal(grads[n], every[same_bits[name]][n]) for n in grads)
         if docs not in base:
             base[docs] = grads
             results[name] = (0.0, stats, whole)
@@ -271,12 +393,18 @@ def test_offload_and_chunked_recompute_same_grads(model_results):
             r = dict(results[key])
             assert "error" not in r, f"rank {rank} {key}: {r.get('error')}"
             assert r.pop("documents matter") > 1e-3, f"rank {rank} {key}: documents do not change the gradients"
-            assert len(r) == 7, sorted(r)
+            assert len(r) == 9, sorted(r)
             for name, (err, stats, whole) in r.items():
                 assert err <= TOL, f"rank {rank} {key} {name}: gradient error {err:.2e}"
                 if stats is not None:
-                    # the inputs of both layers went to the host and came back once each
-                    assert stats["offloaded"] >= 2 and stats["reloaded"] == stats["offloaded"], (name, stats)
+                    assert stats.pop("same bits", True), (name, "gradients differ from the run without offloading")
+                    assert stats["reloaded"] == stats["offloaded"], (name, stats)
+                    if name.endswith("1 of 2"):
+                        # layer 0's input alone went to the host; layer 1's and the final norm's stayed
+                        assert stats["offloaded"] == 1 and stats["kept"] >= 1, (name, stats)
+                    else:
+                        # the inputs of both layers (and the final norm's) went to the host
+                        assert stats["offloaded"] >= 2 and stats["kept"] == 0, (name, stats)
                 # the whole layer runs in chunks (state carried) unless TP sequence parallelism splits it
                 assert whole == (key == "memory tp1"), (key, name, whole)
 
@@ -391,6 +519,8 @@ def test_training_loop_fused_and_memory_flags_match_plain():
         "fused": ["--cross-entropy-chunk-size", "48"],
         "offload + chunked recompute": ["--recompute-granularity", "full", "--cpu-offloading",
                                         "--recompute-chunk-size", "16"],
+        "offload 1 of 2 layers + chunked recompute": ["--recompute-granularity", "full", "--cpu-offloading",
+                                                      "--cpu-offloading-num-layers", "1", "--recompute-chunk-size", "16"],
     }
     (runs,) = [spawn(_train, 1, (list(configs.values()),), timeout=300)[0]]
     plain = runs[0]
@@ -416,6 +546,12 @@ def test_training_loop_chunked_recompute_on_two_ranks(layout):
     "extra, message",
     [
         (["--cpu-offloading"], "--cpu-offloading moves the layer inputs saved for recompute"),
+        (["--cpu-offloading-num-layers", "1"], "--cpu-offloading-num-layers says how many layers --cpu-offloading "
+                                               "moves: add --cpu-offloading"),
+        (["--recompute-granularity", "full", "--cpu-offloading", "--cpu-offloading-num-layers", "0"],
+         "--cpu-offloading-num-layers must be positive, got 0"),
+        (["--recompute-granularity", "full", "--cpu-offloading", "--cpu-offloading-num-layers", "3"],
+         r"^--cpu-offloading-num-layers \(3\) must be between 1 and the layers per pipeline stage \(2\)$"),
         (["--recompute-chunk-size", "64"], "--recompute-chunk-size needs --recompute-granularity full"),
         (["--cross-entropy-chunk-size", "-1"], "must be >= 0"),
     ],
@@ -458,22 +594,26 @@ def test_gpu_fused_loss_bf16_and_cuda_offload():
     assert _max_rel(hidden.grad.float(), ref_grads[0]) < 1e-2
     assert _max_rel(weight.grad.float(), ref_grads[1]) < 1e-2
 
-    # offload hooks on CUDA: async copies out and back give the same tensors
-    off = LayerInputOffloader(min_bytes=0)
+    # offload hooks on CUDA: async copies out and back give the same tensors, with every "layer"
+    # (one op here) moved and with the first one only
     xs = [torch.randn(4096, 1024, device=dev, requires_grad=True) for _ in range(3)]
-    with off.hooks():
-        with off.active():
-            y = xs[0]
-            for x in xs[1:]:
-                y = (y * x).sin()
-        off.finish_forward()
-    y.sum().backward()
-    grads = [x.grad.clone() for x in xs]
-    for x in xs:
-        x.grad = None
     y = xs[0]
     for x in xs[1:]:
         y = (y * x).sin()
     y.sum().backward()
-    assert all(torch.equal(g, x.grad) for g, x in zip(grads, xs))
-    assert off.stats["offloaded"] > 0 and off.stats["reloaded"] == off.stats["offloaded"]
+    want = [x.grad.clone() for x in xs]
+    for num_layers in (None, 1):
+        for x in xs:
+            x.grad = None
+        off = LayerInputOffloader(min_bytes=0, num_layers=num_layers)
+        with off.hooks():
+            with off.active():
+                y = xs[0]
+                for i, x in enumerate(xs[1:]):
+                    off.enter_layer(i)
+                    y = (y * x).sin()
+            off.finish_forward()
+        y.sum().backward()
+        assert all(torch.equal(w, x.grad) for w, x in zip(want, xs)), num_layers
+        assert off.stats["offloaded"] > 0 and off.stats["reloaded"] == off.stats["offloaded"], off.stats
+        assert (off.stats["kept"] > 0) == (num_layers is not None), off.stats

@@ -29,6 +29,7 @@ RUNTIME_CONFIG_FIELDS = (
     "recompute_elementwise",
     "recompute_chunk_size",
     "offload_layer_inputs",
+    "offload_num_layers",
     "fused_linear_cross_entropy",
     "cross_entropy_chunk_size",
 )

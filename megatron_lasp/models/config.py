@@ -220,6 +220,9 @@ class LinearLMConfig(TransformerConfig):
     offload_layer_inputs: bool = False
     """Move the layer inputs saved for activation recompute to pinned host memory in forward
     (side stream) and prefetch them in backward (--cpu-offloading)."""
+    offload_num_layers: Optional[int] = None
+    """With offload_layer_inputs: move those of the first this many layers of each pipeline stage
+    only, the others stay on the device; None: every layer (--cpu-offloading-num-layers)."""
     recompute_chunk_size: int = 0
     """> 0: this project's per-layer recompute instead of megatron-core's: only the layer input is
     kept, and each layer runs (forward, recompute and backward) in chunks of this many tokens,
@@ -306,6 +309,13 @@ class LinearLMConfig(TransformerConfig):
             )
         if self.recompute_chunk_size > 0 and self.hidden_dropout > 0:
             raise ValueError("recompute_chunk_size needs hidden_dropout 0 (it does not replay the dropout RNG)")
+        if self.offload_num_layers is not None:
+            per_stage = self.num_layers // max(self.pipeline_model_parallel_size, 1)
+            if not self.offload_layer_inputs:
+                raise ValueError("offload_num_layers needs offload_layer_inputs")
+            if not 1 <= self.offload_num_layers <= per_stage:
+                raise ValueError(f"offload_num_layers ({self.offload_num_layers}) must be between 1 and the layers "
+                                 f"per pipeline stage ({per_stage})")
         if self.recompute_elementwise and self.recompute_granularity != "selective":
             raise ValueError(
                 "recompute_elementwise needs recompute_granularity selective "

@@ -68,11 +68,13 @@ class LinearLM(GPTModel):
         """The offloader of ``config.offload_layer_inputs`` (training with gradients only), or None.
 
         Its saved-tensor hooks wrap the whole forward but move tensors only while the decoder
-        runs (decoder forward pre-/post-hooks switch them on and off)."""
+        runs (decoder forward pre-/post-hooks switch them on and off), and with
+        ``config.offload_num_layers`` only those of the stage's first layers (the layers'
+        pre-hooks say which one runs)."""
         if not (self.config.offload_layer_inputs and self.training and torch.is_grad_enabled()):
             return None
         if getattr(self, "_offloader", None) is None:
-            self._offloader = LayerInputOffloader(self.offload_min_bytes)
+            self._offloader = LayerInputOffloader(self.offload_min_bytes, self.config.offload_num_layers)
             state = {}
 
             def pre_hook(module, args):
@@ -85,6 +87,8 @@ class LinearLM(GPTModel):
 
             self.decoder.register_forward_pre_hook(pre_hook)
             self.decoder.register_forward_hook(post_hook)
+            for index, layer in enumerate(self.decoder.layers):  # this stage's layers, first to last
+                layer.register_forward_pre_hook(lambda module, args, index=index: self._offloader.enter_layer(index))
         self._offloader._active = False  # a forward that raised cannot leave it on
         return self._offloader
 

@@ -60,6 +60,7 @@ FIELD_FLAGS = {
     "context_parallel_size": "--sequence-parallel-size",
     "sequence_parallel_size": "--sequence-parallel-size",
     "offload_layer_inputs": "--cpu-offloading",
+    "offload_num_layers": "--cpu-offloading-num-layers",
     "recompute_elementwise": "--recompute-modules elementwise",
     "normalization": "--normalization",
     "preset": "--model-preset",
@@ -206,6 +207,10 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-offloading", action="store_true",
                    help="move the layer inputs saved for activation recompute to pinned host memory "
                    "(side stream, overlapped) and prefetch them in backward; needs --recompute-granularity full")
+    g.add_argument("--cpu-offloading-num-layers", type=int, default=None,
+                   help="with --cpu-offloading: offload the inputs of the first N layers of each pipeline "
+                   "stage only (they wait longest for their backward), keeping the others on the GPU: N "
+                   "layer inputs in pinned host memory, the others in GPU memory (default: every layer)")
     g.add_argument("--recompute-chunk-size", type=int, default=0,
                    help="with --recompute-granularity full: recompute each layer with this project's "
                    "checkpoint, running the whole layer in chunks of this many tokens in forward and "
@@ -413,6 +418,7 @@ RANGES: Dict[str, str] = {
     "ffn_hidden_size": "positive", "kv_channels": "positive", "num_query_groups": "positive",
     "attention_norm_group_size": "positive", "seq_length": "positive", "make_vocab_size_divisible_by": "positive",
     "vocab_size": "positive", "recompute_num_layers": "positive", "recompute_chunk_size": ">=0",
+    "cpu_offloading_num_layers": "positive",
     "cross_entropy_chunk_size": ">=0", "tensor_model_parallel_size": "positive",
     "pipeline_model_parallel_size": "positive", "context_parallel_size": "positive",
     "micro_batch_size": "positive", "global_batch_size": "positive", "train_iters": "positive", "seed": ">=0",

@@ -154,6 +154,8 @@ class MemoryOptions:
     """With full recompute: run each layer in chunks of this many tokens (0: megatron-core's recompute)."""
     cpu_offloading: bool = False
     """Move the layer inputs saved for recompute to host memory."""
+    cpu_offloading_num_layers: Optional[int] = None
+    """With cpu_offloading: move those of each pipeline stage's first this many layers only (None: all)."""
     fused_linear_cross_entropy: bool = True
     """The output layer and loss fused and chunked over tokens."""
     cross_entropy_chunk_size: int = 0
@@ -169,6 +171,9 @@ class MemoryOptions:
         if self.cpu_offloading and self.recompute_granularity != "full":
             raise ArgumentError("--cpu-offloading moves the layer inputs saved for recompute: add "
                                 "--recompute-granularity full")
+        if self.cpu_offloading_num_layers is not None and not self.cpu_offloading:
+            raise ArgumentError("--cpu-offloading-num-layers says how many layers --cpu-offloading moves: add "
+                                "--cpu-offloading, or drop it")
         if self.recompute_modules is not None and self.recompute_granularity != "selective":
             raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
         if self.recompute_method is not None and self.recompute_granularity != "full":

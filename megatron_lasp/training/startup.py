@@ -26,7 +26,7 @@ from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import checkpointing
 from megatron_lasp.training.checkpointing import CheckpointSettings, RunRecord, SaveLock
-from megatron_lasp.training.config import RunConfig
+from megatron_lasp.training.config import RunConfig, TrainingOptions
 from megatron_lasp.training.interrupts import PROG, StopRequests
 from megatron_lasp.training.optim import (
     build_optimizer,
@@ -179,6 +179,7 @@ def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
         fused_linear_cross_entropy=memory.fused_linear_cross_entropy,
         cross_entropy_chunk_size=memory.cross_entropy_chunk_size,
         offload_layer_inputs=memory.cpu_offloading,
+        offload_num_layers=memory.cpu_offloading_num_layers,
     )
     if memory.recompute_modules is not None:
         fields.update(recompute_modules=[m for m in memory.recompute_modules if m != "elementwise"],
@@ -408,4 +409,19 @@ def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> Train
         groups.dp.size(), train_cfg.seq_length, groups.tp.size(), groups.cp.size(), par.sequence_parallel_mode,
         groups.pp.size(), par.ddp_impl, optimizer.description, tokenizer.vocab_size, padded_vocab_size,
     )
+    if model_config.offload_layer_inputs:
+        _log_offload(model_config, train_cfg)
     return state
+
+
+def _log_offload(model_config: "LinearLMConfig", train_cfg: TrainingOptions) -> None:
+    """One line: how many layers' inputs --cpu-offloading moves, and the pinned host memory they take."""
+    per_stage = model_config.num_layers // model_config.pipeline_model_parallel_size
+    moved = model_config.offload_num_layers or per_stage
+    tokens = train_cfg.seq_length // model_config.context_parallel_size
+    if model_config.sequence_parallel:
+        tokens //= model_config.tensor_model_parallel_size
+    size = tokens * train_cfg.micro_batch_size * model_config.hidden_size * model_config.params_dtype.itemsize
+    logger.info("--cpu-offloading: the first %d of the %d layers of each pipeline stage keep their inputs in pinned "
+                "host memory (%.2f GiB a micro-batch), the last %d on the device", moved, per_stage,
+                moved * size / 2**30, per_stage - moved)
