@@ -92,7 +92,8 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     local = [split_sequence(x.to(dtype), group).requires_grad_(True) for x in (q, k, v)]
     s0 = h0.float().clone().requires_grad_(True)
     o, final = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0,
-                                 output_final_state=True, cu_seqlens=cu, triton_options=TritonOptions(poison_outputs=True))
+                                 output_final_state=True, cu_seqlens=cu,
+                                 triton_options=TritonOptions(poison_outputs=True))
     share = 2 * (dist.get_rank(group) + 1) / (world * (world + 1))
     torch.autograd.backward([o, final], [split_sequence(do.to(dtype), group), d_final.float() * share])
     off_first = torch.zeros((), device=dev) if dist.get_rank(group) == 0 else s0.grad.abs().max()
