@@ -10,8 +10,9 @@ chunked layer's state hop, megatron-core's pipeline exchange) through pinned hos
 runs the GPU kernels (Triton) on 2 and 4 ranks. What is checked:
 
 - the four sequence-parallel modes at SP = 2 and 4 against the one-rank run of the whole
-  sequence, every case from a random initial state (output, dq, dk, dv and d(initial state):
-  the first rank's gradient is the whole one, the others' exactly zero), bf16 and fp32, at slice
+  sequence, every case from a random initial state and with the final state (output, final state,
+  dq, dk, dv and d(initial state): the first rank's gradient is the whole one, the others' exactly
+  zero; the final state's gradient given in parts over the ranks), bf16 and fp32, at slice
   lengths that do not divide into the kernels' blocks; packed documents whose boundaries cross
   ranks; TP2 x SP2 (strided SP groups). The reference is the torch kernel in fp64 on the whole
   sequence; fp32 must agree to 1e-5; bf16 must be as close to it as the one-rank bf16 run of the
@@ -60,9 +61,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _run_case(seed, shape, mode, dtype, group, cu=None):
     """One case on this rank: relative errors against the fp64 one-rank run, of the SP run and
     of the one-rank run in ``dtype`` (the same Triton kernels, whole sequence), from a random fp32
-    initial state ``h0``. The SP run's d(h0) is summed over the group (the first rank holds the
-    whole gradient, the others zeros: ``off_first_rank`` is the largest of theirs, over the group),
-    so every rank returns the same numbers."""
+    initial state ``h0``, with the final state (``output_final_state``; its gradient ``d_final``
+    given to the ranks in unequal parts that sum to it). The SP run's d(h0) is summed over the
+    group (the first rank holds the whole gradient, the others zeros: ``off_first_rank`` is the
+    largest of theirs, over the group), so every rank returns the same numbers."""
     from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
     from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
 
@@ -72,31 +74,34 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     kernel = "triton" if on_gpu else "torch"
     q, k, v, do = (x.to(dev) for x in _full_inputs(seed, B, C * world, H, D, D))
-    h0 = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dev)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0, d_final = (torch.randn(B, H, D, D, generator=gen, dtype=torch.float64).to(dev) for _ in range(2))
     slopes = _slopes(H, True).to(dev)
     cu = None if cu is None else cu.to(dev)
 
     def whole(dt, backend):
         leaves = [x.to(dt).clone().requires_grad_(True) for x in (q, k, v)]
         s0 = h0.to(torch.float64 if dt == torch.float64 else torch.float32).clone().requires_grad_(True)
-        o, _ = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0,
-                                    backend=backend, cu_seqlens=cu)
-        o.backward(do.to(dt))
-        return [o.detach()] + [x.grad for x in leaves] + [s0.grad]
+        o, final = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0, True,
+                                        backend=backend, cu_seqlens=cu)
+        torch.autograd.backward([o, final], [do.to(dt), d_final.to(final.dtype)])
+        return [o.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
 
     ref = whole(torch.float64, "torch")
     one = whole(dtype, kernel)
     local = [split_sequence(x.to(dtype), group).requires_grad_(True) for x in (q, k, v)]
     s0 = h0.float().clone().requires_grad_(True)
-    o = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0, cu_seqlens=cu,
-                          triton_options=TritonOptions(poison_outputs=True))
-    o.backward(split_sequence(do.to(dtype), group))
+    o, final = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0,
+                                 output_final_state=True, cu_seqlens=cu, triton_options=TritonOptions(poison_outputs=True))
+    share = 2 * (dist.get_rank(group) + 1) / (world * (world + 1))
+    torch.autograd.backward([o, final], [split_sequence(do.to(dtype), group), d_final.float() * share])
     off_first = torch.zeros((), device=dev) if dist.get_rank(group) == 0 else s0.grad.abs().max()
     dist.all_reduce(off_first, op=dist.ReduceOp.MAX, group=group)
     dh0 = s0.grad.clone()
     dist.all_reduce(dh0, group=group)  # the first rank's gradient: the others add zeros
-    got = [gather_sequence(o.detach(), group)] + [gather_sequence(x.grad, group) for x in local] + [dh0]
-    names = ("o", "dq", "dk", "dv", "dh0")
+    got = ([gather_sequence(o.detach(), group), final.detach()] + [gather_sequence(x.grad, group) for x in local]
+           + [dh0])
+    names = ("o", "final", "dq", "dk", "dv", "dh0")
     return {"sp": {n: _rel(a, b) for n, a, b in zip(names, got, ref)},
             "one_rank": {n: _rel(a, b) for n, a, b in zip(names, one, ref)},
             "sp_vs_one_rank": {n: _rel(a, b) for n, a, b in zip(names, got, one)},
