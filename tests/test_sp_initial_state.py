@@ -1,14 +1,16 @@
-"""The initial state under sequence parallelism: every mode against the one-process run.
+"""The state in and out under sequence parallelism: every mode against the one-process run.
 
-``lightning_attn_sp(..., initial_state=h0)`` on W gloo ranks (W = 2 and 4), the same ``h0`` on
-every rank, must give the slice of ``chunk_lightning_attn(q, k, v, slopes, h0, ...)`` on the whole
-sequence: the output, dq, dk, dv (dg with per-token gates) gathered, and d(h0), which is the whole
-gradient on the group's first rank and exactly zero on the others. Fixed decay (a head without
-decay, so that ``h0`` reaches every rank; a head whose carry underflows) and per-token gates, odd
-slice lengths, packed documents on and next to slice edges (``h0`` feeds only each row's first
-document), fp64 with the torch backend; fp32 with the triton backend in Triton's interpreter at
-W = 2. Also: bad ``initial_state`` inputs and ranks that disagree on it raise a one-line
-ValueError.
+``lightning_attn_sp(..., initial_state=h0, output_final_state=True)`` on W gloo ranks (W = 2 and
+4), the same ``h0`` on every rank, must give the slice of ``chunk_lightning_attn(q, k, v, slopes,
+h0, True, ...)`` on the whole sequence: the output, dq, dk, dv (dg with per-token gates) gathered,
+d(h0), which is the whole gradient on the group's first rank and exactly zero on the others, and
+the final state on every rank, its gradient handed to the ranks in unequal parts. Fixed decay (a
+head without decay, so that ``h0`` reaches every rank; a head whose carry underflows) and
+per-token gates, odd slice lengths, packed documents on and next to slice edges (``h0`` feeds
+only each row's first document), fp64 with the torch backend; at W = 2 also fp32 with the triton
+backend in Triton's interpreter (``h0`` alone) and the GPU test's own case
+(``tests/test_gpu_multirank.py``) on the CPU. Also: bad ``initial_state`` inputs and ranks that
+disagree on the state in or out raise a one-line ValueError.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _check(rank, world_size, seed):
         cu = torch.tensor([0, 30, 31, 48], dtype=torch.int64)  # the first document crosses the edge
         for i, mode in enumerate(MODES):
             gpu_path[f"{mode}-fp32-cpu-packed"] = _run_case(seed + i, (1, 24, 4, 8), mode, torch.float32, group, cu)
-    if world_size == 2:  # the triton backend in Triton's interpreter (40 tokens a rank: several blocks)
+        # the triton backend in Triton's interpreter (40 tokens a rank: several blocks)
         cu = torch.tensor([0, 45, 46, 79, 80], dtype=torch.int64)  # the first document crosses the edge
         for gated in (False, True):
             for mode in MODES:
@@ -169,6 +171,8 @@ def _check(rank, world_size, seed):
                                                      initial_state=h0 if rank == 0 else None)),
         "grad-disagree": _error(lambda: lightning_attn_sp(*local, slopes, group, "allgather", "torch",
                                                           initial_state=h0.clone().requires_grad_(rank == 0))),
+        "final-disagree": _error(lambda: lightning_attn_sp(*local, slopes, group, "lasp", "torch",
+                                                           output_final_state=rank == 0)),
     }
     return results, max(others), sensitivity, errors, gpu_path
 
@@ -187,6 +191,7 @@ def test_initial_state_modes_match_one_process(world):
         assert sensitivity > 1e-2, f"the initial state hardly changes the output ({sensitivity}): a weak check"
         for what, msg in errors.items():
             assert "\n" not in msg and "initial_state" in msg, f"rank {rank}, {what}: {msg}"
+        assert "output_final_state=0" in errors["final-disagree"], errors
         assert "[B, H, Dk, Dv]" in errors["shape"] and "float" in errors["dtype"], errors
         assert "one device" in errors["device"], errors
         if world == 2:
