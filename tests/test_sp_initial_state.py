@@ -43,6 +43,11 @@ def _initial_state(seed, B, H, Dk, Dv):
     return torch.randn(B, H, Dk, Dv, generator=gen, dtype=torch.float64)
 
 
+def _transposed(x):
+    """``x``'s values with the last two dimensions' strides swapped."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _run(inputs, fn, d_final=None):
     """``fn(*leaves)`` forward and backward (``inputs[-1]`` is dO; with ``d_final``, ``fn`` returns
     ``(o, final_state)`` and ``d_final`` is the final state's gradient): the output, every leaf's
@@ -91,8 +96,9 @@ def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, gated, backend="torc
         return out if final else out[0]
 
     ref, ref_final = _run(full, ref_fn, d_final)
-    local = [x.to(dtype) if x is h0 else split_sequence(x.to(dtype), group) for x in full]
-    share = None if d_final is None else d_final.to(dtype) * (2 * (rank + 1) / (world * (world + 1)))
+    # h0 and the final state's gradient with transposed strides (what a user's view may have)
+    local = [_transposed(x.to(dtype)) if x is h0 else split_sequence(x.to(dtype), group) for x in full]
+    share = None if d_final is None else _transposed(d_final.to(dtype) * (2 * (rank + 1) / (world * (world + 1))))
     got, got_final = _run(local, sp_fn, share)
     dh0 = got[-1]
     assert dh0.dtype == dtype and dh0.shape == h0.shape

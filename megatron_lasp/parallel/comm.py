@@ -107,14 +107,16 @@ def from_last_rank(x: Optional[torch.Tensor], like: torch.Tensor, info: GroupInf
     """The last rank's ``x`` on every rank (``x`` is read on the last rank only; ``like`` gives the
     shape and dtype elsewhere): one all-reduce, the others adding exact zeros (gloo's broadcast is
     not among the collectives known to take CUDA tensors)."""
-    out = x.clone() if info.rank == info.size - 1 else torch.zeros_like(like)
+    dense = torch.contiguous_format  # all_reduce takes contiguous tensors
+    out = x.clone(memory_format=dense) if info.rank == info.size - 1 else torch.zeros_like(like, memory_format=dense)
     dist.all_reduce(out, group=info.group)
     return out
 
 
 def sum_over_group(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
-    """The sum of every rank's ``x`` (a new tensor), with one all-reduce."""
-    out = x.clone()
+    """The sum of every rank's ``x`` (a new contiguous tensor: a gradient handed back by autograd
+    may have any strides), with one all-reduce."""
+    out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, group=info.group)
     return out
 

@@ -144,8 +144,8 @@ def lightning_attn_sp(
             (with ``cu_seqlens``, of each row's last document), the same on every rank (it can be
             the next call's ``initial_state``). The gradients that reach it on the ranks are
             summed (a rank that does not use it contributes zero), the mirror of
-            ``initial_state``'s. Costs one all-reduce of a state in each pass (two in the ulysses
-            forward: an all-gather of the head parts instead).
+            ``initial_state``'s. Costs one collective of one state in each pass (an all-reduce;
+            in the ulysses forward an all-gather of the heads' parts).
         group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
         mode: "lasp", "lasp2", "ulysses" or "allgather".
         backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
@@ -155,8 +155,9 @@ def lightning_attn_sp(
             same tensor on every rank (on the device or the CPU). The state restarts at every
             document start, across ranks too. None: one document per row.
         validate: check with one small all-gather that every rank passes the same shapes, dtype,
-            mode, kind of decay, presence of ``initial_state`` (and whether it requires grad) and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
-            check the values of ``cu_seqlens``. Default: on, unless
+            mode, kind of decay, ``initial_state`` or none (and whether it requires grad),
+            ``output_final_state`` and ``cu_seqlens`` (a mismatch would otherwise hang or give
+            wrong results), and check the values of ``cu_seqlens``. Default: on, unless
             ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
         triton_options: launch overrides and buffer poisoning of the triton backend
             (:class:`megatron_lasp.ops.lightning_attn.TritonOptions`), or None.
