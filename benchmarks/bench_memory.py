@@ -173,12 +173,12 @@ def setting_flags(setting: str, extra: str, offload_layers: Optional[int] = None
     return flags + extra.split()
 
 
-def model_options(extra: str) -> Dict[str, int]:
-    """The :func:`memory_model` arguments that ``--extra``'s training flags change: the chunk of
-    ``--recompute-chunk-size`` and the layers of ``--cpu-offloading-num-layers`` (the last given,
-    as argparse reads them)."""
+def model_options(flags_text: str) -> Dict[str, int]:
+    """The :func:`memory_model` arguments that a candidate's training flags (space-separated)
+    change: the chunk of ``--recompute-chunk-size`` and the layers of
+    ``--cpu-offloading-num-layers`` (the last given, as argparse reads them)."""
     flags = {"--recompute-chunk-size": "chunk_size", "--cpu-offloading-num-layers": "offload_layers"}
-    tokens, options = extra.split(), {}
+    tokens, options = flags_text.split(), {}
     for i, token in enumerate(tokens):
         name, _, value = token.partition("=")
         if name in flags:
@@ -186,7 +186,7 @@ def model_options(extra: str) -> Dict[str, int]:
             try:
                 options[flags[name]] = int(value)
             except ValueError:
-                raise ValueError(f"--extra: {name} needs an integer, got {value!r}") from None
+                raise ValueError(f"{name} needs an integer, got {value!r}") from None
     return options
 
 
