@@ -13,10 +13,12 @@ Settings (``--settings``, comma separated; each adds flags to the common ones be
     plain        --no-fused-linear-cross-entropy (megatron-core's output layer + loss)
     fused        the fused chunked loss (default of the training script)
     chunked      fused + --recompute-chunk-size 16384 (the whole layer in chunks on one GPU)
-    offload      fused + --recompute-chunk-size 16384 + --cpu-offloading
+    offload      fused + --recompute-chunk-size 16384 + --cpu-offloading (+ --cpu-offloading-num-layers N
+                 with ``--offload-layers N``: the first N layers' inputs only)
 Common flags: --model-preset PRESET --mock-data --bf16 --ddp-impl megatron
 --use-distributed-optimizer --micro-batch-size 1 --recompute-granularity full (one layer per unit);
-``--extra "..."`` appends more.
+``--extra "..."`` appends more to every setting. The memory model printed beside each measurement
+reads ``--recompute-chunk-size`` and ``--cpu-offloading-num-layers`` from the candidate's flags.
 
 Output (in ``--out``, written atomically): ``memory_<preset>.json`` (every candidate: length,
 setting, ok / reason, peak allocated and reserved GiB, tokens/s, step times, losses, the memory
@@ -28,11 +30,11 @@ Example (TNL-1B, one H200, about 8 minutes)::
 
     python benchmarks/bench_memory.py --preset tnl-1b --settings chunked --budget-s 470 --out docs/benchmarks
 
-2M tokens, the first 8 layers' inputs in pinned host memory (the model reads
-``--cpu-offloading-num-layers`` and ``--recompute-chunk-size`` from ``--extra``)::
+1M and 2M tokens with the first 8 layers' inputs in pinned host memory, then without offload
+(2M does not fit without it), about 7 minutes::
 
-    python benchmarks/bench_memory.py --preset tnl-1b --settings offload --lengths 2097152 \
-        --extra "--cpu-offloading-num-layers 8" --budget-s 560 --candidate-timeout 540 --out docs/benchmarks/memory_2m
+    python benchmarks/bench_memory.py --preset tnl-1b --settings offload,chunked --offload-layers 8 \
+        --lengths 1048576,2097152 --budget-s 560 --candidate-timeout 360 --out docs/benchmarks/memory_2m
 """
 
 from __future__ import annotations
@@ -162,12 +164,21 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     return out
 
 
-def model_options(extra: str) -> Dict[str, int]:
-    """The :func:`memory_model` arguments that ``--extra``'s training flags change: the chunk of
-    ``--recompute-chunk-size`` and the layers of ``--cpu-offloading-num-layers`` (the last given,
-    as argparse reads them)."""
+def setting_flags(setting: str, extra: str, offload_layers: Optional[int] = None) -> List[str]:
+    """The training flags of ``setting`` beyond :func:`common_flags`: its own, then
+    ``--cpu-offloading-num-layers offload_layers`` (``offload`` only), then ``extra``."""
+    flags = list(SETTINGS[setting])
+    if setting == "offload" and offload_layers is not None:
+        flags += ["--cpu-offloading-num-layers", str(offload_layers)]
+    return flags + extra.split()
+
+
+def model_options(flags_text: str) -> Dict[str, int]:
+    """The :func:`memory_model` arguments that a candidate's training flags (space-separated)
+    change: the chunk of ``--recompute-chunk-size`` and the layers of
+    ``--cpu-offloading-num-layers`` (the last given, as argparse reads them)."""
     flags = {"--recompute-chunk-size": "chunk_size", "--cpu-offloading-num-layers": "offload_layers"}
-    tokens, options = extra.split(), {}
+    tokens, options = flags_text.split(), {}
     for i, token in enumerate(tokens):
         name, _, value = token.partition("=")
         if name in flags:
@@ -175,7 +186,7 @@ def model_options(extra: str) -> Dict[str, int]:
             try:
                 options[flags[name]] = int(value)
             except ValueError:
-                raise ValueError(f"--extra: {name} needs an integer, got {value!r}") from None
+                raise ValueError(f"{name} needs an integer, got {value!r}") from None
     return options
 
 
@@ -194,7 +205,8 @@ def _child(args) -> int:
     try:
         from megatron_lasp.training import loop
 
-        argv = common_flags(args.preset, args.seq, args.steps) + SETTINGS[args.setting] + args.extra.split()
+        argv = common_flags(args.preset, args.seq, args.steps) + setting_flags(args.setting, args.extra,
+                                                                               args.offload_layers)
         state = loop.setup(argv)
         torch.cuda.synchronize()
         result["after_setup_gib"] = torch.cuda.memory_allocated() / GIB
@@ -251,6 +263,8 @@ def _run_candidate(args, setting: str, seq: int, timeout: float) -> dict:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--preset", args.preset, "--setting", setting,
            "--seq", str(seq), "--steps", str(args.steps), "--result", result_path, "--extra", args.extra]
+    if args.offload_layers is not None:
+        cmd += ["--offload-layers", str(args.offload_layers)]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -268,7 +282,8 @@ def _run_candidate(args, setting: str, seq: int, timeout: float) -> dict:
     except (OSError, ValueError):
         result = {"seq": seq, "setting": setting, "ok": False, "reason": "child died", "log_tail": tail}
     result["wall_s"] = time.time() - t0
-    pred = memory_model(args.preset, seq, setting, **model_options(args.extra))
+    pred = memory_model(args.preset, seq, setting, **model_options(" ".join(setting_flags(setting, args.extra,
+                                                                                        args.offload_layers))))
     result["predicted_gib"] = pred["total"] / GIB
     result["predicted_host_pinned_gib"] = pred["host pinned"] / GIB
     if result.get("peak_allocated_gib"):
@@ -385,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of the whole run")
     p.add_argument("--candidate-timeout", type=float, default=300.0)
     p.add_argument("--extra", default="", help="more training flags for every candidate")
+    p.add_argument("--offload-layers", type=int, default=None,
+                   help="--cpu-offloading-num-layers for the offload setting only (default: every layer)")
     p.add_argument("--no-expandable-segments", action="store_true",
                    help="do not set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the candidates")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -404,9 +421,10 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 3 (the first step is the warm-up)")
     try:  # the model's reading of --extra, before any candidate runs
         for setting in settings:
-            memory_model(args.preset, args.start, setting, **model_options(args.extra))
+            memory_model(args.preset, args.start, setting,
+                         **model_options(" ".join(setting_flags(setting, args.extra, args.offload_layers))))
     except (KeyError, ValueError) as err:
-        p.error(f"--preset {args.preset} / --extra {args.extra!r}: {err}")
+        p.error(f"--preset {args.preset} / --offload-layers / --extra {args.extra!r}: {err}")
     os.makedirs(args.out, exist_ok=True)
     try:
         import torch
@@ -439,7 +457,7 @@ def main(argv=None) -> int:
         "gpu_total_gib": gpu_total,
         "command": " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
         "common_flags": common_flags(args.preset, 0, args.steps),
-        "settings": {s: SETTINGS[s] + args.extra.split() for s in settings},
+        "settings": {s: setting_flags(s, args.extra, args.offload_layers) for s in settings},
         "search": summary,
         "fit": _fit(records),
         "wall_s": time.time() - t_start,

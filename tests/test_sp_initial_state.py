@@ -1,14 +1,16 @@
-"""The initial state under sequence parallelism: every mode against the one-process run.
+"""The state in and out under sequence parallelism: every mode against the one-process run.
 
-``lightning_attn_sp(..., initial_state=h0)`` on W gloo ranks (W = 2 and 4), the same ``h0`` on
-every rank, must give the slice of ``chunk_lightning_attn(q, k, v, slopes, h0, ...)`` on the whole
-sequence: the output, dq, dk, dv (dg with per-token gates) gathered, and d(h0), which is the whole
-gradient on the group's first rank and exactly zero on the others. Fixed decay (a head without
-decay, so that ``h0`` reaches every rank; a head whose carry underflows) and per-token gates, odd
-slice lengths, packed documents on and next to slice edges (``h0`` feeds only each row's first
-document), fp64 with the torch backend; fp32 with the triton backend in Triton's interpreter at
-W = 2. Also: bad ``initial_state`` inputs and ranks that disagree on it raise a one-line
-ValueError.
+``lightning_attn_sp(..., initial_state=h0, output_final_state=True)`` on W gloo ranks (W = 2 and
+4), the same ``h0`` on every rank, must give the slice of ``chunk_lightning_attn(q, k, v, slopes,
+h0, True, ...)`` on the whole sequence: the output, dq, dk, dv (dg with per-token gates) gathered,
+d(h0), which is the whole gradient on the group's first rank and exactly zero on the others, and
+the final state on every rank, its gradient handed to the ranks in unequal parts. Fixed decay (a
+head without decay, so that ``h0`` reaches every rank; a head whose carry underflows) and
+per-token gates, odd slice lengths, packed documents on and next to slice edges (``h0`` feeds
+only each row's first document), fp64 with the torch backend; at W = 2 also fp32 with the triton
+backend in Triton's interpreter (``h0`` alone) and the GPU test's own case
+(``tests/test_gpu_multirank.py``) on the CPU. Also: bad ``initial_state`` inputs and ranks that
+disagree on the state in or out raise a one-line ValueError.
 """
 
 from __future__ import annotations
@@ -43,48 +45,71 @@ def _initial_state(seed, B, H, Dk, Dv):
     return torch.randn(B, H, Dk, Dv, generator=gen, dtype=torch.float64)
 
 
-def _run(inputs, fn):
-    """``fn(*leaves)`` forward and backward (``inputs[-1]`` is dO): the output and every leaf's gradient."""
+def _transposed(x):
+    """``x``'s values with the last two dimensions' strides swapped."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _run(inputs, fn, d_final=None):
+    """``fn(*leaves)`` forward and backward (``inputs[-1]`` is dO; with ``d_final``, ``fn`` returns
+    ``(o, final_state)`` and ``d_final`` is the final state's gradient): the output, every leaf's
+    gradient and the final state (or None)."""
     leaves = [x.clone().requires_grad_(True) for x in inputs[:-1]]
-    o = fn(*leaves)
-    o.backward(inputs[-1])
-    return [o.detach()] + [x.grad for x in leaves]
+    if d_final is None:
+        o, final = fn(*leaves), None
+        o.backward(inputs[-1])
+    else:
+        o, final = fn(*leaves)
+        torch.autograd.backward([o, final], [inputs[-1], d_final])
+    return [o.detach()] + [x.grad for x in leaves], final
 
 
-def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, gated, backend="torch"):
+def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, gated, backend="torch", final=False):
     """One case: ``{name: relative error}`` of the gathered output and gradients (d(h0): the first
-    rank's), and the largest d(h0) entry on the other ranks (must be 0)."""
-    world = dist.get_world_size(group)
+    rank's; with ``final``, the final state on this rank too, its gradient split over the ranks in
+    unequal parts), and the largest d(h0) entry on the other ranks (must be 0)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, do = attention_inputs(seed, B, C * world, H, Dk, Dv)
     h0 = _initial_state(seed + 1, B, H, Dk, Dv)
+    d_final = _initial_state(seed + 3, B, H, Dk, Dv) if final else None
+    kw = dict(cu_seqlens=cu)
     if gated:
         slopes, g = None, check_gates(seed + 2, B, C * world, H)
         full, names = (q, k, v, g, h0, do), ("o", "dq", "dk", "dv", "dg", "dh0")
 
         def ref_fn(a, b, c, d, s):
-            return chunk_lightning_attn(a, b, c, None, s, g=d, backend="torch", cu_seqlens=cu)[0]
+            return _pick(chunk_lightning_attn(a, b, c, None, s, final, g=d, backend="torch", **kw))
 
         def sp_fn(a, b, c, d, s):
-            return lightning_attn_sp(a, b, c, None, group, mode, backend, g=d, initial_state=s, cu_seqlens=cu)
+            return lightning_attn_sp(a, b, c, None, group, mode, backend, g=d, initial_state=s,
+                                     output_final_state=final, **kw)
     else:
         slopes = check_slopes(H, zero_head=True, strong_head=True)
         full, names = (q, k, v, h0, do), ("o", "dq", "dk", "dv", "dh0")
 
         def ref_fn(a, b, c, s):
-            return chunk_lightning_attn(a, b, c, slopes.double(), s, backend="torch", cu_seqlens=cu)[0]
+            return _pick(chunk_lightning_attn(a, b, c, slopes.double(), s, final, backend="torch", **kw))
 
         def sp_fn(a, b, c, s):
-            return lightning_attn_sp(a, b, c, slopes, group, mode, backend, initial_state=s, cu_seqlens=cu)
+            return lightning_attn_sp(a, b, c, slopes, group, mode, backend, initial_state=s,
+                                     output_final_state=final, **kw)
 
-    ref = _run(full, ref_fn)
-    local = [x.to(dtype) if x is h0 else split_sequence(x.to(dtype), group) for x in full]
-    got = _run(local, sp_fn)
+    def _pick(out):
+        return out if final else out[0]
+
+    ref, ref_final = _run(full, ref_fn, d_final)
+    # h0 and the final state's gradient with transposed strides (what a user's view may have)
+    local = [_transposed(x.to(dtype)) if x is h0 else split_sequence(x.to(dtype), group) for x in full]
+    share = None if d_final is None else _transposed(d_final.to(dtype) * (2 * (rank + 1) / (world * (world + 1))))
+    got, got_final = _run(local, sp_fn, share)
     dh0 = got[-1]
     assert dh0.dtype == dtype and dh0.shape == h0.shape
     got = [gather_sequence(x, group) for x in got[:-1]]
     errs = {name: rel_err(a, b) for name, a, b in zip(names, got, ref)}
+    if final:
+        errs["final"] = rel_err(got_final, ref_final)
     others = 0.0
-    if dist.get_rank(group) == 0:
+    if rank == 0:
         errs["dh0"] = rel_err(dh0, ref[-1])
     else:
         others = dh0.abs().max().item()
@@ -109,7 +134,7 @@ def _check(rank, world_size, seed):
         for gated in (False, True):
             for i, mode in enumerate(MODES):
                 key = f"{mode}-B{B}-C{C}-sp{world_size}-{'gated' if gated else 'fixed'}{'-packed' if packed else ''}"
-                errs, other = _compare(seed + i, B, C, H, Dk, Dv, mode, group, cu, torch.float64, gated)
+                errs, other = _compare(seed + i, B, C, H, Dk, Dv, mode, group, cu, torch.float64, gated, final=True)
                 results[key] = (errs, TOL["fp64-gated" if gated else "fp64-fixed"])
                 others.append(other)
     gpu_path = {}
@@ -120,7 +145,7 @@ def _check(rank, world_size, seed):
         cu = torch.tensor([0, 30, 31, 48], dtype=torch.int64)  # the first document crosses the edge
         for i, mode in enumerate(MODES):
             gpu_path[f"{mode}-fp32-cpu-packed"] = _run_case(seed + i, (1, 24, 4, 8), mode, torch.float32, group, cu)
-    if world_size == 2:  # the triton backend in Triton's interpreter (40 tokens a rank: several blocks)
+        # the triton backend in Triton's interpreter (40 tokens a rank: several blocks)
         cu = torch.tensor([0, 45, 46, 79, 80], dtype=torch.int64)  # the first document crosses the edge
         for gated in (False, True):
             for mode in MODES:
@@ -146,6 +171,8 @@ def _check(rank, world_size, seed):
                                                      initial_state=h0 if rank == 0 else None)),
         "grad-disagree": _error(lambda: lightning_attn_sp(*local, slopes, group, "allgather", "torch",
                                                           initial_state=h0.clone().requires_grad_(rank == 0))),
+        "final-disagree": _error(lambda: lightning_attn_sp(*local, slopes, group, "lasp", "torch",
+                                                           output_final_state=rank == 0)),
     }
     return results, max(others), sensitivity, errors, gpu_path
 
@@ -159,10 +186,12 @@ def test_initial_state_modes_match_one_process(world):
         assert len(results) == 2 * 2 * 4 + (8 if world == 2 else 0)
         if rank == 0:
             assert all("dh0" in errs for errs, _ in results.values())
+        assert sum("final" in errs for errs, _ in results.values()) == 16
         assert others == 0.0, f"rank {rank}: d(initial state) must be zero off the first rank, got {others}"
         assert sensitivity > 1e-2, f"the initial state hardly changes the output ({sensitivity}): a weak check"
         for what, msg in errors.items():
             assert "\n" not in msg and "initial_state" in msg, f"rank {rank}, {what}: {msg}"
+        assert "output_final_state=0" in errors["final-disagree"], errors
         assert "[B, H, Dk, Dv]" in errors["shape"] and "float" in errors["dtype"], errors
         assert "one device" in errors["device"], errors
         if world == 2:

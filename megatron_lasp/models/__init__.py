@@ -34,14 +34,14 @@ Builder API (what the training loop calls)::
 - Activation recompute: ``recompute_granularity='full'`` (+ ``recompute_method``,
   ``recompute_num_layers``) recomputes whole layers; ``'selective'`` with ``'core_attn'`` in
   ``recompute_modules`` (megatron-core's default) recomputes the linear-attention core (feature
-  maps + kernel + SP communication).
-- Long sequences (``loss.py``, ``offload.py``, ``chunked.py``, ``docs/MEMORY.md``): the output layer + loss run
-  chunked over tokens by default (``fused_linear_cross_entropy``; pass ``loss_mask=`` to get the
-  gradients computed in forward), ``offload_layer_inputs`` keeps the recompute checkpoints in
-  pinned host memory, ``recompute_chunk_size`` recomputes each layer with its MLP half in chunks.
   maps + kernel + SP communication); ``recompute_elementwise=True`` (with 'selective'; flag
   ``--recompute-modules elementwise``) frees the norm, norm x gate and GLU outputs that the next
   matmul saves and recomputes them before its backward (no matmul recomputed; exact).
+- Long sequences (``loss.py``, ``offload.py``, ``chunked.py``, ``docs/MEMORY.md``): the output
+  layer and loss run chunked over tokens by default (``fused_linear_cross_entropy``; pass ``loss_mask=`` to
+  get the gradients computed in forward), ``offload_layer_inputs`` keeps the recompute checkpoints
+  in pinned host memory (``offload_num_layers``: those of each stage's first layers only),
+  ``recompute_chunk_size`` runs each layer in chunks of tokens under its own recompute.
 - ``fusion``: the elementwise work around the matmuls runs in the Triton kernels of
   ``megatron_lasp.ops.fused`` (default on GPU; ``fusion=False`` / ``--no-fusion``: plain PyTorch,
   the CPU path).

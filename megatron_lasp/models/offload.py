@@ -7,8 +7,9 @@ TNL-1B's 16 x 2048). :class:`LayerInputOffloader`'s saved-tensor hooks, active d
 decoder's forward, move every saved CUDA tensor of at least ``min_bytes`` (with recompute: the
 layer inputs) to pinned host memory on a side stream, overlapped with the next layer's forward;
 backward waits for the copy back of the layer it needs and starts the copy of the layer before it,
-so at most two layer inputs are on the GPU. On CPU the same code path runs with plain host copies
-(what the tests check).
+so at most two layer inputs are on the GPU: a copy back lives as long as autograd holds its layer's
+node (until that layer's backward is done), the offloader itself keeps only weak references. On CPU
+the same code path runs with plain host copies (what the tests check).
 
 ``num_layers`` = N moves only what the first N layers of the stage save; the later layers' saved
 tensors stay on the device. The first layers are the ones worth moving: their inputs wait longest

@@ -19,7 +19,9 @@ states and sum into its owner with one reduce-scatter of ``W x B x H`` numbers.
 
 Initial state ``h0``: the prefix starts from it (the first rank gives it to the kernel); its
 gradient is each rank's ``dS_in`` carried back through slice 0, summed into the first rank in the
-same reduce-scatter (``W x B x H x Dk x Dv`` numbers more).
+same reduce-scatter (``W x B x H x Dk x Dv`` numbers more). The final state, when asked for: the
+last rank's kernel gives it (one all-reduce to every rank); its gradient, summed over the ranks,
+is that kernel's final-state gradient.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd, lightning_attn_fwd
-from megatron_lasp.parallel.comm import GroupInfo, all_gather_flat, group_info, reduce_scatter_flat
+from megatron_lasp.parallel.comm import (
+    GroupInfo,
+    all_gather_flat,
+    from_last_rank,
+    group_info,
+    reduce_scatter_flat,
+    state_dtype,
+)
 from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
@@ -52,8 +61,8 @@ def _views(row: torch.Tensor, shape_k, shape_v):
 
 class _AllGatherFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
-                triton_options=None):
+    def forward(ctx, q, k, v, slopes, g, h0, want_final: bool, info: GroupInfo, backend,
+                docs: Optional[SliceDocs] = None, triton_options=None):
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         kv = torch.empty(info.size * packed.numel(), dtype=packed.dtype, device=packed.device)
         all_gather_flat(kv, packed, info.group)
@@ -73,16 +82,26 @@ class _AllGatherFunction(SliceFunction):
         prefix = torch.stack(prefix) if g is not None and prefix else None
         if s_in is not None and info.rank > 0:  # the kernel's initial state feeds the slice's first document
             s_in = transforms[info.rank].keep(s_in)
-        o, _, saved = lightning_attn_fwd(q, k, v, slopes, s_in, False, backend, g=g,
-                                         doc_ids=None if docs is None else docs.local,
-                                         triton_options=triton_options)
-        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, kv, gates, prefix), (info, docs))
-        return o
+        last = info.rank == info.size - 1
+        o, s_last, saved = lightning_attn_fwd(q, k, v, slopes, s_in, want_final and last, backend, g=g,
+                                              doc_ids=None if docs is None else docs.local,
+                                              triton_options=triton_options)
+        final = None
+        if want_final:  # the last slice's final state, on every rank
+            final = from_last_rank(s_last, torch.empty(q.shape[0], q.shape[2], q.shape[3], v.shape[3],
+                                                        dtype=state_dtype(q.dtype), device=q.device), info)
+        # per-token gates: dg of the last slice needs the final state when its gradient comes back
+        s_last = s_last if g is not None else None
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, kv, gates, prefix, s_last), (info, docs))
+        ctx.want_final = want_final
+        return o, final
 
     @staticmethod
-    def backward(ctx, do):
-        (q, k, v, slopes, g, kv, gates, prefix), saved, (info, docs) = SliceFunction.restore(ctx)
-        grads_local = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
+    def backward(ctx, do, d_final):
+        (q, k, v, slopes, g, kv, gates, prefix, s_last), saved, (info, docs) = SliceFunction.restore(ctx)
+        d_final = SliceFunction.final_grad(ctx, d_final, info)
+        last = info.rank == info.size - 1
+        grads_local = lightning_attn_bwd(q, k, v, slopes, do, saved=saved, d_final_state=d_final if last else None)
         dq, dk, dv, ds_in = grads_local[:4]
         transforms = _transforms(slopes, gates, q.shape[1], docs, info)
         if info.rank > 0:
@@ -118,8 +137,12 @@ class _AllGatherFunction(SliceFunction):
             reduce_scatter_flat(summed, shares.view(-1), info.group)
         dg = None
         if g is not None:
-            has_next = info.rank < info.size - 1
-            final = summed[:BH].view(ds_in.shape[:2]) if has_next else None
+            if not last:
+                final = summed[:BH].view(ds_in.shape[:2])
+            elif d_final is not None:  # the final state's own term
+                final = (s_last.to(d_final.dtype) * d_final).sum((-1, -2))
+            else:
+                final = None
             dg = slice_gate_grad(g, q, dq, k, dk, docs, backend=saved.backend, final_term=final)
         dh0 = None if not need_dh0 else summed[width - n_state:].view(ds_in.shape)
         return _AllGatherFunction.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, ds_in))
@@ -136,7 +159,8 @@ def _transforms(slopes, gates, C: int, docs: Optional[SliceDocs], info: GroupInf
 
 def allgather_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
                         docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
-                        initial_state=None) -> torch.Tensor:
+                        initial_state=None, output_final_state: bool = False):
     """All-gather baseline over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _AllGatherFunction.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs,
-                                    triton_options)
+    o, final = _AllGatherFunction.apply(q, k, v, slopes, g, initial_state, output_final_state, group_info(group),
+                                        backend, docs, triton_options)
+    return (o, final) if output_final_state else o

@@ -34,6 +34,8 @@ __all__ = [
     "all_gather_flat",
     "gather_rows",
     "reduce_scatter_flat",
+    "from_last_rank",
+    "sum_over_group",
     "send_state",
     "recv_state",
     "staged_p2p",
@@ -99,6 +101,24 @@ def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.Proces
     """Sum-reduce-scatter of 1-d ``inp`` (``W`` equal parts, in group order) into 1-d ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
+
+
+def from_last_rank(x: Optional[torch.Tensor], like: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """The last rank's ``x`` on every rank (``x`` is read on the last rank only; ``like`` gives the
+    shape and dtype elsewhere): one all-reduce, the others adding exact zeros (gloo's broadcast is
+    not among the collectives known to take CUDA tensors)."""
+    dense = torch.contiguous_format  # all_reduce takes contiguous tensors
+    out = x.clone(memory_format=dense) if info.rank == info.size - 1 else torch.zeros_like(like, memory_format=dense)
+    dist.all_reduce(out, group=info.group)
+    return out
+
+
+def sum_over_group(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """The sum of every rank's ``x`` (a new contiguous tensor: a gradient handed back by autograd
+    may have any strides), with one all-reduce."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=info.group)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ its own slice's contribution and passes the result on at once. :class:`StateHop`
 3. :meth:`StateHop.join` makes the current stream wait for the received state before the caller
    uses it; :meth:`StateHop.finish` waits for the send.
 
-The ends of the chain: the first rank of a forward chain may start from a given state instead of
-a received one (``entry``: the group's initial state), and the last rank of a backward chain may
-keep what it would send on (``keep_end``: the gradient of that initial state); the ranks between
-them do not change.
+The ends of the chain: its first rank may start from a given state instead of a received one
+(``entry``: forward, the group's initial state; backward, the gradient of its final state), and
+its last rank may keep what it would send on (``keep_end``: forward, the final state; backward,
+the initial state's gradient); the ranks between them do not change.
 
 On CUDA, step 2 runs on a side stream, so the caller's work queued after it (LASP's output pass)
 does not wait for the incoming state: the chain of W-1 hops overlaps every rank's output pass. On
@@ -90,9 +90,11 @@ class StateHop:
         forward: True for the state (from the previous rank to the next), False for its gradient
             (from the next rank to the previous).
         entry: ``[B, H, Dk, Dv]`` (``dtype``), what the first rank of the chain takes as its
-            received state (forward: the group's initial state); None: nothing (zero).
+            received state (forward: the group's initial state; backward: the gradient of its
+            final state); None: nothing (zero).
         keep_end: the last rank of the chain forms ``keep * local + carry(received)`` as well and
-            keeps it as :attr:`end` (backward: the gradient of the group's initial state).
+            keeps it as :attr:`end` (forward: the final state; backward: the gradient of the
+            initial state).
 
     Attributes:
         end: see ``keep_end``; None elsewhere.

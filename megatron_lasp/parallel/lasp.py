@@ -37,7 +37,9 @@ slice's total gradients and ``<dS, S_out>`` (``parallel/README.md``, "Per-token 
 
 Initial state ``h0``: the first rank's ``S_in`` (its hop starts from it instead of a received
 state); in the backward the first rank keeps the ``dS_in`` it would send to a rank before it, which
-is the gradient of ``h0`` (``parallel/README.md``, "The initial state").
+is the gradient of ``h0`` (``parallel/README.md``, "The initial state"). The final state, when
+asked for: the last rank's ``S_out`` (its hop keeps it), given to every rank by one all-reduce; its
+gradient, summed over the ranks, is where the last rank's backward hop starts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_lasp.ops.lightning_attn import lightning_attn_bwd_phases, lightning_attn_fwd_phases
-from megatron_lasp.parallel.comm import GroupInfo, group_info, state_dtype
+from megatron_lasp.parallel.comm import GroupInfo, from_last_rank, group_info, state_dtype
 from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
@@ -66,11 +68,13 @@ class _LaspFunction(SliceFunction):
     N_INPUTS = SliceFunction.N_INPUTS + 1  # overlap
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
-                triton_options=None, overlap: bool = True):
+    def forward(ctx, q, k, v, slopes, g, h0, want_final: bool, info: GroupInfo, backend,
+                docs: Optional[SliceDocs] = None, triton_options=None, overlap: bool = True):
         B, C, H, Dk = q.shape
-        # 1. post the receive of S_in (the first rank starts from h0)
-        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=True, entry=h0)
+        # 1. post the receive of S_in (the first rank starts from h0; the last keeps its S_out,
+        # the final state, when it is wanted)
+        hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=True, entry=h0,
+                       keep_end=want_final)
         if not overlap:
             hop.wait()
         # 2. the state-only pass: S_loc before any output is computed
@@ -92,17 +96,21 @@ class _LaspFunction(SliceFunction):
         if s_in is not None:
             add_state_term(o, q, s_in, tr.w_in)
         hop.finish()
-        # per-token gates: dg needs the state leaving the slice (s_loc became it when sent on)
-        s_out = s_loc if g is not None and info.next is not None else None
+        final = None if not want_final else from_last_rank(hop.end, s_loc, info)
+        # per-token gates: dg needs the state leaving the slice (s_loc became it when passed on)
+        s_out = s_loc if g is not None and (info.next is not None or want_final) else None
         SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, s_in, s_out), (info, docs, overlap))
-        return o
+        ctx.want_final = want_final
+        return o, final
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, d_final):
         (q, k, v, slopes, g, s_in, s_out), saved, (info, docs, overlap) = SliceFunction.restore(ctx)
         B, C, H, Dk = q.shape
-        # the first rank keeps what it would send to a rank before it: the gradient of h0
+        # the last rank starts from the final state's gradient; the first keeps what it would send
+        # to a rank before it: the gradient of h0
         hop = StateHop((B, H, Dk, v.shape[-1]), state_dtype(q.dtype), q.device, info, forward=False,
+                       entry=SliceFunction.final_grad(ctx, d_final, info),
                        keep_end=SliceFunction.needs_initial_grad(ctx))
         if not overlap:
             hop.wait()
@@ -136,7 +144,7 @@ class _LaspFunction(SliceFunction):
 
 def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
                    docs: Optional[SliceDocs] = None, triton_options=None, *, g=None, initial_state=None,
-                   overlap: bool = True):
+                   output_final_state: bool = False, overlap: bool = True):
     """LASP-1 over ``group`` (inputs already validated by :func:`megatron_lasp.parallel.lightning_attn_sp`).
 
     Args:
@@ -152,12 +160,16 @@ def lasp_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[
         initial_state: ``[B, H, Dk, Dv]`` in the state dtype (fp32; fp64 for fp64 inputs), the
             state entering the group's first slice, the same on every rank, or None (zero). Its
             gradient: the whole one on the group's first rank, zeros on the others.
+        output_final_state: also return the state after the group's last slice, the same on every
+            rank; the gradients that reach it on the ranks are summed.
         overlap: the schedule above; False waits for the incoming state (gradient) before the
             kernel and sends after it, so each rank waits for every kernel before it (the same
             results: the baseline that ``benchmarks/gpu_check_sp.py`` times the overlap against).
 
     Returns:
-        ``o [B, C, H, Dv]``, this rank's slice of the output.
+        ``o [B, C, H, Dv]``, this rank's slice of the output; ``(o, final_state [B, H, Dk, Dv])``
+        (state dtype) with ``output_final_state``.
     """
-    return _LaspFunction.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs, triton_options,
-                               overlap)
+    o, final = _LaspFunction.apply(q, k, v, slopes, g, initial_state, output_final_state, group_info(group), backend,
+                                   docs, triton_options, overlap)
+    return (o, final) if output_final_state else o

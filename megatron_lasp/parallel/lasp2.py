@@ -19,7 +19,9 @@ rank zeroes its ``G`` when its slice starts with a boundary.
 
 Initial state ``h0``: every rank has it (the same value), so it is the prefix's start
 (``S_in = T_{r-1}(... T_0(h0) + S_loc_0 ...) + S_loc_{r-1}``) and its gradient the suffix carried
-through slice 0 as well, formed on the first rank from the gathered ``G``: no extra traffic.
+through slice 0 as well, formed on the first rank from the gathered ``G``: no extra traffic. The
+final state, when asked for: the prefix of all ``W`` slices, formed on every rank; its gradient,
+summed over the ranks (one all-reduce), starts every rank's suffix.
 
 Per-token gates (``g``): the carry of each slice (``exp`` of its cumulative gate, per row and
 head) travels in the same all-gather as its state; ``dg`` from the slice's total gradients and
@@ -66,8 +68,8 @@ def _all_gather_states(x: torch.Tensor, info: GroupInfo, extra: Optional[torch.T
 
 class _Lasp2Function(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
-                triton_options=None):
+    def forward(ctx, q, k, v, slopes, g, h0, want_final: bool, info: GroupInfo, backend,
+                docs: Optional[SliceDocs] = None, triton_options=None):
         o, s_loc, saved = lightning_attn_fwd(q, k, v, slopes, None, True, backend, g=g,
                                              doc_ids=None if docs is None else docs.local,
                                              triton_options=triton_options)
@@ -81,14 +83,17 @@ class _Lasp2Function(SliceFunction):
         if s_in is not None:
             add_state_term(o, q, s_in, mine.w_in)
         s_out = None
-        if g is not None and info.next is not None:  # dg needs the state leaving the slice
+        if g is not None and (info.next is not None or want_final):  # dg needs the state leaving the slice
             s_out = s_loc if s_in is None else mine(s_in).add_(s_loc)
+        # the final state: every rank has every slice's state, so every rank forms it
+        final = decayed_prefix(states, transforms, info.size, initial=h0) if want_final else None
         across = None if g is None else torch.stack([t.across for t in transforms])
         SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, s_in, s_out, across), (info, docs))
-        return o
+        ctx.want_final = want_final
+        return o, final
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, d_final):
         (q, k, v, slopes, g, s_in, s_out, across), saved, (info, docs) = SliceFunction.restore(ctx)
         transforms, mine = _transforms(slopes, g, q.shape[1], docs, info)
         if across is not None:
@@ -97,7 +102,8 @@ class _Lasp2Function(SliceFunction):
             saved = with_entry_state(saved, s_in, slopes, docs, SliceDecays.for_slice(slopes, g, q.shape[1]))
         dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)[:4]
         grads = _all_gather_states(mine.keep(g_loc), info)  # the kernel's dS_0 is for the slice's first document
-        ds = decayed_suffix(grads, transforms, info.rank)
+        d_final = SliceFunction.final_grad(ctx, d_final, info)
+        ds = decayed_suffix(grads, transforms, info.rank, final=d_final)
         if ds is not None:
             add_state_term(dk, v, ds.transpose(-1, -2), mine.w_out)
             add_state_term(dv, k, ds, mine.w_out)
@@ -106,7 +112,7 @@ class _Lasp2Function(SliceFunction):
             dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
         dh0 = None
         if SliceFunction.needs_initial_grad(ctx) and info.rank == 0:  # the gradient entering slice 0
-            dh0 = decayed_suffix(grads, transforms, -1)
+            dh0 = decayed_suffix(grads, transforms, -1, final=d_final)
         return _Lasp2Function.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, g_loc))
 
 
@@ -123,6 +129,8 @@ def _transforms(slopes, g, C: int, docs: Optional[SliceDocs], info: GroupInfo):
 
 def lasp2_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
                     docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
-                    initial_state=None) -> torch.Tensor:
+                    initial_state=None, output_final_state: bool = False):
     """LASP-2 over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`."""
-    return _Lasp2Function.apply(q, k, v, slopes, g, initial_state, group_info(group), backend, docs, triton_options)
+    o, final = _Lasp2Function.apply(q, k, v, slopes, g, initial_state, output_final_state, group_info(group), backend,
+                                    docs, triton_options)
+    return (o, final) if output_final_state else o

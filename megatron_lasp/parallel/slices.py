@@ -26,7 +26,7 @@ import torch
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
 from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad
 from megatron_lasp.ops.lightning_attn.triton_chunk import triton_gate_dots
-from megatron_lasp.parallel.comm import state_dtype
+from megatron_lasp.parallel.comm import state_dtype, sum_over_group
 
 __all__ = [
     "SliceDecays",
@@ -135,15 +135,18 @@ def decayed_prefix(states: List[torch.Tensor], transforms: List["SliceTransform"
     return carry
 
 
-def decayed_suffix(grads: List[torch.Tensor], transforms: List["SliceTransform"], after: int) -> Optional[torch.Tensor]:
+def decayed_suffix(grads: List[torch.Tensor], transforms: List["SliceTransform"], after: int,
+                   final: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Gradient of the state leaving slice ``after``: the mirror of :func:`decayed_prefix`.
 
     ``grads[j]`` is slice ``j``'s own contribution to the gradient of the state entering it
     (``(diag(a) Q_j)^T dO_j``); with fixed decay the result is
     ``sum_{j > after} lam^(C (j-after-1)) grads[j]``. None if ``after`` is the last slice;
     ``after = -1`` gives the gradient of the state entering slice 0 (the group's initial state).
+    ``final``: the gradient of the state leaving the last slice (the group's final state), or None
+    (zero); it is carried back like the ``grads``.
     """
-    carry = None
+    carry = final
     for j in range(len(grads) - 1, after, -1):
         carry = grads[j].clone() if carry is None else transforms[j].transpose(carry).add_(grads[j])
     return carry
@@ -314,12 +317,13 @@ class SliceTransform:
 
 
 class SliceFunction(torch.autograd.Function):
-    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, g, h0, info,
-    backend, docs, triton_options)`` (``slopes`` for a fixed decay, ``g`` for per-token gates,
-    ``h0`` the group's initial state in the state dtype, or None): the save / restore tail they
-    share."""
+    """The base of the modes' autograd Functions, ``forward(ctx, q, k, v, slopes, g, h0,
+    want_final, info, backend, docs, triton_options) -> (o, final)`` (``slopes`` for a fixed decay,
+    ``g`` for per-token gates, ``h0`` the group's initial state in the state dtype, or None;
+    ``want_final``: also the group's final state, the same on every rank, else ``final`` is None):
+    the save / restore tail they share."""
 
-    N_INPUTS = 10
+    N_INPUTS = 11
 
     @staticmethod
     def keep(ctx, saved: LightningAttnSaved, tensors, meta) -> None:
@@ -337,6 +341,15 @@ class SliceFunction(torch.autograd.Function):
     def input_grads(cls, dq, dk, dv, dg=None, dh0=None) -> tuple:
         """The backward's return value: the gradients of q, k, v (and g, h0), None for the other inputs."""
         return (dq, dk, dv, None, dg, dh0) + (None,) * (cls.N_INPUTS - 6)
+
+    @staticmethod
+    def final_grad(ctx, d_final: Optional[torch.Tensor], info) -> Optional[torch.Tensor]:
+        """The gradient of the group's final state: every rank's part summed (what the ranks'
+        copies of a replicated tensor contribute; zero where the final state was not used), or
+        None when it was not asked for. One all-reduce, on every rank or on none."""
+        if not ctx.want_final:
+            return None
+        return sum_over_group(d_final, info)
 
     @staticmethod
     def needs_initial_grad(ctx) -> bool:

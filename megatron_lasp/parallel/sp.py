@@ -1,9 +1,10 @@
 """``lightning_attn_sp``: lightning attention over a sequence split across a process group.
 
 One entry point for the four sequence-parallel modes (one module each, same interface
-``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options, *, g=None, initial_state=None)
--> o``; a fixed decay per head (``slopes``) or per-token gates (``g``, ``slopes=None``), and the
-state entering the whole sequence (``initial_state``, zero by default)):
+``<mode>_attention(q, k, v, slopes, group, backend, docs, triton_options, *, g=None, initial_state=None,
+output_final_state=False) -> o`` (``(o, final_state)`` with ``output_final_state``); a fixed decay
+per head (``slopes``) or per-token gates (``g``, ``slopes=None``), the state entering the whole
+sequence (``initial_state``, zero by default) and the one leaving it):
 
 - ``lasp`` (:mod:`.lasp`): LASP-1, the state passed rank to rank, communication overlapped with
   the intra-slice work;
@@ -18,7 +19,7 @@ without packed documents (``cu_seqlens`` with global offsets; README.md in this 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,8 @@ SEQUENCE_PARALLEL_MODES = tuple(SP_MODES)
 
 VALIDATE_ENV = "MEGATRON_LASP_SP_VALIDATE"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "gated", "initial_state", "n_cu_seqlens",
-              "cu_seqlens_hash")
+_SIGNATURE = ("B", "T_local", "H", "Dk", "Dv", "dtype", "mode", "gated", "initial_state", "output_final_state",
+              "n_cu_seqlens", "cu_seqlens_hash")
 _INITIAL = ("none", "given", "given, requires grad")
 
 
@@ -74,13 +75,13 @@ def _initial_code(initial_state: Optional[torch.Tensor]) -> int:
 
 
 def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None, gated: bool = False,
-                        initial_state: Optional[torch.Tensor] = None) -> None:
+                        initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False) -> None:
     """One small all-gather: every rank must hold the same shapes, dtype, mode, decay kind, initial
-    state (given or not, wanting a gradient or not) and documents."""
+    state (given or not, wanting a gradient or not), final-state flag and documents."""
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
     mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated),
-            _initial_code(initial_state)] + _cu_fingerprint(cu_seqlens)
+            _initial_code(initial_state), int(output_final_state)] + _cu_fingerprint(cu_seqlens)
     rows = gather_rows(mine, group, q.device)
     if any(row != rows[0] for row in rows):
 
@@ -96,7 +97,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
             "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
             f"dtype, with one mode, all with slopes or all with g, all with an initial_state (all requiring "
-            f"its grad or none) or none, and the same global cu_seqlens): {table}"
+            f"its grad or none) or none, one output_final_state, and the same global cu_seqlens): {table}"
         )
 
 
@@ -111,10 +112,11 @@ def lightning_attn_sp(
     *,
     g: Optional[torch.Tensor] = None,
     initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     validate: Optional[bool] = None,
     triton_options: Optional[TritonOptions] = None,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Causal lightning attention of a sequence split contiguously over ``group``.
 
     Rank ``i`` of ``group`` holds tokens ``[i C, (i+1) C)`` (see :mod:`megatron_lasp.parallel.layout`).
@@ -138,6 +140,12 @@ def lightning_attn_sp(
             gradient on the group's first rank and zeros on the others, so that the sum over
             the group (what a gradient reduction over the sequence-parallel ranks does for a
             tensor replicated on them) is the one-device gradient.
+        output_final_state: also return the state after the last token of the whole sequence
+            (with ``cu_seqlens``, of each row's last document), the same on every rank (it can be
+            the next call's ``initial_state``). The gradients that reach it on the ranks are
+            summed (a rank that does not use it contributes zero), the mirror of
+            ``initial_state``'s. Costs one collective of one state in each pass (an all-reduce;
+            in the ulysses forward an all-gather of the heads' parts).
         group: the sequence-parallel group; None or a group of one rank runs the plain kernel.
         mode: "lasp", "lasp2", "ulysses" or "allgather".
         backend: kernel backend, "triton" or "torch" (default: triton on CUDA, torch otherwise).
@@ -147,14 +155,17 @@ def lightning_attn_sp(
             same tensor on every rank (on the device or the CPU). The state restarts at every
             document start, across ranks too. None: one document per row.
         validate: check with one small all-gather that every rank passes the same shapes, dtype,
-            mode, kind of decay, presence of ``initial_state`` (and whether it requires grad) and ``cu_seqlens`` (a mismatch would otherwise hang or give wrong results), and
-            check the values of ``cu_seqlens``. Default: on, unless
+            mode, kind of decay, ``initial_state`` or none (and whether it requires grad),
+            ``output_final_state`` and ``cu_seqlens`` (a mismatch would otherwise hang or give
+            wrong results), and check the values of ``cu_seqlens``. Default: on, unless
             ``$MEGATRON_LASP_SP_VALIDATE=0`` (costs one tiny collective and a host sync per call).
         triton_options: launch overrides and buffer poisoning of the triton backend
             (:class:`megatron_lasp.ops.lightning_attn.TritonOptions`), or None.
 
     Returns:
-        ``o [B, C, H, Dv]`` in q's dtype: this rank's slice of the output.
+        ``o [B, C, H, Dv]`` in q's dtype: this rank's slice of the output; with
+        ``output_final_state``, ``(o, final_state)``, ``final_state [B, H, Dk, Dv]`` fp32 (fp64
+        for fp64 inputs).
 
     Raises:
         ValueError: unknown mode or backend, bad shapes/dtypes/devices (of ``initial_state`` too),
@@ -179,13 +190,16 @@ def lightning_attn_sp(
         check_cu_seqlens(cu_seqlens, B * C * world, q.device, values=True if validate else None,
                          where="lightning_attn_sp")
     if world == 1:
-        return chunk_lightning_attn(q, k, v, slopes, initial_state, backend=backend, g=g, cu_seqlens=cu_seqlens,
-                                    triton_options=triton_options)[0]
+        o, final = chunk_lightning_attn(q, k, v, slopes, initial_state, output_final_state, backend=backend, g=g,
+                                        cu_seqlens=cu_seqlens, triton_options=triton_options)
+        return (o, final) if output_final_state else o
     if validate:
-        _check_across_group(q, v, mode, group, cu_seqlens, gated=g is not None, initial_state=initial_state)
+        _check_across_group(q, v, mode, group, cu_seqlens, gated=g is not None, initial_state=initial_state,
+                            output_final_state=output_final_state)
     docs = None
     if cu_seqlens is not None:
         docs = SliceDocs.of(cu_seqlens, B, C, dist.get_rank(group), world, q.device)
     if initial_state is not None:  # the modes take it in the state dtype; autograd casts its gradient back
         initial_state = initial_state.to(state_dtype(q.dtype))
-    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options, g=g, initial_state=initial_state)
+    return SP_MODES[mode](q, k, v, slopes, group, backend, docs, triton_options, g=g, initial_state=initial_state,
+                          output_final_state=output_final_state)

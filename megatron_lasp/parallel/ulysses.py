@@ -9,7 +9,8 @@ document ids of the whole sequence (every rank has them from the global ``cu_seq
 gates: ``g [B, C, H]`` goes to head shards in an all-to-all of its own (its dtype kept), the
 kernel's ``dg`` comes back the same way (the kernel runs the whole sequence: its ``dg`` is total).
 Initial state ``[B, H, Dk, Dv]``: rank r gives the kernel its heads' part; the kernel's gradient of
-it comes back to the first rank in one all-gather of the head parts.
+it comes back to the first rank in one all-gather of the head parts. The final state: the kernels'
+head parts, all-gathered; its gradient (summed over the ranks) goes back to them the same way.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def _gather_heads(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
 
 class _UlyssesFunction(SliceFunction):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, g, h0, info: GroupInfo, backend, docs: Optional[SliceDocs] = None,
-                triton_options=None):
+    def forward(ctx, q, k, v, slopes, g, h0, want_final: bool, info: GroupInfo, backend,
+                docs: Optional[SliceDocs] = None, triton_options=None):
         hl = q.shape[2] // info.size
         heads = slice(info.rank * hl, (info.rank + 1) * hl)
         qh, kh, vh = _seq_to_heads((q, k, v), info)
@@ -86,17 +87,22 @@ class _UlyssesFunction(SliceFunction):
             gh, slopes_h = gh[..., 0].contiguous(), None
         doc_ids = None if docs is None else docs.full
         h0h = None if h0 is None else h0[:, heads].contiguous()  # this rank's heads of the initial state
-        oh, _, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, h0h, False, backend, g=gh, doc_ids=doc_ids,
-                                          triton_options=triton_options)
+        oh, final_h, saved = lightning_attn_fwd(qh, kh, vh, slopes_h, h0h, want_final, backend, g=gh,
+                                                doc_ids=doc_ids, triton_options=triton_options)
         (o,) = _heads_to_seq((oh,), info)
+        final = _gather_heads(final_h, info) if want_final else None  # every rank's heads of it
         SliceFunction.keep(ctx, saved, (qh, kh, vh, slopes_h), (info, None if g is None else g.dtype))
-        return o
+        ctx.want_final = want_final
+        return o, final
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, d_final):
         (qh, kh, vh, slopes_h), saved, (info, g_dtype) = SliceFunction.restore(ctx)
         (doh,) = _seq_to_heads((do.to(qh.dtype),), info)
-        grads = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved)
+        d_final = SliceFunction.final_grad(ctx, d_final, info)
+        hl = qh.shape[2]
+        d_final_h = None if d_final is None else d_final[:, info.rank * hl:(info.rank + 1) * hl].contiguous()
+        grads = lightning_attn_bwd(qh, kh, vh, slopes_h, doh, saved=saved, d_final_state=d_final_h)
         dq, dk, dv = _heads_to_seq(grads[:3], info)
         dg = None
         if g_dtype is not None:
@@ -110,7 +116,7 @@ class _UlyssesFunction(SliceFunction):
 
 def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Optional[str] = None,
                       docs: Optional[SliceDocs] = None, triton_options=None, *, g=None,
-                      initial_state=None) -> torch.Tensor:
+                      initial_state=None, output_final_state: bool = False):
     """Ulysses over ``group``; same contract as :func:`megatron_lasp.parallel.lasp.lasp_attention`.
 
     Raises:
@@ -122,4 +128,6 @@ def ulysses_attention(q, k, v, slopes, group: dist.ProcessGroup, backend: Option
             f"ulysses: the heads of q ({q.shape[2]}) must be divisible by the sequence-parallel group "
             f"size ({info.size}): every rank runs whole heads; use another mode or change the sizes"
         )
-    return _UlyssesFunction.apply(q, k, v, slopes, g, initial_state, info, backend, docs, triton_options)
+    o, final = _UlyssesFunction.apply(q, k, v, slopes, g, initial_state, output_final_state, info, backend, docs,
+                                      triton_options)
+    return (o, final) if output_final_state else o

@@ -128,6 +128,10 @@ def _varlen(q, k, v, q_docs, k_docs, scale, gqa: int):
     except ImportError as e:
         raise ValueError("softmax attention: kernel 'varlen' needs torch.nn.attention.varlen (a newer torch); "
                          "use 'flex' or 'sdpa'") from e
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # flash-attention's varlen kernel has no fp32 form
+        raise ValueError(f"softmax attention: kernel 'varlen' takes fp16 / bf16 inputs, got {q.dtype}; "
+                         "use 'flex' or 'sdpa' (or 'auto') for fp32")
     B, Tq, Hq, D = q.shape
     Tk = k.shape[1]
     if k_docs is None:
