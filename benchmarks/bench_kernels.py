@@ -501,6 +501,12 @@ def _gated_errors(q, k, v, h0, g, do, dht):
         try:
             got = grads(fn, lambda x: x)
             out.append({n: rel(a, b) for n, a, b in zip(names, got, ref)})
+            if len(out) == 2:
+                # ours: also dg by the whole-sequence formula from the returned bf16 dq, dk (what the
+                # sequence-parallel modes do with a slice's totals), for comparison with the op's own
+                from megatron_lasp.ops.lightning_attn import gate_grad
+
+                out[1]["dg_global_formula"] = rel(gate_grad(q, got[2], k, got[3], None, got[1], dht), ref[5])
             del got
         except Exception as e:
             out.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})

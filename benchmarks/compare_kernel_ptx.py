@@ -27,7 +27,8 @@ KERNELS = {
     "_scan_kernel": (dict(LOC="*fp32", INIT="*fp32", ENTRY="*fp32", FINAL="*fp32", SLOPES="*fp32", DOC="*i32",
                           SEGLOG="*fp32"), dict(BLOCK=1024, HAS_INIT=True, STORE_FINAL=True), 4),
     "_chunk_kernel": (dict(X=BF16, Y=BF16, Z=BF16, OUT=BF16, ENTRY="*fp32", SLOPES="*fp32", DOC="*i32", GC="*fp32"),
-                      dict(BT=64, DXP=128, BZ=64, F32_DOT="tf32x3", EVEN=True, DOTS=False, DOT_SIGN=1.0), 4),
+                      dict(BT=64, DXP=128, BZ=64, F32_DOT="tf32x3", EVEN=True, DOTS=False, DOT_SIGN=1.0,
+                           SUM_BY_DOT=False), 4),
 }
 
 

@@ -197,6 +197,7 @@ def _chunk_kernel(
     SEG, BT: tl.constexpr, DXP: tl.constexpr, BZ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr, F32_DOT: tl.constexpr, EVEN: tl.constexpr,
     HAS_DOC: tl.constexpr, GATED: tl.constexpr, DOTS: tl.constexpr = False, DOT_SIGN: tl.constexpr = 1.0,
+    SUM_BY_DOT: tl.constexpr = True,
 ):
     """One segment, one BZ-wide tile of out: intra-block term + inter term + state update, fused.
 
@@ -208,7 +209,7 @@ def _chunk_kernel(
     DOTS (the gates' gradient): also DOT_OUT[i_z, bh, t] = DOT_SIGN * sum over this tile's columns of
     W_t * out_t (W: q for the dq pass, k for the dk pass), from the fp32 accumulator before out is
     rounded to its dtype; DOT_OUT is [n_tiles, B*H, T] fp32 with SD_Z = B*H*T. Off, nothing of it is
-    compiled (the fixed-decay kernel is unchanged).
+    compiled (the fixed-decay kernel is unchanged). SUM_BY_DOT: the interpreter's form of the row sums.
     """
     i_z, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -321,14 +322,20 @@ def _chunk_kernel(
             zw = (z.to(tl.float32) * w_upd[:, None]).to(z.dtype)
             state = tl.dot(tl.trans(y), zw, acc=state * state_decay)
         if DOTS:
-            # Row sums as a dot with a ones matrix (no tl.sum, see above), of the unrounded out.
+            # Row sums of the unrounded out. Compiled: tl.sum (shuffles inside the accumulator's
+            # layout; a dot would first move the tile through shared memory: more registers
+            # spilled, measured with ptxas). The interpreter refuses tl.sum (see above): a dot
+            # with a ones matrix there, the same sums.
             w = tl.load(w_base + rows[:, None] * sw_t + offs_z[None, :],
                         mask=valid[:, None] & mask_z[None, :], other=0.0)  # [BT, BZ]
-            ones = tl.full([BZ, 16], DOT_SIGN, tl.float32)
-            rsum = tl.dot(w.to(tl.float32) * out, ones, input_precision=F32_DOT)  # [BT, 16], equal columns
-            cols = tl.arange(0, 16)
-            tl.store(dots_base + rows[:, None] + cols[None, :] * 0, rsum,
-                     mask=valid[:, None] & (cols == 0)[None, :])
+            if SUM_BY_DOT:
+                ones = tl.full([BZ, 16], DOT_SIGN, tl.float32)
+                rsum = tl.dot(w.to(tl.float32) * out, ones, input_precision=F32_DOT)  # [BT, 16], equal columns
+                cols = tl.arange(0, 16)
+                tl.store(dots_base + rows[:, None] + cols[None, :] * 0, rsum,
+                         mask=valid[:, None] & (cols == 0)[None, :])
+            else:
+                tl.store(dots_base + rows, tl.sum(w.to(tl.float32) * out, axis=1) * DOT_SIGN, mask=valid)
         tl.store(o_base + rows[:, None] * so_t + offs_z[None, :], out.to(OUT.dtype.element_ty),
                  mask=valid[:, None] & mask_z[None, :])
 
@@ -549,6 +556,7 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry,
         SEG=cfg.segment, BT=cfg.block, DXP=dxp, BZ=tile,
         REVERSE=reverse, DOT_F32=dot_f32, F32_DOT=_f32_dot(x), EVEN=(dx == dxp and dz % tile == 0),
         HAS_DOC=docs is not None, GATED=gc is not None, DOTS=has_dots, DOT_SIGN=float(dot_sign),
+        SUM_BY_DOT=x.device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
