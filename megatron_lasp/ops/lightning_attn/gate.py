@@ -16,7 +16,8 @@ tokens whose state ``S_in`` comes from the left:
 
 with :class:`SliceGate` giving ``log a``, ``log b`` and ``log across`` per row and head (documents
 included), and :func:`gate_grad` the gradient of ``g`` from the slice's total ``dq``, ``dk`` and its
-final state and final-state gradient.
+final state and final-state gradient. The single-device op computes the same gradient with
+:func:`segment_gate_grad`, from sums inside its segments (README.md, "Gradient of the gates", (14)).
 """
 
 from __future__ import annotations
