@@ -38,6 +38,8 @@ def run_tool(prog: str, args: argparse.Namespace, work) -> int:
     (exit status 1)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_lasp").setLevel(logging.INFO)
+    # megatron-core 0.16 warns "Unknown MLP type" for every layer: our MLP subclasses its MLP
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
     try:
         settings = _tokenizer_settings(args)
