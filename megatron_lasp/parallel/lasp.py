@@ -56,7 +56,7 @@ from megatron_lasp.parallel.slices import (
     SliceFunction,
     SliceTransform,
     add_state_term,
-    slice_gate_grad,
+    slice_gate_grad_from_own,
     with_entry_state,
 )
 from megatron_lasp.parallel.hop import StateHop
@@ -137,7 +137,7 @@ class _LaspFunction(SliceFunction):
         hop.finish()
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
-            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+            dg = slice_gate_grad_from_own(g, grads[3], k, v, docs, s_out, ds, tr.w_out)
         dh0 = SliceFunction.initial_grad(ctx, info.rank, hop.end, ds_loc)
         return _LaspFunction.input_grads(dq, dk, dv, dg, dh0)
 

@@ -45,7 +45,7 @@ from megatron_lasp.parallel.slices import (
     add_state_term,
     decayed_prefix,
     decayed_suffix,
-    slice_gate_grad,
+    slice_gate_grad_from_own,
     with_entry_state,
 )
 
@@ -100,7 +100,7 @@ class _Lasp2Function(SliceFunction):
             transforms = [SliceTransform(None, None, a) for a in across.unbind(0)]
         if s_in is not None:
             saved = with_entry_state(saved, s_in, slopes, docs, SliceDecays.for_slice(slopes, g, q.shape[1]))
-        dq, dk, dv, g_loc = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)[:4]
+        dq, dk, dv, g_loc, *dg_own = lightning_attn_bwd(q, k, v, slopes, do, saved=saved)
         grads = _all_gather_states(mine.keep(g_loc), info)  # the kernel's dS_0 is for the slice's first document
         d_final = SliceFunction.final_grad(ctx, d_final, info)
         ds = decayed_suffix(grads, transforms, info.rank, final=d_final)
@@ -109,7 +109,7 @@ class _Lasp2Function(SliceFunction):
             add_state_term(dv, k, ds, mine.w_out)
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
-            dg = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds, saved.backend)
+            dg = slice_gate_grad_from_own(g, dg_own[0], k, v, docs, s_out, ds, mine.w_out)
         dh0 = None
         if SliceFunction.needs_initial_grad(ctx) and info.rank == 0:  # the gradient entering slice 0
             dh0 = decayed_suffix(grads, transforms, -1, final=d_final)

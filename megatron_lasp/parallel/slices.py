@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
-from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad
+from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad, reverse_cumsum_docs
 from megatron_lasp.ops.lightning_attn.triton_chunk import triton_gate_dots
 from megatron_lasp.parallel.comm import state_dtype, sum_over_group
 
@@ -40,6 +40,7 @@ __all__ = [
     "with_entry_state",
     "window_documents",
     "slice_gate_grad",
+    "slice_gate_grad_from_own",
 ]
 
 
@@ -397,3 +398,35 @@ def slice_gate_grad(g: torch.Tensor, q, dq, k, dk, docs: Optional[SliceDocs], s_
         dots = dots.clone()
         dots[:, -1] += final_term.to(dots.dtype)
     return gate_grad(q, dq, k, dk, doc_ids, dots=dots).to(g.dtype)
+
+
+def slice_gate_grad_from_own(g: torch.Tensor, dg_own: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             docs: Optional[SliceDocs], s_out: Optional[torch.Tensor], ds_out: Optional[torch.Tensor],
+                             w_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dg [B, C, H]`` (in ``g``'s dtype) of a slice from the op's own ``dg`` and the state leaving it.
+
+    ``dg_own``: the op's ``dg`` for the slice run from the state entering it (``with_entry_state``)
+    and no gradient of the state leaving it; the op sums it inside its segments from unrounded dots
+    (README of the op, "Gradient of the gates"). The state gradient ``dS_out`` adds
+    ``w_t v_t dS_out^T`` to ``dk_t``, hence to :func:`slice_gate_grad`'s sum the terms
+    ``-w_t (k_t dS_out) . v_t`` and ``<dS_out, S_out>`` at the last token: formed here in fp32
+    (fp64) from ``k``, ``v`` and the fp32 state, so their sum over the slice stays accurate, unlike
+    sums of bf16-rounded ``dq``, ``dk``.
+
+    Args:
+        g: the slice's gates ``[B, C, H]`` (for the dtype).
+        dg_own: ``[B, C, H]``.
+        k, v: ``[B, C, H, Dk]``, ``[B, C, H, Dv]``.
+        docs: the document plan (the sums restart at the slice's own document starts).
+        s_out, ds_out: the state leaving the slice and its gradient ``[B, H, Dk, Dv]``, or None.
+        w_out: ``[H, C]`` or ``[B, H, C]``, the weights of ``add_state_term`` for ``dS_out``.
+    """
+    if ds_out is None:
+        return dg_own.to(g.dtype)
+    cdt = state_dtype(k.dtype)
+    kd = torch.matmul(k.transpose(1, 2).to(cdt), ds_out.to(cdt))  # [B, H, C, Dv]
+    dots = -(kd * v.transpose(1, 2).to(cdt)).sum(-1) * w_out.to(cdt)  # [B, H, C]
+    dots = dots.transpose(1, 2).contiguous()  # [B, C, H]
+    dots[:, -1] += (s_out.to(cdt) * ds_out.to(cdt)).sum((-1, -2))
+    doc_ids = None if docs is None else docs.local
+    return (dg_own.to(cdt) + reverse_cumsum_docs(dots, doc_ids)).to(g.dtype)
