@@ -187,9 +187,10 @@ def test_segment_gate_grad_any_span(span):
 def test_dg_from_unrounded_dots(backend, monkeypatch):
     """bf16 inputs: dg comes from q.dq - k.dk formed before dq, dk are rounded to bf16 and summed
     inside segments, so it is as accurate as the fp32 arithmetic; the same formula from the
-    returned bf16 dq, dk over the whole sequence (the old way) is far less accurate."""
+    returned bf16 dq, dk over the whole sequence (the old way) is far less accurate. D = 48: two
+    output tiles of the interpreter's 32 columns, the second one partly masked."""
     _use(backend, monkeypatch)
-    B, T, H, D = 1, 160, 2, 16
+    B, T, H, D = 1, 160, 2, 48
     leaves, do, dht = _inputs(B, T, H, D, D, "mixed", seed=4)
     leaves[:3] = [x.bfloat16() for x in leaves[:3]]
     do = do.bfloat16()

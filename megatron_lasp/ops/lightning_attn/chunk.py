@@ -238,8 +238,9 @@ def lightning_attn_bwd_phases(
 
     The first phase is the state-gradient pass, so ``d_initial_state`` is ready before the
     gradients of the slice; ``finish() -> (dq, dk, dv)``, ``(dq, dk, dv, dg)`` with per-token gates
-    (``slopes=None``; ``dg`` from ``finish``'s own terms: a layer that adds terms to ``dq``/``dk`` or
-    has a final-state gradient computes ``dg`` from its totals with :func:`gate.gate_grad`).
+    (``slopes=None``; ``dg`` of ``finish``'s own terms, summed inside segments: a layer that adds the
+    terms of a final-state gradient to ``dk`` adds theirs to ``dg``, see
+    ``parallel.slices.slice_gate_grad_from_own``, or forms ``dg`` from its totals with :func:`gate.gate_grad`).
     Equal to :func:`lightning_attn_bwd` (on ``saved``'s backend).
     """
     if (slopes is None) != saved.gated:
