@@ -4,7 +4,8 @@
 of the one-process result on the whole sequence, for the output and the gradients of q, k, v and
 g: odd slice lengths (not a multiple of the torch kernel's block), a head without decay (a state
 that leaks across a document boundary cannot hide behind underflow), a head of strong decay, and
-packed documents on and next to slice edges, over every rank, of length 1.
+packed documents on and next to slice edges, over every rank, of length 1. And the accuracy of
+the lasp / lasp2 slice dg with bf16 inputs (one process).
 """
 
 from __future__ import annotations
@@ -101,3 +102,50 @@ def test_gated_modes_match_one_process(world):
         assert "not both" in both, both
         if world > 2:
             assert control > 1e-3, f"rank {rank}: an undecayed carry went unnoticed ({control})"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["nodocs", "docs"])
+def test_slice_dg_from_own_is_accurate_in_bf16(packed):
+    """The lasp / lasp2 slice recipe in one process, bf16 inputs (torch kernels): the op run from
+    the entering state, its own segment-local dg, plus the leaving state's terms in fp32
+    (``slice_gate_grad_from_own``), against the fp64 token recurrence on the same bf16 values; the
+    whole-slice sum from the bf16-rounded totals (``slice_gate_grad``) is far less accurate."""
+    from megatron_lasp.ops.lightning_attn import (
+        lightning_attn_bwd_phases,
+        lightning_attn_fwd_phases,
+        naive_recurrent_lightning_attn,
+    )
+    from megatron_lasp.parallel.slices import (
+        SliceDecays,
+        SliceDocs,
+        SliceTransform,
+        add_state_term,
+        slice_gate_grad,
+        slice_gate_grad_from_own,
+        with_entry_state,
+    )
+
+    B, C, H, D = 1, 200, 2, 16
+    q, k, v, do = (x.bfloat16() for x in attention_inputs(7, B, C, H, D, D))
+    g = check_gates(8, B, C, H).float()
+    gen = torch.Generator().manual_seed(9)
+    s_in, ds_out = (torch.randn(B, H, D, D, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 70, 71, 150, C]) if packed else None
+    docs = None if cu is None else SliceDocs.of(cu, B, C, 0, 1, q.device)
+    leaves = [x.double().requires_grad_() for x in (q, k, v, g, s_in)]
+    o, s = naive_recurrent_lightning_attn(*leaves[:3], None, leaves[4], True, cu_seqlens=cu, g=leaves[3])
+    (o * do.double()).sum().add((s * ds_out.double()).sum()).backward()
+    ref = leaves[3].grad
+
+    s_loc, finish = lightning_attn_fwd_phases(q, k, v, None, "torch", g=g, doc_ids=None if docs is None else docs.local)
+    _, saved = finish()
+    dec = SliceDecays.for_slice(None, g, C)
+    tr = SliceTransform.of(dec, docs, 0)
+    saved = with_entry_state(saved, s_in, None, docs, dec)
+    dq, dk, dv, dg_own = lightning_attn_bwd_phases(q, k, v, None, do, saved=saved)[1]()
+    s_out = tr(s_in) + s_loc
+    dg = slice_gate_grad_from_own(g, dg_own, k, v, docs, s_out, ds_out, tr.w_out)
+    add_state_term(dk, v, ds_out.transpose(-1, -2), tr.w_out)
+    old = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds_out)
+    new_err, old_err = rel_err(dg, ref), rel_err(old, ref)
+    assert new_err < 1e-5 and old_err > 10 * new_err, (new_err, old_err)
