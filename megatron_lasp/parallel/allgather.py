@@ -14,8 +14,10 @@ factor of a slice holding a boundary is 0; ``S_in`` enters the kernel only if th
 inside the document it belongs to.
 
 Per-token gates (``g``): the gates are all-gathered too (the earlier slices' ``b`` and carries);
-``dg`` of a slice needs ``<dS_out, S_out>``, which the ranks after it form from their prefix
-states and sum into its owner with one reduce-scatter of ``W x B x H`` numbers.
+``dg`` of a slice is the kernel's own (from ``S_in``; segment-local sums) plus the terms of the state
+gradient ``dS_out`` it gets from the ranks after it: ``<dS_out, S_out>`` and, per token, what
+``dS_out`` adds to ``-k . dk`` (fp32), which those ranks form and sum into its owner with one
+reduce-scatter of ``W x B x (H + C x H)`` numbers.
 
 Initial state ``h0``: the prefix starts from it (the first rank gives it to the kernel); its
 gradient is each rank's ``dS_in`` carried back through slice 0, summed into the first rank in the
@@ -47,7 +49,8 @@ from megatron_lasp.parallel.slices import (
     SliceTransform,
     add_state_term,
     local_state,
-    slice_gate_grad,
+    slice_gate_grad_from_own,
+    state_grad_dots,
 )
 
 __all__ = ["allgather_attention"]
@@ -90,32 +93,34 @@ class _AllGatherFunction(SliceFunction):
         if want_final:  # the last slice's final state, on every rank
             final = from_last_rank(s_last, torch.empty(q.shape[0], q.shape[2], q.shape[3], v.shape[3],
                                                         dtype=state_dtype(q.dtype), device=q.device), info)
-        # per-token gates: dg of the last slice needs the final state when its gradient comes back
-        s_last = s_last if g is not None else None
-        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, kv, gates, prefix, s_last), (info, docs))
+        SliceFunction.keep(ctx, saved, (q, k, v, slopes, g, kv, gates, prefix), (info, docs))
         ctx.want_final = want_final
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        (q, k, v, slopes, g, kv, gates, prefix, s_last), saved, (info, docs) = SliceFunction.restore(ctx)
+        (q, k, v, slopes, g, kv, gates, prefix), saved, (info, docs) = SliceFunction.restore(ctx)
         d_final = SliceFunction.final_grad(ctx, d_final, info)
         last = info.rank == info.size - 1
         grads_local = lightning_attn_bwd(q, k, v, slopes, do, saved=saved, d_final_state=d_final if last else None)
         dq, dk, dv, ds_in = grads_local[:4]
+        dg_own = grads_local[4] if g is not None else None  # from S_in and (last rank) d_final
         transforms = _transforms(slopes, gates, q.shape[1], docs, info)
         if info.rank > 0:
             ds_in = transforms[info.rank].keep(ds_in)
         grads = torch.zeros_like(kv)
         grads[info.rank] = torch.cat([dk.reshape(-1), dv.reshape(-1)])
         # this rank's shares of what the other slices' owners need, summed there by one
-        # reduce-scatter: per-token gates, <dS_out_j, S_out_j> of every slice j (``finals``); an
+        # reduce-scatter: per-token gates, <dS_out_j, S_out_j> of every slice j (``finals``) and the
+        # terms its dk gains from here in dg's sum (``dots``, fp32, see slices.state_grad_dots); an
         # initial state wanting a gradient, its gradient from this rank's tokens (to slice 0's owner)
         need_dh0 = SliceFunction.needs_initial_grad(ctx)
         BH, n_state = ds_in.shape[0] * ds_in.shape[1], ds_in.numel()
-        width = (BH if g is not None else 0) + (n_state if need_dh0 else 0)
+        BCH = g.numel() if g is not None else 0
+        width = (BH + BCH if g is not None else 0) + (n_state if need_dh0 else 0)
         shares = None if width == 0 else ds_in.new_zeros(info.size, width)
         finals = None if g is None else shares[:, :BH].view((info.size,) + tuple(ds_in.shape[:2]))
+        dots = None if g is None else shares[:, BH:BH + BCH].view((info.size,) + tuple(g.shape))
         grad_j = ds_in  # the gradient of the state leaving slice j (from this rank's tokens)
         for j in range(info.rank - 1, -1, -1):
             k_j, v_j = _views(kv[j], k.shape, v.shape)
@@ -124,6 +129,7 @@ class _AllGatherFunction(SliceFunction):
             add_state_term(dv_j, k_j, grad_j, transforms[j].w_out)
             if finals is not None:
                 finals[j] = (grad_j * prefix[j].to(grad_j.dtype)).sum((-1, -2))
+                dots[j] = state_grad_dots(k_j, v_j, grad_j, transforms[j].w_out)
             if j > 0 or need_dh0:
                 grad_j = transforms[j].transpose(grad_j)
         if need_dh0:  # grad_j: now the gradient of the state entering slice 0
@@ -137,13 +143,9 @@ class _AllGatherFunction(SliceFunction):
             reduce_scatter_flat(summed, shares.view(-1), info.group)
         dg = None
         if g is not None:
-            if not last:
-                final = summed[:BH].view(ds_in.shape[:2])
-            elif d_final is not None:  # the final state's own term
-                final = (s_last.to(d_final.dtype) * d_final).sum((-1, -2))
-            else:
-                final = None
-            dg = slice_gate_grad(g, q, dq, k, dk, docs, backend=saved.backend, final_term=final)
+            # the last rank's kernel saw the final state's gradient itself: nothing comes to it
+            extra = (None, None) if last else (summed[BH:BH + BCH].view(g.shape), summed[:BH].view(ds_in.shape[:2]))
+            dg = slice_gate_grad_from_own(g, dg_own, docs, *extra)
         dh0 = None if not need_dh0 else summed[width - n_state:].view(ds_in.shape)
         return _AllGatherFunction.input_grads(dq, dk, dv, dg, SliceFunction.initial_grad(ctx, info.rank, dh0, ds_in))
 

@@ -57,6 +57,7 @@ from megatron_lasp.parallel.slices import (
     SliceTransform,
     add_state_term,
     slice_gate_grad_from_own,
+    state_grad_dots,
     with_entry_state,
 )
 from megatron_lasp.parallel.hop import StateHop
@@ -137,7 +138,11 @@ class _LaspFunction(SliceFunction):
         hop.finish()
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
-            dg = slice_gate_grad_from_own(g, grads[3], k, v, docs, s_out, ds, tr.w_out)
+            dots = final = None
+            if ds is not None:  # the leaving state's terms (the op ran without them)
+                dots = state_grad_dots(k, v, ds, tr.w_out)
+                final = (s_out.to(ds.dtype) * ds).sum((-1, -2))
+            dg = slice_gate_grad_from_own(g, grads[3], docs, dots, final)
         dh0 = SliceFunction.initial_grad(ctx, info.rank, hop.end, ds_loc)
         return _LaspFunction.input_grads(dq, dk, dv, dg, dh0)
 

@@ -46,6 +46,7 @@ from megatron_lasp.parallel.slices import (
     decayed_prefix,
     decayed_suffix,
     slice_gate_grad_from_own,
+    state_grad_dots,
     with_entry_state,
 )
 
@@ -109,7 +110,11 @@ class _Lasp2Function(SliceFunction):
             add_state_term(dv, k, ds, mine.w_out)
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
-            dg = slice_gate_grad_from_own(g, dg_own[0], k, v, docs, s_out, ds, mine.w_out)
+            dots = final = None
+            if ds is not None:  # the leaving state's terms (the op ran without them)
+                dots = state_grad_dots(k, v, ds, mine.w_out)
+                final = (s_out.to(ds.dtype) * ds).sum((-1, -2))
+            dg = slice_gate_grad_from_own(g, dg_own[0], docs, dots, final)
         dh0 = None
         if SliceFunction.needs_initial_grad(ctx) and info.rank == 0:  # the gradient entering slice 0
             dh0 = decayed_suffix(grads, transforms, -1, final=d_final)

@@ -41,6 +41,7 @@ __all__ = [
     "window_documents",
     "slice_gate_grad",
     "slice_gate_grad_from_own",
+    "state_grad_dots",
 ]
 
 
@@ -400,33 +401,41 @@ def slice_gate_grad(g: torch.Tensor, q, dq, k, dk, docs: Optional[SliceDocs], s_
     return gate_grad(q, dq, k, dk, doc_ids, dots=dots).to(g.dtype)
 
 
-def slice_gate_grad_from_own(g: torch.Tensor, dg_own: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             docs: Optional[SliceDocs], s_out: Optional[torch.Tensor], ds_out: Optional[torch.Tensor],
-                             w_out: Optional[torch.Tensor]) -> torch.Tensor:
+
+def state_grad_dots(k: torch.Tensor, v: torch.Tensor, ds_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """``-w_t (k_t dS_out) . v_t`` ``[B, C, H]`` fp32 (fp64 for fp64 inputs): what the term
+    ``w_t v_t dS_out^T`` that a state gradient ``dS_out [B, H, Dk, Dv]`` adds to ``dk_t`` (see
+    :func:`add_state_term`, ``w_out`` ``[H, C]`` or ``[B, H, C]``) adds to ``q_t . dq_t - k_t . dk_t``."""
+    cdt = state_dtype(k.dtype)
+    kd = torch.matmul(k.transpose(1, 2).to(cdt), ds_out.to(cdt))  # [B, H, C, Dv]
+    dots = -(kd * v.transpose(1, 2).to(cdt)).sum(-1) * w_out.to(cdt)  # [B, H, C]
+    return dots.transpose(1, 2).contiguous()
+
+
+def slice_gate_grad_from_own(g: torch.Tensor, dg_own: torch.Tensor, docs: Optional[SliceDocs],
+                             dots: Optional[torch.Tensor] = None,
+                             final_term: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dg [B, C, H]`` (in ``g``'s dtype) of a slice from the op's own ``dg`` and the state leaving it.
 
-    ``dg_own``: the op's ``dg`` for the slice run from the state entering it (``with_entry_state``)
-    and no gradient of the state leaving it; the op sums it inside its segments from unrounded dots
-    (README of the op, "Gradient of the gates"). The state gradient ``dS_out`` adds
-    ``w_t v_t dS_out^T`` to ``dk_t``, hence to :func:`slice_gate_grad`'s sum the terms
-    ``-w_t (k_t dS_out) . v_t`` and ``<dS_out, S_out>`` at the last token: formed here in fp32
-    (fp64) from ``k``, ``v`` and the fp32 state, so their sum over the slice stays accurate, unlike
-    sums of bf16-rounded ``dq``, ``dk``.
+    ``dg_own``: the op's ``dg`` for the slice run from the state entering it and with the gradient
+    of the state leaving it that the op itself saw (if any); the op sums it inside its segments from
+    unrounded dots (README of the op, "Gradient of the gates"). A state gradient ``dS_out`` that
+    the caller adds to ``dk`` afterwards adds to :func:`slice_gate_grad`'s sum the terms
+    :func:`state_grad_dots` (``dots``) and ``<dS_out, S_out>`` at the last token (``final_term``
+    ``[B, H]``). They are formed in fp32 (fp64) from ``k``, ``v`` and the fp32 state, so their sum
+    over the slice stays accurate, unlike sums of bf16-rounded ``dq``, ``dk``.
 
     Args:
         g: the slice's gates ``[B, C, H]`` (for the dtype).
         dg_own: ``[B, C, H]``.
-        k, v: ``[B, C, H, Dk]``, ``[B, C, H, Dv]``.
         docs: the document plan (the sums restart at the slice's own document starts).
-        s_out, ds_out: the state leaving the slice and its gradient ``[B, H, Dk, Dv]``, or None.
-        w_out: ``[H, C]`` or ``[B, H, C]``, the weights of ``add_state_term`` for ``dS_out``.
+        dots: ``[B, C, H]`` or None; final_term: ``[B, H]`` or None.
     """
-    if ds_out is None:
+    if dots is None and final_term is None:
         return dg_own.to(g.dtype)
-    cdt = state_dtype(k.dtype)
-    kd = torch.matmul(k.transpose(1, 2).to(cdt), ds_out.to(cdt))  # [B, H, C, Dv]
-    dots = -(kd * v.transpose(1, 2).to(cdt)).sum(-1) * w_out.to(cdt)  # [B, H, C]
-    dots = dots.transpose(1, 2).contiguous()  # [B, C, H]
-    dots[:, -1] += (s_out.to(cdt) * ds_out.to(cdt)).sum((-1, -2))
+    cdt = state_dtype(g.dtype) if dots is None else dots.dtype
+    extra = torch.zeros(dg_own.shape, dtype=cdt, device=dg_own.device) if dots is None else dots.to(cdt).clone()
+    if final_term is not None:
+        extra[:, -1] += final_term.to(cdt)
     doc_ids = None if docs is None else docs.local
-    return (dg_own.to(cdt) + reverse_cumsum_docs(dots, doc_ids)).to(g.dtype)
+    return (dg_own.to(cdt) + reverse_cumsum_docs(extra, doc_ids)).to(g.dtype)
