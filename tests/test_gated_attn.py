@@ -320,6 +320,7 @@ def test_gpu_kernels_match_fp64(dtype, docs):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
     assert max(errs.values()) < tol, errs
-    # dg as accurate as the gradients it is made of (it was 6x worse when summed over the whole
-    # sequence from the bf16-rounded dq, dk)
-    assert errs["g"] < 2.5 * max(errs["q"], errs["k"]), errs
+    if dtype == torch.bfloat16:
+        # dg as accurate as the gradients it is made of (it was 6x worse when summed over the whole
+        # sequence from the bf16-rounded dq, dk)
+        assert errs["g"] < 2.5 * max(errs["q"], errs["k"]), errs
