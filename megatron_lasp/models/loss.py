@@ -18,6 +18,11 @@ Gradients. Two modes, both exact:
 - no ``loss_weights``: forward saves the per-token log-sum-exp (4 bytes a token); backward recomputes
   each chunk's logits and applies any per-token gradient (one extra matmul).
 
+The elementwise work on each chunk of logits (softmax statistics, the logits' gradient) runs as
+PyTorch ops (``kernel="torch"``, the default) or as two Triton kernels (``kernel="triton"``,
+:mod:`megatron_lasp.ops.cross_entropy`: two reads of the fp32 chunk and one write of its
+gradient; opt-in until measured on a GPU). Both compute the same formulas.
+
 Inputs/outputs follow megatron-core: ``hidden`` ``[s, b, h]`` (with TP sequence parallelism this TP
 rank's ``s / tp`` tokens; they are all-gathered first, as the output layer does), ``labels`` and the
 returned per-token loss ``[b, s]`` (fp32). Without TP sequence parallelism the hidden states go
@@ -30,6 +35,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_lasp.ops import cross_entropy as ce_kernels
 
 __all__ = ["linear_cross_entropy", "default_chunk_size", "LinearCrossEntropyError"]
 
@@ -86,17 +93,23 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return acc.add_(_mm_f32(a, b))
 
 
-def _chunk_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group):
-    """Per-token global log-sum-exp and target logit of a chunk; ``logits`` becomes
-    ``exp(logits - local max)`` in place. Returns ``(lse, target_logit, local_max)``."""
+def _chunk_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group, kernel: str = "torch"):
+    """Per-token global log-sum-exp and target logit of a chunk. Returns ``(lse, target_logit,
+    local_max, in_range, idx)``; with ``kernel="torch"`` ``logits`` becomes ``exp(logits - local
+    max)`` in place, with ``"triton"`` it is left as is and the last three are None."""
     n, v = logits.shape
-    local = target - vocab_start
-    in_range = (local >= 0) & (local < v)
-    idx = local.clamp(0, v - 1)
-    tgt = logits.gather(1, idx.unsqueeze(1)).squeeze(1) * in_range
-    m = logits.max(dim=1).values
-    logits.sub_(m.unsqueeze(1)).exp_()
-    lse = m + logits.sum(dim=1).log()
+    if kernel == "triton":
+        m, s, tgt = ce_kernels.row_stats(logits, target, vocab_start)
+        lse = m + s.log()
+        in_range = idx = m = None
+    else:
+        local = target - vocab_start
+        in_range = (local >= 0) & (local < v)
+        idx = local.clamp(0, v - 1)
+        tgt = logits.gather(1, idx.unsqueeze(1)).squeeze(1) * in_range
+        m = logits.max(dim=1).values
+        logits.sub_(m.unsqueeze(1)).exp_()
+        lse = m + logits.sum(dim=1).log()
     if group is not None and group.size() > 1:
         gmax = lse.clone()
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
@@ -118,8 +131,9 @@ def _grad_logits_(e: torch.Tensor, m, lse, in_range, idx, scale: torch.Tensor) -
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, target, loss_weights, group, vocab_start, chunk):
-        # x [T, h], weight [V_local, h], target [T] (global ids), loss_weights [T] fp32 or None
+    def forward(ctx, x, weight, target, loss_weights, group, vocab_start, chunk, kernel):
+        # x [T, h], weight [V_local, h], target [T] (global ids), loss_weights [T] fp32 or None,
+        # kernel: "torch" or "triton" (the elementwise work on each chunk of logits)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_x or need_w
         precompute = need_grad and loss_weights is not None
@@ -133,10 +147,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             c1 = min(T, c0 + chunk)
             xc = x[c0:c1]
             logits = _mm_f32(xc, wt)
-            lse, tgt, m, in_range, idx = _chunk_stats(logits, target[c0:c1], vocab_start, group)
+            lse, tgt, m, in_range, idx = _chunk_stats(logits, target[c0:c1], vocab_start, group, kernel)
             loss[c0:c1] = lse - tgt
             if precompute:
-                g = _grad_logits_(logits, m, lse, in_range, idx, loss_weights[c0:c1]).to(x.dtype)
+                if kernel == "triton":
+                    g = ce_kernels.softmax_grad(logits, lse, target[c0:c1], vocab_start, loss_weights[c0:c1], x.dtype)
+                else:
+                    g = _grad_logits_(logits, m, lse, in_range, idx, loss_weights[c0:c1]).to(x.dtype)
                 if need_x:
                     gx[c0:c1] = g @ weight
                 if need_w:
@@ -147,7 +164,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logits
         ctx.precompute = precompute
         ctx.need = (need_x, need_w)
-        ctx.group, ctx.vocab_start, ctx.chunk = group, vocab_start, chunk
+        ctx.group, ctx.vocab_start, ctx.chunk, ctx.kernel = group, vocab_start, chunk, kernel
         ctx.weight_dtype = weight.dtype
         if precompute:
             ctx.save_for_backward(gx, gw, loss_weights)
@@ -172,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 )
             grad_x = (gx * c.to(gx.dtype)) if need_x else None
             grad_w = (gw * c).to(ctx.weight_dtype) if need_w else None
-            return grad_x, grad_w, None, None, None, None, None
+            return grad_x, grad_w, None, None, None, None, None, None
         x, weight, target, lse_all = ctx.saved_tensors
         T = x.shape[0]
         grad_x = torch.empty_like(x) if need_x else None
@@ -183,19 +200,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             c1 = min(T, c0 + ctx.chunk)
             xc = x[c0:c1]
             e = _mm_f32(xc, wt)
-            local = target[c0:c1] - ctx.vocab_start
-            in_range = (local >= 0) & (local < v)
-            idx = local.clamp(0, v - 1)
-            zero = torch.zeros_like(lse_all[c0:c1])
-            e.sub_(lse_all[c0:c1].unsqueeze(1)).exp_()
-            g = _grad_logits_(e, zero, zero, in_range, idx, grad_loss[c0:c1]).to(x.dtype)
+            if ctx.kernel == "triton":
+                g = ce_kernels.softmax_grad(e, lse_all[c0:c1], target[c0:c1], ctx.vocab_start, grad_loss[c0:c1],
+                                            x.dtype)
+            else:
+                local = target[c0:c1] - ctx.vocab_start
+                in_range = (local >= 0) & (local < v)
+                idx = local.clamp(0, v - 1)
+                zero = torch.zeros_like(lse_all[c0:c1])
+                e.sub_(lse_all[c0:c1].unsqueeze(1)).exp_()
+                g = _grad_logits_(e, zero, zero, in_range, idx, grad_loss[c0:c1]).to(x.dtype)
             del e
             if need_x:
                 grad_x[c0:c1] = g @ weight
             if need_w:
                 gw = _addmm_f32(gw, g.t(), xc)
             del g
-        return grad_x, (gw.to(ctx.weight_dtype) if need_w else None), None, None, None, None, None
+        return grad_x, (gw.to(ctx.weight_dtype) if need_w else None), None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -207,6 +228,7 @@ def linear_cross_entropy(
     sequence_parallel: bool = False,
     loss_weights: Optional[torch.Tensor] = None,
     chunk_size: int = 0,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked over tokens.
 
@@ -219,10 +241,14 @@ def linear_cross_entropy(
         loss_weights: ``[b, s]`` weights the caller reduces the losses with (up to a scalar), e.g.
             the loss mask: enables the gradients-in-forward mode (see the module docstring).
         chunk_size: tokens per chunk (0: :func:`default_chunk_size`).
+        kernel: the elementwise work on each chunk of logits: ``"torch"`` (PyTorch ops) or
+            ``"triton"`` (:mod:`megatron_lasp.ops.cross_entropy`; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; not yet measured on a GPU).
 
     Returns:
         ``[b, s]`` fp32 per-token loss.
     """
+    ce_kernels.check_kernel(kernel, hidden.device)
     tp = tp_group.size() if tp_group is not None else 1
     if tp > 1:
         from megatron.core.tensor_parallel.mappings import (
@@ -254,5 +280,6 @@ def linear_cross_entropy(
     chunk = chunk_size if chunk_size and chunk_size > 0 else default_chunk_size(weight.shape[0])
     vocab_start = (tp_group.rank() if tp > 1 else 0) * weight.shape[0]
     with torch.autocast(device_type=x.device.type, enabled=False):
-        loss = _LinearCrossEntropy.apply(x, weight, target, weights, tp_group if tp > 1 else None, vocab_start, chunk)
+        loss = _LinearCrossEntropy.apply(x, weight, target, weights, tp_group if tp > 1 else None, vocab_start, chunk,
+                                         kernel)
     return loss.view(s, b).transpose(0, 1).contiguous()

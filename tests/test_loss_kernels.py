@@ -1,0 +1,135 @@
+"""The Triton kernels of the fused loss's softmax part (``megatron_lasp.ops.cross_entropy``).
+
+Run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` through ``monkeypatch``; the kernels are
+built for the interpreter at launch time):
+
+- each kernel against fp64 math on odd sizes (vocabulary slices shorter than, equal to and not a
+  multiple of the interpreter's 64-column block), targets inside and outside the slice;
+- ``linear_cross_entropy(kernel="triton")`` against ``kernel="torch"``: per-token loss and the
+  gradients of the hidden states and the weight, with loss weights (gradients in forward) and
+  without (recompute in backward), chunks that do not divide the tokens, TP 1 and TP 2 (the
+  vocabulary split over two gloo ranks, against the one-process run);
+- ``kernel="triton"`` on CPU without the interpreter, and an unknown kernel, are refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lasp.testing import spawn
+
+SEED = 7
+TOL = 2e-6  # fp32 round-off of the two formulas (online vs two-pass max) is ~1e-7
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+@pytest.mark.parametrize("v", [1, 50, 64, 203])
+def test_kernels_match_fp64(monkeypatch, v):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from megatron_lasp.ops.cross_entropy import row_stats, softmax_grad
+
+    g = torch.Generator().manual_seed(SEED)
+    n, vocab_start = 9, 100
+    logits = torch.randn(n, v, generator=g) * 4
+    logits[0, -1] = 30.0  # the max in the last (partial) block: the online rescaling is exercised
+    target = vocab_start + torch.randint(-v, 2 * v, (n,), generator=g)  # about a third in the slice
+    target[:2] = torch.tensor([vocab_start, vocab_start + v - 1])  # the slice's edges
+    target[2:4] = torch.tensor([vocab_start - 1, vocab_start + v])  # just outside
+    scale = torch.rand(n, generator=g)
+
+    m, s, tlog = row_stats(logits, target, vocab_start)
+    l64 = logits.double()
+    local = target - vocab_start
+    in_range = (local >= 0) & (local < v)
+    want_t = torch.where(in_range, l64.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], torch.zeros((), dtype=l64.dtype))
+    assert torch.equal(m, logits.max(dim=1).values)
+    assert _rel(m.double() + s.double().log(), torch.logsumexp(l64, dim=1)) < 1e-7
+    assert torch.equal(tlog, want_t.float())
+
+    lse = torch.logsumexp(l64, dim=1).float() - 0.25  # as if other TP ranks held more of the row
+    got = softmax_grad(logits, lse, target, vocab_start, scale, torch.float32)
+    want = (l64 - lse.double()[:, None]).exp()
+    want[in_range.nonzero()[:, 0], local[in_range]] -= 1
+    want *= scale.double()[:, None]
+    assert _rel(got, want) < 1e-6
+    got16 = softmax_grad(logits, lse, target, vocab_start, scale, torch.bfloat16)
+    assert got16.dtype == torch.bfloat16 and _rel(got16, want) < 1e-2
+
+
+def _loss_and_grads(hidden, weight, labels, mask, kernel, chunk, tp_group=None):
+    from megatron_lasp.models.loss import linear_cross_entropy
+
+    x = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(x, w, labels, tp_group=tp_group, loss_weights=mask, chunk_size=chunk, kernel=kernel)
+    g = torch.Generator().manual_seed(SEED + 1)
+    upstream = mask if mask is not None else torch.rand(labels.shape, generator=g)  # any reduction
+    (loss * upstream).sum().backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def _inputs(s=29, b=2, h=16, v=203):
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(s, b, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.7
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) > 0.25).float()
+    return hidden, weight, labels, mask
+
+
+@pytest.mark.parametrize("chunk", [0, 13])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["recompute", "grads-in-forward"])
+def test_triton_loss_equals_torch_loss(monkeypatch, chunk, with_mask):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    hidden, weight, labels, mask = _inputs()
+    mask = mask if with_mask else None
+    want = _loss_and_grads(hidden, weight, labels, mask, "torch", chunk)
+    got = _loss_and_grads(hidden, weight, labels, mask, "triton", chunk)
+    for name, a, b in zip(("loss", "d_hidden", "d_weight"), got, want):
+        assert _rel(a, b) < TOL, (name, _rel(a, b))
+
+
+def _tp2(rank, world_size, with_mask):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    hidden, weight, labels, mask = _inputs(s=21, v=2 * 101)
+    v_local = weight.shape[0] // world_size
+    mine = weight[rank * v_local:(rank + 1) * v_local]
+    # numpy, not tensors: tensors would travel as shared-memory handles that die with the rank
+    return {k: [t.numpy() for t in _loss_and_grads(hidden, mine, labels, mask if with_mask else None, k, 8,
+                                                   tp_group=dist.group.WORLD)]
+            for k in ("torch", "triton")}
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["recompute", "grads-in-forward"])
+def test_triton_loss_tp2_equals_one_process(with_mask):
+    hidden, weight, labels, mask = _inputs(s=21, v=2 * 101)
+    mask = mask if with_mask else None
+    want_loss, want_dx, want_dw = _loss_and_grads(hidden, weight, labels, mask, "torch", 8)
+    ranks = [{k: [torch.from_numpy(a) for a in r[k]] for k in r} for r in spawn(_tp2, world_size=2, args=(with_mask,))]
+    for kernel in ("torch", "triton"):
+        loss, dx = ranks[0][kernel][0], ranks[0][kernel][1]
+        dw = torch.cat([r[kernel][2] for r in ranks])
+        for name, a, b in (("loss", loss, want_loss), ("d_hidden", dx, want_dx), ("d_weight", dw, want_dw)):
+            assert _rel(a, b) < TOL, (kernel, name, _rel(a, b))
+        assert _rel(ranks[1][kernel][0], want_loss) < TOL
+
+
+def test_triton_kernel_refused_without_interpreter(monkeypatch):
+    from megatron_lasp.models.loss import linear_cross_entropy
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, labels, _ = _inputs()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        linear_cross_entropy(hidden, weight, labels, kernel="triton")
+    with pytest.raises(ValueError, match="not one of torch, triton"):
+        linear_cross_entropy(hidden, weight, labels, kernel="cuda")
