@@ -6,6 +6,8 @@ size (2048) and vocabulary (64000), for several token counts:
 
 - ``ours``: ``megatron_lasp.models.loss.linear_cross_entropy`` with the loss mask given (gradients
   in the forward pass, what the training loop runs);
+- ``ours_triton``: the same with ``kernel="triton"`` (the softmax part of each chunk as two Triton
+  kernels, ``megatron_lasp/ops/cross_entropy``; opt-in, first timed by this script);
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (``pip install liger-kernel``);
 - ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``pip install cut-cross-entropy``), with
   its default gradient filter and, as ``cce_nofilter``, without it (``filter_eps=None``);
@@ -42,15 +44,17 @@ def _impls():
 
     from megatron_lasp.models.loss import linear_cross_entropy
 
-    def ours(x, w, t):
+    def ours(x, w, t, kernel="torch"):
         n = x.shape[0]
-        loss = linear_cross_entropy(x.view(n, 1, -1), w, t.view(1, n), loss_weights=torch.ones(1, n, device=x.device))
+        loss = linear_cross_entropy(x.view(n, 1, -1), w, t.view(1, n), loss_weights=torch.ones(1, n, device=x.device),
+                                    kernel=kernel)
         return loss.sum() / n
 
     def plain(x, w, t):
         return F.cross_entropy((x @ w.t()).float(), t)
 
-    impls = {"ours": ours, "liger": None, "cce": None, "cce_nofilter": None, "torch": plain}
+    impls = {"ours": ours, "ours_triton": lambda x, w, t: ours(x, w, t, "triton"), "liger": None, "cce": None,
+             "cce_nofilter": None, "torch": plain}
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -187,7 +191,7 @@ def plot(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for impl in ("ours", "liger", "cce", "cce_nofilter", "torch"):
+    for impl in ("ours", "ours_triton", "liger", "cce", "cce_nofilter", "torch"):
         pts = [(r["tokens"], r["fwd_bwd_ms"], r["peak_extra_gib"]) for r in doc["rows"]
                if r["impl"] == impl and r.get("status") == "ok"]
         if pts:

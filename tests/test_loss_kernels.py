@@ -133,3 +133,30 @@ def test_triton_kernel_refused_without_interpreter(monkeypatch):
         linear_cross_entropy(hidden, weight, labels, kernel="triton")
     with pytest.raises(ValueError, match="not one of torch, triton"):
         linear_cross_entropy(hidden, weight, labels, kernel="cuda")
+
+
+TRAIN = [
+    "--model-preset", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--train-iters", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
+    "--log-interval", "2", "--eval-interval", "2", "--eval-iters", "1", "--seed", "7",
+    "--make-vocab-size-divisible-by", "64", "--eod-mask-loss", "--cross-entropy-chunk-size", "48",
+]
+
+
+def _train(rank, world_size):
+    from megatron_lasp.training import main
+
+    return {k: list(main(TRAIN + ["--cross-entropy-kernel", k], destroy=False).losses) for k in ("torch", "triton")}
+
+
+def test_training_flag_selects_the_triton_kernel():
+    """``--cross-entropy-kernel triton`` reaches the loss (the model config) and trains as torch."""
+    from megatron_lasp.training.arguments import parse_config
+    from megatron_lasp.training.loop import model_config_from_run
+
+    assert model_config_from_run(parse_config(TRAIN)).cross_entropy_kernel == "torch"
+    assert model_config_from_run(parse_config(TRAIN + ["--cross-entropy-kernel", "triton"])).cross_entropy_kernel == "triton"
+    runs = spawn(_train, 1, timeout=300, env={"TRITON_INTERPRET": "1"})[0]
+    assert len(runs["torch"]) == 2 and all(abs(x) > 0 for x in runs["torch"])
+    for g, w in zip(runs["triton"], runs["torch"]):
+        assert abs(g - w) <= 2e-6 * abs(w), runs

@@ -32,6 +32,7 @@ RUNTIME_CONFIG_FIELDS = (
     "offload_num_layers",
     "fused_linear_cross_entropy",
     "cross_entropy_chunk_size",
+    "cross_entropy_kernel",
 )
 """LinearLMConfig fields that say how to run, not what the model is (kernels, recompute, offloading,
 the loss's chunking): not part of config.json's model, neither compared on resume nor applied when

@@ -217,6 +217,9 @@ class LinearLMConfig(TransformerConfig):
     (--no-fused-linear-cross-entropy: megatron-core's output layer and vocab-parallel loss)."""
     cross_entropy_chunk_size: int = 0
     """Tokens per chunk of the fused loss; 0: about 2^28 logits per chunk (--cross-entropy-chunk-size)."""
+    cross_entropy_kernel: str = "torch"
+    """The fused loss's softmax part on each logit chunk: 'torch' (PyTorch ops) or 'triton'
+    (megatron_lasp/ops/cross_entropy; not yet measured on a GPU) (--cross-entropy-kernel)."""
     offload_layer_inputs: bool = False
     """Move the layer inputs saved for activation recompute to pinned host memory in forward
     (side stream) and prefetch them in backward (--cpu-offloading)."""
@@ -298,6 +301,8 @@ class LinearLMConfig(TransformerConfig):
                 "local implementation use core_attn and/or mlp (or recompute_granularity full)"
             )
         self._check_hybrid_fields()
+        if self.cross_entropy_kernel not in ("torch", "triton"):
+            raise ValueError(f"cross_entropy_kernel {self.cross_entropy_kernel!r} must be 'torch' or 'triton'")
         if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
             raise ValueError(
                 f"cross_entropy_chunk_size ({self.cross_entropy_chunk_size}) and recompute_chunk_size "

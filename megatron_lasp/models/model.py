@@ -117,6 +117,7 @@ class LinearLM(GPTModel):
             sequence_parallel=self.output_layer.sequence_parallel,
             loss_weights=kwargs.get("loss_mask"),
             chunk_size=self.config.cross_entropy_chunk_size,
+            kernel=self.config.cross_entropy_kernel,
         )
 
     def setup_embeddings_and_output_layer(self) -> None:

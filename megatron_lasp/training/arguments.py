@@ -204,6 +204,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cross-entropy-chunk-size", type=int, default=0,
                    help="tokens per chunk of the fused loss (0: about 2^28 logits per chunk, 4096 tokens "
                    "at vocab 64000)")
+    g.add_argument("--cross-entropy-kernel", choices=("torch", "triton"), default="torch",
+                   help="the fused loss's softmax part on each logit chunk: PyTorch ops, or two Triton kernels "
+                   "(fewer passes over the logits; not yet measured on a GPU, so opt-in)")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="move the layer inputs saved for activation recompute to pinned host memory "
                    "(side stream, overlapped) and prefetch them in backward; needs --recompute-granularity full")

@@ -160,6 +160,8 @@ class MemoryOptions:
     """The output layer and loss fused and chunked over tokens."""
     cross_entropy_chunk_size: int = 0
     """Tokens per chunk of the fused loss (0: automatic)."""
+    cross_entropy_kernel: str = "torch"
+    """The fused loss's softmax part: 'torch' or 'triton' (opt-in, not yet measured on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.recompute_chunk_size > 0 and self.recompute_granularity != "full":

@@ -178,6 +178,7 @@ def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
         recompute_chunk_size=memory.recompute_chunk_size,
         fused_linear_cross_entropy=memory.fused_linear_cross_entropy,
         cross_entropy_chunk_size=memory.cross_entropy_chunk_size,
+        cross_entropy_kernel=memory.cross_entropy_kernel,
         offload_layer_inputs=memory.cpu_offloading,
         offload_num_layers=memory.cpu_offloading_num_layers,
     )
