@@ -114,7 +114,7 @@ def run(opts) -> dict:
     import torch
 
     device = torch.device("cuda")
-    impls = _impls()
+    impls = {k: v for k, v in _impls().items() if not opts.impls or k in opts.impls}
     rows = []
     for n in opts.tokens:
         torch.manual_seed(0)
@@ -217,6 +217,9 @@ def main(argv=None) -> int:
                    help="compare against the fp32 reference up to this many tokens (above: against ours)")
     p.add_argument("--torch-max-bytes", type=float, default=60 * 2**30,
                    help="skip the unfused torch loss where its logits (x3) would exceed this")
+    p.add_argument("--impls", nargs="+", default=None,
+                   choices=("ours", "ours_triton", "liger", "cce", "cce_nofilter", "torch"),
+                   help="run only these (default: all; above --ref-max-tokens the errors are against ours: keep it)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     opts = p.parse_args(argv)
