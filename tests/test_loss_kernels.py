@@ -153,12 +153,18 @@ def _train(rank, world_size):
     return {k: list(main(TRAIN + ["--cross-entropy-kernel", k], destroy=False).losses) for k in ("torch", "triton")}
 
 
-def test_training_flag_selects_the_triton_kernel():
-    """``--cross-entropy-kernel triton`` reaches the loss (the model config) and trains as torch."""
-    from megatron_lasp.training.arguments import parse_config
+def test_training_flag_selects_the_triton_kernel(monkeypatch):
+    """``--cross-entropy-kernel triton`` reaches the loss (the model config) and trains as torch;
+    on CPU without the interpreter the flag is refused at parse time."""
+    from megatron_lasp.training.arguments import ArgumentError, parse_config
     from megatron_lasp.training.loop import model_config_from_run
 
     assert model_config_from_run(parse_config(TRAIN)).cross_entropy_kernel == "torch"
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ArgumentError, match="^--cross-entropy-kernel triton needs CUDA"):
+            parse_config(TRAIN + ["--cross-entropy-kernel", "triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_run = parse_config(TRAIN + ["--cross-entropy-kernel", "triton"])
     assert model_config_from_run(triton_run).cross_entropy_kernel == "triton"
     runs = spawn(_train, 1, timeout=300, env={"TRITON_INTERPRET": "1"})[0]

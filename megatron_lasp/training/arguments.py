@@ -520,6 +520,16 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
                                 "drop the flag (CPU runs train in fp32)")
         if args.distributed_backend == "nccl":
             raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+        if args.cross_entropy_kernel == "triton":
+            import torch
+
+            from megatron_lasp.ops.cross_entropy import check_kernel
+
+            try:
+                check_kernel("triton", torch.device("cpu"))
+            except ValueError:
+                raise ArgumentError("--cross-entropy-kernel triton needs CUDA (on CPU: TRITON_INTERPRET=1, "
+                                    "Triton's interpreter); drop the flag") from None
     else:  # NCCL wants a GPU per process; gloo lets ranks share them (state.local_device)
         import torch
 
