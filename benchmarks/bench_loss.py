@@ -7,7 +7,8 @@ size (2048) and vocabulary (64000), for several token counts:
 - ``ours``: ``megatron_lasp.models.loss.linear_cross_entropy`` with the loss mask given (gradients
   in the forward pass, what the training loop runs);
 - ``ours_triton``: the same with ``kernel="triton"`` (the softmax part of each chunk as two Triton
-  kernels, ``megatron_lasp/ops/cross_entropy``; opt-in, first timed by this script);
+  kernels, ``megatron_lasp/ops/cross_entropy``; opt-in, first timed by this script); with several
+  ``--triton-configs`` one variant per launch configuration, ``ours_triton_<block>x<warps>``;
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (``pip install liger-kernel``);
 - ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``pip install cut-cross-entropy``), with
   its default gradient filter and, as ``cce_nofilter``, without it (``filter_eps=None``);
@@ -37,7 +38,7 @@ sys.path.insert(0, REPO)
 from megatron_lasp.atomic import save_figure_atomic, write_results  # noqa: E402
 
 
-def _impls():
+def _impls(triton_configs=("4096x8",)):
     """``name -> fn(x [N, H], w [V, H], target [N]) -> scalar mean loss`` (None where not installed)."""
     import torch
     import torch.nn.functional as F
@@ -53,8 +54,20 @@ def _impls():
     def plain(x, w, t):
         return F.cross_entropy((x @ w.t()).float(), t)
 
-    impls = {"ours": ours, "ours_triton": lambda x, w, t: ours(x, w, t, "triton"), "liger": None, "cce": None,
-             "cce_nofilter": None, "torch": plain}
+    def ours_triton(block_v, warps):
+        def fn(x, w, t):
+            from megatron_lasp.ops.cross_entropy.kernels import set_launch_config
+
+            set_launch_config(block_v, warps)
+            return ours(x, w, t, "triton")
+
+        return fn
+
+    impls = {"ours": ours}
+    for cfg in triton_configs:
+        block_v, warps = (int(p) for p in cfg.split("x"))
+        impls["ours_triton" if len(triton_configs) == 1 else f"ours_triton_{cfg}"] = ours_triton(block_v, warps)
+    impls.update({"liger": None, "cce": None, "cce_nofilter": None, "torch": plain})
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -114,7 +127,8 @@ def run(opts) -> dict:
     import torch
 
     device = torch.device("cuda")
-    impls = {k: v for k, v in _impls().items() if not opts.impls or k in opts.impls}
+    impls = {k: v for k, v in _impls(opts.triton_configs).items()
+             if not opts.impls or k in opts.impls or (k.startswith("ours_triton") and "ours_triton" in opts.impls)}
     rows = []
     for n in opts.tokens:
         torch.manual_seed(0)
@@ -179,6 +193,7 @@ def run(opts) -> dict:
         "command": "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "versions": versions,
         "shapes": {"hidden": opts.hidden, "vocab": opts.vocab, "dtype": "bf16", "tp": 1},
+        "triton_configs": opts.triton_configs,
         "what": "mean cross entropy of hidden @ weight.T, forward + backward (dx, dw), median ms; "
                 "peak GiB above the inputs", "rows": rows,
     }
@@ -191,7 +206,8 @@ def plot(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for impl in ("ours", "ours_triton", "liger", "cce", "cce_nofilter", "torch"):
+    names = sorted({r["impl"] for r in doc["rows"]}, key=lambda n: (not n.startswith("ours"), n))
+    for impl in names:
         pts = [(r["tokens"], r["fwd_bwd_ms"], r["peak_extra_gib"]) for r in doc["rows"]
                if r["impl"] == impl and r.get("status") == "ok"]
         if pts:
@@ -220,9 +236,15 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", default=None,
                    choices=("ours", "ours_triton", "liger", "cce", "cce_nofilter", "torch"),
                    help="run only these (default: all; above --ref-max-tokens the errors are against ours: keep it)")
+    p.add_argument("--triton-configs", nargs="+", default=["4096x8"], metavar="BLOCKxWARPS",
+                   help="launch configurations of ours_triton (columns per block x warps), e.g. 2048x4 4096x8 8192x16")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     opts = p.parse_args(argv)
+    for cfg in opts.triton_configs:
+        parts = cfg.split("x")
+        if len(parts) != 2 or not all(q.isdigit() for q in parts):
+            p.error(f"--triton-configs {cfg}: write BLOCKxWARPS, e.g. 4096x8")
     import torch
 
     if not torch.cuda.is_available():

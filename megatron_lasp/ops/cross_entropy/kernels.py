@@ -20,11 +20,24 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["row_stats", "softmax_grad", "BLOCK_V"]
+__all__ = ["row_stats", "softmax_grad", "launch_config", "set_launch_config"]
 
-BLOCK_V = 4096
-"""Vocabulary columns per block (compiled; not yet tuned on a GPU). The interpreter uses 64."""
+_LAUNCH = {"block_v": 4096, "num_warps": 8}
+"""Compiled launches: vocabulary columns per block and warps per program, both kernels (first
+choices, not yet tuned on a GPU; ``benchmarks/bench_loss.py --triton-configs`` sweeps them)."""
 _INTERPRET_BLOCK_V = 64
+
+
+def launch_config() -> dict:
+    """The compiled launches' ``{"block_v": ..., "num_warps": ...}``."""
+    return dict(_LAUNCH)
+
+
+def set_launch_config(block_v: int, num_warps: int) -> None:
+    """Set the compiled launches' block width (a power of 2) and warps per program (benchmarks)."""
+    if block_v < 16 or block_v & (block_v - 1) or num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"block_v {block_v} must be a power of 2 >= 16, num_warps {num_warps} a power of 2 <= 32")
+    _LAUNCH.update(block_v=block_v, num_warps=num_warps)
 
 
 def _row_stats_kernel(L, TGT, M, S, TLOG, V, sl, vocab_start, BLOCK_V: tl.constexpr):
@@ -79,7 +92,9 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 def _setup(logits: torch.Tensor):
     interpret = logits.device.type == "cpu"
     assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1, "fp32 [N, V] rows"
-    return _kernels(interpret), (_INTERPRET_BLOCK_V if interpret else BLOCK_V), interpret
+    launch = {"BLOCK_V": _INTERPRET_BLOCK_V} if interpret else {"BLOCK_V": _LAUNCH["block_v"],
+                                                                "num_warps": _LAUNCH["num_warps"]}
+    return _kernels(interpret), launch
 
 
 def row_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int):
@@ -94,12 +109,12 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int):
         ``(m, s, target_logit)``, each ``[N]`` fp32: the row max, ``sum exp(logits - m)``, and the
         target's logit where the target is in this slice (0 elsewhere).
     """
-    kern, block, interpret = _setup(logits)
+    kern, launch = _setup(logits)
     n, v = logits.shape
     m, s, tlog = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n:
         kern.row_stats_kernel[(n,)](logits, target.contiguous(), m, s, tlog, v, logits.stride(0), vocab_start,
-                                    BLOCK_V=block, **({} if interpret else {"num_warps": 8}))
+                                    **launch)
     return m, s, tlog
 
 
@@ -118,11 +133,11 @@ def softmax_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, 
     Returns:
         ``[N, V]`` gradient of the loss with respect to the logits.
     """
-    kern, block, interpret = _setup(logits)
+    kern, launch = _setup(logits)
     n, v = logits.shape
     g = torch.empty((n, v), dtype=dtype, device=logits.device)
     if n:
-        kern.grad_kernel[(n, triton.cdiv(v, block))](
+        kern.grad_kernel[(n, triton.cdiv(v, launch["BLOCK_V"]))](
             logits, lse.contiguous(), target.contiguous(), scale.contiguous(), g, v, logits.stride(0), g.stride(0),
-            vocab_start, BLOCK_V=block, **({} if interpret else {"num_warps": 8}))
+            vocab_start, **launch)
     return g
