@@ -8,7 +8,9 @@ Triton's interpreter for CPU tensors (``TRITON_INTERPRET=1``). They call no ``@t
 (``tl.max`` and ``tl.sum`` included): those are compiled-mode functions when Triton was imported
 without ``TRITON_INTERPRET``, and the interpreter refuses them. The row reductions are
 ``tl.reduce`` with Triton's own max / sum combine functions instead, which is what ``tl.max`` and
-``tl.sum`` expand to when compiled and what the interpreter maps to NumPy.
+``tl.sum`` expand to when compiled and what the interpreter maps to NumPy. Those two are private
+names of ``triton.language.standard`` (checked with Triton 3.6 and 3.9); a rename would fail at the
+first launch with an AttributeError, not silently.
 """
 
 from __future__ import annotations
