@@ -26,7 +26,7 @@ __all__ = ["row_stats", "softmax_grad", "launch_config", "set_launch_config"]
 
 _LAUNCH = {"block_v": 4096, "num_warps": 8}
 """Compiled launches: vocabulary columns per block and warps per program, both kernels (first
-choices, not yet tuned on a GPU; ``benchmarks/bench_loss.py --triton-configs`` sweeps them)."""
+choices, not yet tuned on a GPU; the loss benchmark (``benchmarks/bench_loss.py``) sweeps them)."""
 _INTERPRET_BLOCK_V = 64
 
 
