@@ -108,10 +108,11 @@ def test_gated_modes_match_one_process(world):
 def test_slice_dg_from_own_is_accurate_in_bf16(packed):
     """The lasp / lasp2 slice recipe in one process, bf16 inputs (torch kernels): the op run from
     the entering state, its own segment-local dg, plus the leaving state's terms in fp32
-    (``state_grad_dots``, ``slice_gate_grad_from_own``; allgather forms the same terms on the later
-    ranks), against the fp64 token recurrence on the same bf16 values; the
-    whole-slice sum from the bf16-rounded totals (``slice_gate_grad``) is far less accurate."""
+    (``leaving_state_grads``; allgather forms the same terms on the later ranks), against the fp64
+    token recurrence on the same bf16 values; the whole-slice sum from the bf16-rounded totals
+    (``gate.gate_grad``) is far less accurate."""
     from megatron_lasp.ops.lightning_attn import (
+        gate_grad,
         lightning_attn_bwd_phases,
         lightning_attn_fwd_phases,
         naive_recurrent_lightning_attn,
@@ -120,10 +121,7 @@ def test_slice_dg_from_own_is_accurate_in_bf16(packed):
         SliceDecays,
         SliceDocs,
         SliceTransform,
-        add_state_term,
-        slice_gate_grad,
-        slice_gate_grad_from_own,
-        state_grad_dots,
+        leaving_state_grads,
         with_entry_state,
     )
 
@@ -146,9 +144,7 @@ def test_slice_dg_from_own_is_accurate_in_bf16(packed):
     saved = with_entry_state(saved, s_in, None, docs, dec)
     dq, dk, dv, dg_own = lightning_attn_bwd_phases(q, k, v, None, do, saved=saved)[1]()
     s_out = tr(s_in) + s_loc
-    dg = slice_gate_grad_from_own(g, dg_own, docs, state_grad_dots(k, v, ds_out, tr.w_out),
-                                  (s_out * ds_out).sum((-1, -2)))
-    add_state_term(dk, v, ds_out.transpose(-1, -2), tr.w_out)
-    old = slice_gate_grad(g, q, dq, k, dk, docs, s_out, ds_out)
+    dg = leaving_state_grads(k, v, dk, dv, ds_out, tr.w_out, s_out, g, dg_own, docs)
+    old = gate_grad(q, dq, k, dk, None if docs is None else docs.local, s_out, ds_out)
     new_err, old_err = rel_err(dg, ref), rel_err(old, ref)
     assert new_err < 1e-5 and old_err > 10 * new_err, (new_err, old_err)

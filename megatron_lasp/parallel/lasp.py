@@ -56,8 +56,7 @@ from megatron_lasp.parallel.slices import (
     SliceFunction,
     SliceTransform,
     add_state_term,
-    slice_gate_grad_from_own,
-    state_grad_dots,
+    leaving_state_grads,
     with_entry_state,
 )
 from megatron_lasp.parallel.hop import StateHop
@@ -132,17 +131,10 @@ class _LaspFunction(SliceFunction):
             ds = hop.pass_on(ds_loc, tr.transpose, tr.keep_in)
         dq, dk, dv = grads[:3]
         hop.join()
-        if ds is not None:
-            add_state_term(dk, v, ds.transpose(-1, -2), tr.w_out)
-            add_state_term(dv, k, ds, tr.w_out)
+        want_g = g is not None and ctx.needs_input_grad[4]
+        dg = leaving_state_grads(k, v, dk, dv, ds, tr.w_out, s_out, g if want_g else None,
+                                 grads[3] if want_g else None, docs)
         hop.finish()
-        dg = None
-        if g is not None and ctx.needs_input_grad[4]:
-            dots = final = None
-            if ds is not None:  # the leaving state's terms (the op ran without them)
-                dots = state_grad_dots(k, v, ds, tr.w_out)
-                final = (s_out.to(ds.dtype) * ds).sum((-1, -2))
-            dg = slice_gate_grad_from_own(g, grads[3], docs, dots, final)
         dh0 = SliceFunction.initial_grad(ctx, info.rank, hop.end, ds_loc)
         return _LaspFunction.input_grads(dq, dk, dv, dg, dh0)
 

@@ -45,8 +45,7 @@ from megatron_lasp.parallel.slices import (
     add_state_term,
     decayed_prefix,
     decayed_suffix,
-    slice_gate_grad_from_own,
-    state_grad_dots,
+    leaving_state_grads,
     with_entry_state,
 )
 
@@ -105,16 +104,9 @@ class _Lasp2Function(SliceFunction):
         grads = _all_gather_states(mine.keep(g_loc), info)  # the kernel's dS_0 is for the slice's first document
         d_final = SliceFunction.final_grad(ctx, d_final, info)
         ds = decayed_suffix(grads, transforms, info.rank, final=d_final)
-        if ds is not None:
-            add_state_term(dk, v, ds.transpose(-1, -2), mine.w_out)
-            add_state_term(dv, k, ds, mine.w_out)
-        dg = None
-        if g is not None and ctx.needs_input_grad[4]:
-            dots = final = None
-            if ds is not None:  # the leaving state's terms (the op ran without them)
-                dots = state_grad_dots(k, v, ds, mine.w_out)
-                final = (s_out.to(ds.dtype) * ds).sum((-1, -2))
-            dg = slice_gate_grad_from_own(g, dg_own[0], docs, dots, final)
+        want_g = g is not None and ctx.needs_input_grad[4]
+        dg = leaving_state_grads(k, v, dk, dv, ds, mine.w_out, s_out, g if want_g else None,
+                                 dg_own[0] if want_g else None, docs)
         dh0 = None
         if SliceFunction.needs_initial_grad(ctx) and info.rank == 0:  # the gradient entering slice 0
             dh0 = decayed_suffix(grads, transforms, -1, final=d_final)

@@ -12,8 +12,8 @@ boundary); :func:`window_documents` gives a window of a slice (a chunk) its own 
 
 :class:`SliceTransform` is what the modes, the chunked layer (``models/chunked.py``) and the one
 state hop (``hop.py``) take: a state and how a slice transforms it (its token weights and its
-carry). :class:`SliceFunction` is the modes' shared autograd tail, :func:`slice_gate_grad` the
-gates' gradient of a slice. See ``megatron_lasp/parallel/README.md``.
+carry). :class:`SliceFunction` is the modes' shared autograd tail, :func:`leaving_state_grads` what the
+gradient of the state leaving a slice adds to its dk, dv and gates' gradient. See ``megatron_lasp/parallel/README.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
 from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad, reverse_cumsum_docs
-from megatron_lasp.ops.lightning_attn.triton_chunk import triton_gate_dots
 from megatron_lasp.parallel.comm import state_dtype, sum_over_group
 
 __all__ = [
@@ -39,9 +38,9 @@ __all__ = [
     "decayed_suffix",
     "with_entry_state",
     "window_documents",
-    "slice_gate_grad",
     "slice_gate_grad_from_own",
     "state_grad_dots",
+    "leaving_state_grads",
 ]
 
 
@@ -369,39 +368,6 @@ class SliceFunction(torch.autograd.Function):
         return dh0 if rank == 0 else torch.zeros_like(like)
 
 
-def slice_gate_grad(g: torch.Tensor, q, dq, k, dk, docs: Optional[SliceDocs], s_out: Optional[torch.Tensor] = None,
-                    ds_out: Optional[torch.Tensor] = None, backend: str = "torch",
-                    final_term: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dg [B, C, H]`` (in ``g``'s dtype) of a slice from its total gradients (``gate.gate_grad``:
-    ``dg_s = sum_{t >= s, same document} (q_t . dq_t - k_t . dk_t) + [s in the last document]
-    <dS_out, S_out>``).
-
-    Args:
-        g: the slice's gates ``[B, C, H]``.
-        q, dq, k, dk: ``[B, C, H, Dk]``, the slice's inputs and their total gradients (the terms of
-            the state entering it and of the state leaving it included).
-        docs: the document plan (the sums restart at the slice's own document starts).
-        s_out, ds_out: the state leaving the slice and its gradient ``[B, H, Dk, Dv]``, or None
-            (the last slice).
-        backend: "triton" forms the row dots ``q . dq - k . dk`` in the kernel that the op uses.
-        final_term: ``<dS_out, S_out>`` ``[B, H]`` when the caller has it directly (instead of
-            ``s_out`` / ``ds_out``).
-    """
-    doc_ids = None if docs is None else docs.local
-    dots = triton_gate_dots(q, dq, k, dk) if backend == "triton" else None
-    if dots is None:
-        cdt = state_dtype(q.dtype)
-        dots = (torch.einsum("bthd,bthd->bth", q.to(cdt), dq.to(cdt))
-                - torch.einsum("bthd,bthd->bth", k.to(cdt), dk.to(cdt)))
-    if ds_out is not None:
-        final_term = (s_out.to(dots.dtype) * ds_out.to(dots.dtype)).sum((-1, -2))
-    if final_term is not None:
-        dots = dots.clone()
-        dots[:, -1] += final_term.to(dots.dtype)
-    return gate_grad(q, dq, k, dk, doc_ids, dots=dots).to(g.dtype)
-
-
-
 def state_grad_dots(k: torch.Tensor, v: torch.Tensor, ds_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """``-w_t (k_t dS_out) . v_t`` ``[B, C, H]`` fp32 (fp64 for fp64 inputs): what the term
     ``w_t v_t dS_out^T`` that a state gradient ``dS_out [B, H, Dk, Dv]`` adds to ``dk_t`` (see
@@ -420,7 +386,7 @@ def slice_gate_grad_from_own(g: torch.Tensor, dg_own: torch.Tensor, docs: Option
     ``dg_own``: the op's ``dg`` for the slice run from the state entering it and with the gradient
     of the state leaving it that the op itself saw (if any); the op sums it inside its segments from
     unrounded dots (README of the op, "Gradient of the gates"). A state gradient ``dS_out`` that
-    the caller adds to ``dk`` afterwards adds to :func:`slice_gate_grad`'s sum the terms
+    the caller adds to ``dk`` afterwards adds to the whole-slice sum (``gate.gate_grad``) the terms
     :func:`state_grad_dots` (``dots``) and ``<dS_out, S_out>`` at the last token (``final_term``
     ``[B, H]``). They are formed in fp32 (fp64) from ``k``, ``v`` and the fp32 state, so their sum
     over the slice stays accurate, unlike sums of bf16-rounded ``dq``, ``dk``.
@@ -439,3 +405,27 @@ def slice_gate_grad_from_own(g: torch.Tensor, dg_own: torch.Tensor, docs: Option
         extra[:, -1] += final_term.to(cdt)
     doc_ids = None if docs is None else docs.local
     return (dg_own.to(cdt) + reverse_cumsum_docs(extra, doc_ids)).to(g.dtype)
+
+
+def leaving_state_grads(k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                        ds_out: Optional[torch.Tensor], w_out: torch.Tensor, s_out: Optional[torch.Tensor],
+                        g: Optional[torch.Tensor], dg_own: Optional[torch.Tensor],
+                        docs: Optional[SliceDocs]) -> Optional[torch.Tensor]:
+    """Add what ``dS_out``, the gradient of the state leaving a slice, gives its ``dk`` and ``dv``
+    (in place, :func:`add_state_term`), and return the slice's ``dg``: the op's own ``dg_own`` (run
+    without ``dS_out``) plus ``dS_out``'s terms formed in fp32 (:func:`slice_gate_grad_from_own`).
+
+    ``ds_out`` None: no gradient reaches the state (the last slice), ``dk``, ``dv`` stay. ``g`` None
+    (a fixed decay, or no gradient wanted for the gates): returns None. ``w_out``: the slice's
+    :attr:`SliceTransform.w_out`; ``s_out``: the state leaving the slice (read only with ``g``).
+    """
+    if ds_out is not None:
+        add_state_term(dk, v, ds_out.transpose(-1, -2), w_out)
+        add_state_term(dv, k, ds_out, w_out)
+    if g is None:
+        return None
+    dots = final = None
+    if ds_out is not None:  # the op ran without them
+        dots = state_grad_dots(k, v, ds_out, w_out)
+        final = (s_out.to(ds_out.dtype) * ds_out).sum((-1, -2))
+    return slice_gate_grad_from_own(g, dg_own, docs, dots, final)

@@ -240,7 +240,7 @@ def lightning_attn_bwd_phases(
     gradients of the slice; ``finish() -> (dq, dk, dv)``, ``(dq, dk, dv, dg)`` with per-token gates
     (``slopes=None``; ``dg`` of ``finish``'s own terms, summed inside segments: a layer that adds the
     terms of a final-state gradient to ``dk`` adds theirs to ``dg``, see
-    ``parallel.slices.slice_gate_grad_from_own``, or forms ``dg`` from its totals with :func:`gate.gate_grad`).
+    ``parallel.slices.leaving_state_grads``, or forms ``dg`` from its totals with :func:`gate.gate_grad`).
     Equal to :func:`lightning_attn_bwd` (on ``saved``'s backend).
     """
     if (slopes is None) != saved.gated:

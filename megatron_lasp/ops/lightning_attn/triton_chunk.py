@@ -28,7 +28,7 @@ import triton.language as tl
 from .gate import block_cumsum
 
 __all__ = ["TritonConfig", "TritonOptions", "triton_config", "triton_lightning_attn_fwd_phases",
-           "triton_lightning_attn_bwd_phases", "triton_gated_fwd_phases", "triton_gate_dots", "KERNEL_NAMES"]
+           "triton_lightning_attn_bwd_phases", "triton_gated_fwd_phases", "KERNEL_NAMES"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,35 +340,7 @@ def _chunk_kernel(
                  mask=valid[:, None] & mask_z[None, :])
 
 
-def _gate_dot_kernel(
-    Q, DQ, K, DK, OUT, T, H, D,
-    s_b, s_t, s_h, o_b, o_t, o_h,
-    BT: tl.constexpr, DP: tl.constexpr, F32_DOT: tl.constexpr,
-):
-    """OUT[b, t, h] = q_t . dq_t - k_t . dk_t (fp32), one block of BT tokens of one head.
-
-    The row sums are a dot with a ones matrix (the kernels avoid tl.sum, see above); the result's
-    first column is stored. q, dq, k, dk share their strides (all contiguous [B, T, H, D]).
-    """
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    rows = i_t * BT + tl.arange(0, BT)
-    offs = tl.arange(0, DP)
-    valid = rows < T
-    ptr = i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + rows.to(tl.int64)[:, None] * s_t + offs[None, :]
-    m = valid[:, None] & (offs < D)[None, :]
-    q = tl.load(Q + ptr, mask=m, other=0.0).to(tl.float32)
-    dq = tl.load(DQ + ptr, mask=m, other=0.0).to(tl.float32)
-    k = tl.load(K + ptr, mask=m, other=0.0).to(tl.float32)
-    dk = tl.load(DK + ptr, mask=m, other=0.0).to(tl.float32)
-    ones = tl.full([DP, 16], 1.0, tl.float32)
-    r = tl.dot(q * dq - k * dk, ones, input_precision=F32_DOT)  # [BT, 16], every column the row sum
-    cols = tl.arange(0, 16)
-    o_ptr = OUT + i_b.to(tl.int64) * o_b + i_h.to(tl.int64) * o_h + rows.to(tl.int64)[:, None] * o_t + cols[None, :] * 0
-    tl.store(o_ptr, r, mask=valid[:, None] & (cols == 0)[None, :])
-
-
-_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel, _gate_dot_kernel)
+_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -663,16 +635,3 @@ def triton_gated_fwd_phases(q, k, v, g, initial_state, doc_ids=None, options: Op
         return o, entry, cfg, gc
 
     return final, finish
-
-
-def triton_gate_dots(q, dq, k, dk) -> torch.Tensor:
-    """``q_t . dq_t - k_t . dk_t`` per token and head, fp32 ``[B, T, H]`` (the summand of ``dg``)."""
-    q, dq, k, dk = (x.contiguous() for x in (q, dq, k, dk))
-    B, T, H, D = q.shape
-    kern = _kernels(q.device.type == "cpu")
-    out = torch.empty((B, T, H), device=q.device, dtype=torch.float32)
-    bt = 16 if q.device.type == "cpu" else 64
-    kern.gate_dot_kernel[(-(-T // bt), B * H)](
-        q, dq, k, dk, out, T, H, D, *q.stride()[:3], *out.stride(),
-        BT=bt, DP=max(16, _pow2(D)), F32_DOT=_f32_dot(q), num_warps=4)
-    return out
