@@ -190,7 +190,8 @@ def summarize(runs: dict, argv, **meta) -> dict:
 
 def from_logs(paths, names) -> dict:
     """Runs from training logs (``iteration N/M | ... | lm loss: X |`` lines, every ``--log-interval``):
-    each ``training: N iterations`` line starts the next run of ``names``; a cut-short run keeps what it logged."""
+    each startup line ``training: N iterations, ...`` starts the next run of ``names``; a cut-short run keeps
+    what it logged."""
     import re
 
     runs, current = {}, None
@@ -198,7 +199,7 @@ def from_logs(paths, names) -> dict:
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if "megatron_lasp.training.loop: training:" in line:
+                if re.search(r"\] INFO megatron_lasp\.training\.\w+: training: \d+ iterations", line):
                     current = next(order)
                     runs[current] = {"steps": [], "loss": [], "grad_norm": [], "log": os.path.basename(path)}
                 m = re.search(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.Ee+-]+) .*?grad norm: ([0-9.]+)", line)

@@ -159,7 +159,17 @@ def test_training_flag_selects_the_triton_kernel(monkeypatch):
     from megatron_lasp.training.arguments import ArgumentError, parse_config
     from megatron_lasp.training.loop import model_config_from_run
 
+    from megatron_lasp.training import arguments
+
+    # the default: PyTorch ops on CPU (the reference), the kernels on a GPU (measured faster there)
+    monkeypatch.setattr(arguments, "default_on_gpu", lambda: False)
     assert model_config_from_run(parse_config(TRAIN)).cross_entropy_kernel == "torch"
+    on_gpu = TRAIN + ["--ddp-impl", "torch", "--distributed-backend", "gloo"]
+    monkeypatch.setattr(arguments, "default_on_gpu", lambda: True)
+    assert model_config_from_run(parse_config(on_gpu)).cross_entropy_kernel == "triton"
+    chosen = parse_config(on_gpu + ["--cross-entropy-kernel", "torch"])
+    assert model_config_from_run(chosen).cross_entropy_kernel == "torch"
+    monkeypatch.undo()
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ArgumentError, match="^--cross-entropy-kernel triton needs CUDA"):

@@ -166,6 +166,13 @@ def test_torchrun_cli_smoke(corpus_prefix, tmp_path):
     assert "iteration        3/       3" in lines[-1] and "lm loss:" in lines[-1] and "MFU: n/a" in lines[-1]
     assert "validation loss at iteration 2" in proc.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    # the benchmarks read losses back from such logs (bench_loss_parity, bench_sp_loss_curves)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench_loss_parity import from_logs
+
+    (tmp_path / "run.log").write_text(proc.stderr + proc.stdout)
+    run = from_logs([str(tmp_path / "run.log")], ["cli"])["cli"]
+    assert run["steps"] == [1, 2, 3] and len(run["loss"]) == len(run["grad_norm"]) == 3, run
 
 
 def _free_port():

@@ -218,8 +218,9 @@ class LinearLMConfig(TransformerConfig):
     cross_entropy_chunk_size: int = 0
     """Tokens per chunk of the fused loss; 0: about 2^28 logits per chunk (--cross-entropy-chunk-size)."""
     cross_entropy_kernel: str = "torch"
-    """The fused loss's softmax part on each logit chunk: 'torch' (PyTorch ops) or 'triton'
-    (megatron_lasp/ops/cross_entropy; not yet measured on a GPU) (--cross-entropy-kernel)."""
+    """The fused loss's softmax part on each logit chunk: 'torch' (PyTorch ops, the reference) or
+    'triton' (megatron_lasp/ops/cross_entropy, fewer passes over the logits; what training on a GPU
+    uses unless --cross-entropy-kernel says otherwise)."""
     offload_layer_inputs: bool = False
     """Move the layer inputs saved for activation recompute to pinned host memory in forward
     (side stream) and prefetch them in backward (--cpu-offloading)."""

@@ -204,9 +204,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cross-entropy-chunk-size", type=int, default=0,
                    help="tokens per chunk of the fused loss (0: about 2^28 logits per chunk, 4096 tokens "
                    "at vocab 64000)")
-    g.add_argument("--cross-entropy-kernel", choices=("torch", "triton"), default="torch",
-                   help="the fused loss's softmax part on each logit chunk: PyTorch ops, or two Triton kernels "
-                   "(fewer passes over the logits; not yet measured on a GPU, so opt-in)")
+    g.add_argument("--cross-entropy-kernel", choices=("torch", "triton"), default=None,
+                   help="the fused loss's softmax part on each logit chunk: two Triton kernels (fewer passes "
+                   "over the logits; the default on a GPU) or PyTorch ops (the default on CPU, the reference)")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="move the layer inputs saved for activation recompute to pinned host memory "
                    "(side stream, overlapped) and prefetch them in backward; needs --recompute-granularity full")
@@ -511,6 +511,8 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
         args.ddp_impl = "megatron" if on_gpu else "torch"
     if args.kernel_backend is None:
         args.kernel_backend = "triton" if on_gpu else "torch"
+    if args.cross_entropy_kernel is None:
+        args.cross_entropy_kernel = "triton" if on_gpu else "torch"
     if not on_gpu:
         if args.ddp_impl == "megatron":
             raise ArgumentError("--ddp-impl megatron (megatron-core DDP and optimizer) needs CUDA; "

@@ -161,7 +161,7 @@ class MemoryOptions:
     cross_entropy_chunk_size: int = 0
     """Tokens per chunk of the fused loss (0: automatic)."""
     cross_entropy_kernel: str = "torch"
-    """The fused loss's softmax part: 'torch' or 'triton' (opt-in, not yet measured on a GPU)."""
+    """The fused loss's softmax part: 'torch' or 'triton' (the command line's default: triton on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.recompute_chunk_size > 0 and self.recompute_granularity != "full":

@@ -15,11 +15,12 @@ CT=${CT:-200}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 (nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch,triton,megatron.core as m;print(torch.__version__,triton.__version__,m.__version__)") > $R/host.txt 2>&1
 job() { local name=$1; shift; (timeout $CT "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log) & }
-MEGATRON_LASP_GPU_REPORT=$R/gpu_multirank.json job pytest_multirank python3 -m pytest -m gpu tests/test_gpu_multirank.py -k "training or resume" -v -p no:cacheprovider
+MEGATRON_LASP_GPU_REPORT=$R/gpu_multirank.json job pytest_multirank python3 -m pytest -m gpu tests/test_gpu_multirank.py -k "(training or resume) and not torchrun" -v -p no:cacheprovider
 MEGATRON_LASP_GPU_REPORT=$R/gpu_multirank_modes.json job pytest_modes python3 -m pytest -m gpu tests/test_gpu_multirank.py -k "every_mode or strided" -v -p no:cacheprovider
 MEGATRON_LASP_GPU_REPORT=$R/gpu_hybrid.json job pytest_hybrid python3 -m pytest -m gpu tests/test_gpu_hybrid.py -k "sp2 or chunked" -v -p no:cacheprovider
 MEGATRON_LASP_GPU_REPORT=$R/gpu_gated.json job pytest_gated python3 -m pytest -m gpu tests/test_gated_attn.py tests/test_loss_kernels.py -v -p no:cacheprovider
 job check_gated python3 benchmarks/gpu_check_kernels.py --gated --out $R/kernels_check_gated.json
+MEGATRON_LASP_GPU_REPORT=$R/gpu_torchrun.json job pytest_torchrun python3 -m pytest -m gpu tests/test_gpu_multirank.py -k torchrun -v -p no:cacheprovider
 job bench_sp python3 benchmarks/bench_sp_loss_curves.py --out $R --log-dir /tmp/blogs --data-prefix $MEGATRON_LASP_CORPUS_PREFIX --num-layers 2 --seq-length 8192 --steps 50 --no-noise-run
 wait
 cat /tmp/blogs/*.log > $R/bench_sp_runs.log 2>/dev/null
