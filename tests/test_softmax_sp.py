@@ -88,6 +88,24 @@ def test_flex_kernel_forward_on_cpu(packed):
         softmax_attn(q.requires_grad_(True), k, v, kernel="flex")
 
 
+def test_auto_kernel_choice(monkeypatch):
+    """``kernel="auto"`` runs what the GPU measurements picked (README.md, "Which kernel"): SDPA
+    without documents; flash-attention's varlen kernel with them where it can run (fp16 / bf16 and a
+    torch that has it), flex_attention otherwise; on the CPU the masked SDPA path."""
+    from megatron_lasp.ops.softmax_attn import auto_kernel, kernels
+
+    for device in ("cuda", "cpu"):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert auto_kernel(device, dtype, False) == "sdpa"
+    assert auto_kernel("cpu", torch.bfloat16, True) == "math"
+    monkeypatch.setattr(kernels, "_has_varlen", lambda: True)
+    assert auto_kernel("cuda", torch.bfloat16, True) == "varlen"
+    assert auto_kernel("cuda", torch.float16, True) == "varlen"
+    assert auto_kernel("cuda", torch.float32, True) == "flex"
+    monkeypatch.setattr(kernels, "_has_varlen", lambda: False)
+    assert auto_kernel("cuda", torch.bfloat16, True) == "flex"
+
+
 def test_kernel_rejects_bad_inputs():
     q = torch.zeros(1, 4, 3, 8)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):

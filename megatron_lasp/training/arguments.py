@@ -151,8 +151,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotary-base", type=float, default=None,
                    help="RoPE base of the softmax layers (default 10000)")
     g.add_argument("--softmax-kernel", choices=SOFTMAX_KERNELS, default="auto",
-                   help="the softmax layers' library kernel: auto (GPU: SDPA's flash/cuDNN, flex_attention with "
-                   "packed documents; CPU: SDPA), sdpa, flex, varlen or math")
+                   help="the softmax layers' library kernel: auto (GPU: SDPA's flash/cuDNN, flash-attention's "
+                   "varlen kernel with packed documents; CPU: SDPA), sdpa, flex, varlen or math")
     g.add_argument("--normalization", choices=("RMSNorm",), default=None, help="pre-norm type")
     g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True, default=None,
                    help="biases on the linear layers (default: none)")

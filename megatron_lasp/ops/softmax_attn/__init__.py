@@ -10,6 +10,7 @@ and the last tokens of a generation step against the KV cache.
 
 API:
     ``softmax_attn(q, k, v, *, q_docs=None, k_docs=None, scale=None, kernel="auto") -> o``
+    ``auto_kernel(device_type, dtype, documents) -> str``: what ``kernel="auto"`` runs.
     ``naive_softmax_attn(q, k, v, cu_seqlens=None, scale=None) -> o`` (fp64-ready reference, one
     document at a time, explicit softmax).
 
@@ -17,7 +18,7 @@ Files: ``kernels.py`` (the dispatch to the library kernels), ``naive.py`` (the r
 README.md: the kernels, their masks and when each is used.
 """
 
-from .kernels import SOFTMAX_KERNELS, softmax_attn
+from .kernels import SOFTMAX_KERNELS, auto_kernel, softmax_attn
 from .naive import naive_softmax_attn
 
-__all__ = ["SOFTMAX_KERNELS", "softmax_attn", "naive_softmax_attn"]
+__all__ = ["SOFTMAX_KERNELS", "auto_kernel", "softmax_attn", "naive_softmax_attn"]
