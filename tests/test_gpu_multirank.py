@@ -14,7 +14,8 @@ runs the GPU kernels (Triton) on 2 and 4 ranks. What is checked:
   dq, dk, dv and d(initial state): the first rank's gradient is the whole one, the others' exactly
   zero; the final state's gradient given in parts over the ranks), bf16 and fp32, at slice
   lengths that do not divide into the kernels' blocks; packed documents whose boundaries cross
-  ranks; TP2 x SP2 (strided SP groups). The reference is the torch kernel in fp64 on the whole
+  ranks; TP2 x SP2 (strided SP groups); each also with per-token gates instead of the fixed decay
+  (``dg`` checked as well; packed: documents on slice edges, spanning ranks, of one token). The reference is the torch kernel in fp64 on the whole
   sequence; fp32 must agree to 1e-5; bf16 must be as close to it as the one-rank bf16 run of the
   same kernels (twice its error, + 1e-3);
 - the whole-layer chunked recompute (``--recompute-chunk-size``) under lasp at SP = 2;
@@ -58,15 +59,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the modes against the one-rank run of the whole sequence
 
 
-def _run_case(seed, shape, mode, dtype, group, cu=None):
+def _run_case(seed, shape, mode, dtype, group, cu=None, gated=False):
     """One case on this rank: relative errors against the fp64 one-rank run, of the SP run and
     of the one-rank run in ``dtype`` (the same Triton kernels, whole sequence), from a random fp32
     initial state ``h0``, with the final state (``output_final_state``; its gradient ``d_final``
     given to the ranks in unequal parts that sum to it). The SP run's d(h0) is summed over the
     group (the first rank holds the whole gradient, the others zeros: ``off_first_rank`` is the
-    largest of theirs, over the group), so every rank returns the same numbers."""
+    largest of theirs, over the group), so every rank returns the same numbers. ``gated``: per-token
+    fp32 gates ``g`` (``testing.check_gates``: a head without decay, one whose carry underflows)
+    instead of the fixed slopes, and their gradient ``dg`` checked too."""
     from megatron_lasp.ops.lightning_attn import TritonOptions, chunk_lightning_attn
     from megatron_lasp.parallel import gather_sequence, lightning_attn_sp, split_sequence
+    from megatron_lasp.testing import check_gates
 
     B, C, H, D = shape
     world = dist.get_world_size(group)
@@ -77,22 +81,26 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     gen = torch.Generator().manual_seed(seed + 1)
     h0, d_final = (torch.randn(B, H, D, D, generator=gen, dtype=torch.float64).to(dev) for _ in range(2))
     slopes = _slopes(H, True).to(dev)
+    g = check_gates(seed + 2, B, C * world, H).to(dev) if gated else None
     cu = None if cu is None else cu.to(dev)
 
     def whole(dt, backend):
         leaves = [x.to(dt).clone().requires_grad_(True) for x in (q, k, v)]
-        s0 = h0.to(torch.float64 if dt == torch.float64 else torch.float32).clone().requires_grad_(True)
-        o, final = chunk_lightning_attn(*leaves, slopes.to(dt) if dt == torch.float64 else slopes, s0, True,
-                                        backend=backend, cu_seqlens=cu)
+        sdt = torch.float64 if dt == torch.float64 else torch.float32
+        s0 = h0.to(sdt).clone().requires_grad_(True)
+        gl = None if g is None else g.to(sdt).clone().requires_grad_(True)
+        decay = None if gated else (slopes.to(dt) if dt == torch.float64 else slopes)
+        o, final = chunk_lightning_attn(*leaves, decay, s0, True, backend=backend, cu_seqlens=cu, g=gl)
         torch.autograd.backward([o, final], [do.to(dt), d_final.to(final.dtype)])
-        return [o.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
+        return [o.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad] + ([gl.grad] if gated else [])
 
     ref = whole(torch.float64, "torch")
     one = whole(dtype, kernel)
     local = [split_sequence(x.to(dtype), group).requires_grad_(True) for x in (q, k, v)]
     s0 = h0.float().clone().requires_grad_(True)
-    o, final = lightning_attn_sp(*local, slopes, group, mode=mode, backend=kernel, initial_state=s0,
-                                 output_final_state=True, cu_seqlens=cu,
+    g_local = None if g is None else split_sequence(g.float(), group).requires_grad_(True)
+    o, final = lightning_attn_sp(*local, None if gated else slopes, group, mode=mode, backend=kernel,
+                                 initial_state=s0, output_final_state=True, cu_seqlens=cu, g=g_local,
                                  triton_options=TritonOptions(poison_outputs=True))
     share = 2 * (dist.get_rank(group) + 1) / (world * (world + 1))
     torch.autograd.backward([o, final], [split_sequence(do.to(dtype), group), d_final.float() * share])
@@ -101,8 +109,8 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
     dh0 = s0.grad.clone()
     dist.all_reduce(dh0, group=group)  # the first rank's gradient: the others add zeros
     got = ([gather_sequence(o.detach(), group), final.detach()] + [gather_sequence(x.grad, group) for x in local]
-           + [dh0])
-    names = ("o", "final", "dq", "dk", "dv", "dh0")
+           + [dh0] + ([gather_sequence(g_local.grad, group)] if gated else []))
+    names = ("o", "final", "dq", "dk", "dv", "dh0", "dg")
     return {"sp": {n: _rel(a, b) for n, a, b in zip(names, got, ref)},
             "one_rank": {n: _rel(a, b) for n, a, b in zip(names, one, ref)},
             "sp_vs_one_rank": {n: _rel(a, b) for n, a, b in zip(names, got, one)},
@@ -111,6 +119,8 @@ def _run_case(seed, shape, mode, dtype, group, cu=None):
 
 # slice lengths that are no multiple of the kernels' 64-token blocks; D 64 and 128
 SHAPES = [(2, 1000, 4, 64), (1, 333, 4, 128)]
+# the document layouts the per-token gates are checked with (of test_packed_sp's sets)
+GATED_PACKED = ("slice-edges", "span-all-ranks", "len1-docs")
 
 
 def _modes(rank, world_size, seed):
@@ -125,9 +135,20 @@ def _modes(rank, world_size, seed):
                 i += 1
         # packed documents: boundaries on slice edges, one token either side, across all ranks
         B, C, H, D = SHAPES[0]
-        for name, cu in _boundary_sets(world_size, C, B, random.Random(seed)).items():
+        sets = _boundary_sets(world_size, C, B, random.Random(seed))
+        for name, cu in sets.items():
             for mode in MODES:
                 out[f"{mode}-{dname}-packed-{name}-sp{world_size}"] = _run_case(seed + i, SHAPES[0], mode, dtype, group, cu)
+                i += 1
+        # per-token gates (dg too): both shapes, and documents across the ranks
+        for mode in MODES:
+            for B, C, H, D in SHAPES:
+                key = f"{mode}-{dname}-gated-B{B}-C{C}-H{H}-D{D}-sp{world_size}"
+                out[key] = _run_case(seed + i, (B, C, H, D), mode, dtype, group, gated=True)
+                i += 1
+            for name in GATED_PACKED:
+                out[f"{mode}-{dname}-gated-packed-{name}-sp{world_size}"] = _run_case(
+                    seed + i, SHAPES[0], mode, dtype, group, sets[name], gated=True)
                 i += 1
     return out
 
@@ -142,6 +163,8 @@ def _strided(rank, world_size, seed):
     for i, mode in enumerate(MODES):
         for dname, dtype in DTYPES.items():
             out[f"{mode}-{dname}-tp2-sp2"] = _run_case(seed + 7 * (rank % 2) + i, SHAPES[0], mode, dtype, groups.cp)
+            out[f"{mode}-{dname}-gated-tp2-sp2"] = _run_case(seed + 7 * (rank % 2) + i + 50, SHAPES[0], mode, dtype,
+                                                             groups.cp, gated=True)
     return out
 
 
@@ -181,7 +204,8 @@ def test_every_mode_on_shared_gpu(world):
     for other in per_rank[1:]:  # gathered results: every rank holds the same numbers
         assert other.keys() == results.keys()
     _report(f"modes/sp{world}", dict(_summary(results), seed=seed, seconds=time.time() - t0, results=results))
-    assert len(results) == 2 * (len(SHAPES) + 7) * len(MODES)
+    assert len(results) == 2 * (2 * len(SHAPES) + 7 + len(GATED_PACKED)) * len(MODES)
+    assert sum("-gated-" in key for key in results) == 2 * (len(SHAPES) + len(GATED_PACKED)) * len(MODES)
     bad = _check_cases(results)
     assert not bad, bad[:4]
 
@@ -192,7 +216,7 @@ def test_strided_tp2_sp2_on_shared_gpu():
     per_rank = spawn(_strided, 4, (seed,), timeout=600)
     results = {f"rank{r}/{k}": v for r, res in enumerate(per_rank) for k, v in res.items()}
     _report("modes/tp2-sp2", dict(_summary(results), seed=seed, results=results))
-    assert len(results) == 4 * 2 * len(MODES)
+    assert len(results) == 4 * 2 * 2 * len(MODES)
     bad = _check_cases(results)
     assert not bad, bad[:4]
 

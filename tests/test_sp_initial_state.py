@@ -145,6 +145,8 @@ def _check(rank, world_size, seed):
         cu = torch.tensor([0, 30, 31, 48], dtype=torch.int64)  # the first document crosses the edge
         for i, mode in enumerate(MODES):
             gpu_path[f"{mode}-fp32-cpu-packed"] = _run_case(seed + i, (1, 24, 4, 8), mode, torch.float32, group, cu)
+            gpu_path[f"{mode}-fp32-cpu-gated-packed"] = _run_case(seed + i, (1, 24, 4, 8), mode, torch.float32, group,
+                                                                  cu, gated=True)
         # the triton backend in Triton's interpreter (40 tokens a rank: several blocks)
         cu = torch.tensor([0, 45, 46, 79, 80], dtype=torch.int64)  # the first document crosses the edge
         for gated in (False, True):
@@ -197,6 +199,7 @@ def test_initial_state_modes_match_one_process(world):
         if world == 2:
             from test_gpu_multirank import _check_cases
 
-            assert len(gpu_path) == 4 and all("dh0" in r["sp"] for r in gpu_path.values())
+            assert len(gpu_path) == 8 and all("dh0" in r["sp"] for r in gpu_path.values())
+            assert sum("dg" in r["sp"] for r in gpu_path.values()) == 4
             bad = _check_cases(gpu_path)
             assert not bad, f"rank {rank}: the GPU test's cases fail on the CPU: {bad}"
