@@ -7,7 +7,7 @@ size (2048) and vocabulary (64000), for several token counts:
 - ``ours``: ``megatron_lasp.models.loss.linear_cross_entropy`` with the loss mask given (gradients
   in the forward pass, what the training loop runs);
 - ``ours_triton``: the same with ``kernel="triton"`` (the softmax part of each chunk as two Triton
-  kernels, ``megatron_lasp/ops/cross_entropy``; opt-in, first timed by this script); with several
+  kernels, ``megatron_lasp/ops/cross_entropy``; what training on a GPU runs); with several
   ``--triton-configs`` one variant per launch configuration, ``ours_triton_<block>x<warps>``;
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (``pip install liger-kernel``);
 - ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``pip install cut-cross-entropy``), with
