@@ -102,7 +102,8 @@ def _plot(doc: dict, path: str) -> None:
             b.semilogy(d["steps"], [max(x, 1e-7) for x in d["diff"]], "o-", markersize=3, label=f"|{name} - sp1|")
     b.set_xlabel("step")
     b.set_ylabel("absolute loss difference")
-    b.set_title("against SP = 1 (sp1-reordered: bf16 noise)")
+    noise = "sp1-reordered" in doc["runs"]
+    b.set_title("against SP = 1" + (" (sp1-reordered: bf16 noise)" if noise else " (no noise run)"))
     b.legend()
     save_figure_atomic(fig, path)
 
