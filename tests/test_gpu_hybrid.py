@@ -4,10 +4,12 @@
 
 - The softmax layers' sequence-parallel modes (allgather, allgather-balanced, ulysses) on 2 and 4
   ranks sharing the GPU over gloo, with the GPU kernels (``kernel="auto"``: SDPA's flash / cuDNN
-  without documents, compiled flex_attention with them) and every kernel choice at SP = 2,
+  without documents, flash-attention's varlen kernel with them) and every kernel choice at SP = 2,
   unpacked and packed, GQA, against the fp64 reference on the whole sequence (output, dq, dk, dv):
   fp32 within 1e-4 (the fused kernels may use TF32), bf16 within twice the one-rank bf16 error
   of the same kernel + 1e-3.
+- Each softmax kernel gives the same bits twice on the same inputs (bf16, unpacked and packed):
+  required of ``auto``'s choices, since resume is bitwise; the others are reported.
 - A 2-layer hybrid (``L*``) of TNL-1B width in bf16: the chunked recompute gives the gradients of
   full recompute.
 """
@@ -106,6 +108,43 @@ def test_softmax_modes_on_shared_gpu(world):
             if not (ok and math.isfinite(err)):
                 bad.append((key, name, r))
     assert not bad, bad[:4]
+
+
+@requires_cuda
+def test_softmax_kernels_are_deterministic():
+    """A resumed run repeats the uninterrupted one bitwise only if every kernel does: each softmax
+    kernel, bf16, unpacked and packed (2K-token documents), forward and backward twice on the same
+    inputs; ``auto``'s choices must give the same bits (the others are reported)."""
+    from megatron_lasp.ops.lightning_attn import doc_ids_from_cu_seqlens
+    from megatron_lasp.ops.softmax_attn import auto_kernel, softmax_attn
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device="cpu").manual_seed(5)
+    B, T, H, G, D = 1, 8192, 8, 4, 128
+    q, k, v, do = (torch.randn(B, T, h, D, generator=g).to(dev, torch.bfloat16) for h in (H, G, G, H))
+    cu = torch.arange(0, T + 1, 2048, device=dev)
+    docs = doc_ids_from_cu_seqlens(cu, B, T, dev)
+
+    def run(kernel, packed):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o = softmax_attn(*leaves, q_docs=docs if packed else None, k_docs=docs if packed else None, kernel=kernel)
+        o.backward(do)
+        return [o.detach()] + [x.grad for x in leaves]
+
+    same, picked = {}, set()
+    for packed in (False, True):
+        picked.add((auto_kernel("cuda", torch.bfloat16, packed), packed))
+        for kernel in ("sdpa", "flex", "varlen"):
+            try:
+                first, second = run(kernel, packed), run(kernel, packed)
+            except ValueError as e:  # a kernel this torch lacks
+                same[(kernel, packed)] = str(e)
+                continue
+            same[(kernel, packed)] = all(torch.equal(a, b) for a, b in zip(first, second))
+    _report("hybrid/softmax-kernels-deterministic",
+            {f"{k}-{'packed' if p else 'unpacked'}": v for (k, p), v in same.items()})
+    for choice in picked:
+        assert same[choice] is True, (choice, same)
 
 
 def _chunked(rank, world, seed):
