@@ -14,7 +14,7 @@ training logs go to ``--log-dir`` (default ``<out>/logs``).
 
 Example (one H100 / H200; TNL-1B width, 2 layers, 8K tokens a step, 50 steps; a few minutes)::
 
-    python benchmarks/bench_sp_loss_curves.py --out docs/benchmarks --num-layers 2 --seq-length 8192 --steps 50
+    python benchmarks/bench_sp_loss_curves.py --out docs/benchmarks/sp_loss_curves --num-layers 2 --seq-length 8192 --steps 50
 """
 
 from __future__ import annotations
