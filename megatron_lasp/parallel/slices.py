@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from megatron_lasp.ops.lightning_attn import LightningAttnSaved, decay_powers, state_decay
-from megatron_lasp.ops.lightning_attn.gate import SliceGate, gate_grad, reverse_cumsum_docs
+from megatron_lasp.ops.lightning_attn.gate import SliceGate, reverse_cumsum_docs
 from megatron_lasp.parallel.comm import state_dtype, sum_over_group
 
 __all__ = [

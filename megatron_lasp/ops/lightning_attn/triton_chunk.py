@@ -507,7 +507,8 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry,
     """out = generic chunk pass (README.md) of x, y, z with the given segment entry states.
 
     ``dots_of`` (shaped like out) and ``dots`` (``[n_tiles, B*H, T]`` fp32): also write
-    ``dots[i, bh, t] = dot_sign * dots_of_t . out_t`` over the i-th output tile (the kernel's DOTS)."""
+    ``dots[i, bh, t] = dot_sign * dots_of_t . out_t`` over the i-th output tile (the kernel's DOTS);
+    ``dots`` None: nothing of it (``dots_of`` is not read)."""
     B, T, H, dx = x.shape
     dz = z.shape[-1]
     ns = entry.shape[2]
@@ -602,20 +603,21 @@ def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_s
     dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True, docs, gc)
 
     def finish():
-        # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
+        # gate_parts: the dq pass also writes + q . dq over its tiles of Dk, the dk pass - k . dk;
+        # summed over all tiles below.
+        B, T, H, dk_dim = q.shape
+        parts = None
         if gate_parts:
-            # dq pass: + q . dq over its tiles of Dk; dk pass: - k . dk; summed over all tiles below.
-            B, T, H, dk_dim = q.shape
-            n_tiles = _chunk_tiles(dk_dim, cfg)[1]
-            parts = _empty((2, n_tiles, B * H, T), q.device, torch.float32, cfg.poison)
-            dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc, q, parts[0], 1.0)
-            dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs, gc)
-            dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc, k, parts[1], -1.0)
-            return dq, dk, dv, parts.sum((0, 1)).view(B, H, T), dentry
-        dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc)
+            parts = _empty((2, _chunk_tiles(dk_dim, cfg)[1], B * H, T), q.device, torch.float32, cfg.poison)
+        # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
+        dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc,
+                    q, None if parts is None else parts[0], 1.0)
         dv = _chunk(kern, k, q, do, dentry, slopes, cfg, True, dot_f32, False, docs, gc)
-        dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc)
-        return dq, dk, dv
+        dk = _chunk(kern, v, do, q, dentry, slopes, cfg, True, dot_f32, True, docs, gc,
+                    k, None if parts is None else parts[1], -1.0)
+        if parts is None:
+            return dq, dk, dv
+        return dq, dk, dv, parts.sum((0, 1)).view(B, H, T), dentry
 
     return dh0, finish
 
