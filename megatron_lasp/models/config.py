@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lasp.models.gate import GATES
+from megatron_lasp.ops.cross_entropy import KERNELS as CROSS_ENTROPY_KERNELS
 from megatron_lasp.ops.lightning_attn.utils import BACKENDS, MAX_HEAD_DIM
 from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
 from megatron_lasp.parallel.softmax import SOFTMAX_SP_MODES
@@ -302,8 +303,9 @@ class LinearLMConfig(TransformerConfig):
                 "local implementation use core_attn and/or mlp (or recompute_granularity full)"
             )
         self._check_hybrid_fields()
-        if self.cross_entropy_kernel not in ("torch", "triton"):
-            raise ValueError(f"cross_entropy_kernel {self.cross_entropy_kernel!r} must be 'torch' or 'triton'")
+        if self.cross_entropy_kernel not in CROSS_ENTROPY_KERNELS:
+            raise ValueError(f"cross_entropy_kernel {self.cross_entropy_kernel!r} must be one of "
+                             f"{', '.join(map(repr, CROSS_ENTROPY_KERNELS))}")
         if self.cross_entropy_chunk_size < 0 or self.recompute_chunk_size < 0:
             raise ValueError(
                 f"cross_entropy_chunk_size ({self.cross_entropy_chunk_size}) and recompute_chunk_size "

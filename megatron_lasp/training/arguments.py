@@ -197,6 +197,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_lasp.ops.cross_entropy import KERNELS as CROSS_ENTROPY_KERNELS
+
     g = p.add_argument_group("long-context memory")
     g.add_argument("--no-fused-linear-cross-entropy", dest="fused_linear_cross_entropy", action="store_false",
                    help="use megatron-core's output layer + vocab-parallel cross entropy (holds the "
@@ -204,7 +206,7 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cross-entropy-chunk-size", type=int, default=0,
                    help="tokens per chunk of the fused loss (0: about 2^28 logits per chunk, 4096 tokens "
                    "at vocab 64000)")
-    g.add_argument("--cross-entropy-kernel", choices=("torch", "triton"), default=None,
+    g.add_argument("--cross-entropy-kernel", choices=CROSS_ENTROPY_KERNELS, default=None,
                    help="the fused loss's softmax part on each logit chunk: two Triton kernels (fewer passes "
                    "over the logits; the default on a GPU) or PyTorch ops (the default on CPU, the reference)")
     g.add_argument("--cpu-offloading", action="store_true",

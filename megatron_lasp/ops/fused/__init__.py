@@ -18,10 +18,11 @@ gradients). With ``recompute=True`` the output is tagged for :func:`discard_unti
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from megatron_lasp.ops import interpreting
 
 from .recompute import discard_until_backward, mark_recomputable
 from .reference import glu_ref, norm_gate_ref, qkv_features_ref, rms_norm_ref
@@ -29,11 +30,6 @@ from .reference import glu_ref, norm_gate_ref, qkv_features_ref, rms_norm_ref
 __all__ = ["rms_norm", "qkv_features", "norm_gate", "glu", "fusion_default", "can_fuse", "interpreting",
            "discard_until_backward", "mark_recomputable", "rms_norm_ref", "qkv_features_ref", "norm_gate_ref",
            "glu_ref"]
-
-
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def fusion_default() -> bool:

@@ -1,9 +1,10 @@
 """Input checks, backend choice and decay helpers shared by the lightning-attention backends."""
 
-import os
 from typing import Optional
 
 import torch
+
+from megatron_lasp.ops import interpreting
 
 __all__ = ["decay_powers", "state_decay", "resolve_backend", "check_inputs", "MAX_HEAD_DIM", "BACKENDS"]
 
@@ -27,11 +28,6 @@ def decay_powers(slopes: torch.Tensor, length: int, reverse: bool = False) -> to
 def state_decay(slopes: torch.Tensor, length: int) -> torch.Tensor:
     """``lam^length`` per head, fp32 ``[H]``: the decay of a state carried across ``length`` tokens."""
     return torch.exp(-slopes.float() * float(length))
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
