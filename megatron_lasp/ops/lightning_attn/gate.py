@@ -134,7 +134,7 @@ _SCAN_BLOCK = 1024
 
 
 def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
-    """``R[b, t, h] = sum_{u >= t} x[b, u, h]`` in fp64, ``[B, T, H]`` (a strided view).
+    """``R[b, h, t] = sum_{u >= t} x[b, u, h]`` in fp64, ``[B, H, T]``, for ``x [B, T, H]``.
 
     In two levels along a contiguous last dimension: suffix sums inside blocks of ``_SCAN_BLOCK``
     tokens, then over the blocks' totals. A scan along ``T`` of a ``[B, T, H]`` tensor would run
@@ -146,8 +146,22 @@ def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
     inside = y.reshape(B, H, n, _SCAN_BLOCK).flip(-1).cumsum(-1).flip(-1)
     totals = inside[..., 0]  # [B, H, n]
     later = totals.flip(-1).cumsum(-1).flip(-1) - totals  # the blocks after each block
-    r = (inside + later[..., None]).reshape(B, H, n * _SCAN_BLOCK)[..., :T]
-    return r.transpose(1, 2)
+    return (inside + later[..., None]).reshape(B, H, n * _SCAN_BLOCK)[..., :T]
+
+
+def _stop_at_documents(y: torch.Tensor, doc_ids: torch.Tensor, end):
+    """``(y', reach)`` for suffix sums ``y [B, H, T]`` (fp64) whose sum for token ``t`` runs up to
+    ``end[t]`` (exclusive; an int for every token, or ``[T]``): ``y'`` stops at the end of ``t``'s
+    document as well, ``y'_t = y_t - y_stop`` with ``stop = min(first token of the next document,
+    end[t])`` (``y_T = 0``); ``reach [B, 1, T]``: ``t``'s document lasts up to ``end[t]`` (then
+    ``y'_t = y_t``)."""
+    B, H, T = y.shape
+    d = doc_ids.long().contiguous()
+    nxt = torch.searchsorted(d, d, right=True)  # [B, T]: the first token of the next document (or T)
+    reach = nxt >= end
+    stop = nxt.clamp(max=end)
+    after = torch.gather(torch.nn.functional.pad(y, (0, 1)), 2, stop[:, None, :].expand(B, H, T))
+    return torch.where(reach[:, None], y, y - after), reach[:, None]
 
 
 def reverse_cumsum_docs(x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -157,16 +171,10 @@ def reverse_cumsum_docs(x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> tor
     suffix sum and ``e(t)`` the first token of the next document (``R_T = 0``); fp64 keeps the
     difference exact to the output's precision.
     """
-    B, T, H = x.shape
     r = _suffix_sums(x)
-    if doc_ids is None:
-        return r.to(x.dtype)
-    d = doc_ids.long()
-    # e(t): the number of tokens of the row whose document is <= doc(t)
-    end = torch.searchsorted(d.contiguous(), d.contiguous(), right=True)  # [B, T], in (t, T]
-    r_pad = torch.nn.functional.pad(r, (0, 0, 0, 1))  # R_T = 0
-    after = torch.gather(r_pad, 1, end[:, :, None].expand(B, T, H))
-    return (r - after).to(x.dtype)
+    if doc_ids is not None:
+        r = _stop_at_documents(r, doc_ids, x.shape[1])[0]
+    return r.transpose(1, 2).to(x.dtype)
 
 
 def gate_grad(
@@ -219,14 +227,9 @@ def _segment_suffix_sums(x: torch.Tensor, span: int, doc_ids: Optional[torch.Ten
     y = (c[..., -1:] - c + xp).view(B, H, ns * span)[..., :T]
     if doc_ids is None:
         return y, None
-    d = doc_ids.long().contiguous()
-    nxt = torch.searchsorted(d, d, right=True)  # [B, T]: the first token of the next document (or T)
     t = torch.arange(T, device=x.device)
     seg_end = ((t // span + 1) * span).clamp(max=T)  # [T]: one past the segment's last token
-    reach = nxt >= seg_end  # [B, T]
-    stop = torch.minimum(nxt, seg_end)  # the sum of t stops before `stop` (inside t's segment unless reach)
-    after = torch.gather(torch.nn.functional.pad(y, (0, 1)), 2, stop[:, None, :].expand(B, H, T))
-    return torch.where(reach[:, None], y, y - after), reach[:, None]
+    return _stop_at_documents(y, doc_ids, seg_end)
 
 
 def segment_gate_grad(
