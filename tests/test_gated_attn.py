@@ -2,7 +2,8 @@
 
 o, final state and every gradient (dq, dk, dv, dg, d_initial_state), with packed documents, odd
 lengths and long spans of strong decay (``g = -20`` per token) that must stay finite; dg's
-segment-local form (``segment_gate_grad``) at any segment length, and its accuracy with bf16 inputs. Triton runs
+segment-local form (``segment_gate_grad``) at any segment length, the triton kernel that forms it, and its
+accuracy with bf16 inputs. Triton runs
 in its CPU interpreter (``TRITON_INTERPRET=1`` through ``monkeypatch``), on small fp32 shapes.
 """
 
@@ -181,6 +182,38 @@ def test_segment_gate_grad_any_span(span):
     assert _rel(dg, ref[5]) < 1e-12
     no_boundary = segment_gate_grad(dots, span, states, final, torch.zeros_like(d_states), docs)
     assert _rel(no_boundary, ref[5]) > 1e-3
+
+
+@pytest.mark.parametrize("segment", [64, 112])
+@pytest.mark.parametrize("docs", [False, True])
+def test_gate_grad_kernel_many_blocks(segment, docs, monkeypatch):
+    """The triton backend's dg kernel against ``segment_gate_grad`` in segments of 4 and 7 blocks
+    (the interpreter's own configuration has 2, the GPU's 4 to 64): the carry from block to block,
+    documents that end on block edges, inside blocks, after one token, right after a segment's last
+    token, and a last segment shorter than the others. Negative control: the state gradients at
+    segment ends left out."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from megatron_lasp.ops.lightning_attn import triton_chunk
+
+    B, H, T, dk, dv, n_tiles = 2, 3, 250, 8, 40, 3
+    gen = torch.Generator().manual_seed(5)
+    cfg = triton_chunk.TritonConfig(block=16, segment=segment, tile=16, poison=True)
+    ns = -(-T // segment)
+    parts = torch.randn(2, n_tiles, B * H, T, generator=gen)
+    states, d_states = (torch.randn(B, H, ns, dk, dv, generator=gen) for _ in range(2))
+    final = torch.randn(B, H, dk, dv, generator=gen)
+    doc_ids = None
+    if docs:
+        starts = torch.tensor([0, 16, 40, 41, segment, segment + 1, 2 * segment - 3, T + 30, T + 31, 2 * T - 5])
+        doc_ids = doc_ids_from_cu_seqlens(torch.cat([starts, torch.tensor([2 * T])]), B, T, parts.device).to(torch.int32)
+    kern = triton_chunk._kernels(True)
+    dg = triton_chunk._gate_grad(kern, parts, states, final, d_states, doc_ids, cfg)
+    ref = segment_gate_grad(parts.sum((0, 1)).view(B, H, T), segment, states, final, d_states, doc_ids)
+    assert dg.shape == ref.shape == (B, T, H)
+    assert _rel(dg, ref) < 1e-6
+    no_boundary = segment_gate_grad(parts.sum((0, 1)).view(B, H, T), segment, states, final,
+                                    torch.zeros_like(d_states), doc_ids)
+    assert _rel(dg, no_boundary) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -290,19 +290,20 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bwd_phases(q, k, v, slopes, do, d_final_state, saved: LightningAttnSaved):
-    """``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)`` (``+ (dg,)`` gated), on validated inputs."""
-    if saved.backend == "torch":
-        dh0, finish = torch_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states, saved.span,
-                                                      doc_ids=saved.doc_ids, gc=saved.gc, gate_parts=saved.gated)
-    else:
-        dh0, finish = triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states,
-                                                       saved.config, saved.doc_ids, saved.gc, gate_parts=saved.gated)
+    """``(d_initial_state, finish)``, ``finish() -> (dq, dk, dv)`` (``+ (dg,)`` gated), on validated inputs.
+
+    ``dg`` comes from segment-local sums (README.md, "Gradient of the gates"): ``q.dq - k.dk``
+    formed before dq, dk are rounded, and the state gradients at segment ends. The triton backend
+    sums them in a kernel of its own; the torch backend hands them to ``gate.segment_gate_grad``."""
+    if saved.backend == "triton":
+        return triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states, saved.config,
+                                                saved.doc_ids, saved.gc, saved.final_state)
+    dh0, finish = torch_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, saved.states, saved.span,
+                                                  doc_ids=saved.doc_ids, gc=saved.gc, gate_parts=saved.gated)
     if not saved.gated:
         return dh0, finish
 
     def gated_finish():
-        # dg from segment-local sums (README.md, "Gradient of the gates"): the backends hand over
-        # q.dq - k.dk formed before dq, dk are rounded, and the state gradients at segment ends.
         dq, dk, dv, dots, d_states = finish()
         dg = segment_gate_grad(dots, saved.span, saved.states, saved.final_state, d_states, saved.doc_ids)
         return dq, dk, dv, dg

@@ -1,6 +1,6 @@
 """The Triton backend of lightning attention: kernels, launch heuristic and the launches.
 
-Over ~600 lines on purpose: each kernel's signature and its launch change together, so the four
+Over ~700 lines on purpose: each kernel's signature and its launch change together, so the
 kernels live beside the code that launches them.
 
 ``backend="triton"`` of :mod:`.chunk` (CUDA; CPU tensors run in Triton's interpreter under
@@ -340,7 +340,91 @@ def _chunk_kernel(
                  mask=valid[:, None] & mask_z[None, :])
 
 
-_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel)
+def _gate_grad_kernel(
+    PARTS, STATES, FINAL, DSTATES, DOC, DG, T, H, NS, NP, SD_P, NXZ,
+    SEG, BT: tl.constexpr, CW: tl.constexpr, HAS_DOC: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """The gates' gradient of one segment of one (batch row, head), from segment-local sums
+    (README.md, "Gradient of the gates", (14); ``gate.segment_gate_grad`` is the torch form):
+
+        dg_s = sum_{t in [s, e], doc(t) = doc(s)} dots_t  +  [doc(s) = doc(e)] c <D, S>
+
+    ``dots_t`` the sum of the NP rows of PARTS [NP, B*H, T] (the dq and dk passes' row sums, SD_P =
+    B*H*T apart), ``e`` the segment's last token, ``S`` the state after it (STATES [B*H, NS, NXZ]
+    of the next segment, FINAL [B*H, NXZ] for the last), ``D`` the state gradient entering it from
+    the right (DSTATES), ``c`` 0 where a document starts right after ``e``. DG [B*H, T] fp32.
+
+    The blocks of BT tokens run from the segment's end to its start. Every sum is a dot (no
+    @triton.jit helpers, see above): a block's masked suffix sums are ``mask @ x`` with ``x``
+    repeated over 16 columns, so each result row holds its value 16 times and column 0 is stored;
+    the carry (the sum of the tokens right of the block in the document that reaches the block)
+    and ``<D, S>`` are kept in the same repeated form.
+    """
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    seg_start = i_g * SEG
+    seg_len = tl.minimum(SEG, T - seg_start)
+    seg_last = seg_start + seg_len - 1
+    cols = tl.arange(0, 16)
+    i_loc = tl.arange(0, BT)
+
+    # <D, S> over the NXZ state entries, as rows of CW: ones(16, 16) @ block -> column sums
+    if i_g == NS - 1:
+        s_base = FINAL + i_bh.to(tl.int64) * NXZ
+    else:
+        s_base = STATES + (i_bh.to(tl.int64) * NS + i_g + 1) * NXZ
+    d_st_base = DSTATES + (i_bh.to(tl.int64) * NS + i_g) * NXZ
+    offs_r = tl.arange(0, 16)
+    offs_c = tl.arange(0, CW)
+    ones_r = tl.full([16, 16], 1.0, tl.float32)
+    colsum = tl.full([16, CW], 0.0, tl.float32)
+    for r0 in range(0, NXZ, 16 * CW):
+        offs = r0 + offs_r[:, None] * CW + offs_c[None, :]
+        m = offs < NXZ
+        prod = tl.load(s_base + offs, mask=m, other=0.0) * tl.load(d_st_base + offs, mask=m, other=0.0)
+        colsum = tl.dot(ones_r, prod, acc=colsum, input_precision=F32_DOT)  # [16, CW], equal rows
+    bnd = tl.dot(tl.full([BT, CW], 1.0, tl.float32), tl.trans(colsum), input_precision=F32_DOT)  # [BT, 16]
+    if HAS_DOC:
+        d_base = DOC + (i_bh // H).to(tl.int64) * T
+        d_end = tl.load(d_base + seg_last)
+        if i_g < NS - 1:
+            # a document starting right after the segment: its state gradient does not reach here
+            bnd = tl.where(tl.load(d_base + seg_last + 1) == d_end, bnd, 0.0)
+
+    p_base = PARTS + i_bh.to(tl.int64) * T
+    o_base = DG + i_bh.to(tl.int64) * T
+    later = i_loc[None, :] >= i_loc[:, None]  # [t, u]: u at or after t
+    rep = tl.full([BT, 16], 0.0, tl.float32)
+    carry = tl.full([BT, 16], 0.0, tl.float32)
+    if HAS_DOC:
+        d_carry = d_end  # any value: the carry is 0 before the first block
+    n_blk = (seg_len + BT - 1) // BT
+    for it in range(0, n_blk):
+        blk = n_blk - 1 - it
+        r = blk * BT + i_loc
+        valid = r < seg_len
+        rows = (seg_start + r).to(tl.int64)
+        x = tl.load(p_base + rows, mask=valid, other=0.0)
+        for p in range(1, NP):
+            x += tl.load(p_base + p * SD_P + rows, mask=valid, other=0.0)
+        xr = x[:, None] + rep  # [BT, 16], x in every column
+        if HAS_DOC:
+            d = tl.load(d_base + rows, mask=valid, other=-1)
+            first = tl.load(d_base + seg_start + blk * BT)
+            y = tl.dot(tl.where(later & (d[:, None] == d[None, :]), 1.0, 0.0), xr, input_precision=F32_DOT)
+            y += tl.where((d == d_carry)[:, None], carry, 0.0)
+            dg = y + tl.where((d == d_end)[:, None], bnd, 0.0)
+            # the block's first token: its document's sum from there on (the next block's carry)
+            carry = tl.dot(tl.where((d == first)[None, :] & (i_loc[:, None] >= 0), 1.0, 0.0), xr,
+                           input_precision=F32_DOT) + tl.where(first == d_carry, carry, 0.0)
+            d_carry = first
+        else:
+            y = tl.dot(tl.where(later, 1.0, 0.0), xr, input_precision=F32_DOT) + carry
+            dg = y + bnd
+            carry = tl.dot(tl.full([BT, BT], 1.0, tl.float32), xr, input_precision=F32_DOT) + carry
+        tl.store(o_base + rows[:, None] + cols[None, :] * 0, dg, mask=valid[:, None] & (cols == 0)[None, :])
+
+
+_KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel, _gate_grad_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,7 +435,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         return types.SimpleNamespace(**{fn.__name__.lstrip("_"): InterpretedFunction(fn) for fn in _KERNEL_FNS})
     # Sizes stay unspecialised (one compile serves every T, H, D and segment length); strides keep
     # Triton's divisibility specialisation, which the vectorised loads need.
-    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG", "TP", "D", "SD_Z"]
+    sizes = ["T", "H", "NS", "DX", "DZ", "NXZ", "SEG", "TP", "D", "SD_Z", "NP", "SD_P"]
     jitted = {}
     for fn in _KERNEL_FNS:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
@@ -534,6 +618,24 @@ def _chunk(kern, x, y, z, entry, slopes, cfg, reverse, dot_f32, transpose_entry,
     return out
 
 
+def _gate_grad(kern, parts, states, final_state, d_states, docs, cfg):
+    """``dg [B, T, H]`` fp32 (a view of ``[B, H, T]``) from the dq and dk passes' row sums ``parts
+    [2, n_tiles, B*H, T]`` and the state gradients ``d_states`` at segment ends (see
+    :func:`_gate_grad_kernel`)."""
+    B, H, ns = states.shape[:3]
+    T = parts.shape[-1]
+    nxz = states.shape[3] * states.shape[4]
+    dg = _empty((B, H, T), parts.device, torch.float32, cfg.poison)
+    final_state = final_state.float().contiguous()
+    has_doc = docs is not None
+    kern.gate_grad_kernel[(ns, B * H)](
+        parts, states, final_state, d_states, docs if has_doc else parts, dg, T, H, ns,
+        parts.shape[0] * parts.shape[1], B * H * T, nxz,
+        SEG=cfg.segment, BT=max(16, cfg.block), CW=128 if nxz >= 128 * 16 else 16, HAS_DOC=has_doc,
+        F32_DOT=_f32_dot(parts), num_warps=4)
+    return dg.transpose(1, 2)
+
+
 def _f32_dot(x: torch.Tensor) -> str:
     """The precision of the kernels' fp32 dots: three TF32 tensor-core products (``tf32x3``) on the
     GPU, ``ieee`` in the interpreter (which has no TF32).
@@ -583,16 +685,16 @@ def triton_lightning_attn_fwd_phases(q, k, v, slopes, initial_state, output_fina
 
 
 def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_states, cfg: TritonConfig,
-                                     doc_ids=None, gc=None, gate_parts: bool = False):
+                                     doc_ids=None, gc=None, final_state=None):
     """``(d_initial_state, finish)``: the state-gradient pass now, ``finish() -> (dq, dk, dv)``.
 
     ``entry_states`` and ``cfg``: the forward's (``finish()`` of the forward returned them);
     ``gc``: per-token gates, the forward's cumulative sums (``slopes`` then None).
-    ``gate_parts`` (with ``gc``): ``finish() -> (dq, dk, dv, dots, d_states)``, what
-    ``gate.segment_gate_grad`` takes: ``dots [B, H, T]`` fp32 ``q_t . dq_t - k_t . dk_t`` formed in the dq and
-    dk passes from their fp32 accumulators (before dq, dk are rounded to their dtype), and
-    ``d_states [B, H, NS, Dk, Dv]`` fp32 the gradient of the state leaving each segment to the right
-    (the last one's is ``d_final_state``).
+    ``final_state`` (with ``gc``): the forward's final state; ``finish() -> (dq, dk, dv, dg)`` with
+    ``dg [B, T, H]`` fp32 the gates' gradient of these terms, summed inside segments
+    (:func:`_gate_grad_kernel`, the torch backend's ``gate.segment_gate_grad``): the dq and dk passes
+    write ``q_t . dq_t`` and ``- k_t . dk_t`` from their fp32 accumulators (before dq, dk are rounded
+    to their dtype), and one more kernel sums them with the state gradients at segment ends.
     """
     q, k, v, do = _contig(q), _contig(k), _contig(v), _contig(do)
     kern, dot_f32 = _triton_setup(q, v)
@@ -603,11 +705,11 @@ def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_s
     dentry, dh0 = _segment_states(kern, q, do, slopes, dht, cfg, True, dot_f32, True, docs, gc)
 
     def finish():
-        # gate_parts: the dq pass also writes + q . dq over its tiles of Dk, the dk pass - k . dk;
-        # summed over all tiles below.
+        # gates: the dq pass also writes + q . dq over its tiles of Dk, the dk pass - k . dk;
+        # summed over all tiles by the gate-gradient kernel.
         B, T, H, dk_dim = q.shape
         parts = None
-        if gate_parts:
+        if gc is not None:
             parts = _empty((2, _chunk_tiles(dk_dim, cfg)[1], B * H, T), q.device, torch.float32, cfg.poison)
         # dq: the forward pass of (do, v, k) with the transposed forward states (KV-state caching).
         dq = _chunk(kern, do, v, k, entry_states, slopes, cfg, False, dot_f32, True, docs, gc,
@@ -617,7 +719,7 @@ def triton_lightning_attn_bwd_phases(q, k, v, slopes, do, d_final_state, entry_s
                     k, None if parts is None else parts[1], -1.0)
         if parts is None:
             return dq, dk, dv
-        return dq, dk, dv, parts.sum((0, 1)).view(B, H, T), dentry
+        return dq, dk, dv, _gate_grad(kern, parts, entry_states, final_state, dentry, docs, cfg)
 
     return dh0, finish
 
