@@ -184,15 +184,10 @@ def test_segment_gate_grad_any_span(span):
     assert _rel(no_boundary, ref[5]) > 1e-3
 
 
-@pytest.mark.parametrize("segment", [64, 112])
-@pytest.mark.parametrize("docs", [False, True])
-def test_gate_grad_kernel_many_blocks(segment, docs, monkeypatch):
-    """The triton backend's dg kernel against ``segment_gate_grad`` in segments of 4 and 7 blocks
-    (the interpreter's own configuration has 2, the GPU's 4 to 64): the carry from block to block,
-    documents that end on block edges, inside blocks, after one token, right after a segment's last
-    token, and a last segment shorter than the others. Negative control: the state gradients at
-    segment ends left out."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _gate_grad_kernel_errors(segment: int, docs: bool, sum_by_dot: bool):
+    """``(error, error without the boundary term)`` of the triton dg kernel against ``segment_gate_grad``."""
+    import types
+
     from megatron_lasp.ops.lightning_attn import triton_chunk
 
     B, H, T, dk, dv, n_tiles = 2, 3, 250, 8, 40, 3
@@ -206,14 +201,50 @@ def test_gate_grad_kernel_many_blocks(segment, docs, monkeypatch):
     if docs:
         starts = torch.tensor([0, 16, 40, 41, segment, segment + 1, 2 * segment - 3, T + 30, T + 31, 2 * T - 5])
         doc_ids = doc_ids_from_cu_seqlens(torch.cat([starts, torch.tensor([2 * T])]), B, T, parts.device).to(torch.int32)
-    kern = triton_chunk._kernels(True)
-    dg = triton_chunk._gate_grad(kern, parts, states, final, d_states, doc_ids, cfg)
-    ref = segment_gate_grad(parts.sum((0, 1)).view(B, H, T), segment, states, final, d_states, doc_ids)
+    launch = triton_chunk._kernels(True).gate_grad_kernel
+
+    class _Launch:  # the kernel with the form of its sums chosen here
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launch[grid](*a, **{**kw, "SUM_BY_DOT": sum_by_dot})
+
+    dg = triton_chunk._gate_grad(types.SimpleNamespace(gate_grad_kernel=_Launch()), parts, states, final, d_states,
+                                 doc_ids, cfg)
+    dots = parts.sum((0, 1)).view(B, H, T)
+    ref = segment_gate_grad(dots, segment, states, final, d_states, doc_ids)
+    no_boundary = segment_gate_grad(dots, segment, states, final, torch.zeros_like(d_states), doc_ids)
     assert dg.shape == ref.shape == (B, T, H)
-    assert _rel(dg, ref) < 1e-6
-    no_boundary = segment_gate_grad(parts.sum((0, 1)).view(B, H, T), segment, states, final,
-                                    torch.zeros_like(d_states), doc_ids)
-    assert _rel(dg, no_boundary) > 1e-2
+    return _rel(dg, ref), _rel(dg, no_boundary)
+
+
+@pytest.mark.parametrize("form", ["dots", "compiled"])
+@pytest.mark.parametrize("segment", [64, 112])
+@pytest.mark.parametrize("docs", [False, True])
+def test_gate_grad_kernel_many_blocks(segment, docs, form, monkeypatch):
+    """The triton backend's dg kernel against ``segment_gate_grad`` in segments of 4 and 7 blocks
+    (the interpreter's own configuration has 2, the GPU's 4 to 64): the carry from block to block,
+    documents that end on block edges, inside blocks, after one token, right after a segment's last
+    token, and a last segment shorter than the others. Both forms of its sums: the dots the
+    interpreter runs and the tl.sum form compiled for the GPU (which the interpreter runs only when
+    TRITON_INTERPRET was set before triton's import: in a fresh process). Negative control: the
+    state gradients at segment ends left out."""
+    if form == "dots":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        err, err_no_boundary = _gate_grad_kernel_errors(segment, docs, True)
+    else:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        code = ("import json, sys; sys.path.insert(0, 'tests'); import test_gated_attn as t; "
+                f"print(json.dumps(t._gate_grad_kernel_errors({segment}, {docs}, False)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "TRITON_INTERPRET": "1"},
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr[-2000:]
+        err, err_no_boundary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert err < 1e-6
+    assert err_no_boundary > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -343,6 +343,7 @@ def _chunk_kernel(
 def _gate_grad_kernel(
     PARTS, STATES, FINAL, DSTATES, DOC, DG, T, H, NS, NP, SD_P, NXZ,
     SEG, BT: tl.constexpr, CW: tl.constexpr, HAS_DOC: tl.constexpr, F32_DOT: tl.constexpr,
+    SUM_BY_DOT: tl.constexpr = True,
 ):
     """The gates' gradient of one segment of one (batch row, head), from segment-local sums
     (README.md, "Gradient of the gates", (14); ``gate.segment_gate_grad`` is the torch form):
@@ -354,20 +355,20 @@ def _gate_grad_kernel(
     of the next segment, FINAL [B*H, NXZ] for the last), ``D`` the state gradient entering it from
     the right (DSTATES), ``c`` 0 where a document starts right after ``e``. DG [B*H, T] fp32.
 
-    The blocks of BT tokens run from the segment's end to its start. Every sum is a dot (no
-    @triton.jit helpers, see above): a block's masked suffix sums are ``mask @ x`` with ``x``
-    repeated over 16 columns, so each result row holds its value 16 times and column 0 is stored;
-    the carry (the sum of the tokens right of the block in the document that reaches the block)
-    and ``<D, S>`` are kept in the same repeated form.
+    The blocks of BT tokens run from the segment's end to its start with a carry: the sum of the
+    tokens right of the block in the document that reaches into it. Compiled, the sums are
+    tl.sum over masked [BT, BT] tiles (a few thousand adds per block on the CUDA cores). The
+    interpreter refuses tl.sum (see above), so SUM_BY_DOT forms the same sums as dots with 0/1
+    masks, on ``x`` repeated over 16 columns: each result row holds its value 16 times and column 0
+    is stored; its carry and ``<D, S>`` are kept in that repeated form.
     """
     i_g, i_bh = tl.program_id(0), tl.program_id(1)
     seg_start = i_g * SEG
     seg_len = tl.minimum(SEG, T - seg_start)
     seg_last = seg_start + seg_len - 1
-    cols = tl.arange(0, 16)
     i_loc = tl.arange(0, BT)
 
-    # <D, S> over the NXZ state entries, as rows of CW: ones(16, 16) @ block -> column sums
+    # <D, S> over the NXZ state entries, in rows of CW
     if i_g == NS - 1:
         s_base = FINAL + i_bh.to(tl.int64) * NXZ
     else:
@@ -375,14 +376,20 @@ def _gate_grad_kernel(
     d_st_base = DSTATES + (i_bh.to(tl.int64) * NS + i_g) * NXZ
     offs_r = tl.arange(0, 16)
     offs_c = tl.arange(0, CW)
-    ones_r = tl.full([16, 16], 1.0, tl.float32)
-    colsum = tl.full([16, CW], 0.0, tl.float32)
+    acc = tl.full([16, CW], 0.0, tl.float32)
     for r0 in range(0, NXZ, 16 * CW):
         offs = r0 + offs_r[:, None] * CW + offs_c[None, :]
         m = offs < NXZ
         prod = tl.load(s_base + offs, mask=m, other=0.0) * tl.load(d_st_base + offs, mask=m, other=0.0)
-        colsum = tl.dot(ones_r, prod, acc=colsum, input_precision=F32_DOT)  # [16, CW], equal rows
-    bnd = tl.dot(tl.full([BT, CW], 1.0, tl.float32), tl.trans(colsum), input_precision=F32_DOT)  # [BT, 16]
+        if SUM_BY_DOT:
+            acc = tl.dot(tl.full([16, 16], 1.0, tl.float32), prod, acc=acc, input_precision=F32_DOT)
+        else:
+            acc += prod
+    if SUM_BY_DOT:
+        # [16, CW] of equal rows (column sums) -> [BT, 16], every entry the total
+        bnd = tl.dot(tl.full([BT, CW], 1.0, tl.float32), tl.trans(acc), input_precision=F32_DOT)
+    else:
+        bnd = tl.sum(tl.sum(acc, axis=1), axis=0)
     if HAS_DOC:
         d_base = DOC + (i_bh // H).to(tl.int64) * T
         d_end = tl.load(d_base + seg_last)
@@ -393,8 +400,12 @@ def _gate_grad_kernel(
     p_base = PARTS + i_bh.to(tl.int64) * T
     o_base = DG + i_bh.to(tl.int64) * T
     later = i_loc[None, :] >= i_loc[:, None]  # [t, u]: u at or after t
-    rep = tl.full([BT, 16], 0.0, tl.float32)
-    carry = tl.full([BT, 16], 0.0, tl.float32)
+    cols = tl.arange(0, 16)
+    if SUM_BY_DOT:
+        rep = tl.full([BT, 16], 0.0, tl.float32)
+        carry = tl.full([BT, 16], 0.0, tl.float32)
+    else:
+        carry = 0.0
     if HAS_DOC:
         d_carry = d_end  # any value: the carry is 0 before the first block
     n_blk = (seg_len + BT - 1) // BT
@@ -406,22 +417,42 @@ def _gate_grad_kernel(
         x = tl.load(p_base + rows, mask=valid, other=0.0)
         for p in range(1, NP):
             x += tl.load(p_base + p * SD_P + rows, mask=valid, other=0.0)
-        xr = x[:, None] + rep  # [BT, 16], x in every column
         if HAS_DOC:
             d = tl.load(d_base + rows, mask=valid, other=-1)
             first = tl.load(d_base + seg_start + blk * BT)
-            y = tl.dot(tl.where(later & (d[:, None] == d[None, :]), 1.0, 0.0), xr, input_precision=F32_DOT)
-            y += tl.where((d == d_carry)[:, None], carry, 0.0)
-            dg = y + tl.where((d == d_end)[:, None], bnd, 0.0)
-            # the block's first token: its document's sum from there on (the next block's carry)
-            carry = tl.dot(tl.where((d == first)[None, :] & (i_loc[:, None] >= 0), 1.0, 0.0), xr,
-                           input_precision=F32_DOT) + tl.where(first == d_carry, carry, 0.0)
-            d_carry = first
+            keep = later & (d[:, None] == d[None, :])  # [t, u]: u from t on, in t's document
+            in_first = (d == first)[None, :] & (i_loc[:, None] >= 0)  # [BT, BT]: u in the first token's document
+            reach = d == d_carry  # [BT]: the carry's document goes on into t's
+            at_end = d == d_end  # [BT]: t in the segment's last document
+            keep_carry = first == d_carry
         else:
-            y = tl.dot(tl.where(later, 1.0, 0.0), xr, input_precision=F32_DOT) + carry
-            dg = y + bnd
-            carry = tl.dot(tl.full([BT, BT], 1.0, tl.float32), xr, input_precision=F32_DOT) + carry
-        tl.store(o_base + rows[:, None] + cols[None, :] * 0, dg, mask=valid[:, None] & (cols == 0)[None, :])
+            keep = later
+            in_first = later | ~later  # [BT, BT]: every u
+        if SUM_BY_DOT:
+            xr = x[:, None] + rep  # [BT, 16], x in every column
+            y = tl.dot(tl.where(keep, 1.0, 0.0), xr, input_precision=F32_DOT)
+            # the block's first token: its document's sum from there on (the next block's carry)
+            block_first = tl.dot(tl.where(in_first, 1.0, 0.0), xr, input_precision=F32_DOT)
+            if HAS_DOC:
+                y += tl.where(reach[:, None], carry, 0.0)
+                dg = y + tl.where(at_end[:, None], bnd, 0.0)
+                carry = block_first + tl.where(keep_carry, carry, 0.0)
+            else:
+                dg = y + carry + bnd
+                carry = block_first + carry
+            tl.store(o_base + rows[:, None] + cols[None, :] * 0, dg, mask=valid[:, None] & (cols == 0)[None, :])
+        else:
+            y = tl.sum(tl.where(keep, x[None, :], 0.0), axis=1)
+            block_first = tl.sum(tl.where(in_first, x[None, :], 0.0), axis=1)  # [BT], every entry the same
+            if HAS_DOC:
+                dg = y + tl.where(reach, carry, 0.0) + tl.where(at_end, bnd, 0.0)
+                carry = block_first + tl.where(keep_carry, carry, 0.0)
+            else:
+                dg = y + carry + bnd
+                carry = block_first + carry
+            tl.store(o_base + rows, dg, mask=valid)
+        if HAS_DOC:
+            d_carry = first
 
 
 _KERNEL_FNS = (_local_state_kernel, _scan_kernel, _chunk_kernel, _gate_grad_kernel)
@@ -632,7 +663,7 @@ def _gate_grad(kern, parts, states, final_state, d_states, docs, cfg):
         parts, states, final_state, d_states, docs if has_doc else parts, dg, T, H, ns,
         parts.shape[0] * parts.shape[1], B * H * T, nxz,
         SEG=cfg.segment, BT=max(16, cfg.block), CW=128 if nxz >= 128 * 16 else 16, HAS_DOC=has_doc,
-        F32_DOT=_f32_dot(parts), num_warps=4)
+        F32_DOT=_f32_dot(parts), SUM_BY_DOT=parts.device.type == "cpu", num_warps=4)
     return dg.transpose(1, 2)
 
 
