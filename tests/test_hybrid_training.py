@@ -2,7 +2,8 @@
 
 ``pretrain_linear_lm``'s ``main`` on a tiny hybrid (``--hybrid-layer-pattern L*``, GQA) gives the
 single-process losses at SP 2 (each softmax mode, with lasp / lasp2) and TP 2 with TP sequence
-parallelism, with the chunked recompute and offloading of layer inputs, and resumes from a
+parallelism, with the chunked recompute and offloading of layer inputs and under
+``--deterministic-mode``, and resumes from a
 checkpoint to the same losses; the checkpoint (saved per layer) loads at PP 2 and TP 2 to the
 single-process losses; a checkpoint of another pattern is refused with the flag named.
 """
@@ -50,6 +51,7 @@ def test_hybrid_training_layouts_recompute_and_resume(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     single = {
         "plain": [],
+        "deterministic": ["--deterministic-mode"],
         "chunked-recompute": ["--recompute-granularity", "full", "--recompute-chunk-size", "16"],
         "offload": ["--recompute-granularity", "full", "--cpu-offloading"],
         "save-2": ["--save", ckpt, "--save-interval", "2", "--exit-interval", "2"],
@@ -61,6 +63,7 @@ def test_hybrid_training_layouts_recompute_and_resume(tmp_path):
     got = dict(zip(single, runs))
     want = got["plain"]
     assert isinstance(want, list) and len(set(want)) == 3, want
+    _close(got["deterministic"], want, "--deterministic-mode")
     _close(got["chunked-recompute"], want, "chunked recompute")
     _close(got["offload"], want, "offloading")
     _close(got["save-2"], want[:2], "first two iterations")

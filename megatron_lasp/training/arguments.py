@@ -287,6 +287,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true",
                    help="fp16 mixed precision with dynamic loss scaling (--ddp-impl megatron only)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="the same bits on every run of the same flags, for the softmax layers of a hybrid too: "
+                        "torch.use_deterministic_algorithms, cuBLAS's fixed workspace, flex attention for packed "
+                        "documents (flash-attention's backward sums dq with atomics); slower. The linear layers "
+                        "are deterministic without it")
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:

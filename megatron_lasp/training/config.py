@@ -254,6 +254,8 @@ class TrainingOptions:
     """bf16 mixed precision."""
     fp16: bool = False
     """fp16 mixed precision with dynamic loss scaling."""
+    deterministic_mode: bool = False
+    """Deterministic algorithms only (torch's global switch, cuBLAS's fixed workspace)."""
     exit_interval: Optional[int] = None
     """Stop (after saving) when the iteration is a multiple of this."""
     exit_signal_handler: bool = False

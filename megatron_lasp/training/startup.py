@@ -181,6 +181,7 @@ def model_config_from_run(config: RunConfig) -> "LinearLMConfig":
         cross_entropy_kernel=memory.cross_entropy_kernel,
         offload_layer_inputs=memory.cpu_offloading,
         offload_num_layers=memory.cpu_offloading_num_layers,
+        deterministic_mode=train.deterministic_mode,
     )
     if memory.recompute_modules is not None:
         fields.update(recompute_modules=[m for m in memory.recompute_modules if m != "elementwise"],
@@ -323,12 +324,22 @@ def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None
     return _build(config, stops, save_lock if save_lock is not None else SaveLock())
 
 
+def deterministic_algorithms() -> None:
+    """``--deterministic-mode``: torch's deterministic algorithms, and cuBLAS's fixed workspace,
+    which they need (set before the first matmul creates a cuBLAS handle; a value already in the
+    environment is kept). The softmax layers' ``auto`` kernel then picks a deterministic one."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> TrainState:
     """:func:`setup` once the flags are read."""
     from megatron.core import parallel_state as mpu
 
     from megatron_lasp.parallel.state import init_distributed, initialize_parallel, pipeline_p2p_staged
 
+    if config.training.deterministic_mode:
+        deterministic_algorithms()
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
 
     def prepare():
