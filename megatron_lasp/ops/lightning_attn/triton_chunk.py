@@ -405,7 +405,7 @@ def _gate_grad_kernel(
         rep = tl.full([BT, 16], 0.0, tl.float32)
         carry = tl.full([BT, 16], 0.0, tl.float32)
     else:
-        carry = 0.0
+        carry = tl.sum(tl.full([BT], 0.0, tl.float32), axis=0)  # a scalar tensor: loop-carried, one type
     if HAS_DOC:
         d_carry = d_end  # any value: the carry is 0 before the first block
     n_blk = (seg_len + BT - 1) // BT
@@ -421,18 +421,19 @@ def _gate_grad_kernel(
             d = tl.load(d_base + rows, mask=valid, other=-1)
             first = tl.load(d_base + seg_start + blk * BT)
             keep = later & (d[:, None] == d[None, :])  # [t, u]: u from t on, in t's document
-            in_first = (d == first)[None, :] & (i_loc[:, None] >= 0)  # [BT, BT]: u in the first token's document
+            in_first = d == first  # [BT]: u in the block's first token's document
             reach = d == d_carry  # [BT]: the carry's document goes on into t's
             at_end = d == d_end  # [BT]: t in the segment's last document
             keep_carry = first == d_carry
         else:
             keep = later
-            in_first = later | ~later  # [BT, BT]: every u
+            in_first = i_loc >= 0  # [BT]: every u
         if SUM_BY_DOT:
             xr = x[:, None] + rep  # [BT, 16], x in every column
             y = tl.dot(tl.where(keep, 1.0, 0.0), xr, input_precision=F32_DOT)
             # the block's first token: its document's sum from there on (the next block's carry)
-            block_first = tl.dot(tl.where(in_first, 1.0, 0.0), xr, input_precision=F32_DOT)
+            first_rows = in_first[None, :] & (i_loc[:, None] >= 0)  # [BT, BT], equal rows
+            block_first = tl.dot(tl.where(first_rows, 1.0, 0.0), xr, input_precision=F32_DOT)
             if HAS_DOC:
                 y += tl.where(reach[:, None], carry, 0.0)
                 dg = y + tl.where(at_end[:, None], bnd, 0.0)
@@ -443,7 +444,7 @@ def _gate_grad_kernel(
             tl.store(o_base + rows[:, None] + cols[None, :] * 0, dg, mask=valid[:, None] & (cols == 0)[None, :])
         else:
             y = tl.sum(tl.where(keep, x[None, :], 0.0), axis=1)
-            block_first = tl.sum(tl.where(in_first, x[None, :], 0.0), axis=1)  # [BT], every entry the same
+            block_first = tl.sum(tl.where(in_first, x, 0.0), axis=0)  # the next block's carry
             if HAS_DOC:
                 dg = y + tl.where(reach, carry, 0.0) + tl.where(at_end, bnd, 0.0)
                 carry = block_first + tl.where(keep_carry, carry, 0.0)
