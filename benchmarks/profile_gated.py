@@ -70,6 +70,8 @@ def main():
 
     def step(gated):
         def run():
+            for x in leaves + [g]:  # no accumulation into .grad (an add of each gradient, not the op's work)
+                x.grad = None
             decay = dict(slopes=None, g=g) if gated else dict(slopes=slopes)
             o, ht = chunk_lightning_attn(*leaves[:3], initial_state=leaves[3], output_final_state=True,
                                          backend="triton", **decay)
