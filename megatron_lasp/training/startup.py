@@ -326,9 +326,12 @@ def setup(argv: Optional[List[str]] = None, save_lock: Optional[SaveLock] = None
 
 def deterministic_algorithms() -> None:
     """``--deterministic-mode``: torch's deterministic algorithms, and cuBLAS's fixed workspace,
-    which they need (set before the first matmul creates a cuBLAS handle; a value already in the
-    environment is kept). The softmax layers' ``auto`` kernel then picks a deterministic one."""
+    which they need (set before the first matmul creates a cuBLAS handle), and Transformer Engine's
+    deterministic attention (megatron-core refuses TE's attention in this mode without it); values
+    already in the environment are kept. The softmax layers' ``auto`` kernel then picks a
+    deterministic one, and megatron-core's embedding an indexing form with a deterministic backward."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
     torch.use_deterministic_algorithms(True)
 
 
