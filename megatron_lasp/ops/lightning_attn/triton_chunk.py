@@ -416,7 +416,7 @@ def _gate_grad_kernel(
         rows = (seg_start + r).to(tl.int64)
         x = tl.load(p_base + rows, mask=valid, other=0.0)
         for p in range(1, NP):
-            x += tl.load(p_base + p * SD_P + rows, mask=valid, other=0.0)
+            x += tl.load(p_base + p * SD_P.to(tl.int64) + rows, mask=valid, other=0.0)
         if HAS_DOC:
             d = tl.load(d_base + rows, mask=valid, other=-1)
             first = tl.load(d_base + seg_start + blk * BT)
