@@ -37,7 +37,10 @@ def _run(rank, world_size, configs):
                 out.append(list(main(BASE + list(extra), destroy=False).losses))
         except (Exception, SystemExit) as e:  # a refused configuration: its message
             out.append(f"{type(e).__name__}: {e} {err.getvalue()}")
-    return out
+    import torch
+
+    # --deterministic-mode is the run's own: torch's global flag is back to off after it
+    return out + [torch.are_deterministic_algorithms_enabled()]
 
 
 def _close(got, want, what):
@@ -61,6 +64,7 @@ def test_hybrid_training_layouts_recompute_and_resume(tmp_path):
     }
     (runs,) = spawn(_run, 1, (list(single.values()),), timeout=600)
     got = dict(zip(single, runs))
+    assert runs[len(single)] is False, "torch's deterministic flag stayed on after a --deterministic-mode run"
     want = got["plain"]
     assert isinstance(want, list) and len(set(want)) == 3, want
     _close(got["deterministic"], want, "--deterministic-mode")

@@ -335,6 +335,9 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     _logging_setup()
     state = None
     save_lock = checkpointing.SaveLock()
+    # --deterministic-mode switches torch's global flag on: this run only, not the caller's later code
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         state = setup(argv, save_lock, start)
         state.stops.install()
@@ -353,6 +356,7 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
         if state is not None:
             state.stops.uninstall()
         save_lock.release()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if destroy:
             destroy_parallel()
     return state
