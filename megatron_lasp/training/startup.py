@@ -333,6 +333,9 @@ def deterministic_algorithms() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
     torch.use_deterministic_algorithms(True)
+    logger.info("deterministic mode: torch.use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG=%s; "
+                "softmax layers with packed documents run flex_attention",
+                os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
 def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> TrainState:
