@@ -426,32 +426,26 @@ def _gate_grad_kernel(
             at_end = d == d_end  # [BT]: t in the segment's last document
             keep_carry = first == d_carry
         else:
+            # one document: every token is in the first token's, the carry's and the last one's
             keep = later
-            in_first = i_loc >= 0  # [BT]: every u
+            in_first = i_loc >= 0
+            reach = in_first
+            at_end = in_first
+            keep_carry = True
         if SUM_BY_DOT:
             xr = x[:, None] + rep  # [BT, 16], x in every column
-            y = tl.dot(tl.where(keep, 1.0, 0.0), xr, input_precision=F32_DOT)
+            y = tl.dot(tl.where(keep, 1.0, 0.0), xr, input_precision=F32_DOT) + tl.where(reach[:, None], carry, 0.0)
             # the block's first token: its document's sum from there on (the next block's carry)
             first_rows = in_first[None, :] & (i_loc[:, None] >= 0)  # [BT, BT], equal rows
             block_first = tl.dot(tl.where(first_rows, 1.0, 0.0), xr, input_precision=F32_DOT)
-            if HAS_DOC:
-                y += tl.where(reach[:, None], carry, 0.0)
-                dg = y + tl.where(at_end[:, None], bnd, 0.0)
-                carry = block_first + tl.where(keep_carry, carry, 0.0)
-            else:
-                dg = y + carry + bnd
-                carry = block_first + carry
+            dg = y + tl.where(at_end[:, None], bnd, 0.0)
             tl.store(o_base + rows[:, None] + cols[None, :] * 0, dg, mask=valid[:, None] & (cols == 0)[None, :])
         else:
-            y = tl.sum(tl.where(keep, x[None, :], 0.0), axis=1)
+            y = tl.sum(tl.where(keep, x[None, :], 0.0), axis=1) + tl.where(reach, carry, 0.0)
             block_first = tl.sum(tl.where(in_first, x, 0.0), axis=0)  # the next block's carry
-            if HAS_DOC:
-                dg = y + tl.where(reach, carry, 0.0) + tl.where(at_end, bnd, 0.0)
-                carry = block_first + tl.where(keep_carry, carry, 0.0)
-            else:
-                dg = y + carry + bnd
-                carry = block_first + carry
+            dg = y + tl.where(at_end, bnd, 0.0)
             tl.store(o_base + rows, dg, mask=valid)
+        carry = block_first + tl.where(keep_carry, carry, 0.0)
         if HAS_DOC:
             d_carry = first
 
