@@ -32,19 +32,6 @@ KERNELS = {
 }
 
 
-def _ptx(fn, types, consts, warps):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    jf = triton.jit(fn)
-    names = jf.arg_names
-    consts = {k: v for k, v in consts.items() if k in names}
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    src = ASTSource(jf, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2}).asm["ptx"]
-
-
 def _instructions(ptx: str):
     out = []
     for line in ptx.split("// -- End function")[0].splitlines():
@@ -63,6 +50,7 @@ def main():
     import triton
 
     from megatron_lasp.ops.lightning_attn import triton_chunk as new
+    from megatron_lasp.testing import hopper_ptx
 
     text = subprocess.run(["git", "show", f"{args.against}:megatron_lasp/ops/lightning_attn/triton_chunk.py"],
                           check=True, capture_output=True, text=True).stdout
@@ -79,8 +67,8 @@ def main():
         c = dict(consts, REVERSE=rev, HAS_DOC=doc, GATED=False, DOT_F32=f32)
         if f32:
             types = {k: ("*fp32" if v == BF16 else v) for k, v in types.items()}
-        a = _instructions(_ptx(getattr(old, name), types, c, warps))
-        b = _instructions(_ptx(getattr(new, name), types, c, warps))
+        a = _instructions(hopper_ptx(getattr(old, name), types, c, warps))
+        b = _instructions(hopper_ptx(getattr(new, name), types, c, warps))
         rows.append(dict(kernel=name, reverse=rev, documents=doc, fp32=f32, baseline_instructions=len(a),
                          instructions=len(b), same=a == b))
         print(f"{name:20s} reverse={rev!s:5s} documents={doc!s:5s} fp32={f32!s:5s} {len(a)} vs {len(b)} instructions: "

@@ -17,6 +17,9 @@ the other ranks are killed and an ``AssertionError`` carries the failing ranks' 
 On a machine with CUDA each rank's current device is ``rank % device_count``: the ranks share the
 GPUs over gloo (``megatron_lasp.parallel.state.local_device``), so a test can spawn more ranks than
 there are GPUs.
+
+:func:`hopper_ptx` compiles a Triton kernel function for sm_90 without a GPU (the compile tests and
+``benchmarks/compare_kernel_ptx.py``).
 """
 
 from __future__ import annotations
@@ -237,3 +240,23 @@ def check_gates(seed: int, B: int, T: int, H: int):
     g[..., 0] = 0.0
     g[..., -1] = g[..., -1] * 20.0
     return g
+
+
+def hopper_ptx(fn: Callable[..., Any], types: dict, consts: dict, warps: int, stages: int = 2) -> str:
+    """The PTX Triton compiles for sm_90 from the plain kernel function ``fn`` (no GPU needed).
+
+    ``types``: pointer arguments by name (e.g. ``"*bf16"``), every other runtime argument ``i32``;
+    ``consts``: constexpr values by name (those ``fn`` does not take are ignored).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jf = triton.jit(fn)
+    names = jf.arg_names
+    consts = {k: v for k, v in consts.items() if k in names}
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    src = ASTSource(jf, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+

@@ -252,18 +252,12 @@ def test_gate_grad_kernel_compiles_for_hopper(docs):
     """The compiled form of the dg kernel (which the interpreter runs only in part: it does not check
     that a loop-carried value keeps its type) compiles for sm_90 with the GPU's launch constants,
     on the CPU, with no tensor-core dots left in it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from megatron_lasp.ops.lightning_attn import triton_chunk
+    from megatron_lasp.testing import hopper_ptx
 
-    fn = triton.jit(triton_chunk._gate_grad_kernel)
     consts = dict(BT=64, CW=128, HAS_DOC=docs, F32_DOT="tf32x3", SUM_BY_DOT=False)
     pointers = dict(PARTS="*fp32", STATES="*fp32", FINAL="*fp32", DSTATES="*fp32", DOC="*i32", DG="*fp32")
-    sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    ptx = hopper_ptx(triton_chunk._gate_grad_kernel, pointers, consts, warps=4)
     assert ".entry _gate_grad_kernel" in ptx and "mma" not in ptx
 
 
