@@ -19,7 +19,8 @@ GPUs over gloo (``megatron_lasp.parallel.state.local_device``), so a test can sp
 there are GPUs.
 
 :func:`hopper_ptx` compiles a Triton kernel function for sm_90 without a GPU (the compile tests and
-``benchmarks/compare_kernel_ptx.py``).
+``benchmarks/compare_kernel_ptx.py``); :func:`number_docs_corpus` writes a small packed-documents
+corpus for training tests.
 """
 
 from __future__ import annotations
@@ -259,4 +260,25 @@ def hopper_ptx(fn: Callable[..., Any], types: dict, consts: dict, warps: int, st
     src = ASTSource(jf, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     options = {"num_warps": warps, "num_stages": stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def number_docs_corpus(root: str, n_docs: int, lengths: tuple, vocab: int, seed: int = 0) -> str:
+    """A corpus of ``n_docs`` documents of random ids in ``[0, vocab)``, ``lengths = (lo, hi)``
+    tokens each (inclusive), EOD appended, tokenized with the NullTokenizer under ``root``: its
+    data prefix (``--data-path``, with ``--tokenizer-type NullTokenizer --vocab-size vocab``)."""
+    import json
+    import random
+
+    from megatron_lasp.data.preprocess import PreprocessConfig, preprocess_data
+
+    rng = random.Random(seed)
+    path = os.path.join(root, "docs.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            n = rng.randint(*lengths)
+            f.write(json.dumps({"text": " ".join(str(rng.randrange(vocab)) for _ in range(n))}) + "\n")
+    preprocess_data(PreprocessConfig(input=path, output_prefix=os.path.join(root, "corpus"),
+                                     tokenizer={"tokenizer_type": "NullTokenizer", "vocab_size": vocab},
+                                     append_eod=True, log_interval=0))
+    return os.path.join(root, "corpus_text_document")
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lasp.testing import spawn
+from megatron_lasp.testing import number_docs_corpus, spawn
 from test_gpu import _report
 
 pytestmark = pytest.mark.gpu
@@ -193,25 +193,6 @@ def test_hybrid_chunked_recompute_matches_full():
     assert err < 2e-2, err  # bf16: the chunks change only the order of sums
 
 
-def _short_docs_corpus(root: str) -> str:
-    """A NullTokenizer corpus of documents of 50-3000 tokens (EOD appended): its data prefix."""
-    import json
-    import os
-
-    from megatron_lasp.data.preprocess import PreprocessConfig, preprocess_data
-
-    rng = random.Random(0)
-    path = os.path.join(root, "docs.jsonl")
-    with open(path, "w") as f:
-        for _ in range(200):
-            f.write(json.dumps({"text": " ".join(str(rng.randrange(4000)) for _ in range(rng.randint(50, 3000)))})
-                    + "\n")
-    preprocess_data(PreprocessConfig(input=path, output_prefix=os.path.join(root, "corpus"),
-                                     tokenizer={"tokenizer_type": "NullTokenizer", "vocab_size": 4000},
-                                     append_eod=True, log_interval=0))
-    return os.path.join(root, "corpus_text_document")
-
-
 def _hybrid_resumes(rank, world_size, root, extra):
     """Straight 6 steps; the same saved at 3 and stopped; resumed: (straight, resumed) losses and norms."""
     import os
@@ -219,7 +200,7 @@ def _hybrid_resumes(rank, world_size, root, extra):
     from megatron_lasp.training import main
 
     base = ["--model-preset", "tnl-1b", "--num-layers", "2", "--hybrid-layer-pattern", "L*", "--num-query-groups", "4",
-            "--data-path", _short_docs_corpus(root), "--split", "100,0,0", "--data-cache-path",
+            "--data-path", number_docs_corpus(root, 200, (50, 3000), 4000), "--split", "100,0,0", "--data-cache-path",
             os.path.join(root, "cache"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "4000",
             "--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss", "--seq-length", "8192",
             "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "6", "--seed", "7", "--lr", "3e-4",

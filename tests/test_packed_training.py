@@ -11,14 +11,12 @@ its own" rule; the losses must differ from a run without the flag (the boundarie
 
 from __future__ import annotations
 
-import json
 import math
-import random
 
 import pytest
 import torch
 
-from megatron_lasp.testing import spawn
+from megatron_lasp.testing import number_docs_corpus, spawn
 
 VOCAB = 100
 RTOL = 2e-5
@@ -26,19 +24,8 @@ RTOL = 2e-5
 
 @pytest.fixture(scope="module")
 def short_docs_prefix(tmp_path_factory):
-    from megatron_lasp.data.preprocess import PreprocessConfig, preprocess_data
-
     root = tmp_path_factory.mktemp("packed")
-    rng = random.Random(0)
-    path = root / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            n = rng.randint(3, 40)
-            f.write(json.dumps({"text": " ".join(str(rng.randrange(VOCAB)) for _ in range(n))}) + "\n")
-    preprocess_data(PreprocessConfig(input=str(path), output_prefix=str(root / "corpus"),
-                                     tokenizer={"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB},
-                                     append_eod=True, log_interval=0))
-    return str(root / "corpus_text_document"), str(root / "cache")
+    return number_docs_corpus(str(root), 400, (3, 40), VOCAB), str(root / "cache")
 
 
 def _argv(prefix, cache, extra):
