@@ -94,7 +94,22 @@ def fla_fn(autotune: str):
     return run
 
 
+def _fwd_bwd_step(fn, inputs):
+    """``(step, leaves)``: one fwd+bwd of ``fn`` on fresh leaves of q, k, v, h0 (their gradients accumulate)."""
+    import torch
+
+    q, k, v, h0, slopes, do, dht = inputs
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, h0)]
+
+    def fwd_bwd():
+        o, ht = fn(*leaves[:3], leaves[3], slopes)
+        torch.autograd.backward((o, ht), (do, dht))
+
+    return fwd_bwd, leaves
+
+
 def time_fn(fn, inputs, warmup=25, rep=100):
+    """Median ms of the forward (no grad) and of fwd+bwd, each launched from Python."""
     import torch
     from triton.testing import do_bench
 
@@ -104,15 +119,23 @@ def time_fn(fn, inputs, warmup=25, rep=100):
         with torch.no_grad():
             fn(q, k, v, h0, slopes)
 
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, h0)]
-
-    def fwd_bwd():
-        o, ht = fn(*leaves[:3], leaves[3], slopes)
-        torch.autograd.backward((o, ht), (do, dht))
-
+    fwd_bwd, leaves = _fwd_bwd_step(fn, inputs)
     fwd_ms = do_bench(fwd, warmup=warmup, rep=rep, return_mode="median")
     fb_ms = do_bench(fwd_bwd, warmup=warmup, rep=rep, return_mode="median", grad_to_none=leaves)
     return fwd_ms, fb_ms
+
+
+def graph_time_fn(fn, inputs, rep=100):
+    """Median ms of fwd+bwd replayed from a CUDA graph: the GPU's time without the host's launch
+    overhead (what a step captured in a graph, or one whose launches run ahead of the GPU, pays).
+    ``fn`` must have run before (autotuning is not captured); a refused capture returns its error."""
+    from triton.testing import do_bench_cudagraph
+
+    fwd_bwd, leaves = _fwd_bwd_step(fn, inputs)
+    try:
+        return do_bench_cudagraph(fwd_bwd, rep=rep, grad_to_none=leaves, return_mode="median")
+    except Exception as e:  # a host sync inside the op: recorded, the run goes on
+        return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def options_from_json(path):
@@ -452,12 +475,25 @@ def gated(args):
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"T={T} {name}: " + " ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
                                                 for k_, v_ in row.items() if k_.startswith(name)), flush=True)
+        # CUDA-graph replays after all eager timings (a refused capture cannot spoil those)
+        for name, fn in impls.items():
+            if f"{name}_fwd_bwd_ms" in row:
+                row[f"{name}_fwd_bwd_graph_ms"] = graph_time_fn(fn, inputs)
+        print(f"T={T} CUDA graph fwd_bwd: " + " ".join(f"{k_[:-len('_fwd_bwd_graph_ms')]}={v_}" for k_, v_ in row.items()
+                                                       if k_.endswith("_graph_ms")), flush=True)
         if "ours_gated_fwd_bwd_ms" in row:
             fb = row["ours_gated_fwd_bwd_ms"]
             row["gated_vs_fixed"] = fb / row.get("ours_fixed_fwd_bwd_ms", float("nan"))
             fla_best = min([row[f"{n}_fwd_bwd_ms"] for n in ("fla_g_gamma", "fla_g") if f"{n}_fwd_bwd_ms" in row],
                            default=float("nan"))
             row["gated_vs_fla_fastest"] = fb / fla_best
+            # the same two ratios without the host's launch overhead (CUDA-graph replay)
+            graph = {n: row.get(f"{n}_fwd_bwd_graph_ms") for n in ("ours_gated", "ours_fixed", "fla_g_gamma", "fla_g")}
+            graph = {n: t for n, t in graph.items() if isinstance(t, float)}
+            if "ours_gated" in graph:
+                row["gated_vs_fixed_graph"] = graph["ours_gated"] / graph.get("ours_fixed", float("nan"))
+                row["gated_vs_fla_fastest_graph"] = graph["ours_gated"] / min(
+                    [t for n, t in graph.items() if n.startswith("fla")], default=float("nan"))
         if T == GATED_SHAPES[0][1]:
             row["fla_g_errors_vs_fp64"], row["ours_gated_errors_vs_fp64"] = _gated_errors(
                 q, k, v, h0, g_leaf.detach(), do, dht)
@@ -466,7 +502,7 @@ def gated(args):
         rows.append(row)
         with open(args.out + "_gated.json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        del inputs, q, k, v, h0, do, dht, g_leaf, impls
+        del inputs, q, k, v, h0, do, dht, impls
         torch.cuda.empty_cache()
 
 
@@ -527,11 +563,15 @@ def plot_gated(path, out_png):
     labels = [f"T{r['T'] // 1024}K" for r in rows]
     names = [("ours_gated", "ours, per-token g"), ("ours_fixed", "ours, fixed decay"),
              ("fla_g_gamma", "fla chunk_simple_gla g_gamma"), ("fla_g", "fla chunk_simple_gla g (forced)")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    panels = [("fwd_ms", "forward"), ("fwd_bwd_ms", "forward + backward")]
+    if any(k.endswith("_fwd_bwd_graph_ms") for r in rows for k in r):
+        panels.append(("fwd_bwd_graph_ms", "fwd + bwd, CUDA graph"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
     width = 0.8 / len(names)
-    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+    for ax, (key, title) in zip(axes, panels):
         for i, (n, label) in enumerate(names):
-            vals = [r.get(f"{n}_{key}", float("nan")) for r in rows]
+            vals = [r.get(f"{n}_{key}") for r in rows]
+            vals = [v if isinstance(v, float) else float("nan") for v in vals]
             ax.bar([x + i * width for x in range(len(rows))], vals, width, label=label)
         ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], labels)
         ax.set_ylabel("ms (median)")
