@@ -22,9 +22,9 @@ timeout 90 python3 -m pytest -m gpu tests/test_gated_attn.py -v -p no:cacheprovi
 MEGATRON_LASP_GPU_REPORT=$R/gpu_multirank_modes.json timeout 120 python3 -m pytest -m gpu tests/test_gpu_multirank.py \
   -k "every_mode and sp2" -v -p no:cacheprovider > $R/pytest_modes.log 2>&1; echo "rc=$?" >> $R/pytest_modes.log
 grep -E "PASSED|FAILED|rc=" $R/pytest_gated.log $R/pytest_modes.log | tail -8
-timeout 100 python3 benchmarks/bench_kernels.py --gated --out $R/kernels > $R/kernels_gated.log 2>&1; echo "rc=$?" >> $R/kernels_gated.log
+timeout 150 python3 benchmarks/bench_kernels.py --gated --out $R/kernels > $R/kernels_gated.log 2>&1; echo "rc=$?" >> $R/kernels_gated.log
 for T in 8192 131072; do timeout 45 python3 benchmarks/profile_gated.py --T $T --out $R/profile_gated_$T.json > $R/profile_gated_$T.log 2>&1; done
-grep -E "ours.*fwd_bwd|fla_g_gamma_fwd_bwd|rc=" $R/kernels_gated.log | cut -c1-120
+grep -E "ours.*fwd_bwd|fla_g_gamma_fwd_bwd|CUDA graph|rc=" $R/kernels_gated.log | cut -c1-120
 CUBLAS_WORKSPACE_CONFIG=:4096:8 MEGATRON_LASP_GPU_REPORT=$R/gpu_hybrid_det.json timeout 150 python3 -m pytest -m gpu \
   tests/test_gpu_hybrid.py -k "deterministic or resume_on_packed" -v -p no:cacheprovider > $R/pytest_det.log 2>&1
 echo "rc=$?" >> $R/pytest_det.log
