@@ -91,7 +91,7 @@ def test_flex_kernel_forward_on_cpu(packed):
 def test_auto_kernel_choice(monkeypatch):
     """``kernel="auto"`` runs what the GPU measurements picked (README.md, "Which kernel"): SDPA
     without documents; flash-attention's varlen kernel with them where it can run (fp16 / bf16 and a
-    torch that has it, not under deterministic algorithms), flex_attention otherwise; on the CPU the
+    torch that has it), flex_attention otherwise; on the CPU the
     masked SDPA path."""
     from megatron_lasp.ops.softmax_attn import auto_kernel, kernels
 
@@ -105,10 +105,10 @@ def test_auto_kernel_choice(monkeypatch):
     assert auto_kernel("cuda", torch.float32, True) == "flex"
     monkeypatch.setattr(kernels, "_has_varlen", lambda: False)
     assert auto_kernel("cuda", torch.bfloat16, True) == "flex"
-    # --deterministic-mode: flex for packed documents (varlen's backward is not deterministic)
+    # --deterministic-mode keeps the same kernels: each takes its deterministic path there (GPU test)
     monkeypatch.setattr(kernels, "_has_varlen", lambda: True)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert auto_kernel("cuda", torch.bfloat16, True) == "flex"
+    assert auto_kernel("cuda", torch.bfloat16, True) == "varlen"
     assert auto_kernel("cuda", torch.bfloat16, False) == "sdpa"
 
 
