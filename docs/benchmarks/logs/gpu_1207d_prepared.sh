@@ -1,7 +1,7 @@
 #!/bin/bash
-# Prepared on 2026-12-07 (third session) and not run: no machine could be started for the last
-# 40 minutes of the session. The first call of the next one, from the repository root with the cp312
-# wheels in .whl (about 4 minutes on any card):
+# Prepared on 2026-12-07 (third session); run as the first call of the fourth, on an H100, where it
+# ran past its 570 s limit before step 4 (steps 3's packed resume under --deterministic-mode and 4
+# ran again in their own calls). From the repository root with the cp312 wheels in .whl:
 #  1. the dg kernel's compiled (tl.sum) form on the GPU: the gated kernel tests against fp64, then
 #     every mode with gates at SP = 2 on ranks sharing the GPU;
 #  2. bench_kernels --gated: gated vs fixed vs fla at 8K / 32K / 128K (issue 25's targets);
@@ -11,7 +11,7 @@
 #  4. the 1:7 hybrid at 512K (issue 26's target): with the layer inputs offloaded to host memory
 #     (the memory model predicts 50.5 GiB: an H100 holds it), then with the chunked recompute alone
 #     (84 GB predicted: an H200 only).
-# Then, on an H200, gpu_1207c_prepared_h200.sh (its two calls).
+# Then, on an H200, gpu_1207e_prepared_h200a.sh and gpu_1207e_prepared_h200b.sh (ran in the fourth session on an H100, except the H200 calls).
 set -u
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
