@@ -1,6 +1,6 @@
 #!/bin/bash
 # Prepared on 2026-12-07 (third session); run as the first call of the fourth, on an H100, where it
-# ran past its 570 s limit before step 4 (steps 3's packed resume under --deterministic-mode and 4
+# ran past its 570 s limit before step 4 (step 3's packed resume under --deterministic-mode and 4
 # ran again in their own calls). From the repository root with the cp312 wheels in .whl:
 #  1. the dg kernel's compiled (tl.sum) form on the GPU: the gated kernel tests against fp64, then
 #     every mode with gates at SP = 2 on ranks sharing the GPU;
