@@ -141,24 +141,33 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         out["output layer + loss"] = (V / tp * h * 4 * 2 + min(chunk, T) * V / tp * (4 + a)
                                       + 2 * h * a * T)
     if S:
-        # a softmax layer never runs in chunks (no state to carry): its attention half over the
-        # whole slice (x, norm, qkv, roped q k, o, mid; the flash kernel keeps no [T, T] matrix),
-        # its MLP half chunked like the linear layers' under --recompute-chunk-size; with the
-        # all-gather over P > 1 ranks, the gathered K and V of the group's tokens, their
-        # gradients and the reduce-scatter's send buffer
+        # a softmax layer's working set: x, norm, qkv, roped q k, o, mid (the flash kernel keeps
+        # no [T, T] matrix) and their gradients. Chunked on one rank (no TP sequence parallelism):
+        # in query chunks, one chunk's working set plus, over the whole slice, the layer's
+        # output and input gradients, the concatenated keys and values a chunk reads and their
+        # gradient, and the fp32 sums of the keys' and values' gradients; every softmax layer
+        # keeps its post-RoPE keys and values from its forward to its backward. Chunked otherwise:
+        # the attention half over the whole slice, the MLP half in chunks. With the all-gather
+        # over P > 1 ranks, the gathered K and V of the group's tokens, their gradients and the
+        # reduce-scatter's send buffer
         soft_saved = (6 * h + 3 * Gd) * a
         soft_grads = (4 * h + 4 * Gd) * a
-        if chunked:
+        soft_whole = max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads)
+        if chunked and tp == 1 and sp == 1:
+            soft = soft_whole * min(chunk_size, tok) + (2 * h * a + 4 * Gd * a + 2 * Gd * 4) * tok
+            out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
+        elif chunked:
             soft = (soft_saved + soft_grads + 2 * h * a) * tok
         else:
-            soft = (max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads) + 2 * h * a) * tok
+            soft = (soft_whole + 2 * h * a) * tok
         if sp > 1:
             soft += 6 * Gd / tp * a * seq
         out["softmax layer working set"] = soft
     # the loss phase and the layer phase do not overlap: the peak is the larger one
     loss_phase = out["output layer + loss"] + out["final norm input"]
     layer_phase = max(out["layer recompute working set"], out.get("softmax layer working set", 0.0))
-    out["total"] = out["weights+grads+optimizer"] + out["saved layer inputs"] + max(loss_phase, layer_phase)
+    out["total"] = (out["weights+grads+optimizer"] + out["saved layer inputs"] + max(loss_phase, layer_phase)
+                    + out.get("softmax layers' keys and values", 0.0))
     out["host pinned"] = host
     out["params"] = params
     return out

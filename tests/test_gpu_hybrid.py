@@ -10,7 +10,8 @@
   of the same kernel + 1e-3.
 - Each softmax kernel gives the same bits twice on the same inputs (bf16, unpacked and packed):
   required of ``auto``'s choices, since resume is bitwise; the others are reported.
-- A 2-layer hybrid (``L*``) of TNL-1B width in bf16: the chunked recompute gives the gradients of
+- A 2-layer hybrid (``L*``) of TNL-1B width in bf16: the chunked recompute (the softmax layer in
+  query chunks, varlen for its GQA chunks against the longer keys) gives the gradients of
   full recompute.
 - The same hybrid trained on packed documents (the GPU default path: bf16, megatron DDP,
   distributed optimizer), saved after 3 steps and resumed: bitwise equal to the uninterrupted run

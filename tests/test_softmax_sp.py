@@ -90,9 +90,9 @@ def test_flex_kernel_forward_on_cpu(packed):
 
 def test_auto_kernel_choice(monkeypatch):
     """``kernel="auto"`` runs what the GPU measurements picked (README.md, "Which kernel"): SDPA
-    without documents; flash-attention's varlen kernel with them where it can run (fp16 / bf16 and a
-    torch that has it), flex_attention otherwise; on the CPU the
-    masked SDPA path."""
+    without documents (varlen for GQA with fewer queries than keys); flash-attention's varlen kernel
+    with them where it can run (fp16 / bf16 and a torch that has it), flex_attention otherwise; on
+    the CPU the masked SDPA path."""
     from megatron_lasp.ops.softmax_attn import auto_kernel, kernels
 
     for device in ("cuda", "cpu"):
@@ -103,8 +103,14 @@ def test_auto_kernel_choice(monkeypatch):
     assert auto_kernel("cuda", torch.bfloat16, True) == "varlen"
     assert auto_kernel("cuda", torch.float16, True) == "varlen"
     assert auto_kernel("cuda", torch.float32, True) == "flex"
+    # GQA with fewer queries than keys, no documents: varlen (SDPA's lower-right causal path repeats
+    # the key/value heads)
+    assert auto_kernel("cuda", torch.bfloat16, False, grouped_lower_right=True) == "varlen"
+    assert auto_kernel("cuda", torch.float32, False, grouped_lower_right=True) == "sdpa"
+    assert auto_kernel("cpu", torch.bfloat16, False, grouped_lower_right=True) == "sdpa"
     monkeypatch.setattr(kernels, "_has_varlen", lambda: False)
     assert auto_kernel("cuda", torch.bfloat16, True) == "flex"
+    assert auto_kernel("cuda", torch.bfloat16, False, grouped_lower_right=True) == "sdpa"
     # --deterministic-mode keeps the same kernels: each takes its deterministic path there (GPU test)
     monkeypatch.setattr(kernels, "_has_varlen", lambda: True)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)

@@ -28,10 +28,19 @@ applies the chunk's gates (the carried state decays by them), the slice's local 
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
 (:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
+A softmax layer of a hybrid on one rank (:class:`_ChunkedSoftmaxLayer`) runs in query chunks: a
+chunk's queries attend to the keys and values of every token up to its end (each query's softmax
+over the same keys as in one call over the sequence). Forward keeps the post-RoPE keys and values
+of the whole sequence (``2 x kv heads x d`` values a token, 2 KiB for the 1:7 TNL-1B hybrid's 4 key/value
+heads); backward goes through the chunks last to first, recomputes one from its input and the
+kept keys and values before it, and accumulates the gradients of those keys and values (fp32)
+until their own chunk's backward takes them.
+
 With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
-mode, the attention half runs over the rank's whole slice and only the MLP half (pre-MLP norm,
-GLU, projection, residual) in chunks. Apart from those projections, no more compute than
-megatron-core's full recompute. With the flag off the layer is megatron-core's unchanged.
+mode (for a softmax layer: any SP > 1), the attention half runs over the rank's whole slice and
+only the MLP half (pre-MLP norm, GLU, projection, residual) in chunks. Apart from those
+projections, no more compute than megatron-core's full recompute. With the flag off the layer is
+megatron-core's unchanged.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_lasp.models.attention import StateCarry
-from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, state_decay
+from megatron_lasp.models.softmax_attention import KVCarry
+from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, doc_ids_from_cu_seqlens, state_decay
 from megatron_lasp.parallel.comm import group_info
 from megatron_lasp.parallel.slices import (
     SliceDecays,
@@ -138,6 +148,66 @@ class _ChunkedLayer(torch.autograd.Function):
             d_state = got[1] if state is not None else None
             ctx.states[i] = None
             del y, final, piece, outputs, got
+        return (None, None, None, grad_x, *sums.sums)
+
+
+class _ChunkedSoftmaxLayer(torch.autograd.Function):
+    """A softmax layer in query chunks on one rank; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x, *params):
+        T, B = x.shape[:2]
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        docs = None if cu is None else doc_ids_from_cu_seqlens(cu, B, T, x.device)
+        attn = layer.self_attention
+        slices = chunk_slices(T, chunk)
+        out = torch.empty_like(x)
+        keys = values = None  # [T, b, hkv, d], post-RoPE, filled chunk by chunk
+        with torch.no_grad():
+            for sl in slices:
+                prev = sl.start > 0
+                carry = KVCarry(sl.start, keys[:sl.start] if prev else None, values[:sl.start] if prev else None, docs)
+                with attn.carrying_kv(carry):
+                    mid, _ = layer._forward_attention(x[sl], **kwargs)
+                    out[sl] = layer._forward_mlp(mid)
+                if keys is None:
+                    keys = carry.key.new_empty((T,) + carry.key.shape[1:])
+                    values = carry.value.new_empty((T,) + carry.value.shape[1:])
+                keys[sl], values[sl] = carry.key, carry.value
+                del carry, mid
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.docs, ctx.params = layer, kwargs, slices, docs, params
+        ctx.kv = [keys, values]  # on the device (not through the saved-tensor hooks that offload x)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        keys, values = ctx.kv
+        ctx.kv = None
+        attn = ctx.layer.self_attention
+        acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 sums of bf16 gradients
+        d_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
+        d_values = torch.zeros(values.shape, dtype=acc, device=values.device)
+        grad_x = torch.empty_like(x)
+        sums = _ParamGrads(list(ctx.params))
+        for sl in reversed(ctx.slices):
+            piece = x[sl].detach().requires_grad_(True)
+            prev = [t[:sl.start].detach().requires_grad_(True) for t in (keys, values)] if sl.start else [None, None]
+            carry = KVCarry(sl.start, prev[0], prev[1], ctx.docs)
+            with torch.enable_grad(), attn.carrying_kv(carry):
+                mid, _ = ctx.layer._forward_attention(piece, **ctx.kwargs)
+                y = ctx.layer._forward_mlp(mid)
+            # the chunk's keys and values also feed every later chunk: their gradients from there
+            outputs = [y, carry.key, carry.value]
+            grads = [grad_out[sl], d_keys[sl].to(carry.key.dtype), d_values[sl].to(carry.value.dtype)]
+            got = sums.grad(outputs, grads, [piece] + (prev if sl.start else []))
+            grad_x[sl] = got[0]
+            if sl.start:
+                d_keys[:sl.start] += got[1]
+                d_values[:sl.start] += got[2]
+            del y, mid, carry, piece, prev, outputs, grads, got
         return (None, None, None, grad_x, *sums.sums)
 
 
@@ -307,8 +377,8 @@ class LinearTransformerLayer(TransformerLayer):
     gradients on) it runs under the chunked per-layer checkpoint of the module docstring."""
 
     def chunks_whole_layer(self) -> bool:
-        """Whether the whole layer runs in chunks: a linear-attention layer (a softmax layer of a
-        hybrid has no state to carry: its attention runs whole, its MLP in chunks) whose tokens are
+        """Whether the whole layer runs in chunks with a carried state: a linear-attention layer (a
+        softmax layer has none: :meth:`chunks_query_chunks`) whose tokens are
         one contiguous piece of the sequence (no TP sequence parallelism), on one rank or a rank of
         a ``lasp`` group."""
         if not hasattr(self.self_attention, "carrying"):
@@ -316,6 +386,15 @@ class LinearTransformerLayer(TransformerLayer):
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             return False
         return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
+
+    def chunks_query_chunks(self) -> bool:
+        """Whether the layer is a softmax layer that runs in query chunks: one sequence-parallel
+        rank, no TP sequence parallelism."""
+        if not hasattr(self.self_attention, "carrying_kv"):
+            return False
+        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+            return False
+        return self.self_attention.sp_group.size() == 1
 
     @staticmethod
     def _chunk_kwargs(kwargs, plan):
@@ -351,7 +430,9 @@ class LinearTransformerLayer(TransformerLayer):
             x = kwargs.pop("hidden_states")
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
-        if not self.chunks_whole_layer():
+        if self.chunks_query_chunks():
+            function = _ChunkedSoftmaxLayer
+        elif not self.chunks_whole_layer():
             function = _ChunkedMlpCheckpoint
         elif self.self_attention.sp_group.size() == 1:
             function = _ChunkedLayer

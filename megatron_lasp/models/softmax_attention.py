@@ -21,10 +21,19 @@ cuDNN through torch's SDPA).
 
 Positions are the global token positions of the row (documents do not restart them): RoPE is
 relative, so within a document this is the same attention as positions counted from its start.
+
+**Query chunks** (the whole-layer chunked recompute, :mod:`megatron_lasp.models.chunked`): inside
+:meth:`SoftmaxSelfAttention.carrying_kv` the layer runs on one chunk of the sequence; RoPE takes the
+chunk's positions and the core attention reads the chunk's queries against the keys and values of
+every earlier token (:class:`KVCarry`, post-RoPE) followed by the chunk's own, which it hands back
+in the carry. Each query's softmax is over the same keys as in the whole-sequence call, so the
+output is the same attention.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -34,9 +43,28 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_lasp.ops.softmax_attn import softmax_attn
 from megatron_lasp.parallel.softmax import softmax_attn_sp
 
-__all__ = ["SoftmaxCoreAttention", "SoftmaxSelfAttention"]
+__all__ = ["KVCarry", "SoftmaxCoreAttention", "SoftmaxSelfAttention"]
+
+
+@dataclasses.dataclass
+class KVCarry:
+    """One query chunk of a softmax layer on one rank: what enters it and what it gives back.
+
+    ``start``: the chunk's first position in the sequence (its RoPE offset). ``k_prev`` /
+    ``v_prev``: ``[start, b, hkv, d]`` post-RoPE keys and values of the tokens before the chunk
+    (None for the first chunk). ``docs``: ``[b, T]`` document ids of the whole sequence, or None.
+    The core attention fills ``key`` / ``value``: the chunk's own ``[s, b, hkv, d]`` (graph tensors
+    when gradients are on)."""
+
+    start: int
+    k_prev: Optional[torch.Tensor]
+    v_prev: Optional[torch.Tensor]
+    docs: Optional[torch.Tensor]
+    key: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -61,6 +89,7 @@ class SoftmaxCoreAttention(MegatronModule):
         self.sp_group = pg_collection.cp
         self.softmax_scale = softmax_scale
         self._sp_checked = False  # the ranks' agreement is checked on the first call only
+        self.carry: Optional[KVCarry] = None  # set by SoftmaxSelfAttention.carrying_kv
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **unused):
@@ -72,6 +101,8 @@ class SoftmaxCoreAttention(MegatronModule):
             if cu_seqlens is None:
                 raise ValueError("SoftmaxCoreAttention: packed_seq_params needs cu_seqlens_q (the document starts)")
         s, b = query.shape[:2]
+        if self.carry is not None:
+            return self._chunk(query, key, value).transpose(0, 1).reshape(s, b, -1)
         o = softmax_attn_sp(
             query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), self.sp_group,
             self.config.softmax_sequence_parallel_mode, cu_seqlens=cu_seqlens, scale=self.softmax_scale,
@@ -79,6 +110,21 @@ class SoftmaxCoreAttention(MegatronModule):
         )
         self._sp_checked = True
         return o.transpose(0, 1).reshape(s, b, -1)
+
+    def _chunk(self, query, key, value):
+        """``[b, s, hq, d]``: the chunk's queries against the carried keys and its own (module docstring)."""
+        carry = self.carry
+        carry.key, carry.value = key, value
+        if carry.k_prev is not None:
+            key, value = torch.cat([carry.k_prev, key]), torch.cat([carry.v_prev, value])
+        stop = carry.start + query.shape[0]
+        docs = carry.docs
+        return softmax_attn(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+            q_docs=None if docs is None else docs[:, carry.start:stop],
+            k_docs=None if docs is None else docs[:, :stop],
+            scale=self.softmax_scale, kernel=self.config.softmax_kernel,
+        )
 
 
 class SoftmaxSelfAttention(SelfAttention):
@@ -104,8 +150,23 @@ class SoftmaxSelfAttention(SelfAttention):
         )
 
     def rotary_embedding(self, local_tokens: int) -> torch.Tensor:
-        """``[C, 1, 1, d]`` RoPE angles of this rank's positions ``[r C, (r+1) C)``."""
-        return self._rotary.get_emb(local_tokens, offset=self.sp_group.rank() * local_tokens)
+        """``[C, 1, 1, d]`` RoPE angles of this rank's positions ``[r C, (r+1) C)`` (of a query
+        chunk's positions inside :meth:`carrying_kv`)."""
+        carry = getattr(self.core_attention, "carry", None)
+        offset = carry.start if carry is not None else self.sp_group.rank() * local_tokens
+        return self._rotary.get_emb(local_tokens, offset=offset)
+
+    @contextlib.contextmanager
+    def carrying_kv(self, carry: KVCarry):
+        """Run the layer on one query chunk of a one-rank sequence (module docstring): the forward
+        calls inside see ``carry``, whose ``key`` / ``value`` the core attention fills."""
+        if self.sp_group.size() != 1:
+            raise ValueError("SoftmaxSelfAttention.carrying_kv: query chunks run on one sequence-parallel rank")
+        self.core_attention.carry = carry
+        try:
+            yield carry
+        finally:
+            self.core_attention.carry = None
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         """``[s, b, hidden] -> (out [s, b, hidden], bias)``, as ``SelfAttention.forward``."""

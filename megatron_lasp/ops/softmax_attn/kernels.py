@@ -13,8 +13,10 @@ Kernels (``kernel=``):
   kernel, CUDA only, where torch has it): every (row, document) becomes one sequence, queries and
   keys with their own offsets; needs one host synchronisation for the longest segment.
 - ``"math"``: SDPA with an explicit boolean mask in every case (the CPU path, any dtype).
-- ``"auto"``: on CUDA ``sdpa`` without documents and ``varlen`` with them (``flex`` for fp32 or a
-  torch without ``varlen_attn``); on the CPU ``sdpa`` without documents, ``math`` with them. The
+- ``"auto"``: on CUDA ``sdpa`` without documents (``varlen`` for grouped-query attention with
+  fewer queries than keys, fp16 / bf16, where SDPA would repeat the key/value heads) and ``varlen``
+  with them (``flex`` for fp32 or a torch without ``varlen_attn``); on the CPU ``sdpa`` without
+  documents, ``math`` with them. The
   choice is measured (README.md, "Which kernel"): on an H100 at 32K tokens, bf16, SDPA's flash
   kernel is 1.7x faster than ``flex`` and ``varlen`` without documents, and with 2K-token documents
   ``varlen`` is 2.5x faster than ``flex`` and 11x faster than SDPA's masked path, where ``flex``
@@ -172,16 +174,24 @@ def _has_varlen() -> bool:
     return hasattr(varlen, "varlen_attn")
 
 
-def auto_kernel(device_type: str, dtype: torch.dtype, documents: bool) -> str:
-    """The kernel ``"auto"`` runs for inputs on ``device_type`` in ``dtype``, with or without documents."""
+def auto_kernel(device_type: str, dtype: torch.dtype, documents: bool, grouped_lower_right: bool = False) -> str:
+    """The kernel ``"auto"`` runs for inputs on ``device_type`` in ``dtype``, with or without
+    documents; ``grouped_lower_right``: grouped-query attention whose queries are the last ``Tq < Tk``
+    positions of the keys (a sequence-parallel rank's slice against the gathered keys, a query
+    chunk), where SDPA's lower-right causal path would repeat the key/value heads."""
+    half = dtype in (torch.float16, torch.bfloat16)
     if not documents:
+        # there varlen reads the grouped heads as they are, for 1-6% more time than SDPA on an
+        # H100 (8K x 32K and 32K x 128K, 4 key/value heads, README.md "Which kernel")
+        if grouped_lower_right and device_type == "cuda" and half and _has_varlen():
+            return "varlen"
         return "sdpa"
     if device_type != "cuda":
         return "math"
     # Under torch.use_deterministic_algorithms (--deterministic-mode) flash-attention's varlen
     # backward takes its deterministic path (same bits twice, measured on an H100 by
     # tests/test_gpu_hybrid.py; without it dq is summed with atomics), so varlen stays the choice.
-    return "varlen" if dtype in (torch.float16, torch.bfloat16) and _has_varlen() else "flex"
+    return "varlen" if half and _has_varlen() else "flex"
 
 
 def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_docs: Optional[torch.Tensor] = None,
@@ -208,7 +218,7 @@ def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_docs: O
     Tk = k.shape[1]
     gqa = Hq // k.shape[2]
     if kernel == "auto":
-        kernel = auto_kernel(q.device.type, q.dtype, q_docs is not None)
+        kernel = auto_kernel(q.device.type, q.dtype, q_docs is not None, Tq < Tk and gqa > 1)
     if kernel == "varlen":
         return _varlen(q, k, v, q_docs, k_docs, scale, gqa)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]

@@ -1,0 +1,120 @@
+"""The softmax layers of a hybrid in query chunks (``--recompute-chunk-size``, one rank).
+
+A tiny hybrid (``L*L``, GQA) in fp64 on the CPU, the loss and every parameter's gradient, chunk
+sizes that do and do not divide the sequence, with packed documents that start inside chunks and
+span chunk boundaries; TP = 1 and 2 (heads split, chunks on each rank):
+
+- the chunked recompute with the softmax layer in query chunks against the same run with the
+  softmax layer's attention over the whole sequence (its MLP half chunked, as before query chunks
+  existed): only the softmax layer's schedule differs, to 1e-10 (the RMSNorm weights to 1e-6: the
+  norm computes in fp32 whatever the dtype, and the chunks sum its weight gradient in pieces);
+- both against megatron-core's full recompute, to the 1e-6 that the linear layers' chunked
+  recompute keeps (some of their kernels and norms sum in fp32).
+
+With the layer inputs offloaded to host memory the gradients are the same bits. A negative
+control checks that the documents change the softmax layer's gradients, so the packed comparison
+can fail.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+from megatron_lasp.testing import spawn
+
+VOCAB, BATCH, SEQ, SEED = 128, 2, 24, 4321
+TOL = 1e-10  # fp64, the softmax layer's schedule alone
+TOL_FULL = 1e-6  # against megatron-core's recompute
+CU = [0, 5, 13, 14, 30, 41, 48]  # global starts over the 2 x 24 tokens
+
+
+def _packed():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor(CU, dtype=torch.int32)
+    return {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)}
+
+
+def _grads(tp: int, chunk: int, packed: bool, query_chunks: bool = True, offload: bool = False):
+    """(loss, grads by name, whether the softmax layer ran in query chunks) of one forward + backward;
+    ``query_chunks=False``: the softmax layer's attention over the whole sequence."""
+    from unittest import mock
+
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.models.chunked import LinearTransformerLayer
+
+    if not query_chunks:
+        with mock.patch.object(LinearTransformerLayer, "chunks_query_chunks", lambda self: False):
+            return _grads(tp, chunk, packed)
+
+    extra = dict(recompute_chunk_size=chunk, offload_layer_inputs=offload) if chunk else dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
+                              tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                              params_dtype=torch.float64, **extra)
+    torch.manual_seed(SEED)
+    model = build_linear_lm(config, VOCAB).double()
+    model.offload_min_bytes = 1024  # the tiny layer inputs are a few KiB
+    model.train()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    loss = model(ids, labels=labels, **(_packed() if packed else {})).mean()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, model.decoder.layers[1].chunks_query_chunks()
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _run(rank, world_size):
+    torch.set_num_threads(1)
+    from megatron_lasp.parallel import initialize_parallel
+
+    out, qkv = {}, {}
+    try:
+        initialize_parallel(world_size, 1, 1, seed=SEED)
+        for packed in (False, True):
+            full_loss, full, _ = _grads(world_size, 0, packed)
+            for chunk in (5, 8, 24):
+                loss, grads, flag = _grads(world_size, chunk, packed)
+                whole_loss, whole, whole_flag = _grads(world_size, chunk, packed, query_chunks=False)
+                assert set(grads) == set(whole) == set(full), (sorted(grads), sorted(full))
+                errs = {}
+                for what, (ref_loss, ref) in {"whole": (whole_loss, whole), "full": (full_loss, full)}.items():
+                    for kind in ("norm", "other"):
+                        names = [n for n in grads if ("norm" in n) == (kind == "norm")]
+                        worst = max(names, key=lambda n: _rel(grads[n], ref[n]))
+                        errs[what, kind] = (_rel(loss, ref_loss), worst, _rel(grads[worst], ref[worst]))
+                out[(chunk, packed)] = (errs, flag, whole_flag)
+                if chunk == 8:  # the layer inputs in host memory: the same bits
+                    moved = _grads(world_size, chunk, packed, offload=True)[1]
+                    out[("offload", packed)] = all(torch.equal(moved[n], grads[n]) for n in grads)
+            qkv[packed] = full["decoder.layers.1.self_attention.linear_qkv.weight"]
+        out["documents matter"] = _rel(qkv[True], qkv[False])  # floats only cross the process boundary
+    except Exception:
+        out["error"] = traceback.format_exc()
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_softmax_layer_query_chunks_equal_full_recompute(tp):
+    for rank, out in enumerate(spawn(_run, world_size=tp, timeout=300)):
+        assert "error" not in out, f"rank {rank}: {out['error']}"
+        for packed in (False, True):
+            for chunk in (5, 8, 24):
+                errs, flag, whole_flag = out[(chunk, packed)]
+                assert flag is True and whole_flag is False, (chunk, packed)  # the two schedules ran
+                for what, kind, tol in (("whole", "other", TOL), ("whole", "norm", TOL_FULL),
+                                        ("full", "other", TOL_FULL), ("full", "norm", TOL_FULL)):
+                    loss_err, worst, grad_err = errs[what, kind]
+                    assert loss_err <= tol, (rank, what, chunk, packed, loss_err)
+                    assert grad_err <= tol, (rank, what, chunk, packed, worst, grad_err)
+            assert out[("offload", packed)] is True, (rank, packed)
+        # negative control: the documents change the softmax layer's gradients
+        assert out["documents matter"] > 1e-3, out["documents matter"]
