@@ -5,12 +5,7 @@
 #  1. the bf16 hybrid's chunked recompute against full recompute on the GPU (query chunks, varlen);
 #  2. the 1:7 hybrid at 512K with and without offload (the memory model: 34.5 and 62.5 GiB);
 #  3. the 1:7 hybrid at 128K with the chunked recompute (39.5% MFU before query chunks).
-set -u
-T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-R=$OUT/res; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total --format=csv > $R/host.txt
+. docs/benchmarks/logs/gpu_setup.sh res
 MEGATRON_LASP_GPU_REPORT=$R/gpu_hybrid_chunked.json timeout 120 python3 -m pytest -m gpu tests/test_gpu_hybrid.py \
   -k chunked -v -p no:cacheprovider > $R/pytest_chunked.log 2>&1; echo "rc=$?" >> $R/pytest_chunked.log
 python3 benchmarks/bench_memory.py --preset tnl-1b-hybrid-1to7 --settings offload,chunked --lengths 524288 \
@@ -18,4 +13,3 @@ python3 benchmarks/bench_memory.py --preset tnl-1b-hybrid-1to7 --settings offloa
 timeout 150 python3 benchmarks/bench_training.py --out $R/training_hybrid_128k --preset tnl-1b-hybrid-1to7 \
   --seq-length 131072 --steps 3 --warmup 2 --common "--recompute-granularity full --recompute-chunk-size 16384" \
   --config "hybrid-1to7-query-chunks=" --timeout 120 > $R/training_hybrid_128k.log 2>&1; echo "rc=$?" >> $R/training_hybrid_128k.log
-echo "total $(( $(date +%s) - T0 )) s"

@@ -3,16 +3,10 @@
 # (141 GB), from the repository root with the cp312 wheels in .whl, OUT the results directory; about
 # 9 minutes each. This one (about 6 minutes): TNL-1B at 128K with selective recompute (fixed decay,
 # Mamba2 gates, the 1:7 hybrid). The hybrid at 512K is in gpu_1207e_prepared_any.sh (an H100 holds it).
-set -u
-T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-R=$OUT/h200; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total --format=csv > $R/host.txt
+. docs/benchmarks/logs/gpu_setup.sh h200
 SEL="--recompute-granularity selective --recompute-modules core_attn elementwise"
 # TNL-1B at 128K, selective recompute: fixed decay vs Mamba2 gates vs the 1:7 hybrid (issues 25, 26, 28)
 timeout 330 python3 benchmarks/bench_training.py --out $R/training_128k --preset tnl-1b --seq-length 131072 --steps 3 --warmup 2 \
   --common "$SEL" --config "fixed=" --config "mamba2=--linear-attention-gate mamba2" \
   --config "hybrid-1to7=--hybrid-layer-pattern LLLLLLL*LLLLLLL* --num-query-groups 4" --timeout 100 > $R/training_128k.log 2>&1
 echo "rc=$?" >> $R/training_128k.log
-echo "total $(( $(date +%s) - T0 )) s"
