@@ -576,8 +576,9 @@ def plot_gated(path, out_png):
         ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], labels)
         ax.set_ylabel("ms (median)")
         ax.set_yscale("log")
-        ax.set_title(f"gated linear attention {title}, bf16 B1 H16 D128, {data['meta']['device']}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
+    fig.suptitle(f"gated linear attention, bf16 B1 H16 D128, {data['meta']['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
 
