@@ -10,9 +10,9 @@
   of the same kernel + 1e-3.
 - Each softmax kernel gives the same bits twice on the same inputs (bf16, unpacked and packed):
   required of ``auto``'s choices, since resume is bitwise; the others are reported.
-- A 2-layer hybrid (``L*``) of TNL-1B width in bf16: the chunked recompute (the softmax layer in
-  query chunks, varlen for its GQA chunks against the longer keys) gives the gradients of
-  full recompute.
+- A 2-layer hybrid (``L*``) of TNL-1B width in bf16, unpacked and with documents across its 4K
+  chunks: the chunked recompute (the softmax layer in query chunks, varlen for its GQA chunks
+  against the longer keys) gives the gradients of full recompute.
 - The same hybrid trained on packed documents (the GPU default path: bf16, megatron DDP,
   distributed optimizer), saved after 3 steps and resumed: bitwise equal to the uninterrupted run
   under ``--deterministic-mode``; how far apart without it is reported.
@@ -160,7 +160,9 @@ def test_softmax_kernels_are_deterministic():
         assert same[choice] is True, (choice, same)
 
 
-def _chunked(rank, world, seed):
+def _chunked(rank, world, seed, packed):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     from megatron_lasp.models import build_linear_lm, linear_lm_config
     from megatron_lasp.parallel import initialize_parallel
 
@@ -181,16 +183,21 @@ def _chunked(rank, world, seed):
                 for n, p in model.named_parameters():
                     p.copy_(weights[n])
         ids = torch.randint(0, 4096, (1, 16384), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        loss = model(ids, labels=ids).float().mean()
+        extra = {}
+        if packed:  # documents starting inside the 4K chunks and spanning their boundaries
+            cu = torch.tensor([0, 1000, 5000, 5001, 9000, 16384], dtype=torch.int32, device="cuda")
+            extra["packed_seq_params"] = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        loss = model(ids, labels=ids, **extra).float().mean()
         loss.backward()
         grads[name] = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
     return max(_rel(grads["chunked"][n], grads["full"][n]) for n in grads["full"])
 
 
 @requires_cuda
-def test_hybrid_chunked_recompute_matches_full():
-    err = spawn(_chunked, 1, (1234,), timeout=900)[0]
-    _report("hybrid/chunked-vs-full", {"max_grad_rel_err": err})
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_hybrid_chunked_recompute_matches_full(packed):
+    err = spawn(_chunked, 1, (1234, packed), timeout=900)[0]
+    _report(f"hybrid/chunked-vs-full-{'packed' if packed else 'unpacked'}", {"max_grad_rel_err": err})
     assert err < 2e-2, err  # bf16: the chunks change only the order of sums
 
 
