@@ -142,25 +142,27 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
                                       + 2 * h * a * T)
     if S:
         # a softmax layer's working set: x, norm, qkv, roped q k, o, mid (the flash kernel keeps
-        # no [T, T] matrix) and their gradients. Chunked on one rank (no TP sequence parallelism):
-        # in query chunks, one chunk's working set plus, over the whole slice, the layer's
-        # output and input gradients, the concatenated keys and values a chunk reads and their
-        # gradient, and the fp32 sums of the keys' and values' gradients; every softmax layer
-        # keeps its post-RoPE keys and values from its forward to its backward. Chunked otherwise:
-        # the attention half over the whole slice, the MLP half in chunks. With the all-gather
-        # over P > 1 ranks, the gathered K and V of the group's tokens, their gradients and the
-        # reduce-scatter's send buffer
+        # no [T, T] matrix) and their gradients. Chunked without TP sequence parallelism (one rank,
+        # or the all-gather softmax mode over P > 1): in query chunks, one chunk's working set plus
+        # the layer's output and input gradients over the slice, and over the keys it reads (the
+        # last rank: the whole sequence) the keys and values (one rank: concatenated for a chunk),
+        # their gradient and the fp32 sums of those gradients. On one rank every softmax layer keeps
+        # its keys and values from its forward to its backward; over P > 1 the backward gathers them
+        # again. Chunked otherwise: the attention half over the whole slice, the MLP half in chunks.
+        # Unchunked with the all-gather over P > 1 ranks, the gathered K and V of the group's
+        # tokens, their gradients and the reduce-scatter's send buffer
         soft_saved = (6 * h + 3 * Gd) * a
         soft_grads = (4 * h + 4 * Gd) * a
         soft_whole = max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads)
-        if chunked and tp == 1 and sp == 1:
-            soft = soft_whole * min(chunk_size, tok) + (2 * h * a + 4 * Gd * a + 2 * Gd * 4) * tok
-            out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
+        if chunked and tp == 1:
+            soft = soft_whole * min(chunk_size, tok) + 2 * h * a * tok + (4 * Gd * a + 2 * Gd * 4) * seq
+            if sp == 1:
+                out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
         elif chunked:
             soft = (soft_saved + soft_grads + 2 * h * a) * tok
         else:
             soft = (soft_whole + 2 * h * a) * tok
-        if sp > 1:
+        if sp > 1 and not (chunked and tp == 1):
             soft += 6 * Gd / tp * a * seq
         out["softmax layer working set"] = soft
     # the loss phase and the layer phase do not overlap: the peak is the larger one

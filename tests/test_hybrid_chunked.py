@@ -1,4 +1,4 @@
-"""The softmax layers of a hybrid in query chunks (``--recompute-chunk-size``, one rank).
+"""The softmax layers of a hybrid in query chunks (``--recompute-chunk-size``).
 
 A tiny hybrid (``L*L``, GQA) in fp64 on the CPU, the loss and every parameter's gradient, chunk
 sizes that do and do not divide the sequence, with packed documents that start inside chunks and
@@ -14,6 +14,10 @@ span chunk boundaries; TP = 1 and 2 (heads split, chunks on each rank):
 With the layer inputs offloaded to host memory the gradients are the same bits. A negative
 control checks that the documents change the softmax layer's gradients, so the packed comparison
 can fail.
+
+Over SP = 2 and 4 ranks (the all-gather softmax mode, lasp linear layers; 4 processes, DP 2 at
+SP 2), with and without packed documents that cross ranks and chunks: the loss and every gradient
+of the one-process run without recompute, to 1e-6.
 """
 
 from __future__ import annotations
@@ -118,3 +122,68 @@ def test_softmax_layer_query_chunks_equal_full_recompute(tp):
             assert out[("offload", packed)] is True, (rank, packed)
         # negative control: the documents change the softmax layer's gradients
         assert out["documents matter"] > 1e-3, out["documents matter"]
+
+
+SP_CHUNKS = (5, 12)  # 5: chunks cut across slices' documents and do not divide a slice; 12: one chunk at SP 2
+
+
+def _run_sp(rank, world_size):
+    """SP = 2 and 4 (all-gather softmax mode, lasp linear layers) with the chunked recompute against
+    the one-process run of the whole batch without recompute (fp64)."""
+    torch.set_num_threads(1)
+    from model_utils import compare_grads, full_grads, rel_err, sharded_loss
+
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.parallel import initialize_parallel
+
+    def config(**fields):
+        return linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
+                                use_cpu_initialization=True, params_dtype=torch.float64, **fields)
+
+    gen = torch.Generator().manual_seed(SEED + 1)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    out = {}
+    try:
+        initialize_parallel(1, 1, 1, seed=SEED)
+        refs = {}
+        for packed in (False, True):
+            torch.manual_seed(SEED)
+            model = build_linear_lm(config(), VOCAB).double()
+            loss = model(ids, labels=labels, **(_packed() if packed else {})).float().mean()
+            loss.backward()
+            refs[packed] = (loss.detach(), {n: p.detach().clone() for n, p in model.named_parameters()},
+                            {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        for sp in (2, 4):
+            groups = initialize_parallel(1, sp, 1, seed=SEED)
+            for packed in (False, True):
+                ref_loss, ref_params, ref_grads = refs[packed]
+                for chunk in SP_CHUNKS:
+                    model = build_linear_lm(config(context_parallel_size=sp, recompute_chunk_size=chunk,
+                                                   softmax_sequence_parallel_mode="allgather"), VOCAB).double()
+                    with torch.no_grad():
+                        for n, p in model.named_parameters():
+                            p.copy_(ref_params[n])
+                    model.train()
+                    loss = sharded_loss(model, ids, labels, groups, **(_packed() if packed else {}))
+                    errs = compare_grads(full_grads(model, groups), ref_grads)
+                    worst = max(errs, key=errs.get)
+                    out[(sp, packed, chunk)] = (rel_err(loss, ref_loss), worst, errs[worst],
+                                                model.decoder.layers[1].chunks_query_chunks())
+    except Exception:
+        out["error"] = traceback.format_exc()
+    return out
+
+
+def test_softmax_layer_query_chunks_under_sequence_parallelism():
+    """Each rank's slice in query chunks against the keys and values gathered from the ranks before
+    it, packed documents across ranks and chunks: the loss and every gradient of the one-process run."""
+    for rank, out in enumerate(spawn(_run_sp, world_size=4, timeout=600)):
+        assert "error" not in out, f"rank {rank}: {out['error']}"
+        for sp in (2, 4):
+            for packed in (False, True):
+                for chunk in SP_CHUNKS:
+                    loss_err, worst, grad_err, flag = out[(sp, packed, chunk)]
+                    assert flag is True, (sp, packed, chunk)
+                    assert loss_err <= TOL_FULL, (rank, sp, packed, chunk, loss_err)
+                    assert grad_err <= TOL_FULL, (rank, sp, packed, chunk, worst, grad_err)

@@ -28,17 +28,21 @@ applies the chunk's gates (the carried state decays by them), the slice's local 
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
 (:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
-A softmax layer of a hybrid on one rank (:class:`_ChunkedSoftmaxLayer`) runs in query chunks: a
-chunk's queries attend to the keys and values of every token up to its end (each query's softmax
-over the same keys as in one call over the sequence). Forward keeps the post-RoPE keys and values
-of the whole sequence (``2 x kv heads x d`` values a token, 2 KiB for the 1:7 TNL-1B hybrid's 4 key/value
-heads); backward goes through the chunks last to first, recomputes one from its input and the
-kept keys and values before it, and accumulates the gradients of those keys and values (fp32)
-until their own chunk's backward takes them.
+A softmax layer of a hybrid runs in query chunks: a chunk's queries attend to the keys and values
+of every token up to its end (each query's softmax over the same keys as in one call over the
+sequence). On one rank (:class:`_ChunkedSoftmaxLayer`) forward keeps the post-RoPE keys and values
+of the whole sequence (``2 x kv heads x d`` values a token, 2 KiB for the 1:7 TNL-1B hybrid's 4
+key/value heads); backward goes through the chunks last to first, recomputes one from its input
+and the kept keys and values before it, and accumulates the gradients of those keys and values
+(fp32) until their own chunk's backward takes them. On a rank of a group in the all-gather softmax
+mode (:class:`_ChunkedSoftmaxSpLayer`) the slice's keys and values are computed chunk by chunk
+(norm and projection only) and gathered over the group, in forward and again in backward (nothing
+is kept); the backward cuts each chunk at the attention's inputs, reduce-scatters the keys' and
+values' gradients to their ranks, then runs the norm and projection backward.
 
 With TP sequence parallelism (its all-gather would interleave the ranks' chunks) or another SP
-mode (for a softmax layer: any SP > 1), the attention half runs over the rank's whole slice and
-only the MLP half (pre-MLP norm, GLU, projection, residual) in chunks. Apart from those
+mode (for a softmax layer: Ulysses or the balanced all-gather), the attention half runs over the
+rank's whole slice and only the MLP half (pre-MLP norm, GLU, projection, residual) in chunks. Apart from those
 projections, no more compute than megatron-core's full recompute. With the flag off the layer is
 megatron-core's unchanged.
 """
@@ -52,9 +56,9 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_lasp.models.attention import StateCarry
-from megatron_lasp.models.softmax_attention import KVCarry
+from megatron_lasp.models.softmax_attention import KVCarry, KVOnly
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn, decay_powers, doc_ids_from_cu_seqlens, state_decay
-from megatron_lasp.parallel.comm import group_info
+from megatron_lasp.parallel.comm import all_gather_flat, group_info, reduce_scatter_flat
 from megatron_lasp.parallel.slices import (
     SliceDecays,
     SliceDocs,
@@ -208,6 +212,122 @@ class _ChunkedSoftmaxLayer(torch.autograd.Function):
                 d_keys[:sl.start] += got[1]
                 d_values[:sl.start] += got[2]
             del y, mid, carry, piece, prev, outputs, grads, got
+        return (None, None, None, grad_x, *sums.sums)
+
+
+def _qkv_only(layer, piece, start, docs, kwargs):
+    """The post-RoPE ``(query, key, value)`` of one chunk starting at global position ``start``:
+    the layer's forward stopped right before its attention (graph tensors when gradients are on)."""
+    carry = KVCarry(start, None, None, docs, kv_only=True)
+    with layer.self_attention.carrying_kv(carry):
+        try:
+            layer._forward_attention(piece, **kwargs)
+        except KVOnly:
+            pass
+    return carry.query, carry.key, carry.value
+
+
+class _ChunkedSoftmaxSpLayer(torch.autograd.Function):
+    """A softmax layer in query chunks on a rank of a sequence-parallel group (the all-gather
+    mode): the keys and values of the slices before this one come from their ranks.
+
+    forward: (1) chunk by chunk the slice's post-RoPE keys and values (norm and projection only);
+    (2) one all-gather of them over the group (rank-major is position-major: the sequence's keys
+    in order); (3) the chunks as on one rank, each against the gathered keys and values up to its
+    end. Nothing but the input is kept.
+    backward: (1) and (2) again; (3) chunks last to first, the layer's backward cut at the
+    attention's inputs: the gradients of the parameters after it, the residual's share of the
+    input gradient, the chunk's query gradient, and the gradients of every key and value it reads
+    (fp32 sums over the sequence); (4) one reduce-scatter: each rank gets its own keys' and values'
+    gradients from every rank's queries; (5) chunk by chunk the norm and projection backward from
+    the query, key and value gradients.
+    """
+
+    @staticmethod
+    def _gathered(layer, x, slices, base, docs, kwargs, info):
+        """``(keys, values)`` ``[W C, b, hkv, d]``: the sequence's post-RoPE keys and values (no grad)."""
+        own = [_qkv_only(layer, x[sl], base + sl.start, docs, kwargs)[1:] for sl in slices]
+        out = []
+        for part in zip(*own):
+            mine = torch.cat(part)  # [C, b, hkv, d]
+            full = torch.empty((info.size * mine.numel(),), dtype=mine.dtype, device=mine.device)
+            all_gather_flat(full, mine.reshape(-1), info.group)
+            out.append(full.view(info.size * mine.shape[0], *mine.shape[1:]))
+        return out
+
+    @staticmethod
+    def _setup(layer, x, kwargs):
+        """``(group info, the slice's first position, document ids of the sequence or None)``."""
+        info = group_info(layer.self_attention.sp_group)
+        C, B = x.shape[:2]
+        psp = kwargs.get("packed_seq_params")
+        cu = None if psp is None else psp.cu_seqlens_q
+        docs = None if cu is None else doc_ids_from_cu_seqlens(cu, B, C * info.size, x.device)
+        return info, info.rank * C, docs
+
+    @staticmethod
+    def forward(ctx, layer, chunk, kwargs, x, *params):
+        attn = layer.self_attention
+        info, base, docs = _ChunkedSoftmaxSpLayer._setup(layer, x, kwargs)
+        slices = chunk_slices(x.shape[0], chunk)
+        with torch.no_grad():
+            keys, values = _ChunkedSoftmaxSpLayer._gathered(layer, x, slices, base, docs, kwargs, info)  # (1), (2)
+            out = torch.empty_like(x)
+            for sl in slices:  # (3)
+                start, stop = base + sl.start, base + sl.stop
+                carry = KVCarry(start, keys[:stop], values[:stop], docs, own_included=True)
+                with attn.carrying_kv(carry):
+                    mid, _ = layer._forward_attention(x[sl], **kwargs)
+                    out[sl] = layer._forward_mlp(mid)
+                del carry, mid
+        ctx.layer, ctx.kwargs, ctx.slices, ctx.params = layer, kwargs, slices, params
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, slices = ctx.layer, ctx.slices
+        attn = layer.self_attention
+        info, base, docs = _ChunkedSoftmaxSpLayer._setup(layer, x, ctx.kwargs)
+        with torch.no_grad():
+            keys, values = _ChunkedSoftmaxSpLayer._gathered(layer, x, slices, base, docs, ctx.kwargs, info)
+        acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 sums of bf16 gradients
+        d_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
+        d_values = torch.zeros(values.shape, dtype=acc, device=values.device)
+        sums = _ParamGrads(list(ctx.params))
+        kept = [None] * len(slices)
+        for i in reversed(range(len(slices))):  # (3) down to the attention's inputs
+            sl = slices[i]
+            start, stop = base + sl.start, base + sl.stop
+            piece = x[sl].detach().requires_grad_(True)
+            read = [t[:stop].detach().requires_grad_(True) for t in (keys, values)]
+            carry = KVCarry(start, read[0], read[1], docs, own_included=True, cut=True)
+            with torch.enable_grad(), attn.carrying_kv(carry):
+                mid, _ = layer._forward_attention(piece, **ctx.kwargs)
+                y = layer._forward_mlp(mid)
+            d_residual, d_q, d_k, d_v = sums.grad([y], [grad_out[sl]], [piece, carry.query] + read)
+            d_keys[:stop] += d_k
+            d_values[:stop] += d_v
+            kept[i] = (d_residual, d_q)
+            del y, mid, carry, piece, read, d_k, d_v
+        del keys, values
+        mine = []  # (4) this slice's keys' and values' gradients from every rank's queries
+        for full in (d_keys, d_values):
+            part = torch.empty((full.numel() // info.size,), dtype=full.dtype, device=full.device)
+            reduce_scatter_flat(part, full.view(-1), info.group)
+            mine.append(part.view(full.shape[0] // info.size, *full.shape[1:]))
+        del d_keys, d_values
+        grad_x = torch.empty_like(x)
+        for i, sl in enumerate(slices):  # (5) the norm and the projection
+            d_residual, d_q = kept[i]
+            kept[i] = None
+            piece = x[sl].detach().requires_grad_(True)
+            with torch.enable_grad():
+                q, k, v = _qkv_only(layer, piece, base + sl.start, docs, ctx.kwargs)
+            (got,) = sums.grad([q, k, v], [d_q, mine[0][sl].to(k.dtype), mine[1][sl].to(v.dtype)], [piece])
+            grad_x[sl] = got + d_residual
+            del q, k, v, piece, got
         return (None, None, None, grad_x, *sums.sums)
 
 
@@ -388,13 +508,14 @@ class LinearTransformerLayer(TransformerLayer):
         return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
 
     def chunks_query_chunks(self) -> bool:
-        """Whether the layer is a softmax layer that runs in query chunks: one sequence-parallel
-        rank, no TP sequence parallelism."""
+        """Whether the layer is a softmax layer that runs in query chunks: no TP sequence
+        parallelism, one sequence-parallel rank or the all-gather softmax mode."""
         if not hasattr(self.self_attention, "carrying_kv"):
             return False
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             return False
-        return self.self_attention.sp_group.size() == 1
+        return (self.self_attention.sp_group.size() == 1
+                or self.config.softmax_sequence_parallel_mode == "allgather")
 
     @staticmethod
     def _chunk_kwargs(kwargs, plan):
@@ -431,7 +552,7 @@ class LinearTransformerLayer(TransformerLayer):
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
         if self.chunks_query_chunks():
-            function = _ChunkedSoftmaxLayer
+            function = _ChunkedSoftmaxLayer if self.self_attention.sp_group.size() == 1 else _ChunkedSoftmaxSpLayer
         elif not self.chunks_whole_layer():
             function = _ChunkedMlpCheckpoint
         elif self.self_attention.sp_group.size() == 1:

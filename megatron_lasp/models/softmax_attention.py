@@ -46,25 +46,40 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_lasp.ops.softmax_attn import softmax_attn
 from megatron_lasp.parallel.softmax import softmax_attn_sp
 
-__all__ = ["KVCarry", "SoftmaxCoreAttention", "SoftmaxSelfAttention"]
+__all__ = ["KVCarry", "KVOnly", "SoftmaxCoreAttention", "SoftmaxSelfAttention"]
 
 
 @dataclasses.dataclass
 class KVCarry:
-    """One query chunk of a softmax layer on one rank: what enters it and what it gives back.
+    """One query chunk of a softmax layer: what enters it and what it gives back.
 
-    ``start``: the chunk's first position in the sequence (its RoPE offset). ``k_prev`` /
-    ``v_prev``: ``[start, b, hkv, d]`` post-RoPE keys and values of the tokens before the chunk
-    (None for the first chunk). ``docs``: ``[b, T]`` document ids of the whole sequence, or None.
-    The core attention fills ``key`` / ``value``: the chunk's own ``[s, b, hkv, d]`` (graph tensors
-    when gradients are on)."""
+    ``start``: the chunk's first position in the whole sequence (its RoPE offset; on a rank of a
+    sequence-parallel group, after the slices before it). ``k_prev`` / ``v_prev``: ``[start, b, hkv,
+    d]`` post-RoPE keys and values of the tokens before the chunk (None for the first). ``docs``:
+    ``[b, T]`` document ids of the whole sequence, or None. The core attention fills ``query`` /
+    ``key`` / ``value``: the chunk's own ``[s, b, h, d]`` (graph tensors when gradients are on).
+
+    ``own_included``: ``k_prev`` / ``v_prev`` run to the chunk's end (they hold its own keys and
+    values too, e.g. gathered from the sequence-parallel group): the attention reads them as they
+    are. ``kv_only``: stop the layer once the chunk's queries, keys and values exist (the core
+    attention raises :class:`KVOnly`: no attention, projection or MLP). ``cut``: the attention reads
+    detached copies of the chunk's queries, keys and values (``query`` / ``key`` / ``value`` are
+    then those leaves), so that a backward stops there."""
 
     start: int
     k_prev: Optional[torch.Tensor]
     v_prev: Optional[torch.Tensor]
     docs: Optional[torch.Tensor]
+    own_included: bool = False
+    kv_only: bool = False
+    cut: bool = False
+    query: Optional[torch.Tensor] = None
     key: Optional[torch.Tensor] = None
     value: Optional[torch.Tensor] = None
+
+
+class KVOnly(Exception):
+    """Raised by the core attention under ``KVCarry.kv_only`` once the carry holds the chunk's q, k, v."""
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -114,8 +129,14 @@ class SoftmaxCoreAttention(MegatronModule):
     def _chunk(self, query, key, value):
         """``[b, s, hq, d]``: the chunk's queries against the carried keys and its own (module docstring)."""
         carry = self.carry
-        carry.key, carry.value = key, value
-        if carry.k_prev is not None:
+        if carry.cut:
+            query, key, value = (t.detach().requires_grad_(True) for t in (query, key, value))
+        carry.query, carry.key, carry.value = query, key, value
+        if carry.kv_only:
+            raise KVOnly
+        if carry.own_included:
+            key, value = carry.k_prev, carry.v_prev
+        elif carry.k_prev is not None:
             key, value = torch.cat([carry.k_prev, key]), torch.cat([carry.v_prev, value])
         stop = carry.start + query.shape[0]
         docs = carry.docs
@@ -158,10 +179,8 @@ class SoftmaxSelfAttention(SelfAttention):
 
     @contextlib.contextmanager
     def carrying_kv(self, carry: KVCarry):
-        """Run the layer on one query chunk of a one-rank sequence (module docstring): the forward
-        calls inside see ``carry``, whose ``key`` / ``value`` the core attention fills."""
-        if self.sp_group.size() != 1:
-            raise ValueError("SoftmaxSelfAttention.carrying_kv: query chunks run on one sequence-parallel rank")
+        """Run the layer on one query chunk (module docstring): the forward calls inside see
+        ``carry``, whose ``query`` / ``key`` / ``value`` the core attention fills."""
         self.core_attention.carry = carry
         try:
             yield carry
