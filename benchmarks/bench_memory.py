@@ -148,7 +148,8 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         # last rank: the whole sequence) the keys and values (one rank: concatenated for a chunk),
         # their gradient and the fp32 sums of those gradients. On one rank every softmax layer keeps
         # its keys and values from its forward to its backward; over P > 1 the backward gathers them
-        # again. Chunked otherwise: the attention half over the whole slice, the MLP half in chunks.
+        # again, and keeps the queries' and the residual's gradients of the slice between its passes.
+        # Chunked otherwise: the attention half over the whole slice, the MLP half in chunks.
         # Unchunked with the all-gather over P > 1 ranks, the gathered K and V of the group's
         # tokens, their gradients and the reduce-scatter's send buffer
         soft_saved = (6 * h + 3 * Gd) * a
@@ -158,6 +159,8 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
             soft = soft_whole * min(chunk_size, tok) + 2 * h * a * tok + (4 * Gd * a + 2 * Gd * 4) * seq
             if sp == 1:
                 out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
+            else:  # the backward keeps each chunk's query and residual gradients between its passes
+                soft += 2 * h * a * tok
         elif chunked:
             soft = (soft_saved + soft_grads + 2 * h * a) * tok
         else:
