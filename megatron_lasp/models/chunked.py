@@ -97,6 +97,18 @@ class _ParamGrads:
         return got[: len(inputs)]
 
 
+def _cu_seqlens(kwargs):
+    """The packed documents' starts of a layer call (global offsets over its rows), or None."""
+    psp = kwargs.get("packed_seq_params")
+    return None if psp is None else psp.cu_seqlens_q
+
+
+def _sequence_docs(kwargs, B: int, T: int, device):
+    """``[B, T]`` document ids of the whole sequence of a layer call, or None without documents."""
+    cu = _cu_seqlens(kwargs)
+    return None if cu is None else doc_ids_from_cu_seqlens(cu, B, T, device)
+
+
 def _params(layer) -> List[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
@@ -118,8 +130,7 @@ class _ChunkedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, chunk, kwargs, x, *params):
         T, B = x.shape[:2]
-        psp = kwargs.get("packed_seq_params")
-        cu = None if psp is None else psp.cu_seqlens_q
+        cu = _cu_seqlens(kwargs)
         slices = chunk_slices(T, chunk)
         plans = [window_documents(cu, B, T, sl.start, sl.stop) for sl in slices]
         with torch.no_grad():
@@ -161,9 +172,7 @@ class _ChunkedSoftmaxLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, chunk, kwargs, x, *params):
         T, B = x.shape[:2]
-        psp = kwargs.get("packed_seq_params")
-        cu = None if psp is None else psp.cu_seqlens_q
-        docs = None if cu is None else doc_ids_from_cu_seqlens(cu, B, T, x.device)
+        docs = _sequence_docs(kwargs, B, T, x.device)
         attn = layer.self_attention
         slices = chunk_slices(T, chunk)
         out = torch.empty_like(x)
@@ -256,20 +265,13 @@ class _ChunkedSoftmaxSpLayer(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _setup(layer, x, kwargs):
-        """``(group info, the slice's first position, document ids of the sequence or None)``."""
-        info = group_info(layer.self_attention.sp_group)
-        C, B = x.shape[:2]
-        psp = kwargs.get("packed_seq_params")
-        cu = None if psp is None else psp.cu_seqlens_q
-        docs = None if cu is None else doc_ids_from_cu_seqlens(cu, B, C * info.size, x.device)
-        return info, info.rank * C, docs
-
-    @staticmethod
     def forward(ctx, layer, chunk, kwargs, x, *params):
         attn = layer.self_attention
-        info, base, docs = _ChunkedSoftmaxSpLayer._setup(layer, x, kwargs)
-        slices = chunk_slices(x.shape[0], chunk)
+        info = group_info(attn.sp_group)
+        C, B = x.shape[:2]
+        base = info.rank * C  # the slice's first position in the sequence
+        docs = _sequence_docs(kwargs, B, C * info.size, x.device)
+        slices = chunk_slices(C, chunk)
         with torch.no_grad():
             keys, values = _ChunkedSoftmaxSpLayer._gathered(layer, x, slices, base, docs, kwargs, info)  # (1), (2)
             out = torch.empty_like(x)
@@ -281,15 +283,15 @@ class _ChunkedSoftmaxSpLayer(torch.autograd.Function):
                     out[sl] = layer._forward_mlp(mid)
                 del carry, mid
         ctx.layer, ctx.kwargs, ctx.slices, ctx.params = layer, kwargs, slices, params
+        ctx.info, ctx.base, ctx.docs = info, base, docs
         ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        layer, slices = ctx.layer, ctx.slices
+        layer, slices, info, base, docs = ctx.layer, ctx.slices, ctx.info, ctx.base, ctx.docs
         attn = layer.self_attention
-        info, base, docs = _ChunkedSoftmaxSpLayer._setup(layer, x, ctx.kwargs)
         with torch.no_grad():
             keys, values = _ChunkedSoftmaxSpLayer._gathered(layer, x, slices, base, docs, ctx.kwargs, info)
         acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 sums of bf16 gradients
@@ -357,8 +359,7 @@ class _ChunkedLaspLayer(torch.autograd.Function):
         slopes = attn.slopes
         C, B = x.shape[:2]
         slices = chunk_slices(C, chunk)
-        psp = kwargs.get("packed_seq_params")
-        cu = None if psp is None else psp.cu_seqlens_q
+        cu = _cu_seqlens(kwargs)
         start = info.rank * C  # the slice's first position in the rows of the whole sequence
         plans = [window_documents(cu, B, C * info.size, start + sl.start, start + sl.stop) for sl in slices]
         docs = None if cu is None else SliceDocs.of(cu, B, C, info.rank, info.size, x.device)
