@@ -44,13 +44,15 @@ SWEEP = [
 ]
 # --sweep-set gated: the same kind of overrides for the per-token-gate kernels (their extra loads and
 # row sums may want other launches than the fixed decay's), timed at T32K and T128K.
-SWEEP_GATED = SWEEP + [
-    {"num_stages": 3, "num_warps": 8},
-    {"programs": 512},
-    {"block": 32},
+SWEEP_GATED = [
+    {},
+    {"programs": 1024},  # the fixed decay's default (the gated one aims at 512 programs)
+    {"programs": 256},
+    {"segment": 8192},  # past the heuristic's 4096-token cap
+    {"num_stages": 3},
     {"state_tile": 64, "state_warps": 4},
 ]
-GATED_SWEEP_LENGTHS = (32768, 131072)
+GATED_SWEEP_LENGTHS = (8192, 32768, 131072)
 
 
 def copy_bandwidth() -> float:
@@ -181,7 +183,7 @@ def sweep_gated(args):
                 return chunk_lightning_attn(q_, k_, v_, None, h_, True, backend="triton", g=g,
                                             triton_options=options)
 
-            cfg = triton_config(B, T, H, D, D, inputs[0].device, inputs[0].dtype, options)
+            cfg = triton_config(B, T, H, D, D, inputs[0].device, inputs[0].dtype, options, gated=True)
             try:
                 time_fn(fn, inputs, warmup=10, rep=20)
                 ms = graph_time_fn(fn, inputs)

@@ -89,7 +89,7 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         offload_layers: with ``offload``, the layers whose inputs move (``--cpu-offloading-num-layers``,
             the first of the stage); None: all.
     """
-    from megatron_lasp.models.config import PRESETS
+    from megatron_lasp.models.config import PRESETS, LinearLMConfig
     from megatron_lasp.models.loss import default_chunk_size
 
     p = PRESETS[preset]
@@ -143,7 +143,7 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
     if S:
         # a softmax layer's working set: x, norm, qkv, roped q k, o, mid (the flash kernel keeps
         # no [T, T] matrix) and their gradients. Chunked without TP sequence parallelism (one rank,
-        # or the all-gather softmax mode over P > 1): in query chunks, one chunk's working set plus
+        # or the all-gather softmax mode over P > 1) from softmax_query_chunks_from tokens: in query chunks, one chunk's working set plus
         # the layer's output and input gradients over the slice, and over the keys it reads (the
         # last rank: the whole sequence) the keys and values (one rank: concatenated for a chunk),
         # their gradient and the fp32 sums of those gradients. On one rank every softmax layer keeps
@@ -155,7 +155,7 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         soft_saved = (6 * h + 3 * Gd) * a
         soft_grads = (4 * h + 4 * Gd) * a
         soft_whole = max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads)
-        if chunked and tp == 1:
+        if chunked and tp == 1 and seq >= LinearLMConfig.softmax_query_chunks_from:
             soft = soft_whole * min(chunk_size, tok) + 2 * h * a * tok + (4 * Gd * a + 2 * Gd * 4) * seq
             if sp == 1:
                 out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
@@ -383,8 +383,9 @@ def _plot(doc: dict, path: str) -> Optional[str]:
         color = f"C{i}"
         ax.plot([r["seq"] / 1024 for r in ok], [r["peak_allocated_gib"] for r in ok], "o-", color=color,
                 label=f"{setting} (measured)")
-        ax.plot([r["seq"] / 1024 for r in rs], [r["predicted_gib"] for r in rs], "--", color=color, alpha=0.6,
-                label=f"{setting} (model)")
+        modelled = [r for r in rs if "predicted_gib" in r]  # a timed-out candidate may have none
+        ax.plot([r["seq"] / 1024 for r in modelled], [r["predicted_gib"] for r in modelled], "--", color=color,
+                alpha=0.6, label=f"{setting} (model)")
         bad = [r for r in rs if not r.get("ok")]
         ax.plot([r["seq"] / 1024 for r in bad], [doc["gpu_total_gib"] or 0] * len(bad), "x", color=color)
     if doc.get("gpu_total_gib"):

@@ -380,3 +380,47 @@ def test_megatron_core_start_up_notes_are_condensed():
     finally:
         for handler, filters in handlers.items():
             handler.filters[:] = filters
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs: what a captured step cannot hold is refused up front
+
+GRAPH = ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
+
+
+def test_cuda_graph_flags_are_checked():
+    import dataclasses
+
+    from megatron_lasp.training.arguments import ArgumentError, parse_config
+
+    replace = dataclasses.replace
+    with pytest.raises(ArgumentError, match="--cuda-graph-impl local captures CUDA graphs and needs a GPU"):
+        parse_config(BASE + GRAPH)
+    config = parse_config(BASE)
+    assert config.training.cuda_graph_impl == "none" and not config.training.cuda_graphs
+    with pytest.raises(ArgumentError, match="add --cuda-graph-scope full_iteration"):
+        replace(config.training, cuda_graph_impl="local")
+    with pytest.raises(ArgumentError, match="--cuda-graph-scope needs --cuda-graph-impl local"):
+        replace(config.training, cuda_graph_scope="full_iteration")
+    with pytest.raises(ArgumentError, match="fp16's dynamic loss scale"):
+        replace(config.training, cuda_graph_impl="local", cuda_graph_scope="full_iteration", fp16=True)
+    graph = replace(config.training, cuda_graph_impl="local", cuda_graph_scope="full_iteration")
+    parallel = replace(config.parallel, ddp_impl="megatron")
+    assert replace(config, training=graph, parallel=parallel).training.cuda_graphs  # the default path: accepted
+    refusals = [
+        (dict(parallel=config.parallel), "--ddp-impl torch"),
+        (dict(parallel=replace(parallel, pipeline_model_parallel_size=2)), "--pipeline-model-parallel-size > 1"),
+        (dict(parallel=replace(parallel, context_parallel_size=2)), "--sequence-parallel-size > 1"),
+        (dict(parallel=parallel, memory=replace(config.memory, recompute_granularity="full", cpu_offloading=True)),
+         "--cpu-offloading"),
+        (dict(parallel=parallel, data=replace(config.data, reset_attention_mask=True)), "--reset-attention-mask"),
+        (dict(parallel=parallel, model=replace(config.model, hidden_dropout=0.1)), "--hidden-dropout > 0"),
+    ]
+    for change, needle in refusals:
+        with pytest.raises(ArgumentError) as info:
+            replace(config, training=graph, **{"parallel": parallel, **change})
+        message = str(info.value)
+        assert message.startswith("--cuda-graph-impl local cannot capture a step with " + needle), message
+        assert "\n" not in message, message
+    with pytest.raises(ArgumentError, match="--cuda-graph-warmup-steps must be positive, got 0"):
+        parse_config(BASE + ["--cuda-graph-warmup-steps", "0"])

@@ -12,7 +12,8 @@ errors) to that JSON file, so the numbers behind a green run can be committed.
   distributed-optimizer checkpoint formats; a load at another DP size where two GPUs exist);
 - kernels: the bf16 and fp32 Triton kernels against the fp32 torch reference, outputs and every
   gradient including the states;
-- training: a few steps of TNL-1B on the default path train (finite, falling loss);
+- training: a few steps of TNL-1B on the default path train (finite, falling loss); the step
+  replayed from a CUDA graph computes the eager step's bits (and resumes exactly);
 - long context: the whole-layer chunked recompute gives the losses of the full recompute (one
   GPU, and a lasp group of two GPUs where they exist).
 """
@@ -248,6 +249,46 @@ def test_tnl1b_default_path_trains():
     losses = record["loss"]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses), record
     assert losses[-1] < losses[0] - 0.5, record
+
+
+# ----------------------------------------------------------------------------------------------
+# the step's forward-backward from a CUDA graph
+
+GRAPH = ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration", "--cuda-graph-warmup-steps", "1"]
+
+
+def _graph_runs(rank, world_size, root):
+    """The default path eager and from a CUDA graph (EOD tokens out of the loss, so each step's
+    loss scale differs); the graph run also saved at 3 and resumed."""
+    from megatron_lasp.training import main
+
+    base = RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--eod-mask-loss"]
+    out = {}
+    for name, extra in (("eager", []), ("graph", GRAPH)):
+        run = main(base + extra)
+        out[name] = {"loss": run.losses, "grad_norm": run.grad_norms,
+                     "captured": run.step_graph is not None and run.step_graph.captured,
+                     "weights": sum(float(p.detach().float().abs().sum()) for p in run.model.parameters())}
+    save = os.path.join(root, "graph")
+    main(base + GRAPH + ["--save", save, "--save-interval", "3", "--exit-interval", "3"])
+    resumed = main(base + GRAPH + ["--load", save, "--save", save])
+    out["graph-resumed"] = {"loss": resumed.losses, "grad_norm": resumed.grad_norms}
+    return out
+
+
+@requires_cuda
+def test_cuda_graph_step_computes_the_eager_step(tmp_path):
+    """Replays run the eager step's kernels on the same shapes: the same losses, gradient norms and
+    weights, bit for bit; a resumed graph run continues the uninterrupted one."""
+    record = spawn(_graph_runs, 1, (str(tmp_path),), timeout=900, init_process_group=False)[0]
+    _report("train/cuda-graph-vs-eager", record)
+    eager, graph = record["eager"], record["graph"]
+    assert graph["captured"] is True and eager["captured"] is False, record
+    assert len(graph["loss"]) == 6 and all(math.isfinite(x) for x in graph["loss"]), record
+    assert graph["loss"] == eager["loss"] and graph["grad_norm"] == eager["grad_norm"], record
+    assert graph["weights"] == eager["weights"], record
+    assert record["graph-resumed"]["loss"] == graph["loss"][3:], record
+    assert record["graph-resumed"]["grad_norm"] == graph["grad_norm"][3:], record
 
 
 # ----------------------------------------------------------------------------------------------

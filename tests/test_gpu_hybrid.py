@@ -170,7 +170,7 @@ def _chunked(rank, world, seed, packed):
     grads, weights = {}, None
     for name, fields in (("full", dict(recompute_granularity="full", recompute_method="uniform",
                                        recompute_num_layers=1)),
-                         ("chunked", dict(recompute_chunk_size=4096))):
+                         ("chunked", dict(recompute_chunk_size=4096, softmax_query_chunks_from=0))):
         torch.manual_seed(seed)
         config = linear_lm_config("tnl-1b", num_layers=2, hybrid_layer_pattern="L*", num_query_groups=4,
                                   bf16=True, params_dtype=torch.bfloat16, **fields)

@@ -54,7 +54,7 @@ def _grads(tp: int, chunk: int, packed: bool, query_chunks: bool = True, offload
         with mock.patch.object(LinearTransformerLayer, "chunks_query_chunks", lambda self: False):
             return _grads(tp, chunk, packed)
 
-    extra = dict(recompute_chunk_size=chunk, offload_layer_inputs=offload) if chunk else dict(
+    extra = dict(recompute_chunk_size=chunk, offload_layer_inputs=offload, softmax_query_chunks_from=0) if chunk else dict(
         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
                               tensor_model_parallel_size=tp, use_cpu_initialization=True,
@@ -160,6 +160,7 @@ def _run_sp(rank, world_size):
                 ref_loss, ref_params, ref_grads = refs[packed]
                 for chunk in SP_CHUNKS:
                     model = build_linear_lm(config(context_parallel_size=sp, recompute_chunk_size=chunk,
+                                                   softmax_query_chunks_from=0,
                                                    softmax_sequence_parallel_mode="allgather"), VOCAB).double()
                     with torch.no_grad():
                         for n, p in model.named_parameters():
@@ -187,3 +188,25 @@ def test_softmax_layer_query_chunks_under_sequence_parallelism():
                     assert flag is True, (sp, packed, chunk)
                     assert loss_err <= TOL_FULL, (rank, sp, packed, chunk, loss_err)
                     assert grad_err <= TOL_FULL, (rank, sp, packed, chunk, worst, grad_err)
+
+
+def test_query_chunks_only_from_the_threshold():
+    """Below ``softmax_query_chunks_from`` tokens the softmax layer's attention runs whole (its MLP
+    in chunks); from it on, in query chunks. The threshold counts the whole sequence."""
+    from unittest import mock
+
+    from megatron_lasp.models import build_linear_lm, linear_lm_config
+    from megatron_lasp.models import chunked
+    from megatron_lasp.parallel import initialize_parallel
+
+    initialize_parallel(1, 1, 1, seed=SEED)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED))
+    for threshold, expected in ((SEQ + 1, 0), (SEQ, 1)):
+        config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
+                                  use_cpu_initialization=True, recompute_chunk_size=8,
+                                  softmax_query_chunks_from=threshold)
+        model = build_linear_lm(config, VOCAB).train()
+        real = chunked._ChunkedSoftmaxLayer.apply
+        with mock.patch.object(chunked._ChunkedSoftmaxLayer, "apply", side_effect=real) as spy:
+            model(ids, labels=ids).mean().backward()
+        assert spy.call_count == expected, (threshold, spy.call_count)

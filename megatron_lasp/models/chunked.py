@@ -28,7 +28,8 @@ applies the chunk's gates (the carried state decays by them), the slice's local 
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
 (:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
-A softmax layer of a hybrid runs in query chunks: a chunk's queries attend to the keys and values
+A softmax layer of a hybrid runs in query chunks (from ``config.softmax_query_chunks_from`` tokens of the
+whole sequence; shorter sequences run its attention whole, the MLP in chunks): a chunk's queries attend to the keys and values
 of every token up to its end (each query's softmax over the same keys as in one call over the
 sequence). On one rank (:class:`_ChunkedSoftmaxLayer`) forward keeps the post-RoPE keys and values
 of the whole sequence (``2 x kv heads x d`` values a token, 2 KiB for the 1:7 TNL-1B hybrid's 4
@@ -518,6 +519,10 @@ class LinearTransformerLayer(TransformerLayer):
         return (self.self_attention.sp_group.size() == 1
                 or self.config.softmax_sequence_parallel_mode == "allgather")
 
+    def _sequence_tokens(self, x: torch.Tensor) -> int:
+        """Tokens of the whole sequence: this rank's ``[s, b, h]`` slice times the SP group."""
+        return x.shape[0] * self.self_attention.sp_group.size()
+
     @staticmethod
     def _chunk_kwargs(kwargs, plan):
         """The layer's arguments for one chunk: its own ``cu_seqlens`` with packed documents."""
@@ -552,7 +557,7 @@ class LinearTransformerLayer(TransformerLayer):
             x = kwargs.pop("hidden_states")
         if args:
             raise TypeError("LinearTransformerLayer: pass the layer arguments after hidden_states by keyword")
-        if self.chunks_query_chunks():
+        if self.chunks_query_chunks() and self._sequence_tokens(x) >= self.config.softmax_query_chunks_from:
             function = _ChunkedSoftmaxLayer if self.self_attention.sp_group.size() == 1 else _ChunkedSoftmaxSpLayer
         elif not self.chunks_whole_layer():
             function = _ChunkedMlpCheckpoint

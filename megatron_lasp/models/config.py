@@ -235,6 +235,13 @@ class LinearLMConfig(TransformerConfig):
     (chunked.py); with TP sequence parallelism or the other SP modes only the MLP half is chunked
     (--recompute-chunk-size). Needs recompute_granularity None (it
     replaces it)."""
+    softmax_query_chunks_from: int = 262144
+    """With recompute_chunk_size: a hybrid's softmax layer runs in query chunks (chunked.py) when
+    the whole sequence (all sequence-parallel ranks) has at least this many tokens; below, its
+    attention runs over the whole sequence and its MLP in chunks. Query chunks hold the layer's
+    working set to one chunk's, but a chunk's queries attend to more keys than queries, and there
+    the flash kernel runs at about 320 TFLOP/s against 530 for the square causal call (H100): at
+    128K tokens of the 1:7 hybrid they saved 2.5 of 34.5 GiB and cost 28% of the step."""
 
     def __post_init__(self) -> None:
         self._check_linear_lm_fields()

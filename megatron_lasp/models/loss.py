@@ -182,7 +182,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ww = (w * w).sum()
             c = (grad_loss * w).sum() / ww.clamp_min(torch.finfo(torch.float32).tiny)
             residual = (grad_loss - c * w).abs().max()
-            if bool(residual > 1e-5 * c.abs() * w.abs().max().clamp_min(1.0)):  # one host sync
+            # one host sync; not inside a CUDA graph capture (cuda_graph.py), where it cannot run: the
+            # eager warm-up steps before the capture ran it on the same reduction
+            if not torch.cuda.is_current_stream_capturing() and bool(
+                    residual > 1e-5 * c.abs() * w.abs().max().clamp_min(1.0)):
                 raise LinearCrossEntropyError(
                     "fused linear cross entropy: the per-token losses were reduced with weights that are "
                     "not proportional to the loss_mask given to the model; pass the mask you reduce "

@@ -55,6 +55,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "elementwise")
+CUDA_GRAPH_IMPLS = ("none", "local")
+CUDA_GRAPH_SCOPES = ("full_iteration",)
 
 FIELD_FLAGS = {
     "context_parallel_size": "--sequence-parallel-size",
@@ -235,6 +237,15 @@ def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
                    help="with --ddp-impl megatron: torch's multi-tensor AdamW instead of its fused CUDA "
                    "kernel (what megatron-core runs without apex / Transformer Engine; --no-fusion "
                    "implies it)")
+    g.add_argument("--cuda-graph-impl", choices=CUDA_GRAPH_IMPLS, default="none",
+                   help="local: capture the training step's forward-backward in a CUDA graph and replay it "
+                   "(needs --cuda-graph-scope full_iteration; GPU, megatron DDP, no packed documents, "
+                   "SP / PP 1); cuts the host's launch overhead at short sequences")
+    g.add_argument("--cuda-graph-scope", choices=CUDA_GRAPH_SCOPES, default=None,
+                   help="what the graph holds: full_iteration (the whole forward-backward; the one scope "
+                   "supported)")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="eager steps before the capture (Triton compiles and autotunes there)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
                    help="with --recompute-granularity selective: core_attn (feature maps + attention "
                    "kernel, megatron-core's default), mlp (the whole MLP), elementwise (norm, gate and "
@@ -432,6 +443,7 @@ RANGES: Dict[str, str] = {
     "cross_entropy_chunk_size": ">=0", "tensor_model_parallel_size": "positive",
     "pipeline_model_parallel_size": "positive", "context_parallel_size": "positive",
     "micro_batch_size": "positive", "global_batch_size": "positive", "train_iters": "positive", "seed": ">=0",
+    "cuda_graph_warmup_steps": "positive",
     # schedules and intervals
     "lr_warmup_iters": ">=0", "lr_decay_iters": "positive", "save_interval": "positive", "ckpt_step": ">=0",
     "exit_interval": "positive", "exit_duration_in_mins": "finite>0", "eval_interval": ">=0", "eval_iters": "positive", "log_interval": "positive",
@@ -547,6 +559,8 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         except ValueError as err:
             raise ArgumentError(str(err)) from None
+    if args.cuda_graph_impl != "none" and not on_gpu:
+        raise ArgumentError("--cuda-graph-impl local captures CUDA graphs and needs a GPU; drop it on CPU")
     if args.recompute_granularity == "full" and args.recompute_method is None:
         args.recompute_method = "uniform"
         if args.recompute_num_layers is None:

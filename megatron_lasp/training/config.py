@@ -262,10 +262,28 @@ class TrainingOptions:
     """On SIGTERM / SIGINT: finish the step, save, exit 0."""
     exit_duration_in_mins: Optional[float] = None
     """Save and stop once the run has been up this many minutes."""
+    cuda_graph_impl: str = "none"
+    """``local``: the step's forward-backward captured in a CUDA graph and replayed (``cuda_graph.py``)."""
+    cuda_graph_scope: Optional[str] = None
+    """What the graph holds: ``full_iteration`` (the only scope supported)."""
+    cuda_graph_warmup_steps: int = 3
+    """Eager steps before the capture."""
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ArgumentError("--bf16 and --fp16 are exclusive")
+        if self.cuda_graph_impl == "local" and self.cuda_graph_scope != "full_iteration":
+            raise ArgumentError("--cuda-graph-impl local captures the whole forward-backward step: add "
+                                "--cuda-graph-scope full_iteration (per-layer graphs are not supported)")
+        if self.cuda_graph_scope is not None and self.cuda_graph_impl == "none":
+            raise ArgumentError("--cuda-graph-scope needs --cuda-graph-impl local")
+        if self.cuda_graph_impl == "local" and self.fp16:
+            raise ArgumentError("--cuda-graph-impl local: fp16's dynamic loss scale is not graph-safe; use --bf16")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the step's forward-backward runs from a CUDA graph."""
+        return self.cuda_graph_impl == "local"
 
 
 @dataclass(frozen=True)
@@ -421,6 +439,23 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.training.fp16 and self.parallel.ddp_impl != "megatron":
             raise ArgumentError("--fp16 (loss scaling) is supported with --ddp-impl megatron only; use --bf16")
+        if self.training.cuda_graphs:
+            self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self) -> None:
+        """What a captured step cannot hold (``cuda_graph.py``): one line each, saying what to drop."""
+        p, m, d = self.parallel, self.memory, self.data
+        refusals = (
+            (p.ddp_impl != "megatron", f"--ddp-impl {p.ddp_impl} (use --ddp-impl megatron)"),
+            (p.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
+            (p.context_parallel_size > 1, "--sequence-parallel-size > 1 (communication inside the step)"),
+            (m.cpu_offloading, "--cpu-offloading (host copies inside the step)"),
+            (d.reset_attention_mask, "--reset-attention-mask (packed documents read their starts on the host)"),
+            (bool(self.model.hidden_dropout), "--hidden-dropout > 0 (random numbers inside the step)"),
+        )
+        for refused, what in refusals:
+            if refused:
+                raise ArgumentError(f"--cuda-graph-impl local cannot capture a step with {what}; drop one of them")
 
     @property
     def mixed_precision(self) -> Optional[str]:

@@ -33,6 +33,7 @@ from megatron_lasp.training import arguments as arguments_mod
 from megatron_lasp.training import data as data_mod
 from megatron_lasp.training import checkpointing, logging_utils
 from megatron_lasp.training.interrupts import PROG, LauncherWatchdog, StopRequests, record_clean_error
+from megatron_lasp.training.cuda_graph import GraphCaptureError
 from megatron_lasp.training.optim import fsdp_reshard, unwrap_model
 from megatron_lasp.training.startup import (  # noqa: F401 - setup, model_config_from_run: re-exported for callers
     StartupError,
@@ -65,8 +66,9 @@ def _logging_setup() -> None:
 # one step
 
 
-def _loss_func(loss_mask: torch.Tensor, scale: float, output_tensor: torch.Tensor):
-    """Reduce the model's ``[b, s_local]`` token losses (see the module docstring)."""
+def _loss_func(loss_mask: torch.Tensor, scale, output_tensor: torch.Tensor):
+    """Reduce the model's ``[b, s_local]`` token losses (see the module docstring); ``scale`` a float,
+    or a 0-dim tensor in a captured step (a float would be baked into the graph)."""
     losses = output_tensor.float()
     local_sum = (losses * loss_mask).sum()
     return local_sum * scale, loss_mask.sum().to(torch.int), {"lm loss sum": local_sum.detach()}
@@ -74,6 +76,8 @@ def _loss_func(loss_mask: torch.Tensor, scale: float, output_tensor: torch.Tenso
 
 def _forward_step(scale: float, is_first: bool, is_last: bool, data_iterator, model):
     batch = next(data_iterator)
+    if batch is not None and "loss_scale" in batch:
+        scale = batch["loss_scale"]
     tokens = batch["tokens"] if (batch is not None and is_first) else None
     positions = batch["position_ids"] if (batch is not None and is_first) else None
     labels = batch["labels"] if (batch is not None and is_last) else None
@@ -108,16 +112,26 @@ def run_forward_backward(state: TrainState, dataset, consumed: int, forward_only
         factor = 1.0 if config.parallel.ddp_impl == "megatron" else float(groups.dp_cp.size())
         scale = factor / max(total_tokens, 1.0)
     forward_backward = get_forward_backward_func()
-    with platform.cuda_factory_redirect():
-        outputs = forward_backward(
-            forward_step_func=partial(_forward_step, scale, is_first, is_last),
-            data_iterator=iter(batches),  # one micro-batch per forward step
-            model=[state.model],
-            num_microbatches=layout.num_micro_batches,
-            seq_length=config.training.seq_length,
-            micro_batch_size=config.training.micro_batch_size,
-            forward_only=forward_only,
-        )
+
+    def step(micro_batches):
+        with platform.cuda_factory_redirect():
+            return forward_backward(
+                forward_step_func=partial(_forward_step, scale, is_first, is_last),
+                data_iterator=iter(micro_batches),  # one micro-batch per forward step
+                model=[state.model],
+                num_microbatches=layout.num_micro_batches,
+                seq_length=config.training.seq_length,
+                micro_batch_size=config.training.micro_batch_size,
+                forward_only=forward_only,
+            )
+
+    if state.step_graph is not None and not forward_only:
+        # the scale changes with the batch's loss tokens: a tensor the graph reads, not a constant in it
+        loss_scale = torch.full((), scale, dtype=torch.float32, device=device)
+        batches = [dict(b, loss_scale=loss_scale) for b in batches]
+        outputs = state.step_graph.run(step, batches, state.iteration + 1)
+    else:
+        outputs = step(batches)
     if not is_last:
         return float("nan")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -347,7 +361,8 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
             save_fn = watchdog.guard(save_fn)
         try:
             train(state, save_fn=save_fn, stops=state.stops)
-        except (data_mod.DataError, checkpointing.CheckpointError) as err:  # a batch, or a save refused
+        except (data_mod.DataError, checkpointing.CheckpointError, GraphCaptureError) as err:
+            # a batch, a save refused, a step that a CUDA graph cannot hold
             raise TrainingError(str(err)) from None
         finally:
             if watchdog is not None:

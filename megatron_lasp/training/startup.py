@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from megatron_lasp.data.tokenizer import Tokenizer
     from megatron_lasp.models.config import LinearLMConfig
+    from megatron_lasp.training.cuda_graph import StepGraph
     from megatron_lasp.training.optim import MegatronOptimizer, TorchOptimizer
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class TrainState:
     """The global gradient norm of every iteration run by this process (before clipping)."""
     save_lock: Optional[SaveLock] = None
     """Held on ``--save`` by rank 0 for the run (released by ``loop.main``)."""
+    step_graph: Optional["StepGraph"] = None
+    """With ``--cuda-graph-impl local``: the captured forward-backward (``cuda_graph.StepGraph``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +384,11 @@ def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> Train
         seed=train_cfg.seed,
         timeout_minutes=par.distributed_timeout_minutes,
     )
+    step_graph = None
+    if train_cfg.cuda_graphs:
+        from megatron_lasp.training.cuda_graph import StepGraph
+
+        step_graph = StepGraph(train_cfg.cuda_graph_warmup_steps)  # its stream is current from here on
     model = build_model_stage(model_config, padded_vocab_size, groups)
     facts = param_facts(model)
     shared = _shared_embedding_for_pp(model, par.pipeline_model_parallel_size)
@@ -413,7 +421,7 @@ def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> Train
     state = TrainState(config=config, checkpoint=checkpoint, groups=groups, model=model, model_config=model_config,
                        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, valid_ds=valid_ds,
                        layout=layout, tokenizer=tokenizer, padded_vocab_size=padded_vocab_size, stops=stops,
-                       save_lock=save_lock)
+                       save_lock=save_lock, step_graph=step_graph)
     if checkpoint.load:
         try:
             checkpointing.load_checkpoint(state)

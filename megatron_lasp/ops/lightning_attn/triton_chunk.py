@@ -538,8 +538,10 @@ def _default_programs(device: torch.device) -> int:
 
 
 def triton_config(B: int, T: int, H: int, dx: int, dz: int, device: torch.device,
-                  dtype: torch.dtype = torch.bfloat16, options: Optional[TritonOptions] = None) -> TritonConfig:
-    """The launch configuration for ``[B, T, H]`` inputs of head dims ``dx`` (keys) and ``dz`` (values)."""
+                  dtype: torch.dtype = torch.bfloat16, options: Optional[TritonOptions] = None,
+                  gated: bool = False) -> TritonConfig:
+    """The launch configuration for ``[B, T, H]`` inputs of head dims ``dx`` (keys) and ``dz`` (values);
+    ``gated``: for the per-token-gate kernels."""
     options = options or _DEFAULT_OPTIONS
     poison = options.poison_outputs
     if device.type == "cpu":
@@ -552,9 +554,15 @@ def triton_config(B: int, T: int, H: int, dx: int, dz: int, device: torch.device
     n_tiles = -(-dz // tile)
     # Segment length: the largest power of two (block <= SEG <= 4096) that still gives about
     # `programs` programs: enough waves over the SMs, while long segments keep the scan short.
-    programs = tuning.get("programs") or _default_programs(device)
+    # The gated kernels aim at a quarter of the programs, up to 8192 tokens a segment: each segment
+    # costs them more (the gates' cumulative sums and row sums, the gates' gradient), so fewer, longer
+    # segments win. fwd+bwd from CUDA-graph replays, H100, B1 H16 D128 bf16, against the fixed decay's
+    # launch (1024 programs, 4096 cap): 8K 0.47 vs 0.63 ms, 32K 1.59 vs 1.73, 128K 5.89 vs 6.07
+    # (docs/benchmarks/kernels_sweep_gated.json).
+    programs = tuning.get("programs") or _default_programs(device) // (4 if gated else 1)
+    cap = 8192 if gated else 4096
     segment = block
-    while segment < 4096 and B * H * n_tiles * -(-T // (2 * segment)) >= programs:
+    while segment < cap and B * H * n_tiles * -(-T // (2 * segment)) >= programs:
         segment *= 2
     fields = dict(block=block, segment=segment, tile=tile, num_warps=4 if dxp <= 128 else 8)
     if dx == 128 and dz == 128 and dtype != torch.float32:
@@ -681,12 +689,12 @@ def _triton_setup(q, v):
     return kern, dot_f32
 
 
-def _forward_setup(q, k, v, options: Optional[TritonOptions]):
+def _forward_setup(q, k, v, options: Optional[TritonOptions], gated: bool = False):
     """A forward's contiguous ``q, k, v``, kernels, dot precision and launch config (grid checked)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     B, T, H, dk = q.shape
     kern, dot_f32 = _triton_setup(q, v)
-    cfg = triton_config(B, T, H, dk, v.shape[-1], q.device, q.dtype, options)
+    cfg = triton_config(B, T, H, dk, v.shape[-1], q.device, q.dtype, options, gated=gated)
     if B * H > 65535 or -(-T // cfg.segment) > 65535:
         raise ValueError(f"lightning attention (triton): B*H = {B * H} and the segment count must stay <= 65535 "
                          "(CUDA grid limit); split the batch or use backend='torch'")
@@ -754,7 +762,7 @@ def triton_gated_fwd_phases(q, k, v, g, initial_state, doc_ids=None, options: Op
     """Per-token gates ``g [B, T, H]``: ``(final state, finish)``, ``finish() -> (o, entry_states,
     config, gc)`` with ``gc [B, H, TP]`` the gates' cumulative sums restarted every ``config.block``
     tokens (fp32), which the backward takes. The final state is always computed (``dg`` needs it)."""
-    q, k, v, kern, dot_f32, cfg = _forward_setup(q, k, v, options)
+    q, k, v, kern, dot_f32, cfg = _forward_setup(q, k, v, options, gated=True)
     gc = block_cumsum(g, cfg.block, torch.float32).contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
