@@ -184,7 +184,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             residual = (grad_loss - c * w).abs().max()
             # one host sync; not inside a CUDA graph capture (cuda_graph.py), where it cannot run: the
             # eager warm-up steps before the capture ran it on the same reduction
-            if not torch.cuda.is_current_stream_capturing() and bool(
+            capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and bool(
                     residual > 1e-5 * c.abs() * w.abs().max().clamp_min(1.0)):
                 raise LinearCrossEntropyError(
                     "fused linear cross entropy: the per-token losses were reduced with weights that are "
