@@ -370,6 +370,39 @@ def test_bad_gate_inputs():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _gpu_errors(leaves, do, dht, cu, dtype, options):
+    """Relative errors of the Triton kernels (``dtype``, launch ``options``) against the torch
+    backend in fp64, every output and gradient."""
+    def run(backend, cast):
+        xs = [cast(x).detach().clone().requires_grad_() for x in leaves[:3]]
+        g = leaves[3].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        h0 = leaves[4].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
+        o, s = chunk_lightning_attn(*xs, None, h0, True, backend=backend, cu_seqlens=cu, g=g,
+                                    triton_options=options if backend == "triton" else None)
+        torch.autograd.backward((o, s), (cast(do), dht.to(s.dtype)))
+        return [o, s] + [x.grad for x in xs] + [g.grad, h0.grad]
+
+    ref = run("torch", lambda x: x.double())
+    got = run("triton", lambda x: x.to(dtype))
+    return {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("docs", [False, True], ids=["nodocs", "docs"])
+def test_gpu_long_segments_match_fp64(docs):
+    """Segments of 8192 tokens (the gated launch's longest, at 128K and beyond) on a short sequence:
+    two whole segments and a partial one, bf16, with documents crossing them."""
+    B, T, H, D = 1, 20000, 2, 128
+    leaves, do, dht = _inputs(B, T, H, D, D, "strong", seed=6)
+    leaves = [x.cuda() for x in leaves]
+    leaves[0], leaves[1] = leaves[0] * D ** -0.25, leaves[1] * D ** -0.25
+    do, dht = do.cuda(), dht.cuda()
+    cu = torch.tensor([0, 5000, 8191, 8193, 16400, 20000], device="cuda") if docs else None
+    errs = _gpu_errors(leaves, do, dht, cu, torch.bfloat16, TritonOptions(segment=8192, poison_outputs=True))
+    assert max(errs.values()) < 1e-2, errs
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -384,21 +417,32 @@ def test_gpu_kernels_match_fp64(dtype, docs):
     do, dht = do.cuda(), dht.cuda()
     cu = torch.tensor([0, 1, 700, 2048, 2049, 3100, 4096, 6000], device="cuda") if docs else None
 
-    def run(backend, cast):
-        xs = [cast(x).detach().clone().requires_grad_() for x in leaves[:3]]
-        g = leaves[3].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
-        h0 = leaves[4].detach().clone().to(torch.float64 if backend == "torch" else torch.float32).requires_grad_()
-        o, s = chunk_lightning_attn(*xs, None, h0, True, backend=backend, cu_seqlens=cu, g=g,
-                                    triton_options=POISON if backend == "triton" else None)
-        torch.autograd.backward((o, s), (cast(do), dht.to(s.dtype)))
-        return [o, s] + [x.grad for x in xs] + [g.grad, h0.grad]
-
-    ref = run("torch", lambda x: x.double())
-    got = run("triton", lambda x: x.to(dtype))
+    errs = _gpu_errors(leaves, do, dht, cu, dtype, POISON)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
     assert max(errs.values()) < tol, errs
     if dtype == torch.bfloat16:
         # dg as accurate as the gradients it is made of (it was 6x worse when summed over the whole
         # sequence from the bf16-rounded dq, dk)
         assert errs["g"] < 2.5 * max(errs["q"], errs["k"]), errs
+
+
+def test_triton_long_segments_match_reference(monkeypatch):
+    """Segments of 128 blocks (the GPU's longest gated segments: 8192 tokens of 64-token blocks; the
+    interpreter's own configuration has 2 blocks a segment) in the interpreter: two whole segments
+    and a partial one, documents ending on and crossing segment ends, fp32 against fp64."""
+    from megatron_lasp.ops.lightning_attn import triton_chunk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    long = triton_chunk.TritonConfig(block=16, segment=2048, tile=16, poison=True)
+    used = []
+    monkeypatch.setattr(triton_chunk, "triton_config", lambda *a, **kw: used.append(kw.get("gated")) or long)
+    B, T, H, D = 1, 4500, 1, 8
+    cu = torch.tensor([0, 700, 2048, 2049, 4000, 4500])
+    leaves, do, dht = _inputs(B, T, H, D, D, "mixed", seed=3)
+    ref = _reference(leaves, do, dht, cu)
+    got = _run(lambda q, k, v, g, h0: chunk_lightning_attn(q, k, v, None, h0, True, backend="triton", cu_seqlens=cu,
+                                                           g=g, triton_options=POISON),
+               leaves, do, dht, torch.float32)
+    errs = {name: _rel(a, b) for name, a, b in zip(("o", "final") + NAMES, got, ref)}
+    assert used == [True], used  # the gated launch, the long segments
+    assert max(errs.values()) < TOL["triton"], errs

@@ -10,3 +10,10 @@ timeout 330 python3 benchmarks/bench_training.py --out $R/training_128k --preset
   --common "$SEL" --config "fixed=" --config "mamba2=--linear-attention-gate mamba2" \
   --config "hybrid-1to7=--hybrid-layer-pattern LLLLLLL*LLLLLLL* --num-query-groups 4" --timeout 100 > $R/training_128k.log 2>&1
 echo "rc=$?" >> $R/training_128k.log
+# Added in the fifth session: TNL-1B at 8K on the H200 (the 50% target), eager and from a CUDA graph,
+# with one and with four sequences a step
+G="--cuda-graph-impl local --cuda-graph-scope full_iteration --cuda-graph-warmup-steps 1"
+timeout 200 python3 benchmarks/bench_training.py --out $R/training_8k_graph --preset tnl-1b --seq-length 8192 \
+  --steps 12 --warmup 3 --profile-steps 1 --timeout 45 \
+  --config "eager=" --config "graph=$G" --config "graph-4x1=$G --global-batch-size 4" \
+  > $R/training_8k_graph.log 2>&1; echo "rc=$?" >> $R/training_8k_graph.log

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Prepared on 2026-12-07 (fifth session) and not run: the first call of the next session, any card
+# (about 8 minutes), from the repository root with the cp312 wheels in .whl:
+#  1. the step replayed from a CUDA graph against the eager step (bits, and a resume);
+#  2. the gated kernels' GPU tests with the gated launch of this session (a quarter of the programs,
+#     segments up to 8192 tokens; test_gpu_long_segments_match_fp64 runs 8192-token segments);
+#  3. TNL-1B at 8K: eager, from a CUDA graph, from a graph with 4 micro-batches of 1 and 2 of 2
+#     (the optimizer's 16 ms shared by 32K tokens);
+#  4. bench_kernels --gated with the final gated launch (gated / fixed / fla in one run);
+#  5. the fixed decay's launch sweep at 32K with fewer programs (fixed vs fla at 32K: 1.89x, target 2x).
+. docs/benchmarks/logs/gpu_setup.sh res
+left() { echo $(( 560 - ($(date +%s) - T0) )); }
+MEGATRON_LASP_GPU_REPORT=$R/gpu_graph.json timeout 90 python3 -m pytest -m gpu tests/test_gpu.py -k cuda_graph \
+  -v -p no:cacheprovider > $R/pytest_graph.log 2>&1; echo "rc=$?" >> $R/pytest_graph.log
+MEGATRON_LASP_GPU_REPORT=$R/gpu_gated.json timeout 110 python3 -m pytest -m gpu tests/test_gated_attn.py -v \
+  -p no:cacheprovider > $R/pytest_gated.log 2>&1; echo "rc=$?" >> $R/pytest_gated.log
+G="--cuda-graph-impl local --cuda-graph-scope full_iteration --cuda-graph-warmup-steps 1"
+timeout 170 python3 benchmarks/bench_training.py --out $R/training_8k_graph --preset tnl-1b --seq-length 8192 \
+  --steps 12 --warmup 3 --profile-steps 1 --timeout 40 \
+  --config "eager=" --config "graph=$G" --config "graph-4x1=$G --global-batch-size 4" \
+  --config "graph-2x2=$G --micro-batch-size 2 --global-batch-size 4" \
+  > $R/training_8k_graph.log 2>&1; echo "rc=$?" >> $R/training_8k_graph.log
+if [ $(left) -gt 60 ]; then timeout $(( $(left) - 45 )) python3 benchmarks/bench_kernels.py --gated --out $R/kernels \
+  > $R/bench_gated.log 2>&1; echo "rc=$?" >> $R/bench_gated.log; fi
+if [ $(left) -gt 25 ]; then timeout $(( $(left) - 10 )) python3 benchmarks/bench_kernels.py --sweep --out $R/kernels \
+  > $R/sweep_fixed.log 2>&1; echo "rc=$?" >> $R/sweep_fixed.log; fi
