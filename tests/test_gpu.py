@@ -268,6 +268,7 @@ def _graph_runs(rank, world_size, root):
         run = main(base + extra)
         out[name] = {"loss": run.losses, "grad_norm": run.grad_norms,
                      "captured": run.step_graph is not None and run.step_graph.captured,
+                     "replays": run.step_graph.replays if run.step_graph is not None else 0,
                      "weights": sum(float(p.detach().float().abs().sum()) for p in run.model.parameters())}
     save = os.path.join(root, "graph")
     main(base + GRAPH + ["--save", save, "--save-interval", "3", "--exit-interval", "3"])
@@ -284,6 +285,7 @@ def test_cuda_graph_step_computes_the_eager_step(tmp_path):
     _report("train/cuda-graph-vs-eager", record)
     eager, graph = record["eager"], record["graph"]
     assert graph["captured"] is True and eager["captured"] is False, record
+    assert graph["replays"] == 5, record  # 6 steps: one eager warm-up step, then the capture and 4 more
     assert len(graph["loss"]) == 6 and all(math.isfinite(x) for x in graph["loss"]), record
     assert graph["loss"] == eager["loss"] and graph["grad_norm"] == eager["grad_norm"], record
     assert graph["weights"] == eager["weights"], record

@@ -59,6 +59,9 @@ class StepGraph:
             raise ValueError("warmup_steps must be >= 1")
         self.warmup_steps = warmup_steps
         self.eager_steps = 0
+        self.replays = 0
+        self.capture_iteration: Optional[int] = None
+        self._previous_stream = torch.cuda.current_stream()
         self.stream = torch.cuda.Stream()
         torch.cuda.set_stream(self.stream)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -67,7 +70,14 @@ class StepGraph:
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        """Whether the step was captured (it stays True after :meth:`close`)."""
+        return self.capture_iteration is not None
+
+    def close(self) -> None:
+        """At the end of the run: free the graph and its memory, make the previous stream current again."""
+        self.stream.synchronize()
+        self.graph = self.static = self.outputs = None
+        torch.cuda.set_stream(self._previous_stream)
 
     def run(self, step: Callable[[List[Batch]], object], batches: List[Batch], iteration: int):
         """``step(batches)``: eager during the warm-up, then captured (once) and replayed."""
@@ -79,6 +89,7 @@ class StepGraph:
         else:
             self._load(batches)
         self.graph.replay()
+        self.replays += 1
         return self.outputs
 
     def _capture(self, step, batches: List[Batch], iteration: int) -> None:
@@ -98,6 +109,7 @@ class StepGraph:
                 f"iteration {iteration}: capturing the step in a CUDA graph failed ({first}); "
                 "run without --cuda-graph-impl") from None
         self.graph = graph
+        self.capture_iteration = iteration
         logger.info("iteration %d: the forward-backward step is captured in a CUDA graph (after %d eager "
                     "steps); later steps replay it", iteration, self.eager_steps)
 

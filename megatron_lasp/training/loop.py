@@ -370,6 +370,8 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     finally:
         if state is not None:
             state.stops.uninstall()
+            if state.step_graph is not None:
+                state.step_graph.close()
         save_lock.release()
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if destroy:
