@@ -190,18 +190,17 @@ def test_softmax_layer_query_chunks_under_sequence_parallelism():
                     assert grad_err <= TOL_FULL, (rank, sp, packed, chunk, worst, grad_err)
 
 
-def test_query_chunks_only_from_the_threshold():
-    """Below ``softmax_query_chunks_from`` tokens the softmax layer's attention runs whole (its MLP
-    in chunks); from it on, in query chunks. The threshold counts the whole sequence."""
+def _query_chunk_calls(rank, world_size):
+    """How often the softmax layer ran in query chunks, for a threshold above and at the length."""
     from unittest import mock
 
-    from megatron_lasp.models import build_linear_lm, linear_lm_config
-    from megatron_lasp.models import chunked
+    from megatron_lasp.models import build_linear_lm, chunked, linear_lm_config
     from megatron_lasp.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1, seed=SEED)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED))
-    for threshold, expected in ((SEQ + 1, 0), (SEQ, 1)):
+    calls = {}
+    for threshold in (SEQ + 1, SEQ):
         config = linear_lm_config("tiny", num_layers=3, hybrid_layer_pattern="L*L", num_query_groups=2,
                                   use_cpu_initialization=True, recompute_chunk_size=8,
                                   softmax_query_chunks_from=threshold)
@@ -209,4 +208,12 @@ def test_query_chunks_only_from_the_threshold():
         real = chunked._ChunkedSoftmaxLayer.apply
         with mock.patch.object(chunked._ChunkedSoftmaxLayer, "apply", side_effect=real) as spy:
             model(ids, labels=ids).mean().backward()
-        assert spy.call_count == expected, (threshold, spy.call_count)
+        calls[threshold] = spy.call_count
+    return calls
+
+
+def test_query_chunks_only_from_the_threshold():
+    """Below ``softmax_query_chunks_from`` tokens the softmax layer's attention runs whole (its MLP
+    in chunks); from it on, in query chunks. The threshold counts the whole sequence."""
+    calls = spawn(_query_chunk_calls, world_size=1, timeout=300)[0]
+    assert calls == {SEQ + 1: 0, SEQ: 1}, calls

@@ -189,6 +189,8 @@ def _free_port():
 
 def _cli_error(args, tmp_path, world_env=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # a one-process group started by an earlier test in this process holds its MASTER_PORT
+    env.pop("MASTER_PORT", None)
     proc = subprocess.run([PYTHON, os.path.join(REPO, "pretrain_linear_lm.py")] + args, capture_output=True,
                           text=True, timeout=180, env=env, cwd=str(tmp_path))
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
@@ -210,7 +212,7 @@ def test_cli_bad_inputs_exit_with_one_line(extra, needle, tmp_path):
     if "--data-path" not in extra:
         base.append("--mock-data")
     code, errors, tail = _cli_error(base + extra, tmp_path)
-    assert code == 2, tail  # (a CI run under load once saw 1 here: the tail says why, if it recurs)
+    assert code == 2, tail
     assert len(errors) == 1 and needle in errors[0], errors
 
 
