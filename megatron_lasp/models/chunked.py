@@ -110,6 +110,12 @@ def _sequence_docs(kwargs, B: int, T: int, device):
     return None if cu is None else doc_ids_from_cu_seqlens(cu, B, T, device)
 
 
+def _grad_sums(*tensors: torch.Tensor) -> List[torch.Tensor]:
+    """Zeroed gradient accumulators shaped like ``tensors``, at least fp32 (sums of bf16 gradients)."""
+    return [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+            for t in tensors]
+
+
 def _params(layer) -> List[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
@@ -201,9 +207,7 @@ class _ChunkedSoftmaxLayer(torch.autograd.Function):
         keys, values = ctx.kv
         ctx.kv = None
         attn = ctx.layer.self_attention
-        acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 sums of bf16 gradients
-        d_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
-        d_values = torch.zeros(values.shape, dtype=acc, device=values.device)
+        d_keys, d_values = _grad_sums(keys, values)
         grad_x = torch.empty_like(x)
         sums = _ParamGrads(list(ctx.params))
         for sl in reversed(ctx.slices):
@@ -295,9 +299,7 @@ class _ChunkedSoftmaxSpLayer(torch.autograd.Function):
         attn = layer.self_attention
         with torch.no_grad():
             keys, values = _ChunkedSoftmaxSpLayer._gathered(layer, x, slices, base, docs, ctx.kwargs, info)
-        acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 sums of bf16 gradients
-        d_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
-        d_values = torch.zeros(values.shape, dtype=acc, device=values.device)
+        d_keys, d_values = _grad_sums(keys, values)
         sums = _ParamGrads(list(ctx.params))
         kept = [None] * len(slices)
         for i in reversed(range(len(slices))):  # (3) down to the attention's inputs
@@ -503,21 +505,22 @@ class LinearTransformerLayer(TransformerLayer):
         softmax layer has none: :meth:`chunks_query_chunks`) whose tokens are
         one contiguous piece of the sequence (no TP sequence parallelism), on one rank or a rank of
         a ``lasp`` group."""
-        if not hasattr(self.self_attention, "carrying"):
-            return False
-        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+        if not hasattr(self.self_attention, "carrying") or not self._contiguous_tokens():
             return False
         return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
 
     def chunks_query_chunks(self) -> bool:
         """Whether the layer is a softmax layer that runs in query chunks: no TP sequence
         parallelism, one sequence-parallel rank or the all-gather softmax mode."""
-        if not hasattr(self.self_attention, "carrying_kv"):
-            return False
-        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+        if not hasattr(self.self_attention, "carrying_kv") or not self._contiguous_tokens():
             return False
         return (self.self_attention.sp_group.size() == 1
                 or self.config.softmax_sequence_parallel_mode == "allgather")
+
+    def _contiguous_tokens(self) -> bool:
+        """Whether this rank's tokens are one contiguous piece of the sequence: not under TP
+        sequence parallelism, whose all-gather would interleave the ranks' chunks."""
+        return not (self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1)
 
     def _sequence_tokens(self, x: torch.Tensor) -> int:
         """Tokens of the whole sequence: this rank's ``[s, b, h]`` slice times the SP group."""
