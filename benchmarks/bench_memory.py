@@ -155,7 +155,8 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
         soft_saved = (6 * h + 3 * Gd) * a
         soft_grads = (4 * h + 4 * Gd) * a
         soft_whole = max(soft_saved + mlp_saved + mlp_grads, soft_saved + soft_grads)
-        if chunked and tp == 1 and seq >= LinearLMConfig.softmax_query_chunks_from:
+        query_chunks = chunked and tp == 1 and seq >= LinearLMConfig.softmax_query_chunks_from
+        if query_chunks:
             soft = soft_whole * min(chunk_size, tok) + 2 * h * a * tok + (4 * Gd * a + 2 * Gd * 4) * seq
             if sp == 1:
                 out["softmax layers' keys and values"] = S * 2 * Gd * a * tok
@@ -165,7 +166,7 @@ def memory_model(preset: str, seq: int, setting: str, tp: int = 1, sp: int = 1,
             soft = (soft_saved + soft_grads + 2 * h * a) * tok
         else:
             soft = (soft_whole + 2 * h * a) * tok
-        if sp > 1 and not (chunked and tp == 1):
+        if sp > 1 and not query_chunks:
             soft += 6 * Gd / tp * a * seq
         out["softmax layer working set"] = soft
     # the loss phase and the layer phase do not overlap: the peak is the larger one
