@@ -216,3 +216,35 @@ def test_causal_pairs_per_rank():
     mask = (torch.arange(N)[None, :] <= torch.arange(N)[:, None]) & (docs[:, :, None] == docs[:, None, :])
     expect = [int(mask[:, r * C:(r + 1) * C].sum()) for r in range(W)]
     assert causal_pairs_per_rank(N, W, cu_seqlens=cu, batch=2) == expect
+
+
+def test_varlen_without_documents_needs_no_host_sync(monkeypatch):
+    """Without documents the varlen call's offsets come from the shapes (no host synchronisation, so
+    a CUDA graph can hold it) and equal those of one document a row; with documents they follow the
+    segments (the varlen kernel itself is stood in for: it runs on CUDA only)."""
+    from torch.nn.attention import varlen
+
+    from megatron_lasp.ops.softmax_attn import kernels
+
+    calls = []
+
+    def record(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, cu_q.dtype, cu_k.dtype))
+        return torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype)
+
+    monkeypatch.setattr(varlen, "varlen_attn", record)
+    B, Tq, Tk, H, D = 3, 4, 10, 2, 8
+    q = torch.randn(B, Tq, H, D, dtype=torch.bfloat16)
+    k = torch.randn(B, Tk, H, D, dtype=torch.bfloat16)
+    one_doc = torch.zeros(B, Tk, dtype=torch.int32)
+    sync = []
+    monkeypatch.setattr(kernels, "_segments", lambda docs, real=kernels._segments: sync.append(1) or real(docs))
+    kernels._varlen(q, k, k, None, None, None, 1)
+    assert not sync  # the segments (and their host reads) were not computed
+    kernels._varlen(q, k, k, None, one_doc, None, 1)
+    assert sync and calls[0] == calls[1]
+    assert calls[0][:4] == ([0, 4, 8, 12], [0, 10, 20, 30], Tq, Tk) and calls[0][4] == torch.int32
+    docs = one_doc.clone()
+    docs[1, 7:] = 1  # the second row holds two documents; its last 3 queries are in the second
+    kernels._varlen(q, k, k, None, docs, None, 1)
+    assert calls[2][:4] == ([0, 4, 5, 8, 12], [0, 10, 17, 20, 30], 4, 10)

@@ -141,16 +141,20 @@ def _varlen(q, k, v, q_docs, k_docs, scale, gqa: int):
     B, Tq, Hq, D = q.shape
     Tk = k.shape[1]
     if k_docs is None:
-        k_docs = torch.zeros(B, Tk, dtype=torch.int32, device=q.device)
-    # queries are the keys' last Tq positions, so a query's segment is the key segment it lies in
-    k_seg, n_seg = _segments(k_docs)
-    q_seg = k_seg.view(B, Tk)[:, Tk - Tq:].reshape(-1)
-    len_k = torch.bincount(k_seg, minlength=n_seg)
-    len_q = torch.bincount(q_seg, minlength=n_seg)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu_k = torch.cat([zero, torch.cumsum(len_k, 0).to(torch.int32)])
-    cu_q = torch.cat([zero, torch.cumsum(len_q, 0).to(torch.int32)])
-    max_q, max_k = int(len_q.max()), int(len_k.max())  # the one host synchronisation
+        # one segment a sequence: the offsets follow from the shapes, with no host synchronisation
+        # (so that a CUDA graph can hold the call)
+        starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+        cu_q, cu_k, max_q, max_k = starts * Tq, starts * Tk, Tq, Tk
+    else:
+        # queries are the keys' last Tq positions, so a query's segment is the key segment it lies in
+        k_seg, n_seg = _segments(k_docs)
+        q_seg = k_seg.view(B, Tk)[:, Tk - Tq:].reshape(-1)
+        len_k = torch.bincount(k_seg, minlength=n_seg)
+        len_q = torch.bincount(q_seg, minlength=n_seg)
+        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+        cu_k = torch.cat([zero, torch.cumsum(len_k, 0).to(torch.int32)])
+        cu_q = torch.cat([zero, torch.cumsum(len_q, 0).to(torch.int32)])
+        max_q, max_k = int(len_q.max()), int(len_k.max())  # the one host synchronisation
     params = inspect.signature(varlen_attn).parameters
     kwargs = {"scale": scale} if "scale" in params else {}
     kk, vv = k.reshape(B * Tk, -1, D), v.reshape(B * Tk, k.shape[2], -1)
