@@ -12,6 +12,13 @@ timeout 330 python3 benchmarks/bench_training.py --out $R/training_128k --preset
 echo "rc=$?" >> $R/training_128k.log
 # Added in the fifth session: TNL-1B at 8K on the H200 (the 50% target), eager and from a CUDA graph,
 # with one and with four sequences a step
+# (SKIP_8K=1 leaves it out where gpu_1208_prepared_any.sh already ran on the same H200, and times the
+# loss at 1M tokens instead, the item of _h200b.sh that SKIP_LOSS=1 then leaves out there)
+if [ -n "${SKIP_8K:-}" ]; then
+  timeout 150 python3 benchmarks/bench_loss.py --out $R/loss_1m --tokens 1048576 --impls ours ours_triton liger cce \
+    > $R/loss_1m.log 2>&1; echo "rc=$?" >> $R/loss_1m.log
+  exit 0
+fi
 G="--cuda-graph-impl local --cuda-graph-scope full_iteration --cuda-graph-warmup-steps 1"
 timeout 200 python3 benchmarks/bench_training.py --out $R/training_8k_graph --preset tnl-1b --seq-length 8192 \
   --steps 12 --warmup 3 --profile-steps 1 --timeout 45 \
