@@ -11,24 +11,24 @@
 . docs/benchmarks/logs/gpu_setup.sh res
 left() { echo $(( ${CALL_S:-560} - ($(date +%s) - T0) )); }
 MEGATRON_LASP_GPU_REPORT=$R/gpu_graph.json timeout 90 python3 -m pytest -m gpu tests/test_gpu.py -k cuda_graph \
-  -v -p no:cacheprovider > $R/pytest_graph.log 2>&1; echo "rc=$?" >> $R/pytest_graph.log
+  -v -p no:cacheprovider > $R/pytest_graph.log 2>&1; echo "rc=$?" >> $R/pytest_graph.log; save
 MEGATRON_LASP_GPU_REPORT=$R/gpu_gated.json timeout 110 python3 -m pytest -m gpu tests/test_gated_attn.py -v \
-  -p no:cacheprovider > $R/pytest_gated.log 2>&1; echo "rc=$?" >> $R/pytest_gated.log
+  -p no:cacheprovider > $R/pytest_gated.log 2>&1; echo "rc=$?" >> $R/pytest_gated.log; save
 G="--cuda-graph-impl local --cuda-graph-scope full_iteration --cuda-graph-warmup-steps 1"
 timeout 170 python3 benchmarks/bench_training.py --out $R/training_8k_graph --preset tnl-1b --seq-length 8192 \
   --steps 12 --warmup 3 --profile-steps 1 --timeout 40 \
   --config "eager=" --config "graph=$G" --config "graph-4x1=$G --global-batch-size 4" \
   --config "graph-2x2=$G --micro-batch-size 2 --global-batch-size 4" \
-  > $R/training_8k_graph.log 2>&1; echo "rc=$?" >> $R/training_8k_graph.log
+  > $R/training_8k_graph.log 2>&1; echo "rc=$?" >> $R/training_8k_graph.log; save
 if grep -q H200 $R/host.txt && [ $(left) -gt 120 ]; then
   # on an H200 (2026-12-08 change): TNL-1B at 128K with selective recompute instead of the kernel
   # benchmarks (the 55% target; the Triton loss is the default since the last H200 figure)
   timeout $(( $(left) - 10 )) python3 benchmarks/bench_training.py --out $R/training_128k --preset tnl-1b \
     --seq-length 131072 --steps 3 --warmup 2 --profile-steps 1 --timeout 100 \
     --config "fixed-selective=--recompute-granularity selective --recompute-modules core_attn elementwise" \
-    > $R/training_128k.log 2>&1; echo "rc=$?" >> $R/training_128k.log
+    > $R/training_128k.log 2>&1; echo "rc=$?" >> $R/training_128k.log; save
 fi
 if [ $(left) -gt 60 ]; then timeout $(( $(left) - 45 )) python3 benchmarks/bench_kernels.py --gated --out $R/kernels \
-  > $R/bench_gated.log 2>&1; echo "rc=$?" >> $R/bench_gated.log; fi
+  > $R/bench_gated.log 2>&1; echo "rc=$?" >> $R/bench_gated.log; save; fi
 if [ $(left) -gt 25 ]; then timeout $(( $(left) - 10 )) python3 benchmarks/bench_kernels.py --sweep --out $R/kernels \
-  > $R/sweep_fixed.log 2>&1; echo "rc=$?" >> $R/sweep_fixed.log; fi
+  > $R/sweep_fixed.log 2>&1; echo "rc=$?" >> $R/sweep_fixed.log; save; fi

@@ -1,10 +1,13 @@
 # Sourced by the prepared GPU calls (from the repository root): installs the cp312 wheels carried in
-# .whl, sets the environment and R=$OUT/<name> (the first argument, default res) for the results,
-# which are packed into $OUT/<name>.tgz when the call's script exits (a call returns at most 8 files).
+# .whl, sets the environment and R (results of the call named by the first argument, default res).
+# R lies outside $OUT: `save` packs it into $OUT/<name>.tgz (a call returns at most 8 files); the
+# scripts call it after each item and it runs again on exit, so a call stopped at its time limit
+# still brings back what its finished items wrote.
 set -u
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-R=$OUT/${1:-res}; mkdir -p $R
+NAME=${1:-res}; R=/tmp/gpu_results/$NAME; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total --format=csv > $R/host.txt
-trap 'tar czf $OUT/$(basename $R).tgz -C $OUT $(basename $R) && rm -rf $R; echo "total $(( $(date +%s) - T0 )) s"' EXIT
+save() { tar czf $OUT/$NAME.tgz.part -C /tmp/gpu_results $NAME && mv $OUT/$NAME.tgz.part $OUT/$NAME.tgz; }
+trap 'save; echo "total $(( $(date +%s) - T0 )) s"' EXIT
