@@ -293,6 +293,48 @@ def test_cuda_graph_step_computes_the_eager_step(tmp_path):
     assert record["graph-resumed"]["grad_norm"] == graph["grad_norm"][3:], record
 
 
+def _hybrid_graph_runs(rank, world_size):
+    """A 1:1 hybrid (grouped-query softmax layer) with the whole-layer chunked recompute, its softmax
+    layer in query chunks (the threshold lowered to 0 tokens): eager and from a CUDA graph."""
+    from unittest import mock
+
+    from megatron_lasp.models import chunked
+    from megatron_lasp.models.config import LinearLMConfig
+    from megatron_lasp.training import main
+
+    real = LinearLMConfig.__post_init__
+
+    def query_chunks_from_zero(self):
+        real(self)
+        self.softmax_query_chunks_from = 0
+
+    base = RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--hybrid-layer-pattern", "L*",
+                          "--num-query-groups", "4", "--recompute-granularity", "full",
+                          "--recompute-chunk-size", "1024"]
+    out = {}
+    for name, extra in (("eager", []), ("graph", GRAPH)):
+        with mock.patch.object(LinearLMConfig, "__post_init__", query_chunks_from_zero), \
+                mock.patch.object(chunked._ChunkedSoftmaxLayer, "apply",
+                                  side_effect=chunked._ChunkedSoftmaxLayer.apply) as spy:
+            run = main(base + extra)
+        out[name] = {"loss": run.losses, "grad_norm": run.grad_norms, "query_chunk_layers": spy.call_count,
+                     "replays": run.step_graph.replays if run.step_graph is not None else 0}
+    return out
+
+
+@requires_cuda
+def test_cuda_graph_holds_hybrid_query_chunks():
+    """The query chunks' varlen calls take no host synchronisation without documents, so a graph
+    holds them: the replayed steps compute the eager steps' bits."""
+    record = spawn(_hybrid_graph_runs, 1, (), timeout=900, init_process_group=False)[0]
+    _report("train/cuda-graph-hybrid-query-chunks", record)
+    eager, graph = record["eager"], record["graph"]
+    assert eager["query_chunk_layers"] == 6 and graph["query_chunk_layers"] == 2, record  # warm-up, capture
+    assert graph["replays"] == 5 and len(graph["loss"]) == 6, record
+    assert all(math.isfinite(x) for x in graph["loss"]), record
+    assert graph["loss"] == eager["loss"] and graph["grad_norm"] == eager["grad_norm"], record
+
+
 # ----------------------------------------------------------------------------------------------
 # long context: the whole-layer chunked recompute on the default path
 
