@@ -295,7 +295,9 @@ def test_cuda_graph_step_computes_the_eager_step(tmp_path):
 
 def _hybrid_graph_runs(rank, world_size):
     """A 1:1 hybrid (grouped-query softmax layer) with the whole-layer chunked recompute, its softmax
-    layer in query chunks (the threshold lowered to 0 tokens): eager and from a CUDA graph."""
+    layer in query chunks (the threshold lowered to 0 tokens): eager and from a CUDA graph.
+    ``--deterministic-mode``: flash attention's varlen backward otherwise accumulates in an order
+    that varies run to run (two eager runs differed in their first step's gradient norm)."""
     from unittest import mock
 
     from megatron_lasp.models import chunked
@@ -310,7 +312,7 @@ def _hybrid_graph_runs(rank, world_size):
 
     base = RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--hybrid-layer-pattern", "L*",
                           "--num-query-groups", "4", "--recompute-granularity", "full",
-                          "--recompute-chunk-size", "1024"]
+                          "--recompute-chunk-size", "1024", "--deterministic-mode"]
     out = {}
     for name, extra in (("eager", []), ("graph", GRAPH)):
         with mock.patch.object(LinearLMConfig, "__post_init__", query_chunks_from_zero), \

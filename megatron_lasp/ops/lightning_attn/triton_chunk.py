@@ -492,8 +492,8 @@ class TritonOptions:
     """Overrides of the launch heuristic, and the NaN poisoning of kernel buffers.
 
     Every field left None keeps the heuristic's choice (:func:`triton_config`). ``programs`` is the
-    number of programs the segment length aims at (default: 1024 on 132 multiprocessors, scaled
-    to the device's count). ``poison_outputs``: fill every buffer a kernel writes with NaN first,
+    number of programs the segment length aims at (default: 512 for the fixed decay, 256 for the
+    per-token gates, on 132 multiprocessors, scaled to the device's count). ``poison_outputs``: fill every buffer a kernel writes with NaN first,
     so that an element no kernel wrote shows up (tests). The overrides apply on the GPU only; the
     interpreter always uses its small test configuration.
     """
@@ -533,8 +533,9 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_programs(device: torch.device) -> int:
-    """Programs the segment length aims at: 1024 on the 132 SMs it was tuned on, scaled to the device."""
-    return max(1, round(1024 * _multiprocessors(device) / 132))
+    """Programs the fixed decay's segment length aims at: 512 on the 132 SMs it was tuned on, scaled
+    to the device."""
+    return max(1, round(512 * _multiprocessors(device) / 132))
 
 
 def triton_config(B: int, T: int, H: int, dx: int, dz: int, device: torch.device,
@@ -554,12 +555,14 @@ def triton_config(B: int, T: int, H: int, dx: int, dz: int, device: torch.device
     n_tiles = -(-dz // tile)
     # Segment length: the largest power of two (block <= SEG <= 4096) that still gives about
     # `programs` programs: enough waves over the SMs, while long segments keep the scan short.
-    # The gated kernels aim at a quarter of the programs, up to 8192 tokens a segment: each segment
+    # The fixed decay aims at 512 programs: fwd+bwd at B1 T32K H16 D128 bf16, H100, 1.259 ms against
+    # 1.361 with 1024 (segments of 2048 instead of 1024 tokens; docs/benchmarks/kernels_sweep_1208a.json).
+    # The gated kernels aim at half as many (256), up to 8192 tokens a segment: each segment
     # costs them more (the gates' cumulative sums and row sums, the gates' gradient), so fewer, longer
     # segments win. fwd+bwd from CUDA-graph replays, H100, B1 H16 D128 bf16, against the fixed decay's
-    # launch (1024 programs, 4096 cap): 8K 0.47 vs 0.63 ms, 32K 1.59 vs 1.73, 128K 5.89 vs 6.07
+    # earlier launch (1024 programs, 4096 cap): 8K 0.47 vs 0.63 ms, 32K 1.59 vs 1.73, 128K 5.89 vs 6.07
     # (docs/benchmarks/kernels_sweep_gated.json).
-    programs = tuning.get("programs") or _default_programs(device) // (4 if gated else 1)
+    programs = tuning.get("programs") or _default_programs(device) // (2 if gated else 1)
     cap = 8192 if gated else 4096
     segment = block
     while segment < cap and B * H * n_tiles * -(-T // (2 * segment)) >= programs:
