@@ -6,12 +6,6 @@
 # in deterministic mode; 8K from a graph with 4 sequences a step in other splits; the loss at 1M
 # tokens against the libraries.
 . docs/benchmarks/logs/gpu_setup.sh res2
-left() { echo $(( ${CALL_S:-560} - ($(date +%s) - T0) )); }
-item() {  # item NAME SECONDS COMMAND...: runs where the time left holds SECONDS, bounded by it
-  local name=$1 need=$2; shift 2
-  if [ $(left) -lt $need ]; then echo "skipped: $(left) s left" > $R/$name.log; return; fi
-  timeout $(( $(left) - 5 < need ? $(left) - 5 : need )) "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log; save
-}
 item check_fixed 70 python3 benchmarks/gpu_check_kernels.py --bf16-shapes 3 --fp32-shapes 1 --out $R/kernels_check.json
 item bench_gated 80 python3 benchmarks/bench_kernels.py --gated --out $R/kernels
 item sweep_fixed_8192 40 python3 benchmarks/bench_kernels.py --sweep --sweep-seq-length 8192 --out $R/kernels

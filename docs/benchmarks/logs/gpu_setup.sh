@@ -11,3 +11,11 @@ NAME=${1:-res}; R=/tmp/gpu_results/$NAME; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total --format=csv > $R/host.txt
 save() { tar czf $OUT/$NAME.tgz.part -C /tmp/gpu_results $NAME && mv $OUT/$NAME.tgz.part $OUT/$NAME.tgz; }
 trap 'save; echo "total $(( $(date +%s) - T0 )) s"' EXIT
+# left: seconds the call has left (CALL_S, default 560); item NAME SECONDS COMMAND...: runs COMMAND
+# (log $R/NAME.log) only where the time left holds SECONDS, bounded by them, then saves.
+left() { echo $(( ${CALL_S:-560} - ($(date +%s) - T0) )); }
+item() {
+  local name=$1 need=$2; shift 2
+  if [ $(left) -lt $need ]; then echo "skipped: $(left) s left" > $R/$name.log; return; fi
+  timeout $(( $(left) - 5 < need ? $(left) - 5 : need )) "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log; save
+}
