@@ -10,7 +10,10 @@ forward + backward in bf16 is timed with CUDA events (median of ``--iters`` afte
 - ``triton``: our fused kernels (the GPU default).
 
 Each variant's outputs and input gradients are checked against the eager ones (max relative
-difference, reported). Output: ``OUT/fused_ops_bench.json`` and, with matplotlib, ``.png``.
+difference, reported). For the ops that selective recompute frees and refills (all but the
+feature maps), the refill is timed two ways: the forward into a new tensor plus a copy into the
+freed storage (what a refill costs without an in-place kernel) and the forward written into the
+storage directly (what ``megatron_lasp.ops.fused`` does), with the two checked bit for bit. Output: ``OUT/fused_ops_bench.json`` and, with matplotlib, ``.png``.
 
 Example (one H200, 32K tokens)::
 
@@ -97,6 +100,52 @@ def _time(fn, inputs, grads, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def _time_call(fn, iters: int, warmup: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _refills():
+    """``name -> into(inputs, target)``: the fused forward written into ``target``."""
+    from megatron_lasp.ops.fused import functions as f
+
+    return {
+        "rms_norm": lambda inputs, target: f.rms_norm_into(*inputs, 1e-5, target),
+        "norm_gate": lambda inputs, target: f.norm_gate_into(*inputs, 1, 1e-5, target),
+        "glu": lambda inputs, target: f.glu_into(*inputs, False, target),
+    }
+
+
+def _time_refill(fused, into, inputs, iters: int, warmup: int) -> dict:
+    """The refill of a freed output: new values + storage copy, against written in place."""
+    import torch
+
+    with torch.no_grad():
+        values = fused(*inputs)[0]
+        copied, in_place = torch.empty_like(values), torch.empty_like(values)
+
+        def by_copy():
+            copied.untyped_storage().copy_(fused(*inputs)[0].untyped_storage())
+
+        by_copy()
+        into(inputs, in_place)
+        row = {"refill_copy_ms": _time_call(by_copy, iters, warmup),
+               "refill_in_place_ms": _time_call(lambda: into(inputs, in_place), iters, warmup),
+               "refill_bitwise_equal": bool(torch.equal(copied, in_place))}
+    return row
+
+
 def _rel(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -125,6 +174,10 @@ def run(opts) -> dict:
             row[f"{label}_max_rel_diff"] = max(_rel(a, b) for a, b in pairs)
         for label, fn in (("eager", eager), ("compile", compiled), ("triton", fused)):
             row[f"{label}_ms"] = _time(fn, inputs, grads, opts.iters, opts.warmup)
+        if name in _refills():
+            row.update(_time_refill(fused, _refills()[name], inputs, opts.iters, opts.warmup))
+            print(f"[fused-ops] {name} refill: forward + copy {row['refill_copy_ms']:.3f} ms, in place "
+                  f"{row['refill_in_place_ms']:.3f} ms, same bits: {row['refill_bitwise_equal']}", flush=True)
         print(f"[fused-ops] {name}: eager {row['eager_ms']:.3f} ms, compile {row['compile_ms']:.3f} ms "
               f"(compiled in {row['compile_s']:.0f} s), triton {row['triton_ms']:.3f} ms; rel. diff vs eager: "
               f"compile {row['compile_max_rel_diff']:.1e}, triton {row['triton_max_rel_diff']:.1e}", flush=True)

@@ -133,15 +133,20 @@ def _recompute_rank(rank, world_size, fusion):
     base = dict(fusion=fusion)
     out = {"plain": _model_grads(base)}
     log, undo = _with_discard_log()
+    from megatron_lasp.ops.fused import recompute as R
+
+    copy_into, copies = R._copy_into, []
+    R._copy_into = lambda storage, values: (copies.append(values.shape), copy_into(storage, values))
     try:
         sel = dict(base, recompute_granularity="selective", recompute_modules=[], recompute_elementwise=True)
         out["elementwise"] = _model_grads(sel, log)
-        out["discarded"] = len(log)
+        out["discarded"], out["refilled_by_copy"] = len(log), len(copies)
         log.clear()
         sel_core = dict(sel, recompute_modules=["core_attn"])
         out["core_attn+elementwise"] = _model_grads(sel_core, log)
     finally:
         undo()
+        R._copy_into = copy_into
     if fusion:
         out["unfused"] = _model_grads(dict(fusion=False))
     return out
@@ -170,6 +175,8 @@ def test_selective_elementwise_recompute_is_exact(interpreter_results, fusion):
     out = interpreter_results[fusion]
     # per layer: input norm, norm x gate, pre-MLP norm, GLU product; 2 layers
     assert out["discarded"] == 8
+    # the fused kernels write the recomputed values into the freed storage; the torch path copies them
+    assert out["refilled_by_copy"] == (0 if fusion else 8), out["refilled_by_copy"]
     for key in ("elementwise", "core_attn+elementwise"):
         assert out[key][2] is not None and all(n == 0 for n in out[key][2]), (key, out[key][2])
         _assert_bitwise(out[key], out["plain"], key)
@@ -224,3 +231,38 @@ def test_fused_ops_on_gpu(dtype):
     for name, f, ref, inputs in _gpu_cases():
         out_err, grad_err = _compare(f, ref, inputs, device="cuda", dtype=dtype)
         assert out_err < tol and grad_err < tol, (name, dtype, out_err, grad_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recompute_refills_in_place_on_gpu(monkeypatch):
+    """Each fused op's output, freed after its consumer (a matmul) and refilled in place before the
+    consumer's backward, gives the gradients of the run that kept it, bit for bit, with no copy."""
+    from megatron_lasp.ops import fused as F
+    from megatron_lasp.ops.fused import recompute as R
+
+    copies = []
+    monkeypatch.setattr(R, "_copy_into", lambda storage, values: copies.append(values.shape))
+    torch.manual_seed(0)
+    s, b, H, D, f = 1000, 2, 4, 64, 384
+    cases = [
+        (lambda x, w, rc: F.rms_norm(x, w, 1e-5, recompute=rc), [torch.randn(s, b, H * D), 1 + 0.1 * torch.randn(H * D)]),
+        (lambda o, sg, w, rc: F.norm_gate(o, sg, w, 1, 1e-5, recompute=rc),
+         [torch.randn(b, s, H, D).transpose(0, 1), torch.rand(s, b, H, D), 1 + 0.1 * torch.randn(H * D)]),
+        (lambda x, rc: F.glu(x, True, recompute=rc), [torch.randn(s, b, 2 * f)]),
+    ]
+    for op, inputs in cases:
+        grads = {}
+        for rc in (False, True):
+            leaves = [t.to("cuda", torch.bfloat16).requires_grad_() for t in inputs]
+            y = op(*leaves, rc)
+            torch.manual_seed(1)
+            w = torch.randn(y.shape[-1], 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            z = y @ w
+            if rc:
+                assert F.discard_until_backward(y, z) and y.untyped_storage().nbytes() == 0
+            z.float().square().sum().backward()
+            grads[rc] = [t.grad for t in leaves] + [w.grad]
+        for a, c in zip(grads[False], grads[True]):
+            assert torch.equal(a, c)
+    assert copies == []

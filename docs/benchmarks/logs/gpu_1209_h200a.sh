@@ -2,12 +2,13 @@
 # Prepared on 2026-12-07 (seventh session) and not run: the first of two calls that need an H200 (it
 # replaces gpu_1207e_prepared_h200a.sh), from the repository root with the cp312 wheels in .whl; each
 # item only where the time left (CALL_S, default 560 s) holds it, most wanted first:
-#  1. TNL-1B at 128K, selective recompute, fixed decay (the 55% target);
+#  1. TNL-1B at 128K, selective recompute, fixed decay (the 55% target; the fused ops' outputs now
+#     refilled in place: the 34 ms of device-to-device copies of the 2026-12-01 profile should be gone);
 #  2. TNL-1B at 8K: eager, and from a CUDA graph with 2 micro-batches of 2 (49.9% on an H100; the
 #     50% target is the H200's) and with one micro-batch of 4;
 #  3. the fused ops against torch.compile on the H200;
-#  4. 128K selective with Mamba2 gates and the 1:7 hybrid (the same run as item 1's fixed decay's
-#     baseline would be a rerun: item 1's figure is the baseline, same call).
+#  4. 128K selective with Mamba2 gates and the 1:7 hybrid (item 1's fixed decay, in the same call,
+#     is their baseline).
 . docs/benchmarks/logs/gpu_setup.sh h200a
 grep -q H200 $R/host.txt || echo "not an H200: items 1 and 4 do not fit an H100 (80 GB)" >> $R/host.txt
 SEL="--recompute-granularity selective --recompute-modules core_attn elementwise"

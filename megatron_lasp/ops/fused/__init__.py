@@ -13,7 +13,8 @@ Ops (each ``fused=True`` runs the Triton kernels for CUDA tensors, and for CPU t
 
 Every op's forward and backward is one kernel each (plus a small sum of per-program weight
 gradients). With ``recompute=True`` the output is tagged for :func:`discard_until_backward`
-(selective recompute of elementwise outputs, see :mod:`.recompute`).
+(selective recompute of elementwise outputs, see :mod:`.recompute`); the fused kernels then refill
+the freed storage in place.
 """
 
 from __future__ import annotations
@@ -53,14 +54,17 @@ def _functions():
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True,
              recompute: bool = False) -> torch.Tensor:
     """RMSNorm over the last dim (fp32 math), in ``x``'s dtype."""
-    def run():
+    def run(into=None):
         if fused and can_fuse(x):
-            return _functions().FusedRMSNorm.apply(x, weight, eps)
+            f = _functions()
+            if into is None:
+                return f.FusedRMSNorm.apply(x, weight, eps)
+            return f.rms_norm_into(x, weight, eps, into)
         return rms_norm_ref(x, weight, eps)
 
     y = run()
     if recompute:
-        mark_recomputable(y, run)
+        mark_recomputable(y, run, writes_into=True)
     return y
 
 
@@ -76,25 +80,31 @@ def qkv_features(mixed: torch.Tensor, heads: int, parts: int, head_dim: int, qk_
 def norm_gate(o: torch.Tensor, sg: Optional[torch.Tensor], weight: torch.Tensor, group_size: int, eps: float,
               fused: bool = True, recompute: bool = False) -> torch.Tensor:
     """Group RMSNorm x gate: ``[s, b, H, D] -> [s, b, H * D]``."""
-    def run():
+    def run(into=None):
         if fused and can_fuse(o):
-            return _functions().FusedNormGate.apply(o, sg, weight, group_size, eps)
+            f = _functions()
+            if into is None:
+                return f.FusedNormGate.apply(o, sg, weight, group_size, eps)
+            return f.norm_gate_into(o, sg, weight, group_size, eps, into)
         return norm_gate_ref(o, sg, weight, group_size, eps)
 
     y = run()
     if recompute:
-        mark_recomputable(y, run)
+        mark_recomputable(y, run, writes_into=True)
     return y
 
 
 def glu(x: torch.Tensor, silu: bool, fused: bool = True, recompute: bool = False) -> torch.Tensor:
     """``act(a) * b`` with ``a, b = chunk(x, 2, -1)``: ``[..., 2F] -> [..., F]``."""
-    def run():
+    def run(into=None):
         if fused and can_fuse(x):
-            return _functions().FusedGLU.apply(x, silu)
+            f = _functions()
+            if into is None:
+                return f.FusedGLU.apply(x, silu)
+            return f.glu_into(x, silu, into)
         return glu_ref(x, silu)
 
     y = run()
     if recompute:
-        mark_recomputable(y, run)
+        mark_recomputable(y, run, writes_into=True)
     return y

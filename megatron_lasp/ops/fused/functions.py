@@ -6,7 +6,8 @@ import torch
 
 from . import kernels
 
-__all__ = ["FusedRMSNorm", "FusedQKVFeatures", "FusedNormGate", "FusedGLU"]
+__all__ = ["FusedRMSNorm", "FusedQKVFeatures", "FusedNormGate", "FusedGLU", "rms_norm_into", "norm_gate_into",
+           "glu_into"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,13 @@ class FusedRMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = kernels.rms_norm_bwd(_rows(dy), x2, weight, rstd)
         return dx.view(ctx.shape), dw.to(weight.dtype), None
+
+
+def rms_norm_into(x, weight, eps, out):
+    """:class:`FusedRMSNorm`'s forward values written into ``out`` (dense, ``x``'s shape): the same
+    kernel on the same rows, so the same bits (the in-place refill of a recomputed output)."""
+    kernels.rms_norm_fwd(_rows(x), weight, eps, out=out.view(-1, out.shape[-1]))
+    return out
 
 
 def _heads_dense(t: torch.Tensor) -> torch.Tensor:
@@ -83,12 +91,22 @@ class FusedNormGate(torch.autograd.Function):
         return do, dsg, dw.to(weight.dtype), None, None
 
 
+def norm_gate_into(o, sg, weight, group_size, eps, out):
+    """:class:`FusedNormGate`'s forward values written into ``out`` (dense ``[s, b, H * D]``)."""
+    kernels.norm_gate_fwd(_heads_dense(o), sg, weight, group_size, eps, out=out)
+    return out
+
+
+def _glu_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
 class FusedGLU(torch.autograd.Function):
     """``act(a) * b`` for ``a, b = chunk(x, 2, -1)`` (``act`` = SiLU or identity)."""
 
     @staticmethod
     def forward(ctx, x, silu):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        x2 = _glu_rows(x)
         y = kernels.glu_fwd(x2, silu)
         ctx.save_for_backward(x2)
         ctx.silu, ctx.shape = silu, x.shape
@@ -99,3 +117,9 @@ class FusedGLU(torch.autograd.Function):
         (x2,) = ctx.saved_tensors
         dx = kernels.glu_bwd(dy.reshape(x2.shape[0], -1).contiguous(), x2, ctx.silu)
         return dx.view(ctx.shape), None
+
+
+def glu_into(x, silu, out):
+    """:class:`FusedGLU`'s forward values written into ``out`` (dense, ``[..., F]``)."""
+    kernels.glu_fwd(_glu_rows(x), silu, out=out.view(-1, out.shape[-1]))
+    return out

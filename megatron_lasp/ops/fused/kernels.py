@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import Optional
 
 import torch
 import triton
@@ -238,10 +239,11 @@ def _warps(elements: int) -> int:
 # ---------------------------------------------------------------------------------------------- rms
 
 
-def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``x2 [N, C]`` (unit column stride) -> ``(y [N, C], rstd [N] fp32)``."""
+def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None):
+    """``x2 [N, C]`` (unit column stride) -> ``(y [N, C], rstd [N] fp32)``; ``out``: a dense ``[N, C]``
+    tensor to write ``y`` into."""
     N, C = x2.shape
-    y = torch.empty((N, C), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((N, C), device=x2.device, dtype=x2.dtype) if out is None else out
     rstd = torch.empty((N,), device=x2.device, dtype=torch.float32)
     BC = _pow2(C)
     if N:
@@ -303,12 +305,14 @@ def qkv_features_bwd(mixed, dq, dk, dv, dsg, heads: int, parts: int, head_dim: i
 # ---------------------------------------------------------------------------------------------- norm x gate
 
 
-def norm_gate_fwd(o: torch.Tensor, sg, weight: torch.Tensor, group_size: int, eps: float):
-    """``o [s, b, H, D]`` (heads dense), ``sg`` contiguous or None -> ``(y [s, b, H * D], rstd [s * b * H / G])``."""
+def norm_gate_fwd(o: torch.Tensor, sg, weight: torch.Tensor, group_size: int, eps: float,
+                  out: Optional[torch.Tensor] = None):
+    """``o [s, b, H, D]`` (heads dense), ``sg`` contiguous or None -> ``(y [s, b, H * D], rstd [s * b * H / G])``;
+    ``out``: a dense ``[s, b, H * D]`` tensor to write ``y`` into."""
     s, b, H, D = o.shape
     NG, GD = H // group_size, group_size * D
     R = s * b * NG
-    y = torch.empty((s, b, H * D), device=o.device, dtype=o.dtype)
+    y = torch.empty((s, b, H * D), device=o.device, dtype=o.dtype) if out is None else out
     rstd = torch.empty((R,), device=o.device, dtype=torch.float32)
     BC = _pow2(GD)
     BR = max(1, 2048 // BC)
@@ -342,11 +346,11 @@ def norm_gate_bwd(dy: torch.Tensor, o: torch.Tensor, sg, weight: torch.Tensor, r
 _GLU_BLOCK = 1024
 
 
-def glu_fwd(x2: torch.Tensor, silu: bool) -> torch.Tensor:
-    """``x2`` contiguous ``[T, 2F]`` -> ``[T, F]``."""
+def glu_fwd(x2: torch.Tensor, silu: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x2`` contiguous ``[T, 2F]`` -> ``[T, F]``; ``out``: a dense ``[T, F]`` tensor to write into."""
     T, F2 = x2.shape
     F = F2 // 2
-    y = torch.empty((T, F), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((T, F), device=x2.device, dtype=x2.dtype) if out is None else out
     BLOCK = min(_GLU_BLOCK, _pow2(F))
     if T:
         _k().glu_fwd[(T, triton.cdiv(F, BLOCK))](x2, y, F, SILU=silu, BLOCK=BLOCK, num_warps=_warps(BLOCK))
