@@ -100,22 +100,6 @@ def _time(fn, inputs, grads, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _time_call(fn, iters: int, warmup: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _refills():
     """``name -> into(inputs, target)``: the fused forward written into ``target``."""
     from megatron_lasp.ops.fused import functions as f
@@ -127,9 +111,11 @@ def _refills():
     }
 
 
-def _time_refill(fused, into, inputs, iters: int, warmup: int) -> dict:
-    """The refill of a freed output: new values + storage copy, against written in place."""
+def _time_refill(fused, into, inputs) -> dict:
+    """The refill of a freed output: new values + storage copy, against written in place (median ms,
+    triton.testing.do_bench)."""
     import torch
+    from triton.testing import do_bench
 
     with torch.no_grad():
         values = fused(*inputs)[0]
@@ -140,8 +126,8 @@ def _time_refill(fused, into, inputs, iters: int, warmup: int) -> dict:
 
         by_copy()
         into(inputs, in_place)
-        row = {"refill_copy_ms": _time_call(by_copy, iters, warmup),
-               "refill_in_place_ms": _time_call(lambda: into(inputs, in_place), iters, warmup),
+        row = {"refill_copy_ms": do_bench(by_copy, return_mode="median"),
+               "refill_in_place_ms": do_bench(lambda: into(inputs, in_place), return_mode="median"),
                "refill_bitwise_equal": bool(torch.equal(copied, in_place))}
     return row
 
@@ -175,7 +161,7 @@ def run(opts) -> dict:
         for label, fn in (("eager", eager), ("compile", compiled), ("triton", fused)):
             row[f"{label}_ms"] = _time(fn, inputs, grads, opts.iters, opts.warmup)
         if name in _refills():
-            row.update(_time_refill(fused, _refills()[name], inputs, opts.iters, opts.warmup))
+            row.update(_time_refill(fused, _refills()[name], inputs))
             print(f"[fused-ops] {name} refill: forward + copy {row['refill_copy_ms']:.3f} ms, in place "
                   f"{row['refill_in_place_ms']:.3f} ms, same bits: {row['refill_bitwise_equal']}", flush=True)
         print(f"[fused-ops] {name}: eager {row['eager_ms']:.3f} ms, compile {row['compile_ms']:.3f} ms "
