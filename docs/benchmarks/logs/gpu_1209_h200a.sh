@@ -6,7 +6,9 @@
 #     refilled in place: the 34 ms of device-to-device copies of the 2026-12-01 profile should be gone);
 #  2. TNL-1B at 8K: eager, and from a CUDA graph with 2 micro-batches of 2 (49.9% on an H100; the
 #     50% target is the H200's) and with one micro-batch of 4;
-#  3. the fused ops against torch.compile on the H200;
+#  3. item 1 replayed from a CUDA graph (the 27 ms of idle in the 2026-12-01 profile; whether the
+#     graph's pool fits beside 132 GiB of selective-recompute activations is part of the question);
+#     the fused ops against torch.compile on the H200;
 #  4. 128K selective with Mamba2 gates and the 1:7 hybrid (item 1's fixed decay, in the same call,
 #     is their baseline).
 . docs/benchmarks/logs/gpu_setup.sh h200a
@@ -19,6 +21,8 @@ item training_8k 130 python3 benchmarks/bench_training.py --out $R/training_8k_g
   --seq-length 8192 --steps 12 --warmup 3 --profile-steps 1 --timeout 40 --config "eager=" \
   --config "graph-2x2=$G --micro-batch-size 2 --global-batch-size 4" \
   --config "graph-1x4=$G --micro-batch-size 4 --global-batch-size 4"
+item training_128k_graph 140 python3 benchmarks/bench_training.py --out $R/training_128k_graph --preset tnl-1b \
+  --seq-length 131072 --steps 3 --warmup 2 --profile-steps 1 --timeout 130 --config "fixed-selective-graph=$SEL $G"
 item fused_ops 90 python3 benchmarks/bench_fused_ops.py --out $R/fused_ops --tokens 32768
 item training_128k_gated_hybrid 200 python3 benchmarks/bench_training.py --out $R/training_128k_more \
   --preset tnl-1b --seq-length 131072 --steps 3 --warmup 2 --timeout 95 --common "$SEL" \
