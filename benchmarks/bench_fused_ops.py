@@ -13,7 +13,8 @@ Each variant's outputs and input gradients are checked against the eager ones (m
 difference, reported). For the ops that selective recompute frees and refills (all but the
 feature maps), the refill is timed two ways: the forward into a new tensor plus a copy into the
 freed storage (what a refill costs without an in-place kernel) and the forward written into the
-storage directly (what ``megatron_lasp.ops.fused`` does), with the two checked bit for bit. Output: ``OUT/fused_ops_bench.json`` and, with matplotlib, ``.png``.
+storage directly (what ``megatron_lasp.ops.fused`` does), with the two checked bit for bit.
+Output: ``OUT/fused_ops_bench.json`` and, with matplotlib, ``.png``.
 
 Example (one H200, 32K tokens)::
 
@@ -124,8 +125,6 @@ def _time_refill(fused, into, inputs) -> dict:
         def by_copy():
             copied.untyped_storage().copy_(fused(*inputs)[0].untyped_storage())
 
-        by_copy()
-        into(inputs, in_place)
         row = {"refill_copy_ms": do_bench(by_copy, return_mode="median"),
                "refill_in_place_ms": do_bench(lambda: into(inputs, in_place), return_mode="median"),
                "refill_bitwise_equal": bool(torch.equal(copied, in_place))}
@@ -142,7 +141,7 @@ def run(opts) -> dict:
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    results = []
+    results, refills = [], _refills()
     for name, (make, eager, fused) in _cases(opts.tokens, opts.hidden, opts.heads, opts.ffn, device).items():
         inputs = make()
         outs = eager(*inputs)
@@ -160,8 +159,8 @@ def run(opts) -> dict:
             row[f"{label}_max_rel_diff"] = max(_rel(a, b) for a, b in pairs)
         for label, fn in (("eager", eager), ("compile", compiled), ("triton", fused)):
             row[f"{label}_ms"] = _time(fn, inputs, grads, opts.iters, opts.warmup)
-        if name in _refills():
-            row.update(_time_refill(fused, _refills()[name], inputs))
+        if name in refills:
+            row.update(_time_refill(fused, refills[name], inputs))
             print(f"[fused-ops] {name} refill: forward + copy {row['refill_copy_ms']:.3f} ms, in place "
                   f"{row['refill_in_place_ms']:.3f} ms, same bits: {row['refill_bitwise_equal']}", flush=True)
         print(f"[fused-ops] {name}: eager {row['eager_ms']:.3f} ms, compile {row['compile_ms']:.3f} ms "

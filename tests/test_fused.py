@@ -246,7 +246,8 @@ def test_recompute_refills_in_place_on_gpu(monkeypatch):
     torch.manual_seed(0)
     s, b, H, D, f = 1000, 2, 4, 64, 384
     cases = [
-        (lambda x, w, rc: F.rms_norm(x, w, 1e-5, recompute=rc), [torch.randn(s, b, H * D), 1 + 0.1 * torch.randn(H * D)]),
+        (lambda x, w, rc: F.rms_norm(x, w, 1e-5, recompute=rc),
+         [torch.randn(s, b, H * D), 1 + 0.1 * torch.randn(H * D)]),
         (lambda o, sg, w, rc: F.norm_gate(o, sg, w, 1, 1e-5, recompute=rc),
          [torch.randn(b, s, H, D).transpose(0, 1), torch.rand(s, b, H, D), 1 + 0.1 * torch.randn(H * D)]),
         (lambda x, rc: F.glu(x, True, recompute=rc), [torch.randn(s, b, 2 * f)]),

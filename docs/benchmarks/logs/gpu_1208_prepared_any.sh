@@ -13,7 +13,6 @@
 #  5. bench_kernels --gated with the final gated launch (gated / fixed / fla in one run);
 #  6. the fixed decay's launch sweep at 32K with fewer programs (fixed vs fla at 32K: 1.89x, target 2x).
 . docs/benchmarks/logs/gpu_setup.sh res
-left() { echo $(( ${CALL_S:-560} - ($(date +%s) - T0) )); }
 MEGATRON_LASP_GPU_REPORT=$R/gpu_graph.json timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -k cuda_graph \
   -v -p no:cacheprovider > $R/pytest_graph.log 2>&1; echo "rc=$?" >> $R/pytest_graph.log; save
 if grep -q H200 $R/host.txt && [ $(left) -gt 150 ]; then

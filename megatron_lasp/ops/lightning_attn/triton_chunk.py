@@ -493,8 +493,9 @@ class TritonOptions:
 
     Every field left None keeps the heuristic's choice (:func:`triton_config`). ``programs`` is the
     number of programs the segment length aims at (default: 512 for the fixed decay, 256 for the
-    per-token gates, on 132 multiprocessors, scaled to the device's count). ``poison_outputs``: fill every buffer a kernel writes with NaN first,
-    so that an element no kernel wrote shows up (tests). The overrides apply on the GPU only; the
+    per-token gates, on 132 multiprocessors, scaled to the device's count). ``poison_outputs``:
+    fill every buffer a kernel writes with NaN first, so that an element no kernel wrote shows up
+    (tests). The overrides apply on the GPU only; the
     interpreter always uses its small test configuration.
     """
 
