@@ -24,6 +24,7 @@ full autotuning measured on an H200 in an earlier run (``FLA_REFERENCE``) are dr
 
 import argparse
 import json
+import os
 import sys
 
 SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 8192, 16, 128)]
@@ -445,7 +446,7 @@ def plot(paths, out_png):
     fig.savefig(out_png, dpi=120)
 
 
-GATED_SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128)]
+GATED_SHAPES = [(1, 8192, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (4, 8192, 16, 128)]
 GATED_TARGET_VS_FIXED = 1.25
 
 
@@ -558,7 +559,7 @@ def gated(args):
                 row["gated_vs_fixed_graph"] = graph["ours_gated"] / graph.get("ours_fixed", float("nan"))
                 row["gated_vs_fla_fastest_graph"] = graph["ours_gated"] / min(
                     [t for n, t in graph.items() if n.startswith("fla")], default=float("nan"))
-        if T == GATED_SHAPES[0][1]:
+        if (B, T) == GATED_SHAPES[0][:2]:
             row["fla_g_errors_vs_fp64"], row["ours_gated_errors_vs_fp64"] = _gated_errors(
                 q, k, v, h0, g_leaf.detach(), do, dht)
             print(f"T={T} errors vs fp64: fla g {row['fla_g_errors_vs_fp64']} ours {row['ours_gated_errors_vs_fp64']}",
@@ -624,7 +625,7 @@ def plot_gated(path, out_png):
     with open(path) as f:
         data = json.load(f)
     rows = data["rows"]
-    labels = [f"T{r['T'] // 1024}K" for r in rows]
+    labels = [f"B{r['B']} T{r['T'] // 1024}K" for r in rows]
     names = [("ours_gated", "ours, per-token g"), ("ours_fixed", "ours, fixed decay"),
              ("fla_g_gamma", "fla chunk_simple_gla g_gamma"), ("fla_g", "fla chunk_simple_gla g (forced)")]
     panels = [("fwd_ms", "forward"), ("fwd_bwd_ms", "forward + backward")]
@@ -642,7 +643,7 @@ def plot_gated(path, out_png):
         ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"gated linear attention, bf16 B1 H16 D128, {data['meta']['device']}", fontsize=10)
+    fig.suptitle(f"gated linear attention, bf16 H16 D128, {data['meta']['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
 
@@ -669,7 +670,7 @@ def main():
     parser.add_argument("--plot", nargs="+", default=None, help="JSON files to plot (writes the first's .png)")
     args = parser.parse_args()
     if args.plot:
-        if args.plot[0].endswith("_gated.json"):
+        if "_gated" in os.path.basename(args.plot[0]):
             return plot_gated(args.plot[0], args.plot[0].rsplit(".", 1)[0] + ".png")
         return plot(args.plot, args.plot[0].rsplit(".", 1)[0] + ".png")
     if args.gated:
