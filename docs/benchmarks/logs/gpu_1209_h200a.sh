@@ -4,6 +4,8 @@
 # item only where the time left (CALL_S, default 560 s) holds it, most wanted first:
 #  1. TNL-1B at 128K, selective recompute, fixed decay (the 55% target; the fused ops' outputs now
 #     refilled in place: the 34 ms of device-to-device copies of the 2026-12-01 profile should be gone);
+#  1b. (added 2026-12-07, eighth session) 2M tokens with the first 8 layers' inputs in pinned host
+#     memory (the 2048K target; 1M the same way ran on an H100 in 70.8 GiB at 65.6K tokens/s);
 #  2. TNL-1B at 8K: eager, and from a CUDA graph with 2 micro-batches of 2 (49.9% on an H100; the
 #     50% target is the H200's) and with one micro-batch of 4;
 #  3. item 1 replayed from a CUDA graph (the 27 ms of idle in the 2026-12-01 profile; whether the
@@ -12,11 +14,13 @@
 #  4. 128K selective with Mamba2 gates and the 1:7 hybrid (item 1's fixed decay, in the same call,
 #     is their baseline).
 . docs/benchmarks/logs/gpu_setup.sh h200a
-grep -q H200 $R/host.txt || echo "not an H200: items 1 and 4 do not fit an H100 (80 GB)" >> $R/host.txt
+grep -q H200 $R/host.txt || echo "not an H200: items 1, 1b and 4 do not fit an H100 (80 GB)" >> $R/host.txt
 SEL="--recompute-granularity selective --recompute-modules core_attn elementwise"
 G="--cuda-graph-impl local --cuda-graph-scope full_iteration --cuda-graph-warmup-steps 1"
 item training_128k 140 python3 benchmarks/bench_training.py --out $R/training_128k --preset tnl-1b \
   --seq-length 131072 --steps 3 --warmup 2 --profile-steps 1 --timeout 130 --config "fixed-selective=$SEL"
+item memory_2m 240 python3 benchmarks/bench_memory.py --preset tnl-1b --settings offload --offload-layers 8 \
+  --lengths 2097152 --budget-s 235 --candidate-timeout 230 --out $R/memory_2m
 item training_8k 130 python3 benchmarks/bench_training.py --out $R/training_8k_graph --preset tnl-1b \
   --seq-length 8192 --steps 12 --warmup 3 --profile-steps 1 --timeout 40 --config "eager=" \
   --config "graph-2x2=$G --micro-batch-size 2 --global-batch-size 4" \
