@@ -424,3 +424,62 @@ def test_cuda_graph_flags_are_checked():
         assert "\n" not in message, message
     with pytest.raises(ArgumentError, match="--cuda-graph-warmup-steps must be positive, got 0"):
         parse_config(BASE + ["--cuda-graph-warmup-steps", "0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# --record-memory-history (Megatron-LM's flag): GPU only, the snapshot path checked up front
+
+
+def test_memory_history_flags_are_checked(monkeypatch, tmp_path):
+    from megatron_lasp.training import arguments
+    from megatron_lasp.training.arguments import ArgumentError, parse_config
+
+    monkeypatch.setattr(arguments, "default_on_gpu", lambda: False)
+    with pytest.raises(ArgumentError, match="^--record-memory-history records the CUDA caching allocator and needs a GPU"):
+        parse_config(BASE + ["--record-memory-history"])
+    with pytest.raises(ArgumentError, match="^--memory-snapshot-path names where --record-memory-history writes"):
+        parse_config(BASE + ["--memory-snapshot-path", str(tmp_path / "s.pickle")])
+    assert not parse_config(BASE).logging.record_memory_history
+    # on a GPU host (gloo and torch DDP: no device needed to parse)
+    monkeypatch.setattr(arguments, "default_on_gpu", lambda: True)
+    gpu = BASE + ["--ddp-impl", "torch", "--distributed-backend", "gloo", "--record-memory-history"]
+    assert parse_config(gpu).logging.memory_snapshot_path == "snapshot.pickle"
+    target = tmp_path / "new" / "run.pickle"
+    assert parse_config(gpu + ["--memory-snapshot-path", str(target)]).logging.memory_snapshot_path == str(target)
+    with pytest.raises(ArgumentError, match="is a directory; give a file path, e.g. .*snapshot.pickle$"):
+        parse_config(gpu + ["--memory-snapshot-path", str(tmp_path)])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ArgumentError, match="is a file, not a directory"):
+        parse_config(gpu + ["--memory-snapshot-path", str(blocker / "s.pickle")])
+    assert blocker.read_text() == "x"
+
+
+def _memory_history_calls(rank, world_size, path):
+    """A CPU run with --record-memory-history, the GPU check bypassed and the recorder replaced by
+    one that logs its calls (the real one: tests/test_gpu.py)."""
+    from megatron_lasp.training import arguments, logging_utils, main
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, p):
+            calls.append(("start", p))
+
+        def dump(self):
+            calls.append("dump")
+
+        def stop(self):
+            calls.append("stop")
+
+    arguments.default_on_gpu = lambda: True
+    logging_utils.MemoryHistory = Recorder
+    main(BASE + ["--train-iters", "3", "--ddp-impl", "torch", "--distributed-backend", "gloo", "--kernel-backend",
+                 "torch", "--cross-entropy-kernel", "torch", "--record-memory-history", "--memory-snapshot-path", path])
+    return calls
+
+
+def test_memory_history_is_written_at_each_log_line_and_at_the_end(tmp_path):
+    path = str(tmp_path / "run.pickle")
+    calls = spawn(_memory_history_calls, 1, (path,), timeout=300, init_process_group=False)[0]
+    assert calls == [("start", path), "dump", "dump", "dump", "dump", "stop"], calls

@@ -251,6 +251,31 @@ def test_tnl1b_default_path_trains():
     assert losses[-1] < losses[0] - 0.5, record
 
 
+def _memory_history_run(rank, world_size, path):
+    import pickle
+
+    from megatron_lasp.training import main
+
+    state = main(RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--train-iters", "2",
+                                "--record-memory-history", "--memory-snapshot-path", path])
+    with open(path, "rb") as f:
+        snapshot = pickle.load(f)
+    held = sum(s["total_size"] for s in snapshot["segments"])
+    events = sum(len(t) for t in snapshot["device_traces"])
+    return {"loss": state.losses, "segments_gib": held / 2**30, "events": events}
+
+
+@requires_cuda
+def test_record_memory_history_writes_a_snapshot(tmp_path):
+    path = str(tmp_path / "snapshots" / "run.pickle")
+    record = spawn(_memory_history_run, 1, (path,), timeout=600, init_process_group=False)[0]
+    _report("train/record-memory-history", record)
+    assert len(record["loss"]) == 2, record
+    # the allocator's segments at the last dump (after the run) and the events recorded during it
+    assert record["events"] > 100 and record["segments_gib"] > 0.1, record
+    assert not os.path.exists(path + ".tmp"), record
+
+
 # ----------------------------------------------------------------------------------------------
 # the step's forward-backward from a CUDA graph
 

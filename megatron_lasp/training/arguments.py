@@ -395,6 +395,11 @@ def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here (needs tensorboard)")
     g.add_argument("--peak-flops", type=float, default=989e12,
                    help="peak bf16 FLOP/s per GPU for MFU (H100/H200 dense: 989e12)")
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="record the CUDA caching allocator's history on the logging rank and write it to "
+                   "--memory-snapshot-path at every log line (view it at pytorch.org/memory_viz); GPU only")
+    g.add_argument("--memory-snapshot-path", default=None,
+                   help="with --record-memory-history: the snapshot file (default snapshot.pickle)")
 
 # ----------------------------------------------------------------------------------------------
 # ranges: every numeric flag and path flag, checked at parse time in this one table
@@ -557,6 +562,23 @@ def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
         try:
             local_device(resolve_backend(args.distributed_backend), 0, torch.cuda.device_count(),
                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
+    if args.memory_snapshot_path is not None and not args.record_memory_history:
+        raise ArgumentError("--memory-snapshot-path names where --record-memory-history writes; "
+                            "add --record-memory-history or drop the path")
+    if args.record_memory_history:
+        if not on_gpu:
+            raise ArgumentError("--record-memory-history records the CUDA caching allocator and needs a GPU; "
+                                "drop it on CPU")
+        if args.memory_snapshot_path is None:
+            args.memory_snapshot_path = "snapshot.pickle"
+        path = args.memory_snapshot_path
+        if os.path.isdir(path):
+            raise ArgumentError(f"--memory-snapshot-path: {path} is a directory; give a file path, "
+                                f"e.g. {os.path.join(path, 'snapshot.pickle')}")
+        try:
+            check_directory_path(os.path.dirname(os.path.abspath(path)), f"--memory-snapshot-path {path}")
         except ValueError as err:
             raise ArgumentError(str(err)) from None
     if args.cuda_graph_impl != "none" and not on_gpu:

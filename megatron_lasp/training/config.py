@@ -413,6 +413,10 @@ class LoggingOptions:
     """Write tensorboard scalars here."""
     peak_flops: float = 989e12
     """Peak FLOP/s per GPU for MFU."""
+    record_memory_history: bool = False
+    """Record the CUDA allocator's history (logging rank) and write snapshots to ``memory_snapshot_path``."""
+    memory_snapshot_path: Optional[str] = None
+    """Where ``record_memory_history`` writes (resolved to ``snapshot.pickle`` when recording)."""
 
 
 @dataclass(frozen=True)

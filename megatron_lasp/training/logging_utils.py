@@ -30,6 +30,7 @@ So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On 
 from __future__ import annotations
 
 import importlib.util
+import os
 import logging
 import math
 import time
@@ -142,6 +143,28 @@ def memory_gib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
+
+
+class MemoryHistory:
+    """``--record-memory-history``: this process records the CUDA caching allocator's events (each
+    allocation and free with its Python and C++ stack, the last ``max_entries``), and :meth:`dump`
+    replaces ``path`` by a snapshot of them and of the memory now held (written beside it, then
+    renamed), for pytorch.org/memory_viz. Memory allocated before the recording starts shows in
+    the snapshot without a stack."""
+
+    def __init__(self, path: str, max_entries: int = 100_000) -> None:
+        self.path = path
+        torch.cuda.memory._record_memory_history(max_entries=max_entries)
+
+    def dump(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = self.path + ".tmp"
+        torch.cuda.memory._dump_snapshot(tmp)
+        os.replace(tmp, self.path)
+
+    def stop(self) -> None:
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def _duration(seconds: float) -> str:

@@ -223,6 +223,11 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
         if writer:
             writer.close()
         return state
+    history = None
+    if log_cfg.record_memory_history and logging_rank:
+        history = logging_utils.MemoryHistory(log_cfg.memory_snapshot_path)
+        logger.info("recording the CUDA allocator's history: %s is written at each log line and at the end "
+                    "(view it at pytorch.org/memory_viz)", log_cfg.memory_snapshot_path)
     try:
         while state.iteration < train_iters:
             loss, grad_norm = train_step(state)
@@ -248,6 +253,8 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
                         mem_gib=logging_utils.memory_gib(),
                     )
                     print(line, flush=True)
+                    if history:
+                        history.dump()
                     if writer:
                         writer.add_scalars({"lm loss": window_loss / window_iters, "learning-rate": lr,
                                             "grad-norm": window_norm / window_iters, "tokens-per-s": tokens_s,
@@ -275,6 +282,9 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
     finally:
         if writer:
             writer.close()
+        if history:  # also after an error (out of memory: what the snapshot is for)
+            history.dump()
+            history.stop()
     return state
 
 
