@@ -152,7 +152,7 @@ class MemoryHistory:
     renamed), for pytorch.org/memory_viz. Memory allocated before the recording starts shows in
     the snapshot without a stack."""
 
-    def __init__(self, path: str, max_entries: int = 100_000) -> None:
+    def __init__(self, path: str, max_entries: int = 1_000_000) -> None:
         self.path = path
         torch.cuda.memory._record_memory_history(max_entries=max_entries)
 

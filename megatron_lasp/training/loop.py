@@ -255,6 +255,7 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
                     print(line, flush=True)
                     if history:
                         history.dump()
+                        watch.lap()  # the dump's time stays out of the next window's throughput
                     if writer:
                         writer.add_scalars({"lm loss": window_loss / window_iters, "learning-rate": lr,
                                             "grad-norm": window_norm / window_iters, "tokens-per-s": tokens_s,
