@@ -455,12 +455,21 @@ def test_memory_history_flags_are_checked(monkeypatch, tmp_path):
     assert blocker.read_text() == "x"
 
 
-def _memory_history_calls(rank, world_size, path):
+def _memory_history_calls(rank, world_size, path, fail_at=None):
     """A CPU run with --record-memory-history, the GPU check bypassed and the recorder replaced by
-    one that logs its calls (the real one: tests/test_gpu.py)."""
-    from megatron_lasp.training import arguments, logging_utils, main
+    one that logs its calls (the real one: tests/test_gpu.py); ``fail_at``: the step that raises
+    (as running out of memory would), and the final dump fails too."""
+    from megatron_lasp.training import arguments, logging_utils, loop, main
 
     calls = []
+    step = loop.train_step
+
+    def failing_step(state):
+        if state.iteration + 1 == fail_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return step(state)
+
+    loop.train_step = failing_step
 
     class Recorder:
         def __init__(self, p):
@@ -468,14 +477,20 @@ def _memory_history_calls(rank, world_size, path):
 
         def dump(self):
             calls.append("dump")
+            if fail_at and len(calls) > 2:
+                raise OSError("disk full (simulated)")
 
         def stop(self):
             calls.append("stop")
 
     arguments.default_on_gpu = lambda: True
     logging_utils.MemoryHistory = Recorder
-    main(BASE + ["--train-iters", "3", "--ddp-impl", "torch", "--distributed-backend", "gloo", "--kernel-backend",
-                 "torch", "--cross-entropy-kernel", "torch", "--record-memory-history", "--memory-snapshot-path", path])
+    try:
+        main(BASE + ["--train-iters", "3", "--ddp-impl", "torch", "--distributed-backend", "gloo", "--kernel-backend",
+                     "torch", "--cross-entropy-kernel", "torch", "--record-memory-history", "--memory-snapshot-path",
+                     path])
+    except RuntimeError as err:
+        calls.append(str(err))
     return calls
 
 
@@ -483,3 +498,6 @@ def test_memory_history_is_written_at_each_log_line_and_at_the_end(tmp_path):
     path = str(tmp_path / "run.pickle")
     calls = spawn(_memory_history_calls, 1, (path,), timeout=300, init_process_group=False)[0]
     assert calls == [("start", path), "dump", "dump", "dump", "dump", "stop"], calls
+    # a run ended by an error still writes its snapshot; a failing write does not hide the error
+    calls = spawn(_memory_history_calls, 1, (path, 2), timeout=300, init_process_group=False)[0]
+    assert calls == [("start", path), "dump", "dump", "stop", "CUDA out of memory (simulated)"], calls

@@ -30,9 +30,9 @@ So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On 
 from __future__ import annotations
 
 import importlib.util
-import os
 import logging
 import math
+import os
 import time
 import warnings
 from typing import Dict, Optional

@@ -284,7 +284,10 @@ def train(state: TrainState, save_fn: Optional[Callable[[TrainState], None]] = N
         if writer:
             writer.close()
         if history:  # also after an error (out of memory: what the snapshot is for)
-            history.dump()
+            try:
+                history.dump()
+            except OSError as err:  # never in place of the error that ended the run
+                logger.warning("--memory-snapshot-path %s: not written (%s)", log_cfg.memory_snapshot_path, err)
             history.stop()
     return state
 
