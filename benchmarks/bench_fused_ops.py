@@ -118,12 +118,14 @@ def _time_refill(fused, into, inputs) -> dict:
     import torch
     from triton.testing import do_bench
 
+    from megatron_lasp.ops.fused.recompute import _copy_into
+
     with torch.no_grad():
         values = fused(*inputs)[0]
         copied, in_place = torch.empty_like(values), torch.empty_like(values)
 
-        def by_copy():
-            copied.untyped_storage().copy_(fused(*inputs)[0].untyped_storage())
+        def by_copy():  # the refill of a recipe without an in-place kernel, as the recompute does it
+            _copy_into(copied.untyped_storage(), fused(*inputs)[0])
 
         row = {"refill_copy_ms": do_bench(by_copy, return_mode="median"),
                "refill_in_place_ms": do_bench(lambda: into(inputs, in_place), return_mode="median"),
