@@ -112,16 +112,19 @@ RESUME_CASES = {
 def resume_histories(tmp_path_factory):
     """Every resume case in one process (one start-up, one kernel compilation)."""
     root = str(tmp_path_factory.mktemp("resume"))
-    try:
-        return spawn(_resume_runs, 1, (RESUME_CASES, root), timeout=1200, init_process_group=False)[0]
-    except AssertionError as e:  # a failing case fails every test of the matrix with its traceback
-        return {"error": str(e)}
+    out = {}
+    for name, extra in RESUME_CASES.items():  # a process per case: each run as a user starts it
+        try:
+            out.update(spawn(_resume_runs, 1, ({name: extra}, root), timeout=600, init_process_group=False)[0])
+        except AssertionError as e:  # the case's tests fail with its traceback
+            out[name] = {"error": str(e)}
+    return out
 
 
 @requires_cuda
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_equals_uninterrupted_run(case, resume_histories):
-    assert "error" not in resume_histories, resume_histories.get("error")
+    assert "error" not in resume_histories[case], resume_histories[case]["error"]
     record = _compare(resume_histories[case])
     _report(f"resume/{case}", record)
     assert record["max_rel_diff"] <= RESUME_RTOL, record
@@ -251,12 +254,43 @@ def test_tnl1b_default_path_trains():
     assert losses[-1] < losses[0] - 0.5, record
 
 
+def _runs_left_alive(rank, world_size, runs):
+    """Train the default path ``runs`` times in this process, dropping each run's state: what stays
+    allocated, and whether a finished run's model or optimizer is still referenced."""
+    import gc
+    import weakref
+
+    from megatron_lasp.training import main
+
+    out = []
+    for _ in range(runs):
+        state = main(RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--train-iters", "2",
+                                    "--lr-warmup-iters", "1"])
+        refs = (weakref.ref(state.model), weakref.ref(state.optimizer))
+        del state
+        gc.collect()
+        torch.cuda.synchronize()
+        out.append({"allocated_gib": torch.cuda.memory_allocated() / 2**30,
+                    "model_alive": refs[0]() is not None, "optimizer_alive": refs[1]() is not None})
+    return out
+
+
+@requires_cuda
+def test_a_finished_run_frees_its_gpu_memory():
+    """Tests (and notebooks) train several times in one process: a finished run must not keep its
+    model, optimizer or their memory."""
+    record = spawn(_runs_left_alive, 1, (3,), timeout=600, init_process_group=False)[0]
+    _report("train/finished-run-frees-memory", {"runs": record})
+    assert not any(r["model_alive"] or r["optimizer_alive"] for r in record), record
+    assert record[-1]["allocated_gib"] < 0.5, record
+
+
 def _memory_history_run(rank, world_size, path):
     import pickle
 
     from megatron_lasp.training import main
 
-    state = main(RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--train-iters", "2",
+    state = main(RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--train-iters", "2", "--lr-warmup-iters", "1",
                                 "--record-memory-history", "--memory-snapshot-path", path])
     with open(path, "rb") as f:
         snapshot = pickle.load(f)
