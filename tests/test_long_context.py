@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -327,9 +328,20 @@ def _memory_variants(groups, tp, tpsp):
         model = build_linear_lm(config, VOCAB)
         model.offload_min_bytes = 1024  # the tiny layer inputs are 16 KiB
         model.train()
+        # whether the embedding's output (the first layer's input) is still alive at the final norm
+        embedded, alive = [], []
+        hooks = [model.embedding.register_forward_hook(lambda m, a, out: embedded.append(weakref.ref(out))),
+                 model.decoder.final_layernorm.register_forward_pre_hook(
+                     lambda m, a: alive.append(embedded[-1]() is not None))]
         kwargs = {"packed_seq_params": _packed()} if docs else {}
         loss, grads, hidden_grad = _run_model(model, groups, ids, labels, mask, fused=True, pass_mask=True, **kwargs)
+        for h in hooks:
+            h.remove()
         stats = dict(model._offloader.stats) if extra.get("offload_layer_inputs") else None
+        if stats is not None:
+            stats["first input alive at the loss"] = alive == [True]
+        elif name == "megatron recompute":  # the control: its first layer's checkpoint holds it
+            results["first input alive without offload"] = alive == [True]
         whole = all(layer.chunks_whole_layer() for layer in model.decoder.layers)
         every[name] = grads
         if name in same_bits:
@@ -408,11 +420,15 @@ def test_offload_and_chunked_recompute_same_grads(model_results):
             r = dict(results[key])
             assert "error" not in r, f"rank {rank} {key}: {r.get('error')}"
             assert r.pop("documents matter") > 1e-3, f"rank {rank} {key}: documents do not change the gradients"
+            # offloaded, the first layer's input lives on the host only (not held by GPTModel.forward
+            # until the loss); kept on the device by its checkpoint without offloading (the control)
+            assert r.pop("first input alive without offload") is True, (rank, key)
             assert len(r) == 9, sorted(r)
             for name, (err, stats, whole) in r.items():
                 assert err <= TOL, f"rank {rank} {key} {name}: gradient error {err:.2e}"
                 if stats is not None:
                     assert stats.pop("same bits", True), (name, "gradients differ from the run without offloading")
+                    assert stats.pop("first input alive at the loss") is False, (rank, key, name)
                     assert stats["reloaded"] == stats["offloaded"], (name, stats)
                     if name.endswith("1 of 2"):
                         # layer 0's input alone went to the host; layer 1's and the final norm's stayed

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.utils import WrappedTensor
 
 from megatron_lasp import platform
 from megatron_lasp.models.config import LinearLMConfig
@@ -91,6 +92,18 @@ class LinearLM(GPTModel):
                 layer.register_forward_pre_hook(lambda module, args, index=index: self._offloader.enter_layer(index))
         self._offloader._active = False  # a forward that raised cannot leave it on
         return self._offloader
+
+    def _preprocess(self, *args, **kwargs):
+        """megatron-core's embedding; with layer-input offloading the decoder's input goes to it
+        wrapped (megatron-core's ``WrappedTensor``, which the decoder unwraps) so that
+        ``GPTModel.forward`` holds no reference to it: the first layer's input then lives on the
+        host only, instead of staying on the device until the loss is done (h x 2 bytes a token:
+        4 GiB of TNL-1B at 1M tokens)."""
+        out = super()._preprocess(*args, **kwargs)
+        if (self._layer_input_offloader() is not None and isinstance(out[0], torch.Tensor)
+                and self.config.mtp_num_layers is None):  # multi-token prediction reads it after the decoder
+            out = (WrappedTensor(out[0]),) + tuple(out[1:])
+        return out
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         """megatron-core's output layer + loss, or the fused chunked loss (``loss.py``) when
