@@ -1,7 +1,8 @@
 """Whether a finished ``main()`` leaves its model, optimizer or GPU memory alive in the process
 (tests run several trainings in one process): trains the default path (bf16, megatron DDP +
 distributed optimizer) a few times, dropping each returned state, and after each run prints the
-memory still allocated and, for whatever is still alive, the chain of referrers that holds it.
+memory still allocated before and after a garbage collection (what only the collection frees was
+cyclic garbage) and, for whatever is still alive after it, the chain of referrers that holds it.
 
     python benchmarks/gpu_check_leak.py --runs 3 --out leak.json
 """
@@ -95,11 +96,13 @@ def main() -> None:
         refs = {"model": weakref.ref(state.model), "optimizer": weakref.ref(state.optimizer),
                 "param": weakref.ref(next(state.model.parameters()))}
         del state
-        gc.collect()
         torch.cuda.synchronize()
+        row = {"run": i, "allocated_gib_before_gc": torch.cuda.memory_allocated() / 2**30,
+               "alive_before_gc": {k: r() is not None for k, r in refs.items()}}
+        gc.collect()  # what survives this is held, not cyclic garbage
         alive = {k: r() is not None for k, r in refs.items()}
-        row = {"run": i, "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-               "live_cuda_tensor_gib": live_cuda_bytes() / 2**30, "alive": alive}
+        row.update(allocated_gib=torch.cuda.memory_allocated() / 2**30,
+                   live_cuda_tensor_gib=live_cuda_bytes() / 2**30, alive=alive)
         for k, r in refs.items():
             obj = r()
             if obj is not None:

@@ -255,34 +255,34 @@ def test_tnl1b_default_path_trains():
 
 
 def _runs_left_alive(rank, world_size, runs):
-    """Train the default path ``runs`` times in this process, dropping each run's state: what stays
-    allocated, and whether a finished run's model or optimizer is still referenced."""
-    import gc
+    """Train the default path ``runs`` times in this process, dropping each run's state (no explicit
+    garbage collection here): each run's peak, and what stays allocated after it."""
     import weakref
 
     from megatron_lasp.training import main
 
     out = []
     for _ in range(runs):
+        torch.cuda.reset_peak_memory_stats()
         state = main(RESUME_BASE + ["--bf16", "--use-distributed-optimizer", "--train-iters", "2",
                                     "--lr-warmup-iters", "1"])
         refs = (weakref.ref(state.model), weakref.ref(state.optimizer))
         del state
-        gc.collect()
-        torch.cuda.synchronize()
-        out.append({"allocated_gib": torch.cuda.memory_allocated() / 2**30,
+        out.append({"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "left_gib": torch.cuda.memory_allocated() / 2**30,
                     "model_alive": refs[0]() is not None, "optimizer_alive": refs[1]() is not None})
     return out
 
 
 @requires_cuda
 def test_a_finished_run_frees_its_gpu_memory():
-    """Tests (and notebooks) train several times in one process: a finished run must not keep its
-    model, optimizer or their memory."""
+    """Tests and notebooks train several times in one process: once its caller drops a finished
+    run, the next run must not pay for its model and optimizer (2026-12-08: the resume matrix, 15
+    runs in one process, ran out of memory on an H100, each run ~6 GiB more)."""
     record = spawn(_runs_left_alive, 1, (3,), timeout=600, init_process_group=False)[0]
     _report("train/finished-run-frees-memory", {"runs": record})
-    assert not any(r["model_alive"] or r["optimizer_alive"] for r in record), record
-    assert record[-1]["allocated_gib"] < 0.5, record
+    first, last = record[0]["peak_gib"], record[-1]["peak_gib"]
+    assert last <= first + 0.25, record  # the third run's peak is the first's: nothing carried over
 
 
 def _memory_history_run(rank, world_size, path):

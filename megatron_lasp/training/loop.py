@@ -17,6 +17,7 @@ the global token mean, whatever the DP, SP and accumulation split.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -360,6 +361,11 @@ def main(argv: Optional[List[str]] = None, *, destroy: bool = True) -> TrainStat
     from megatron_lasp.parallel.state import destroy_parallel
 
     start = time.monotonic()
+    # An earlier run in this process (tests, notebooks) that its caller has dropped is cyclic
+    # garbage (megatron-core's DDP and optimizer hooks refer back to their owners): its GPU memory
+    # returns only when Python's cycle collector runs, which it may not do before this run's model
+    # is built. Collect now.
+    gc.collect()
     _logging_setup()
     state = None
     save_lock = checkpointing.SaveLock()
