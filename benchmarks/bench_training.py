@@ -9,7 +9,9 @@ matplotlib, ``OUT/training_bench.png``.
 
 Reported per configuration: ms per step, tokens/s, TFLOP/s/GPU and MFU (the training log line's
 FLOP count, ``logging_utils.flops_per_token``, against ``--peak-flops``: 989e12, the H100/H200 dense
-bf16 peak), peak allocated GiB, the per-step losses, and the GPU time per step by category:
+bf16 peak), the HFU (the same with the forward work a recompute reruns counted,
+``logging_utils.recompute_flops_per_token``: full recompute about 8N FLOPs a token for the 6N of
+the MFU), peak allocated GiB, the per-step losses, and the GPU time per step by category:
 matmul, lightning attention (its Triton kernels), softmax attention (a hybrid's flash / cuDNN / flex
 kernels), fused elementwise (our Triton kernels), other
 Triton, elementwise (torch's elementwise and reduction kernels), copies (copies, fills, casts,
@@ -224,11 +226,14 @@ def worker(argv: List[str], result_path: str, warmup: int, steps: int, profile_s
         peak = max(peak, warmup_peak)
     flops_token = logging_utils.flops_per_token(state.model_config, state.padded_vocab_size,
                                                  seq_length=train_cfg.seq_length)
+    hardware_token = flops_token + logging_utils.recompute_flops_per_token(state.model_config,
+                                                                            seq_length=train_cfg.seq_length)
     tokens_s = result["tokens_per_step"] * steps / elapsed
     tflops = flops_token * tokens_s / result["world_size"] / 1e12
     result.update(
         ms_per_step=1000.0 * elapsed / steps, tokens_per_s=tokens_s, tflops_per_gpu=tflops,
         mfu=tflops * 1e12 / peak_flops, peak_flops=peak_flops, flops_per_token=flops_token,
+        hardware_flops_per_token=hardware_token, hfu=hardware_token * tokens_s / result["world_size"] / peak_flops,
         peak_mem_gib=peak, max_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
         fused=bool(state.model_config.fused), recompute_granularity=state.model_config.recompute_granularity,
         recompute_modules=list(state.model_config.recompute_modules or []),
@@ -290,7 +295,9 @@ def _run_config(name: str, train_flags: List[str], opts, workdir: str) -> dict:
         result = json.load(f)
     result.update(name=name, flags=train_flags, wall_s=wall)
     print(f"[bench] {name}: {result['ms_per_step']:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
-          f"{result['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {100 * result['mfu']:.1f}%, "
+          f"{result['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {100 * result['mfu']:.1f}%"
+          + (f" (HFU {100 * result['hfu']:.1f}%, recompute counted)" if result.get("hfu", 0) > result["mfu"] else "")
+          + ", "
           f"peak {result['peak_mem_gib']:.1f} GiB ({wall:.0f} s)", flush=True)
     if "gpu_ms_per_step" in result:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in result["gpu_ms_per_step"].items() if v >= 0.05)

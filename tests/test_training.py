@@ -284,41 +284,62 @@ def test_data_path_blend_parsing():
 
 
 def _measured_flops(rank, world_size):
-    """FLOPs per token of a tiny model's training step, counted by torch on the ops it runs."""
+    """FLOPs per token of a tiny model's training step, counted by torch on the ops it runs; and the
+    backward's extra FLOPs under full and selective (``core_attn``) recompute."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_lasp.models import build_linear_lm, linear_lm_config
     from megatron_lasp.parallel import initialize_parallel
-    from megatron_lasp.training.logging_utils import flops_per_token
+    from megatron_lasp.training.logging_utils import flops_per_token, recompute_flops_per_token
 
     initialize_parallel(1, 1, 1, seed=0)
-    config = linear_lm_config("tiny", use_cpu_initialization=True, kernel_backend="torch")
-    model = build_linear_lm(config, 128)
-    torch.manual_seed(0)
     ids, labels = torch.randint(0, 128, (2, 128)), torch.randint(0, 128, (2, 128))
-    with FlopCounterMode(display=False) as fwd:
-        loss = model(ids, labels=labels)
-    with FlopCounterMode(display=False) as bwd:
-        loss.sum().backward()
-    fwd_counts, bwd_counts = fwd.get_flop_counts()["Global"], bwd.get_flop_counts()["Global"]
-    mm, bmm = torch.ops.aten.mm, torch.ops.aten.bmm
     tokens = ids.numel()
-    return dict(
+
+    def counted(**recompute):
+        config = linear_lm_config("tiny", use_cpu_initialization=True, kernel_backend="torch", **recompute)
+        torch.manual_seed(0)
+        model = build_linear_lm(config, 128)
+        with FlopCounterMode(display=False) as fwd:
+            loss = model(ids, labels=labels)
+        with FlopCounterMode(display=False) as bwd:
+            loss.sum().backward()
+        return config, fwd.get_flop_counts()["Global"], bwd.get_flop_counts()["Global"]
+
+    config, fwd_counts, bwd_counts = counted()
+    mm, bmm = torch.ops.aten.mm, torch.ops.aten.bmm
+    out = dict(
         formula=flops_per_token(config, 128),
         weights_fwd=fwd_counts[mm] / tokens,  # the linear layers (2-d matmuls)
         weights_bwd=bwd_counts[mm] / tokens,
         attention_fwd=fwd_counts[bmm] / tokens,  # the chunked attention (batched matmuls)
+        none_extra=recompute_flops_per_token(config),
     )
+    plain_bwd = sum(bwd_counts.values())
+    for name, recompute in (("full", dict(recompute_granularity="full", recompute_method="uniform",
+                                          recompute_num_layers=1)),
+                            ("core_attn", dict(recompute_granularity="selective", recompute_modules=["core_attn"]))):
+        config, _, bwd_counts = counted(**recompute)
+        out[f"{name}_counted_extra"] = (sum(bwd_counts.values()) - plain_bwd) / tokens
+        out[f"{name}_extra"] = recompute_flops_per_token(config)
+    return out
 
 
 def test_flops_formula_matches_counted_flops():
     """The MFU formula against torch's FLOP counter: weights 6 per parameter (backward = twice the
-    forward, as counted), attention counted as 3 x its forward (the formula's convention)."""
+    forward, as counted), attention counted as 3 x its forward (the formula's convention); and the
+    work a recompute adds (for the HFU) against what the backward counts more under it."""
     m = spawn(_measured_flops, 1)[0]
     assert m["weights_fwd"] > 0 and m["attention_fwd"] > 0
     assert m["weights_bwd"] == 2 * m["weights_fwd"]
     assert m["formula"] == m["weights_fwd"] + m["weights_bwd"] + 3 * m["attention_fwd"]
+    assert m["none_extra"] == 0
+    # full recompute reruns each layer's forward (all but the output layer's matmul); selective
+    # core_attn the attention only
+    assert m["full_counted_extra"] > m["core_attn_counted_extra"] > 0, m
+    assert m["full_extra"] == m["full_counted_extra"], m
+    assert m["core_attn_extra"] == m["core_attn_counted_extra"], m
 
 
 def _pipeline_staged(rank, world_size):

@@ -25,6 +25,13 @@ causal query reads on average (``2 * 2 * d`` FLOPs per key and head), backward t
 documents are counted as whole rows (the model's FLOPs, not the masked work).
 
 So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On CPU MFU is n/a.
+
+MFU counts the model's FLOPs, not the work a run does: activation recompute runs part of the
+forward again in the backward. :func:`recompute_flops_per_token` counts that part (full or
+whole-layer chunked recompute: each recomputed layer's forward, ``2 * P_layer`` plus its
+attention forward, so about 8N for the 6N counted; selective ``core_attn``: the attention
+forward; ``mlp``: the channel mixer's forward), and the benchmarks report the hardware FLOPs
+utilization (HFU, with that work counted) beside the MFU.
 """
 
 from __future__ import annotations
@@ -115,25 +122,74 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None,
     Raises:
         ValueError: a hybrid config without ``seq_length``.
     """
-    h, L, H = config.hidden_size, config.num_layers, config.num_attention_heads
+    L = config.num_layers
+    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
+    if softmax_layers and not seq_length:
+        raise ValueError("flops_per_token: a hybrid model's softmax layers need seq_length")
+    part = _layer_flops(config, chunk_size, seq_length)
+    linear = part["linear_proj"] + part["linear_attn"] + part["mlp"]
+    softmax = part["softmax_proj"] + part["softmax_attn"] + part["mlp"]
+    # forward + backward (twice the forward) of the layers, and of the output layer h x V
+    return 3.0 * ((L - softmax_layers) * linear + softmax_layers * softmax) + 6.0 * config.hidden_size * vocab_size
+
+
+def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int]) -> Dict[str, float]:
+    """Forward FLOPs per token of one layer's parts: ``linear_proj``, ``linear_attn``, ``softmax_proj``,
+    ``softmax_attn``, ``mlp`` (2 per weight of the matmuls; the attention as in the module docstring)."""
+    h, H = config.hidden_size, config.num_attention_heads
     d = config.kv_channels or h // H
     f = config.ffn_hidden_size
     parts = 4 if getattr(config, "output_gate", False) else 3
     glu = 3 if getattr(config, "gated_linear_unit", True) else 2
-    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
-    linear_layers = L - softmax_layers
     G = getattr(config, "num_query_groups", None) or H
     gate = 0 if getattr(config, "linear_attention_gate", "none") in (None, "none") else h * H
-    linear_layer = h * parts * H * d + H * d * h + glu * h * f + gate
-    softmax_layer = h * (H + 2 * G) * d + H * d * h + glu * h * f
-    matmul_params = linear_layers * linear_layer + softmax_layers * softmax_layer + h * vocab_size
     B = chunk_size or DEFAULT_CHUNK_SIZE
-    attention = 3 * linear_layers * H * (4 * B * d + 4 * d * d)
-    if softmax_layers:
-        if not seq_length:
-            raise ValueError("flops_per_token: a hybrid model's softmax layers need seq_length")
-        attention += 3 * softmax_layers * 2 * H * d * (seq_length + 1)
-    return 6.0 * matmul_params + attention
+    return {
+        "linear_proj": 2.0 * (h * parts * H * d + H * d * h + gate),
+        "linear_attn": float(H * (4 * B * d + 4 * d * d)),
+        "softmax_proj": 2.0 * (h * (H + 2 * G) * d + H * d * h),
+        "softmax_attn": 2.0 * H * d * ((seq_length or 0) + 1),
+        "mlp": 2.0 * glu * h * f,
+    }
+
+
+def recompute_flops_per_token(config, chunk_size: Optional[int] = None, seq_length: Optional[int] = None) -> float:
+    """FLOPs per token that activation recompute adds to a training step (the forward work run again
+    in the backward), for the hardware FLOPs utilization; 0 without recompute.
+
+    Full recompute (``recompute_granularity="full"``, whole-layer chunks included) reruns each
+    recomputed layer's forward: every layer with ``recompute_method="uniform"``, the first
+    ``recompute_num_layers`` with ``"block"``. Selective recompute reruns the modules named in
+    ``recompute_modules``: ``core_attn`` (the attention kernels), ``mlp`` (the channel mixer);
+    the elementwise work is not counted (no matmuls).
+
+    Raises:
+        ValueError: a hybrid config without ``seq_length``.
+    """
+    granularity = getattr(config, "recompute_granularity", None)
+    if granularity not in ("full", "selective"):
+        return 0.0
+    L = config.num_layers
+    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
+    if softmax_layers and not seq_length:
+        raise ValueError("recompute_flops_per_token: a hybrid model's softmax layers need seq_length")
+    linear_layers = L - softmax_layers
+    part = _layer_flops(config, chunk_size, seq_length)
+    if granularity == "full":
+        layers = L
+        if getattr(config, "recompute_method", None) == "block":
+            layers = min(getattr(config, "recompute_num_layers", None) or L, L)
+        linear = part["linear_proj"] + part["linear_attn"] + part["mlp"]
+        softmax = part["softmax_proj"] + part["softmax_attn"] + part["mlp"]
+        # the recomputed layers' mix of kinds: in proportion (exact for uniform recompute)
+        return layers / L * (linear_layers * linear + softmax_layers * softmax)
+    modules = set(getattr(config, "recompute_modules", None) or ())
+    extra = 0.0
+    if "core_attn" in modules:
+        extra += linear_layers * part["linear_attn"] + softmax_layers * part["softmax_attn"]
+    if "mlp" in modules:
+        extra += L * part["mlp"]
+    return extra
 
 
 def memory_gib() -> float:
