@@ -122,21 +122,24 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None,
     Raises:
         ValueError: a hybrid config without ``seq_length``.
     """
-    L = config.num_layers
+    forward = _layer_flops(config, chunk_size, seq_length, "flops_per_token")
+    # forward + backward (twice the forward) of the layers, and of the output layer h x V
+    return 3.0 * forward["layers"] + 6.0 * config.hidden_size * vocab_size
+
+
+def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int], caller: str) -> Dict[str, float]:
+    """Forward FLOPs per token: of one layer's parts (``linear_proj``, ``linear_attn``,
+    ``softmax_proj``, ``softmax_attn``, ``mlp``: 2 per weight of the matmuls, the attention as in
+    the module docstring), the layer counts (``linear_layers``, ``softmax_layers``) and of all
+    layers together (``layers``).
+
+    Raises:
+        ValueError: a hybrid config without ``seq_length`` (the message begins with ``caller``).
+    """
+    h, H, L = config.hidden_size, config.num_attention_heads, config.num_layers
     softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
     if softmax_layers and not seq_length:
-        raise ValueError("flops_per_token: a hybrid model's softmax layers need seq_length")
-    part = _layer_flops(config, chunk_size, seq_length)
-    linear = part["linear_proj"] + part["linear_attn"] + part["mlp"]
-    softmax = part["softmax_proj"] + part["softmax_attn"] + part["mlp"]
-    # forward + backward (twice the forward) of the layers, and of the output layer h x V
-    return 3.0 * ((L - softmax_layers) * linear + softmax_layers * softmax) + 6.0 * config.hidden_size * vocab_size
-
-
-def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int]) -> Dict[str, float]:
-    """Forward FLOPs per token of one layer's parts: ``linear_proj``, ``linear_attn``, ``softmax_proj``,
-    ``softmax_attn``, ``mlp`` (2 per weight of the matmuls; the attention as in the module docstring)."""
-    h, H = config.hidden_size, config.num_attention_heads
+        raise ValueError(f"{caller}: a hybrid model's softmax layers need seq_length")
     d = config.kv_channels or h // H
     f = config.ffn_hidden_size
     parts = 4 if getattr(config, "output_gate", False) else 3
@@ -144,13 +147,18 @@ def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int]) -
     G = getattr(config, "num_query_groups", None) or H
     gate = 0 if getattr(config, "linear_attention_gate", "none") in (None, "none") else h * H
     B = chunk_size or DEFAULT_CHUNK_SIZE
-    return {
+    out = {
         "linear_proj": 2.0 * (h * parts * H * d + H * d * h + gate),
         "linear_attn": float(H * (4 * B * d + 4 * d * d)),
         "softmax_proj": 2.0 * (h * (H + 2 * G) * d + H * d * h),
         "softmax_attn": 2.0 * H * d * ((seq_length or 0) + 1),
         "mlp": 2.0 * glu * h * f,
+        "linear_layers": L - softmax_layers,
+        "softmax_layers": softmax_layers,
     }
+    out["layers"] = (out["linear_layers"] * (out["linear_proj"] + out["linear_attn"] + out["mlp"])
+                     + softmax_layers * (out["softmax_proj"] + out["softmax_attn"] + out["mlp"]))
+    return out
 
 
 def recompute_flops_per_token(config, chunk_size: Optional[int] = None, seq_length: Optional[int] = None) -> float:
@@ -169,26 +177,21 @@ def recompute_flops_per_token(config, chunk_size: Optional[int] = None, seq_leng
     granularity = getattr(config, "recompute_granularity", None)
     if granularity not in ("full", "selective"):
         return 0.0
+    forward = _layer_flops(config, chunk_size, seq_length, "recompute_flops_per_token")
     L = config.num_layers
-    softmax_layers = (getattr(config, "hybrid_layer_pattern", None) or "").count("*")
-    if softmax_layers and not seq_length:
-        raise ValueError("recompute_flops_per_token: a hybrid model's softmax layers need seq_length")
-    linear_layers = L - softmax_layers
-    part = _layer_flops(config, chunk_size, seq_length)
     if granularity == "full":
         layers = L
         if getattr(config, "recompute_method", None) == "block":
             layers = min(getattr(config, "recompute_num_layers", None) or L, L)
-        linear = part["linear_proj"] + part["linear_attn"] + part["mlp"]
-        softmax = part["softmax_proj"] + part["softmax_attn"] + part["mlp"]
         # the recomputed layers' mix of kinds: in proportion (exact for uniform recompute)
-        return layers / L * (linear_layers * linear + softmax_layers * softmax)
+        return layers / L * forward["layers"]
     modules = set(getattr(config, "recompute_modules", None) or ())
     extra = 0.0
     if "core_attn" in modules:
-        extra += linear_layers * part["linear_attn"] + softmax_layers * part["softmax_attn"]
+        extra += (forward["linear_layers"] * forward["linear_attn"]
+                  + forward["softmax_layers"] * forward["softmax_attn"])
     if "mlp" in modules:
-        extra += L * part["mlp"]
+        extra += L * forward["mlp"]
     return extra
 
 
