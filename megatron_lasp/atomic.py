@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, List, Tuple
 
-__all__ = ["atomic_directory", "check_directory_path", "fresh_directory", "ranks_not_seeing", "replace_directory",
+__all__ = ["atomic_directory", "atomic_file", "check_directory_path", "fresh_directory", "ranks_not_seeing", "replace_directory",
            "save_figure_atomic", "write_json", "write_results", "write_text_atomic"]
 
 
@@ -170,23 +170,36 @@ def write_json(path: str, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def atomic_file(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield the temporary path ``path + suffix`` for the caller to write the whole file to; on
+    success it replaces the file ``path``, on an exception it is removed and ``path`` is left
+    untouched. ``suffix`` keeps an extension where the writer reads the format from it."""
+    tmp = path + suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Replace the file ``path`` by one holding ``text`` (written beside it, then renamed)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def save_figure_atomic(fig: Any, path: str, dpi: int = 110) -> None:
     """Lay out a matplotlib figure and replace the PNG ``path`` by it (written beside it, then renamed)."""
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    with atomic_file(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
 
 
 def write_results(out_dir: str, stem: str, doc: Any, plot: Any = None) -> str:

@@ -64,3 +64,19 @@ def test_fresh_directory_and_text_file(tmp_path):
     tracker.write_text("3\n")
     atomic.write_text_atomic(str(tracker), "4\n")
     assert tracker.read_text() == "4\n" and not os.path.exists(str(tracker) + ".tmp")
+
+
+def test_atomic_file_replaces_whole_or_leaves_untouched(tmp_path):
+    target = tmp_path / "snapshot.pickle"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic.atomic_file(str(target)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["snapshot.pickle"]
+    with atomic.atomic_file(str(target), ".tmp.png") as tmp:
+        assert tmp == str(target) + ".tmp.png"
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["snapshot.pickle"]

@@ -46,6 +46,8 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_lasp.atomic import atomic_file
+
 logger = logging.getLogger(__name__)
 
 MEGATRON_CORE_WARNINGS = (
@@ -216,11 +218,9 @@ class MemoryHistory:
         torch.cuda.memory._record_memory_history(max_entries=max_entries)
 
     def dump(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = self.path + ".tmp"
-        torch.cuda.memory._dump_snapshot(tmp)
-        os.replace(tmp, self.path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with atomic_file(self.path) as tmp:
+            torch.cuda.memory._dump_snapshot(tmp)
 
     def stop(self) -> None:
         torch.cuda.memory._record_memory_history(enabled=None)
