@@ -1,5 +1,7 @@
-"""Parallel state (TP / SP / DP / PP on megatron-core) and the sequence-parallel modes."""
+"""Parallel state (TP / SP / DP / PP on megatron-core) and the sequence-parallel modes (of lightning
+attention, ``lightning_attn_sp``, and of the gated delta rule, ``gated_delta_rule_sp``)."""
 
+from megatron_lasp.parallel.delta_sp import gated_delta_rule_sp
 from megatron_lasp.parallel.layout import gather_sequence, sequence_slice_bounds, split_sequence
 from megatron_lasp.parallel.sp import SEQUENCE_PARALLEL_MODES, lightning_attn_sp
 from megatron_lasp.parallel.state import (
@@ -15,6 +17,7 @@ __all__ = [
     "current_groups",
     "destroy_parallel",
     "gather_sequence",
+    "gated_delta_rule_sp",
     "init_distributed",
     "initialize_parallel",
     "lightning_attn_sp",

@@ -75,9 +75,11 @@ def _initial_code(initial_state: Optional[torch.Tensor]) -> int:
 
 
 def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=None, gated: bool = False,
-                        initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False) -> None:
+                        initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                        where: str = "lightning_attn_sp") -> None:
     """One small all-gather: every rank must hold the same shapes, dtype, mode, decay kind, initial
-    state (given or not, wanting a gradient or not), final-state flag and documents."""
+    state (given or not, wanting a gradient or not), final-state flag and documents (``where``:
+    the entry point's name for the message)."""
     B, T, H, Dk = q.shape
     dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
     mine = [B, T, H, Dk, v.shape[-1], dtype_code, tuple(SP_MODES).index(mode), int(gated),
@@ -94,7 +96,7 @@ def _check_across_group(q, v, mode: str, group: dist.ProcessGroup, cu_seqlens=No
 
         table = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
         raise ValueError(
-            "lightning_attn_sp: the ranks of the sequence-parallel group disagree on the inputs "
+            f"{where}: the ranks of the sequence-parallel group disagree on the inputs "
             f"(every rank must pass its equal-length slice [B, T/W, H, D] of one sequence, in one "
             f"dtype, with one mode, all with slopes or all with g, all with an initial_state (all requiring "
             f"its grad or none) or none, one output_final_state, and the same global cu_seqlens): {table}"
