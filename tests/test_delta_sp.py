@@ -49,8 +49,11 @@ def _run(tensors, do, fn, d_final):
     return [o.detach()] + [x.grad for x in leaves], final
 
 
-def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, with_state):
-    from megatron_lasp.ops.delta_rule import naive_recurrent_gated_delta_rule
+def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, with_state, device="cpu", backend="torch"):
+    """One case: ``({name: relative error}, largest d(h0) off the first rank)`` of the SP run in
+    ``dtype`` on ``device`` against the fp64 reference on the CPU; on a GPU also the errors of the
+    one-rank run of the same backend and dtype on the whole sequence (``one_rank_<name>``)."""
+    from megatron_lasp.ops.delta_rule import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, g, beta, do = _inputs(seed, B, C * world, H, Dk, Dv)
@@ -68,20 +71,37 @@ def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, with_state):
         return (o, final) if with_state else o
 
     def sp_fn(q, k, v, g, beta, h0=None):
-        return gated_delta_rule_sp(q, k, v, g, beta, group, mode, "torch", initial_state=h0,
-                                   output_final_state=with_state, cu_seqlens=cu)
+        return gated_delta_rule_sp(q, k, v, g, beta, group, mode, backend, initial_state=h0,
+                                   output_final_state=with_state, cu_seqlens=cu_dev)
+
+    def one_rank_fn(q, k, v, g, beta, h0=None):
+        o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=with_state,
+                                          cu_seqlens=cu_dev, backend=backend)
+        return (o, final) if with_state else o
 
     ref, ref_final = _run(full, do, ref_fn, d_final)
-    local = [split_sequence(x.to(dtype), group) for x in full[:5]] + [x.to(dtype) for x in full[5:]]
-    share = None if d_final is None else d_final.to(dtype) * (2 * (rank + 1) / (world * (world + 1)))
-    got, got_final = _run(local, split_sequence(do.to(dtype), group), sp_fn, share)
-    errs = {name: rel_err(gather_sequence(a, group), b) for name, a, b in zip(names[:6], got[:6], ref[:6])}
+    cu_dev = None if cu is None else cu.to(device)
+    # the gates and states stay fp32 (fp64 in fp64 runs), as the model gives them
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    dts = [dtype, dtype, dtype, sdt, dtype, sdt]
+    share = None if d_final is None else (d_final * (2 * (rank + 1) / (world * (world + 1)))).to(sdt).to(device)
+    local = [split_sequence(x.to(dt), group).to(device) for x, dt in zip(full[:5], dts)]
+    local += [x.to(sdt).to(device) for x in full[5:]]
+    got, got_final = _run(local, split_sequence(do.to(dtype), group).to(device), sp_fn, share)
+    errs = {name: rel_err(gather_sequence(a, group).cpu(), b) for name, a, b in zip(names[:6], got[:6], ref[:6])}
+    if device != "cpu":
+        whole = [x.to(dt).to(device) for x, dt in zip(full, dts)]
+        one, one_final = _run(whole, do.to(dtype).to(device), one_rank_fn,
+                              None if d_final is None else d_final.to(sdt).to(device))
+        errs.update({f"one_rank_{name}": rel_err(a.cpu(), b) for name, a, b in zip(names, one, ref)})
+        if with_state:
+            errs["one_rank_final"] = rel_err(one_final.cpu(), ref_final)
     others = 0.0
     if with_state:
-        errs["final"] = rel_err(got_final, ref_final)
+        errs["final"] = rel_err(got_final.cpu(), ref_final)
         dh0 = got[6]
         if rank == 0:
-            errs["dh0"] = rel_err(dh0, ref[6])
+            errs["dh0"] = rel_err(dh0.cpu(), ref[6])
         elif dh0 is not None:
             others = dh0.abs().max().item()
     return errs, others
@@ -143,3 +163,51 @@ def test_delta_rule_modes_match_one_process(world):
             assert msg != "no error" and "\n" not in msg, f"rank {rank}, {what}: {msg}"
         assert "lasp2" in errors["mode"] and "divisible" in errors["ulysses-heads"], errors
         assert "initial_state" in errors["disagree"], errors
+
+
+# ----------------------------------------------------------------------------------------------
+# on the GPU: ranks sharing one GPU over gloo, the fla kernels (CI never runs these)
+
+
+def _check_gpu(rank, world_size, seed):
+    torch.cuda.set_device(0)
+    group = dist.group.WORLD
+    results = {}
+    B, C, H, D = 1, 1000, 4, 64  # slices that do not divide into the kernels' 64-token chunks
+    cu = torch.tensor([0, 700, 1400, 1401, 2 * C], dtype=torch.int64)  # documents across the edge
+    for dtype in (torch.float32, torch.bfloat16):
+        for packed in (False, True):
+            for i, mode in enumerate(MODES):
+                key = f"{mode}-{str(dtype)[6:]}-C{C}-sp{world_size}{'-packed' if packed else ''}"
+                results[key] = _compare(seed + i, B, C, H, D, D, mode, group, cu if packed else None, dtype, True,
+                                        device="cuda", backend=None)
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_delta_rule_modes_on_one_gpu():
+    """Every mode at SP = 2 with the GPU kernels (fla's, the default backend on CUDA), 2 ranks on
+    one GPU over gloo, fp32 and bf16, against the fp64 reference: fp32 within 1e-4 (the kernels'
+    tf32-free fp32 path; the one-rank run's own error is reported beside it); bf16 as close as the
+    one-rank bf16 run of the same kernels (twice its error + 2e-3: the SP run adds the transform's
+    bf16 rounding of the transported queries)."""
+    pytest.importorskip("fla")
+    from test_gpu import _report
+
+    per_rank = spawn(_check_gpu, world_size=2, args=(2468,), timeout=900)
+    results = per_rank[0]
+    _report("delta_rule_sp", {k: {"errors": e, "d_h0_off_first_rank": o} for k, (e, o) in results.items()})
+    bad = {}
+    for case, (errs, others) in results.items():
+        for name, err in errs.items():
+            if name.startswith("one_rank_"):
+                continue
+            if "bfloat16" in case:
+                limit = 2 * errs.get(f"one_rank_{name}", errs["one_rank_o"]) + 2e-3
+            else:
+                limit = 1e-4
+            if not err < limit:
+                bad[f"{case}/{name}"] = (err, limit)
+        assert others == 0.0, case
+    assert not bad, bad
