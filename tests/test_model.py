@@ -447,6 +447,9 @@ def _param_count(name: str, tied: bool) -> int:
     per_layer = 2 * h + 4 * H * D * h + H * D + H * D * h + 3 * h * F
     gate = f.get("linear_attention_gate", "none")
     per_layer += {"none": 0, "mamba2": H * h + 2 * H, "gla": H * h + H}[gate]  # W, then A_log + dt_bias / b_g
+    if f.get("linear_attention_type") == "gated_delta_net":  # defaults: H key and value heads of D, 4 taps
+        # in_proj (q, k, v, z, b, a), conv1d, A_log + dt_bias, out_norm [D], out_proj
+        per_layer = 2 * h + (4 * H * D + 2 * H) * h + 3 * H * D * 4 + 2 * H + D + H * D * h + 3 * h * F
     per_softmax_layer = 2 * h + (H + 2 * G) * D * h + H * D * h + 3 * h * F
     return V * h * (1 if tied else 2) + (L - softmax_layers) * per_layer + softmax_layers * per_softmax_layer + h
 
@@ -521,6 +524,8 @@ def test_config_defaults_and_presets():
         "tnl-1b-hybrid-1to3": (2048, 16, 16, 128, 5632, 64000),
         "tnl-1b-mamba2": (2048, 16, 16, 128, 5632, 64000),
         "tnl-1b-gla": (2048, 16, 16, 128, 5632, 64000),
+        "gdn-1b": (2048, 16, 16, 128, 5632, 64000),
+        "gdn-1b-hybrid-1to3": (2048, 16, 16, 128, 5632, 64000),
     }
     for name, row in table.items():
         c = linear_lm_config(name)

@@ -43,7 +43,9 @@ FINE_TUNE_FIELDS = ("init_method_std", "hidden_dropout", "attention_dropout")
 
 _TRANSFORMER_FIELDS_KEPT = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
                             "normalization", "layernorm_epsilon", "add_bias_linear", "init_method_std",
-                            "hidden_dropout", "attention_dropout", "num_query_groups")
+                            "hidden_dropout", "attention_dropout", "num_query_groups", "linear_conv_kernel_dim",
+                            "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                            "linear_num_value_heads")
 """megatron-core ``TransformerConfig`` fields that describe the model (its others say how to run)."""
 
 
@@ -111,7 +113,7 @@ def model_fields(config) -> Dict[str, Any]:
     return out
 
 
-LATER_FIELDS = {"linear_attention_gate": "none", "gate_logit_normalizer": 16.0}
+LATER_FIELDS = {"linear_attention_gate": "none", "gate_logit_normalizer": 16.0, "linear_attention_type": "lightning"}
 """Architecture fields newer than some checkpoints, with the value the models of those checkpoints
 have (so that, e.g., a gated run refuses a checkpoint saved before the gate existed by its field)."""
 

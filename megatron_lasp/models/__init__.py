@@ -45,6 +45,10 @@ Builder API (what the training loop calls)::
 - ``fusion``: the elementwise work around the matmuls runs in the Triton kernels of
   ``megatron_lasp.ops.fused`` (default on GPU; ``fusion=False`` / ``--no-fusion``: plain PyTorch,
   the CPU path).
+- ``linear_attention_type='gated_delta_net'``: the linear layers are Gated DeltaNet
+  (``delta_net.py``: short convolution, L2-normed q / k, the gated delta rule through
+  ``megatron_lasp.parallel.delta_sp``; sizes ``linear_num_key_heads`` ...; presets ``gdn-1b``,
+  ``gdn-1b-hybrid-1to3``) instead of lightning attention.
 - ``transformer_impl='transformer_engine'`` uses megatron-core's TE modules (GPU, TE installed);
   ``'local'`` (default) runs everywhere.
 
@@ -58,11 +62,13 @@ from megatron_lasp.models.config import (
     linear_lm_config,
     preset_vocab_size,
 )
+from megatron_lasp.models.delta_net import GatedDeltaNet
 from megatron_lasp.models.model import LinearLM, build_linear_lm
 from megatron_lasp.models.specs import get_linear_lm_block_spec, get_linear_lm_layer_spec
 
 __all__ = [
     "PRESETS",
+    "GatedDeltaNet",
     "LinearLM",
     "LinearLMConfig",
     "LinearSelfAttention",

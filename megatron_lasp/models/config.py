@@ -4,7 +4,7 @@ The config owns the model's rules: ``__post_init__`` checks the new fields and h
 over the tensor- and sequence-parallel groups, with ``ValueError`` messages that name the config
 fields to change (the training CLI maps field names to its flags). Presets (``tiny``,
 ``tnl-385m``, ``tnl-1b``, ``tnl-7b``; ``tnl-1b-mamba2`` / ``tnl-1b-gla``: TNL-1B with a per-token
-gate) follow the TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets);
+gate; ``gdn-1b`` / ``gdn-1b-hybrid-1to3``: TNL-1B's sizes with Gated DeltaNet layers) follow the TransNormerLLM table in ``megatron_lasp/models/README.md`` (Presets);
 :func:`linear_lm_config` builds a config from a preset plus overrides, and
 :func:`preset_vocab_size` gives the preset's vocabulary.
 
@@ -49,9 +49,17 @@ __all__ = [
     "check_softmax_head_split",
     "LINEAR_LAYER",
     "SOFTMAX_LAYER",
+    "LINEAR_ATTENTION_TYPES",
+    "check_delta_head_split",
 ]
 
 DECAY_TYPES = ("tnl", "alibi", "none")
+LINEAR_ATTENTION_TYPES = ("lightning", "gated_delta_net")
+"""What a linear layer (``'L'``) is: TransNormerLLM's lightning attention (``attention.py``) or
+Gated DeltaNet (``delta_net.py``); megatron-core's names (``--linear-attention-type``)."""
+DELTA_NET_FIELDS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_num_key_heads", "linear_num_value_heads")
+"""The fields only a Gated DeltaNet layer reads (None for lightning layers)."""
 FEATURE_MAPS = ("silu", "identity")
 GLU_TYPES = ("sglu", "swiglu")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
@@ -92,6 +100,37 @@ def check_head_split(
             f"sequence_parallel_mode lasp"
         )
     return local_heads
+
+
+def check_delta_head_split(
+    num_key_heads: int,
+    num_value_heads: int,
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel_mode: str = "lasp",
+) -> None:
+    """The rule of how a Gated DeltaNet layer's heads split over TP and (ulysses) SP.
+
+    Each TP rank holds whole key heads with the value heads that read them (GVA: value head ``j``
+    reads key head ``j // (num_value_heads / num_key_heads)``).
+
+    Raises:
+        ValueError: naming the fields, when the value heads are not a multiple of the key heads,
+            the key heads do not divide over the tensor-parallel ranks, or (``ulysses``) the value
+            heads per tensor-parallel rank do not divide over the SP group.
+    """
+    hk, hv, tp, sp = num_key_heads, num_value_heads, tensor_model_parallel_size, context_parallel_size
+    if hv % hk != 0:
+        raise ValueError(f"linear_num_value_heads ({hv}) must be a multiple of linear_num_key_heads ({hk}) "
+                         "(each key head is read by the same number of value heads)")
+    if hk % tp != 0:
+        raise ValueError(f"linear_num_key_heads ({hk}) must be divisible by tensor_model_parallel_size ({tp})")
+    if sequence_parallel_mode == "ulysses" and (hv // tp) % sp != 0:
+        raise ValueError(
+            f"sequence_parallel_mode ulysses needs the Gated DeltaNet value heads per tensor-parallel rank "
+            f"({hv // tp}) to be divisible by context_parallel_size ({sp}); change the sizes or use "
+            "sequence_parallel_mode lasp"
+        )
 
 
 LINEAR_LAYER, SOFTMAX_LAYER = "L", "*"
@@ -164,6 +203,22 @@ class LinearLMConfig(TransformerConfig):
     decay_layer_eps: float = 1e-5
     """The epsilon of the 'tnl' depth scaling, keeping the last layer's decay non-zero
     (--decay-layer-eps)."""
+    linear_attention_type: str = "lightning"
+    """What a linear layer is: 'lightning' (TransNormerLLM's lightning attention, the fields above
+    and below) or 'gated_delta_net' (Gated DeltaNet, ``delta_net.py``: the ``linear_*`` fields
+    below) (--linear-attention-type)."""
+    linear_conv_kernel_dim: Optional[int] = None
+    """Gated DeltaNet: taps of the causal depthwise convolution on q, k, v; None: 4 (gated_delta_net),
+    unused by lightning layers (--linear-conv-kernel-dim)."""
+    linear_key_head_dim: Optional[int] = None
+    """Gated DeltaNet: channels per query/key head; None: kv_channels (--linear-key-head-dim)."""
+    linear_value_head_dim: Optional[int] = None
+    """Gated DeltaNet: channels per value head; None: kv_channels (--linear-value-head-dim)."""
+    linear_num_key_heads: Optional[int] = None
+    """Gated DeltaNet: query/key heads; None: num_attention_heads (--linear-num-key-heads)."""
+    linear_num_value_heads: Optional[int] = None
+    """Gated DeltaNet: value heads, a multiple of the key heads (GVA); None: linear_num_key_heads
+    (--linear-num-value-heads)."""
     linear_attention_gate: str = "none"
     """Per-token, per-head log-decay learned from the input (``gate.py``): 'none' (the fixed decay
     of ``decay_type``, the fast path), 'mamba2' (``-exp(A_log) * softplus(x W_dt + dt_bias)``) or
@@ -254,6 +309,8 @@ class LinearLMConfig(TransformerConfig):
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         super().__post_init__()
+        if self.delta_net:
+            self._resolve_delta_net_fields()
         if self.num_query_groups not in (None, self.num_attention_heads) and not self.is_hybrid:
             raise ValueError(
                 f"num_query_groups ({self.num_query_groups}) must equal num_attention_heads "
@@ -264,7 +321,7 @@ class LinearLMConfig(TransformerConfig):
             check_softmax_head_split(self.num_attention_heads, self.num_query_groups,
                                      self.tensor_model_parallel_size, self.context_parallel_size,
                                      self.softmax_sequence_parallel_mode)
-        if self.kv_channels > MAX_HEAD_DIM:
+        if self.kv_channels > MAX_HEAD_DIM and not self.delta_net:
             raise ValueError(
                 f"head dim kv_channels ({self.kv_channels}) exceeds the kernels' limit "
                 f"{MAX_HEAD_DIM}; use more num_attention_heads"
@@ -275,6 +332,7 @@ class LinearLMConfig(TransformerConfig):
             "sequence_parallel_mode": SEQUENCE_PARALLEL_MODES,
             "kernel_backend": (None, *BACKENDS),
             "decay_type": DECAY_TYPES,
+            "linear_attention_type": LINEAR_ATTENTION_TYPES,
             "linear_attention_gate": GATES,
             "qk_feature_map": FEATURE_MAPS,
             "v_feature_map": FEATURE_MAPS,
@@ -291,6 +349,7 @@ class LinearLMConfig(TransformerConfig):
                 raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.transformer_impl == "transformer_engine" and not te_available():
             raise ValueError(TE_MISSING_MESSAGE)
+        self._check_delta_net_fields()
         if self.gated and self.transformer_impl == "transformer_engine":
             # TE fuses the input norm into linear_qkv: the gate projection would see the un-normed input
             raise ValueError(
@@ -345,7 +404,9 @@ class LinearLMConfig(TransformerConfig):
             raise ValueError(
                 f"num_attention_heads ({heads}) and hidden_size ({self.hidden_size}) must be positive"
             )
-        local_heads = check_head_split(heads, tp, self.context_parallel_size, self.sequence_parallel_mode)
+        # a Gated DeltaNet model's ulysses split is of its own heads (_resolve_delta_net_fields)
+        local_heads = check_head_split(heads, tp, self.context_parallel_size,
+                                       "lasp" if self.delta_net else self.sequence_parallel_mode)
         group = self.attention_norm_group_size
         if group < 1 or local_heads % group != 0:
             raise ValueError(
@@ -357,6 +418,53 @@ class LinearLMConfig(TransformerConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({heads}), "
                 f"or set kv_channels"
             )
+
+    _LIGHTNING_ONLY = {"linear_attention_gate": "none", "decay_type": "tnl", "decay_layer_eps": 1e-5,
+                       "qk_feature_map": "silu", "v_feature_map": "silu", "output_gate": True,
+                       "attention_norm_group_size": 1}
+    """Lightning-attention fields (with their defaults) that a Gated DeltaNet layer does not read."""
+
+    def _check_delta_net_fields(self) -> None:
+        """The fields of one kind of linear layer are refused with the other kind."""
+        if not self.delta_net:
+            given = [name for name in DELTA_NET_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} is read by linear_attention_type gated_delta_net only: drop it "
+                                 "or set linear_attention_type gated_delta_net")
+            return
+        for name, default in self._LIGHTNING_ONLY.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"{name} is read by linear_attention_type lightning only (a Gated DeltaNet layer "
+                                 f"has its own gate, output gate and norm): drop it or set linear_attention_type "
+                                 "lightning")
+        for name in DELTA_NET_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.transformer_impl == "transformer_engine":
+            raise ValueError("linear_attention_type gated_delta_net needs transformer_impl local (its layer is "
+                             "built from megatron-core's local linears only)")
+        if self.recompute_chunk_size > 0:
+            raise ValueError("recompute_chunk_size is not supported for linear_attention_type gated_delta_net yet "
+                             "(its chunks would carry the convolution's last inputs and the delta-rule state): "
+                             "use recompute_granularity full instead")
+
+    def _resolve_delta_net_fields(self) -> None:
+        """Fill the Gated DeltaNet sizes left None (from ``kv_channels`` and the heads) and check
+        how its heads split."""
+        if self.linear_conv_kernel_dim is None:
+            self.linear_conv_kernel_dim = 4
+        if self.linear_key_head_dim is None:
+            self.linear_key_head_dim = self.kv_channels
+        if self.linear_value_head_dim is None:
+            self.linear_value_head_dim = self.kv_channels
+        if self.linear_num_key_heads is None:
+            self.linear_num_key_heads = self.num_attention_heads
+        if self.linear_num_value_heads is None:
+            self.linear_num_value_heads = self.linear_num_key_heads
+        check_delta_head_split(self.linear_num_key_heads, self.linear_num_value_heads,
+                               self.tensor_model_parallel_size, self.context_parallel_size,
+                               self.sequence_parallel_mode)
 
     def _check_hybrid_fields(self) -> None:
         pattern = self.hybrid_layer_pattern
@@ -396,6 +504,11 @@ class LinearLMConfig(TransformerConfig):
         if self.fusion is None:
             return torch.cuda.is_available()
         return bool(self.fusion)
+
+    @property
+    def delta_net(self) -> bool:
+        """Whether the linear layers are Gated DeltaNet (``linear_attention_type``)."""
+        return self.linear_attention_type == "gated_delta_net"
 
     @property
     def gated(self) -> bool:
@@ -441,6 +554,17 @@ PRESETS: Dict[str, _Preset] = {
     "tnl-1b-gla": _Preset(
         64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
                     linear_attention_gate="gla")
+    ),
+    # Gated DeltaNet (arXiv 2412.06464) at TNL-1B's width and depth: 16 query/key and 16 value heads
+    # of 128 (the defaults from the heads and kv_channels), and a Qwen3-Next-like hybrid of them with
+    # one softmax layer in four (GQA with 4 key/value heads)
+    "gdn-1b": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_type="gated_delta_net")
+    ),
+    "gdn-1b-hybrid-1to3": _Preset(
+        64000, dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
+                    linear_attention_type="gated_delta_net", hybrid_layer_pattern="LLL*" * 4, num_query_groups=4)
     ),
     "tnl-7b": _Preset(
         64000, dict(num_layers=30, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)

@@ -6,6 +6,10 @@
     ``ColumnParallelLinear`` / ``RowParallelLinear``; mlp: megatron-core's ``MLP`` (GLU) with the
     local backend's linears.
 
+With ``linear_attention_type='gated_delta_net'`` the linear layers' self_attention is
+:class:`~megatron_lasp.models.delta_net.GatedDeltaNet` (``in_proj`` / ``out_proj`` the local
+backend's column- / row-parallel linears; local implementation only).
+
 ``transformer_impl='transformer_engine'`` (GPU, Transformer Engine importable):
     the pre-norms are fused into the next linear, as in megatron-core's TE GPT spec:
     ``linear_qkv`` = ``TELayerNormColumnParallelLinear`` (input_layernorm = ``IdentityOp``), MLP
@@ -42,6 +46,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_lasp.models.attention import LinearAttentionSubmodules, LinearSelfAttention
 from megatron_lasp.models.chunked import LinearTransformerLayer
 from megatron_lasp.models.config import LINEAR_LAYER, SOFTMAX_LAYER, LinearLMConfig
+from megatron_lasp.models.delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
 from megatron_lasp.models.gate import GateSubmodules, LinearAttentionGate
 from megatron_lasp.models.mlp import LinearLMMLP
 from megatron_lasp.models.norms import RMSNorm
@@ -101,9 +106,19 @@ def _layer_spec(attention: ModuleSpec, backend, te: bool) -> ModuleSpec:
 
 
 def get_linear_lm_layer_spec(config: LinearLMConfig) -> ModuleSpec:
-    """The :class:`LinearTransformerLayer` spec of one linear-attention layer (same for every layer)."""
+    """The :class:`LinearTransformerLayer` spec of one linear-attention layer (same for every layer):
+    lightning attention (:class:`LinearSelfAttention`) or, with ``linear_attention_type
+    'gated_delta_net'``, :class:`~megatron_lasp.models.delta_net.GatedDeltaNet`."""
     backend = get_backend_provider(config)
     te = config.transformer_impl == "transformer_engine"
+    if config.delta_net:  # transformer_impl local (the config's rule)
+        attention = ModuleSpec(
+            module=GatedDeltaNet,
+            submodules=GatedDeltaNetSubmodules(
+                in_proj=backend.column_parallel_linear(), out_proj=backend.row_parallel_linear()
+            ),
+        )
+        return _layer_spec(attention, backend, te)
     attention = ModuleSpec(
         module=LinearSelfAttention,
         submodules=LinearAttentionSubmodules(

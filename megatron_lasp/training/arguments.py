@@ -130,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    from megatron_lasp.models.config import DECAY_TYPES, FEATURE_MAPS, GATES, GLU_TYPES, PRESETS, TRANSFORMER_IMPLS
+    from megatron_lasp.models.config import (
+        DECAY_TYPES,
+        FEATURE_MAPS,
+        GATES,
+        GLU_TYPES,
+        LINEAR_ATTENTION_TYPES,
+        PRESETS,
+        TRANSFORMER_IMPLS,
+    )
     from megatron_lasp.ops.lightning_attn.utils import BACKENDS
     from megatron_lasp.ops.softmax_attn import SOFTMAX_KERNELS
 
@@ -161,6 +169,21 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False,
                    help="no biases on the linear layers (the default)")
     g.add_argument("--hidden-dropout", type=float, default=None, help="dropout after attention and MLP")
+    g.add_argument("--linear-attention-type", choices=LINEAR_ATTENTION_TYPES, default=None,
+                   help="what the linear layers (L) are: lightning (TransNormerLLM's lightning attention; the "
+                   "default) or gated_delta_net (Gated DeltaNet: short convolution, L2-normed q/k, delta rule "
+                   "with a per-token gate; presets gdn-1b and gdn-1b-hybrid-1to3 set it)")
+    g.add_argument("--linear-conv-kernel-dim", type=int, default=None,
+                   help="gated_delta_net: taps of the causal short convolution on q, k, v (default 4)")
+    g.add_argument("--linear-key-head-dim", type=int, default=None,
+                   help="gated_delta_net: channels per query/key head (default --kv-channels)")
+    g.add_argument("--linear-value-head-dim", type=int, default=None,
+                   help="gated_delta_net: channels per value head (default --kv-channels)")
+    g.add_argument("--linear-num-key-heads", type=int, default=None,
+                   help="gated_delta_net: query/key heads (default --num-attention-heads)")
+    g.add_argument("--linear-num-value-heads", type=int, default=None,
+                   help="gated_delta_net: value heads, a multiple of the key heads (GVA; default "
+                   "--linear-num-key-heads)")
     g.add_argument("--decay-type", choices=DECAY_TYPES, default=None,
                    help="per-head decay slopes of linear attention (default tnl)")
     g.add_argument("--decay-layer-eps", type=float, default=None,
@@ -442,7 +465,9 @@ RANGES: Dict[str, str] = {
     # sizes and counts
     "num_layers": "positive", "hidden_size": "positive", "num_attention_heads": "positive",
     "ffn_hidden_size": "positive", "kv_channels": "positive", "num_query_groups": "positive",
-    "attention_norm_group_size": "positive", "seq_length": "positive", "make_vocab_size_divisible_by": "positive",
+    "attention_norm_group_size": "positive", "linear_conv_kernel_dim": "positive", "linear_key_head_dim": "positive",
+    "linear_value_head_dim": "positive", "linear_num_key_heads": "positive", "linear_num_value_heads": "positive",
+    "seq_length": "positive", "make_vocab_size_divisible_by": "positive",
     "vocab_size": "positive", "recompute_num_layers": "positive", "recompute_chunk_size": ">=0",
     "cpu_offloading_num_layers": "positive",
     "cross_entropy_chunk_size": ">=0", "tensor_model_parallel_size": "positive",
@@ -691,7 +716,13 @@ def with_world_size(config: RunConfig, world_size: int) -> RunConfig:
         ArgumentError: sizes that do not fit the world, the heads or the sequence length that do
             not split over the groups, a global batch that does not divide.
     """
-    from megatron_lasp.models.config import PRESETS, SOFTMAX_LAYER, check_head_split, check_softmax_head_split
+    from megatron_lasp.models.config import (
+        PRESETS,
+        SOFTMAX_LAYER,
+        check_delta_head_split,
+        check_head_split,
+        check_softmax_head_split,
+    )
 
     par, train = config.parallel, config.training
     tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
@@ -704,7 +735,13 @@ def with_world_size(config: RunConfig, world_size: int) -> RunConfig:
     heads = model_field("num_attention_heads")
     try:
         dp = validate_parallel_sizes(world_size, tp, cp, par.pipeline_model_parallel_size)
-        check_head_split(heads, tp, cp, par.sequence_parallel_mode)
+        if config.model.linear_type() == "gated_delta_net":  # its own heads split over ulysses
+            check_head_split(heads, tp, cp, "lasp")
+            key_heads = model_field("linear_num_key_heads") or heads
+            check_delta_head_split(key_heads, model_field("linear_num_value_heads") or key_heads, tp, cp,
+                                   par.sequence_parallel_mode)
+        else:
+            check_head_split(heads, tp, cp, par.sequence_parallel_mode)
         if SOFTMAX_LAYER in (model_field("hybrid_layer_pattern") or ""):
             check_softmax_head_split(heads, model_field("num_query_groups"), tp, cp,
                                      par.softmax_sequence_parallel_mode)

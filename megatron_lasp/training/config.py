@@ -65,6 +65,18 @@ class ModelOptions:
     """Per-head decay slopes of linear attention."""
     decay_layer_eps: Optional[float] = None
     """Epsilon of the tnl depth scaling of the decay."""
+    linear_attention_type: Optional[str] = None
+    """What the linear layers are (lightning, gated_delta_net)."""
+    linear_conv_kernel_dim: Optional[int] = None
+    """Gated DeltaNet: taps of the short convolution."""
+    linear_key_head_dim: Optional[int] = None
+    """Gated DeltaNet: channels per query/key head."""
+    linear_value_head_dim: Optional[int] = None
+    """Gated DeltaNet: channels per value head."""
+    linear_num_key_heads: Optional[int] = None
+    """Gated DeltaNet: query/key heads."""
+    linear_num_value_heads: Optional[int] = None
+    """Gated DeltaNet: value heads."""
     linear_attention_gate: Optional[str] = None
     """Per-token gate of linear attention (none, mamba2, gla)."""
     gate_logit_normalizer: Optional[float] = None
@@ -100,7 +112,9 @@ class ModelOptions:
 
     OVERRIDES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
                  "num_query_groups", "normalization", "add_bias_linear", "hidden_dropout", "decay_type",
-                 "decay_layer_eps", "linear_attention_gate", "gate_logit_normalizer", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
+                 "decay_layer_eps", "linear_attention_type", "linear_conv_kernel_dim", "linear_key_head_dim",
+                 "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_attention_gate",
+                 "gate_logit_normalizer", "qk_feature_map", "v_feature_map", "output_gate", "attention_norm_group_size",
                  "glu_type", "share_embeddings_and_output_weights", "init_method_std", "hybrid_layer_pattern",
                  "rotary_base")
 
@@ -110,6 +124,7 @@ class ModelOptions:
                        if getattr(self, n) is None]
             if missing:
                 raise ArgumentError(f"{', '.join(missing)} required without --model-preset")
+        self._check_linear_type()
         gate = self.gate()
         if gate != "none":
             fixed = [f for f, v in (("--decay-type", self.decay_type), ("--decay-layer-eps", self.decay_layer_eps))
@@ -121,17 +136,52 @@ class ModelOptions:
             raise ArgumentError("--gate-logit-normalizer is read by --linear-attention-gate gla only: drop it "
                                 "or add --linear-attention-gate gla")
 
-    def gate(self) -> str:
-        """The linear attention's per-token gate: the flag's, else the preset's, else 'none'."""
-        if self.linear_attention_gate is not None:
-            return self.linear_attention_gate
+    _DELTA_NET_FLAGS = (("linear_conv_kernel_dim", "--linear-conv-kernel-dim"),
+                        ("linear_key_head_dim", "--linear-key-head-dim"),
+                        ("linear_value_head_dim", "--linear-value-head-dim"),
+                        ("linear_num_key_heads", "--linear-num-key-heads"),
+                        ("linear_num_value_heads", "--linear-num-value-heads"))
+    _LIGHTNING_FLAGS = (("linear_attention_gate", "--linear-attention-gate"), ("decay_type", "--decay-type"),
+                        ("decay_layer_eps", "--decay-layer-eps"), ("gate_logit_normalizer", "--gate-logit-normalizer"),
+                        ("qk_feature_map", "--qk-feature-map"), ("v_feature_map", "--v-feature-map"),
+                        ("output_gate", "--no-output-gate"),
+                        ("attention_norm_group_size", "--attention-norm-group-size"))
+
+    def _check_linear_type(self) -> None:
+        """The flags of one kind of linear layer are refused with the other kind."""
+        kind = self.linear_type()
+        if kind == "gated_delta_net":
+            given = [flag for name, flag in self._LIGHTNING_FLAGS if getattr(self, name) is not None]
+            if given:
+                raise ArgumentError(f"{given[0]} is read by --linear-attention-type lightning only (a Gated DeltaNet "
+                                    f"layer has its own gate, output gate and norm): drop {given[0]}")
+        else:
+            given = [flag for name, flag in self._DELTA_NET_FLAGS if getattr(self, name) is not None]
+            if given:
+                raise ArgumentError(f"{given[0]} is read by --linear-attention-type gated_delta_net only: drop it or "
+                                    "add --linear-attention-type gated_delta_net")
+
+    def _preset_field(self, name: str, default: Any) -> Any:
+        """The preset's value of a ``LinearLMConfig`` field (``default`` without it)."""
         if self.model_preset is not None:
             from megatron_lasp.models.config import PRESETS
 
             preset = PRESETS.get(self.model_preset)
             if preset is not None:
-                return preset.fields.get("linear_attention_gate", "none")
-        return "none"
+                return preset.fields.get(name, default)
+        return default
+
+    def linear_type(self) -> str:
+        """What the linear layers are: the flag's, else the preset's, else 'lightning'."""
+        if self.linear_attention_type is not None:
+            return self.linear_attention_type
+        return self._preset_field("linear_attention_type", "lightning")
+
+    def gate(self) -> str:
+        """The linear attention's per-token gate: the flag's, else the preset's, else 'none'."""
+        if self.linear_attention_gate is not None:
+            return self.linear_attention_gate
+        return self._preset_field("linear_attention_gate", "none")
 
     def overrides(self) -> Dict[str, Any]:
         """The ``LinearLMConfig`` fields given on the command line (those not None)."""

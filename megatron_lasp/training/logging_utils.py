@@ -24,6 +24,17 @@ Hybrid models (``hybrid_layer_pattern``): a softmax layer's projections are ``h 
 causal query reads on average (``2 * 2 * d`` FLOPs per key and head), backward twice that. Packed
 documents are counted as whole rows (the model's FLOPs, not the masked work).
 
+Gated DeltaNet layers (``linear_attention_type='gated_delta_net'``; ``Hk`` / ``Hv`` key / value
+heads of ``Dk`` / ``Dv`` channels, ``K`` convolution taps): the projections ``in_proj``
+``h x (2 Hk Dk + 2 Hv Dv + 2 Hv)`` (q, k, v, the output gate z, beta and the decay input) and
+``out_proj`` ``Hv Dv x h`` count in ``P_matmul``; the layer's core, forward per token, is the
+short convolution ``2 K (2 Hk Dk + Hv Dv)`` plus, per value head, the chunked delta rule's
+matmuls with chunk ``B`` (the WY form, fla's kernels): ``K K^T`` ``2 B Dk``, the chunk's
+triangular system applied to ``[V | K]`` ``2 B (Dk + Dv)``, ``Q K^T`` ``2 B Dk`` and its product
+with the corrected values ``2 B Dv``, and three state products ``W S``, ``Q S``, ``K^T U`` of
+``2 Dk Dv`` each: ``6 B Dk + 4 B Dv + 6 Dk Dv`` (the inversion of the ``B x B`` triangle and the
+elementwise work are not counted). Backward counts twice the forward, as for lightning layers.
+
 So MFU = (FLOPs / token x tokens / s) / (number of GPUs x ``--peak-flops``). On CPU MFU is n/a.
 
 MFU counts the model's FLOPs, not the work a run does: activation recompute runs part of the
@@ -115,7 +126,8 @@ def flops_per_token(config, vocab_size: int, chunk_size: Optional[int] = None,
     Args:
         config: the model config (``num_layers, hidden_size, num_attention_heads, kv_channels,
             ffn_hidden_size``, optional ``output_gate``, ``linear_attention_gate``,
-            ``hybrid_layer_pattern``, ``num_query_groups``).
+            ``hybrid_layer_pattern``, ``num_query_groups``; with ``linear_attention_type
+            'gated_delta_net'`` its ``linear_*`` sizes).
         vocab_size: padded vocabulary size (output layer width).
         chunk_size: the attention kernel's block size (default :data:`DEFAULT_CHUNK_SIZE`).
         seq_length: tokens per sequence; needed by a hybrid's softmax layers (their work per
@@ -149,9 +161,13 @@ def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int], c
     G = getattr(config, "num_query_groups", None) or H
     gate = 0 if getattr(config, "linear_attention_gate", "none") in (None, "none") else h * H
     B = chunk_size or DEFAULT_CHUNK_SIZE
+    if getattr(config, "linear_attention_type", "lightning") == "gated_delta_net":
+        linear_proj, linear_attn = _delta_net_flops(config, B)
+    else:
+        linear_proj, linear_attn = 2.0 * (h * parts * H * d + H * d * h + gate), float(H * (4 * B * d + 4 * d * d))
     out = {
-        "linear_proj": 2.0 * (h * parts * H * d + H * d * h + gate),
-        "linear_attn": float(H * (4 * B * d + 4 * d * d)),
+        "linear_proj": linear_proj,
+        "linear_attn": linear_attn,
         "softmax_proj": 2.0 * (h * (H + 2 * G) * d + H * d * h),
         "softmax_attn": 2.0 * H * d * ((seq_length or 0) + 1),
         "mlp": 2.0 * glu * h * f,
@@ -161,6 +177,17 @@ def _layer_flops(config, chunk_size: Optional[int], seq_length: Optional[int], c
     out["layers"] = (out["linear_layers"] * (out["linear_proj"] + out["linear_attn"] + out["mlp"])
                      + softmax_layers * (out["softmax_proj"] + out["softmax_attn"] + out["mlp"]))
     return out
+
+
+def _delta_net_flops(config, B: int) -> tuple:
+    """A Gated DeltaNet layer's forward FLOPs per token: ``(projections, core)``, the core being the
+    short convolution and the chunked delta rule (module docstring; what ``core_attn`` recomputes)."""
+    h, K = config.hidden_size, config.linear_conv_kernel_dim
+    Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
+    Dk, Dv = config.linear_key_head_dim, config.linear_value_head_dim
+    proj = 2.0 * (h * (2 * Hk * Dk + 2 * Hv * Dv + 2 * Hv) + Hv * Dv * h)
+    conv = 2.0 * K * (2 * Hk * Dk + Hv * Dv)
+    return proj, conv + float(Hv * (6 * B * Dk + 4 * B * Dv + 6 * Dk * Dv))
 
 
 def recompute_flops_per_token(config, chunk_size: Optional[int] = None, seq_length: Optional[int] = None) -> float:
