@@ -523,3 +523,57 @@ def test_training_falls_and_resumes_bitwise(tmp_path):
             assert isinstance(losses, list) and len(losses) == len(ref), (name, losses)
             for g, w in zip(losses, ref):
                 assert abs(g - w) <= 2e-5 * abs(w), (name, losses, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (the lead's machine): a TNL-1B-width Gated DeltaNet model trains in bf16 on the default path
+
+
+def _train_gpu(rank, world_size):
+    from megatron_lasp.training import main
+
+    base = ["--model-preset", "gdn-1b", "--num-layers", "2", "--mock-data", "--seq-length", "8192",
+            "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "8", "--seed", "7", "--lr", "3e-4",
+            "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "0", "--bf16", "--ddp-impl",
+            "megatron", "--use-distributed-optimizer"]
+    plain = main(base, destroy=False)
+    torch_op = main(base + ["--train-iters", "3", "--kernel-backend", "torch"], destroy=False)
+    full = main(base + ["--train-iters", "3", "--recompute-granularity", "full"], destroy=False)
+    return {"loss": plain.losses, "grad_norm": plain.grad_norms, "torch_op": torch_op.losses, "full": full.losses,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gdn_1b_width_trains_in_bf16():
+    """The default GPU path (the delta rule on fla's kernels where fla imports, megatron-core DDP +
+    distributed optimizer, bf16): finite, falling loss; the chunked PyTorch op and full recompute
+    give the first loss to bf16 accuracy."""
+    record = spawn(_train_gpu, 1, timeout=900, init_process_group=False)[0]
+    losses = record["loss"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses + record["grad_norm"]), record
+    assert losses[-1] < losses[0] - 0.5, record
+    for other in ("torch_op", "full"):
+        assert abs(record[other][0] - losses[0]) <= 5e-3 * abs(losses[0]), record
+
+
+def _train_sp_gpu(rank, world_size, extra):
+    from megatron_lasp.training import main
+
+    base = ["--model-preset", "tiny", "--linear-attention-type", "gated_delta_net", "--mock-data", "--seq-length",
+            "2048", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "2", "--seed", "7",
+            "--log-interval", "1", "--eval-interval", "0", "--ddp-impl", "torch", "--distributed-backend", "gloo",
+            "--reset-attention-mask"]
+    return main(base + list(extra), destroy=False).losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sp2_on_one_gpu_equals_one_rank():
+    """Two ranks sharing a GPU over gloo (the halo and the delta state staged through host memory),
+    fp32, packed documents: the one-rank losses in every mode."""
+    (want,) = spawn(_train_sp_gpu, 1, ([],), timeout=600, init_process_group=False)
+    for mode in SP_MODES:
+        got = spawn(_train_sp_gpu, 2, (["--sequence-parallel-size", "2", "--sequence-parallel-mode", mode],),
+                    timeout=600, init_process_group=False)[0]
+        assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want)), (mode, got, want)

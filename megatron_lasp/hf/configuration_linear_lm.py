@@ -10,6 +10,10 @@ exp(-slope_h)``), or ``linear_attention_gate`` a per-token decay learned from th
 gate_logit_normalizer``; ``lambda_t = exp(g_t)``), ``qk_feature_map`` / ``v_feature_map`` the feature maps, ``output_gate`` the
 sigmoid gate, ``attention_norm_group_size`` the heads per RMSNorm group on the attention output,
 ``glu_type`` the MLP (``sglu``: ``(W1 x) * (W2 x)``; ``swiglu``: ``silu(W1 x) * (W2 x)``).
+``linear_attention_type`` says what the linear layers are: ``lightning`` (the above) or
+``gated_delta_net`` (Gated DeltaNet: ``linear_num_key_heads`` query/key heads of
+``linear_key_head_dim`` and ``linear_num_value_heads`` value heads of ``linear_value_head_dim``
+channels, a causal convolution of ``linear_conv_kernel_dim`` taps, the gated delta rule).
 Hybrid models: ``layer_types`` (transformers' convention, as in Qwen3-Next) names each layer
 ``"linear_attention"`` or ``"full_attention"`` (causal softmax attention with RoPE, ``rope_theta``,
 and ``num_key_value_heads`` key/value heads); megatron-lasp's ``hybrid_layer_pattern`` writes them
@@ -24,6 +28,7 @@ LAYER_TYPES = ("linear_attention", "full_attention")
 """The values of ``layer_types``."""
 
 _CHOICES = {
+    "linear_attention_type": ("lightning", "gated_delta_net"),
     "decay_type": ("tnl", "alibi", "none"),
     "linear_attention_gate": ("none", "mamba2", "gla"),
     "qk_feature_map": ("silu", "identity"),
@@ -62,6 +67,14 @@ class LaspLinearLMConfig(PretrainedConfig):
         layer_types: one of :data:`LAYER_TYPES` per layer (None: every layer linear).
         num_key_value_heads: key/value heads of the full-attention layers (default: the heads).
         rope_theta: RoPE base of the full-attention layers.
+        linear_attention_type: 'lightning' (the fields above) or 'gated_delta_net' (the fields below;
+            the lightning ones are then unused).
+        linear_conv_kernel_dim: Gated DeltaNet: taps of the causal convolution on q, k, v (default 4).
+        linear_key_head_dim: Gated DeltaNet: channels per query/key head (default ``head_dim``).
+        linear_value_head_dim: Gated DeltaNet: channels per value head (default ``head_dim``).
+        linear_num_key_heads: Gated DeltaNet: query/key heads (default ``num_attention_heads``).
+        linear_num_value_heads: Gated DeltaNet: value heads, a multiple of the key heads (default
+            ``linear_num_key_heads``).
     """
 
     model_type = "lasp_linear_lm"
@@ -100,6 +113,12 @@ class LaspLinearLMConfig(PretrainedConfig):
         layer_types: list = None,
         num_key_value_heads: int = None,
         rope_theta: float = 10000.0,
+        linear_attention_type: str = "lightning",
+        linear_conv_kernel_dim: int = None,
+        linear_key_head_dim: int = None,
+        linear_value_head_dim: int = None,
+        linear_num_key_heads: int = None,
+        linear_num_value_heads: int = None,
         **kwargs,
     ):
         for name, allowed in _CHOICES.items():
@@ -132,6 +151,22 @@ class LaspLinearLMConfig(PretrainedConfig):
             raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if linear_attention_type == "gated_delta_net":
+            linear_conv_kernel_dim = 4 if linear_conv_kernel_dim is None else linear_conv_kernel_dim
+            linear_key_head_dim = linear_key_head_dim or head_dim
+            linear_value_head_dim = linear_value_head_dim or head_dim
+            linear_num_key_heads = linear_num_key_heads or num_attention_heads
+            linear_num_value_heads = linear_num_value_heads or linear_num_key_heads
+            for name, value in (("linear_conv_kernel_dim", linear_conv_kernel_dim),
+                                ("linear_key_head_dim", linear_key_head_dim),
+                                ("linear_value_head_dim", linear_value_head_dim),
+                                ("linear_num_key_heads", linear_num_key_heads),
+                                ("linear_num_value_heads", linear_num_value_heads)):
+                if value < 1:
+                    raise ValueError(f"{name} must be positive, got {value}")
+            if linear_num_value_heads % linear_num_key_heads != 0:
+                raise ValueError(f"linear_num_value_heads ({linear_num_value_heads}) must be a multiple of "
+                                 f"linear_num_key_heads ({linear_num_key_heads})")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -156,6 +191,12 @@ class LaspLinearLMConfig(PretrainedConfig):
         self.layer_types = layer_types
         self.num_key_value_heads = num_key_value_heads
         self.rope_theta = rope_theta
+        self.linear_attention_type = linear_attention_type
+        self.linear_conv_kernel_dim = linear_conv_kernel_dim
+        self.linear_key_head_dim = linear_key_head_dim
+        self.linear_value_head_dim = linear_value_head_dim
+        self.linear_num_key_heads = linear_num_key_heads
+        self.linear_num_value_heads = linear_num_value_heads
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id

@@ -4,7 +4,10 @@ shape check of HF inputs.
 
 ``linear_qkv`` rows are head-major ``[head 0: q, k, v, (g) | head 1: ...]`` (``D`` rows per part;
 ``megatron_lasp/models/attention.py``); ``linear_fc1`` rows are ``[W1 (activation side); W2]``
-(megatron-core's GLU ``chunk(2)``). Both splits are pure slicing, so conversions are exact.
+(megatron-core's GLU ``chunk(2)``). A Gated DeltaNet layer's ``in_proj`` rows and ``conv1d``
+channels are grouped per key head (``megatron_lasp/models/delta_net.py``) and split into the HF
+model's ``{q,k,v,g,b,a}_proj`` and ``{q,k,v}_conv1d``. Every split is pure slicing, so conversions
+are exact.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ CONFIG_FIELDS = (
     ("add_bias_linear", "add_bias_linear"),
     ("share_embeddings_and_output_weights", "tie_word_embeddings"),
     ("init_method_std", "initializer_range"),
+    ("linear_attention_type", "linear_attention_type"),
+    ("linear_conv_kernel_dim", "linear_conv_kernel_dim"),
+    ("linear_key_head_dim", "linear_key_head_dim"),
+    ("linear_value_head_dim", "linear_value_head_dim"),
+    ("linear_num_key_heads", "linear_num_key_heads"),
+    ("linear_num_value_heads", "linear_num_value_heads"),
 )
 """megatron-lasp ``LinearLMConfig`` field -> HF ``LaspLinearLMConfig`` field (same meaning and value)."""
 
@@ -191,7 +200,42 @@ class _SplitGroups(_Rename):
         return torch.cat(parts, dim=1).reshape((heads + 2 * groups) * head_dim, *rest)
 
 
+class _SplitKeyGroups(_Rename):
+    """A Gated DeltaNet layer's ``in_proj`` (rows per key head: q ``Dk``, k ``Dk``, v ``r Dv``, z
+    ``r Dv``, b ``r``, a ``r``) or ``conv1d`` (channels per key head: q, k, v) <-> one tensor per part,
+    heads contiguous (``r`` value heads per key head)."""
+
+    def __init__(self, parts: Tuple[str, ...]):
+        self.parts = parts
+
+    def _sizes(self, hf_config: Dict[str, Any]) -> List[int]:
+        r = hf_config["linear_num_value_heads"] // hf_config["linear_num_key_heads"]
+        dk, dv = hf_config["linear_key_head_dim"], hf_config["linear_value_head_dim"]
+        per = {"q": dk, "k": dk, "v": r * dv, "g": r * dv, "b": r, "a": r}
+        return [per[part] for part in self.parts]
+
+    def hf_names(self, hf_name: str, hf_config: Dict[str, Any]) -> List[str]:
+        return [hf_name.format(part=part) for part in self.parts]
+
+    def split(self, tensor, name: str, hf_config: Dict[str, Any]) -> list:
+        heads, sizes = hf_config["linear_num_key_heads"], self._sizes(hf_config)
+        if tensor.shape[0] != heads * sum(sizes):
+            raise ConversionError(f"{name}: {tuple(tensor.shape)} does not match {heads} key heads x "
+                                  f"{sum(sizes)} rows ({', '.join(self.parts)})")
+        rest = tensor.shape[1:]
+        pieces = tensor.reshape(heads, sum(sizes), *rest).split(sizes, dim=1)
+        return [piece.reshape(heads * size, *rest) for piece, size in zip(pieces, sizes)]
+
+    def join(self, tensors: list, hf_config: Dict[str, Any]):
+        heads, sizes = hf_config["linear_num_key_heads"], self._sizes(hf_config)
+        rest = tensors[0].shape[1:]
+        grouped = [t.reshape(heads, size, *rest) for t, size in zip(tensors, sizes)]
+        return torch.cat(grouped, dim=1).reshape(heads * sum(sizes), *rest)
+
+
 RENAME, SPLIT_HEADS, SPLIT_HALVES, SPLIT_GROUPS = _Rename(), _SplitHeads(), _SplitHalves(), _SplitGroups()
+SPLIT_DELTA_PROJ, SPLIT_DELTA_CONV = _SplitKeyGroups(("q", "k", "v", "g", "b", "a")), _SplitKeyGroups(("q", "k", "v"))
+_DELTA_PROJ_SHAPES = (("QK", "h"), ("QK", "h"), ("VV", "h"), ("VV", "h"), ("HV", "h"), ("HV", "h"))
 
 PARAMETER_MAP = (
     # (megatron-lasp TP=1 name, HF name, transform, HF shape, present when); {L}: the layer,
@@ -204,7 +248,17 @@ PARAMETER_MAP = (
     ("decoder.layers.{L}.self_attention.linear_qkv.weight", "model.layers.{L}.attn.{part}_proj.weight", SPLIT_GROUPS,
      (("W", "h"), ("K", "h"), ("K", "h")), "softmax"),
     ("decoder.layers.{L}.self_attention.linear_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
-     ("h", "W"), "always"),
+     ("h", "W"), "attention"),
+    ("decoder.layers.{L}.self_attention.in_proj.weight", "model.layers.{L}.attn.{part}_proj.weight",
+     SPLIT_DELTA_PROJ, _DELTA_PROJ_SHAPES, "delta"),
+    ("decoder.layers.{L}.self_attention.conv1d.weight", "model.layers.{L}.attn.{part}_conv1d.weight",
+     SPLIT_DELTA_CONV, (("QK", "1", "C"), ("QK", "1", "C"), ("VV", "1", "C")), "delta"),
+    ("decoder.layers.{L}.self_attention.A_log", "model.layers.{L}.attn.A_log", RENAME, ("HV",), "delta"),
+    ("decoder.layers.{L}.self_attention.dt_bias", "model.layers.{L}.attn.dt_bias", RENAME, ("HV",), "delta"),
+    ("decoder.layers.{L}.self_attention.out_norm.weight", "model.layers.{L}.attn.o_norm.weight", RENAME, ("DV",),
+     "delta"),
+    ("decoder.layers.{L}.self_attention.out_proj.weight", "model.layers.{L}.attn.o_proj.weight", RENAME,
+     ("h", "VV"), "delta"),
     ("decoder.layers.{L}.self_attention.gate.linear.weight", "model.layers.{L}.attn.decay_proj.weight", RENAME,
      ("H", "h"), "gated"),
     ("decoder.layers.{L}.self_attention.gate.linear.bias", "model.layers.{L}.attn.decay_proj.bias", RENAME,
@@ -218,7 +272,12 @@ PARAMETER_MAP = (
      ("W",), "linear-bias"),
     ("decoder.layers.{L}.self_attention.linear_qkv.bias", "model.layers.{L}.attn.{part}_proj.bias", SPLIT_GROUPS,
      (("W",), ("K",), ("K",)), "softmax-bias"),
-    ("decoder.layers.{L}.self_attention.linear_proj.bias", "model.layers.{L}.attn.o_proj.bias", RENAME, ("h",), "bias"),
+    ("decoder.layers.{L}.self_attention.linear_proj.bias", "model.layers.{L}.attn.o_proj.bias", RENAME, ("h",),
+     "attention-bias"),
+    ("decoder.layers.{L}.self_attention.in_proj.bias", "model.layers.{L}.attn.{part}_proj.bias", SPLIT_DELTA_PROJ,
+     tuple(shape[:1] for shape in _DELTA_PROJ_SHAPES), "delta-bias"),
+    ("decoder.layers.{L}.self_attention.out_proj.bias", "model.layers.{L}.attn.o_proj.bias", RENAME, ("h",),
+     "delta-bias"),
     ("decoder.layers.{L}.mlp.linear_fc1.bias", "model.layers.{L}.mlp.{part}_proj.bias", SPLIT_HALVES, ("F",), "bias"),
     ("decoder.layers.{L}.mlp.linear_fc2.bias", "model.layers.{L}.mlp.down_proj.bias", RENAME, ("h",), "bias"),
     ("decoder.layers.{L}.self_attention.out_norm.weight", "model.layers.{L}.attn.o_norm.weight", RENAME, ("W",),
@@ -231,9 +290,11 @@ PARAMETER_MAP = (
 "untied" ones without ``tie_word_embeddings`` (a tied model may or may not store them: they are
 dropped when present); "gated" rows with a per-token gate (``linear_attention_gate`` not 'none'),
 "mamba2" / "gla" rows with that gate (its ``A_log`` / ``dt_bias``, its projection's bias); "linear" /
-"softmax" rows only in the layers of that kind (a hybrid's ``layer_types``; the gate rows are
-linear-layer rows too), "-bias" ones with ``add_bias_linear`` too. A row's shape is one per piece
-where the pieces differ (a softmax layer's q and its k, v under GQA)."""
+"softmax" / "delta" rows only in the layers of that kind (a hybrid's ``layer_types``: "linear" is a
+lightning layer, "delta" a Gated DeltaNet one (``linear_attention_type``); the gate rows are
+lightning-layer rows too), "attention" rows in lightning and softmax layers, "-bias" ones with
+``add_bias_linear`` too. A row's shape is one per piece where the pieces differ (a softmax layer's q
+and its k, v under GQA; a Gated DeltaNet layer's parts)."""
 
 
 def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[Tuple[str, List[str], Any, tuple]]:
@@ -243,19 +304,30 @@ def _mapped(hf_config: Dict[str, Any], with_optional: bool = False) -> Iterator[
     sizes = {
         "V": hf_config["vocab_size"], "h": hf_config["hidden_size"], "F": hf_config["intermediate_size"],
         "W": hf_config["num_attention_heads"] * hf_config["head_dim"], "H": hf_config["num_attention_heads"],
-        "K": _kv_heads(hf_config) * hf_config["head_dim"],
+        "K": _kv_heads(hf_config) * hf_config["head_dim"], "1": 1,
     }
+    delta = hf_config.get("linear_attention_type", "lightning") == "gated_delta_net"  # older exports: lightning
+    if delta:
+        sizes.update(QK=hf_config["linear_num_key_heads"] * hf_config["linear_key_head_dim"],
+                     VV=hf_config["linear_num_value_heads"] * hf_config["linear_value_head_dim"],
+                     HV=hf_config["linear_num_value_heads"], DV=hf_config["linear_value_head_dim"],
+                     C=hf_config["linear_conv_kernel_dim"])
     bias = hf_config["add_bias_linear"]
     gate = hf_config.get("linear_attention_gate", "none")  # exports before the gate have none
     kinds = _layer_kinds(hf_config)
 
     def present(when: str, layer) -> bool:
-        kind = None if layer is None else ("softmax" if kinds[layer] == SOFTMAX_SYMBOL else "linear")
+        kind = None
+        if layer is not None:
+            kind = "softmax" if kinds[layer] == SOFTMAX_SYMBOL else "delta" if delta else "linear"
         linear = kind == "linear"
+        attention = kind in ("linear", "softmax")
         return {"always": True, "bias": bias, "untied": with_optional or not hf_config["tie_word_embeddings"],
                 "linear": linear, "softmax": kind == "softmax", "linear-bias": bias and linear,
                 "softmax-bias": bias and kind == "softmax", "gated": gate != "none" and linear,
-                "mamba2": gate == "mamba2" and linear, "gla": gate == "gla" and linear}[when]
+                "mamba2": gate == "mamba2" and linear, "gla": gate == "gla" and linear,
+                "attention": attention, "attention-bias": bias and attention, "delta": kind == "delta",
+                "delta-bias": bias and kind == "delta"}[when]
 
     layer_rows = [row for row in PARAMETER_MAP if "{L}" in row[0]]
     first = PARAMETER_MAP.index(layer_rows[0])

@@ -57,12 +57,32 @@ def model_card(
     else:
         decay = {"mamba2": "per-token decay per head, Mamba2 gate (`-exp(A_log) softplus(x W + dt_bias)`)",
                  "gla": f"per-token decay per head, GLA gate (`logsigmoid(x W + b) / {c['gate_logit_normalizer']:g}`)"}[kind]
+    blocks = (
+        "Each block is pre-norm: `x + o_proj(gate * GroupRMSNorm(LinAttn(q, k, v)))`, then `h + MLP(RMSNorm(h))`.\n"
+        "The attention has no softmax: per head `S_t = lambda S_(t-1) + k_t^T v_t`, `o_t = q_t S_t`, so\n"
+        f"each layer keeps one `[{heads}, {head_dim}, {head_dim}]` fp32 state per sequence, whatever its length. The\n"
+        "model has no position embedding and no length limit (the tokenizer's `model_max_length` says so)."
+    )
+    mixer = (f"causal linear attention, {heads} heads x {head_dim} channels, {decay}, feature maps {maps}, "
+             f"{gate}, RMSNorm over groups of {c['attention_norm_group_size']} head(s)")
+    if c.get("linear_attention_type", "lightning") == "gated_delta_net":
+        mixer = (f"Gated DeltaNet: {c['linear_num_key_heads']} query/key heads x {c['linear_key_head_dim']} and "
+                 f"{c['linear_num_value_heads']} value heads x {c['linear_value_head_dim']} channels, causal "
+                 f"convolution of {c['linear_conv_kernel_dim']} taps, gated delta rule (Mamba2-style decay), "
+                 "RMSNorm x SiLU output gate")
+        hv, dk, dv = c["linear_num_value_heads"], c["linear_key_head_dim"], c["linear_value_head_dim"]
+        blocks = (
+            "Each block is pre-norm: `x + o_proj(RMSNorm(o) * silu(g_proj x))`, then `h + MLP(RMSNorm(h))`, with `o`\n"
+            "Gated DeltaNet's (arXiv 2412.06464): q, k, v through a short causal convolution and SiLU, q and k\n"
+            "L2-normed, per head `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T`, `o_t = S_t^T q_t`,\n"
+            f"so each layer keeps one `[{hv}, {dk}, {dv}]` fp32 state and the convolution's last inputs per\n"
+            "sequence, whatever its length. The model has no position embedding and no length limit (the\n"
+            "tokenizer's `model_max_length` says so)."
+        )
     rows = [
         ("layers", c["num_hidden_layers"]),
         ("hidden size", c["hidden_size"]),
-        ("token mixer", f"causal linear attention, {heads} heads x {head_dim} channels, {decay}, "
-                        f"feature maps {maps}, {gate}, RMSNorm over groups of "
-                        f"{c['attention_norm_group_size']} head(s)"),
+        ("token mixer", mixer),
         ("MLP", f"{c['glu_type'].upper()}, {c['intermediate_size']} channels"),
         ("vocabulary", f"{c['vocab_size']} rows" + (f" ({tokenizer.vocab_size} tokenizer ids)" if tokenizer else "")),
         ("embeddings", "tied input/output" if c["tie_word_embeddings"] else "separate input and output"),
@@ -96,5 +116,5 @@ def model_card(
         example, imports = _EXAMPLE_IDS, "from transformers import AutoModelForCausalLM"
     with open(TEMPLATE, encoding="utf-8") as f:
         text = f.read()
-    return Template(text).substitute(name=name, table=table, heads=heads, head_dim=head_dim, training=training,
+    return Template(text).substitute(name=name, table=table, blocks=blocks, training=training,
                                      imports=imports, example=example)

@@ -34,6 +34,19 @@ state one token at a time (:func:`recurrent_linear_attention`): O(1) memory and 
 The states live in :class:`LaspLinearLMCache` (one ``[B, H, Dk, Dv]`` fp32 tensor per layer),
 passed as ``cache`` (``past_key_values`` is accepted too) and returned in the output.
 
+Gated DeltaNet (``config.linear_attention_type == "gated_delta_net"``): the linear layers' token
+mixer is instead (``Hk`` query/key heads of ``Dk``, ``Hv = r Hk`` value heads of ``Dv``; value head
+``j`` reads key head ``j // r``)::
+
+    q, k, v = silu(causal_conv(q_proj x', k_proj x', v_proj x'))     # depthwise, K taps
+    q, k = l2norm(q) * Dk^-0.5, l2norm(k);  beta = sigmoid(b_proj x');  g = -exp(A_log) softplus(a_proj x' + dt_bias)
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t        (state [Dk, Dv], fp32)
+    h = x + o_proj(RMSNorm(o) * o_norm.weight * silu(g_proj x'))
+
+Prompts run its chunked (WY) form (:func:`chunk_gated_delta_rule`), generation the recurrent step
+(:func:`recurrent_gated_delta_rule`); the cache keeps, per such layer, the state and the last
+``K - 1`` convolution inputs (:func:`short_convolution`): still O(1) per token.
+
 Hybrid models (``config.layer_types``): a ``"full_attention"`` layer replaces the token mixer by
 causal softmax attention with RoPE (``rope_theta``, rotate-half convention, positions counted from
 the row's first token) and ``num_key_value_heads`` key/value heads (GQA); its keys and values go to
@@ -97,10 +110,14 @@ __all__ = [
     "LaspLinearLMPreTrainedModel",
     "LaspSoftmaxAttention",
     "alibi_slopes",
+    "LaspGatedDeltaNet",
+    "chunk_gated_delta_rule",
     "chunk_linear_attention",
     "layer_slope_values",
     "layer_slopes",
+    "recurrent_gated_delta_rule",
     "recurrent_linear_attention",
+    "short_convolution",
 ]
 
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``.
@@ -263,12 +280,142 @@ def chunk_linear_attention(
 
 
 # ---------------------------------------------------------------------------------------------
+# Gated DeltaNet: short convolution and the gated delta rule (recurrent and chunked forms)
+# ---------------------------------------------------------------------------------------------
+
+
+def short_convolution(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
+    doc_ids: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution + SiLU: ``out_t = silu(sum_i weight[:, i] x_{t - (K - 1 - i)})``.
+
+    Args:
+        x: ``[B, T, C]`` the inputs.
+        weight: ``[C, K]``; tap ``K - 1`` multiplies the current token.
+        conv_state: ``[B, K - 1, C]``, the inputs before ``x`` (an earlier call's), or None (zeros).
+        doc_ids: ``[B, T]`` packed documents: a tap reaching into another document reads zero (the
+            ``conv_state`` tokens belong to each row's first document).
+
+    Returns:
+        ``(out [B, T, C] in x's dtype (fp32 math), the new conv_state [B, K - 1, C])``.
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    prev = x.new_zeros(B, K - 1, C) if conv_state is None else conv_state.to(x.dtype)
+    padded = torch.cat([prev, x], dim=1)  # [B, K - 1 + T, C]
+    w = weight.float()
+    src_docs = None
+    if doc_ids is not None:
+        src_docs = torch.cat([doc_ids[:, :1].expand(B, K - 1), doc_ids], dim=1)
+    out = torch.zeros(B, T, C, device=x.device, dtype=torch.float32)
+    for i in range(K):
+        term = padded[:, i:i + T].float() * w[:, i]
+        if src_docs is not None and i < K - 1:
+            term = term * (src_docs[:, i:i + T] == doc_ids).unsqueeze(-1).float()
+        out = out + term
+    return F.silu(out).to(x.dtype), padded[:, T:]
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token by token ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
+    ``o_t = S_t^T q_t`` (fp32; ``q`` already scaled).
+
+    Args:
+        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``; g, beta: ``[B, H, T]``.
+        initial_state: ``[B, H, Dk, Dv]`` or None (zeros).
+
+    Returns:
+        ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32)``.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    qf, kf, vf, gf, bf = q.float(), k.float(), v.float(), g.float(), beta.float()
+    outs = []
+    for t in range(T):
+        kt = kf[:, :, t]
+        state = torch.exp(gf[:, :, t])[..., None, None] * state
+        u = bf[:, :, t, None] * (vf[:, :, t] - torch.einsum("bhk,bhkv->bhv", kt, state))
+        state = state + kt[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], state))
+    o = torch.stack(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
+    return o.to(q.dtype), state
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    doc_ids: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked (WY) form of :func:`recurrent_gated_delta_rule`, same arguments and returns.
+
+    Written as ``S_i = exp(g_i) S_{i-1} + k_i u_i^T`` with the corrected values
+    ``u_i = beta_i (v_i - exp(g_i) S_{i-1}^T k_i)``: inside a block of ``C`` tokens (local index
+    ``i``, ``c_i`` the block's inclusive cumulative sum of ``g``, ``S`` the entering state)::
+
+        (I + A) U = diag(beta) V - diag(beta exp(c)) K S,   A_ij = beta_i exp(c_i - c_j) k_i . k_j  (j < i)
+        O = [(Q K^T) * M] U + diag(exp(c)) Q S,            M_ij = exp(c_i - c_j)  (j <= i)
+        S <- exp(c_last) S + (diag(exp(c_last - c)) K)^T U
+
+    one triangular solve per block (for ``[V | K]`` at once, so that ``U = U_v - W S``). fp32;
+    ``doc_ids [B, T]`` masks every factor by "same document" (the state restarts at each start;
+    ``initial_state`` feeds each row's first document).
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    state = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    C = max(1, min(chunk_size, T))
+    idx = torch.arange(C, device=q.device)
+    qf, kf, vf, gf, bf = q.float(), k.float(), v.float(), g.float(), beta.float()
+    outs = []
+    for start in range(0, T, C):
+        n = min(C, T - start)
+        sl = slice(start, start + n)
+        qc, kc, vc, bc = qf[:, :, sl], kf[:, :, sl], vf[:, :, sl], bf[:, :, sl, None]
+        c = gf[:, :, sl].cumsum(-1)  # [B, H, n]
+        lower = idx[:n, None] >= idx[None, :n]
+        M = (c[..., :, None] - c[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # [B, H, n, n]
+        a = c.exp().unsqueeze(-1)  # [B, H, n, 1]: exp(c_i), the entering state's weight
+        d = (c[..., -1:] - c).exp().unsqueeze(-1)  # [B, H, n, 1]: exp(c_last - c_j)
+        across = c[..., -1].exp().view(B, H, 1, 1)
+        if doc_ids is not None:  # same-document masks; e: the document of the entering state
+            docs = doc_ids[:, sl]
+            e, last = doc_ids[:, max(start - 1, 0)], docs[:, -1]
+            M = M * (docs[:, :, None] == docs[:, None, :]).float()[:, None]
+            a = a * (docs == e[:, None]).float()[:, None, :, None]
+            d = d * (docs == last[:, None]).float()[:, None, :, None]
+            across = across * (e == last).float().view(B, 1, 1, 1)
+        A = bc * (kc @ kc.transpose(-1, -2)) * M.tril(-1)
+        rhs = torch.cat([bc * vc, (bc * a) * kc], dim=-1)
+        u_v, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([Dv, Dk], dim=-1)
+        u = u_v - w @ state  # [B, H, n, Dv]
+        outs.append(((qc @ kc.transpose(-1, -2)) * M) @ u + (a * qc) @ state)
+        state = across * state + (d * kc).transpose(-1, -2) @ u
+    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
+    return o.to(q.dtype), state
+
+
+# ---------------------------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------------------------
 
 
 class _RecurrentStateLayer:
-    """One layer's recurrent state ``[B, H, Dk, Dv]`` fp32 (None before the first forward)."""
+    """One layer's recurrent state ``[B, H, Dk, Dv]`` fp32 (None before the first forward) and, for
+    a Gated DeltaNet layer, its convolution's last ``K - 1`` inputs ``conv [B, K - 1, C]``."""
 
     is_compileable = False
     is_croppable = False
@@ -278,29 +425,32 @@ class _RecurrentStateLayer:
 
     def __init__(self):
         self.state: Optional[torch.Tensor] = None
+        self.conv: Optional[torch.Tensor] = None
+
+    def _apply(self, fn) -> None:
+        """``tensor = fn(tensor)`` for the state and the conv inputs (those present)."""
+        if self.state is not None:
+            self.state = fn(self.state)
+        if self.conv is not None:
+            self.conv = fn(self.conv)
 
     def reset(self) -> None:
-        if self.state is not None:
-            self.state.zero_()
+        self._apply(lambda t: t.zero_())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.state is not None:
-            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state is not None:
-            self.state = self.state.repeat_interleave(repeats, dim=0)
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state = self.state[indices, ...]
+        self._apply(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a recurrent state cannot be cropped (it does not keep past tokens)")
 
     def offload(self) -> None:
-        if self.state is not None:
-            self.state = self.state.to("cpu", non_blocking=True)
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         pass
@@ -310,14 +460,16 @@ class _RecurrentStateLayer:
 
     def __repr__(self) -> str:
         shape = None if self.state is None else tuple(self.state.shape)
-        return f"RecurrentStateLayer(state={shape})"
+        conv = "" if self.conv is None else f", conv={tuple(self.conv.shape)}"
+        return f"RecurrentStateLayer(state={shape}{conv})"
 
 
 class LaspLinearLMCache(Cache):
     """Per-layer recurrent states of the linear LM: O(1) memory in the sequence length.
 
     ``cache.get_state(i)`` / ``cache.set_state(i, S)`` read and write layer ``i``'s ``[B, H, Dk,
-    Dv]`` fp32 state; ``get_seq_length()`` counts the tokens consumed so far. A hybrid's
+    Dv]`` fp32 state (a Gated DeltaNet layer's convolution inputs: ``get_conv_state`` /
+    ``set_conv_state``, ``[B, K - 1, C]``); ``get_seq_length()`` counts the tokens consumed so far. A hybrid's
     full-attention layers (``full_attention[i]``) hold transformers' ``DynamicLayer`` instead,
     filled by ``cache.update(keys, values, i)`` (``[B, Hkv, T, D]``).
     """
@@ -339,6 +491,14 @@ class LaspLinearLMCache(Cache):
     def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
         """Replace layer ``layer_idx``'s state."""
         self.layers[layer_idx].state = state
+
+    def get_conv_state(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """A Gated DeltaNet layer's last ``K - 1`` convolution inputs ``[B, K - 1, C]`` (None before the first token)."""
+        return self.layers[layer_idx].conv
+
+    def set_conv_state(self, layer_idx: int, conv: torch.Tensor) -> None:
+        """Replace layer ``layer_idx``'s convolution inputs."""
+        self.layers[layer_idx].conv = conv
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens consumed so far."""
@@ -515,6 +675,96 @@ class LaspLinearAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
+class LaspGatedRMSNorm(nn.Module):
+    """``RMSNorm(x) * weight * silu(z)`` over the last dim (one ``[n]`` weight for all heads), fp32 math."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return (y * F.silu(z.float())).to(x.dtype)
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(|x|^2 + 1e-6)`` over the last dim, fp32."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+class LaspShortConvolution(nn.Conv1d):
+    """A depthwise convolution's weight ``[C, 1, K]`` (``nn.Conv1d``'s layout, no bias); the causal,
+    document-aware computation is :func:`short_convolution`."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+
+class LaspGatedDeltaNet(nn.Module):
+    """The Gated DeltaNet token mixer: ``[B, T, hidden] -> [B, T, hidden]``, advancing ``cache`` if given."""
+
+    def __init__(self, config: LaspLinearLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_key_heads, self.num_value_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.key_dim, self.value_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.chunk_size = config.chunk_size
+        h, bias, K = config.hidden_size, config.add_bias_linear, config.linear_conv_kernel_dim
+        qk, vv, heads = self.num_key_heads * self.key_dim, self.num_value_heads * self.value_dim, self.num_value_heads
+        self.q_proj = nn.Linear(h, qk, bias=bias)
+        self.k_proj = nn.Linear(h, qk, bias=bias)
+        self.v_proj = nn.Linear(h, vv, bias=bias)
+        self.g_proj = nn.Linear(h, vv, bias=bias)  # the output gate z
+        self.b_proj = nn.Linear(h, heads, bias=bias)  # beta = sigmoid(b)
+        self.a_proj = nn.Linear(h, heads, bias=bias)  # the decay's input
+        self.q_conv1d = LaspShortConvolution(qk, K)
+        self.k_conv1d = LaspShortConvolution(qk, K)
+        self.v_conv1d = LaspShortConvolution(vv, K)
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.dt_bias = nn.Parameter(torch.zeros(heads))
+        self.o_norm = LaspGatedRMSNorm(self.value_dim, config.rms_norm_eps)
+        self.o_proj = nn.Linear(vv, h, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: Optional[LaspLinearLMCache] = None,
+        token_mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        Hk, Hv, Dk, Dv = self.num_key_heads, self.num_value_heads, self.key_dim, self.value_dim
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, C]
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if token_mask is not None:  # padded positions: no convolution input, no write, no decay
+            keep = token_mask[:, :, None]
+            mixed, beta, g = mixed * keep.to(mixed.dtype), beta * keep.float(), g * keep.float()
+        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)[:, 0]
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        conv, conv_state = short_convolution(mixed, weight, conv_state, doc_ids)
+        q, k, v = conv.split([Hk * Dk, Hk * Dk, Hv * Dv], dim=-1)
+        q = _l2norm(q.view(B, T, Hk, Dk)) * Dk ** -0.5
+        k = _l2norm(k.view(B, T, Hk, Dk))
+        r = Hv // Hk  # value head j reads key head j // r
+        q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.reshape(B, T, Hv, Dv).transpose(1, 2)  # [B, H, T, D]
+        g, beta = g.transpose(1, 2), beta.transpose(1, 2)  # [B, H, T]
+        initial_state = cache.get_state(self.layer_idx) if cache is not None else None
+        if initial_state is not None and T == 1:
+            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
+        else:
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state, self.chunk_size, doc_ids)
+        if cache is not None:
+            cache.set_state(self.layer_idx, state)
+            cache.set_conv_state(self.layer_idx, conv_state)
+        o = self.o_norm(o.transpose(1, 2).to(x.dtype), self.g_proj(x).view(B, T, Hv, Dv))
+        return self.o_proj(o.reshape(B, T, Hv * Dv))
+
+
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE (rotate-half convention): ``x [B, H, T, D]`` at ``positions [T]``, angles in fp32."""
     D = x.shape[-1]
@@ -593,7 +843,9 @@ class LaspDecoderLayer(nn.Module):
         super().__init__()
         self.input_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
         full = config.layer_type(layer_idx) == "full_attention"
-        self.attn = (LaspSoftmaxAttention if full else LaspLinearAttention)(config, layer_idx)
+        delta = getattr(config, "linear_attention_type", "lightning") == "gated_delta_net"
+        mixer = LaspSoftmaxAttention if full else LaspGatedDeltaNet if delta else LaspLinearAttention
+        self.attn = mixer(config, layer_idx)
         self.mlp_norm = LaspRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LaspMLP(config)
 
@@ -614,12 +866,14 @@ class LaspLinearLMPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # a recurrent state cannot be rolled back (no assisted generation)
 
     def _init_weights(self, module):
-        """transformers' default, plus the Mamba2 recipe for a gated layer's ``A_log`` / ``dt_bias``:
-        ``A = exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in [1e-3, 1e-1]
-        (floored at 1e-4); weights loaded from a checkpoint are left alone."""
+        """transformers' default, plus the Mamba2 recipe for a gated layer's (and a Gated DeltaNet
+        layer's) ``A_log`` / ``dt_bias``: ``A = exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)``
+        log-uniform in [1e-3, 1e-1] (floored at 1e-4), and ``nn.Conv1d``'s uniform init for the
+        Gated DeltaNet convolutions; weights loaded from a checkpoint are left alone."""
         super()._init_weights(module)
-        if isinstance(module, LaspLinearAttention) and module.gate == "mamba2":
-            heads = module.num_heads
+        mamba2 = isinstance(module, LaspLinearAttention) and module.gate == "mamba2"
+        if mamba2 or isinstance(module, LaspGatedDeltaNet):
+            heads = module.A_log.numel()
             dt = torch.exp(torch.rand(heads, dtype=torch.float64) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             dt = dt.clamp(min=1e-4)
             a = torch.empty(heads, dtype=torch.float64).uniform_(1.0, 16.0)
@@ -627,6 +881,10 @@ class LaspLinearLMPreTrainedModel(PreTrainedModel):
                 if not getattr(param, "_is_hf_initialized", False):
                     with torch.no_grad():
                         param.copy_(values.to(param.dtype))
+        if isinstance(module, LaspShortConvolution) and not getattr(module.weight, "_is_hf_initialized", False):
+            bound = 1.0 / math.sqrt(module.weight.shape[-1])  # nn.Conv1d's default, as megatron-lasp draws it
+            with torch.no_grad():
+                module.weight.uniform_(-bound, bound)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
