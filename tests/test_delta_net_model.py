@@ -370,8 +370,6 @@ def test_config_rules_and_presets():
         (dict(GDN, linear_num_key_heads=1, linear_num_value_heads=2, context_parallel_size=4,
               sequence_parallel_mode="ulysses"), "ulysses needs the Gated DeltaNet value heads"),
         (dict(GDN, linear_conv_kernel_dim=0), "linear_conv_kernel_dim must be a positive integer"),
-        (dict(GDN, recompute_chunk_size=8), "recompute_chunk_size is not supported for linear_attention_type "
-                                            "gated_delta_net yet"),
     ]
     for fields, message in refusals:
         with pytest.raises(ValueError, match=message):
@@ -410,8 +408,6 @@ def test_flags():
         "--linear-num-value-heads (6) must be a multiple of --linear-num-key-heads (4)")
     assert refused(["--model-preset", "tnl-1b-gla", "--linear-attention-type", "gated_delta_net"]).startswith(
         "--linear-attention-gate is read by --linear-attention-type lightning only")
-    assert refused(gdn + ["--recompute-granularity", "full", "--recompute-chunk-size", "8"]).startswith(
-        "--recompute-chunk-size is not supported for --linear-attention-type gated_delta_net yet")
     assert "ulysses needs the Gated DeltaNet value heads per tensor-parallel rank (2)" in refused(
         gdn + ["--linear-num-key-heads", "1", "--linear-num-value-heads", "2", "--sequence-parallel-size", "4",
                "--sequence-parallel-mode", "ulysses"], world_size=4)

@@ -211,3 +211,27 @@ def test_gpu_delta_rule_modes_on_one_gpu():
                 bad[f"{case}/{name}"] = (err, limit)
         assert others == 0.0, case
     assert not bad, bad
+
+
+def _restricted(rank, world_size):
+    """A backward restricted to some inputs (``torch.autograd.grad(..., inputs=...)``, as a
+    recompute runs it) must run every rank's communication: gradients of k alone, every mode."""
+    from megatron_lasp.ops.delta_rule import naive_recurrent_gated_delta_rule
+
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    q, k, v, g, beta, do = _inputs(5, 1, 12 * world_size, 6, 8, 8)
+    kf = k.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(naive_recurrent_gated_delta_rule(q, kf, v, g, beta)[0], [kf], do)
+    errs = {}
+    for mode in MODES:
+        local = [split_sequence(x, group).requires_grad_(True) for x in (q, k, v, g, beta)]
+        o = gated_delta_rule_sp(*local, group, mode, "torch")
+        (dk,) = torch.autograd.grad(o, [local[1]], split_sequence(do, group))
+        errs[mode] = rel_err(gather_sequence(dk, group), ref)
+    return errs
+
+
+def test_a_backward_restricted_to_some_inputs_runs_every_hop():
+    for errs in spawn(_restricted, world_size=3, timeout=120):
+        assert all(e < 1e-10 for e in errs.values()), errs

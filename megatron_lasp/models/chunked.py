@@ -28,6 +28,13 @@ applies the chunk's gates (the carried state decays by them), the slice's local 
 the kernel chunk by chunk, and the slice's transform from the slice's own cumulative gate
 (:meth:`SliceDecays.from_gates <megatron_lasp.parallel.slices.SliceDecays.from_gates>`).
 
+A Gated DeltaNet layer (``models/delta_net.py``) carries two things from chunk to chunk on one rank:
+the delta-rule state ``[b, heads, Dk, Dv]`` (fp32) and its short convolution's last ``K - 1``
+inputs ``[b, K - 1, channels]`` (those of an earlier document zeroed), a tuple the functions here
+handle like the single state (every carried tensor batch first, so a row whose document starts at
+the chunk is zeroed alike). On a rank of a sequence-parallel group it runs whole and the MLP in
+chunks (``carries_over_sp``).
+
 A softmax layer of a hybrid runs in query chunks (from ``config.softmax_query_chunks_from`` tokens of the
 whole sequence; shorter sequences run its attention whole, the MLP in chunks): a chunk's queries attend to the keys and values
 of every token up to its end (each query's softmax over the same keys as in one call over the
@@ -120,6 +127,17 @@ def _params(layer) -> List[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
 
+def _parts(state) -> list:
+    """The tensors of a carried state: a tensor, or a tuple of them (a layer with more than one
+    carried piece, e.g. Gated DeltaNet's delta-rule state and convolution tail)."""
+    return [] if state is None else list(state) if isinstance(state, tuple) else [state]
+
+
+def _packed(state, parts: list):
+    """``parts`` in the structure of ``state``."""
+    return tuple(parts) if isinstance(state, tuple) else parts[0]
+
+
 def _run_chunks(layer, x, slices, plans, kwargs, state):
     """The layer's forward chunk by chunk from ``state``: ``(output, the state at each chunk start)``."""
     out = torch.empty_like(x)
@@ -157,17 +175,20 @@ class _ChunkedLayer(torch.autograd.Function):
             piece = x[sl].detach().requires_grad_(True)
             state = ctx.states[i]
             if state is not None:
-                state = state.detach().requires_grad_(True)
+                state = _packed(state, [t.detach().requires_grad_(True) for t in _parts(state)])
             with torch.enable_grad():
                 y, final = ctx.layer._forward_chunk(piece, state, ctx.plans[i], ctx.kwargs,
                                                     want_final=d_state is not None)
             outputs, grads = [y], [grad_out[sl]]
             if d_state is not None:
-                outputs.append(final)
-                grads.append(d_state)
-            got = sums.grad(outputs, grads, [piece] + ([state] if state is not None else []))
+                outputs += _parts(final)
+                grads += _parts(d_state)
+            entry = _parts(state)
+            got = sums.grad(outputs, grads, [piece] + entry)
             grad_x[sl] = got[0]
-            d_state = got[1] if state is not None else None
+            d_state = None
+            if state is not None:  # a carried piece the chunk did not read gets a zero gradient
+                d_state = _packed(state, [torch.zeros_like(t) if d is None else d for t, d in zip(entry, got[1:])])
             ctx.states[i] = None
             del y, final, piece, outputs, got
         return (None, None, None, grad_x, *sums.sums)
@@ -455,11 +476,14 @@ class _ChunkedLaspLayer(torch.autograd.Function):
 
 
 def _entry(state, plan):
-    """The state a chunk starts from: the carried one, zeroed for rows whose document starts at the chunk."""
+    """The state a chunk starts from: the carried one, zeroed for rows whose document starts at the
+    chunk (every carried tensor has the batch first)."""
     keep = plan[1]
     if state is None or keep is None:
         return state
-    return state * keep.to(state.device)
+    rows = keep.reshape(-1)
+    return _packed(state, [t * rows.view((-1,) + (1,) * (t.dim() - 1)).to(device=t.device, dtype=t.dtype)
+                           for t in _parts(state)])
 
 
 class _ChunkedMlpCheckpoint(torch.autograd.Function):
@@ -507,7 +531,9 @@ class LinearTransformerLayer(TransformerLayer):
         a ``lasp`` group."""
         if not hasattr(self.self_attention, "carrying") or not self._contiguous_tokens():
             return False
-        return self.self_attention.sp_group.size() == 1 or self.config.sequence_parallel_mode == "lasp"
+        if self.self_attention.sp_group.size() == 1:
+            return True
+        return self.config.sequence_parallel_mode == "lasp" and getattr(self.self_attention, "carries_over_sp", True)
 
     def chunks_query_chunks(self) -> bool:
         """Whether the layer is a softmax layer that runs in query chunks: no TP sequence

@@ -444,10 +444,6 @@ class LinearLMConfig(TransformerConfig):
         if self.transformer_impl == "transformer_engine":
             raise ValueError("linear_attention_type gated_delta_net needs transformer_impl local (its layer is "
                              "built from megatron-core's local linears only)")
-        if self.recompute_chunk_size > 0:
-            raise ValueError("recompute_chunk_size is not supported for linear_attention_type gated_delta_net yet "
-                             "(its chunks would carry the convolution's last inputs and the delta-rule state): "
-                             "use recompute_granularity full instead")
 
     def _resolve_delta_net_fields(self) -> None:
         """Fill the Gated DeltaNet sizes left None (from ``kv_channels`` and the heads) and check

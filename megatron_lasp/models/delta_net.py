@@ -39,6 +39,7 @@ contiguous slices with packed documents):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -52,6 +53,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_lasp.models.attention import StateCarry
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.gate import mamba2_gate_init
 from megatron_lasp.ops import fused as fused_ops
@@ -220,6 +222,7 @@ class GatedDeltaNet(MegatronModule):
         self.recompute_elementwise = bool(getattr(config, "recompute_elementwise", False))
         self.op_backend = _OP_BACKENDS[config.kernel_backend]
         self._sp_checked = False  # see _core
+        self._carry: Optional[StateCarry] = None
 
         self.in_proj = build_module(
             submodules.in_proj,
@@ -277,7 +280,26 @@ class GatedDeltaNet(MegatronModule):
         return (qkv.reshape(s, b, -1), z.reshape(s, b, self.local_value_heads, Dv),
                 beta.reshape(s, b, -1), alpha.reshape(s, b, -1))
 
-    def _core(self, qkv, halo, beta, alpha, positions=None, cu_seqlens=None) -> torch.Tensor:
+    carries_over_sp = False
+    """The whole-layer chunked recompute (``chunked.py``) carries this layer's state from chunk to
+    chunk on one rank only; on a rank of a sequence-parallel group the layer runs whole and only
+    the MLP in chunks."""
+
+    @contextlib.contextmanager
+    def carrying(self, carry: StateCarry):
+        """Within the block, the layer runs on a piece of the sequence that continues from
+        ``carry.initial`` and sets ``carry.final`` (the whole-layer chunked recompute on one rank,
+        ``chunked.py``). The carried state is ``(S [b, Hv_l, Dk, Dv] fp32, tail [b, K - 1, C])``:
+        the delta-rule state and the convolution's last ``K - 1`` inputs (batch first, so that
+        the chunked layer can zero a row whose document starts at the chunk); None: zeros."""
+        self._carry = carry
+        try:
+            yield carry
+        finally:
+            self._carry = None
+
+    def _core(self, qkv, halo, beta, alpha, positions=None, cu_seqlens=None, initial_state=None,
+              want_final: bool = False):
         """Convolution, norms, gates and the sequence-parallel op: ``o [s, b, Hv_l, Dv]``.
 
         The op's first call checks that the SP ranks agree on the shapes (one small collective and
@@ -285,7 +307,8 @@ class GatedDeltaNet(MegatronModule):
 
         ``qkv [s, b, Hk_l * conv_width]`` before the convolution, ``halo [K - 1, b, ...]`` of it,
         ``beta`` / ``alpha [s, b, Hv_l]`` before their activations, ``positions [s, b]`` (packed
-        documents) or None.
+        documents) or None. With ``want_final`` (a chunk of the chunked recompute, one rank):
+        ``(o, final state)`` from ``initial_state``.
         """
         s, b = qkv.shape[:2]
         Dk, r = self.key_dim, self.ratio
@@ -298,13 +321,16 @@ class GatedDeltaNet(MegatronModule):
         cdt = _compute_dtype(q.dtype)
         g = -torch.exp(self.A_log.to(cdt)) * F.softplus(alpha.to(cdt) + self.dt_bias.to(cdt))
         beta = torch.sigmoid(beta.to(cdt))
-        o = gated_delta_rule_sp(
+        out = gated_delta_rule_sp(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.transpose(0, 1), beta.transpose(0, 1),
             self.sp_group, mode=self.config.sequence_parallel_mode, backend=self.op_backend, cu_seqlens=cu_seqlens,
             validate=None if not self._sp_checked else False,
+            initial_state=initial_state, output_final_state=want_final,
         )
         self._sp_checked = True
-        return o.transpose(0, 1)
+        if want_final:
+            return out[0].transpose(0, 1), out[1]
+        return out.transpose(0, 1)
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None, packed_seq_params=None, **unused
@@ -340,6 +366,9 @@ class GatedDeltaNet(MegatronModule):
         if cu_seqlens is not None:
             positions = document_positions(cu_seqlens.to(qkv.device), b, s, rank, world)
         halo = None
+        carry = self._carry
+        if carry is not None:
+            return self._forward_carrying(carry, qkv, z, beta, alpha, positions, cu_seqlens)
         if world > 1:
             first = None if positions is None else positions[0]
             halo = conv_halo(qkv, self.conv1d.kernel_size - 1, sp, first)
@@ -348,6 +377,39 @@ class GatedDeltaNet(MegatronModule):
             o = tensor_parallel.checkpoint(self._core, False, qkv, halo, beta, alpha, *extra)
         else:
             o = self._core(qkv, halo, beta, alpha, *extra)
+        o = self.out_norm(o, z).reshape(s, b, self.local_value_heads * self.value_dim)
+        return self.out_proj(o)
+
+    def _forward_carrying(self, carry: StateCarry, qkv, z, beta, alpha, positions, cu_seqlens):
+        """:meth:`forward` on a chunk that continues from ``carry.initial`` (one rank); sets ``carry.final``."""
+        assert self.sp_group.size() == 1, "GatedDeltaNet carries its state from chunk to chunk on one rank only"
+        s, b = qkv.shape[:2]
+        K = self.conv1d.kernel_size
+        state, tail = (None, None) if carry.initial is None else carry.initial
+        halo = None if tail is None else tail.transpose(0, 1)  # [K - 1, b, C]
+        last_start = None
+        if positions is not None:
+            # the chunk's own documents restart at its first token; the row's first one continues
+            # from the chunk before, so its taps may reach back into the halo, whose entries of an
+            # earlier document are zero (below; and the chunked layer zeroes the carried state of a
+            # row whose document starts here)
+            last_start = (s - 1) - positions[-1]  # [b]: where the row's last document starts in the chunk
+            first = positions == torch.arange(s, device=positions.device)[:, None]
+            positions = torch.where(first, positions + (K - 1), positions)
+        extra = (None, None) if cu_seqlens is None else (positions, cu_seqlens)
+        out = self._core(qkv, halo, beta, alpha, *extra, initial_state=state, want_final=carry.want_final)
+        o = out[0] if carry.want_final else out
+        if carry.want_final:
+            final = out[1]
+            padded = qkv if halo is None else torch.cat([halo, qkv], dim=0)
+            if padded.shape[0] < K - 1:
+                padded = torch.cat([padded.new_zeros((K - 1 - padded.shape[0],) + tuple(padded.shape[1:])), padded])
+            tail = padded[padded.shape[0] - (K - 1):]  # [K - 1, b, C], chunk positions s - K + 1 ... s - 1
+            if last_start is not None:  # only the last document's inputs reach the next chunk
+                at = torch.arange(s - (K - 1), s, device=tail.device)[:, None]  # (the halo's: < 0)
+                own = (at >= last_start[None, :]) | (last_start[None, :] == 0)  # no start inside: all of it
+                tail = tail * own.to(tail.dtype)[..., None]
+            carry.final = (final, tail.transpose(0, 1))
         o = self.out_norm(o, z).reshape(s, b, self.local_value_heads * self.value_dim)
         return self.out_proj(o)
 

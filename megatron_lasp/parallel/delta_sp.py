@@ -102,19 +102,30 @@ def _attach(o: torch.Tensor, *others: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 class _Recv(torch.autograd.Function):
-    """Forward: receive a state from ``src``; backward: send its gradient back there."""
+    """Forward: receive a state from ``src``; backward: send its gradient back there.
+
+    ``ties`` are the slice's inputs (they get no gradient from here): they put the node on every
+    path from the output to what the inputs come from, so that a backward restricted to some
+    tensors (``torch.autograd.grad(..., inputs=...)``, as a recompute runs it) still sends the
+    gradient the previous rank waits for. (A lone leaf would be pruned from such a backward.)"""
 
     @staticmethod
-    def forward(ctx, anchor, shape, dtype, src: int, group):
-        out = torch.empty(shape, dtype=dtype, device=anchor.device)
+    def forward(ctx, shape, dtype, src: int, group, *ties):
+        out = torch.empty(shape, dtype=dtype, device=ties[0].device)
         recv_state(out, src, group).wait()
-        ctx.src, ctx.group = src, group
+        ctx.src, ctx.group, ctx.n = src, group, len(ties)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_state(grad.contiguous(), ctx.src, ctx.group).wait()
-        return None, None, None, None, None
+        return (None,) * (4 + ctx.n)
+
+
+def _ties(*xs: torch.Tensor):
+    """The inputs that require grad (a leaf that does when none does and grad is on)."""
+    wanting = tuple(x for x in xs if x.requires_grad)
+    return wanting or (_anchor(xs[0].device),)
 
 
 class _Send(torch.autograd.Function):
@@ -296,8 +307,8 @@ def _lasp(q, k, v, g, beta, info, h0, want_final, cu, scale, backend):
                        cu_seqlens=cu_loc, backend=backend)
     else:
         o_loc, s_loc, q_t, P = _transform_pass(q, k, v, g, beta, scale, cu_loc, backend)
-        s_in = _masked(_Recv.apply(_anchor(q.device), (B, H, Dk, Dv), state_dtype(q.dtype), info.prev, info.group),
-                       keep)
+        s_in = _masked(_Recv.apply((B, H, Dk, Dv), state_dtype(q.dtype), info.prev, info.group,
+                                   *_ties(q, k, v, g, beta)), keep)
         s_out = torch.matmul(P, s_in) + s_loc
         o = _enter(o_loc, q_t, s_in)
     box: list = []

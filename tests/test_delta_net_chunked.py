@@ -1,0 +1,52 @@
+"""The whole-layer chunked recompute (``--recompute-chunk-size``) of Gated DeltaNet layers.
+
+On one rank each chunk of a Gated DeltaNet layer starts from the delta-rule state and the
+convolution's last ``K - 1`` inputs left by the chunk before (``models/chunked.py``,
+``GatedDeltaNet.carrying``). The loss and every parameter gradient must equal the plain run's
+(fp32 round-off), with chunks shorter than the convolution's reach, chunks that do not divide the
+sequence, and packed documents starting on, next to and inside chunks; on a rank of a
+sequence-parallel group the layer runs whole and only the MLP in chunks (equal to the one-rank
+run too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lasp.testing import spawn
+from test_delta_net_model import SHAPED, _check_sharded, _config, _sharded
+
+# (id, tp, sp, mode, tp-sp, config): chunks of 2 are shorter than the convolution's 3-token reach, of 3 as long
+ONE_RANK = [(f"chunk{n}", 1, 1, "lasp", False, dict(recompute_chunk_size=n)) for n in (2, 3, 5, 16)]
+SP2 = [(f"sp2-{mode}-chunk5", 1, 2, mode, False, dict(recompute_chunk_size=5)) for mode in ("lasp", "lasp2")]
+
+
+def _paths(rank, world_size):
+    """Which chunked path each layer takes: the whole layer with its state on one rank, the MLP
+    only on a sequence-parallel rank."""
+    from megatron_lasp.models import build_linear_lm
+    from megatron_lasp.parallel import initialize_parallel
+
+    out = {}
+    for sp in (1, 2):
+        if sp > world_size:
+            continue
+        initialize_parallel(1, sp, 1, seed=0)
+        model = build_linear_lm(_config(context_parallel_size=sp, recompute_chunk_size=4), 128)
+        out[sp] = [layer.chunks_whole_layer() for layer in model.decoder.layers]
+    return out
+
+
+def test_gated_delta_net_carries_its_state_on_one_rank_only():
+    paths = spawn(_paths, 2)[0]
+    assert paths == {1: [True, True], 2: [False, False]}, paths
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_chunked_recompute_equals_the_plain_run(docs):
+    _check_sharded(spawn(_sharded, 1, args=(ONE_RANK, docs), timeout=600), ONE_RANK, meta=False)
+
+
+def test_chunked_recompute_under_sequence_parallelism_equals_one_rank():
+    _check_sharded(spawn(_sharded, 2, args=(SP2, True), timeout=600), SP2, meta=False)
