@@ -53,7 +53,8 @@ from megatron_lasp.ops import fused as fused_ops
 from megatron_lasp.ops.lightning_attn import chunk_lightning_attn
 from megatron_lasp.parallel import lightning_attn_sp
 
-__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "StateCarry", "alibi_slopes", "layer_slopes"]
+__all__ = ["LinearAttentionSubmodules", "LinearSelfAttention", "StateCarry", "alibi_slopes", "layer_slopes",
+           "recurrent_layer_documents"]
 
 
 def alibi_slopes(num_heads: int) -> List[float]:
@@ -98,6 +99,26 @@ _FEATURE_MAPS = {"silu": F.silu, "identity": None}
 
 
 @dataclass
+def recurrent_layer_documents(name: str, inference_context, packed_seq_params) -> Optional[torch.Tensor]:
+    """The packed documents' starts (``packed_seq_params.cu_seqlens_q``, global offsets) of a call
+    of a recurrent token mixer (``name``), None without documents.
+
+    Raises:
+        NotImplementedError: for megatron-core's incremental inference (``inference_context``: it
+            would feed only the new tokens, and these layers keep no recurrent state between calls).
+        ValueError: ``packed_seq_params`` without ``cu_seqlens_q``.
+    """
+    if inference_context is not None:
+        raise NotImplementedError(f"{name} has no incremental-decoding state: run the full sequence without "
+                                  "inference_context, or generate with the HF conversion")
+    if packed_seq_params is None:
+        return None
+    cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None)
+    if cu_seqlens is None:
+        raise ValueError(f"{name}: packed_seq_params needs cu_seqlens_q (the document starts)")
+    return cu_seqlens
+
+
 class LinearAttentionSubmodules:
     """Submodules of :class:`LinearSelfAttention` (classes or ``ModuleSpec``)."""
 
@@ -348,16 +369,7 @@ class LinearSelfAttention(MegatronModule):
                 it would feed only the new tokens, and this module keeps no recurrent state).
             ValueError: ``packed_seq_params`` without ``cu_seqlens_q``.
         """
-        if inference_context is not None:
-            raise NotImplementedError(
-                "LinearSelfAttention has no incremental-decoding state: run the full sequence "
-                "without inference_context, or generate with the HF conversion"
-            )
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None)
-            if cu_seqlens is None:
-                raise ValueError("LinearSelfAttention: packed_seq_params needs cu_seqlens_q (the document starts)")
+        cu_seqlens = recurrent_layer_documents("LinearSelfAttention", inference_context, packed_seq_params)
         mixed, _ = self.linear_qkv(hidden_states)
         g = self.gate(hidden_states) if self.gate is not None else None
         if self._carry is not None and self._carry.cut:

@@ -53,7 +53,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_lasp.models.attention import StateCarry
+from megatron_lasp.models.attention import StateCarry, recurrent_layer_documents
 from megatron_lasp.models.config import LinearLMConfig
 from megatron_lasp.models.gate import mamba2_gate_init
 from megatron_lasp.ops import fused as fused_ops
@@ -345,16 +345,7 @@ class GatedDeltaNet(MegatronModule):
             NotImplementedError: for megatron-core's incremental inference (``inference_context``).
             ValueError: ``packed_seq_params`` without ``cu_seqlens_q``.
         """
-        if inference_context is not None:
-            raise NotImplementedError(
-                "GatedDeltaNet has no incremental-decoding state: run the full sequence without "
-                "inference_context, or generate with the HF conversion"
-            )
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None)
-            if cu_seqlens is None:
-                raise ValueError("GatedDeltaNet: packed_seq_params needs cu_seqlens_q (the document starts)")
+        cu_seqlens = recurrent_layer_documents("GatedDeltaNet", inference_context, packed_seq_params)
         mixed, _ = self.in_proj(hidden_states)
         if self.recompute_elementwise:  # the input norm's output, if tagged
             fused_ops.discard_until_backward(hidden_states, mixed)
