@@ -98,7 +98,6 @@ def layer_slopes(config: LinearLMConfig, layer_number: int) -> torch.Tensor:
 _FEATURE_MAPS = {"silu": F.silu, "identity": None}
 
 
-@dataclass
 def recurrent_layer_documents(name: str, inference_context, packed_seq_params) -> Optional[torch.Tensor]:
     """The packed documents' starts (``packed_seq_params.cu_seqlens_q``, global offsets) of a call
     of a recurrent token mixer (``name``), None without documents.
@@ -119,6 +118,7 @@ def recurrent_layer_documents(name: str, inference_context, packed_seq_params) -
     return cu_seqlens
 
 
+@dataclass
 class LinearAttentionSubmodules:
     """Submodules of :class:`LinearSelfAttention` (classes or ``ModuleSpec``)."""
 
