@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_lasp.parallel import gather_sequence, gated_delta_rule_sp, split_sequence
 from megatron_lasp.testing import attention_inputs, check_gates, edge_cu_seqlens, rel_err, spawn
+from test_sp_initial_state import _error
 
 MODES = ("lasp", "lasp2", "ulysses", "allgather")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -105,14 +106,6 @@ def _compare(seed, B, C, H, Dk, Dv, mode, group, cu, dtype, with_state, device="
         elif dh0 is not None:
             others = dh0.abs().max().item()
     return errs, others
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return "no error"
 
 
 def _check(rank, world_size, seed):
