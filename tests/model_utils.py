@@ -101,3 +101,18 @@ def compare_grads(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], na
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} vs reference {tuple(r.shape)}"
         errs[name] = rel_err(g, r)
     return errs
+
+
+def train_losses(rank, world_size, base, configs):
+    """``main(base + extra)`` of the training entry point for each extra flag list (a ``spawn``
+    target): the per-iteration losses, or the startup error's text."""
+    from megatron_lasp.training import main
+    from megatron_lasp.training.loop import StartupError
+
+    out = []
+    for extra in configs:
+        try:
+            out.append(list(main(list(base) + list(extra), destroy=False).losses))
+        except StartupError as err:
+            out.append(err.message)
+    return out

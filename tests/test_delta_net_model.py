@@ -473,16 +473,10 @@ TRAIN = [
 
 
 def _train(rank, world_size, configs):
-    from megatron_lasp.training import main
-    from megatron_lasp.training.loop import StartupError
+    """``main(TRAIN + extra)`` per extra: the per-iteration losses, or the startup error's text."""
+    from model_utils import train_losses
 
-    out = []
-    for extra in configs:
-        try:
-            out.append(list(main(TRAIN + list(extra), destroy=False).losses))
-        except StartupError as err:
-            out.append(err.message)
-    return out
+    return train_losses(rank, world_size, TRAIN, configs)
 
 
 def test_training_falls_and_resumes_bitwise(tmp_path):

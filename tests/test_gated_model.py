@@ -321,16 +321,9 @@ TRAIN = [
 
 def _train(rank, world_size, configs):
     """``main(TRAIN + extra)`` per extra: the per-iteration losses, or the startup error's text."""
-    from megatron_lasp.training import main
-    from megatron_lasp.training.loop import StartupError
+    from model_utils import train_losses
 
-    out = []
-    for extra in configs:
-        try:
-            out.append(list(main(TRAIN + list(extra), destroy=False).losses))
-        except StartupError as err:
-            out.append(err.message)
-    return out
+    return train_losses(rank, world_size, TRAIN, configs)
 
 
 def test_gated_training_layouts_and_checkpoints(tmp_path):
