@@ -6,7 +6,7 @@ convolution's last ``K - 1`` inputs left by the chunk before (``models/chunked.p
 (fp32 round-off), with chunks shorter than the convolution's reach, chunks that do not divide the
 sequence, and packed documents starting on, next to and inside chunks; on a rank of a
 sequence-parallel group the layer runs whole and only the MLP in chunks (equal to the one-rank
-run too).
+run too). Also: the training log's model line names the layer kinds.
 """
 
 from __future__ import annotations
@@ -50,3 +50,18 @@ def test_chunked_recompute_equals_the_plain_run(docs):
 
 def test_chunked_recompute_under_sequence_parallelism_equals_one_rank():
     _check_sharded(spawn(_sharded, 2, args=(SP2, True), timeout=600), SP2, meta=False)
+
+
+def test_the_startup_line_names_the_layers():
+    """The training log's model line: layers by kind, width, parameters."""
+    from megatron_lasp.models import linear_lm_config
+    from megatron_lasp.training.startup import describe_model
+
+    module = torch.nn.Linear(10, 10)  # 110 parameters
+    gdn = linear_lm_config("tiny", **SHAPED, hybrid_layer_pattern="L*", num_query_groups=2)
+    assert describe_model(gdn, [module, module]) == (
+        "2 layers (1 gated_delta_net (2 key / 4 value heads, conv 4), 1 softmax), hidden 64, 0.00M parameters "
+        "on this rank")
+    gated = linear_lm_config("tiny", linear_attention_gate="mamba2")
+    assert describe_model(gated, torch.nn.Linear(1000, 1000)) == (
+        "2 layers (2 lightning (mamba2 gate)), hidden 64, 1.00M parameters on this rank")

@@ -435,9 +435,26 @@ def _build(config: RunConfig, stops: StopRequests, save_lock: SaveLock) -> Train
         groups.dp.size(), train_cfg.seq_length, groups.tp.size(), groups.cp.size(), par.sequence_parallel_mode,
         groups.pp.size(), par.ddp_impl, optimizer.description, tokenizer.vocab_size, padded_vocab_size,
     )
+    logger.info("model: %s", describe_model(model_config, model))
     if model_config.offload_layer_inputs:
         _log_offload(model_config, train_cfg)
     return state
+
+
+def describe_model(model_config: "LinearLMConfig", model) -> str:
+    """One line: the layers by kind, the width and this rank's parameter count (``model``: a module,
+    a DDP-wrapped module or a list of them)."""
+    if model_config.linear_attention_type == "gated_delta_net":
+        linear = (f"gated_delta_net ({model_config.linear_num_key_heads} key / {model_config.linear_num_value_heads} "
+                  f"value heads, conv {model_config.linear_conv_kernel_dim})")
+    else:
+        linear = "lightning" + (f" ({model_config.linear_attention_gate} gate)" if model_config.gated else "")
+    kinds = model_config.layer_kinds
+    parts = [f"{kinds.count('L')} {linear}"] + ([f"{kinds.count('*')} softmax"] if "*" in kinds else [])
+    modules = model if isinstance(model, (list, tuple)) else [model]
+    params = sum(p.numel() for m in modules for p in m.parameters())
+    return (f"{model_config.num_layers} layers ({', '.join(parts)}), hidden {model_config.hidden_size}, "
+            f"{params / 1e6:.2f}M parameters on this rank")
 
 
 def _log_offload(model_config: "LinearLMConfig", train_cfg: TrainingOptions) -> None:
