@@ -11,7 +11,7 @@ MEGATRON_LASP_GPU_REPORT=$R/gpu_tests_delta.json item pytest_delta 150 \
   python3 -m pytest -m gpu tests/test_delta_rule.py tests/test_delta_sp.py -v -p no:cacheprovider --timeout 140 -rs
 item bench_delta 150 python3 benchmarks/bench_delta.py --out $R/delta
 MEGATRON_LASP_GPU_REPORT=$R/gpu_tests_delta.json item pytest_delta_model 150 \
-  python3 -m pytest -m gpu tests/test_delta_net_model.py tests/test_delta_net_hf.py -v -p no:cacheprovider --timeout 140 -rs
+  python3 -m pytest -m gpu tests/test_delta_net_model.py tests/test_delta_net_hf.py tests/test_delta_net_chunked.py -v -p no:cacheprovider --timeout 140 -rs
 SEL="--recompute-granularity selective --recompute-modules core_attn elementwise"
 CHUNK="--recompute-granularity full --recompute-chunk-size 16384"
 item training_gdn_32k 150 python3 benchmarks/bench_training.py --out $R/training_gdn_32k --preset tnl-1b \
