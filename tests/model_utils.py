@@ -116,3 +116,58 @@ def train_losses(rank, world_size, base, configs):
         except StartupError as err:
             out.append(err.message)
     return out
+
+
+def sharded_against_one_rank(world_size, layouts, make_config, vocab, seed, ids, labels, meta_prefix,
+                             **forward_kwargs):
+    """Each layout's sharded run against the one-rank run of the same seeded model (a ``spawn``
+    target's body; every rank calls it): ``{layout id: record}``.
+
+    Args:
+        layouts: ``(id, tp, sp, sp_mode, tp_sequence_parallel, config overrides)`` each.
+        make_config: ``**fields -> LinearLMConfig``; the reference is ``make_config()``.
+        meta_prefix: the ``sharded_state_dict`` keys whose global shape and offset are recorded
+            (``meta``: key after the prefix -> ``(shape, offset)``).
+        forward_kwargs: passed to the model's forward (e.g. ``packed_seq_params``).
+
+    Returns:
+        per layout ``init_err`` (parameters against the one-rank init), ``loss_err``, ``grad_err``
+        (the worst parameter's, named ``worst``), ``grad_errs`` (all), ``meta``, ``tp_rank``; or
+        ``{"error": traceback}``.
+    """
+    import traceback
+
+    from megatron_lasp.models import build_linear_lm
+    from megatron_lasp.parallel import initialize_parallel
+
+    torch.set_num_threads(1)
+    initialize_parallel(1, 1, 1, seed=seed)
+    torch.manual_seed(seed)
+    ref_model = build_linear_lm(make_config(), vocab)
+    ref_loss = ref_model(ids, labels=labels, **forward_kwargs).float().mean()
+    ref_loss.backward()
+    ref_params = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref_model.named_parameters()}
+    results = {}
+    for lid, tp, sp, mode, tpsp, extra in layouts:
+        try:
+            groups = initialize_parallel(tp, sp, 1, seed=seed)
+            if groups.tp.size() * groups.cp.size() * groups.dp.size() != world_size:
+                raise AssertionError("layout does not fill the world")
+            torch.manual_seed(seed)
+            model = build_linear_lm(make_config(tensor_model_parallel_size=tp, context_parallel_size=sp,
+                                                sequence_parallel=tpsp, sequence_parallel_mode=mode, **extra), vocab)
+            got = full_params(model, groups)
+            init_err = max(rel_err(got[n], ref_params[n]) for n in got)
+            loss = sharded_loss(model, ids, labels, groups, **forward_kwargs)
+            errs = compare_grads(full_grads(model, groups), ref_grads)
+            worst = max(errs, key=errs.get)
+            meta = {k[len(meta_prefix):]: (tuple(sh.global_shape), tuple(sh.global_offset))
+                    for k, sh in model.sharded_state_dict().items()
+                    if k.startswith(meta_prefix) and not k.endswith("_extra_state")}
+            results[lid] = dict(init_err=init_err, loss_err=rel_err(loss, ref_loss), grad_err=errs[worst],
+                                worst=worst, grad_errs=errs, meta=meta, tp_rank=groups.tp.rank())
+        except Exception:
+            results[lid] = {"error": traceback.format_exc()}
+        dist.barrier()
+    return results

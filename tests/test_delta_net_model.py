@@ -20,7 +20,6 @@ from typing import Dict
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_lasp.testing import spawn
 
@@ -213,47 +212,13 @@ SP4_LAYOUTS = [(f"sp4-{m}", 1, 4, m, False, {}) for m in SP_MODES] + [
 
 
 def _sharded(rank, world_size, layouts, docs, base=None):
-    from megatron_lasp.models import build_linear_lm
-    from megatron_lasp.parallel import initialize_parallel
-    from model_utils import compare_grads, full_grads, full_params, rel_err, sharded_loss
+    from model_utils import sharded_against_one_rank
 
-    torch.set_num_threads(1)
-    results: Dict = {}
     ids, labels = _batch()
     kwargs = {"packed_seq_params": _packed(DOC_STARTS)} if docs else {}
-    initialize_parallel(1, 1, 1, seed=SEED)
-    torch.manual_seed(SEED)
     base = base or {}
-    ref_model = build_linear_lm(_config(**base), VOCAB)
-    ref_loss = ref_model(ids, labels=labels, **kwargs).float().mean()
-    ref_loss.backward()
-    ref_params = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
-    ref_grads = {n: p.grad.detach().clone() for n, p in ref_model.named_parameters()}
-    for lid, tp, sp, mode, tpsp, extra in layouts:
-        try:
-            groups = initialize_parallel(tp, sp, 1, seed=SEED)
-            if groups.tp.size() * groups.cp.size() * groups.dp.size() != world_size:
-                raise AssertionError("layout does not fill the world")
-            torch.manual_seed(SEED)
-            config = _config(tensor_model_parallel_size=tp, context_parallel_size=sp,
-                             sequence_parallel=tpsp, sequence_parallel_mode=mode, **base, **extra)
-            model = build_linear_lm(config, VOCAB)
-            got = full_params(model, groups)
-            init_err = max(rel_err(got[n], ref_params[n]) for n in got)
-            loss = sharded_loss(model, ids, labels, groups, **kwargs)
-            errs = compare_grads(full_grads(model, groups), ref_grads)
-            worst = max(errs, key=errs.get)
-            meta = {}
-            for k, sh in model.sharded_state_dict().items():
-                if k.startswith("decoder.layers.1.self_attention.") and not k.endswith("_extra_state"):
-                    meta[k[len("decoder.layers.1.self_attention."):]] = (tuple(sh.global_shape),
-                                                                         tuple(sh.global_offset))
-            results[lid] = dict(init_err=init_err, loss_err=rel_err(loss, ref_loss), grad_err=errs[worst],
-                                worst=worst, meta=meta, tp_rank=groups.tp.rank(), n_grads=len(errs))
-        except Exception:
-            results[lid] = {"error": traceback.format_exc()}
-        dist.barrier()
-    return results
+    return sharded_against_one_rank(world_size, layouts, lambda **f: _config(**base, **f), VOCAB, SEED, ids, labels,
+                                    "decoder.layers.1.self_attention.", **kwargs)
 
 
 def _check_sharded(per_rank, layouts, meta=True):
