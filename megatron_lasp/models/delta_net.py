@@ -356,53 +356,58 @@ class GatedDeltaNet(MegatronModule):
         positions = None
         if cu_seqlens is not None:
             positions = document_positions(cu_seqlens.to(qkv.device), b, s, rank, world)
-        halo = None
-        carry = self._carry
-        if carry is not None:
-            return self._forward_carrying(carry, qkv, z, beta, alpha, positions, cu_seqlens)
-        if world > 1:
-            first = None if positions is None else positions[0]
-            halo = conv_halo(qkv, self.conv1d.kernel_size - 1, sp, first)
-        extra = () if cu_seqlens is None else (positions, cu_seqlens)
-        if self.recompute_core:
-            o = tensor_parallel.checkpoint(self._core, False, qkv, halo, beta, alpha, *extra)
+        if self._carry is not None:
+            o = self._core_carrying(self._carry, qkv, beta, alpha, positions, cu_seqlens)
         else:
-            o = self._core(qkv, halo, beta, alpha, *extra)
+            halo = None
+            if world > 1:
+                first = None if positions is None else positions[0]
+                halo = conv_halo(qkv, self.conv1d.kernel_size - 1, sp, first)
+            extra = () if cu_seqlens is None else (positions, cu_seqlens)
+            if self.recompute_core:
+                o = tensor_parallel.checkpoint(self._core, False, qkv, halo, beta, alpha, *extra)
+            else:
+                o = self._core(qkv, halo, beta, alpha, *extra)
         o = self.out_norm(o, z).reshape(s, b, self.local_value_heads * self.value_dim)
         return self.out_proj(o)
 
-    def _forward_carrying(self, carry: StateCarry, qkv, z, beta, alpha, positions, cu_seqlens):
-        """:meth:`forward` on a chunk that continues from ``carry.initial`` (one rank); sets ``carry.final``."""
+    def _core_carrying(self, carry: StateCarry, qkv, beta, alpha, positions, cu_seqlens):
+        """:meth:`_core` on a chunk that continues from ``carry.initial`` (one rank); sets ``carry.final``."""
         assert self.sp_group.size() == 1, "GatedDeltaNet carries its state from chunk to chunk on one rank only"
-        s, b = qkv.shape[:2]
-        K = self.conv1d.kernel_size
+        s = qkv.shape[0]
         state, tail = (None, None) if carry.initial is None else carry.initial
         halo = None if tail is None else tail.transpose(0, 1)  # [K - 1, b, C]
         last_start = None
         if positions is not None:
             # the chunk's own documents restart at its first token; the row's first one continues
             # from the chunk before, so its taps may reach back into the halo, whose entries of an
-            # earlier document are zero (below; and the chunked layer zeroes the carried state of a
-            # row whose document starts here)
+            # earlier document are zero (_conv_tail; and the chunked layer zeroes the carried state
+            # of a row whose document starts here)
             last_start = (s - 1) - positions[-1]  # [b]: where the row's last document starts in the chunk
             first = positions == torch.arange(s, device=positions.device)[:, None]
-            positions = torch.where(first, positions + (K - 1), positions)
+            positions = torch.where(first, positions + (self.conv1d.kernel_size - 1), positions)
         extra = (None, None) if cu_seqlens is None else (positions, cu_seqlens)
         out = self._core(qkv, halo, beta, alpha, *extra, initial_state=state, want_final=carry.want_final)
-        o = out[0] if carry.want_final else out
-        if carry.want_final:
-            final = out[1]
-            padded = qkv if halo is None else torch.cat([halo, qkv], dim=0)
-            if padded.shape[0] < K - 1:
-                padded = torch.cat([padded.new_zeros((K - 1 - padded.shape[0],) + tuple(padded.shape[1:])), padded])
-            tail = padded[padded.shape[0] - (K - 1):]  # [K - 1, b, C], chunk positions s - K + 1 ... s - 1
-            if last_start is not None:  # only the last document's inputs reach the next chunk
-                at = torch.arange(s - (K - 1), s, device=tail.device)[:, None]  # (the halo's: < 0)
-                own = (at >= last_start[None, :]) | (last_start[None, :] == 0)  # no start inside: all of it
-                tail = tail * own.to(tail.dtype)[..., None]
-            carry.final = (final, tail.transpose(0, 1))
-        o = self.out_norm(o, z).reshape(s, b, self.local_value_heads * self.value_dim)
-        return self.out_proj(o)
+        if not carry.want_final:
+            return out
+        o, final = out
+        carry.final = (final, self._conv_tail(qkv, halo, last_start).transpose(0, 1))
+        return o
+
+    def _conv_tail(self, qkv, halo, last_start):
+        """The convolution's last ``K - 1`` inputs after a chunk ``qkv [s, b, C]`` that followed
+        ``halo`` (None: zeros): ``[K - 1, b, C]``, chunk positions ``s - K + 1 ... s - 1``, with the
+        entries before the row's last document start in the chunk (``last_start [b]``) zeroed."""
+        s, width = qkv.shape[0], self.conv1d.kernel_size - 1
+        tail = qkv[max(0, s - width):]
+        if tail.shape[0] < width:  # a chunk shorter than the convolution's reach: the rest from before it
+            before = halo if halo is not None else qkv.new_zeros((width,) + tuple(qkv.shape[1:]))
+            tail = torch.cat([before, tail])[-width:]
+        if last_start is not None:  # only the last document's inputs reach the next chunk
+            at = torch.arange(s - width, s, device=tail.device)[:, None]  # (the halo's: < 0)
+            own = (at >= last_start[None, :]) | (last_start[None, :] == 0)  # no start inside: all of it
+            tail = tail * own.to(tail.dtype)[..., None]
+        return tail
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """``A_log`` / ``dt_bias`` TP-sharded along dim 0 (the value heads), the submodules their own."""

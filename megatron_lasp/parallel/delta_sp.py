@@ -61,6 +61,7 @@ from megatron_lasp.parallel.comm import (
     sum_over_group,
 )
 from megatron_lasp.parallel.slices import window_documents
+from megatron_lasp.parallel.sp import _check_across_group, _validate_default
 from megatron_lasp.parallel.ulysses import _heads_to_seq, _seq_to_heads
 
 __all__ = ["gated_delta_rule_sp", "DELTA_SP_MODES"]
@@ -309,7 +310,8 @@ def _lasp(q, k, v, g, beta, info, h0, want_final, cu, scale, backend):
         o_loc, s_loc, q_t, P = _transform_pass(q, k, v, g, beta, scale, cu_loc, backend)
         s_in = _masked(_Recv.apply((B, H, Dk, Dv), state_dtype(q.dtype), info.prev, info.group,
                                    *_ties(q, k, v, g, beta)), keep)
-        s_out = torch.matmul(P, s_in) + s_loc
+        # the last rank's S_out is the final state: formed only when asked for
+        s_out = torch.matmul(P, s_in) + s_loc if info.next is not None or want_final else None
         o = _enter(o_loc, q_t, s_in)
     box: list = []
     if info.next is not None:
@@ -430,8 +432,6 @@ def gated_delta_rule_sp(
     Returns:
         ``o [B, C, H, Dv]`` (q's dtype), or ``(o, final_state)`` with ``output_final_state``.
     """
-    from megatron_lasp.parallel.sp import _check_across_group, _validate_default
-
     if mode not in DELTA_SP_MODES:
         raise ValueError(f"gated_delta_rule_sp: unknown mode {mode!r}; mode must be one of {', '.join(DELTA_SP_MODES)}")
     world = 1 if group is None else dist.get_world_size(group)
